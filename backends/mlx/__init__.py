@@ -1,0 +1,1 @@
+"""MLX backend (Apple Silicon; CPU on Linux for tests)."""

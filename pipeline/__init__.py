@@ -1,0 +1,1 @@
+"""Pipeline stages, one per module; each reads and writes plain files."""

@@ -1,0 +1,18 @@
+import pytest
+
+from tests.tiny_models import build_gemma2, build_llama
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory):
+    return build_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def gemma_dir(tmp_path_factory):
+    return build_gemma2(tmp_path_factory.mktemp("models") / "tiny-gemma2")
+
+
+@pytest.fixture(scope="session", params=["llama", "gemma2"])
+def model_dir(request, llama_dir, gemma_dir):
+    return {"llama": llama_dir, "gemma2": gemma_dir}[request.param]

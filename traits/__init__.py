@@ -1,0 +1,1 @@
+"""Bundled trait kits."""

@@ -1,0 +1,74 @@
+"""Persona vector files: `[n_layers + 1, hidden]` float32 tensors saved with torch.save."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pertoken.errors import PertokenError
+
+
+@dataclass
+class PersonaVector:
+    data: np.ndarray  # [n_layers + 1, hidden] float32
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def n_layers(self) -> int:
+        return self.data.shape[0] - 1
+
+    @property
+    def hidden_size(self) -> int:
+        return self.data.shape[1]
+
+    def row(self, layer: int) -> np.ndarray:
+        """The direction at row `layer`, [hidden] float32."""
+        if not 0 <= layer <= self.n_layers:
+            raise PertokenError(f"layer {layer} is outside 0..{self.n_layers} for this vector")
+        return self.data[layer]
+
+    def check_model(self, n_layers: int, hidden_size: int, path: str | Path = "vector") -> None:
+        """A clear error when the vector was made for another model."""
+        if self.data.shape != (n_layers + 1, hidden_size):
+            raise PertokenError(
+                f"{path} has shape {list(self.data.shape)} but the model needs "
+                f"[{n_layers + 1}, {hidden_size}] (n_layers+1, hidden): it was extracted "
+                "from another model; extract one for this model"
+            )
+
+
+def save_vector(vector: PersonaVector, path: str | Path) -> Path:
+    """Write the `.pt` tensor and, when meta is set, a `.json` sidecar beside it."""
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(torch.from_numpy(np.ascontiguousarray(vector.data, dtype=np.float32)), path)
+    if vector.meta:
+        path.with_suffix(".json").write_text(json.dumps(vector.meta, indent=2) + "\n")
+    return path
+
+
+def load_vector(path: str | Path) -> PersonaVector:
+    """Load a `.pt` persona vector (weights_only) and its sidecar if present."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise PertokenError(f"vector file {path} does not exist: check the path")
+    try:
+        t = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise PertokenError(f"{path} is not a readable torch tensor file ({type(e).__name__})")
+    if not isinstance(t, torch.Tensor) or t.ndim != 2:
+        shape = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise PertokenError(
+            f"{path} holds {shape}, not a [n_layers+1, hidden] tensor: pass a persona vector "
+            "written by `pertoken extract`"
+        )
+    sidecar = path.with_suffix(".json")
+    meta = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
+    return PersonaVector(t.float().numpy(), meta)
