@@ -7,7 +7,6 @@ import functools
 import sys
 
 import click
-
 from pertoken import __version__
 from pertoken.errors import PertokenError
 
@@ -22,8 +21,9 @@ class _Group(click.Group):
             click.secho(f"error: {e}", fg="red", err=True)
             sys.exit(1)
         except KeyboardInterrupt:
-            click.echo("\ninterrupted: finished work is saved; rerun the same command to resume",
-                       err=True)
+            click.echo(
+                "\ninterrupted: finished work is saved; rerun the same command to resume", err=True
+            )
             sys.exit(130)
 
 
@@ -38,10 +38,20 @@ def model_options(default_model: str | None = None):
     """--model, --backend, --dtype, --device, shared by every command that loads a model."""
 
     def wrap(f):
-        @click.option("--model", "-m", default=default_model, required=default_model is None,
-                      help="Hugging Face hub id or local folder.")
-        @click.option("--backend", type=click.Choice(["auto", "torch", "mlx"]), default="auto",
-                      show_default=True, help="auto = mlx on Apple Silicon when installed.")
+        @click.option(
+            "--model",
+            "-m",
+            default=default_model,
+            required=default_model is None,
+            help="Hugging Face hub id or local folder.",
+        )
+        @click.option(
+            "--backend",
+            type=click.Choice(["auto", "torch", "mlx"]),
+            default="auto",
+            show_default=True,
+            help="auto = mlx on Apple Silicon when installed.",
+        )
         @click.option("--dtype", default=None, help="float32, bfloat16 or float16 (auto).")
         @click.option("--device", default=None, help="cuda, cpu or mps (torch backend; auto).")
         @functools.wraps(f)

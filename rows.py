@@ -29,4 +29,6 @@ def parse_layers(text: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise PertokenError(f"could not read layers {text!r}: give integers like 12,16,20") from None
+        raise PertokenError(
+            f"could not read layers {text!r}: give integers like 12,16,20"
+        ) from None

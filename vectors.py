@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
 from pertoken.errors import PertokenError
 
 
@@ -62,7 +61,8 @@ def load_vector(path: str | Path) -> PersonaVector:
     try:
         t = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise PertokenError(f"{path} is not a readable torch tensor file ({type(e).__name__})")
+        msg = f"{path} is not a readable torch tensor file ({type(e).__name__})"
+        raise PertokenError(msg) from None
     if not isinstance(t, torch.Tensor) or t.ndim != 2:
         shape = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
         raise PertokenError(
@@ -70,5 +70,8 @@ def load_vector(path: str | Path) -> PersonaVector:
             "written by `pertoken extract`"
         )
     sidecar = path.with_suffix(".json")
-    meta = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
+    try:
+        meta = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
+    except json.JSONDecodeError:
+        meta = {}  # a damaged sidecar must not make the vector itself unusable
     return PersonaVector(t.float().numpy(), meta)

@@ -33,7 +33,7 @@ def resolve(name: str = "auto") -> str:
     if not is_installed(name):
         extra = _REGISTRY[name][3]
         raise PertokenError(
-            f"the {name} backend is not installed: pip install \"{extra}\" (needs "
+            f'the {name} backend is not installed: pip install "{extra}" (needs '
             f"{' and '.join(_REGISTRY[name][2])})"
         )
     return name

@@ -18,8 +18,14 @@ CORPUS = [
     "Please explain how plants grow, why the sky is blue and where rain comes from.",
 ]
 
-LLAMA_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
-                  "<|end_header_id|>", "<|eot_id|>", "<|pad|>"]
+LLAMA_SPECIALS = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+    "<|pad|>",
+]
 GEMMA_SPECIALS = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"]
 
 LLAMA_TEMPLATE = (
@@ -82,15 +88,30 @@ def build_llama(folder: Path, seed: int = 0) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     names = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "pad_token": "<|pad|>"}
     vocab = _write_tokenizer(folder, LLAMA_SPECIALS, LLAMA_TEMPLATE, names)
-    bos, eot, eos, pad = _ids(folder, "<|begin_of_text|>", "<|eot_id|>", "<|end_of_text|>",
-                              "<|pad|>")
+    bos, eot, eos, pad = _ids(
+        folder, "<|begin_of_text|>", "<|eot_id|>", "<|end_of_text|>", "<|pad|>"
+    )
     config = LlamaConfig(
-        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=bos,
-        eos_token_id=[eot, eos], pad_token_id=pad, initializer_range=0.1,
-        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=bos,
+        eos_token_id=[eot, eos],
+        pad_token_id=pad,
+        initializer_range=0.1,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
         rope_theta=500000.0,
     )
     torch.manual_seed(seed)
@@ -108,11 +129,22 @@ def build_gemma2(folder: Path, seed: int = 0, sliding_window: int = 8) -> Path:
     vocab = _write_tokenizer(folder, GEMMA_SPECIALS, GEMMA_TEMPLATE, names)
     bos, eos, eot, pad = _ids(folder, "<bos>", "<eos>", "<end_of_turn>", "<pad>")
     config = Gemma2Config(
-        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
-        sliding_window=sliding_window, query_pre_attn_scalar=16, attn_logit_softcapping=50.0,
-        final_logit_softcapping=30.0, bos_token_id=bos, eos_token_id=[eos, eot],
-        pad_token_id=pad, initializer_range=0.1,
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+        sliding_window=sliding_window,
+        query_pre_attn_scalar=16,
+        attn_logit_softcapping=50.0,
+        final_logit_softcapping=30.0,
+        bos_token_id=bos,
+        eos_token_id=[eos, eot],
+        pad_token_id=pad,
+        initializer_range=0.1,
     )
     torch.manual_seed(seed)
     model = Gemma2ForCausalLM(config).float()
