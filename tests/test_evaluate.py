@@ -1,0 +1,153 @@
+"""The steering sweep on a fake backend whose answers follow the steering coefficient."""
+
+import csv
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from pertoken.errors import PertokenError
+from pertoken.pipeline.evaluate import answer_columns, evaluate, format_table, parse_coefs
+from pertoken.vectors import PersonaVector
+
+TRAIT = SimpleNamespace(name="bossy", eval_questions=["q one?", "q two?", "q three?"])
+
+
+class FakeBackend:
+    name, model_id, n_layers, hidden_size = "fake", "fake-model", 4, 8
+
+    def __init__(self):
+        self.calls = []
+
+    def chat_prompt(self, system, user):
+        return f"[{system}] {user}"
+
+    def generate(self, prompts, *, steer=None, **opts):
+        self.calls.append((len(prompts), steer, opts))
+        coef = 0.0 if steer is None else steer.terms[0].coef
+        word = "bossy" if coef > 0 else "meek" if coef < 0 else "plain"
+        return [f"{word} answer to {p}" for p in prompts]
+
+
+class FakeJudge:
+    def __init__(self, fail=False):
+        self.seen, self.fail = [], fail
+
+    def __call__(self, rows):
+        if self.fail:
+            raise PertokenError("cannot reach the judge")
+        self.seen += rows
+        for r in rows:
+            a = r["answer"]
+            r["bossy"] = 90.0 if "bossy" in a else 10.0 if "meek" in a else 50.0
+            r["coherence"] = 80.0
+
+
+def vector(layers=4, hidden=8):
+    return PersonaVector(np.ones((layers + 1, hidden), np.float32))
+
+
+def sweep(backend, out, judge, coefs=(-1, 0, 1), **kw):
+    opts = dict(layers=[1, 3], coefs=list(coefs), n_per_question=2, progress=False)
+    return evaluate(backend, trait=TRAIT, vector=vector(), out_dir=out, judge=judge, **opts | kw)
+
+
+def read(path):
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        return reader.fieldnames, list(reader)
+
+
+def test_sweep_writes_answers_summary_and_plot(tmp_path):
+    backend, judge = FakeBackend(), FakeJudge()
+    result = sweep(backend, tmp_path, judge)
+    header, rows = read(tmp_path / "answers.csv")
+    assert header[:6] == ["layer", "coef", "question", "answer", "bossy", "coherence"]
+    assert len(rows) == 2 * 3 * 3 * 2  # layers x coefs x questions x samples
+    # coef 0 is generated once and shared by both layers; no steer is passed for it
+    assert len(backend.calls) == 2 * 2 + 1
+    assert sum(call[1] is None for call in backend.calls) == 1
+    steered = [c[1] for c in backend.calls if c[1] is not None]
+    assert {(s.terms[0].row, s.terms[0].coef) for s in steered} == {
+        (1, -1),
+        (1, 1),
+        (3, -1),
+        (3, 1),
+    }
+    assert all(s.positions == "response" for s in steered)
+    # n_per_question > 1 samples at temperature 1
+    assert all(c[2]["temperature"] == 1.0 for c in backend.calls)
+    means = {(s.layer, s.coef): s.trait_mean for s in result.summary}
+    assert means == {(L, c): {-1: 10.0, 0: 50.0, 1: 90.0}[c] for L in (1, 3) for c in (-1, 0, 1)}
+    _, summary = read(tmp_path / "summary.csv")
+    assert [(r["layer"], r["coef"], r["bossy"]) for r in summary][:3] == [
+        ("1", "-1.0", "10.00"),
+        ("1", "0.0", "50.00"),
+        ("1", "1.0", "90.00"),
+    ]
+    assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    table = format_table("bossy", result.summary)
+    assert "90.00" in table and len(table.splitlines()) == 7
+
+
+def test_rerun_resumes_without_regenerating_or_rejudging(tmp_path):
+    backend, judge = FakeBackend(), FakeJudge()
+    sweep(backend, tmp_path, judge)
+    n_calls, n_judged = len(backend.calls), len(judge.seen)
+    again = sweep(backend, tmp_path, judge)
+    assert again.generated == 0 and len(backend.calls) == n_calls and len(judge.seen) == n_judged
+    more = sweep(backend, tmp_path, judge, coefs=(-1, 0, 1, 2))
+    assert more.generated == 2 and len(backend.calls) == n_calls + 2
+    assert len(judge.seen) == n_judged + 2 * 3 * 2
+    assert {s.coef for s in more.summary} == {-1, 0, 1, 2}
+    # a narrower rerun summarizes only the settings it asks for
+    assert {s.coef for s in sweep(backend, tmp_path, judge, coefs=(1,)).summary} == {1}
+
+
+def test_judge_failure_keeps_answers_and_rerun_judges_them(tmp_path):
+    backend = FakeBackend()
+    with pytest.raises(PertokenError, match="judge"):
+        sweep(backend, tmp_path, FakeJudge(fail=True))
+    _, rows = read(tmp_path / "answers.csv")
+    assert len(rows) == 36 and all(r["bossy"] == "" for r in rows)
+    judge = FakeJudge()
+    result = sweep(backend, tmp_path, judge)
+    assert result.generated == 0 and len(judge.seen) == 36
+    assert all(s.trait_mean is not None for s in result.summary)
+
+
+def test_vector_from_another_model_is_a_clear_error(tmp_path):
+    with pytest.raises(PertokenError, match=r"\[5, 8\].*another model"):
+        evaluate(
+            FakeBackend(),
+            trait=TRAIT,
+            vector=vector(hidden=16),
+            out_dir=tmp_path,
+            judge=FakeJudge(),
+            layers=[1],
+            coefs=[1],
+            progress=False,
+        )
+
+
+def test_layer_outside_the_model_is_a_clear_error(tmp_path):
+    with pytest.raises(PertokenError, match="outside 1..4"):
+        sweep(FakeBackend(), tmp_path, FakeJudge(), layers=[5])
+
+
+def test_other_settings_in_the_same_folder_are_refused(tmp_path):
+    sweep(FakeBackend(), tmp_path, FakeJudge())
+    with pytest.raises(PertokenError, match="other settings.*max_new_tokens"):
+        sweep(FakeBackend(), tmp_path, FakeJudge(), max_new_tokens=5)
+
+
+def test_foreign_answers_csv_is_refused(tmp_path):
+    (tmp_path / "answers.csv").write_text("question,answer\nq,a\n")
+    with pytest.raises(PertokenError, match="lacks the column"):
+        sweep(FakeBackend(), tmp_path, FakeJudge())
+
+
+def test_parse_coefs():
+    assert parse_coefs("-2,-1.5,0, 2") == [-2.0, -1.5, 0.0, 2.0]
+    with pytest.raises(PertokenError, match="coefs"):
+        parse_coefs("1,x")
+    assert answer_columns("t")[:6] == ["layer", "coef", "question", "answer", "t", "coherence"]
