@@ -112,9 +112,95 @@ def steer():
 
 
 @main.command(name="eval")
-def eval_():
+@model_options()
+@click.option("--trait", "-t", required=True, help="Bundled kit name, kit JSON, or upstream file.")
+@click.option("--vector", "-v", "vector_path", required=True, type=click.Path(dir_okay=False))
+@click.option("--layers", required=True, help="Rows to steer at, e.g. 12,16,20.")
+@click.option("--coefs", default="-2,-1,0,1,2", show_default=True, help="Coefficients.")
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Folder.")
+@click.option(
+    "--judge-model",
+    "--judge",
+    "judge_model",
+    default="gpt-4.1-mini-2025-04-14",
+    show_default=True,
+    help="Judge model, or local:MODEL to judge in-process.",
+)
+@click.option("--base-url", default=None, help="Any OpenAI-compatible server.")
+@click.option("--concurrency", default=32, show_default=True, help="Requests in flight.")
+@click.option("--cache", default=None, help="Score cache (default ~/.cache/pertoken/judge.sqlite).")
+@click.option("--n-per-question", default=10, show_default=True, help="Samples per question.")
+@click.option("--max-new-tokens", default=1000, show_default=True)
+@click.option("--temperature", type=float, default=None, help="Default 1.0 (0 when n is 1).")
+@click.option(
+    "--positions",
+    type=click.Choice(["all", "prompt", "response"]),
+    default="response",
+    show_default=True,
+    help="Positions the vector is added at.",
+)
+@click.option("--batch-size", default=16, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+def eval_(
+    model,
+    backend,
+    dtype,
+    device,
+    trait,
+    vector_path,
+    layers,
+    coefs,
+    out,
+    judge_model,
+    base_url,
+    concurrency,
+    cache,
+    n_per_question,
+    max_new_tokens,
+    temperature,
+    positions,
+    batch_size,
+    seed,
+):
     """Sweep layers x coefficients on a trait's evaluation questions and judge the effect."""
-    _later("eval")
+    from pertoken.pipeline.evaluate import csv_judge, evaluate, format_table, parse_coefs
+    from pertoken.pipeline.judge import make_judge
+    from pertoken.rows import parse_layers
+    from pertoken.traits import load_trait
+    from pertoken.vectors import load_vector
+
+    kit, vector = load_trait(trait), load_vector(vector_path)
+    rows, coef_list = parse_layers(layers), parse_coefs(coefs)
+    b = load_model(model, backend, dtype, device)
+    same = judge_model == f"local:{model}"
+    j = make_judge(
+        judge_model,
+        base_url=base_url,
+        concurrency=concurrency,
+        backend=b if same else None,
+        backend_name=backend,
+    )
+    r = evaluate(
+        b,
+        trait=kit,
+        vector=vector,
+        layers=rows,
+        coefs=coef_list,
+        out_dir=out,
+        judge=csv_judge(kit, judge_model=judge_model, judge=j, cache=cache),
+        n_per_question=n_per_question,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        positions=positions,
+        batch_size=batch_size,
+        seed=seed,
+        vector_path=vector_path,
+    )
+    click.echo(format_table(kit.name, r.summary))
+    missing = sum(s.missing for s in r.summary)
+    if missing:
+        click.echo(f"{missing} answers have no {kit.name} score (judge refusals or failures)")
+    click.echo(f"{r.out_dir}: answers.csv, summary.csv, sweep.png ({r.seconds:.1f}s)")
 
 
 @main.command()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -175,6 +176,25 @@ def _answer_setting(backend, trait, rows, layer, coef, steer, n, gen) -> list[di
         }
         for (i, q, j), a in zip(specs, answers, strict=True)
     ]
+
+
+def csv_judge(trait, *, judge_model: str, progress: bool = True, **judge_opts) -> JudgeRows:
+    """Judge rows with `pertoken judge`'s stage (its cache, retries and refusal rule).
+
+    judge_opts go to `judge_csv`: judge (a ready judge), base_url, concurrency, cache."""
+    from pertoken.pipeline.judge import judge_csv
+
+    def run(rows: list[dict]) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "judge.csv"
+            _write_csv(path, ["question", "prompt", "answer", "question_id"], rows)
+            judge_csv(path, trait=trait, judge_model=judge_model, progress=progress, **judge_opts)
+            with path.open(newline="", encoding="utf-8") as f:
+                judged = list(csv.DictReader(f))
+        for row, j in zip(rows, judged, strict=True):
+            row[trait.name], row["coherence"] = j[trait.name], j["coherence"]
+
+    return run
 
 
 def read_answers(path: Path, trait: str) -> list[dict]:
