@@ -104,10 +104,49 @@ def run():
 
 
 # ---------------------------------------------------------------- steering and monitoring
+def _positions_option(f):
+    return click.option(
+        "--positions",
+        type=click.Choice(["all", "prompt", "response"]),
+        default="all",
+        show_default=True,
+        help="Where to add the vectors: every token, the prompt only, or the answer only.",
+    )(f)
+
+
+def _generation_options(default_tokens: int):
+    def wrap(f):
+        f = click.option("--system", default=None, help="System prompt.")(f)
+        f = click.option("--max-new-tokens", default=default_tokens, show_default=True, type=int)(f)
+        f = click.option("--seed", default=0, show_default=True, type=int)(f)
+        f = click.option(
+            "--temperature", default=0.0, show_default=True, type=float, help="0 is greedy."
+        )(f)
+        return f
+
+    return wrap
+
+
 @main.command()
-def steer():
-    """Print a steered answer beside the unsteered one."""
-    _later("steer")
+@model_options()
+@click.option("--vector", "vectors", multiple=True, required=True, help="Vector .pt (repeatable).")
+@click.option("--layer", "layers", multiple=True, required=True, type=int, help="Row to steer at.")
+@click.option("--coef", "coefs", multiple=True, required=True, type=float, help="Coefficient.")
+@_positions_option
+@_generation_options(200)
+@click.argument("prompt")
+def steer(model, backend, dtype, device, vectors, layers, coefs, positions, prompt, **gen):
+    """Print a steered answer beside the unsteered one (same seed).
+
+    Several --vector/--layer/--coef triples are paired in order and added together."""
+    from pertoken.pipeline.steer import build_steer, side_by_side, steer_compare, zip_specs
+
+    specs = zip_specs(list(vectors), list(layers), list(coefs))
+    bk = load_model(model, backend, dtype, device)
+    st = build_steer(bk, specs, positions=positions)
+    res = steer_compare(bk, prompt, steer=st, **gen)
+    click.echo("steering: " + "; ".join(s.describe() for s in specs) + f" (positions {positions})")
+    click.echo(side_by_side(res.unsteered, res.steered))
 
 
 @main.command(name="eval")
@@ -117,15 +156,112 @@ def eval_():
 
 
 @main.command()
-def monitor():
+@model_options()
+@click.option(
+    "--vector",
+    "vectors",
+    multiple=True,
+    required=True,
+    help="NAME=FILE.pt (repeatable; NAME defaults to the file name).",
+)
+@click.option("--layers", required=True, help="Rows to project at, e.g. 16,20.")
+@click.option("--steer", "steers", multiple=True, help="Steer while generating: V.pt:LAYER:COEF.")
+@_positions_option
+@click.option(
+    "--compare-unsteered", is_flag=True, help="With --steer, also trace the unsteered answer."
+)
+@click.option("--prompts", "prompts_file", default=None, help="File: one prompt a line, or JSON.")
+@click.option("--out", default=".", show_default=True, help="Folder for trace.json/trace.html.")
+@_generation_options(200)
+@click.argument("prompt", required=False)
+def monitor(
+    model,
+    backend,
+    dtype,
+    device,
+    vectors,
+    layers,
+    steers,
+    positions,
+    compare_unsteered,
+    prompts_file,
+    out,
+    prompt,
+    **gen,
+):
     """Project every generated token onto persona vectors, live and as an HTML page."""
-    _later("monitor")
+    from pertoken.pipeline.monitor import monitor as run_monitor
+    from pertoken.pipeline.monitor import read_prompts
+    from pertoken.pipeline.steer import build_steer, parse_steer_spec
+    from pertoken.rows import parse_layers
+    from pertoken.vectors import load_vector
+
+    prompts = ([prompt] if prompt else []) + (read_prompts(prompts_file) if prompts_file else [])
+    if not prompts:
+        raise PertokenError("no prompt: give a prompt argument or --prompts FILE")
+    if compare_unsteered and not steers:
+        raise PertokenError("--compare-unsteered needs --steer V.pt:LAYER:COEF")
+    files = _named_vectors(vectors)
+    loaded = {name: load_vector(path) for name, path in files.items()}
+    specs = [parse_steer_spec(s) for s in steers]
+    bk = load_model(model, backend, dtype, device)
+    for name, vec in loaded.items():
+        vec.check_model(bk.n_layers, bk.hidden_size, files[name])
+    st = build_steer(bk, specs, positions=positions) if specs else None
+    extra = {"vector_files": files, "steer_files": [s.describe() for s in specs] or None}
+    records = run_monitor(
+        bk,
+        prompts=prompts,
+        vectors=loaded,
+        layers=parse_layers(layers),
+        steer=st,
+        out_dir=out,
+        compare_unsteered=compare_unsteered,
+        settings=extra,
+        **gen,
+    )
+    click.echo(f"wrote {len(records)} trace(s) to {out}/trace.json and {out}/trace.html")
+
+
+def _named_vectors(items) -> dict[str, str]:
+    """('name=path' | 'path', ...) -> {name: path}; names must be distinct."""
+    from pathlib import Path
+
+    out: dict[str, str] = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep:
+            name, path = Path(item).stem, item
+        if not name or not path:
+            raise PertokenError(f"could not read --vector {item!r}: write NAME=FILE.pt")
+        if name in out:
+            raise PertokenError(f"two vectors are named {name!r}: give them names, NAME=FILE.pt")
+        out[name] = path
+    return out
 
 
 @main.command()
-def project():
-    """Add projection columns to a generation CSV."""
-    _later("project")
+@model_options()
+@click.argument("csv_file")
+@click.option("--vector", required=True, help="Persona vector .pt file.")
+@click.option("--layer", required=True, type=int, help="Row to project at.")
+@click.option("--out", default=None, help="Output CSV (default: add the columns in place).")
+@click.option("--batch-size", default=8, show_default=True, type=int)
+def project(model, backend, dtype, device, csv_file, vector, layer, out, batch_size):
+    """Add projection columns to a generation CSV and print r against the trait score."""
+    from pertoken.pipeline.project import project_csv
+
+    bk = load_model(model, backend, dtype, device)
+    res = project_csv(
+        bk, csv_file, vector_path=vector, layer=layer, out_path=out, batch_size=batch_size
+    )
+    click.echo(f"wrote {res.n_rows} rows with {', '.join(res.columns)} to {res.out_path}")
+    if res.trait and res.r is not None:
+        click.echo(
+            f"Pearson r({res.columns[0]}, {res.trait}) = {res.r:+.4f} over {res.n_scored} rows"
+        )
+    elif res.trait:
+        click.echo(f"Pearson r is undefined: {res.n_scored} rows with a {res.trait} score")
 
 
 # ---------------------------------------------------------------- decompose and export
