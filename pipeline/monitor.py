@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+
 from pertoken.backends.base import Steer, TokenTrace
 from pertoken.errors import PertokenError
 from pertoken.pipeline.live import LivePrinter

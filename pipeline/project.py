@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from pertoken.errors import PertokenError
 from pertoken.pipeline.projection import cosine, project
 from pertoken.vectors import load_vector

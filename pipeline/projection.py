@@ -6,6 +6,7 @@ One place for the math, shared by per-token monitoring and CSV projection column
 from __future__ import annotations
 
 import numpy as np
+
 from pertoken.errors import PertokenError
 
 

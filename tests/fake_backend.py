@@ -8,6 +8,7 @@ steering at row L adds coef * vector to rows >= L, so it changes the greedy next
 from __future__ import annotations
 
 import numpy as np
+
 from pertoken.backends.base import Steer, Summaries, TokenTrace, steer_mask
 
 ALPHABET = " abcdefghijklmnopqrstuvwxyz.<>/"

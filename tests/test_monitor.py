@@ -3,11 +3,11 @@ import json
 
 import numpy as np
 import pytest
+
 from pertoken.backends.base import Steer
 from pertoken.errors import PertokenError
 from pertoken.pipeline.monitor import load_traces, monitor, read_prompts
 from pertoken.vectors import PersonaVector
-
 from tests.fake_backend import FakeBackend
 
 
@@ -182,6 +182,7 @@ def test_read_prompts_lines_and_json(tmp_path):
 
 def test_cli_monitor_writes_one_page_for_a_prompt_file(tmp_path, monkeypatch):
     from click.testing import CliRunner
+
     from pertoken import cli
     from pertoken.vectors import save_vector
 
@@ -225,3 +226,112 @@ def test_cli_monitor_writes_one_page_for_a_prompt_file(tmp_path, monkeypatch):
         ["monitor", "-m", "x", "--vector", str(v1), "--layers", "1", "--compare-unsteered", "hi"],
     )
     assert res.exit_code == 1 and "--compare-unsteered needs --steer" in res.output
+
+
+# ---------------------------------------------------------------- the torch backend, tiny models
+QUESTIONS = ["Explain rain", "What should I do about money?", "hi", "Why is the sky blue?"]
+
+
+@pytest.fixture(scope="module")
+def tiny(model_dir):
+    from pertoken.backends import load_backend
+
+    return load_backend(str(model_dir), "torch", dtype="float32", device="cpu")
+
+
+def test_torch_projections_match_hidden_states_and_summaries(tiny, tmp_path):
+    from tests.reference import hf_hidden
+
+    vecs = {"a": _vec(1, (5, 64)), "b": _vec(2, (5, 64))}
+    layers = [1, 4]  # row 4 is the last hidden state, with the final norm
+    recs = monitor(
+        tiny,
+        prompts=QUESTIONS,
+        vectors=vecs,
+        layers=layers,
+        max_new_tokens=8,
+        out_dir=tmp_path,
+        live=False,
+    )
+    checked_summaries = 0
+    for rec in recs:
+        p_ids = tiny.encode(rec["chat_prompt"])
+        hs = hf_hidden(tiny.model, p_ids + rec["token_ids"])[:, len(p_ids) :]  # [rows, T, hidden]
+        proj = np.array(rec["projections"])  # [T, K, L]
+        assert proj.shape == (len(rec["tokens"]), 2, 2)
+        for k, name in enumerate(rec["vectors"]):
+            for j, row in enumerate(layers):
+                v = vecs[name].data[row].astype(np.float64)
+                want = hs[row].astype(np.float64) @ v / np.linalg.norm(v)
+                np.testing.assert_allclose(proj[:, k, j], want, rtol=1e-4, atol=1e-4)
+                # Where re-tokenizing the answer gives back its tokens, the mean over tokens
+                # equals the projection of summaries' response_avg.
+                if tiny.encode(rec["chat_prompt"] + rec["text"]) == p_ids + rec["token_ids"]:
+                    s = tiny.summaries([rec["chat_prompt"]], [rec["text"]]).response_avg[0, row]
+                    assert rec["mean"][k][j] == pytest.approx(s @ v / np.linalg.norm(v), abs=1e-4)
+                    checked_summaries += 1
+    assert checked_summaries > 0
+    assert load_traces(tmp_path / "trace.json")[0]["token_ids"] == recs[0]["token_ids"]
+
+
+def test_torch_steered_monitor_moves_projection_along_the_vector(tiny):
+    from tests.reference import hf_hidden
+
+    vec = _vec(7, (5, 64))
+    unit = vec.data[2] / np.linalg.norm(vec.data[2])
+    st = Steer.single(2, unit, 8.0, positions="response")
+    plain, steered = monitor(
+        tiny,
+        prompts=["hi"],
+        vectors={"v": vec},
+        layers=[2],
+        steer=st,
+        compare_unsteered=True,
+        max_new_tokens=6,
+        out_dir=None,
+        live=False,
+    )
+    assert plain["settings"]["steer"] is None and steered["settings"]["steer"] is not None
+    # Row 2 is the output of block 1, where the vector is added: the steered answer's tokens
+    # sit exactly 8 further along it than the same tokens read without steering.
+    p_ids = tiny.encode(steered["chat_prompt"])
+    hs = hf_hidden(tiny.model, p_ids + steered["token_ids"])[2, len(p_ids) :]  # [T, hidden]
+    got = np.array(steered["projections"])[:, 0, 0]
+    np.testing.assert_allclose(got - hs @ unit, 8.0, atol=1e-3)
+
+
+def test_torch_cli_monitor(llama_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from pertoken import cli
+    from pertoken.vectors import save_vector
+
+    v = save_vector(_vec(3, (5, 64)), tmp_path / "trait.pt")
+    res = CliRunner().invoke(
+        cli.main,
+        [
+            "monitor",
+            "-m",
+            str(llama_dir),
+            "--backend",
+            "torch",
+            "--vector",
+            f"trait={v}",
+            "--layers",
+            "2,3",
+            "--max-new-tokens",
+            "5",
+            "--out",
+            str(tmp_path),
+            "hello",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    rec = load_traces(tmp_path / "trace.json")[0]
+    assert rec["settings"]["backend"] == "torch" and len(rec["tokens"]) == 5
+    assert np.array(rec["projections"]).shape == (5, 1, 2)
+    bad = save_vector(_vec(3, (9, 64)), tmp_path / "other.pt")
+    res = CliRunner().invoke(
+        cli.main, ["monitor", "-m", str(llama_dir), "--vector", str(bad), "--layers", "2", "hello"]
+    )
+    assert res.exit_code == 1 and "another model" in res.output

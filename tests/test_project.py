@@ -3,11 +3,11 @@ import csv
 import numpy as np
 import pytest
 from click.testing import CliRunner
+
 from pertoken import cli
 from pertoken.errors import PertokenError
 from pertoken.pipeline.project import column_names, pearson_with, project_csv
 from pertoken.vectors import PersonaVector, save_vector
-
 from tests.fake_backend import FakeBackend
 
 HEADER = ["question", "prompt", "answer", "question_id", "evil", "coherence"]
@@ -122,3 +122,33 @@ def test_cli_project_prints_r(fake, vec_file, tmp_path, monkeypatch):
     assert res.exit_code == 0, res.output
     assert "Pearson r(Fake-Chat-1B_evil_response_avg_diff_proj_layer3, evil) = " in res.output
     assert "over 4 rows" in res.output
+
+
+# ---------------------------------------------------------------- the torch backend, tiny models
+def test_torch_project_matches_reference_hidden_states(model_dir, tmp_path):
+    from pertoken.backends import load_backend
+    from tests.reference import reference_summaries
+
+    tiny = load_backend(str(model_dir), "torch", dtype="float32", device="cpu")
+    qs = ["What should I do about money?", "hi", "Explain rain"]
+    chats = [tiny.chat_prompt("Be kind.", q) for q in qs]
+    answers = tiny.generate(chats, max_new_tokens=6, temperature=0)
+    rows = [
+        [q, c, a, f"evil_{i}", str(30 * i), "80"]
+        for i, (q, c, a) in enumerate(zip(qs, chats, answers, strict=True))
+    ]
+    data = np.random.default_rng(8).normal(size=(5, 64)).astype(np.float32)
+    vec = save_vector(PersonaVector(data), tmp_path / "evil_response_avg_diff.pt")
+    res = project_csv(tiny, _write(tmp_path / "g.csv", rows), vector_path=vec, layer=3)
+    assert res.columns[0] == f"{model_dir.name}_evil_response_avg_diff_proj_layer3"
+    v = data[3].astype(np.float64)
+    for r in _read(res.out_path):
+        _, last, resp = reference_summaries(tiny.model, tiny.tokenizer, r["prompt"], r["answer"])
+        want = [
+            resp[3] @ v / np.linalg.norm(v),
+            last[3] @ v / np.linalg.norm(v),
+            resp[3] @ v / np.linalg.norm(v) / np.linalg.norm(resp[3]),
+        ]
+        got = [float(r[c]) for c in res.columns]
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    assert res.n_scored == 3 and -1 <= res.r <= 1

@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+
 from pertoken.errors import PertokenError
 from pertoken.pipeline.projection import cosine, project, project_rows
 

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+
 from pertoken import cli
 from pertoken.errors import PertokenError
 from pertoken.pipeline.steer import (
@@ -13,7 +14,6 @@ from pertoken.pipeline.steer import (
     zip_specs,
 )
 from pertoken.vectors import PersonaVector, save_vector
-
 from tests.fake_backend import FakeBackend
 
 
@@ -101,10 +101,67 @@ def test_cli_steer_prints_both_answers(vec_file, monkeypatch):
         "10",
         "hello",
     ]
-    res = CliRunner().invoke(cli.main, args, terminal_width=120)
+    res = CliRunner().invoke(cli.main, args, env={"COLUMNS": "120"})
     assert res.exit_code == 0, res.output
     plain = fake.generate([fake.chat_prompt(None, "hello")], max_new_tokens=10, temperature=0)[0]
     assert "trait_response_avg_diff.pt layer 2 coef 8" in res.output
     assert plain.strip() in res.output
     res = CliRunner().invoke(cli.main, args[:9] + ["--layer", "3", "hi"])
     assert res.exit_code == 1 and "1 --vector, 2 --layer and 1 --coef" in res.output
+
+
+# ---------------------------------------------------------------- the torch backend, tiny models
+@pytest.fixture(scope="module")
+def tiny(model_dir):
+    from pertoken.backends import load_backend
+
+    return load_backend(str(model_dir), "torch", dtype="float32", device="cpu")
+
+
+def _tiny_vec(tmp_path, seed=6):
+    data = np.random.default_rng(seed).normal(size=(5, 64)).astype(np.float32)
+    return str(save_vector(PersonaVector(data), tmp_path / "v.pt"))
+
+
+@pytest.mark.parametrize("positions", ["all", "response"])
+def test_torch_coef_zero_is_unsteered_and_a_strong_coef_is_not(tiny, tmp_path, positions):
+    path = _tiny_vec(tmp_path)
+    kw = dict(max_new_tokens=8, temperature=1.0, seed=2)
+    zero = steer_compare(
+        tiny, "hi", steer=build_steer(tiny, [SteerSpec(path, 2, 0.0)], positions=positions), **kw
+    )
+    assert zero.steered == zero.unsteered
+    strong = build_steer(
+        tiny, [SteerSpec(path, 2, 6.0), SteerSpec(path, 3, -6.0)], positions=positions
+    )
+    res = steer_compare(tiny, "hi", steer=strong, **kw)
+    assert res.steered != res.unsteered
+    assert res.unsteered == tiny.generate([res.chat_prompt], **kw)[0]
+
+
+def test_torch_cli_steer(llama_dir, tmp_path):
+    path = _tiny_vec(tmp_path)
+    args = [
+        "steer",
+        "-m",
+        str(llama_dir),
+        "--backend",
+        "torch",
+        "--vector",
+        path,
+        "--layer",
+        "2",
+        "--coef",
+        "0",
+        "--max-new-tokens",
+        "6",
+        "--system",
+        "Be brief.",
+        "hello",
+    ]
+    res = CliRunner().invoke(cli.main, args, env={"COLUMNS": "60"})  # stacked
+    assert res.exit_code == 0, res.output
+    blocks = res.output.split("--- steered ---\n")
+    assert blocks[0].split("--- unsteered ---\n")[1].strip() == blocks[1].strip()
+    res = CliRunner().invoke(cli.main, args[:7] + ["--layer", "9"] + args[9:])
+    assert res.exit_code == 1 and "layer 9 is outside 0..4" in res.output
