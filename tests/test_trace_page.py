@@ -93,6 +93,28 @@ def test_trace_page_in_headless_chromium(tmp_path):
         value = recs[0]["projections"][6][0][1]
         assert f"{value:+.4f}" in tip and "SAE features: #106 (3.000)" in tip
 
+        # The other vector, and hovering the chart of the second trace near its end.
+        page.eval(
+            "const v = document.getElementById('vector'); v.value = '1';"
+            "v.dispatchEvent(new Event('change'))"
+        )
+        want = [p[1][1] for r in recs for p in r["projections"]]
+        np.testing.assert_allclose([v for v, _ in _shown(page)], want, rtol=1e-12)
+        x, y = page.eval(
+            "(() => { const c = document.querySelectorAll('section.card svg')[2];"
+            "c.scrollIntoView({block: 'center'}); const r = c.getBoundingClientRect();"
+            "return [r.right - 12, r.y + r.height / 2]; })()"
+        )
+        page.hover(x, y)
+        assert page.eval("document.querySelectorAll('.tok.hl').length") == 1
+        assert page.eval("document.querySelector('.tok.hl').dataset.index") == str(n - 1)
+        page.eval(
+            "['vector', 'layer'].forEach(id => { const s = document.getElementById(id);"
+            "s.value = '0'; s.dispatchEvent(new Event('change')); })"
+        )
+        page.eval("window.scrollTo(0, 0)")
+        page.hover(*box)
+
         ARTIFACTS.mkdir(exist_ok=True)
         shot = page.screenshot()
         (ARTIFACTS / "trace_page.png").write_bytes(shot)
