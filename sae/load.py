@@ -38,6 +38,9 @@ def _load_cached(spec: str) -> SAE:
     return load_local(_download(repo, sub, spec), spec=spec)
 
 
+load_sae.cache_clear = _load_cached.cache_clear  # type: ignore[attr-defined]
+
+
 def split_hub_spec(spec: str) -> tuple[str, str] | None:
     """'owner/repo path/in/repo' or 'owner/repo/path/in/repo' -> (repo, path); None if neither."""
     if " " in spec:
