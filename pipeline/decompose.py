@@ -118,10 +118,11 @@ def layer_warning(sae: SAE, layer: int) -> str | None:
             return f"the SAE reads {info.hook}, not the residual stream that vector rows hold"
         return None
     if info.layer != layer - 1:
+        where = info.hook or f"blocks.{info.layer}.hook_resid_post"
         return (
-            f"the SAE reads layer_{info.layer} (blocks.{info.layer}.hook_resid_post), which is "
-            f"vector row {info.layer + 1}, but row {layer} was asked for: use --layer "
-            f"{info.layer + 1}, or the SAE for layer_{layer - 1}"
+            f"the SAE reads layer_{info.layer} ({where}), which is vector row {info.layer + 1}, "
+            f"but row {layer} was asked for: use --layer {info.layer + 1}, or the SAE for "
+            f"layer_{layer - 1}"
         )
     return None
 

@@ -70,7 +70,8 @@ class SAE:
     @cached_property
     def decoder_norms(self) -> np.ndarray:
         """|W_dec[i]| per feature, [d_sae] float32, computed once."""
-        return np.linalg.norm(self.W_dec, axis=1).astype(np.float32)
+        # einsum avoids a W_dec-sized temporary of squares
+        return np.sqrt(np.einsum("ij,ij->i", self.W_dec, self.W_dec)).astype(np.float32)
 
     def pre_acts(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x, dtype=np.float32)  # [..., d_model]

@@ -133,9 +133,10 @@ def _saelens_info(cfg: dict, spec: str) -> SAEInfo:
     info = gemma_scope_info(spec)
     info.spec = spec
     hook = cfg.get("hook_name") or ""
-    m = re.fullmatch(r"blocks\.(\d+)\.hook_resid_post", hook)
+    m = re.fullmatch(r"blocks\.(\d+)\.hook_resid_(pre|post)", hook)
     if m:
-        info.layer = int(m.group(1))
+        # resid_pre of block n is resid_post of block n-1 (-1: the embedding, row 0)
+        info.layer = int(m.group(1)) - (m.group(2) == "pre")
     elif hook:
         info.layer = None  # not a residual-stream SAE: no row matches it
     if cfg.get("neuronpedia_id"):

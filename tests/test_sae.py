@@ -106,6 +106,8 @@ def test_saelens_defaults_subtract_b_dec_and_read_hook_layer(tmp_path):
         sae.encode(x), (pre > a["threshold"]) * np.maximum(pre, 0), rtol=1e-5
     )
     assert sae.info.layer == 6 and sae.info.neuronpedia == "gemma-2-2b/6-res-16k"
+    pre = load_sae(str(write_saelens(tmp_path / "p", a, hook_name="blocks.7.hook_resid_pre")))
+    assert pre.info.layer == 6  # resid_pre of block 7 is the output of block 6: row 7
 
 
 @pytest.mark.parametrize(
