@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from pertoken.pipeline.decompose import decompose, load_sae, token_features
 from pertoken.vectors import PersonaVector
 

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+
 from pertoken.errors import PertokenError
 from pertoken.sae import SAE
 from pertoken.sae.load import load_sae
@@ -127,6 +128,11 @@ def layer_warning(sae: SAE, layer: int) -> str | None:
     return None
 
 
+def sae_row(sae: SAE) -> int | None:
+    """The vector row the SAE reads (Gemma Scope layer_{n} -> row n+1), None when unknown."""
+    return None if sae.info.layer is None else sae.info.layer + 1
+
+
 def neuronpedia_url(sae: SAE, index: int) -> str | None:
     """The feature's Neuronpedia page when the SAE is a known release, else None."""
     return f"{NEURONPEDIA}/{sae.info.neuronpedia}/{index}" if sae.info.neuronpedia else None
@@ -173,5 +179,6 @@ __all__ = [
     "layer_warning",
     "load_sae",
     "neuronpedia_url",
+    "sae_row",
     "token_features",
 ]

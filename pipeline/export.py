@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
 from pertoken.errors import PertokenError
 from pertoken.rows import check_capture_rows
 from pertoken.vectors import PersonaVector, load_vector, save_vector

@@ -8,6 +8,7 @@ from functools import cached_property
 from typing import ClassVar
 
 import numpy as np
+
 from pertoken.errors import PertokenError
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import numpy.lib.format as fmt
+
 from pertoken.errors import PertokenError
 
 _ST_DTYPES = {"F32": "<f4", "F16": "<f2", "F64": "<f8", "BF16": "<u2"}

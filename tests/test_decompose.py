@@ -3,11 +3,17 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
+
 from pertoken.cli import main
 from pertoken.errors import PertokenError
-from pertoken.pipeline.decompose import decompose, format_table, load_sae, token_features
+from pertoken.pipeline.decompose import (
+    decompose,
+    format_table,
+    load_sae,
+    sae_row,
+    token_features,
+)
 from pertoken.vectors import PersonaVector, save_vector
-
 from tests.synthetic_sae import plant, sae_arrays, write_gemma_scope, write_saelens
 
 N_LAYERS, HIDDEN, PLANTED = 6, 16, 37
@@ -68,7 +74,7 @@ def test_layer_mismatch_warns_with_the_offset(tmp_path, vector_path):
     res = decompose(vector_path, layer=4, sae=str(folder))
     assert len(res.warnings) == 1
     assert "layer_4" in res.warnings[0] and "--layer 5" in res.warnings[0]
-    assert res.sae_layer == 4
+    assert res.sae_layer == 4 and sae_row(load_sae(str(folder))) == 5
 
 
 def test_width_mismatch_and_zero_row_are_errors(tmp_path, vector_path):

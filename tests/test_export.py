@@ -2,6 +2,7 @@ import gguf
 import numpy as np
 import pytest
 from click.testing import CliRunner
+
 from pertoken.cli import main
 from pertoken.errors import PertokenError
 from pertoken.pipeline.export import export_vector, import_vector

@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
+
 from pertoken.errors import PertokenError
 from pertoken.sae import JumpReLUSAE, ReLUSAE, SAEInfo, TopKSAE, sae_class
 from pertoken.sae.load import load_sae, split_hub_spec
-
 from tests.synthetic_sae import sae_arrays, write_gemma_scope, write_saelens
 
 GS_PATH = "gemma-scope-9b-it-res/layer_19/width_16k/average_l0_91"
