@@ -173,6 +173,9 @@ def eval_():
 )
 @click.option("--prompts", "prompts_file", default=None, help="File: one prompt a line, or JSON.")
 @click.option("--out", default=".", show_default=True, help="Folder for trace.json/trace.html.")
+@click.option("--sae", default=None, help="SAE spec: add each token's top SAE features.")
+@click.option("--sae-layer", type=int, default=None, help="Row the SAE reads (default: its own).")
+@click.option("--sae-top", type=int, default=5, show_default=True, help="Features per token.")
 @_generation_options(200)
 @click.argument("prompt", required=False)
 def monitor(
@@ -187,6 +190,9 @@ def monitor(
     compare_unsteered,
     prompts_file,
     out,
+    sae,
+    sae_layer,
+    sae_top,
     prompt,
     **gen,
 ):
@@ -210,15 +216,25 @@ def monitor(
         vec.check_model(bk.n_layers, bk.hidden_size, files[name])
     st = build_steer(bk, specs, positions=positions) if specs else None
     extra = {"vector_files": files, "steer_files": [s.describe() for s in specs] or None}
+    rows = parse_layers(layers)
+    on_trace = None
+    if sae:
+        from pertoken.pipeline.decompose import sae_feature_hook
+
+        on_trace = sae_feature_hook(
+            sae, rows=rows, hidden_size=bk.hidden_size, layer=sae_layer, top=sae_top
+        )
+        extra |= {"sae": sae}
     records = run_monitor(
         bk,
         prompts=prompts,
         vectors=loaded,
-        layers=parse_layers(layers),
+        layers=rows,
         steer=st,
         out_dir=out,
         compare_unsteered=compare_unsteered,
         settings=extra,
+        on_trace=on_trace,
         **gen,
     )
     click.echo(f"wrote {len(records)} trace(s) to {out}/trace.json and {out}/trace.html")

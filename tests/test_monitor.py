@@ -335,3 +335,38 @@ def test_torch_cli_monitor(llama_dir, tmp_path):
         cli.main, ["monitor", "-m", str(llama_dir), "--vector", str(bad), "--layers", "2", "hello"]
     )
     assert res.exit_code == 1 and "another model" in res.output
+
+
+def test_torch_cli_monitor_adds_sae_features(llama_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from pertoken import cli
+    from pertoken.backends import load_backend
+    from pertoken.sae.load import load_sae
+    from pertoken.vectors import save_vector
+    from tests.reference import hf_hidden
+    from tests.synthetic_sae import sae_arrays, write_gemma_scope
+
+    v = save_vector(_vec(3, (5, 64)), tmp_path / "trait.pt")
+    sae_dir = write_gemma_scope(tmp_path / "layer_1" / "width_16k" / "l0", sae_arrays(64, 96))
+    args = ["monitor", "-m", str(llama_dir), "--backend", "torch", "--vector", f"t={v}"]
+    args += ["--max-new-tokens", "6", "--out", str(tmp_path), "--sae", str(sae_dir), "hello"]
+    # Gemma Scope layer_1 reads row 2, which must be one of the monitored rows.
+    res = CliRunner().invoke(cli.main, [*args, "--layers", "3"])
+    assert res.exit_code == 1 and "add 2 to --layers" in res.output
+    res = CliRunner().invoke(cli.main, [*args, "--layers", "2,3", "--sae-top", "3"])
+    assert res.exit_code == 0, res.output
+    rec = load_traces(tmp_path / "trace.json")[0]
+    assert rec["settings"]["sae_layer"] == 2 and len(rec["features"]) == len(rec["tokens"])
+    # The features are the SAE's strongest activations on each token's row-2 state.
+    tiny = load_backend(str(llama_dir), "torch")
+    p_ids = tiny.encode(rec["chat_prompt"])
+    hs = hf_hidden(tiny.model, p_ids + rec["token_ids"])[2, len(p_ids) :]  # [T, hidden]
+    acts = load_sae(str(sae_dir)).encode(hs)  # [T, d_sae]
+    for feats, a in zip(rec["features"], acts):
+        assert [f["id"] for f in feats] == [int(i) for i in np.argsort(-a)[:3] if a[i] > 0]
+        np.testing.assert_allclose(
+            [f["act"] for f in feats], np.sort(a)[::-1][: len(feats)], rtol=1e-3, atol=1e-4
+        )
+    assert any(feats for feats in rec["features"])
+    assert "features" in (tmp_path / "trace.html").read_text()
