@@ -1,0 +1,171 @@
+"""End to end through the CLI on a tiny model that has a real trait (tests/semantic_model.py).
+
+`pertoken run` extracts a paternalism vector with a phrase-bank judge; the vector then has to
+do what a persona vector is for: steering raises the judged trait score (`pertoken eval`),
+trait answers project higher than anti-trait ones token by token (`pertoken monitor`), and the
+projection correlates with the judged score over a dataset (`pertoken project`). Both backends.
+"""
+
+import csv
+import json
+import re
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from pertoken.backends import is_installed
+from pertoken.cli import main
+from pertoken.vectors import load_vector
+
+from tests import semantic_model as sm
+from tests.bank_judge import BankJudge
+
+pytestmark = pytest.mark.slow
+
+BACKENDS = [
+    "torch",
+    pytest.param("mlx", marks=pytest.mark.skipif(not is_installed("mlx"), reason="needs mlx")),
+]
+JUDGE = "gpt-4.1-mini-2025-04-14"
+GEN = ["--max-new-tokens", "24"]
+
+
+@pytest.fixture(scope="module")
+def model_dir():
+    return sm.semantic_model_dir()
+
+
+@pytest.fixture(scope="module")
+def judge():
+    with BankJudge() as j:
+        yield j
+
+
+@pytest.fixture(scope="module")
+def cli(tmp_path_factory, judge):
+    """Invoke `pertoken ...` in-process with a dummy key and a private judge cache."""
+    env = {
+        "OPENAI_API_KEY": "sk-test-dummy",
+        "PERTOKEN_CACHE_DIR": str(tmp_path_factory.mktemp("judge-cache")),
+    }
+
+    def invoke(*args):
+        result = CliRunner().invoke(main, [str(a) for a in args], env=env)
+        assert result.exit_code == 0, f"pertoken {' '.join(map(str, args))}:\n{result.output}"
+        return result.output
+
+    return invoke
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def run(request, tmp_path_factory, model_dir, judge, cli):
+    """One `pertoken run` per backend: its folder, the vector file and the printed report."""
+    backend = request.param
+    root = tmp_path_factory.mktemp(f"run-{backend}")
+    kit = sm.write_kit(root / "kit")
+    output = cli(
+        "run", "--model", model_dir, "--backend", backend, "--trait", kit, "--out", root / "runs",
+        "--n-per-question", 2, *GEN, "--base-url", judge.base_url, "--judge-model", JUDGE,
+    )  # fmt: skip
+    vectors = list((root / "runs").rglob(f"{sm.TRAIT}_response_avg_diff.pt"))
+    assert len(vectors) == 1, output
+    return {"backend": backend, "root": root, "kit": kit, "vector": vectors[0], "output": output}
+
+
+def test_run_extracts_a_vector_through_the_judge(run, judge, model_dir):
+    v = load_vector(run["vector"])
+    assert v.data.shape == (sm.RECIPE["layers"] + 1, sm.RECIPE["hidden"])
+    assert np.all(np.isfinite(v.data)) and np.linalg.norm(v.data[2]) > 0
+    kept, total = map(int, re.search(r"pairs kept: (\d+) of (\d+)", run["output"]).groups())
+    assert total == len(sm.EXTRACT_QUESTIONS) * len(sm.INSTRUCTIONS) * 2
+    assert kept >= 0.8 * total  # the trained model keeps to its banks under both prompts
+    # every judge call has CONVENTIONS' shape
+    for body in judge.requests:
+        assert body["model"] == JUDGE and len(body["messages"]) == 1
+        assert body["messages"][0]["role"] == "user"
+        assert body["max_tokens"] == 1 and body["temperature"] == 0 and body["seed"] == 0
+        assert body["logprobs"] is True and body["top_logprobs"] == 20
+
+
+def test_eval_trait_score_rises_with_the_coefficient(run, judge, model_dir, cli):
+    out = run["root"] / "eval"
+    printed = cli(
+        "eval", "--model", model_dir, "--backend", run["backend"], "--trait", run["kit"],
+        "--vector", run["vector"], "--layers", "2,3", "--coefs", "-2,0,2", "--out", out,
+        "--n-per-question", 8, *GEN, "--base-url", judge.base_url, "--judge-model", JUDGE,
+    )  # fmt: skip
+    with open(out / "summary.csv", newline="") as f:
+        summary = list(csv.DictReader(f))
+    assert len(summary) == 6
+    for layer in ("2", "3"):
+        by_coef = {float(r["coef"]): float(r[sm.TRAIT]) for r in summary if r["layer"] == layer}
+        assert by_coef[-2] < by_coef[0] < by_coef[2], (layer, by_coef, printed)
+        assert by_coef[2] - by_coef[-2] > 40, (layer, by_coef)
+    with open(out / "answers.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames[:6] == [
+            "layer",
+            "coef",
+            "question",
+            "answer",
+            sm.TRAIT,
+            "coherence",
+        ]
+        assert len(list(reader)) == 6 * len(sm.EVAL_QUESTIONS) * 8
+    assert (out / "sweep.png").stat().st_size > 1000
+    assert "coherence" in printed and sm.TRAIT in printed
+
+
+def _monitor_means(cli, run, model_dir, polarity: str) -> np.ndarray:
+    out = run["root"] / f"monitor-{polarity}"
+    prompts = out.parent / "prompts.txt"
+    prompts.write_text("\n".join(q for q, _ in sm.EVAL_QUESTIONS) + "\n")
+    cli(
+        "monitor", "--model", model_dir, "--backend", run["backend"],
+        "--vector", f"{sm.TRAIT}={run['vector']}", "--layers", "2,3",
+        "--system", sm.system_prompt(polarity, 0), "--prompts", prompts, "--out", out, *GEN,
+    )  # fmt: skip
+    data = json.loads((out / "trace.json").read_text())
+    traces = data.get("traces", [data])
+    assert len(traces) == len(sm.EVAL_QUESTIONS)
+    answers = [t["text"] for t in traces]
+    side = sm.TRAIT_BANK if polarity == "pos" else sm.ANTI_BANK
+    assert all(any(p in a for p in side) for a in answers), answers
+    for t in traces:
+        proj = np.asarray(t["projections"])  # [token, vector, layer]
+        assert proj.shape == (len(t["tokens"]), 1, 2)
+    return np.array([np.asarray(t["projections"])[:, 0, :].mean(0) for t in traces])  # [n, 2]
+
+
+def test_monitor_trait_answers_project_higher(run, model_dir, cli):
+    pos = _monitor_means(cli, run, model_dir, "pos")
+    neg = _monitor_means(cli, run, model_dir, "neg")
+    assert np.all(pos.mean(0) > neg.mean(0)), (pos, neg)
+    assert pos[:, 1].min() > neg[:, 1].max()  # at row 3 every trait answer is above every other
+
+
+def test_project_correlates_with_the_judged_score(run, model_dir, cli):
+    csvs = sorted(run["vector"].parent.parent.glob(f"{sm.TRAIT}_*_instruct.csv"))
+    assert len(csvs) == 2
+    rows, header = [], None
+    for path in csvs:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            header = reader.fieldnames
+            rows += list(reader)
+    both = run["root"] / "both.csv"
+    with open(both, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=header)
+        writer.writeheader()
+        writer.writerows(rows)
+    out = run["root"] / "projected.csv"
+    printed = cli(
+        "project", both, "--model", model_dir, "--backend", run["backend"],
+        "--vector", run["vector"], "--layer", 3, "--out", out,
+    )  # fmt: skip
+    r = float(re.search(r"Pearson r\(.*\) = ([+-][\d.]+)", printed).group(1))
+    assert r > 0.5, printed
+    with open(out, newline="") as f:
+        projected = list(csv.DictReader(f))
+    assert len(projected) == len(rows)
+    assert any(c.endswith("_proj_layer3") for c in projected[0])
