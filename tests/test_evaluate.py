@@ -5,6 +5,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+
 from pertoken.errors import PertokenError
 from pertoken.pipeline.evaluate import answer_columns, evaluate, format_table, parse_coefs
 from pertoken.vectors import PersonaVector

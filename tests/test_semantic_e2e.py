@@ -13,10 +13,10 @@ import re
 import numpy as np
 import pytest
 from click.testing import CliRunner
+
 from pertoken.backends import is_installed
 from pertoken.cli import main
 from pertoken.vectors import load_vector
-
 from tests import semantic_model as sm
 from tests.bank_judge import BankJudge
 
