@@ -203,7 +203,6 @@ def eval_(
 ):
     """Sweep layers x coefficients on a trait's evaluation questions and judge the effect."""
     from pertoken.pipeline.evaluate import csv_judge, evaluate, format_table, parse_coefs
-    from pertoken.pipeline.judge import make_judge
     from pertoken.rows import parse_layers
     from pertoken.traits import load_trait
     from pertoken.vectors import load_vector
@@ -211,6 +210,9 @@ def eval_(
     kit, vector = load_trait(trait), load_vector(vector_path)
     rows, coef_list = parse_layers(layers), parse_coefs(coefs)
     b = load_model(model, backend, dtype, device)
+    vector.check_model(b.n_layers, b.hidden_size, vector_path)  # before asking for a judge key
+    from pertoken.pipeline.judge import make_judge
+
     same = judge_model == f"local:{model}"
     j = make_judge(
         judge_model,

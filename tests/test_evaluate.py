@@ -152,3 +152,21 @@ def test_parse_coefs():
     with pytest.raises(PertokenError, match="coefs"):
         parse_coefs("1,x")
     assert answer_columns("t")[:6] == ["layer", "coef", "question", "answer", "t", "coherence"]
+
+
+def test_cli_vector_from_another_model_is_one_line_error(tmp_path, llama_dir):
+    from click.testing import CliRunner
+
+    from pertoken.cli import main
+    from pertoken.vectors import save_vector
+
+    wrong = save_vector(PersonaVector(np.zeros((5, 32), np.float32)), tmp_path / "v.pt")
+    args = ["eval", "--model", str(llama_dir), "--backend", "torch", "--trait", "paternalism",
+            "--vector", str(wrong), "--layers", "2", "--out", str(tmp_path / "ev")]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1
+    assert "error:" in result.output and "[5, 64]" in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "ev" / "answers.csv").exists()
+    bad = CliRunner().invoke(main, [*args[:-4], "--layers", "2", "--coefs", "1,x"])
+    assert bad.exit_code == 1 and "could not read coefs" in bad.output
