@@ -168,5 +168,5 @@ def test_cli_vector_from_another_model_is_one_line_error(tmp_path, llama_dir):
     assert "error:" in result.output and "[5, 64]" in result.output
     assert "Traceback" not in result.output
     assert not (tmp_path / "ev" / "answers.csv").exists()
-    bad = CliRunner().invoke(main, [*args[:-4], "--layers", "2", "--coefs", "1,x"])
+    bad = CliRunner().invoke(main, [*args, "--coefs", "1,x"])
     assert bad.exit_code == 1 and "could not read coefs" in bad.output
