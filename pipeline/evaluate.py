@@ -104,12 +104,10 @@ def evaluate(
         max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, batch_size=batch_size
     )
     todo = [(L, c) for L in layers for c in coefs if not _has_setting(rows, L, c)]
-    for n, (layer, coef) in enumerate(todo, 1):
-        if progress:
-            print(f"eval: layer {layer} coef {coef:g} ({n}/{len(todo)})", flush=True)
-        steer = Steer.single(layer, vector.row(layer), coef, positions=positions)
-        rows += _answer_setting(backend, trait, rows, layer, coef, steer, n_per_question, gen)
-        write_answers(path, trait.name, rows)
+    if todo:
+        _generate(
+            backend, trait, vector, rows, todo, path, n_per_question, positions, gen, progress
+        )
     unjudged = [r for r in rows if r[trait.name] == "" and r["coherence"] == ""]
     if unjudged:
         judge(unjudged)
@@ -154,15 +152,38 @@ def _has_setting(rows: list[dict], layer: int, coef: float) -> bool:
     return any(int(r["layer"]) == layer and float(r["coef"]) == coef for r in rows)
 
 
-def _answer_setting(backend, trait, rows, layer, coef, steer, n, gen) -> list[dict]:
+def _generate(backend, trait, vector, rows, todo, path, n, positions, gen, progress) -> None:
+    """Answer each missing setting, saving answers.csv after each one."""
+    from tqdm import tqdm
+
+    per_setting = n * len(trait.eval_questions)
+    bar = tqdm(total=len(todo) * per_setting, unit="answer", desc="eval", disable=not progress)
+    with bar:
+        for layer, coef in todo:
+            bar.set_postfix_str(f"layer {layer} coef {coef:g}")
+            steer = Steer.single(layer, vector.row(layer), coef, positions=positions)
+            rows += _answer_setting(backend, trait, rows, layer, coef, steer, n, gen, bar)
+            write_answers(path, trait.name, rows)
+
+
+def _answer_setting(backend, trait, rows, layer, coef, steer, n, gen, bar) -> list[dict]:
     """Rows of one setting; coef 0 reuses another layer's unsteered answers when it has them."""
-    if coef == 0:
-        for L in {int(r["layer"]) for r in rows if float(r["coef"]) == 0}:
-            old = [r for r in rows if int(r["layer"]) == L and float(r["coef"]) == 0]
-            return [{**r, "layer": layer} for r in old]
     specs = [(i, q, j) for i, q in enumerate(trait.eval_questions) for j in range(n)]
+    old = [r for r in rows if float(r["coef"]) == 0] if coef == 0 else []
+    if old:
+        first = int(old[0]["layer"])
+        bar.update(len(specs))
+        return [{**r, "layer": layer} for r in old if int(r["layer"]) == first]
     prompts = [backend.chat_prompt(None, q) for _, q, _ in specs]
-    answers = backend.generate(prompts, steer=None if coef == 0 else steer, **gen)
+    size = gen["batch_size"]
+    answers = []
+    for b in range(0, len(prompts), size):
+        # the same seed per batch in every setting, so settings differ only by the steering
+        opts = {**gen, "seed": gen["seed"] + b}
+        answers += backend.generate(
+            prompts[b : b + size], steer=None if coef == 0 else steer, **opts
+        )
+        bar.update(len(prompts[b : b + size]))
     return [
         {
             "layer": layer,

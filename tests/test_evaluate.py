@@ -170,3 +170,11 @@ def test_cli_vector_from_another_model_is_one_line_error(tmp_path, llama_dir):
     assert not (tmp_path / "ev" / "answers.csv").exists()
     bad = CliRunner().invoke(main, [*args, "--coefs", "1,x"])
     assert bad.exit_code == 1 and "could not read coefs" in bad.output
+
+
+def test_batches_use_the_same_seeds_in_every_setting(tmp_path):
+    backend = FakeBackend()
+    sweep(backend, tmp_path, FakeJudge(), coefs=(-1, 1), batch_size=4, seed=7)
+    # 6 prompts per setting in batches of 4 and 2, seeded 7 and 11 in each of the 4 settings
+    assert [(c[0], c[2]["seed"]) for c in backend.calls] == [(4, 7), (2, 11)] * 4
+    assert all(c[2]["batch_size"] == 4 for c in backend.calls)
