@@ -327,6 +327,7 @@ def plot_sweep(path: Path, trait: str, summary: list[SettingSummary]) -> None:
             xlabel="steering coefficient", ylabel=f"mean {title} score", title=title, ylim=(-2, 102)
         )
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.lines:  # no line when every score of a panel is missing
+            ax.legend()
     fig.savefig(path, dpi=120)
     plt.close(fig)

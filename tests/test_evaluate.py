@@ -178,3 +178,17 @@ def test_batches_use_the_same_seeds_in_every_setting(tmp_path):
     # 6 prompts per setting in batches of 4 and 2, seeded 7 and 11 in each of the 4 settings
     assert [(c[0], c[2]["seed"]) for c in backend.calls] == [(4, 7), (2, 11)] * 4
     assert all(c[2]["batch_size"] == 4 for c in backend.calls)
+
+
+def test_all_scores_missing_still_writes_summary_and_plot(tmp_path):
+    def refuse(rows):
+        for r in rows:
+            r["bossy"], r["coherence"] = "", "50.0"
+
+    result = sweep(FakeBackend(), tmp_path, refuse, coefs=(0, 1))
+    assert all(s.trait_mean is None and s.missing == s.n == 6 for s in result.summary)
+    assert all(s.coherence_mean == 50.0 for s in result.summary)
+    _, summary = read(tmp_path / "summary.csv")
+    assert {r["bossy"] for r in summary} == {""}
+    assert (tmp_path / "sweep.png").is_file()
+    assert "-" in format_table("bossy", result.summary)
