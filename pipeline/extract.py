@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from pertoken import __version__
 from pertoken.errors import PertokenError
 from pertoken.pipeline.csvio import parse_score, read_csv, sample_keys
@@ -55,9 +56,14 @@ def extract_vectors(
     pos = _mean_summaries(backend, pairs.pos, batch_size)
     neg = _mean_summaries(backend, pairs.neg, batch_size)
     meta = {
-        "model": backend.model_id, "backend": backend.name, "dtype": backend.dtype,
-        "trait": trait, "threshold": threshold, "pairs_kept": len(pairs.pos),
-        "pairs_total": pairs.total, "judge_model": judge_model or _judge_of(pos_csv),
+        "model": backend.model_id,
+        "backend": backend.name,
+        "dtype": backend.dtype,
+        "trait": trait,
+        "threshold": threshold,
+        "pairs_kept": len(pairs.pos),
+        "pairs_total": pairs.total,
+        "judge_model": judge_model or _judge_of(pos_csv),
         "pertoken_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -141,8 +147,9 @@ def _mean_summaries(backend, rows: list[dict], batch_size: int) -> dict[str, np.
     chunk = max(batch_size, 1) * 8  # bounds memory: N x [n_layers + 1, hidden] per call
     for b in range(0, len(rows), chunk):
         part = rows[b : b + chunk]
-        s = backend.summaries([r["prompt"] for r in part], [r["answer"] for r in part],
-                              batch_size=batch_size)
+        s = backend.summaries(
+            [r["prompt"] for r in part], [r["answer"] for r in part], batch_size=batch_size
+        )
         for k in KINDS:
             sums[k] = sums[k] + np.asarray(getattr(s, k), dtype=np.float64).sum(axis=0)
     return {k: v / len(rows) for k, v in sums.items()}

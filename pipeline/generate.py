@@ -108,8 +108,9 @@ def generate_csv(
     if todo:
         out.parent.mkdir(parents=True, exist_ok=True)
         opts = dict(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
-        _run_batches(backend, todo, prompts, done, side_file(out), len(specs), batch_size, opts,
-                     progress)
+        _run_batches(
+            backend, todo, prompts, done, side_file(out), len(specs), batch_size, opts, progress
+        )
     if todo or not is_complete(out, specs):
         _write_final(out, trait.name, specs, prompts, done)
     return GenerateResult(out, len(specs), len(todo), time.perf_counter() - start)
@@ -157,18 +158,30 @@ def _run_batches(backend, todo, prompts, done, side, total, batch_size, opts, pr
     from tqdm import tqdm
 
     n_tokens, t0 = 0, time.perf_counter()
-    bar = tqdm(total=total, initial=total - len(todo), unit="row", disable=not progress,
-               desc="generate", dynamic_ncols=True)
+    bar = tqdm(
+        total=total,
+        initial=total - len(todo),
+        unit="row",
+        disable=not progress,
+        desc="generate",
+        dynamic_ncols=True,
+    )
     with side.open("a", encoding="utf-8") as f, bar:
         for b in range(0, len(todo), batch_size):
             batch = todo[b : b + batch_size]
             answers = backend.generate(
-                [prompts[s.key] for s in batch], batch_size=batch_size,
+                [prompts[s.key] for s in batch],
+                batch_size=batch_size,
                 **{**opts, "seed": opts["seed"] + b},
             )
             for s, answer in zip(batch, answers):
-                row = {"question": s.question, "prompt": prompts[s.key], "answer": answer,
-                       "question_id": s.question_id, "sample": s.j}
+                row = {
+                    "question": s.question,
+                    "prompt": prompts[s.key],
+                    "answer": answer,
+                    "question_id": s.question_id,
+                    "sample": s.j,
+                }
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
                 done[s.key] = row
                 n_tokens += len(backend.encode(answer))
@@ -183,10 +196,16 @@ def _write_final(out: Path, trait: str, specs, prompts, done) -> None:
     rows = []
     for s in specs:
         old = done[s.key]
-        rows.append({
-            "question": s.question, "prompt": prompts[s.key], "answer": old["answer"],
-            "question_id": s.question_id, trait: old.get(trait, ""),
-            "coherence": old.get("coherence", ""), "sample": s.j,
-        })
+        rows.append(
+            {
+                "question": s.question,
+                "prompt": prompts[s.key],
+                "answer": old["answer"],
+                "question_id": s.question_id,
+                trait: old.get(trait, ""),
+                "coherence": old.get("coherence", ""),
+                "sample": s.j,
+            }
+        )
     write_csv_atomic(out, header, rows)
     side_file(out).unlink(missing_ok=True)

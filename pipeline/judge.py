@@ -66,8 +66,15 @@ def judge_sidecar(path: str | Path) -> Path:
 
 
 def make_judge(
-    judge_model: str, *, base_url=None, concurrency=32, backend=None, backend_name="auto",
-    timeout=60.0, max_retries=6, batch_size=8,
+    judge_model: str,
+    *,
+    base_url=None,
+    concurrency=32,
+    backend=None,
+    backend_name="auto",
+    timeout=60.0,
+    max_retries=6,
+    batch_size=8,
 ):
     """An ApiJudge, or a LocalJudge for `local:MODEL` (reusing `backend` when given)."""
     if judge_model.startswith("local:"):
@@ -81,7 +88,10 @@ def make_judge(
     from pertoken.pipeline.judge_openai import ApiJudge
 
     return ApiJudge(
-        judge_model, base_url=base_url, concurrency=concurrency, timeout=timeout,
+        judge_model,
+        base_url=base_url,
+        concurrency=concurrency,
+        timeout=timeout,
         max_retries=max_retries,
     )
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+
 from pertoken.errors import PertokenError
 from pertoken.pipeline.scoring import aggregate_score
 

@@ -73,7 +73,9 @@ class ApiJudge:
 
         sem = asyncio.Semaphore(self.concurrency)
         client = AsyncOpenAI(
-            api_key=self.key, base_url=self.base_url, timeout=self.timeout,
+            api_key=self.key,
+            base_url=self.base_url,
+            timeout=self.timeout,
             max_retries=self.max_retries,
         )
         async with client:
@@ -98,10 +100,19 @@ class ApiJudge:
                 resp = await client.chat.completions.create(
                     model=self.model,
                     messages=[{"role": "user", "content": text}],
-                    max_tokens=1, temperature=0, logprobs=True, top_logprobs=20, seed=0,
+                    max_tokens=1,
+                    temperature=0,
+                    logprobs=True,
+                    top_logprobs=20,
+                    seed=0,
                 )
-            except (openai.RateLimitError, openai.InternalServerError, openai.APITimeoutError,
-                    openai.BadRequestError, openai.UnprocessableEntityError) as e:
+            except (
+                openai.RateLimitError,
+                openai.InternalServerError,
+                openai.APITimeoutError,
+                openai.BadRequestError,
+                openai.UnprocessableEntityError,
+            ) as e:
                 on_fail(key, redact(f"{type(e).__name__}: {e}", self.key)[:300])
                 return
             except openai.APIError as e:

@@ -6,6 +6,7 @@ The model is loaded only when a stage needs it.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import dataclass, field
@@ -73,39 +74,60 @@ def run_pipeline(
     stages: dict[str, tuple[str, float]] = {}
     for pol, path in csvs.items():
         specs = plan_rows(kit, polarity=pol, n_per_question=n_per_question)
-        stages[f"generate {pol}"] = _stage(is_complete(path, specs), lambda: generate_csv(
-            model_backend(), trait=kit, out=path, polarity=pol, n_per_question=n_per_question,
-            max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress))
-
-    judge_box = {}
+        work = functools.partial(
+            generate_csv,
+            trait=kit,
+            out=path,
+            polarity=pol,
+            n_per_question=n_per_question,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            progress=progress,
+        )
+        stages[f"generate {pol}"] = _stage(is_complete(path, specs), work, model_backend)
 
     def judge():
-        if "j" not in judge_box:
+        if "j" not in loaded:
             same = judge_model == f"local:{model}"
-            judge_box["j"] = make_judge(
-                judge_model, base_url=base_url, concurrency=concurrency,
-                backend=model_backend() if same else None, backend_name=backend)
-        return judge_box["j"]
+            loaded["j"] = make_judge(
+                judge_model,
+                base_url=base_url,
+                concurrency=concurrency,
+                backend=model_backend() if same else None,
+                backend_name=backend,
+            )
+        return loaded["j"]
 
     for pol, path in csvs.items():
-        stages[f"judge {pol}"] = _stage(_judged(path, judge_model), lambda: judge_csv(
-            path, trait=kit, judge_model=judge_model, judge=judge(), cache=cache,
-            progress=progress))
+        work = functools.partial(
+            judge_csv, path, trait=kit, judge_model=judge_model, cache=cache, progress=progress
+        )
+        stages[f"judge {pol}"] = _stage(
+            _judged(path, judge_model), lambda w=work: w(judge=judge()), None
+        )
 
     save_dir = folder / "vectors"
     paths = vector_paths(save_dir, kit.name)
-    stages["extract"] = _stage(_extracted(paths, model, threshold), lambda: extract_vectors(
-        model_backend(), pos_csv=csvs["pos"], neg_csv=csvs["neg"], trait=kit.name,
-        threshold=threshold, save_dir=save_dir, judge_model=judge_model))
+    work = functools.partial(
+        extract_vectors,
+        pos_csv=csvs["pos"],
+        neg_csv=csvs["neg"],
+        trait=kit.name,
+        threshold=threshold,
+        save_dir=save_dir,
+        judge_model=judge_model,
+    )
+    stages["extract"] = _stage(_extracted(paths, csvs, threshold), work, model_backend)
     meta = json.loads(paths["response_avg"].with_suffix(".json").read_text())
     return RunReport(folder, paths, meta["pairs_kept"], meta["pairs_total"], stages)
 
 
-def _stage(complete: bool, work) -> tuple[str, float]:
+def _stage(complete: bool, work, model_backend) -> tuple[str, float]:
+    """Run `work` (given the model when model_backend is set) unless its output is complete."""
     if complete:
         return ("skipped", 0.0)
     start = time.perf_counter()
-    work()
+    work(model_backend()) if model_backend else work()
     return ("done", time.perf_counter() - start)
 
 
@@ -120,12 +142,14 @@ def _judged(path: Path, judge_model: str) -> bool:
     return fresh and meta.get("judge_model") == judge_model and not any(meta["failed"].values())
 
 
-def _extracted(paths: dict[str, Path], model: str, threshold: float) -> bool:
+def _extracted(paths: dict[str, Path], csvs: dict[str, Path], threshold: float) -> bool:
+    """All three vectors exist, for this threshold, newer than both CSVs."""
+    newest = max(p.stat().st_mtime for p in csvs.values())
     for p in paths.values():
         try:
             meta = json.loads(p.with_suffix(".json").read_text())
         except (OSError, json.JSONDecodeError):
             return False
-        if not p.is_file() or meta.get("threshold") != threshold:
+        if not p.is_file() or meta.get("threshold") != threshold or p.stat().st_mtime < newest:
             return False
     return True

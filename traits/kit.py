@@ -114,7 +114,8 @@ def _load_upstream(root: Path, trait: str) -> Trait:
     eval_path = root / UPSTREAM_DIRS[1] / f"{trait}.json"
     for p in (extract_path, eval_path):
         if not p.is_file():
-            raise PertokenError(f"{p} is missing: upstream kits need both {' and '.join(UPSTREAM_DIRS)}")
+            need = " and ".join(UPSTREAM_DIRS)
+            raise PertokenError(f"{p} is missing: upstream kits need both {need}")
     ext, evl = _read_json(extract_path), _read_json(eval_path)
     return Trait(
         name=trait,
