@@ -63,7 +63,7 @@ def _handler(state: FakeOpenAI):
             with state.lock:
                 n = len(state.requests)
                 state.requests.append(body)
-                state.headers.append(dict(self.headers))
+                state.headers.append({k.lower(): v for k, v in self.headers.items()})
                 state.inflight += 1
                 state.max_inflight = max(state.max_inflight, state.inflight)
             try:
@@ -103,7 +103,7 @@ def serve_fake_openai():
     state = FakeOpenAI()
     server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
     server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     state.url = f"http://127.0.0.1:{server.server_address[1]}/v1"
     try:
