@@ -2,7 +2,8 @@
 
 The rubric is rendered with `backend.chat_prompt(None, rubric)`. When every "0".."100" is one
 token, p(k) is read off one forward pass. Tokenizers that split numbers into digits (Gemma,
-Qwen) need the digits one at a time: p(d), p(e | d) and p(end | "10") from 11 prompts.
+Qwen) need the digits one at a time: p(d), then p(e | d) for the likely d, then p(end | "10"),
+which costs 1 + (likely first digits) + 1 forward passes per judged answer.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pertoken.errors import PertokenError
 from pertoken.pipeline.scoring import aggregate_score
 
 DIGITS = [str(d) for d in range(10)]
+EPS = 1e-4  # a prefix less likely than this is scored as complete (error <= EPS per prefix)
 
 
 class LocalJudge:
@@ -48,10 +50,27 @@ class LocalJudge:
         if self.whole:
             p = np.exp(self._logprobs(prompts))  # [N, vocab]
             return [{k: float(row[i]) for k, i in enumerate(self.whole)} for row in p]
-        prefixes = ["", *DIGITS[1:], "10"]
-        texts = [p + s for p in prompts for s in prefixes]
-        p = np.exp(self._logprobs(texts))[:, self.digits]  # [N * 11, 10]
-        return [_digit_numbers(q) for q in p.reshape(len(prompts), len(prefixes), 10)]
+        q = np.zeros((len(prompts), 11, 10))  # digit probabilities after "", "1".."9", "10"
+        q[:, 0] = self._digit_probs(prompts)
+        # a longer prefix only where it can move the score: p(prefix) > EPS
+        self._extend(
+            q,
+            prompts,
+            [(n, d) for n in range(len(prompts)) for d in range(1, 10) if q[n, 0, d] > EPS],
+        )
+        self._extend(
+            q, prompts, [(n, 10) for n in range(len(prompts)) if q[n, 0, 1] * q[n, 1, 0] > EPS]
+        )
+        return [_digit_numbers(x) for x in q]
+
+    def _extend(self, q: np.ndarray, prompts: list[str], wanted: list[tuple[int, int]]) -> None:
+        if wanted:
+            probs = self._digit_probs([prompts[n] + str(d) for n, d in wanted])
+            for (n, d), p in zip(wanted, probs):
+                q[n, d] = p
+
+    def _digit_probs(self, prompts: list[str]) -> np.ndarray:
+        return np.exp(self._logprobs(prompts))[:, self.digits]  # [N, 10]
 
     def _logprobs(self, prompts: list[str]) -> np.ndarray:
         lp = self.backend.next_token_logprobs(prompts, batch_size=self.batch_size)

@@ -6,6 +6,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 from pertoken.cli import main
@@ -21,6 +22,14 @@ from tests.small_kit import write_kit
 
 KEY = "sk-test-SECRET0123456789abcdef"
 HEADER = ["question", "prompt", "answer", "question_id", "evil", "coherence"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model gains nothing from threads on a shared machine
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture
@@ -340,3 +349,34 @@ def test_local_judge_on_tiny_model(tmp_path, kit, llama_dir):
     assert "(4 calls, 0 cached" in r.output
     r = CliRunner().invoke(main, args)
     assert "(0 calls, 4 cached" in r.output
+
+
+class DigitTokens(FakeBackend):
+    """Digits are single tokens (ids 0-9), numbers split into digits; the judge answers
+    "75" with p 0.9 and "2" with p 0.1."""
+
+    def __init__(self):
+        super().__init__()
+        self.asked: list[str] = []
+
+    def encode(self, text):
+        return [int(c) if c.isdigit() else 100 + ord(c) % 100 for c in text]
+
+    def next_token_logprobs(self, prompts, *, batch_size=8):
+        self.asked.extend(prompts)
+        lp = np.full((len(prompts), 256), -40.0)
+        for n, p in enumerate(prompts):
+            nxt = {"7": {5: 1.0}, "2": {}, "5": {}}.get(p[-1], {7: 0.9, 2: 0.1})
+            lp[n, 200] = np.log(1.0 - sum(nxt.values()) + 1e-12)  # end of answer
+            for d, prob in nxt.items():
+                lp[n, d] = np.log(prob)
+        return lp
+
+
+def test_local_judge_digit_by_digit_asks_only_likely_prefixes():
+    fake, got = DigitTokens(), []
+    LocalJudge(fake).run([("k", "rubric")], lambda k, s: got.append(s), None)
+    assert got == [pytest.approx(0.9 * 75 + 0.1 * 2, rel=1e-6)]
+    assert sorted(fake.asked) == sorted(
+        fake.chat_prompt(None, "rubric") + s for s in ("", "7", "2")
+    )
