@@ -193,8 +193,13 @@ def judge(csv_file, trait, judge_model, base_url, concurrency, backend, cache, o
     from pertoken.traits import load_trait
 
     kit = load_trait(trait)
-    j = make_judge(judge_model, base_url=base_url, concurrency=concurrency, backend_name=backend)
-    r = judge_csv(csv_file, trait=kit, judge_model=judge_model, judge=j, cache=cache, out=out)
+
+    def make():
+        return make_judge(
+            judge_model, base_url=base_url, concurrency=concurrency, backend_name=backend
+        )
+
+    r = judge_csv(csv_file, trait=kit, judge_model=judge_model, judge=make, cache=cache, out=out)
     click.echo(
         f"{r.path}: {r.rows} rows judged by {r.judge_model} "
         f"({r.requests} calls, {r.cached} cached, {r.seconds:.1f}s)"
@@ -303,7 +308,7 @@ def run(
         device=device,
     )
     for stage, (status, seconds) in r.stages.items():
-        click.echo(f"{stage:12s} {status:8s} {seconds:7.1f}s")
+        click.echo(f"{stage:12s} {seconds:7.1f}s  {status}")
     click.echo(f"pairs kept: {r.pairs_kept} of {r.pairs_total}")
     for p in r.vectors.values():
         click.echo(str(p))

@@ -102,7 +102,7 @@ def generate_csv(
     specs = plan_rows(trait, polarity=polarity, eval=eval, n_per_question=n_per_question)
     if temperature is None:
         temperature = 1.0 if n_per_question > 1 else 0.0
-    prompts = {s.key: backend.chat_prompt(s.system, s.question) for s in specs}
+    prompts = _prompts(backend, specs)
     done = _finished_rows(out, prompts)
     todo = [s for s in specs if s.key not in done]
     if todo:
@@ -114,6 +114,15 @@ def generate_csv(
     if todo or not is_complete(out, specs):
         _write_final(out, trait.name, specs, prompts, done)
     return GenerateResult(out, len(specs), len(todo), time.perf_counter() - start)
+
+
+def _prompts(backend, specs: list[RowSpec]) -> dict[tuple[str, int], str]:
+    """The chat-templated prompt of every row, rendered once per (system, question)."""
+    rendered: dict[tuple[str | None, str], str] = {}
+    for s in specs:
+        if (s.system, s.question) not in rendered:
+            rendered[s.system, s.question] = backend.chat_prompt(s.system, s.question)
+    return {s.key: rendered[s.system, s.question] for s in specs}
 
 
 def _finished_rows(out: Path, prompts: dict) -> dict[tuple[str, int], dict]:

@@ -110,7 +110,8 @@ def judge_csv(
 ) -> JudgeReport:
     """Score every row of `path` for the trait and for coherence; write `out` (default: in place).
 
-    judge: a ready ApiJudge/LocalJudge; else one is made from judge_model / base_url.
+    judge: an ApiJudge/LocalJudge or a function making one, called only when some score is
+    not cached; default: made from judge_model / base_url.
     cache: the sqlite cache file (default ~/.cache/pertoken/judge.sqlite).
     """
     start = time.perf_counter()
@@ -132,6 +133,8 @@ def judge_csv(
         if todo:
             if judge is None:
                 judge = make_judge(judge_model, base_url=base_url, concurrency=concurrency)
+            elif not hasattr(judge, "run"):
+                judge = judge()  # a factory: the judge is made only when a call is needed
             requests = _call(judge, todo, store, scores, failed, progress)
     finally:
         store.close()

@@ -103,7 +103,7 @@ def run_pipeline(
             judge_csv, path, trait=kit, judge_model=judge_model, cache=cache, progress=progress
         )
         stages[f"judge {pol}"] = _stage(
-            _judged(path, judge_model), lambda w=work: w(judge=judge()), None
+            _judged(path, judge_model), lambda w=work: w(judge=judge), None
         )
 
     save_dir = folder / "vectors"
@@ -127,8 +127,10 @@ def _stage(complete: bool, work, model_backend) -> tuple[str, float]:
     if complete:
         return ("skipped", 0.0)
     start = time.perf_counter()
-    work(model_backend()) if model_backend else work()
-    return ("done", time.perf_counter() - start)
+    result = work(model_backend()) if model_backend else work()
+    missing = getattr(result, "missing", 0)  # judge scores that stayed empty
+    status = f"done, {missing} scores missing" if missing else "done"
+    return (status, time.perf_counter() - start)
 
 
 def _judged(path: Path, judge_model: str) -> bool:

@@ -282,6 +282,13 @@ def test_missing_key_names_key_and_offline_options(tmp_path, kit, monkeypatch, s
         ],
     )
     assert r.exit_code == 0 and server.headers[0]["authorization"] == f"Bearer {KEY}"
+    # with every score cached, no key and no server are needed
+    (tmp_path / ".env").unlink()
+    monkeypatch.delenv("OPENAI_API_KEY")
+    r = CliRunner().invoke(
+        main, ["judge", str(path), "--trait", kit.source, "--cache", str(tmp_path / "c.sqlite")]
+    )
+    assert r.exit_code == 0 and "(0 calls, 2 cached" in r.output
 
 
 def test_csv_of_another_trait_is_an_error(tmp_path, server):
