@@ -137,7 +137,7 @@ def _judge_options(f):
 @click.option("--n-per-question", default=10, show_default=True, help="Samples per prompt.")
 @click.option("--max-new-tokens", default=1000, show_default=True)
 @click.option("--temperature", type=float, default=None, help="Default 1.0 (0 when n is 1).")
-@click.option("--batch-size", default=16, show_default=True, help="Rows per saved batch.")
+@click.option("--batch-size", type=int, default=None, help="Rows per batch (32 on CUDA, else 16).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="CSV to write.")
 def generate(
@@ -269,7 +269,7 @@ def _trait_name(trait: str) -> str:
 @click.option("--out", "-o", default="runs", show_default=True, help="Root of the run folders.")
 @click.option("--n-per-question", default=10, show_default=True)
 @click.option("--max-new-tokens", default=1000, show_default=True)
-@click.option("--batch-size", default=16, show_default=True)
+@click.option("--batch-size", type=int, default=None, help="Rows per batch (32 on CUDA, else 16).")
 @_judge_options
 @click.option("--threshold", default=50.0, show_default=True)
 def run(

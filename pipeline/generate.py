@@ -89,19 +89,21 @@ def generate_csv(
     n_per_question: int = 10,
     max_new_tokens: int = 1000,
     temperature: float | None = None,
-    batch_size: int = 16,
+    batch_size: int | None = None,
     seed: int = 0,
     progress: bool = True,
 ) -> GenerateResult:
     """Write the generation CSV for one polarity (or the eval questions), resuming any earlier run.
 
-    temperature defaults to 1.0, or 0 (greedy) when n_per_question is 1.
+    temperature defaults to 1.0, or 0 (greedy) when n_per_question is 1. batch_size (rows
+    generated and saved together) defaults to 32 on CUDA, else 16.
     """
     start = time.perf_counter()
     out = Path(out)
     specs = plan_rows(trait, polarity=polarity, eval=eval, n_per_question=n_per_question)
     if temperature is None:
         temperature = 1.0 if n_per_question > 1 else 0.0
+    batch_size = batch_size or (32 if str(backend.device).startswith("cuda") else 16)
     prompts = _prompts(backend, specs)
     done = _finished_rows(out, prompts)
     todo = [s for s in specs if s.key not in done]
@@ -113,6 +115,7 @@ def generate_csv(
         )
     if todo or not is_complete(out, specs):
         _write_final(out, trait.name, specs, prompts, done)
+    side_file(out).unlink(missing_ok=True)  # also when killed after the final rename
     return GenerateResult(out, len(specs), len(todo), time.perf_counter() - start)
 
 
@@ -217,4 +220,3 @@ def _write_final(out: Path, trait: str, specs, prompts, done) -> None:
             }
         )
     write_csv_atomic(out, header, rows)
-    side_file(out).unlink(missing_ok=True)

@@ -52,7 +52,7 @@ def run_pipeline(
     base_url: str | None = None,
     threshold: float = 50,
     concurrency: int = 32,
-    batch_size: int = 16,
+    batch_size: int | None = None,
     cache: str | Path | None = None,
     dtype: str | None = None,
     device: str | None = None,
