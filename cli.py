@@ -315,10 +315,49 @@ def run(
 
 
 # ---------------------------------------------------------------- steering and monitoring
+def _positions_option(f):
+    return click.option(
+        "--positions",
+        type=click.Choice(["all", "prompt", "response"]),
+        default="all",
+        show_default=True,
+        help="Where to add the vectors: every token, the prompt only, or the answer only.",
+    )(f)
+
+
+def _generation_options(default_tokens: int):
+    def wrap(f):
+        f = click.option("--system", default=None, help="System prompt.")(f)
+        f = click.option("--max-new-tokens", default=default_tokens, show_default=True, type=int)(f)
+        f = click.option("--seed", default=0, show_default=True, type=int)(f)
+        f = click.option(
+            "--temperature", default=0.0, show_default=True, type=float, help="0 is greedy."
+        )(f)
+        return f
+
+    return wrap
+
+
 @main.command()
-def steer():
-    """Print a steered answer beside the unsteered one."""
-    _later("steer")
+@model_options()
+@click.option("--vector", "vectors", multiple=True, required=True, help="Vector .pt (repeatable).")
+@click.option("--layer", "layers", multiple=True, required=True, type=int, help="Row to steer at.")
+@click.option("--coef", "coefs", multiple=True, required=True, type=float, help="Coefficient.")
+@_positions_option
+@_generation_options(200)
+@click.argument("prompt")
+def steer(model, backend, dtype, device, vectors, layers, coefs, positions, prompt, **gen):
+    """Print a steered answer beside the unsteered one (same seed).
+
+    Several --vector/--layer/--coef triples are paired in order and added together."""
+    from pertoken.pipeline.steer import build_steer, side_by_side, steer_compare, zip_specs
+
+    specs = zip_specs(list(vectors), list(layers), list(coefs))
+    bk = load_model(model, backend, dtype, device)
+    st = build_steer(bk, specs, positions=positions)
+    res = steer_compare(bk, prompt, steer=st, **gen)
+    click.echo("steering: " + "; ".join(s.describe() for s in specs) + f" (positions {positions})")
+    click.echo(side_by_side(res.unsteered, res.steered))
 
 
 @main.command(name="eval")
@@ -328,31 +367,203 @@ def eval_():
 
 
 @main.command()
-def monitor():
+@model_options()
+@click.option(
+    "--vector",
+    "vectors",
+    multiple=True,
+    required=True,
+    help="NAME=FILE.pt (repeatable; NAME defaults to the file name).",
+)
+@click.option("--layers", required=True, help="Rows to project at, e.g. 16,20.")
+@click.option("--steer", "steers", multiple=True, help="Steer while generating: V.pt:LAYER:COEF.")
+@_positions_option
+@click.option(
+    "--compare-unsteered", is_flag=True, help="With --steer, also trace the unsteered answer."
+)
+@click.option("--prompts", "prompts_file", default=None, help="File: one prompt a line, or JSON.")
+@click.option("--out", default=".", show_default=True, help="Folder for trace.json/trace.html.")
+@click.option("--sae", default=None, help="SAE spec: add each token's top SAE features.")
+@click.option("--sae-layer", type=int, default=None, help="Row the SAE reads (default: its own).")
+@click.option("--sae-top", type=int, default=5, show_default=True, help="Features per token.")
+@_generation_options(200)
+@click.argument("prompt", required=False)
+def monitor(
+    model,
+    backend,
+    dtype,
+    device,
+    vectors,
+    layers,
+    steers,
+    positions,
+    compare_unsteered,
+    prompts_file,
+    out,
+    sae,
+    sae_layer,
+    sae_top,
+    prompt,
+    **gen,
+):
     """Project every generated token onto persona vectors, live and as an HTML page."""
-    _later("monitor")
+    from pertoken.pipeline.monitor import monitor as run_monitor
+    from pertoken.pipeline.monitor import read_prompts
+    from pertoken.pipeline.steer import build_steer, parse_steer_spec
+    from pertoken.rows import parse_layers
+    from pertoken.vectors import load_vector
+
+    prompts = ([prompt] if prompt else []) + (read_prompts(prompts_file) if prompts_file else [])
+    if not prompts:
+        raise PertokenError("no prompt: give a prompt argument or --prompts FILE")
+    if compare_unsteered and not steers:
+        raise PertokenError("--compare-unsteered needs --steer V.pt:LAYER:COEF")
+    files = _named_vectors(vectors)
+    loaded = {name: load_vector(path) for name, path in files.items()}
+    specs = [parse_steer_spec(s) for s in steers]
+    bk = load_model(model, backend, dtype, device)
+    for name, vec in loaded.items():
+        vec.check_model(bk.n_layers, bk.hidden_size, files[name])
+    st = build_steer(bk, specs, positions=positions) if specs else None
+    extra = {"vector_files": files, "steer_files": [s.describe() for s in specs] or None}
+    rows = parse_layers(layers)
+    on_trace = None
+    if sae:
+        from pertoken.pipeline.decompose import sae_feature_hook
+
+        on_trace = sae_feature_hook(
+            sae, rows=rows, hidden_size=bk.hidden_size, layer=sae_layer, top=sae_top
+        )
+        extra |= {"sae": sae}
+    records = run_monitor(
+        bk,
+        prompts=prompts,
+        vectors=loaded,
+        layers=rows,
+        steer=st,
+        out_dir=out,
+        compare_unsteered=compare_unsteered,
+        settings=extra,
+        on_trace=on_trace,
+        **gen,
+    )
+    click.echo(f"wrote {len(records)} trace(s) to {out}/trace.json and {out}/trace.html")
+
+
+def _named_vectors(items) -> dict[str, str]:
+    """('name=path' | 'path', ...) -> {name: path}; names must be distinct."""
+    from pathlib import Path
+
+    out: dict[str, str] = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep:
+            name, path = Path(item).stem, item
+        if not name or not path:
+            raise PertokenError(f"could not read --vector {item!r}: write NAME=FILE.pt")
+        if name in out:
+            raise PertokenError(f"two vectors are named {name!r}: give them names, NAME=FILE.pt")
+        out[name] = path
+    return out
 
 
 @main.command()
-def project():
-    """Add projection columns to a generation CSV."""
-    _later("project")
+@model_options()
+@click.argument("csv_file")
+@click.option("--vector", required=True, help="Persona vector .pt file.")
+@click.option("--layer", required=True, type=int, help="Row to project at.")
+@click.option("--out", default=None, help="Output CSV (default: add the columns in place).")
+@click.option("--batch-size", default=8, show_default=True, type=int)
+def project(model, backend, dtype, device, csv_file, vector, layer, out, batch_size):
+    """Add projection columns to a generation CSV and print r against the trait score."""
+    from pertoken.pipeline.project import project_csv
+
+    bk = load_model(model, backend, dtype, device)
+    res = project_csv(
+        bk, csv_file, vector_path=vector, layer=layer, out_path=out, batch_size=batch_size
+    )
+    click.echo(f"wrote {res.n_rows} rows with {', '.join(res.columns)} to {res.out_path}")
+    if res.trait and res.r is not None:
+        click.echo(
+            f"Pearson r({res.columns[0]}, {res.trait}) = {res.r:+.4f} over {res.n_scored} rows"
+        )
+    elif res.trait:
+        click.echo(f"Pearson r is undefined: {res.n_scored} rows with a {res.trait} score")
 
 
 # ---------------------------------------------------------------- decompose and export
 @main.command()
-def decompose():
+@click.option(
+    "--vector", "-v", "vector", required=True, type=click.Path(), help="Persona vector .pt."
+)
+@click.option(
+    "--layer", "-l", required=True, type=int, help="Vector row (Gemma Scope layer_{L-1})."
+)
+@click.option("--sae", "sae", required=True, help="params.npz, SAE folder, or hub 'REPO PATH'.")
+@click.option("--top", default=20, show_default=True, type=click.IntRange(min=1))
+@click.option("--json", "json_out", type=click.Path(), default=None, help="Also write JSON here.")
+def decompose(vector, layer, sae, top, json_out):
     """Explain a vector row in sparse-autoencoder features."""
-    _later("decompose")
+    from pertoken.pipeline.decompose import decompose as run_decompose
+    from pertoken.pipeline.decompose import format_table
+
+    result = run_decompose(vector, layer=layer, sae=sae, top=top)
+    for w in result.warnings:
+        click.secho(f"warning: {w}", fg="yellow", err=True)
+    click.echo(format_table(result))
+    if json_out:
+        click.echo(f"wrote {result.save_json(json_out)}")
 
 
 @main.command()
-def export():
+@click.argument("vector", type=click.Path())
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["pt", "safetensors", "gguf"]),
+    default=None,
+    help="Default: from the --out suffix.",
+)
+@click.option("--out", "-o", required=True, type=click.Path(), help="File to write.")
+@click.option("--layers", default=None, help="Rows to write, e.g. 12,16,20 (default: all).")
+@click.option("--model-hint", default=None, help="GGUF controlvector.model_hint (e.g. llama).")
+def export(vector, fmt, out, layers, model_hint):
     """Write a vector as .pt, .safetensors or a llama.cpp GGUF control vector."""
-    _later("export")
+    from pertoken.pipeline.export import export_vector
+    from pertoken.rows import parse_layers
+
+    rows = parse_layers(layers) if layers else None
+    res = export_vector(vector, out=out, fmt=fmt, layers=rows, model_hint=model_hint)
+    if res.left_out:
+        click.echo(
+            f"rows {res.left_out[0]}-{res.left_out[-1]} left out: a GGUF control vector "
+            "cannot hold them (llama.cpp rejects direction.0)"
+        )
+    click.echo(f"wrote {res.path} ({res.format}, rows {_span(res.rows)})")
 
 
 @main.command(name="import")
-def import_():
+@click.argument("path", type=click.Path())
+@click.option("--out", "-o", required=True, type=click.Path(), help="Persona vector .pt to write.")
+@click.option(
+    "--n-layers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="The model's decoder blocks (default: from controlvector.layer_count).",
+)
+def import_(path, out, n_layers):
     """Read a GGUF control vector back into a pertoken vector."""
-    _later("import")
+    from pertoken.pipeline.export import import_vector
+
+    vec = import_vector(path, out=out, n_layers=n_layers)
+    filled = [r for r in range(vec.n_layers + 1) if vec.data[r].any()]
+    click.echo(
+        f"wrote {out}: [{vec.n_layers + 1}, {vec.hidden_size}], rows {_span(filled)} filled, "
+        "others zero"
+    )
+
+
+def _span(rows: list[int]) -> str:
+    if rows and rows == list(range(rows[0], rows[-1] + 1)):
+        return f"{rows[0]}..{rows[-1]}"
+    return ",".join(map(str, rows)) or "none"

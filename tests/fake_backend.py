@@ -1,18 +1,18 @@
-"""A Backend that needs no weights: deterministic answers and summaries for pipeline tests."""
+"""A small deterministic backend that meets the Backend protocol without weights.
+
+Tokens are characters (id = code point), so encode(decode(ids)) == ids. Row r of position j is
+a fixed mix of the token's embedding and the running mean of embeddings up to j (causal), and
+steering at row L adds coef * vector to rows >= L, so it changes the greedy next token.
+"""
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 
-from pertoken.backends.base import Summaries, TokenTrace
+from pertoken.backends.base import Steer, Summaries, TokenTrace, steer_mask
 
-
-def text_features(text: str, n_rows: int, hidden: int) -> np.ndarray:
-    """[n_rows, hidden] float32, a deterministic function of `text`."""
-    seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")
-    return np.random.default_rng(seed).standard_normal((n_rows, hidden)).astype(np.float32)
+ALPHABET = " abcdefghijklmnopqrstuvwxyz.<>/"
+EOS = 0
 
 
 class FakeBackend:
@@ -20,25 +20,59 @@ class FakeBackend:
     dtype = "float32"
     device = "cpu"
 
-    def __init__(self, model_id: str = "fake-model", n_layers: int = 3, hidden_size: int = 8):
+    def __init__(
+        self, model_id: str = "org/fake-chat-1b", n_layers: int = 4, hidden_size: int = 16
+    ):
         self.model_id, self.n_layers, self.hidden_size = model_id, n_layers, hidden_size
-        self.generated: list[str] = []  # every prompt generate() answered, in call order
-        self.generate_calls: list[dict] = []  # options of each generate() call
-        self.summarized = 0
+        rng = np.random.default_rng(1234)
+        self.embed = rng.normal(size=(0x250, hidden_size)).astype(np.float32)  # [vocab, hidden]
+        self.out_ids = np.array([EOS] + [ord(c) for c in ALPHABET])
+        self.unembed = rng.normal(size=(len(self.out_ids), hidden_size)).astype(np.float32)
+        self.calls: list[dict] = []
 
     @classmethod
-    def load(cls, model: str, *, dtype=None, device=None):
+    def load(cls, model, *, dtype=None, device=None):
         return cls(model)
 
-    def chat_prompt(self, system: str | None, user: str) -> str:
-        head = f"<sys>{system}</sys>" if system else ""
-        return f"{head}<user>{user}</user><assistant>"
+    def chat_prompt(self, system, user):
+        sys_part = f"<s>{system}</s>" if system else ""
+        return f"{sys_part}<u>{user}</u><a>"
 
-    def encode(self, text: str) -> list[int]:
-        return [sum(word.encode()) % 256 for word in text.split()]  # one token per word
+    def encode(self, text):
+        return [min(ord(c), len(self.embed) - 1) for c in text]
 
-    def decode(self, ids: list[int]) -> str:
-        return " ".join(chr(i) for i in ids)
+    def decode(self, ids):
+        return "".join(chr(i) for i in ids if i != EOS)
+
+    def hidden(self, ids, *, steer: Steer | None = None, prompt_len: int | None = None):
+        """[T, n_layers + 1, hidden] float32 for one sequence."""
+        e = self.embed[np.asarray(ids)]  # [T, hidden]
+        run = np.cumsum(e, axis=0) / np.arange(1, len(ids) + 1)[:, None]  # [T, hidden]
+        rows = np.arange(self.n_layers + 1, dtype=np.float32)[None, :, None]
+        h = e[:, None, :] * (1 + 0.1 * rows) + 0.5 * rows * run[:, None, :]  # [T, R, hidden]
+        if steer is not None:
+            mask = steer_mask(prompt_len or len(ids), len(ids), steer.positions)
+            for row, add in steer.by_row().items():
+                h[mask, row:] += add
+        return h.astype(np.float32)
+
+    def _next(self, h_last, rng, temperature):
+        logits = self.unembed @ h_last  # [n_out]
+        if temperature == 0:
+            return int(self.out_ids[int(np.argmax(logits))])
+        p = np.exp((logits - logits.max()) / temperature)
+        return int(rng.choice(self.out_ids, p=p / p.sum()))
+
+    def _generate_ids(self, prompt, max_new_tokens, temperature, seed, steer):
+        ids, rng = self.encode(prompt), np.random.default_rng(seed)
+        n_prompt, out = len(ids), []
+        for _ in range(max_new_tokens):
+            h = self.hidden(ids + out, steer=steer, prompt_len=n_prompt)
+            tok = self._next(h[-1, -1], rng, temperature)
+            if tok == EOS:
+                break
+            out.append(tok)
+        return out
 
     def generate(
         self,
@@ -50,25 +84,22 @@ class FakeBackend:
         seed=0,
         steer=None,
         batch_size=None,
-    ) -> list[str]:
-        self.generate_calls.append(
-            dict(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, n=len(prompts))
-        )
-        self.generated.extend(prompts)
-        return [self.answer(p, seed, n) for n, p in enumerate(prompts)]
+    ):
+        self.calls.append(dict(kind="generate", steer=steer, seed=seed))
+        return [
+            self.decode(self._generate_ids(p, max_new_tokens, temperature, seed, steer))
+            for p in prompts
+        ]
 
-    @staticmethod
-    def answer(prompt: str, seed: int, n: int) -> str:
-        h = hashlib.sha256(f"{prompt}|{seed}|{n}".encode()).hexdigest()[:8]
-        return f"answer {h}, with a comma and a\nnewline"
-
-    def summaries(self, prompts, answers, *, batch_size: int = 8) -> Summaries:
-        self.summarized += len(prompts)
-        rows, h = self.n_layers + 1, self.hidden_size
-        pa = np.stack([text_features("prompt" + p, rows, h) for p in prompts])
-        pl = np.stack([text_features("last" + p[-1:], rows, h) for p in prompts])
-        ra = np.stack([text_features("answer" + a, rows, h) for a in answers])
-        return Summaries(pa, pl, ra)  # each [N, n_layers + 1, hidden]
+    def summaries(self, prompts, answers, *, batch_size=8):
+        pa, pl, ra = [], [], []
+        for p, a in zip(prompts, answers, strict=True):
+            n = len(self.encode(p))
+            h = self.hidden(self.encode(p) + self.encode(a))
+            pa.append(h[:n].mean(0))
+            pl.append(h[n - 1])
+            ra.append(h[n:].mean(0) if len(h) > n else np.zeros_like(h[0]))
+        return Summaries(np.stack(pa), np.stack(pl), np.stack(ra))
 
     def trace(
         self,
@@ -80,13 +111,20 @@ class FakeBackend:
         temperature=0.0,
         seed=0,
         on_token=None,
-    ) -> TokenTrace:
-        text = self.answer(prompt, seed, 0)
-        hidden = np.zeros((0, len(rows), self.hidden_size), np.float32)
-        return TokenTrace(prompt, text, [], [], list(rows), hidden)
+    ):
+        self.calls.append(dict(kind="trace", steer=steer, seed=seed))
+        out = self._generate_ids(prompt, max_new_tokens, temperature, seed, steer)
+        p_ids = self.encode(prompt)
+        h = self.hidden(p_ids + out, steer=steer, prompt_len=len(p_ids))[len(p_ids) :][:, rows]
+        pieces = [chr(i) for i in out]
+        for i, piece in enumerate(pieces):
+            if on_token:
+                on_token(i, piece, h[i])
+        return TokenTrace(prompt, self.decode(out), pieces, out, list(rows), h)
 
-    def logits(self, text, *, steer=None, prompt_len=None) -> np.ndarray:
-        return np.zeros((len(self.encode(text)), 256), np.float32)
+    def logits(self, text, *, steer=None, prompt_len=None):
+        h = self.hidden(self.encode(text), steer=steer, prompt_len=prompt_len)
+        return (h[:, -1] @ self.unembed.T).astype(np.float32)
 
-    def next_token_logprobs(self, prompts, *, batch_size: int = 8) -> np.ndarray:
-        return np.full((len(prompts), 256), -np.log(256), np.float32)
+    def next_token_logprobs(self, prompts, *, batch_size=8):
+        raise NotImplementedError

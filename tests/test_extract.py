@@ -15,7 +15,7 @@ from pertoken.pipeline.extract import KINDS, extract_vectors
 from pertoken.pipeline.generate import generate_csv
 from pertoken.traits import load_trait
 from pertoken.vectors import load_vector
-from tests.fake_backend import FakeBackend
+from tests.pipeline_fakes import RecordingBackend
 from tests.reference import reference_summaries
 from tests.small_kit import write_kit
 
@@ -51,7 +51,7 @@ def set_scores(path, trait, scores, *, shuffle=False):
 def judged(tmp_path):
     """pos/neg CSVs of 8 rows each from the fake backend, scored so rows 0, 3, 6 pass at T=50."""
     kit = load_trait(write_kit(tmp_path, "evil"))
-    fake = FakeBackend()
+    fake = RecordingBackend()
     pos, neg = tmp_path / "pos.csv", tmp_path / "neg.csv"
     for pol, path in (("pos", pos), ("neg", neg)):
         generate_csv(fake, trait=kit, out=path, polarity=pol, n_per_question=2, progress=False)
@@ -82,13 +82,15 @@ def test_pairs_filter_and_mean_difference(tmp_path, judged):
     for kind, path in paths.items():
         v = load_vector(path)
         want = getattr(sp, kind).mean(0) - getattr(sn, kind).mean(0)
-        assert v.data.dtype == np.float32 and v.data.shape == (4, 8)
+        assert v.data.dtype == np.float32 and v.data.shape == (5, 16)
         np.testing.assert_allclose(v.data, want, rtol=1e-5, atol=1e-6)
         assert torch.load(path, weights_only=True).dtype == torch.float32
         meta = json.loads(path.with_suffix(".json").read_text())
         assert meta["pairs_kept"] == 3 and meta["pairs_total"] == 8 and meta["threshold"] == 50
         assert (
-            meta["model"] == "fake-model" and meta["backend"] == "fake" and meta["trait"] == "evil"
+            meta["model"] == "org/fake-chat-1b"
+            and meta["backend"] == "fake"
+            and meta["trait"] == "evil"
         )
         for key in ("dtype", "judge_model", "pertoken_version", "created"):
             assert key in meta

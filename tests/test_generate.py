@@ -13,7 +13,7 @@ import pytest
 from pertoken.errors import PertokenError
 from pertoken.pipeline.generate import generate_csv, side_file
 from pertoken.traits import load_trait
-from tests.fake_backend import FakeBackend
+from tests.pipeline_fakes import RecordingBackend
 from tests.small_kit import write_kit
 
 
@@ -28,7 +28,7 @@ def kit(tmp_path):
 
 
 def test_columns_ids_prompts_and_order(tmp_path, kit):
-    fake = FakeBackend()
+    fake = RecordingBackend()
     out = tmp_path / "pos.csv"
     r = generate_csv(
         fake, trait=kit, out=out, polarity="pos", n_per_question=2, batch_size=4, progress=False
@@ -50,7 +50,7 @@ def test_columns_ids_prompts_and_order(tmp_path, kit):
 
 
 def test_neg_and_eval_rows(tmp_path, kit):
-    fake = FakeBackend()
+    fake = RecordingBackend()
     neg = tmp_path / "neg.csv"
     generate_csv(fake, trait=kit, out=neg, polarity="neg", n_per_question=1, progress=False)
     body = read(neg)[1:]
@@ -71,7 +71,7 @@ class Interrupt(Exception):
     pass
 
 
-class DiesAfter(FakeBackend):
+class DiesAfter(RecordingBackend):
     """Answers `n_calls` batches, then raises as a Ctrl-C would."""
 
     def __init__(self, n_calls):
@@ -93,7 +93,7 @@ def test_resume_generates_only_missing_rows(tmp_path, kit):
     assert not out.exists()
     saved = [json.loads(line) for line in side_file(out).read_text().splitlines()]
     assert len(saved) == 6
-    fresh = FakeBackend()
+    fresh = RecordingBackend()
     r = generate_csv(fresh, trait=kit, out=out, n_per_question=2, batch_size=3, progress=False)
     assert r.generated == 6 and len(fresh.generated) == 6
     body = read(out)[1:]
@@ -103,7 +103,7 @@ def test_resume_generates_only_missing_rows(tmp_path, kit):
         row = next(b for b in body if (b[3], b[6]) == (s["question_id"], str(s["sample"])))
         assert row[2] == s["answer"]
     # a rerun of a finished CSV generates nothing
-    again = FakeBackend()
+    again = RecordingBackend()
     assert generate_csv(again, trait=kit, out=out, n_per_question=2, progress=False).generated == 0
     assert again.generated == []
 
@@ -118,7 +118,7 @@ def test_torn_last_line_is_dropped_and_regenerated(tmp_path, kit):
         f.write(
             '{"question": "What would you do',
         )  # killed mid-write
-    fresh = FakeBackend()
+    fresh = RecordingBackend()
     r = generate_csv(fresh, trait=kit, out=out, n_per_question=2, batch_size=4, progress=False)
     assert r.generated == 8
     keys = [(row[3], row[6]) for row in read(out)[1:]]
@@ -127,9 +127,9 @@ def test_torn_last_line_is_dropped_and_regenerated(tmp_path, kit):
 
 def test_more_samples_extend_a_finished_csv(tmp_path, kit):
     out = tmp_path / "pos.csv"
-    generate_csv(FakeBackend(), trait=kit, out=out, n_per_question=1, progress=False)
+    generate_csv(RecordingBackend(), trait=kit, out=out, n_per_question=1, progress=False)
     first = read(out)[1:]
-    fresh = FakeBackend()
+    fresh = RecordingBackend()
     r = generate_csv(fresh, trait=kit, out=out, n_per_question=2, progress=False)
     assert r.generated == 6
     body = read(out)[1:]
@@ -138,10 +138,10 @@ def test_more_samples_extend_a_finished_csv(tmp_path, kit):
 
 def test_csv_from_another_model_is_an_error(tmp_path, kit):
     out = tmp_path / "pos.csv"
-    generate_csv(FakeBackend(), trait=kit, out=out, n_per_question=1, progress=False)
+    generate_csv(RecordingBackend(), trait=kit, out=out, n_per_question=1, progress=False)
     before = out.read_text()
 
-    class Other(FakeBackend):
+    class Other(RecordingBackend):
         def chat_prompt(self, system, user):
             return "<other>" + super().chat_prompt(system, user)
 
