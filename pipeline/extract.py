@@ -119,8 +119,8 @@ def _keyed(path, trait: str, polarity: str) -> dict[tuple[int, int, int], dict]:
 
 def _keep(pos: dict, neg: dict, trait: str, t: float) -> bool:
     s = [parse_score(x) for x in (pos[trait], neg[trait], pos["coherence"], neg["coherence"])]
-    if any(x is None for x in s):
-        return False
+    if any(x is None for x in s) or not pos["answer"] or not neg["answer"]:
+        return False  # a missing score, or an empty answer with no tokens to average
     return s[0] >= t and s[1] < 100 - t and s[2] >= 50 and s[3] >= 50
 
 

@@ -18,6 +18,8 @@ from pertoken.errors import PertokenError
 from pertoken.pipeline.csvio import columns, read_csv, sample_keys, write_csv_atomic
 from pertoken.traits import Trait
 
+_SIDE_KEYS = {"question", "prompt", "answer", "question_id", "sample"}
+
 
 @dataclass(frozen=True)
 class RowSpec:
@@ -160,9 +162,11 @@ def _read_side(path: Path) -> list[dict]:
     rows = []
     for line in data[:end].splitlines():
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line damaged by a crash is regenerated
+        if isinstance(row, dict) and _SIDE_KEYS <= row.keys():
+            rows.append(row)
     return rows
 
 

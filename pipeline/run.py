@@ -6,7 +6,6 @@ The model is loaded only when a stage needs it.
 
 from __future__ import annotations
 
-import functools
 import json
 import time
 from dataclasses import dataclass, field
@@ -40,94 +39,120 @@ def run_folder(out: str | Path, model: str, trait: str) -> Path:
     return Path(out) / Path(model.rstrip("/")).name / trait
 
 
-def run_pipeline(
-    *,
-    model: str,
-    trait: str,
-    backend: str = "auto",
-    out: str | Path = "runs",
-    n_per_question: int = 10,
-    max_new_tokens: int = 1000,
-    judge_model: str = DEFAULT_JUDGE,
-    base_url: str | None = None,
-    threshold: float = 50,
-    concurrency: int = 32,
-    batch_size: int | None = None,
-    cache: str | Path | None = None,
-    dtype: str | None = None,
-    device: str | None = None,
-    progress: bool = True,
-) -> RunReport:
-    """Generate, judge and extract one trait for one model, resuming whatever is done."""
-    kit = load_trait(trait)
-    folder = run_folder(out, model, kit.name)
-    csvs = {p: folder / f"{kit.name}_{p}_instruct.csv" for p in ("pos", "neg")}
-    loaded = {}
+@dataclass
+class RunOptions:
+    model: str
+    trait: str
+    backend: str = "auto"
+    out: str | Path = "runs"
+    n_per_question: int = 10
+    max_new_tokens: int = 1000
+    judge_model: str = DEFAULT_JUDGE
+    base_url: str | None = None
+    threshold: float = 50
+    concurrency: int = 32
+    batch_size: int | None = None
+    cache: str | Path | None = None
+    dtype: str | None = None
+    device: str | None = None
+    progress: bool = True
 
-    def model_backend():
-        if "b" not in loaded:
+
+def run_pipeline(**options) -> RunReport:
+    """Generate, judge and extract one trait for one model, resuming whatever is done.
+
+    Options (keyword-only) are RunOptions' fields: model and trait are required; the others
+    default to 10 samples per question, 1000 new tokens, the default judge, threshold 50.
+    """
+    return _Run(RunOptions(**options)).run()
+
+
+class _Run:
+    """One run folder; the model and the judge are loaded only when a stage needs them."""
+
+    def __init__(self, opts: RunOptions):
+        self.opts, self.kit = opts, load_trait(opts.trait)
+        self.folder = run_folder(opts.out, opts.model, self.kit.name)
+        self.csvs = {p: self.folder / f"{self.kit.name}_{p}_instruct.csv" for p in ("pos", "neg")}
+        self.paths = vector_paths(self.folder / "vectors", self.kit.name)
+        self._backend = self._judge = None
+
+    def run(self) -> RunReport:
+        o, stages = self.opts, {}
+        for pol, path in self.csvs.items():
+            specs = plan_rows(self.kit, polarity=pol, n_per_question=o.n_per_question)
+            stages[f"generate {pol}"] = _stage(is_complete(path, specs), self.generate, pol)
+        for pol, path in self.csvs.items():
+            stages[f"judge {pol}"] = _stage(_judged(path, o.judge_model), self.judge, path)
+        done = _extracted(self.paths, self.csvs, o.threshold)
+        stages["extract"] = _stage(done, self.extract)
+        meta = json.loads(self.paths["response_avg"].with_suffix(".json").read_text())
+        return RunReport(self.folder, self.paths, meta["pairs_kept"], meta["pairs_total"], stages)
+
+    def backend(self):
+        if self._backend is None:
             from pertoken.backends import load_backend
 
-            loaded["b"] = load_backend(model, backend, dtype=dtype, device=device)
-        return loaded["b"]
+            o = self.opts
+            self._backend = load_backend(o.model, o.backend, dtype=o.dtype, device=o.device)
+        return self._backend
 
-    stages: dict[str, tuple[str, float]] = {}
-    for pol, path in csvs.items():
-        specs = plan_rows(kit, polarity=pol, n_per_question=n_per_question)
-        work = functools.partial(
-            generate_csv,
-            trait=kit,
-            out=path,
-            polarity=pol,
-            n_per_question=n_per_question,
-            max_new_tokens=max_new_tokens,
-            batch_size=batch_size,
-            progress=progress,
-        )
-        stages[f"generate {pol}"] = _stage(is_complete(path, specs), work, model_backend)
-
-    def judge():
-        if "j" not in loaded:
-            same = judge_model == f"local:{model}"
-            loaded["j"] = make_judge(
-                judge_model,
-                base_url=base_url,
-                concurrency=concurrency,
-                backend=model_backend() if same else None,
-                backend_name=backend,
+    def make_judge(self):
+        if self._judge is None:
+            o = self.opts
+            same = o.judge_model == f"local:{o.model}"  # judge with the model already loaded
+            self._judge = make_judge(
+                o.judge_model,
+                base_url=o.base_url,
+                concurrency=o.concurrency,
+                backend=self.backend() if same else None,
+                backend_name=o.backend,
             )
-        return loaded["j"]
+        return self._judge
 
-    for pol, path in csvs.items():
-        work = functools.partial(
-            judge_csv, path, trait=kit, judge_model=judge_model, cache=cache, progress=progress
+    def generate(self, pol: str):
+        o = self.opts
+        return generate_csv(
+            self.backend(),
+            trait=self.kit,
+            out=self.csvs[pol],
+            polarity=pol,
+            n_per_question=o.n_per_question,
+            max_new_tokens=o.max_new_tokens,
+            batch_size=o.batch_size,
+            progress=o.progress,
         )
-        stages[f"judge {pol}"] = _stage(
-            _judged(path, judge_model), lambda w=work: w(judge=judge), None
+
+    def judge(self, path: Path):
+        o = self.opts
+        return judge_csv(
+            path,
+            trait=self.kit,
+            judge_model=o.judge_model,
+            judge=self.make_judge,
+            cache=o.cache,
+            progress=o.progress,
         )
 
-    save_dir = folder / "vectors"
-    paths = vector_paths(save_dir, kit.name)
-    work = functools.partial(
-        extract_vectors,
-        pos_csv=csvs["pos"],
-        neg_csv=csvs["neg"],
-        trait=kit.name,
-        threshold=threshold,
-        save_dir=save_dir,
-        judge_model=judge_model,
-    )
-    stages["extract"] = _stage(_extracted(paths, csvs, threshold), work, model_backend)
-    meta = json.loads(paths["response_avg"].with_suffix(".json").read_text())
-    return RunReport(folder, paths, meta["pairs_kept"], meta["pairs_total"], stages)
+    def extract(self):
+        o = self.opts
+        return extract_vectors(
+            self.backend(),
+            pos_csv=self.csvs["pos"],
+            neg_csv=self.csvs["neg"],
+            trait=self.kit.name,
+            threshold=o.threshold,
+            save_dir=self.paths["prompt_avg"].parent,
+            judge_model=o.judge_model,
+        )
 
 
-def _stage(complete: bool, work, model_backend) -> tuple[str, float]:
-    """Run `work` (given the model when model_backend is set) unless its output is complete."""
+def _stage(complete: bool, work, *args) -> tuple[str, float]:
+    """(status, seconds) after running `work(*args)`, unless its output is already complete."""
     if complete:
         return ("skipped", 0.0)
     start = time.perf_counter()
-    result = work(model_backend()) if model_backend else work()
+    result = work(*args)
     missing = getattr(result, "missing", 0)  # judge scores that stayed empty
     status = f"done, {missing} scores missing" if missing else "done"
     return (status, time.perf_counter() - start)

@@ -198,3 +198,16 @@ def test_tiny_model_matches_plain_reference(tmp_path, model_dir):
         v = load_vector(tmp_path / "v" / f"evil_{kind}_diff.pt")
         np.testing.assert_allclose(v.data, ref_p[kind] - ref_n[kind], rtol=1e-4, atol=1e-5)
         assert v.meta["pairs_kept"] == len(kept) == 6
+
+
+def test_empty_answer_is_never_kept(tmp_path, judged):
+    fake, pos, neg = judged
+    rows = rows_of(pos)
+    rows[3]["answer"] = ""  # a pair that passes on scores, but has no answer tokens
+    with open(pos, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    paths = extract_vectors(fake, pos_csv=pos, neg_csv=neg, trait="evil", save_dir=tmp_path / "v")
+    v = load_vector(paths["response_avg"])
+    assert v.meta["pairs_kept"] == 2 and np.isfinite(v.data).all()

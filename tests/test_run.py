@@ -1,5 +1,7 @@
 """`pertoken run` end to end on the tiny model with the fake judge, then resumed."""
 
+import csv
+
 import pytest
 import torch
 from click.testing import CliRunner
@@ -9,6 +11,11 @@ from pertoken.cli import main
 from pertoken.pipeline.run import default_model, run_folder
 from tests.fake_openai import serve_fake_openai
 from tests.small_kit import write_kit
+
+
+def rows_of(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
 
 
 @pytest.fixture(autouse=True)
@@ -79,7 +86,10 @@ def test_run_end_to_end_then_resume(tmp_path, llama_dir, monkeypatch):
             for k in ("response_avg", "prompt_avg", "prompt_last")
         ]
         assert all(str(v) in r.output for v in vectors) and all(v.is_file() for v in vectors)
-        assert "pairs kept: 8 of 8" in r.output
+        # the fake judge passes every pair at threshold 30; only empty answers drop out
+        pos, neg = (rows_of(folder / f"evil_{p}_instruct.csv") for p in ("pos", "neg"))
+        kept = sum(bool(p["answer"]) and bool(n["answer"]) for p, n in zip(pos, neg))
+        assert kept >= 4 and f"pairs kept: {kept} of 8" in r.output
         for stage in ("generate pos", "generate neg", "judge pos", "judge neg", "extract"):
             assert f"{stage}" in r.output
         assert "skipped" not in r.output
@@ -90,7 +100,7 @@ def test_run_end_to_end_then_resume(tmp_path, llama_dir, monkeypatch):
 
         r = CliRunner().invoke(main, args)  # everything is done: nothing is recomputed
         assert r.exit_code == 0, r.output
-        assert r.output.count("skipped") == 5 and "pairs kept: 8 of 8" in r.output
+        assert r.output.count("skipped") == 5 and f"pairs kept: {kept} of 8" in r.output
         assert len(loads) == 1 and len(server.requests) == n_requests
         assert {v: v.stat().st_mtime_ns for v in vectors} == before
 
