@@ -66,7 +66,7 @@ class ApiJudge:
     ) -> None:
         """Score each (key, judge prompt); on_done(key, score|None) or on_fail(key, reason)."""
         if items:
-            asyncio.run(self._run(items, on_done, on_fail))
+            _run_coroutine(self._run(items, on_done, on_fail))
 
     async def _run(self, items, on_done, on_fail):
         from openai import AsyncOpenAI
@@ -147,3 +147,15 @@ class ApiJudge:
                 f"or --base-url, {OFFLINE}; scores already received are cached"
             )
         return PertokenError(redact(f"the judge failed: {type(e).__name__}: {e}", self.key)[:400])
+
+
+def _run_coroutine(coro) -> None:
+    """asyncio.run, or in a worker thread when a loop already runs here (a notebook)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, coro).result()

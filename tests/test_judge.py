@@ -387,3 +387,23 @@ def test_local_judge_digit_by_digit_asks_only_likely_prefixes():
     assert sorted(fake.asked) == sorted(
         fake.chat_prompt(None, "rubric") + s for s in ("", "7", "2")
     )
+
+
+def test_api_judge_inside_a_running_event_loop(tmp_path, kit, server):
+    """Notebooks run an event loop: the judge still works from inside one."""
+    import asyncio
+
+    path = write_csv(tmp_path / "pos.csv", ["a"])
+
+    async def inside():
+        return judge_csv(
+            path,
+            trait=kit,
+            judge_model="judge-x",
+            judge=api(server),
+            cache=tmp_path / "c.sqlite",
+            progress=False,
+        )
+
+    assert asyncio.run(inside()).requests == 2
+    assert cells(path, "evil") != [""]
