@@ -156,10 +156,13 @@ def generate(
     out,
 ):
     """Answer a trait's questions under its positive or negative instructions."""
-    from pertoken.pipeline.generate import generate_csv
+    from pertoken.pipeline.generate import generate_csv, is_complete, plan_rows
     from pertoken.traits import load_trait
 
     kit = load_trait(trait)
+    specs = plan_rows(kit, polarity=polarity, eval=eval_, n_per_question=n_per_question)
+    if is_complete(out, specs):  # nothing to do: do not load the model
+        return click.echo(f"{out}: all {len(specs)} rows are already there")
     r = generate_csv(
         load_model(model, backend, dtype, device),
         trait=kit,

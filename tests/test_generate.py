@@ -207,3 +207,6 @@ def test_sigkill_mid_run_then_rerun(tmp_path, llama_dir):
         if (row[3], int(row[6])) in before:
             assert row[2] == before[(row[3], int(row[6]))]
     assert not side.exists()
+    proc = _cli(args)  # once complete, a rerun does not even load the model
+    out_text, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and b"all 18 rows are already there" in out_text
