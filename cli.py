@@ -365,21 +365,12 @@ def steer(model, backend, dtype, device, vectors, layers, coefs, positions, prom
 
 @main.command(name="eval")
 @model_options()
-@click.option("--trait", "-t", required=True, help="Bundled kit name, kit JSON, or upstream file.")
+@_trait_option
 @click.option("--vector", "-v", "vector_path", required=True, type=click.Path(dir_okay=False))
 @click.option("--layers", required=True, help="Rows to steer at, e.g. 12,16,20.")
 @click.option("--coefs", default="-2,-1,0,1,2", show_default=True, help="Coefficients.")
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Folder.")
-@click.option(
-    "--judge-model",
-    "--judge",
-    "judge_model",
-    default="gpt-4.1-mini-2025-04-14",
-    show_default=True,
-    help="Judge model, or local:MODEL to judge in-process.",
-)
-@click.option("--base-url", default=None, help="Any OpenAI-compatible server.")
-@click.option("--concurrency", default=32, show_default=True, help="Requests in flight.")
+@_judge_options
 @click.option("--cache", default=None, help="Score cache (default ~/.cache/pertoken/judge.sqlite).")
 @click.option("--n-per-question", default=10, show_default=True, help="Samples per question.")
 @click.option("--max-new-tokens", default=1000, show_default=True)
@@ -423,17 +414,8 @@ def eval_(
     kit, vector = load_trait(trait), load_vector(vector_path)
     rows, coef_list = parse_layers(layers), parse_coefs(coefs)
     b = load_model(model, backend, dtype, device)
-    vector.check_model(b.n_layers, b.hidden_size, vector_path)  # before asking for a judge key
-    from pertoken.pipeline.judge import make_judge
-
-    same = judge_model == f"local:{model}"
-    j = make_judge(
-        judge_model,
-        base_url=base_url,
-        concurrency=concurrency,
-        backend=b if same else None,
-        backend_name=backend,
-    )
+    vector.check_model(b.n_layers, b.hidden_size, vector_path)
+    judge = _lazy_judge(judge_model, base_url, concurrency, backend, b, model)
     r = evaluate(
         b,
         trait=kit,
@@ -441,7 +423,7 @@ def eval_(
         layers=rows,
         coefs=coef_list,
         out_dir=out,
-        judge=csv_judge(kit, judge_model=judge_model, judge=j, cache=cache),
+        judge=csv_judge(kit, judge_model=judge_model, judge=judge, cache=cache),
         n_per_question=n_per_question,
         max_new_tokens=max_new_tokens,
         temperature=temperature,
@@ -455,6 +437,29 @@ def eval_(
     if missing:
         click.echo(f"{missing} answers have no {kit.name} score (judge refusals or failures)")
     click.echo(f"{r.out_dir}: answers.csv, summary.csv, sweep.png ({r.seconds:.1f}s)")
+
+
+def _lazy_judge(judge_model, base_url, concurrency, backend_name, loaded, model):
+    """A judge made on first need (a local judge's model loads only then; `local:M` with the
+    steered model M reuses it); an API judge's missing key is an error before any generation."""
+    import functools
+
+    from pertoken.pipeline.judge import make_judge
+
+    if not judge_model.startswith("local:"):
+        from pertoken.pipeline.judge_openai import api_key
+
+        api_key(base_url)
+    same = loaded if judge_model == f"local:{model}" else None
+    return functools.cache(
+        lambda: make_judge(
+            judge_model,
+            base_url=base_url,
+            concurrency=concurrency,
+            backend=same,
+            backend_name=backend_name,
+        )
+    )
 
 
 @main.command()

@@ -192,3 +192,19 @@ def test_all_scores_missing_still_writes_summary_and_plot(tmp_path):
     assert {r["bossy"] for r in summary} == {""}
     assert (tmp_path / "sweep.png").is_file()
     assert "-" in format_table("bossy", result.summary)
+
+
+def test_cli_missing_api_key_is_an_error_before_generating(tmp_path, llama_dir, monkeypatch):
+    from click.testing import CliRunner
+
+    from pertoken.cli import main
+    from pertoken.vectors import save_vector
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.chdir(tmp_path)  # no .env file to find
+    v = save_vector(PersonaVector(np.ones((5, 64), np.float32)), tmp_path / "v.pt")
+    args = ["eval", "--model", str(llama_dir), "--backend", "torch", "--trait", "paternalism",
+            "--vector", str(v), "--layers", "2", "--out", str(tmp_path / "ev")]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1 and "OPENAI_API_KEY" in result.output
+    assert not (tmp_path / "ev" / "answers.csv").exists()
