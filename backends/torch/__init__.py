@@ -1,1 +1,5 @@
 """PyTorch backend (CUDA, CPU)."""
+
+from pertoken.backends.torch.backend import TorchBackend
+
+__all__ = ["TorchBackend"]

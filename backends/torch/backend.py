@@ -1,0 +1,270 @@
+"""The PyTorch backend: transformers models with residual-stream hooks, on CUDA or CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from pertoken.backends.base import Steer, Summaries, TokenCallback, TokenTrace
+from pertoken.backends.chat import render_chat, stop_token_ids, token_pieces
+from pertoken.backends.torch.decode import DecodeOptions, decode, left_pad, position_mask
+from pertoken.backends.torch.hooks import TapState, decoder_parts, residual_taps
+from pertoken.backends.torch.load import load_model_and_tokenizer, pick_device, pick_dtype
+from pertoken.errors import PertokenError
+from pertoken.rows import check_capture_rows
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, model, tokenizer, *, model_id: str, dtype: str, device: str):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.model_id = model_id
+        self.dtype = dtype
+        self.device = device
+        layers, _ = decoder_parts(model)
+        self.n_layers = len(layers)
+        self.hidden_size = int(model.config.hidden_size)
+        self.pad_id = tokenizer.pad_token_id
+        if self.pad_id is None:
+            self.pad_id = tokenizer.eos_token_id
+        stops = stop_token_ids(tokenizer, model.config, getattr(model, "generation_config", None))
+        self.stop_ids = torch.tensor(stops, device=device)
+
+    @classmethod
+    def load(cls, model: str, *, dtype: str | None = None, device: str | None = None):
+        """Load a hub id or local folder; device auto = cuda else cpu, dtype auto = bf16 on cuda."""
+        device = pick_device(device)
+        dtype = pick_dtype(dtype, device)
+        lm, tok = load_model_and_tokenizer(model, dtype, device)
+        model_id = Path(model).name if Path(model).expanduser().is_dir() else model
+        return cls(lm, tok, model_id=model_id, dtype=dtype, device=device)
+
+    # ------------------------------------------------------------------ text
+    def chat_prompt(self, system: str | None, user: str) -> str:
+        return render_chat(self.tokenizer, system, user)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _encode_prompts(self, prompts: list[str]) -> list[list[int]]:
+        if not prompts:
+            raise PertokenError("no prompts given: pass at least one prompt")
+        seqs = [self.encode(p) for p in prompts]
+        if any(len(s) == 0 for s in seqs):
+            raise PertokenError("a prompt is empty after tokenization: every prompt needs text")
+        return seqs
+
+    def _tap_state(self, steer: Steer | None) -> TapState:
+        if steer is None:
+            return TapState()
+        steer.validate(self.n_layers, self.hidden_size)
+        by_block = {
+            row - 1: torch.from_numpy(vec).to(self.device, torch.float32)
+            for row, vec in steer.by_row().items()
+        }
+        return TapState(steer=by_block)
+
+    def _options(self, max_new_tokens, temperature, top_p, steer, feed_last=False):
+        return DecodeOptions(
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            stop_ids=self.stop_ids,
+            pad_id=self.pad_id,
+            positions=steer.positions if steer else "all",
+            feed_last=feed_last,
+        )
+
+    # ------------------------------------------------------------------ generation
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompts: list[str],
+        *,
+        max_new_tokens: int = 1000,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        steer: Steer | None = None,
+        batch_size: int | None = None,
+    ) -> list[str]:
+        """Batched answers; prompts are sorted by length so batches carry little padding."""
+        seqs = self._encode_prompts(prompts)
+        state = self._tap_state(steer)
+        opts = self._options(max_new_tokens, temperature, top_p, steer)
+        batch_size = batch_size or (32 if self.device.startswith("cuda") else 8)
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        answers: list[str] = [""] * len(seqs)
+        with residual_taps(self.model, state):
+            for start in range(0, len(order), batch_size):
+                idx = order[start : start + batch_size]
+                batch = left_pad([seqs[i] for i in idx], self.pad_id, self.device)
+                for i, ids in zip(idx, decode(self.model, batch, state, opts, gen)):
+                    answers[i] = self.decode(ids)
+        return answers
+
+    @torch.inference_mode()
+    def trace(
+        self,
+        prompt: str,
+        *,
+        max_new_tokens: int = 200,
+        rows: list[int],
+        steer: Steer | None = None,
+        temperature: float = 0.0,
+        seed: int = 0,
+        on_token: TokenCallback | None = None,
+    ) -> TokenTrace:
+        """Generate one answer, capturing each answer token's hidden state at `rows`."""
+        check_capture_rows(rows, self.n_layers)
+        (seq,) = self._encode_prompts([prompt])
+        state = self._tap_state(steer)
+        state.rows = frozenset(rows)
+        opts = self._options(max_new_tokens, temperature, top_p=1.0, steer=steer, feed_last=True)
+        collector = _TraceCollector(self, rows, on_token)
+        state.on_row = collector.on_row
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        with residual_taps(self.model, state):
+            (ids,) = decode(
+                self.model,
+                left_pad([seq], self.pad_id, self.device),
+                state,
+                opts,
+                gen,
+                on_token=collector.feeding,
+            )
+        hidden = (
+            np.stack(collector.states[: len(ids)])
+            if ids
+            else np.zeros((0, len(rows), self.hidden_size), np.float32)
+        )
+        return TokenTrace(
+            prompt=prompt,
+            text=self.decode(ids),
+            tokens=token_pieces(self.tokenizer, ids),
+            token_ids=ids,
+            rows=list(rows),
+            hidden=hidden,
+        )
+
+    # ------------------------------------------------------------------ teacher-forced passes
+    @torch.inference_mode()
+    def summaries(self, prompts: list[str], answers: list[str], *, batch_size: int = 8):
+        """prompt_avg, prompt_last, response_avg per sample, each [N, n_layers+1, hidden]."""
+        if len(prompts) != len(answers):
+            raise PertokenError(f"{len(prompts)} prompts but {len(answers)} answers")
+        p_lens = [len(s) for s in self._encode_prompts(prompts)]
+        full = [self.encode(p + a) for p, a in zip(prompts, answers)]
+        shape = (len(full), self.n_layers + 1, self.hidden_size)
+        out = Summaries(*(np.zeros(shape, np.float32) for _ in range(3)))
+        order = sorted(range(len(full)), key=lambda i: len(full[i]))
+        base = self.model.get_decoder()
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            means = _RowMeans(self._right_pad([full[i] for i in idx]), [p_lens[i] for i in idx])
+            state = TapState(rows=frozenset(range(self.n_layers + 1)), on_row=means.on_row)
+            with residual_taps(self.model, state):
+                base(input_ids=means.ids, attention_mask=means.attn, use_cache=False)
+            for field, arr in zip(out, means.result()):  # each [B, n_layers+1, hidden]
+                field[idx] = arr
+        return out
+
+    def _right_pad(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(s) for s in seqs)
+        ids = torch.tensor([s + [self.pad_id] * (width - len(s)) for s in seqs], device=self.device)
+        attn = torch.tensor(
+            [[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=self.device
+        )
+        return ids, attn
+
+    @torch.inference_mode()
+    def logits(self, text: str, *, steer: Steer | None = None, prompt_len: int | None = None):
+        """[T, vocab] float32 logits of one text; prompt_len places `prompt`/`response` steering."""
+        (seq,) = self._encode_prompts([text])
+        batch = left_pad([seq], self.pad_id, self.device, [prompt_len or len(seq)])
+        state = self._tap_state(steer)
+        if steer is not None:
+            state.steer_mask = position_mask(batch, 0, len(seq), steer.positions)
+        with residual_taps(self.model, state):
+            out = self.model(input_ids=batch.ids, attention_mask=batch.attn, use_cache=False)
+        return out.logits[0].float().cpu().numpy()
+
+    @torch.inference_mode()
+    def next_token_logprobs(self, prompts: list[str], *, batch_size: int = 8) -> np.ndarray:
+        """[N, vocab] float32 log-probabilities of the next token after each prompt."""
+        seqs = self._encode_prompts(prompts)
+        rows = []
+        for start in range(0, len(seqs), batch_size):
+            batch = left_pad(seqs[start : start + batch_size], self.pad_id, self.device)
+            pos = (batch.attn.cumsum(-1) - 1).clamp(min=0)
+            out = self.model(
+                input_ids=batch.ids,
+                attention_mask=batch.attn,
+                position_ids=pos,
+                use_cache=False,
+                logits_to_keep=1,
+            )
+            rows.append(torch.log_softmax(out.logits[:, -1].float(), -1).cpu().numpy())
+        return np.concatenate(rows)
+
+
+class _RowMeans:
+    """Accumulates masked means per row inside the forward, so no layer's states are kept."""
+
+    def __init__(self, padded: tuple[torch.Tensor, torch.Tensor], prompt_lens: list[int]):
+        self.ids, self.attn = padded  # [B, T]
+        T = self.ids.shape[1]
+        t = torch.arange(T, device=self.ids.device)[None]  # [1, T]
+        P = torch.tensor(prompt_lens, device=self.ids.device)[:, None]  # [B, 1]
+        real = self.attn.bool()
+        # masks [B, T] as float weights normalised to sum 1 (0/0 -> NaN for an empty answer)
+        self.masks = [real & (t < P), real & (t == P - 1), real & (t >= P)]
+        self.sums: list[dict[int, torch.Tensor]] = [{}, {}, {}]
+
+    def on_row(self, row: int, h: torch.Tensor) -> None:
+        h = h.float()  # [B, T, hidden]
+        for mask, sums in zip(self.masks, self.sums):
+            sums[row] = torch.einsum("bt,bth->bh", mask.float(), h)
+
+    def result(self) -> list[np.ndarray]:
+        out = []
+        for mask, sums in zip(self.masks, self.sums):
+            count = mask.sum(1).float()[:, None, None]  # [B, 1, 1]
+            stacked = torch.stack([sums[r] for r in sorted(sums)], dim=1)  # [B, rows, hidden]
+            out.append((stacked / count).cpu().numpy())
+        return out
+
+
+class _TraceCollector:
+    """Groups the rows captured at each decode step into one [len(rows), hidden] state."""
+
+    def __init__(self, backend: TorchBackend, rows: list[int], on_token: TokenCallback | None):
+        self.backend, self.rows, self.on_token = backend, list(rows), on_token
+        self.states: list[np.ndarray] = []
+        self.ids: list[int] = []
+        self.text = ""
+        self.pending: dict[int, np.ndarray] | None = None
+
+    def feeding(self, tokens: list[int]) -> None:
+        self.ids.append(tokens[0])
+        self.pending = {}
+
+    def on_row(self, row: int, h: torch.Tensor) -> None:
+        if self.pending is None:  # the prefill forward: prompt positions are not traced
+            return
+        self.pending[row] = h[0, -1].float().cpu().numpy()
+        if len(self.pending) == len(set(self.rows)):
+            state = np.stack([self.pending[r] for r in self.rows])  # [len(rows), hidden]
+            self.states.append(state)
+            self.pending = {}
+            if self.on_token is not None:
+                text = self.backend.decode(self.ids)
+                piece, self.text = text[len(self.text) :], text
+                self.on_token(len(self.states) - 1, piece, state)

@@ -1,0 +1,125 @@
+"""Padding, position masks, sampling and the KV-cached decode loop for transformers models."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from pertoken.backends.torch.hooks import TapState
+
+
+@dataclass
+class Batch:
+    ids: torch.Tensor  # [B, T] left-padded token ids
+    attn: torch.Tensor  # [B, T] 1 for real tokens
+    pad: torch.Tensor  # [B] left padding of each row
+    prompt_len: torch.Tensor  # [B] unpadded prompt length of each row
+
+
+def left_pad(seqs: list[list[int]], pad_id: int, device, prompt_lens=None) -> Batch:
+    """Left-pad token lists; prompt_lens defaults to each sequence's full length."""
+    width = max(len(s) for s in seqs)
+    pad = [width - len(s) for s in seqs]
+    ids = torch.tensor([[pad_id] * p + s for p, s in zip(pad, seqs)], device=device)
+    attn = torch.tensor([[0] * p + [1] * len(s) for p, s in zip(pad, seqs)], device=device)
+    lens = prompt_lens if prompt_lens is not None else [len(s) for s in seqs]
+    return Batch(ids, attn, torch.tensor(pad, device=device), torch.tensor(lens, device=device))
+
+
+def position_mask(batch: Batch, start: int, t: int, positions: str) -> torch.Tensor:
+    """[B, t] bool: which of the padded positions start..start+t-1 a Steer acts on."""
+    idx = torch.arange(start, start + t, device=batch.pad.device)[None] - batch.pad[:, None]
+    valid = idx >= 0
+    if positions == "prompt":
+        return valid & (idx < batch.prompt_len[:, None])
+    if positions == "response":
+        return valid & (idx >= batch.prompt_len[:, None] - 1)
+    return valid
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, gen) -> torch.Tensor:
+    """logits [B, vocab] float32 -> token ids [B]; temperature 0 is greedy."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        # keep the smallest prefix whose mass reaches top_p (the first token always survives)
+        sorted_p = sorted_p.masked_fill(sorted_p.cumsum(-1) - sorted_p > top_p, 0.0)
+        pick = torch.multinomial(sorted_p, 1, generator=gen)
+        return order.gather(-1, pick).squeeze(-1)
+    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+
+
+def make_cache(model):
+    from transformers import DynamicCache
+
+    return DynamicCache(config=model.config)
+
+
+def _cache_kwarg(model) -> str:
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def forward_last(model, ids, attn, pos, cache) -> torch.Tensor:
+    """One cached forward; returns the last position's logits [B, vocab] in float32."""
+    kw = {_cache_kwarg(model): cache}
+    out = model(
+        input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1, **kw
+    )
+    return out.logits[:, -1].float()
+
+
+@dataclass
+class DecodeOptions:
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    stop_ids: torch.Tensor  # [S]
+    pad_id: int
+    positions: str = "all"
+    feed_last: bool = False  # run the final token through the model too (to capture it)
+
+
+def decode(
+    model,
+    batch: Batch,
+    state: TapState,
+    opts: DecodeOptions,
+    gen=None,
+    on_token: Callable[[list[int]], None] | None = None,
+) -> list[list[int]]:
+    """Generate per row until a stop id or max_new_tokens; returns answer ids without stops.
+
+    on_token(tokens) is called before each decode forward with the ids being fed, so hooks can
+    attribute the captured states to them."""
+    B, T0 = batch.ids.shape
+    cache = make_cache(model)
+    attn = batch.attn
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)  # [B, T0] positions ignore left padding
+    state.steer_mask = position_mask(batch, 0, T0, opts.positions) if state.steer else None
+    logits = forward_last(model, batch.ids, attn, pos, cache)
+    next_pos = pos[:, -1:] + 1  # [B, 1]
+    done = torch.zeros(B, dtype=torch.bool, device=attn.device)
+    answers: list[list[int]] = [[] for _ in range(B)]
+    for step in range(opts.max_new_tokens):
+        tok = sample(logits, opts.temperature, opts.top_p, gen)
+        tok = torch.where(done, torch.full_like(tok, opts.pad_id), tok)
+        stopped = torch.isin(tok, opts.stop_ids)
+        for b, (t, was_done, stop) in enumerate(zip(tok.tolist(), done.tolist(), stopped.tolist())):
+            if not (was_done or stop):
+                answers[b].append(t)
+        done |= stopped
+        if bool(done.all()) or (step == opts.max_new_tokens - 1 and not opts.feed_last):
+            break
+        attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
+        if state.steer:
+            state.steer_mask = position_mask(batch, T0 + step, 1, opts.positions)
+        if on_token is not None:
+            on_token(tok.tolist())
+        logits = forward_last(model, tok[:, None], attn, next_pos, cache)
+        next_pos = next_pos + 1
+    return answers

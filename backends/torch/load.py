@@ -1,0 +1,62 @@
+"""Loading a transformers causal LM and its tokenizer, with clear errors."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+from pertoken.errors import PertokenError
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def pick_device(device: str | None) -> str:
+    import torch
+
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "mps":
+        warnings.warn(
+            "the torch backend on mps is slow and its hooks are fragile; on Apple Silicon "
+            "prefer --backend mlx",
+            stacklevel=2,
+        )
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise PertokenError("--device cuda was asked for but torch sees no CUDA device")
+    return device
+
+
+def pick_dtype(dtype: str | None, device: str) -> str:
+    if dtype is None:
+        return "bfloat16" if device.startswith("cuda") else "float32"
+    if dtype not in DTYPES:
+        raise PertokenError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    return dtype
+
+
+def _looks_local(model: str) -> bool:
+    return model.startswith((".", "/", "~")) or model.count("/") != 1 or Path(model).exists()
+
+
+def load_model_and_tokenizer(model: str, dtype: str, device: str):
+    """(model in eval mode on device, tokenizer); a missing folder or hub id is a PertokenError."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(model).expanduser()
+    if _looks_local(model) and not path.is_dir():
+        raise PertokenError(
+            f"model folder {model} does not exist: give a local folder with config.json or a "
+            "Hugging Face id like google/gemma-2-9b-it"
+        )
+    source = str(path) if path.is_dir() else model
+    try:
+        tok = AutoTokenizer.from_pretrained(source)
+        lm = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype))
+    except OSError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PertokenError(
+            f"could not load {model}: {first} (check the id, your network and HF_TOKEN for "
+            "gated models, or pass a local folder)"
+        ) from None
+    return lm.to(device).eval(), tok
