@@ -7,6 +7,7 @@ import functools
 import sys
 
 import click
+
 from pertoken import __version__
 from pertoken.errors import PertokenError
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Literal, NamedTuple, Protocol
 
 import numpy as np
+
 from pertoken.errors import PertokenError
 from pertoken.rows import check_steer_row
 

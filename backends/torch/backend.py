@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from pertoken.backends.base import Steer, Summaries, TokenCallback, TokenTrace
 from pertoken.backends.chat import render_chat, stop_token_ids, token_pieces
 from pertoken.backends.torch.decode import DecodeOptions, decode, left_pad, position_mask

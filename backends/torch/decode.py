@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
 from pertoken.backends.torch.hooks import TapState
 
 

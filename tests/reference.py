@@ -1,0 +1,22 @@
+"""Plain one-sample-at-a-time references built on transformers' output_hidden_states."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def hf_hidden(model, ids: list[int]) -> np.ndarray:
+    """[n_layers + 1, T, hidden] float32 hidden states of one unpadded sequence."""
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([ids]), output_hidden_states=True)
+    return torch.stack(out.hidden_states)[:, 0].float().numpy()
+
+
+def reference_summaries(model, tokenizer, prompt: str, answer: str):
+    """(prompt_avg, prompt_last, response_avg), each [n_layers + 1, hidden], per CONVENTIONS."""
+    p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    full = tokenizer(prompt + answer, add_special_tokens=False)["input_ids"]
+    hs = hf_hidden(model, full)  # [rows, T, hidden]
+    P = len(p)
+    return hs[:, :P].mean(1), hs[:, P - 1], hs[:, P:].mean(1)
