@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import mlx.core as mx
 import numpy as np
 from pertoken.backends.base import Steer, Summaries, TokenCallback, TokenTrace
+from pertoken.backends.chat import render_chat, stop_token_ids
 from pertoken.backends.mlx.batch import Batch, SteerPlan, full_pass, window_of
 from pertoken.backends.mlx.decode import decode, make_sampler
-from pertoken.backends.mlx.load import DTYPES, Loaded, load, stop_ids
+from pertoken.backends.mlx.load import DTYPES, Loaded, generation_config, load
 from pertoken.backends.mlx.summaries import summarize
 from pertoken.errors import PertokenError
 from pertoken.rows import check_capture_rows
@@ -16,35 +19,26 @@ from pertoken.rows import check_capture_rows
 class MLXBackend:
     name = "mlx"
 
-    def __init__(self, loaded: Loaded, model_id: str):
+    def __init__(self, loaded: Loaded):
         self.model, self.tokenizer, self.config = loaded.model, loaded.tokenizer, loaded.config
-        self.model_id = model_id
+        self.model_id = loaded.model_id
         self.n_layers = len(self.model.layers)
         self.hidden_size = int(self.config["hidden_size"])
         self.dtype, self.device = loaded.dtype, loaded.device
-        self.stop = stop_ids(self.config, self.tokenizer)
+        configs = [SimpleNamespace(**c) for c in (self.config, generation_config(loaded.path))]
+        self.stop = set(stop_token_ids(self.tokenizer, *configs))
         pad = self.tokenizer.pad_token_id
         self.pad_id = 0 if pad is None else int(pad)
 
     @classmethod
     def load(cls, model: str, *, dtype: str | None = None, device: str | None = None):
         """Load a Hugging Face folder or hub id, or an mlx-community quantized repo."""
-        return cls(load(model, dtype=dtype, device=device), model)
+        return cls(load(model, dtype=dtype, device=device))
 
     # ------------------------------------------------------------------ text
     def chat_prompt(self, system: str | None, user: str) -> str:
-        """Chat template with the generation prompt; no system role -> system text first."""
-        if system:
-            try:
-                return self._template([{"role": "system", "content": system}, _user(user)])
-            except Exception:  # templates without a system role raise (Gemma 2)
-                user = f"{system}\n\n{user}"
-        return self._template([_user(user)])
-
-    def _template(self, messages: list[dict]) -> str:
-        return self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
-        )
+        """Chat template with the generation prompt; no system role -> "{system}\n\n{user}"."""
+        return render_chat(self.tokenizer, system, user)
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False))
@@ -172,10 +166,6 @@ class MLXBackend:
             return None
         steer.validate(self.n_layers, self.hidden_size)
         return SteerPlan.of(steer, DTYPES[self.dtype])
-
-
-def _user(text: str) -> dict:
-    return {"role": "user", "content": text}
 
 
 def _chunks(seqs: list[list[int]], size: int) -> list[np.ndarray]:

@@ -12,7 +12,6 @@ from pertoken.backends.mlx.models import check_supported, get_classes
 from pertoken.errors import PertokenError
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
-END_OF_TURN = ("<end_of_turn>", "<|eot_id|>", "<|im_end|>")
 _PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.tiktoken", "*.txt"]
 
 
@@ -22,6 +21,7 @@ class Loaded:
     tokenizer: object  # the Hugging Face tokenizer
     config: dict
     path: Path
+    model_id: str
     dtype: str
     device: str
 
@@ -31,6 +31,8 @@ def model_path(model: str) -> Path:
     path = Path(model).expanduser()
     if path.exists():
         return path
+    if path.is_absolute() or model.startswith((".", "~")) or model.count("/") > 1:
+        raise PertokenError(f"model folder {model} does not exist: check the path")
     from huggingface_hub import snapshot_download
 
     try:
@@ -88,15 +90,13 @@ def load(model: str, *, dtype: str | None = None, device: str | None = None) -> 
         raise PertokenError(f"cannot load weights from {path}: {e}") from None
     net.set_dtype(DTYPES[dtype])
     tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))._tokenizer
-    return Loaded(net, tokenizer, config, path, dtype, device)
+    model_id = path.name if Path(model).expanduser().is_dir() else model
+    return Loaded(net, tokenizer, config, path, model_id, dtype, device)
 
 
-def stop_ids(config: dict, tokenizer) -> set[int]:
-    """Every id that ends an answer: config EOS ids, the tokenizer's EOS, end-of-turn tokens."""
-    ids = config.get("eos_token_id")
-    ids = set(ids if isinstance(ids, list) else [] if ids is None else [ids])
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    vocab = tokenizer.get_vocab()
-    ids.update(vocab[t] for t in END_OF_TURN if t in vocab)
-    return ids
+def generation_config(path: Path) -> dict:
+    """generation_config.json when the checkpoint has one (it may add EOS ids)."""
+    try:
+        return json.loads((path / "generation_config.json").read_text())
+    except (OSError, ValueError):
+        return {}
