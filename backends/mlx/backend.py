@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import mlx.core as mx
 import numpy as np
+
 from pertoken.backends.base import Steer, Summaries, TokenCallback, TokenTrace
 from pertoken.backends.chat import render_chat, stop_token_ids
 from pertoken.backends.mlx.batch import Batch, SteerPlan, full_pass, window_of

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
+
 from pertoken.backends.base import Steer, steer_mask
 from pertoken.backends.mlx.models.residual import Pass, attend_mask
 

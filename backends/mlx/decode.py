@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import KVCache
+
 from pertoken.backends.mlx.batch import Batch, SteerPlan, full_pass, step_pass, window_of
 
 # (batch row, answer token index, token id, hidden [len(rows), hidden] float32)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+
 from pertoken.backends.mlx.models import check_supported, get_classes
 from pertoken.errors import PertokenError
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 import numpy as np
+
 from pertoken.backends.mlx.batch import Batch, full_pass, window_of
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import BaseModelArgs
+
 from pertoken.backends.mlx.models.config import layer_types, rope_settings
 from pertoken.backends.mlx.models.residual import Pass, run_blocks
 

@@ -11,6 +11,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import BaseModelArgs
 from mlx_lm.models.rope_utils import initialize_rope
+
 from pertoken.backends.mlx.models.config import layer_types, rope_settings
 from pertoken.backends.mlx.models.residual import Pass, run_blocks
 
