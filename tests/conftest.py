@@ -1,6 +1,6 @@
 import pytest
 
-from tests.tiny_models import build_gemma2, build_llama
+from tests.tiny_models import build_gemma2, build_llama, build_qwen2
 
 
 @pytest.fixture(scope="session")
@@ -16,3 +16,8 @@ def gemma_dir(tmp_path_factory):
 @pytest.fixture(scope="session", params=["llama", "gemma2"])
 def model_dir(request, llama_dir, gemma_dir):
     return {"llama": llama_dir, "gemma2": gemma_dir}[request.param]
+
+
+@pytest.fixture(scope="session")
+def qwen_dir(tmp_path_factory):
+    return build_qwen2(tmp_path_factory.mktemp("models") / "tiny-qwen2")

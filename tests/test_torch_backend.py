@@ -271,3 +271,15 @@ def test_import_and_help_stay_light():
     assert out.returncode == 0, out.stderr
     for group in ("generate", "judge", "extract", "run", "steer", "monitor", "decompose"):
         assert group in out.stdout
+
+
+def test_qwen2_summaries_and_batching(qwen_dir):
+    b = load_backend(str(qwen_dir), "torch", dtype="float32", device="cpu")
+    ps = prompts(b)
+    assert "<|im_start|>system\nAnswer" in ps[0]
+    got = b.summaries(ps, ANSWERS, batch_size=3)
+    for i, (p, a) in enumerate(zip(ps, ANSWERS)):
+        for g, w in zip(got, reference_summaries(b.model, b.tokenizer, p, a)):
+            np.testing.assert_allclose(g[i], w, rtol=1e-4, atol=1e-5)
+    many = b.generate(ps, max_new_tokens=8, temperature=0, batch_size=3)
+    assert many == [b.generate([p], max_new_tokens=8, temperature=0)[0] for p in ps]

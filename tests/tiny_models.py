@@ -150,3 +150,37 @@ def build_gemma2(folder: Path, seed: int = 0, sliding_window: int = 8) -> Path:
     model = Gemma2ForCausalLM(config).float()
     model.save_pretrained(folder)
     return folder
+
+
+QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+QWEN_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_qwen2(folder: Path, seed: int = 0) -> Path:
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    folder.mkdir(parents=True, exist_ok=True)
+    names = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
+    vocab = _write_tokenizer(folder, QWEN_SPECIALS, QWEN_TEMPLATE, names)
+    eot, pad = _ids(folder, "<|im_end|>", "<|endoftext|>")
+    config = Qwen2Config(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        eos_token_id=eot,
+        pad_token_id=pad,
+        initializer_range=0.1,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config).float()
+    model.save_pretrained(folder)
+    return folder

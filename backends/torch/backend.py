@@ -99,7 +99,7 @@ class TorchBackend:
         seqs = self._encode_prompts(prompts)
         state = self._tap_state(steer)
         opts = self._options(max_new_tokens, temperature, top_p, steer)
-        batch_size = batch_size or (32 if self.device.startswith("cuda") else 8)
+        batch_size = batch_size or self._auto_batch(max(map(len, seqs)) + max_new_tokens)
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
         gen = torch.Generator(device=self.device).manual_seed(seed)
         answers: list[str] = [""] * len(seqs)
@@ -110,6 +110,17 @@ class TorchBackend:
                 for i, ids in zip(idx, decode(self.model, batch, state, opts, gen)):
                     answers[i] = self.decode(ids)
         return answers
+
+    def _auto_batch(self, max_len: int) -> int:
+        """Rows whose KV cache fits in 70% of free GPU memory (8 on the CPU), at most 128."""
+        if not self.device.startswith("cuda"):
+            return 8
+        c = self.model.config
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+        per_row = 2 * self.n_layers * kv_heads * head_dim * max_len * self.model.dtype.itemsize
+        free, _ = torch.cuda.mem_get_info()
+        return int(max(1, min(128, 0.7 * free // per_row)))
 
     @torch.inference_mode()
     def trace(

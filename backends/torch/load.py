@@ -42,7 +42,9 @@ def load_model_and_tokenizer(model: str, dtype: str, device: str):
     """(model in eval mode on device, tokenizer); a missing folder or hub id is a PertokenError."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # pertoken reports its own progress
     path = Path(model).expanduser()
     if _looks_local(model) and not path.is_dir():
         raise PertokenError(

@@ -1,0 +1,251 @@
+"""Write persona vectors in the formats other tools read, and read them back.
+
+- pt: the native `[n_layers + 1, hidden]` float32 tensor.
+- safetensors: one `[hidden]` tensor per row, `layer.{L}`, plus metadata.
+- gguf: a llama.cpp / repeng control vector. Row L is `direction.{L-1}` (the output of block
+  L-1); llama.cpp rejects `direction.0`, so rows 0 and 1 cannot be written."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pertoken.errors import PertokenError
+from pertoken.rows import check_capture_rows
+from pertoken.vectors import PersonaVector, load_vector, save_vector
+
+FORMATS = ("pt", "safetensors", "gguf")
+GGUF_ARCH = "controlvector"
+SAFETENSORS_FORMAT = "pertoken-persona-vector"
+FIRST_GGUF_ROW = 2  # direction.1 = row 2; direction.0 (row 1) is rejected by llama.cpp
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    format: str
+    rows: list[int]
+    left_out: list[int] = field(default_factory=list)  # rows the format cannot hold
+
+
+def format_of(path: str | Path, fmt: str | None = None) -> str:
+    """The export format: `fmt` when given, else from the file suffix."""
+    fmt = fmt or Path(path).suffix.lstrip(".").lower()
+    if fmt not in FORMATS:
+        raise PertokenError(
+            f"cannot tell the format of {path}: pass --format {'|'.join(FORMATS)} "
+            "or an --out ending in .pt, .safetensors or .gguf"
+        )
+    return fmt
+
+
+def export_vector(
+    vector: str | Path | PersonaVector,
+    *,
+    out: str | Path,
+    fmt: str | None = None,
+    layers: list[int] | None = None,
+    model_hint: str | None = None,
+) -> ExportResult:
+    """Write `vector` to `out` as pt, safetensors or gguf (default: from the suffix).
+
+    layers: rows to write (default all; for gguf 2..n_layers, since rows 0-1 cannot be held).
+    model_hint: the GGUF `controlvector.model_hint` (default: the vector's model_type or model)."""
+    vec = vector if isinstance(vector, PersonaVector) else load_vector(vector)
+    fmt, out = format_of(out, fmt), Path(out)
+    rows, left_out = _rows(vec, fmt, layers)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "pt":
+        write_pt(vec, rows, out)
+    elif fmt == "safetensors":
+        write_safetensors(vec, rows, out)
+    else:
+        write_gguf(vec, rows, out, model_hint=model_hint or _hint(vec.meta))
+    return ExportResult(out, fmt, rows, left_out)
+
+
+def import_vector(
+    path: str | Path, *, out: str | Path | None = None, n_layers: int | None = None
+) -> PersonaVector:
+    """Read a GGUF control vector (or a pertoken .safetensors / .pt) into a persona vector.
+
+    Missing rows are zero; n_layers comes from the file unless given. Saved to `out` if set."""
+    path = Path(path)
+    if not path.is_file():
+        raise PertokenError(f"{path} does not exist: check the path")
+    fmt = format_of(path)
+    if fmt == "gguf":
+        vec = read_gguf(path, n_layers=n_layers)
+    elif fmt == "safetensors":
+        vec = read_safetensors(path, n_layers=n_layers)
+    else:
+        vec = load_vector(path)
+    if out is not None:
+        save_vector(vec, out)
+    return vec
+
+
+def _rows(vec: PersonaVector, fmt: str, layers: list[int] | None) -> tuple[list[int], list[int]]:
+    if layers is None:
+        first = FIRST_GGUF_ROW if fmt == "gguf" else 0
+        return list(range(first, vec.n_layers + 1)), list(range(first))
+    rows = sorted(set(layers))
+    check_capture_rows(rows, vec.n_layers)
+    bad = [r for r in rows if r < FIRST_GGUF_ROW]
+    if fmt == "gguf" and bad:
+        raise PertokenError(
+            f"rows {bad} cannot go into a GGUF control vector: row L is llama.cpp's "
+            "direction.{L-1} and llama.cpp rejects direction.0 (row 0 is the embedding); "
+            f"export rows {FIRST_GGUF_ROW}..{vec.n_layers}"
+        )
+    return rows, []
+
+
+def _hint(meta: dict) -> str:
+    return str(meta.get("model_type") or meta.get("model") or "unknown")
+
+
+# ---------------------------------------------------------------- pt
+def write_pt(vec: PersonaVector, rows: list[int], path: Path) -> None:
+    data = np.zeros_like(vec.data)  # [n_layers + 1, hidden]; rows left out stay zero
+    data[rows] = vec.data[rows]
+    meta = dict(vec.meta)
+    if len(rows) < vec.n_layers + 1:
+        meta["rows"] = rows
+    save_vector(PersonaVector(data, meta), path)
+
+
+# ---------------------------------------------------------------- safetensors
+def write_safetensors(vec: PersonaVector, rows: list[int], path: Path) -> None:
+    from safetensors.numpy import save_file
+
+    tensors = {f"layer.{r}": np.ascontiguousarray(vec.data[r], dtype=np.float32) for r in rows}
+    metadata = {
+        "format": SAFETENSORS_FORMAT,
+        "n_layers": str(vec.n_layers),
+        "hidden_size": str(vec.hidden_size),
+        "layers": ",".join(map(str, rows)),
+        "convention": "layer.L is HF output_hidden_states[L], the output of decoder block L-1",
+        "meta": json.dumps(vec.meta),
+    }
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def read_safetensors(path: Path, *, n_layers: int | None = None) -> PersonaVector:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            metadata = f.metadata() or {}
+            rows = {_row_of(k, path): f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    except Exception as e:
+        raise PertokenError(f"{path} is not a readable .safetensors file ({e})") from None
+    if metadata.get("format") != SAFETENSORS_FORMAT:
+        raise PertokenError(f"{path} was not written by `pertoken export`: no pertoken metadata")
+    n_layers = n_layers or int(metadata.get("n_layers", max(rows, default=0)))
+    try:
+        meta = json.loads(metadata.get("meta") or "{}")
+    except json.JSONDecodeError:
+        meta = {}
+    return PersonaVector(_assemble(rows, n_layers, path), meta)
+
+
+def _row_of(name: str, path: Path) -> int:
+    m = re.fullmatch(r"layer\.(\d+)", name)
+    if not m:
+        raise PertokenError(f"{path} holds tensor {name!r}; pertoken files hold layer.L tensors")
+    return int(m.group(1))
+
+
+# ---------------------------------------------------------------- gguf
+def write_gguf(vec: PersonaVector, rows: list[int], path: Path, *, model_hint: str) -> None:
+    """A control vector as llama.cpp's `--control-vector` and repeng read it: architecture
+    "controlvector", model_hint, layer_count, and 1-D F32 tensors `direction.{L-1}`."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), GGUF_ARCH)
+    writer.add_string(f"{GGUF_ARCH}.model_hint", model_hint)
+    # direction slots 1..n_layers-1, as repeng and llama.cpp's cvector-generator count them
+    writer.add_uint32(f"{GGUF_ARCH}.layer_count", vec.n_layers - 1)
+    for r in rows:
+        writer.add_tensor(f"direction.{r - 1}", np.ascontiguousarray(vec.data[r], np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def read_gguf(path: Path, *, n_layers: int | None = None) -> PersonaVector:
+    """Rows from `direction.N` tensors (row N+1); n_layers from layer_count + 1 unless given."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:
+        raise PertokenError(f"{path} is not a readable GGUF file ({e})") from None
+    arch = _field(reader, "general.architecture")
+    if arch is not None and arch != GGUF_ARCH:
+        raise PertokenError(
+            f"{path} is a GGUF {arch!r} file, not a control vector: pass a file written by "
+            "`pertoken export --format gguf`, repeng or llama.cpp's cvector-generator"
+        )
+    rows: dict[int, np.ndarray] = {}
+    for t in reader.tensors:
+        n = _direction_index(t, path)
+        data = np.asarray(t.data, dtype=np.float32).reshape(-1)
+        rows[n + 1] = rows[n + 1] + data if n + 1 in rows else data.copy()
+    count = _field(reader, f"{GGUF_ARCH}.layer_count")
+    top = max(rows, default=0)
+    n_layers = n_layers or max(int(count) + 1 if count is not None else 0, top)
+    hint = _field(reader, f"{GGUF_ARCH}.model_hint")
+    meta = (
+        {"imported_from": str(path), "model_hint": hint} if hint else {"imported_from": str(path)}
+    )
+    return PersonaVector(_assemble(rows, n_layers, path), meta)
+
+
+def _direction_index(t, path: Path) -> int:
+    import gguf
+
+    m = re.fullmatch(r"direction\.(\d+)", t.name)
+    if not m or int(m.group(1)) == 0:
+        raise PertokenError(
+            f"{path} holds tensor {t.name!r}: a control vector holds only direction.N, N >= 1"
+        )
+    if t.tensor_type != gguf.GGMLQuantizationType.F32 or len(t.shape) != 1:
+        raise PertokenError(
+            f"{path}: {t.name} is {t.tensor_type.name} of shape {list(t.shape)}; "
+            "llama.cpp control vectors hold 1-D F32 tensors"
+        )
+    return int(m.group(1))
+
+
+def _field(reader, key: str):
+    f = reader.get_field(key)
+    if f is None:
+        return None
+    if hasattr(f, "contents"):
+        return f.contents()
+    value = f.parts[f.data[0]]  # gguf < 0.11 has no contents()
+    return bytes(value).decode() if f.types[0].name == "STRING" else value.tolist()[0]
+
+
+def _assemble(rows: dict[int, np.ndarray], n_layers: int, path: Path) -> np.ndarray:
+    if not rows:
+        raise PertokenError(f"{path} holds no direction tensors")
+    widths = {len(v) for v in rows.values()}
+    if len(widths) != 1:
+        raise PertokenError(f"{path} mixes direction widths {sorted(widths)}")
+    if max(rows) > n_layers:
+        raise PertokenError(
+            f"{path} holds row {max(rows)} but n_layers is {n_layers}: pass --n-layers "
+            "with the model's number of decoder blocks"
+        )
+    data = np.zeros((n_layers + 1, widths.pop()), dtype=np.float32)  # [n_layers + 1, hidden]
+    for r, v in rows.items():
+        data[r] = v
+    return data
