@@ -176,3 +176,22 @@ def test_persona_vectors_agree(pair, tmp_path):
         assert kind != "response_avg" or not zero.any()
         cos = (da * db).sum(-1)[~zero] / (na * nb)[~zero]
         assert cos.min() > 0.9999, (kind, cos)
+
+
+def test_qwen2_agrees(qwen_dir):
+    # Qwen 2 adds biases to q, k and v (not o): same rows, logits and tokens on both backends.
+    t = load_backend(str(qwen_dir), "torch", dtype="float32", device="cpu")
+    m = load_backend(str(qwen_dir), "mlx", dtype="float32", device="cpu")
+    ps = prompts(t)
+    assert ps == prompts(m)
+    for g, w in zip(m.summaries(ps, ANSWERS), t.summaries(ps, ANSWERS), strict=True):
+        assert rel_err(g, w) < 1e-4
+    steer = Steer.single(2, rand(15), 5.0, positions="response")
+    P = len(t.encode(ps[0]))
+    np.testing.assert_allclose(
+        m.logits(ps[0] + ANSWERS[0], steer=steer, prompt_len=P),
+        t.logits(ps[0] + ANSWERS[0], steer=steer, prompt_len=P),
+        atol=1e-4,
+    )
+    kw = {"max_new_tokens": 20, "temperature": 0, "steer": steer, "batch_size": 3}
+    assert m.generate(ps, **kw) == t.generate(ps, **kw)
