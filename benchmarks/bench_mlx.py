@@ -62,16 +62,17 @@ def random_llama(hidden: int, layers: int, folder: Path, vocab: int = 1024) -> P
     return folder
 
 
-def paired_times(ours, theirs, reps: int) -> tuple[float, float]:
-    """Median seconds of each, runs interleaved so a busy machine slows both alike."""
-    ours(), theirs()  # warm-up
-    a, b = [], []
+def paired_rates(ours, theirs, reps: int) -> tuple[float, float]:
+    """Units per second (each function returns its units of work), median of `reps` runs
+    interleaved so that a busy machine slows both alike, after one warm-up run each."""
+    units = ours(), theirs()
+    times = ([], [])
     for _ in range(reps):
-        for fn, times in ((ours, a), (theirs, b)):
+        for fn, ts in zip((ours, theirs), times, strict=True):
             t0 = time.perf_counter()
             fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(a), statistics.median(b)
+            ts.append(time.perf_counter() - t0)
+    return units[0] / statistics.median(times[0]), units[1] / statistics.median(times[1])
 
 
 def prompt_ids(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -108,10 +109,11 @@ def mlx_lm_generate(model, tokenizer, seqs, new: int) -> int:
     return sum(len(t) for t in out.token_ids)
 
 
-def mlx_lm_forwards(model, seqs, batch_size: int) -> None:
+def mlx_lm_forwards(model, seqs, batch_size: int) -> int:
     """Plain mlx-lm forwards (logits of every position) over the same padded batches."""
     for i in range(0, len(seqs), batch_size):
         mx.eval(model(Batch.of(seqs[i : i + batch_size]).ids))
+    return len(seqs)
 
 
 def generation_rows(b, model, tokenizer, args):
@@ -127,8 +129,7 @@ def generation_rows(b, model, tokenizer, args):
         def theirs(s=seqs):
             return mlx_lm_generate(model, tokenizer, s, args.new_tokens)
 
-        t_ours, t_theirs = paired_times(ours, theirs, args.reps)
-        pt, base = ours() / t_ours, theirs() / t_theirs
+        pt, base = paired_rates(ours, theirs, args.reps)
         name = "mlx-lm " + ("generate_step" if batch == 1 else "batch_generate")
         yield f"gen tok/s, batch {batch}, steered + {len(rows)} rows captured", pt, base, name
 
@@ -139,12 +140,11 @@ def summaries_row(b, model, args):
     prompts = [" ".join(f"t{i}" for i in s[:half]) for s in seqs]
     answers = [" " + " ".join(f"t{i}" for i in s[half:]) for s in seqs]
     eb = args.extract_batch
-    t_ours, t_theirs = paired_times(
-        lambda: b.summaries(prompts, answers, batch_size=eb),
+    pt, base = paired_rates(
+        lambda: len(b.summaries(prompts, answers, batch_size=eb).prompt_avg),
         lambda: mlx_lm_forwards(model, seqs, eb),
         args.reps,
     )
-    pt, base = len(seqs) / t_ours, len(seqs) / t_theirs
     what = f"summaries seq/s, {args.extract_len} tokens, batch {eb}"
     return what, pt, base, "mlx-lm forward (logits only)"
 
