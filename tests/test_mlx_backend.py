@@ -48,6 +48,16 @@ def test_default_dtype_on_cpu_is_float32(llama_dir):
     assert load_backend(str(llama_dir), "mlx").dtype == "float32"
 
 
+def test_cli_loads_the_mlx_backend(llama_dir):
+    from pertoken.backends.mlx import MLXBackend
+    from pertoken.cli import load_model
+
+    b = load_model(str(llama_dir), "mlx", None, "cpu")
+    assert isinstance(b, MLXBackend) and b.device == "cpu"
+    with pytest.raises(PertokenError, match="gpu or cpu"):
+        load_model(str(llama_dir), "mlx", None, "cuda")
+
+
 def test_summaries_batch_one_equals_batch_n(backend):
     ps = prompts(backend)
     one = [backend.summaries([p], [a]) for p, a in zip(ps, ANSWERS)]
