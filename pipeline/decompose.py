@@ -128,6 +128,31 @@ def layer_warning(sae: SAE, layer: int) -> str | None:
     return None
 
 
+def sae_feature_hook(
+    spec: str, *, rows: list[int], hidden_size: int, layer: int | None = None, top: int = 5
+):
+    """A monitor `on_trace` hook adding each token's top SAE features at the SAE's row.
+
+    The row is `layer`, else the SAE's own (Gemma Scope layer_n reads row n+1); it must be one
+    of the monitored rows, whose captured states the hook reuses."""
+    sae = load_sae(spec)
+    row = layer if layer is not None else sae_row(sae)
+    if row is None:
+        raise PertokenError(f"SAE {spec} does not say which layer it reads: pass --sae-layer L")
+    if row not in rows:
+        raise PertokenError(
+            f"SAE {spec} reads row {row}, which is not monitored: add {row} to --layers"
+        )
+    check_width(sae, hidden_size, "this model")
+
+    def hook(record: dict, trace) -> None:
+        hidden = trace.hidden[:, list(trace.rows).index(row)]  # [T, hidden]
+        record["features"] = token_features(sae, hidden, top=top)
+        record["settings"] = {**record.get("settings", {}), "sae_layer": row}
+
+    return hook
+
+
 def sae_row(sae: SAE) -> int | None:
     """The vector row the SAE reads (Gemma Scope layer_{n} -> row n+1), None when unknown."""
     return None if sae.info.layer is None else sae.info.layer + 1

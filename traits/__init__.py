@@ -1,1 +1,5 @@
-"""Bundled trait kits."""
+"""Bundled trait kits and the loader for kit files and upstream trait folders."""
+
+from pertoken.traits.kit import Trait, fill_rubric, list_traits, load_trait
+
+__all__ = ["Trait", "fill_rubric", "list_traits", "load_trait"]

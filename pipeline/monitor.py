@@ -1,0 +1,222 @@
+"""Per-token monitoring: generate answers and project every answer token onto persona vectors.
+
+A trace record is one answer as plain JSON-ready Python:
+    label, prompt (the user's message), system, chat_prompt, text, tokens, token_ids,
+    vectors (names), layers (rows), projections [token][vector][layer] (h . v / |v|),
+    cos_sim [token][vector][layer], mean [vector][layer] (mean projection over the answer),
+    settings (model, backend, generation and steering options),
+    and optionally features [token] -> [{"id": int, "act": float}, ...] (SAE features).
+trace.json holds the record itself for one answer, and {"traces": [record, ...]} for several.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from pertoken.backends.base import Steer, TokenTrace
+from pertoken.errors import PertokenError
+from pertoken.pipeline.live import LivePrinter
+from pertoken.pipeline.projection import project, project_rows
+from pertoken.rows import check_capture_rows
+from pertoken.vectors import PersonaVector
+
+# Called once per finished trace, before files are written, e.g. to add `features`.
+TraceHook = Callable[[dict, TokenTrace], None]
+
+
+def monitor(
+    backend,
+    *,
+    prompts: list[str],
+    vectors: dict[str, PersonaVector],
+    layers: list[int],
+    system: str | None = None,
+    max_new_tokens: int = 200,
+    steer: Steer | None = None,
+    temperature: float = 0.0,
+    seed: int = 0,
+    out_dir: str | Path | None = ".",
+    live: bool = True,
+    compare_unsteered: bool = False,
+    settings: dict | None = None,
+    on_trace: TraceHook | None = None,
+    stream=None,
+) -> list[dict]:
+    """Generate an answer to each prompt and project each answer token onto `vectors`.
+
+    Prints tokens coloured by the first vector at the first layer while generating (`live`),
+    then writes trace.json and trace.html into `out_dir` (None: write nothing). With `steer`
+    and `compare_unsteered`, each prompt is also answered unsteered (same seed). `settings` is
+    merged into each record's settings; `on_trace(record, trace)` may add fields such as
+    `features`. Defaults: greedy (temperature 0), 200 new tokens, seed 0.
+    """
+    names, directions = _directions(backend, vectors, layers)
+    if not prompts:
+        raise PertokenError("no prompts to monitor: give a prompt or --prompts FILE")
+    printer = (
+        LivePrinter(lambda h: project(h[0], directions[0, 0]), stream=stream) if live else None
+    )
+    runs = _runs(prompts, steer, compare_unsteered)
+    base = _settings(backend, max_new_tokens, temperature, seed, settings)
+    records: list[dict] = []
+    try:
+        for label, user, run_steer in runs:
+            chat = backend.chat_prompt(system, user)
+            if printer and len(runs) > 1:
+                printer.line(f"\n== {label}")
+            trace = backend.trace(
+                chat,
+                rows=list(layers),
+                max_new_tokens=max_new_tokens,
+                steer=run_steer,
+                temperature=temperature,
+                seed=seed,
+                on_token=printer,
+            )
+            rec = trace_record(trace, names=names, directions=directions, layers=layers)
+            rec.update(label=label, prompt=user, system=system, chat_prompt=chat)
+            rec["settings"] = {**base, **_steer_settings(run_steer)}
+            if on_trace:
+                on_trace(rec, trace)
+            records.append(rec)
+            if printer:
+                printer.line()
+                printer.line(_mean_line(rec))
+    finally:
+        # An interrupted run still keeps the answers it finished.
+        if out_dir is not None and records:
+            write_outputs(records, out_dir)
+    return records
+
+
+def trace_record(
+    trace: TokenTrace, *, names: list[str], directions: np.ndarray, layers: list[int]
+) -> dict:
+    """The JSON-ready projections of one TokenTrace; directions is [K, L, hidden]."""
+    if list(trace.rows) != list(layers):
+        raise PertokenError(f"backend returned rows {trace.rows}, asked for {layers}")
+    hidden = np.asarray(trace.hidden, np.float32).reshape(len(trace.tokens), len(layers), -1)
+    proj, cos = project_rows(hidden, directions)  # [T, K, L] each
+    mean = proj.mean(axis=0) if len(proj) else np.zeros(directions.shape[:2])
+    return {
+        "text": trace.text,
+        "tokens": list(trace.tokens),
+        "token_ids": [int(t) for t in trace.token_ids],
+        "vectors": list(names),
+        "layers": [int(x) for x in layers],
+        "projections": _json_floats(proj),
+        "cos_sim": _json_floats(cos),
+        "mean": _json_floats(mean),
+    }
+
+
+def _json_floats(a: np.ndarray) -> list:
+    """Nested lists of floats, with null where a value is not finite (JSON has no NaN)."""
+    a = np.asarray(a, np.float64)
+    if np.all(np.isfinite(a)):
+        return a.tolist()
+    return np.where(np.isfinite(a), a, None).tolist()
+
+
+def write_outputs(records: list[dict], out_dir: str | Path) -> tuple[Path, Path]:
+    """Write trace.json and trace.html into out_dir; returns their paths."""
+    from pertoken.pipeline.trace_page import write_page
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data = records[0] if len(records) == 1 else {"traces": records}
+    json_path = out / "trace.json"
+    json_path.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n")
+    return json_path, write_page(records, out / "trace.html")
+
+
+def load_traces(path: str | Path) -> list[dict]:
+    """The trace records of a trace.json, whether it holds one trace or several."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise PertokenError(f"could not read traces from {path}: {e}") from None
+    return data["traces"] if isinstance(data, dict) and "traces" in data else [data]
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """Prompts from a file: a JSON list of strings, or one prompt per non-empty line."""
+    path = Path(path)
+    if not path.is_file():
+        raise PertokenError(f"prompts file {path} does not exist: check the path")
+    text = path.read_text()
+    if text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise PertokenError(f"{path} is not valid JSON ({e.msg}, line {e.lineno})") from None
+        if not all(isinstance(x, str) for x in items):
+            raise PertokenError(f"{path} must be a JSON list of strings")
+        prompts = [x for x in items if x.strip()]
+    else:
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise PertokenError(f"{path} holds no prompts: write one per line or a JSON list")
+    return prompts
+
+
+def _directions(backend, vectors: dict[str, PersonaVector], layers: list[int]):
+    """Vector names and their rows at `layers` ([K, L, hidden] float32), checked for the model."""
+    if not vectors:
+        raise PertokenError("no vectors to monitor: give --vector NAME=FILE.pt")
+    if not layers:
+        raise PertokenError("no layers to monitor: give --layers, e.g. 16,20")
+    check_capture_rows(list(layers), backend.n_layers)
+    for name, vec in vectors.items():
+        vec.check_model(backend.n_layers, backend.hidden_size, f"vector {name!r}")
+        if np.any(np.linalg.norm(vec.data[list(layers)], axis=-1) == 0):
+            raise PertokenError(f"vector {name!r} is all zeros at one of layers {list(layers)}")
+    names = list(vectors)
+    return names, np.stack([vectors[n].data[list(layers)] for n in names]).astype(np.float32)
+
+
+def _runs(prompts: list[str], steer: Steer | None, compare: bool) -> list[tuple]:
+    """(label, user prompt, steer) for each answer to generate."""
+    runs = []
+    for i, p in enumerate(prompts):
+        name = f"prompt {i + 1}" if len(prompts) > 1 else "answer"
+        if steer is not None and compare:
+            runs += [(f"{name} (unsteered)", p, None), (f"{name} (steered)", p, steer)]
+        else:
+            runs.append((name + (" (steered)" if steer is not None else ""), p, steer))
+    return runs
+
+
+def _settings(backend, max_new_tokens, temperature, seed, extra: dict | None) -> dict:
+    return {
+        "model": getattr(backend, "model_id", None),
+        "backend": getattr(backend, "name", None),
+        "dtype": getattr(backend, "dtype", None),
+        "max_new_tokens": max_new_tokens,
+        "temperature": temperature,
+        "seed": seed,
+        **(extra or {}),
+    }
+
+
+def _steer_settings(steer: Steer | None) -> dict:
+    if steer is None:
+        return {"steer": None}
+    terms = [
+        {"layer": t.row, "coef": t.coef, "norm": float(np.linalg.norm(t.vector))}
+        for t in steer.terms
+    ]
+    return {"steer": {"positions": steer.positions, "terms": terms}}
+
+
+def _mean_line(rec: dict) -> str:
+    parts = [
+        f"{v}@{layer}={rec['mean'][k][j]:+.3f}"
+        for k, v in enumerate(rec["vectors"])
+        for j, layer in enumerate(rec["layers"])
+    ]
+    return "mean projection: " + "  ".join(parts)

@@ -1,0 +1,28 @@
+"""The judge's score (CONVENTIONS): the expected number under the judge's next-token
+distribution, over tokens that are integers 0..100; missing when they carry < 0.25 of the mass."""
+
+from __future__ import annotations
+
+import math
+import re
+
+MIN_NUMBER_MASS = 0.25
+_INT = re.compile(r"\s*[0-9]+\s*")
+
+
+def number_probs(top_logprobs: list[tuple[str, float]]) -> dict[int, float]:
+    """{k: p(k)} from (token, logprob) pairs, keeping tokens that read as an integer 0..100."""
+    probs: dict[int, float] = {}
+    for token, logprob in top_logprobs:
+        if _INT.fullmatch(token) and 0 <= int(token) <= 100:
+            k = int(token)
+            probs[k] = probs.get(k, 0.0) + math.exp(logprob)
+    return probs
+
+
+def aggregate_score(probs: dict[int, float]) -> float | None:
+    """sum(k * p(k)) / sum(p(k)), or None when sum(p(k)) < 0.25 (a refusal, say)."""
+    total = sum(probs.values())
+    if total < MIN_NUMBER_MASS:
+        return None
+    return sum(k * p for k, p in probs.items()) / total

@@ -1,0 +1,115 @@
+"""Steering: build a Steer from vector files and compare a steered answer with the unsteered one."""
+
+from __future__ import annotations
+
+import shutil
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+from pertoken.backends.base import POSITIONS, Positions, Steer, SteerTerm
+from pertoken.errors import PertokenError
+from pertoken.vectors import load_vector
+
+
+@dataclass(frozen=True)
+class SteerSpec:
+    """One steering term as the user wrote it: a vector file, a row and a coefficient."""
+
+    path: str
+    layer: int
+    coef: float
+
+    def describe(self) -> str:
+        return f"{Path(self.path).name} layer {self.layer} coef {self.coef:g}"
+
+
+def parse_steer_spec(text: str) -> SteerSpec:
+    """'V.pt:LAYER:COEF' -> SteerSpec (the path may itself contain colons)."""
+    parts = text.rsplit(":", 2)
+    try:
+        if len(parts) != 3:
+            raise ValueError
+        return SteerSpec(parts[0], int(parts[1]), float(parts[2]))
+    except ValueError:
+        raise PertokenError(
+            f"could not read --steer {text!r}: write it as VECTOR.pt:LAYER:COEF, e.g. v.pt:16:2.0"
+        ) from None
+
+
+def zip_specs(vectors: list[str], layers: list[int], coefs: list[float]) -> list[SteerSpec]:
+    """Pair the i-th --vector, --layer and --coef; the three counts must match."""
+    if not (len(vectors) == len(layers) == len(coefs)):
+        raise PertokenError(
+            f"got {len(vectors)} --vector, {len(layers)} --layer and {len(coefs)} --coef: "
+            "give one --layer and one --coef for each --vector"
+        )
+    if not vectors:
+        raise PertokenError("nothing to steer with: give --vector, --layer and --coef")
+    return [
+        SteerSpec(v, int(la), float(c)) for v, la, c in zip(vectors, layers, coefs, strict=True)
+    ]
+
+
+def build_steer(backend, specs: list[SteerSpec], *, positions: Positions = "all") -> Steer:
+    """Load each spec's vector, check it fits `backend`'s model and return one Steer."""
+    if positions not in POSITIONS:
+        raise PertokenError(f"positions must be one of {', '.join(POSITIONS)}, not {positions!r}")
+    terms = []
+    for spec in specs:
+        vec = load_vector(spec.path)
+        vec.check_model(backend.n_layers, backend.hidden_size, spec.path)
+        terms.append(SteerTerm(spec.layer, vec.row(spec.layer), spec.coef))
+    steer = Steer(terms, positions)
+    steer.validate(backend.n_layers, backend.hidden_size)
+    return steer
+
+
+@dataclass
+class SteerComparison:
+    prompt: str  # the user's message
+    chat_prompt: str  # what the model was given
+    unsteered: str
+    steered: str
+
+
+def steer_compare(
+    backend,
+    prompt: str,
+    *,
+    steer: Steer,
+    system: str | None = None,
+    max_new_tokens: int = 200,
+    temperature: float = 0.0,
+    seed: int = 0,
+) -> SteerComparison:
+    """Answer `prompt` without and with `steer`, same seed, and return both answers.
+
+    temperature 0 (default) is greedy; max_new_tokens defaults to 200."""
+    chat = backend.chat_prompt(system, prompt)
+    opts = dict(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    plain = backend.generate([chat], **opts)[0]
+    steered = backend.generate([chat], steer=steer, **opts)[0]
+    return SteerComparison(prompt, chat, plain, steered)
+
+
+def side_by_side(left: str, right: str, *, titles=("unsteered", "steered"), width=None) -> str:
+    """Two texts in two columns (stacked when the terminal is narrower than 80 columns)."""
+    width = width or shutil.get_terminal_size((100, 20)).columns
+    if width < 80:
+        return "\n\n".join(f"--- {t} ---\n{x}" for t, x in zip(titles, (left, right), strict=True))
+    col = (width - 3) // 2
+    cols = [_wrap(x, col) for x in (left, right)]
+    n = max(len(c) for c in cols)
+    cols = [c + [""] * (n - len(c)) for c in cols]
+    head = f"{titles[0]:<{col}} | {titles[1]}"
+    lines = [head, f"{'-' * col}-+-{'-' * col}"]
+    lines += [f"{a:<{col}} | {b}".rstrip() for a, b in zip(*cols, strict=True)]
+    return "\n".join(lines)
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    out = []
+    for para in text.splitlines() or [""]:
+        out += textwrap.wrap(para, width, replace_whitespace=False, drop_whitespace=True) or [""]
+    return out

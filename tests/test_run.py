@@ -1,0 +1,112 @@
+"""`pertoken run` end to end on the tiny model with the fake judge, then resumed."""
+
+import csv
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import pertoken.backends
+from pertoken.cli import main
+from pertoken.pipeline.run import default_model, run_folder
+from tests.fake_openai import serve_fake_openai
+from tests.small_kit import write_kit
+
+
+def rows_of(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model gains nothing from threads on a shared machine
+    yield
+    torch.set_num_threads(n)
+
+
+def test_defaults_and_folder():
+    assert default_model("torch") == "google/gemma-2-9b-it"
+    assert str(run_folder("runs", "mlx-community/gemma-2-9b-it-4bit/", "evil")) == (
+        "runs/gemma-2-9b-it-4bit/evil"
+    )
+
+
+def test_run_end_to_end_then_resume(tmp_path, llama_dir, monkeypatch):
+    monkeypatch.setenv("PERTOKEN_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    kit = write_kit(tmp_path, "evil", n_questions=2, n_instructions=2)
+    loads = []
+    real_load = pertoken.backends.load_backend
+
+    def counting_load(*args, **kw):
+        backend = real_load(*args, **kw)
+        loads.append(backend)
+        original = backend.generate
+        backend.generated = 0
+
+        def generate(prompts, **kw):
+            backend.generated += len(prompts)
+            return original(prompts, **kw)
+
+        backend.generate = generate
+        return backend
+
+    monkeypatch.setattr(pertoken.backends, "load_backend", counting_load)
+    with serve_fake_openai() as server:
+        args = [
+            "run",
+            "--model",
+            str(llama_dir),
+            "--backend",
+            "torch",
+            "--dtype",
+            "float32",
+            "--trait",
+            str(kit),
+            "--out",
+            str(tmp_path / "runs"),
+            "--n-per-question",
+            "2",
+            "--max-new-tokens",
+            "6",
+            "--judge-model",
+            "judge-x",
+            "--base-url",
+            server.url,
+            "--threshold",
+            "30",
+        ]
+        r = CliRunner().invoke(main, args)
+        assert r.exit_code == 0, r.output
+        folder = tmp_path / "runs" / "tiny-llama" / "evil"
+        vectors = [
+            folder / "vectors" / f"evil_{k}_diff.pt"
+            for k in ("response_avg", "prompt_avg", "prompt_last")
+        ]
+        assert all(str(v) in r.output for v in vectors) and all(v.is_file() for v in vectors)
+        # the fake judge passes every pair at threshold 30; only empty answers drop out
+        pos, neg = (rows_of(folder / f"evil_{p}_instruct.csv") for p in ("pos", "neg"))
+        kept = sum(bool(p["answer"]) and bool(n["answer"]) for p, n in zip(pos, neg))
+        assert kept >= 4 and f"pairs kept: {kept} of 8" in r.output
+        for stage in ("generate pos", "generate neg", "judge pos", "judge neg", "extract"):
+            assert f"{stage}" in r.output
+        assert "skipped" not in r.output
+        assert len(loads) == 1 and loads[0].generated == 16
+        n_requests = len(server.requests)
+        assert n_requests > 0
+        before = {v: v.stat().st_mtime_ns for v in vectors}
+
+        r = CliRunner().invoke(main, args)  # everything is done: nothing is recomputed
+        assert r.exit_code == 0, r.output
+        assert r.output.count("skipped") == 5 and f"pairs kept: {kept} of 8" in r.output
+        assert len(loads) == 1 and len(server.requests) == n_requests
+        assert {v: v.stat().st_mtime_ns for v in vectors} == before
+
+        for v in vectors:  # lose the vectors: only extraction runs again
+            v.unlink()
+        r = CliRunner().invoke(main, args)
+        assert r.exit_code == 0, r.output
+        assert r.output.count("skipped") == 4 and all(v.is_file() for v in vectors)
+        assert len(loads) == 2 and loads[1].generated == 0 and len(server.requests) == n_requests

@@ -1,0 +1,134 @@
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pertoken.backends.base import TokenTrace
+from pertoken.pipeline.monitor import trace_record, write_outputs
+from pertoken.pipeline.trace_page import embed_json, render_page
+from tests import cdp
+
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+EVIL = [
+    "<script>window.__pwned=1</script>",
+    "</script><script>window.__pwned=3</script>",
+    "<img src=x onerror=window.__pwned=2>",
+]
+TOKENS = ["Hello", ",", " I", " will", " write", " ", *EVIL, "\n", " and", " stop", " &amp;", "."]
+
+
+def _records():
+    """Two traces whose colours differ between layers: layer 1 flips the sign of layer 0."""
+    rng = np.random.default_rng(0)
+    dirs = rng.normal(size=(2, 2, 8)).astype(np.float32)  # [K, L, hidden]
+    dirs[:, 1] = dirs[:, 0]
+    recs = []
+    for label, sign in (("answer (unsteered)", 1.0), ("answer (steered)", -0.5)):
+        base = rng.normal(size=(len(TOKENS), 8)).astype(np.float32)
+        hidden = np.stack([sign * base, -3 * sign * base], axis=1)  # [T, 2, hidden]
+        trace = TokenTrace("p", "".join(TOKENS), TOKENS, list(range(len(TOKENS))), [4, 9], hidden)
+        rec = trace_record(
+            trace, names=["paternalism", "deception"], directions=dirs, layers=[4, 9]
+        )
+        rec.update(label=label, prompt="Say <b>hi</b>", system=None, settings={"model": "tiny"})
+        recs.append(rec)
+    recs[0]["features"] = [[{"id": 100 + i, "act": 0.5 * i}] for i in range(len(TOKENS))]
+    return recs
+
+
+def test_embedded_json_cannot_close_its_script_block():
+    text = embed_json({"t": "</script><script>x()</script>", "u": "a\u2028b & c"})
+    assert "<" not in text and ">" not in text and "&" not in text
+    assert json.loads(text) == {"t": "</script><script>x()</script>", "u": "a\u2028b & c"}
+    page = render_page([{"tokens": EVIL}], title="</title><script>")
+    assert "<title>&lt;/title&gt;&lt;script&gt;</title>" in page
+    assert len(re.findall(r"<script\b", page)) == 2  # the data block and the page's own code
+
+
+@pytest.mark.slow
+def test_trace_page_in_headless_chromium(tmp_path):
+    binary = cdp.find_chromium()
+    if binary is None:
+        pytest.fail("chromium is not installed: apt-get install -y chromium (.ci/run does this)")
+    recs = _records()
+    _, page_path = write_outputs(recs, tmp_path / "out")
+    n = len(TOKENS)
+    with cdp.browser(binary, str(tmp_path / "profile")) as b:
+        page = b.open_page(page_path.as_uri())
+        assert page.eval("document.querySelectorAll('.tok').length") == 2 * n
+        # Token text arrives as text: the injected markup is visible and nothing ran.
+        texts = page.eval("[...document.querySelectorAll('.tok')].map(s => s.textContent)")
+        assert texts == TOKENS * 2
+        assert page.eval("typeof window.__pwned") == "undefined"
+        assert page.eval("document.querySelectorAll('img').length") == 0
+        assert page.eval("document.scripts.length") == 2
+
+        layer0 = _shown(page)
+        _assert_values(layer0, recs, layer=0)
+        assert len({c for _, c in layer0}) > 5  # tokens carry several distinct colours
+        assert all(c.startswith("rgb(") for _, c in layer0)
+
+        page.eval(
+            "const s = document.getElementById('layer'); s.value = '1';"
+            "s.dispatchEvent(new Event('change'))"
+        )
+        layer1 = _shown(page)
+        _assert_values(layer1, recs, layer=1)
+        changed = sum(a[1] != b[1] for a, b in zip(layer0, layer1, strict=True))
+        assert changed > n  # layer 9 flips the signs, so most colours change
+        assert page.eval("document.getElementById('scale-hi').textContent").startswith("+")
+
+        # Hover over the first script token: the tooltip names it and gives exact values.
+        box = page.eval(
+            "(() => { const r = document.querySelectorAll('.tok')[6]"
+            ".getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2];"
+            " })()"
+        )
+        page.hover(*box)
+        page.wait_for("document.getElementById('tip').style.display === 'block'")
+        tip = page.eval("document.getElementById('tip').textContent")
+        assert json.dumps(EVIL[0]) in tip
+        value = recs[0]["projections"][6][0][1]
+        assert f"{value:+.4f}" in tip and "SAE features: #106 (3.000)" in tip
+
+        # The other vector, and hovering the chart of the second trace near its end.
+        page.eval(
+            "const v = document.getElementById('vector'); v.value = '1';"
+            "v.dispatchEvent(new Event('change'))"
+        )
+        want = [p[1][1] for r in recs for p in r["projections"]]
+        np.testing.assert_allclose([v for v, _ in _shown(page)], want, rtol=1e-12)
+        x, y = page.eval(
+            "(() => { const c = document.querySelectorAll('section.card svg')[2];"
+            "c.scrollIntoView({block: 'center'}); const r = c.getBoundingClientRect();"
+            "return [r.right - 12, r.y + r.height / 2]; })()"
+        )
+        page.hover(x, y)
+        assert page.eval("document.querySelectorAll('.tok.hl').length") == 1
+        assert page.eval("document.querySelector('.tok.hl').dataset.index") == str(n - 1)
+        page.eval(
+            "['vector', 'layer'].forEach(id => { const s = document.getElementById(id);"
+            "s.value = '0'; s.dispatchEvent(new Event('change')); })"
+        )
+        page.eval("window.scrollTo(0, 0)")
+        page.hover(*box)
+
+        ARTIFACTS.mkdir(exist_ok=True)
+        shot = page.screenshot()
+        (ARTIFACTS / "trace_page.png").write_bytes(shot)
+        assert shot[:8] == b"\x89PNG\r\n\x1a\n" and len(shot) > 10_000
+
+
+def _shown(page):
+    """(data-value, background colour) of every token span, in page order."""
+    return page.eval(
+        "[...document.querySelectorAll('.tok')]"
+        ".map(s => [Number(s.dataset.value), getComputedStyle(s).backgroundColor])"
+    )
+
+
+def _assert_values(shown, recs, *, layer):
+    want = [p[0][layer] for r in recs for p in r["projections"]]
+    np.testing.assert_allclose([v for v, _ in shown], want, rtol=1e-12)
