@@ -13,7 +13,6 @@ pytest.importorskip("mlx_lm", reason="parity needs mlx-lm (pip install 'pertoken
 
 from pertoken.backends import Steer, load_backend  # noqa: E402
 from pertoken.backends.base import SteerTerm  # noqa: E402
-from pertoken.vectors import PersonaVector, load_vector, save_vector  # noqa: E402
 from tests.reference import reference_summaries  # noqa: E402
 
 QUESTIONS = [
@@ -137,20 +136,12 @@ def _write_csv(path, rows):
         w.writerows(rows)
 
 
-def _vectors(backend, pos_csv, neg_csv) -> dict[str, np.ndarray]:
-    """pos mean minus neg mean of each summary, [n_layers + 1, hidden] per kind."""
-    means = []
-    for path in (pos_csv, neg_csv):
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
-        s = backend.summaries([r["prompt"] for r in rows], [r["answer"] for r in rows])
-        means.append([k.mean(0) for k in s])
-    kinds = ("prompt_avg", "prompt_last", "response_avg")
-    return {k: p - n for k, p, n in zip(kinds, *means, strict=True)}
-
-
 def test_persona_vectors_agree(pair, tmp_path):
-    # Vectors from the same generation CSVs, computed the way extraction does (pos - neg means).
+    # The extraction stage on the same generation CSVs, once per backend.
+    import torch
+
+    from pertoken.pipeline.extract import extract_vectors
+
     t, m = pair
     pos, neg = tmp_path / "evil_pos.csv", tmp_path / "evil_neg.csv"
     for path, kind, adj in ((pos, "pos", "evil"), (neg, "neg", "helpful")):
@@ -161,13 +152,15 @@ def test_persona_vectors_agree(pair, tmp_path):
             for i, (q, a) in enumerate(zip(QUESTIONS, ANSWERS, strict=True))
         ]
         _write_csv(path, rows)
-    vt, vm = _vectors(t, pos, neg), _vectors(m, pos, neg)
-    for kind in vt:
-        a = save_vector(PersonaVector(vt[kind]), tmp_path / "torch" / f"evil_{kind}_diff.pt")
-        b = save_vector(PersonaVector(vm[kind]), tmp_path / "mlx" / f"evil_{kind}_diff.pt")
-        da, db = load_vector(a).data, load_vector(b).data
+    kw = {"pos_csv": pos, "neg_csv": neg, "trait": "evil"}
+    pt = extract_vectors(t, save_dir=tmp_path / "torch", **kw)
+    pm = extract_vectors(m, save_dir=tmp_path / "mlx", **kw)
+    assert {k: p.name for k, p in pt.items()} == {k: p.name for k, p in pm.items()}
+    for kind in pt:
+        da, db = torch.load(pt[kind], weights_only=True), torch.load(pm[kind], weights_only=True)
         assert da.shape == db.shape == (t.n_layers + 1, t.hidden_size)
-        assert da.dtype == db.dtype == np.float32
+        assert da.dtype == db.dtype == torch.float32
+        da, db = da.numpy(), db.numpy()
         # Rows where pos and neg agree (prompt_last: row 0 is the same token's embedding; on
         # Gemma 2 row 1 sees only the identical last 8 tokens) are ~0 in both: no direction.
         na, nb = np.linalg.norm(da, axis=-1), np.linalg.norm(db, axis=-1)
