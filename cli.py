@@ -54,7 +54,9 @@ def model_options(default_model: str | None = None):
             help="auto = mlx on Apple Silicon when installed.",
         )
         @click.option("--dtype", default=None, help="float32, bfloat16 or float16 (auto).")
-        @click.option("--device", default=None, help="cuda, cpu or mps (torch backend; auto).")
+        @click.option(
+            "--device", default=None, help="torch: cuda, cpu or mps; mlx: gpu or cpu (auto)."
+        )
         @functools.wraps(f)
         def inner(*args, **kwargs):
             return f(*args, **kwargs)

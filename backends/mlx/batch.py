@@ -1,0 +1,90 @@
+"""Left-padded batches and the forward passes over them (prefill, decode step, summaries)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+
+from pertoken.backends.base import Steer, steer_mask
+from pertoken.backends.mlx.models.residual import Pass, attend_mask
+
+
+@dataclass
+class Batch:
+    """Token ids of several sequences, padded on the left so they end together."""
+
+    ids: mx.array  # [B, T] int32
+    pad: np.ndarray  # [B] left padding per row
+    lens: np.ndarray  # [B] unpadded length per row
+
+    @classmethod
+    def of(cls, seqs: list[list[int]], pad_id: int = 0) -> Batch:
+        lens = np.array([len(s) for s in seqs])
+        T = int(lens.max())
+        ids = np.full((len(seqs), T), pad_id, dtype=np.int32)
+        for i, s in enumerate(seqs):
+            ids[i, T - len(s) :] = s
+        return cls(mx.array(ids), T - lens, lens)
+
+    @property
+    def valid(self) -> mx.array:
+        T = self.ids.shape[1]
+        return mx.array(np.arange(T)[None] >= self.pad[:, None])  # [B, T] bool
+
+    @property
+    def offset(self) -> mx.array:
+        # Rope positions count from each row's first real token.
+        return mx.array(-self.pad.astype(np.int32))  # [B]
+
+
+@dataclass
+class SteerPlan:
+    """A validated Steer as model-dtype arrays: row -> [hidden], plus where it acts."""
+
+    vectors: dict[int, mx.array]
+    positions: str
+
+    @classmethod
+    def of(cls, steer: Steer | None, dtype) -> SteerPlan | None:
+        if steer is None or not steer.terms:
+            return None
+        vectors = {r: mx.array(v).astype(dtype) for r, v in steer.by_row().items()}
+        return cls(vectors, steer.positions)
+
+    def prefill_on(self, batch: Batch, prompt_lens: np.ndarray) -> mx.array:
+        """[B, T, 1] in the vectors' dtype: 1 where steering acts, never on padding."""
+        B, T = batch.ids.shape
+        on = np.zeros((B, T), dtype=np.float32)
+        for b in range(B):
+            p, n = int(batch.pad[b]), int(batch.lens[b])
+            on[b, p:] = steer_mask(int(prompt_lens[b]), n, self.positions)
+        dtype = next(iter(self.vectors.values())).dtype
+        return mx.array(on[..., None]).astype(dtype)
+
+
+def window_of(model) -> int | None:
+    """The sliding window, when any layer uses one."""
+    return model.sliding_window if any(lay.use_sliding for lay in model.layers) else None
+
+
+def full_pass(batch: Batch, window: int | None, **kw) -> Pass:
+    """A Pass over a whole padded batch (prefill or a cache-free forward)."""
+    valid, T = batch.valid, batch.ids.shape[1]
+    return Pass(
+        offset=batch.offset,
+        mask=attend_mask(valid, T),
+        window_mask=attend_mask(valid, T, window) if window else None,
+        **kw,
+    )
+
+
+def step_pass(valid: mx.array, offset: mx.array, window: int | None, **kw) -> Pass:
+    """A Pass for one decode step; `valid` [B, S] already includes the new token."""
+    return Pass(
+        offset=offset,
+        mask=attend_mask(valid, 1),
+        window_mask=attend_mask(valid, 1, window) if window else None,
+        **kw,
+    )

@@ -1,0 +1,103 @@
+"""Reading checkpoints and tokenizers through mlx-lm, into pertoken's own model classes."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from pertoken.backends.mlx.models import check_supported, get_classes
+from pertoken.errors import PertokenError
+
+DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.tiktoken", "*.txt"]
+
+
+@dataclass
+class Loaded:
+    model: nn.Module
+    tokenizer: object  # the Hugging Face tokenizer
+    config: dict
+    path: Path
+    model_id: str
+    dtype: str
+    device: str
+
+
+def model_path(model: str) -> Path:
+    """A local folder, or a hub id fetched (or found in the cache) with huggingface_hub."""
+    path = Path(model).expanduser()
+    if path.exists():
+        return path
+    if path.is_absolute() or model.startswith((".", "~")) or model.count("/") > 1:
+        raise PertokenError(f"model folder {model} does not exist: check the path")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(model, allow_patterns=_PATTERNS))
+    except Exception as e:
+        raise PertokenError(
+            f"could not find model {model!r} as a folder or on the Hugging Face hub "
+            f"({type(e).__name__}): check the name, your network and `huggingface-cli login`"
+        ) from None
+
+
+def read_config(path: Path) -> dict:
+    try:
+        return json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        msg = f"cannot read {path / 'config.json'}: {e}; is this a model folder?"
+        raise PertokenError(msg) from None
+
+
+def pick_device(device: str | None) -> str:
+    gpu = mx.metal.is_available()
+    device = device or ("gpu" if gpu else "cpu")
+    device = "gpu" if device == "mps" else device
+    if device not in ("gpu", "cpu"):
+        raise PertokenError(f"the mlx backend runs on gpu or cpu, not {device!r}")
+    if device == "gpu" and not gpu:
+        raise PertokenError("no Metal GPU here: use --device cpu with the mlx backend")
+    return device
+
+
+def pick_dtype(dtype: str | None, config: dict, device: str) -> str:
+    """float32 on CPU; on the GPU the checkpoint's half type, else bfloat16."""
+    if dtype is None:
+        stored = config.get("torch_dtype") or config.get("dtype")
+        half = stored if stored in ("bfloat16", "float16") else "bfloat16"
+        return "float32" if device == "cpu" else half
+    if dtype not in DTYPES:
+        raise PertokenError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    return dtype
+
+
+def load(model: str, *, dtype: str | None = None, device: str | None = None) -> Loaded:
+    """Load a supported checkpoint (HF folder, hub id or an mlx-community quantized repo)."""
+    from mlx_lm.utils import load_model, load_tokenizer
+
+    path = model_path(model)
+    config = read_config(path)
+    check_supported(config)
+    device = pick_device(device)
+    mx.set_default_device(mx.gpu if device == "gpu" else mx.cpu)
+    dtype = pick_dtype(dtype, config, device)
+    try:
+        net, config = load_model(path, get_model_classes=get_classes)
+    except (FileNotFoundError, ValueError) as e:
+        raise PertokenError(f"cannot load weights from {path}: {e}") from None
+    net.set_dtype(DTYPES[dtype])
+    tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))._tokenizer
+    model_id = path.name if Path(model).expanduser().is_dir() else model
+    return Loaded(net, tokenizer, config, path, model_id, dtype, device)
+
+
+def generation_config(path: Path) -> dict:
+    """generation_config.json when the checkpoint has one (it may add EOS ids)."""
+    try:
+        return json.loads((path / "generation_config.json").read_text())
+    except (OSError, ValueError):
+        return {}

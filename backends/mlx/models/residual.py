@@ -1,0 +1,72 @@
+"""The residual stream as pertoken sees it: one forward pass that steers and captures rows.
+
+Row 0 is the embedding output, row L (1 <= L < n_layers) the output of block L-1, row n_layers
+the final norm of the last block's output. Steering at row L adds to block L-1's output, so
+steering at row n_layers happens before the final norm.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+
+# Called with (row, h [B, L, hidden]) for every row of a forward pass.
+Observer = Callable[[int, mx.array], None]
+
+
+@dataclass
+class Pass:
+    """Everything one forward pass needs beyond the token ids."""
+
+    offset: mx.array | int = 0  # [B] rope position of each row's first input token
+    mask: mx.array | None = None  # [B, 1, L, S] bool: keys each query may attend to
+    window_mask: mx.array | None = None  # the same for sliding-window layers
+    steer: dict[int, mx.array] = field(default_factory=dict)  # row -> [hidden], model dtype
+    steer_on: mx.array | None = None  # [B, L, 1] model dtype: 1 where steering acts
+    observe: Observer | None = None
+    head: str = "all"  # "all" logits, "last" the last position only, "none" no logits
+
+    def mask_for(self, sliding: bool) -> mx.array | None:
+        return self.window_mask if sliding else self.mask
+
+    def steered(self, row: int, h: mx.array) -> mx.array:
+        vec = self.steer.get(row)
+        if vec is None:
+            return h
+        return h + vec if self.steer_on is None else h + self.steer_on * vec
+
+    def see(self, row: int, h: mx.array) -> None:
+        if self.observe is not None:
+            self.observe(row, h)
+
+
+def run_blocks(layers, norm, h: mx.array, cache, p: Pass) -> mx.array:
+    """Blocks, steering and capture from the embedding output `h` to the final norm."""
+    n = len(layers)
+    cache = cache if cache is not None else [None] * n
+    p.see(0, h)
+    for i, (layer, c) in enumerate(zip(layers, cache, strict=True)):
+        h = p.steered(i + 1, layer(h, p.mask_for(layer.use_sliding), c, p.offset))
+        if i + 1 < n:
+            p.see(i + 1, h)
+    h = norm(h)  # [B, L, hidden]
+    p.see(n, h)
+    return h
+
+
+def attend_mask(valid: mx.array, n_queries: int, window: int | None = None) -> mx.array:
+    """[B, 1, L, S] bool from `valid` [B, S] (real keys) for the last L of S positions.
+
+    Causal, optionally windowed (query - key < window), padding keys hidden. Every query
+    sees itself, so padding rows stay finite instead of softmaxing over nothing."""
+    S = valid.shape[1]
+    q = mx.arange(S - n_queries, S)[:, None]  # [L, 1]
+    k = mx.arange(S)[None]  # [1, S]
+    allowed = k <= q
+    if window is not None:
+        allowed = allowed & (q - k < window)
+    mask = allowed[None] & valid[:, None, :]  # [B, L, S]
+    mask = mask | (k == q)[None]
+    return mask[:, None]
