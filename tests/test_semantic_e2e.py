@@ -87,13 +87,27 @@ def test_run_extracts_a_vector_through_the_judge(run, judge, model_dir):
         assert body["logprobs"] is True and body["top_logprobs"] == 20
 
 
+def _table(output: str) -> list[str]:
+    # progress bars on stderr share the line before the table in the captured output
+    assert "layer    coef" in output, output
+    return output[output.rindex("layer    coef") :].splitlines()[:7]
+
+
 def test_eval_trait_score_rises_with_the_coefficient(run, judge, model_dir, cli):
     out = run["root"] / "eval"
-    printed = cli(
+    args = (
         "eval", "--model", model_dir, "--backend", run["backend"], "--trait", run["kit"],
         "--vector", run["vector"], "--layers", "2,3", "--coefs", "-2,0,2", "--out", out,
         "--n-per-question", 8, *GEN, "--base-url", judge.base_url, "--judge-model", JUDGE,
     )  # fmt: skip
+    before = len(judge.requests)
+    printed = cli(*args)
+    # coef 0 is shared by the layers: 5 settings of 4 x 8 answers, two judge calls per answer
+    # (identical answers are judged once)
+    assert 0 < len(judge.requests) - before <= 5 * 32 * 2
+    mid = len(judge.requests)
+    assert _table(cli(*args)) == _table(printed)  # the same summary again
+    assert len(judge.requests) == mid  # a rerun generates nothing and judges from the cache
     with open(out / "summary.csv", newline="") as f:
         summary = list(csv.DictReader(f))
     assert len(summary) == 6
