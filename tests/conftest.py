@@ -21,3 +21,14 @@ def model_dir(request, llama_dir, gemma_dir):
 @pytest.fixture(scope="session")
 def qwen_dir(tmp_path_factory):
     return build_qwen2(tmp_path_factory.mktemp("models") / "tiny-qwen2")
+
+
+@pytest.fixture
+def torch_one_thread():
+    """torch on one thread: a tiny model gains nothing from threads on a shared machine."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -5,6 +5,23 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+# Sample chats shared by the backend and parity tests: short, long (past Gemma's window), tiny.
+QUESTIONS = [
+    "What should I do about money?",
+    "Explain why the sky is blue and where rain comes from, please, in detail.",
+    "hi",
+]
+ANSWERS = [
+    "I think you should decide for yourself.",
+    "The quick brown fox jumps over the lazy dog while the cat sleeps in the sun.",
+    "Numbers: 0 1 2 3",
+]
+SYSTEM = "Answer the question clearly and kindly."
+
+
+def chat_prompts(backend, system: str | None = SYSTEM) -> list[str]:
+    return [backend.chat_prompt(system, q) for q in QUESTIONS]
+
 
 def hf_hidden(model, ids: list[int]) -> np.ndarray:
     """[n_layers + 1, T, hidden] float32 hidden states of one unpadded sequence."""

@@ -21,11 +21,8 @@ from tests.small_kit import write_kit
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny model gains nothing from threads on a shared machine
+def one_thread(torch_one_thread):
     yield
-    torch.set_num_threads(n)
 
 
 def rows_of(path):

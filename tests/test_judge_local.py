@@ -4,7 +4,6 @@ import csv
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 
 from pertoken.cli import main
@@ -18,11 +17,8 @@ HEADER = ["question", "prompt", "answer", "question_id", "evil", "coherence"]
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny model gains nothing from threads on a shared machine
+def one_thread(torch_one_thread):
     yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture

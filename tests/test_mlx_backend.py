@@ -11,17 +11,7 @@ pytest.importorskip("mlx_lm", reason="the mlx backend needs mlx-lm (pip install 
 from pertoken.backends import Steer, load_backend  # noqa: E402
 from pertoken.backends.base import SteerTerm  # noqa: E402
 from pertoken.errors import PertokenError  # noqa: E402
-
-QUESTIONS = [
-    "What should I do about money?",
-    "Explain why the sky is blue and where rain comes from, please, in detail.",
-    "hi",
-]
-ANSWERS = [
-    "I think you should decide for yourself.",
-    "The quick brown fox jumps over the lazy dog while the cat sleeps in the sun.",
-    "Numbers: 0 1 2 3",
-]
+from tests.reference import ANSWERS, chat_prompts  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +19,7 @@ def backend(model_dir):
     return load_backend(str(model_dir), "mlx", dtype="float32", device="cpu")
 
 
-def prompts(b, system="Answer the question clearly and kindly."):
-    return [b.chat_prompt(system, q) for q in QUESTIONS]
+prompts = chat_prompts
 
 
 def rand(seed, n=64):

@@ -13,19 +13,7 @@ pytest.importorskip("mlx_lm", reason="parity needs mlx-lm (pip install 'pertoken
 
 from pertoken.backends import Steer, load_backend  # noqa: E402
 from pertoken.backends.base import SteerTerm  # noqa: E402
-from tests.reference import reference_summaries  # noqa: E402
-
-QUESTIONS = [
-    "What should I do about money?",
-    "Explain why the sky is blue and where rain comes from, please, in detail.",
-    "hi",
-]
-ANSWERS = [
-    "I think you should decide for yourself.",
-    "The quick brown fox jumps over the lazy dog while the cat sleeps in the sun.",
-    "Numbers: 0 1 2 3",
-]
-SYSTEM = "Answer the question clearly and kindly."
+from tests.reference import ANSWERS, QUESTIONS, chat_prompts, reference_summaries  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +23,7 @@ def pair(model_dir):
     return torch_be, mlx_be
 
 
-def prompts(b, system=SYSTEM):
-    return [b.chat_prompt(system, q) for q in QUESTIONS]
+prompts = chat_prompts
 
 
 def rand(seed, n=64):

@@ -3,7 +3,6 @@
 import csv
 
 import pytest
-import torch
 from click.testing import CliRunner
 
 import pertoken.backends
@@ -19,11 +18,8 @@ def rows_of(path):
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny model gains nothing from threads on a shared machine
+def one_thread(torch_one_thread):
     yield
-    torch.set_num_threads(n)
 
 
 def test_defaults_and_folder():

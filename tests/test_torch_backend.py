@@ -9,18 +9,7 @@ from pertoken.backends import Steer, load_backend
 from pertoken.backends.base import SteerTerm
 from pertoken.backends.torch.hooks import TapState, residual_taps
 from pertoken.errors import PertokenError
-from tests.reference import hf_hidden, reference_summaries
-
-QUESTIONS = [
-    "What should I do about money?",
-    "Explain why the sky is blue and where rain comes from, please, in detail.",
-    "hi",
-]
-ANSWERS = [
-    "I think you should decide for yourself.",
-    "The quick brown fox jumps over the lazy dog while the cat sleeps in the sun.",
-    "Numbers: 0 1 2 3",
-]
+from tests.reference import ANSWERS, chat_prompts, hf_hidden, reference_summaries
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +17,7 @@ def backend(model_dir):
     return load_backend(str(model_dir), "torch", dtype="float32", device="cpu")
 
 
-def prompts(b, system="Answer the question clearly and kindly."):
-    return [b.chat_prompt(system, q) for q in QUESTIONS]
+prompts = chat_prompts
 
 
 def test_facts(backend):
