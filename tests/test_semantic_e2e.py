@@ -42,7 +42,7 @@ def judge():
 
 
 @pytest.fixture(scope="module")
-def cli(tmp_path_factory, judge):
+def cli(tmp_path_factory, judge, model_dir):
     """Invoke `pertoken ...` in-process with a dummy key and a private judge cache."""
     env = {
         "OPENAI_API_KEY": "sk-test-dummy",
@@ -54,7 +54,13 @@ def cli(tmp_path_factory, judge):
         assert result.exit_code == 0, f"pertoken {' '.join(map(str, args))}:\n{result.output}"
         return result.output
 
-    return invoke
+    import torch
+
+    # a 64-wide model gains nothing from threads on a shared machine
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield invoke
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
