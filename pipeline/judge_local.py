@@ -78,8 +78,14 @@ class LocalJudge:
 
 
 def _single_token_ids(backend, texts: list[str]) -> list[int] | None:
+    """One id per text, or None; a token that decodes to other text (an unknown-word id
+    shared by every number) does not count."""
     ids = [backend.encode(t) for t in texts]
-    return [i[0] for i in ids] if all(len(i) == 1 for i in ids) else None
+    if not all(len(i) == 1 for i in ids):
+        return None
+    flat = [i[0] for i in ids]
+    exact = all(backend.decode([i]).strip() == t for i, t in zip(flat, texts))
+    return flat if exact and len(set(flat)) == len(flat) else None
 
 
 def _digit_numbers(q: np.ndarray) -> dict[int, float]:

@@ -7,6 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from pertoken.cli import main
+from pertoken.errors import PertokenError
 from pertoken.pipeline.judge_local import LocalJudge, _digit_numbers
 from pertoken.pipeline.scoring import aggregate_score
 from pertoken.traits import load_trait
@@ -62,10 +63,28 @@ class WholeNumbers(FakeBackend):
     def encode(self, text):
         return [int(text)] if text.isdigit() and int(text) <= 100 else [200]
 
+    def decode(self, ids):
+        return "".join(str(i) if i <= 100 else "?" for i in ids)
+
     def next_token_logprobs(self, prompts, *, batch_size=8):
         lp = np.full((len(prompts), 256), -30.0, np.float32)
         lp[:, 42], lp[:, 90] = np.log(0.6), np.log(0.4)
         return lp
+
+
+class UnknownNumbers(FakeBackend):
+    """A word-level vocabulary without numbers: every number is the one unknown-word id."""
+
+    def encode(self, text):
+        return [6]
+
+    def decode(self, ids):
+        return "<unk>"
+
+
+def test_local_judge_refuses_a_vocabulary_without_numbers():
+    with pytest.raises(PertokenError, match="no single tokens for the digits"):
+        LocalJudge(UnknownNumbers())
 
 
 def test_local_judge_single_token_numbers():
@@ -110,6 +129,9 @@ class DigitTokens(FakeBackend):
 
     def encode(self, text):
         return [int(c) if c.isdigit() else 100 + ord(c) % 100 for c in text]
+
+    def decode(self, ids):
+        return "".join(str(i) if i < 10 else "?" for i in ids)
 
     def next_token_logprobs(self, prompts, *, batch_size=8):
         self.asked.extend(prompts)
