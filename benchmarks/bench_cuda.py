@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,10 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from pertoken.backends.base import Steer  # noqa: E402
-from pertoken.backends.torch import TorchBackend  # noqa: E402
+from pertoken.backends.base import Steer
+from pertoken.backends.torch import TorchBackend
 
 LLAMA_8B = dict(
     model_type="llama",

@@ -14,22 +14,18 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-import mlx.core as mx  # noqa: E402
-
-from pertoken.backends.base import Steer  # noqa: E402
-from pertoken.backends.mlx import MLXBackend  # noqa: E402
-from pertoken.backends.mlx.batch import Batch, SteerPlan  # noqa: E402
-from pertoken.backends.mlx.decode import decode, make_sampler  # noqa: E402
-from pertoken.backends.mlx.load import DTYPES  # noqa: E402
+from pertoken.backends.base import Steer
+from pertoken.backends.mlx import MLXBackend
+from pertoken.backends.mlx.batch import Batch, SteerPlan
+from pertoken.backends.mlx.decode import decode, make_sampler
+from pertoken.backends.mlx.load import DTYPES
 
 
 def random_llama(hidden: int, layers: int, folder: Path, vocab: int = 1024) -> Path:
