@@ -92,11 +92,13 @@ def decode(
     opts: DecodeOptions,
     gen=None,
     on_token: Callable[[list[int]], None] | None = None,
+    check_every: int = 16,
 ) -> list[list[int]]:
     """Generate per row until a stop id or max_new_tokens; returns answer ids without stops.
 
-    on_token(tokens) is called before each decode forward with the ids being fed, so hooks can
-    attribute the captured states to them."""
+    Tokens stay on the device and the host looks at them only every `check_every` steps (every
+    step when tracing), so a GPU is not stalled by a sync per token. on_token(tokens) is called
+    before each decode forward with the ids being fed, so hooks can attribute captured states."""
     B, T0 = batch.ids.shape
     cache = make_cache(model)
     attn = batch.attn
@@ -105,16 +107,17 @@ def decode(
     logits = forward_last(model, batch.ids, attn, pos, cache)
     next_pos = pos[:, -1:] + 1  # [B, 1]
     done = torch.zeros(B, dtype=torch.bool, device=attn.device)
-    answers: list[list[int]] = [[] for _ in range(B)]
+    toks, keep = [], []  # per step: [B] ids, [B] whether the id belongs to the answer
     for step in range(opts.max_new_tokens):
         tok = sample(logits, opts.temperature, opts.top_p, gen)
         tok = torch.where(done, torch.full_like(tok, opts.pad_id), tok)
         stopped = torch.isin(tok, opts.stop_ids)
-        for b, (t, was_done, stop) in enumerate(zip(tok.tolist(), done.tolist(), stopped.tolist())):
-            if not (was_done or stop):
-                answers[b].append(t)
+        toks.append(tok)
+        keep.append(~(done | stopped))
         done |= stopped
-        if bool(done.all()) or (step == opts.max_new_tokens - 1 and not opts.feed_last):
+        if step == opts.max_new_tokens - 1 and not opts.feed_last:
+            break
+        if (on_token is not None or (step + 1) % check_every == 0) and bool(done.all()):
             break
         attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
         if state.steer:
@@ -123,4 +126,6 @@ def decode(
             on_token(tok.tolist())
         logits = forward_last(model, tok[:, None], attn, next_pos, cache)
         next_pos = next_pos + 1
-    return answers
+    ids = torch.stack(toks, 1).tolist()  # [B, steps]
+    mask = torch.stack(keep, 1).tolist()
+    return [[t for t, k in zip(r, m) if k] for r, m in zip(ids, mask)]
