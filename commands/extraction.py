@@ -1,0 +1,235 @@
+"""Commands of the extraction pipeline: traits, generate, judge, extract, run."""
+
+from __future__ import annotations
+
+import click
+
+from pertoken import cli
+from pertoken.cli import (
+    judge_options,
+    main,
+    model_options,
+    trait_option,
+)
+from pertoken.errors import PertokenError
+
+
+@main.group()
+def traits():
+    """List and show trait kits."""
+
+
+@traits.command(name="list")
+def traits_list():
+    """The bundled trait kits."""
+    from pertoken.traits import list_traits, load_trait
+
+    for name in list_traits():
+        t = load_trait(name)
+        summary = t.description.split(". ")[0]
+        click.echo(f"{name:18s} {summary[:90] + '...' if len(summary) > 90 else summary}")
+
+
+@traits.command(name="show")
+@click.argument("name")
+def traits_show(name):
+    """A kit's instructions, questions and rubric (NAME: bundled name or JSON path)."""
+    from pertoken.traits import load_trait
+
+    t = load_trait(name)
+    click.echo(f"{t.name} ({t.assistant_name}) from {t.source}\n{t.description}\n")
+    for k, pair in enumerate(t.instructions):
+        click.echo(f"instruction {k}\n  pos: {pair['pos']}\n  neg: {pair['neg']}")
+    for title, qs in (("questions", t.questions), ("eval questions", t.eval_questions)):
+        click.echo(f"\n{title} ({len(qs)})")
+        for i, q in enumerate(qs):
+            click.echo(f"  {i:2d}. {q}")
+    click.echo(f"\njudge rubric\n{t.eval_prompt}")
+
+
+@main.command()
+@model_options()
+@trait_option
+@click.option("--polarity", type=click.Choice(["pos", "neg"]), default="pos", show_default=True)
+@click.option("--eval", "eval_", is_flag=True, help="Eval questions, no system instruction.")
+@click.option("--n-per-question", default=10, show_default=True, help="Samples per prompt.")
+@click.option("--max-new-tokens", default=1000, show_default=True)
+@click.option("--temperature", type=float, default=None, help="Default 1.0 (0 when n is 1).")
+@click.option("--batch-size", type=int, default=None, help="Rows per batch (32 on CUDA, else 16).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="CSV to write.")
+def generate(
+    model,
+    backend,
+    dtype,
+    device,
+    trait,
+    polarity,
+    eval_,
+    n_per_question,
+    max_new_tokens,
+    temperature,
+    batch_size,
+    seed,
+    out,
+):
+    """Answer a trait's questions under its positive or negative instructions."""
+    from pertoken.pipeline.generate import generate_csv, is_complete, plan_rows
+    from pertoken.traits import load_trait
+
+    kit = load_trait(trait)
+    specs = plan_rows(kit, polarity=polarity, eval=eval_, n_per_question=n_per_question)
+    if is_complete(out, specs):  # nothing to do: do not load the model
+        return click.echo(f"{out}: all {len(specs)} rows are already there")
+    r = generate_csv(
+        cli.load_model(model, backend, dtype, device),
+        trait=kit,
+        out=out,
+        polarity=polarity,
+        eval=eval_,
+        n_per_question=n_per_question,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        batch_size=batch_size,
+        seed=seed,
+    )
+    click.echo(f"{r.path}: {r.rows} rows ({r.generated} generated now, {r.seconds:.1f}s)")
+
+
+@main.command()
+@click.argument("csv_file", type=click.Path(dir_okay=False))
+@trait_option
+@judge_options
+@click.option(
+    "--backend",
+    type=click.Choice(["auto", "torch", "mlx"]),
+    default="auto",
+    help="Backend of a local:MODEL judge.",
+)
+@click.option("--cache", default=None, help="Score cache (default ~/.cache/pertoken/judge.sqlite).")
+@click.option("--out", "-o", default=None, help="Write here instead of in place.")
+def judge(csv_file, trait, judge_model, base_url, concurrency, backend, cache, out):
+    """Score a generation CSV for the trait and for coherence with an LLM judge."""
+    from pertoken.pipeline.judge import judge_csv, make_judge
+    from pertoken.traits import load_trait
+
+    kit = load_trait(trait)
+
+    def make():
+        return make_judge(
+            judge_model, base_url=base_url, concurrency=concurrency, backend_name=backend
+        )
+
+    r = judge_csv(csv_file, trait=kit, judge_model=judge_model, judge=make, cache=cache, out=out)
+    click.echo(
+        f"{r.path}: {r.rows} rows judged by {r.judge_model} "
+        f"({r.requests} calls, {r.cached} cached, {r.seconds:.1f}s)"
+    )
+    for m in (kit.name, "coherence"):
+        if r.refused[m] or r.failed[m]:
+            click.echo(
+                f"  {m}: {r.refused[m] + r.failed[m]} scores missing "
+                f"({r.refused[m]} refused, {r.failed[m]} failed; rerun to retry failures)"
+            )
+
+
+@main.command()
+@model_options()
+@click.option("--pos", "pos_csv", required=True, type=click.Path(dir_okay=False))
+@click.option("--neg", "neg_csv", required=True, type=click.Path(dir_okay=False))
+@trait_option
+@click.option("--threshold", default=50.0, show_default=True, help="Trait score cut T.")
+@click.option("--save-dir", required=True, type=click.Path(file_okay=False))
+@click.option("--batch-size", default=8, show_default=True)
+@click.option("--min-pairs", default=1, show_default=True, help="Fewest kept pairs accepted.")
+def extract(
+    model,
+    backend,
+    dtype,
+    device,
+    pos_csv,
+    neg_csv,
+    trait,
+    threshold,
+    save_dir,
+    batch_size,
+    min_pairs,
+):
+    """Average the residual stream of judged pairs into persona vectors."""
+    from pertoken.pipeline.extract import extract_vectors, pair_rows
+
+    name = _trait_name(trait)
+    pair_rows(pos_csv, neg_csv, trait=name, threshold=threshold, min_pairs=min_pairs)
+    paths = extract_vectors(
+        cli.load_model(model, backend, dtype, device),
+        pos_csv=pos_csv,
+        neg_csv=neg_csv,
+        trait=name,
+        threshold=threshold,
+        save_dir=save_dir,
+        batch_size=batch_size,
+        min_pairs=min_pairs,
+    )
+    for p in paths.values():
+        click.echo(str(p))
+
+
+def _trait_name(trait: str) -> str:
+    """A trait name for CSV columns: the kit's name when `trait` names a kit, else itself."""
+    from pertoken.traits import load_trait
+
+    try:
+        return load_trait(trait).name
+    except PertokenError:
+        return trait
+
+
+@main.command()
+@model_options(default_model="auto")
+@trait_option
+@click.option("--out", "-o", default="runs", show_default=True, help="Root of the run folders.")
+@click.option("--n-per-question", default=10, show_default=True)
+@click.option("--max-new-tokens", default=1000, show_default=True)
+@click.option("--batch-size", type=int, default=None, help="Rows per batch (32 on CUDA, else 16).")
+@judge_options
+@click.option("--threshold", default=50.0, show_default=True)
+def run(
+    model,
+    backend,
+    dtype,
+    device,
+    trait,
+    out,
+    n_per_question,
+    max_new_tokens,
+    batch_size,
+    judge_model,
+    base_url,
+    concurrency,
+    threshold,
+):
+    """Generate, judge and extract in one resumable run (model auto: gemma-2-9b-it)."""
+    from pertoken.pipeline.run import default_model, run_pipeline
+
+    if model == "auto":
+        model = default_model(backend)
+    r = run_pipeline(
+        model=model,
+        trait=trait,
+        backend=backend,
+        out=out,
+        n_per_question=n_per_question,
+        max_new_tokens=max_new_tokens,
+        judge_model=judge_model,
+        base_url=base_url,
+        threshold=threshold,
+        concurrency=concurrency,
+        batch_size=batch_size,
+        dtype=dtype,
+        device=device,
+    )
+    for stage, (status, seconds) in r.stages.items():
+        click.echo(f"{stage:12s} {seconds:7.1f}s  {status}")
+    click.echo(f"pairs kept: {r.pairs_kept} of {r.pairs_total}")
+    for p in r.vectors.values():
+        click.echo(str(p))

@@ -1,0 +1,262 @@
+"""Commands that steer and read a model: steer, eval, monitor, project."""
+
+from __future__ import annotations
+
+import click
+
+from pertoken import cli
+from pertoken.cli import (
+    generation_options,
+    judge_options,
+    main,
+    model_options,
+    positions_option,
+    trait_option,
+)
+from pertoken.errors import PertokenError
+
+
+@main.command()
+@model_options()
+@click.option("--vector", "vectors", multiple=True, required=True, help="Vector .pt (repeatable).")
+@click.option("--layer", "layers", multiple=True, required=True, type=int, help="Row to steer at.")
+@click.option("--coef", "coefs", multiple=True, required=True, type=float, help="Coefficient.")
+@positions_option
+@generation_options(200)
+@click.argument("prompt")
+def steer(model, backend, dtype, device, vectors, layers, coefs, positions, prompt, **gen):
+    """Print a steered answer beside the unsteered one (same seed).
+
+    Several --vector/--layer/--coef triples are paired in order and added together."""
+    from pertoken.pipeline.steer import build_steer, side_by_side, steer_compare, zip_specs
+
+    specs = zip_specs(list(vectors), list(layers), list(coefs))
+    bk = cli.load_model(model, backend, dtype, device)
+    st = build_steer(bk, specs, positions=positions)
+    res = steer_compare(bk, prompt, steer=st, **gen)
+    click.echo("steering: " + "; ".join(s.describe() for s in specs) + f" (positions {positions})")
+    click.echo(side_by_side(res.unsteered, res.steered))
+
+
+@main.command(name="eval")
+@model_options()
+@trait_option
+@click.option("--vector", "-v", "vector_path", required=True, type=click.Path(dir_okay=False))
+@click.option("--layers", required=True, help="Rows to steer at, e.g. 12,16,20.")
+@click.option("--coefs", default="-2,-1,0,1,2", show_default=True, help="Coefficients.")
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Folder.")
+@judge_options
+@click.option("--cache", default=None, help="Score cache (default ~/.cache/pertoken/judge.sqlite).")
+@click.option("--n-per-question", default=10, show_default=True, help="Samples per question.")
+@click.option("--max-new-tokens", default=1000, show_default=True)
+@click.option("--temperature", type=float, default=None, help="Default 1.0 (0 when n is 1).")
+@click.option(
+    "--positions",
+    type=click.Choice(["all", "prompt", "response"]),
+    default="response",
+    show_default=True,
+    help="Positions the vector is added at.",
+)
+@click.option("--batch-size", default=16, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+def eval_(
+    model,
+    backend,
+    dtype,
+    device,
+    trait,
+    vector_path,
+    layers,
+    coefs,
+    out,
+    judge_model,
+    base_url,
+    concurrency,
+    cache,
+    n_per_question,
+    max_new_tokens,
+    temperature,
+    positions,
+    batch_size,
+    seed,
+):
+    """Sweep layers x coefficients on a trait's evaluation questions and judge the effect."""
+    from pertoken.pipeline.evaluate import csv_judge, evaluate, format_table, parse_coefs
+    from pertoken.rows import parse_layers
+    from pertoken.traits import load_trait
+    from pertoken.vectors import load_vector
+
+    kit, vector = load_trait(trait), load_vector(vector_path)
+    rows, coef_list = parse_layers(layers), parse_coefs(coefs)
+    b = cli.load_model(model, backend, dtype, device)
+    vector.check_model(b.n_layers, b.hidden_size, vector_path)
+    judge = _lazy_judge(judge_model, base_url, concurrency, backend, b, model)
+    r = evaluate(
+        b,
+        trait=kit,
+        vector=vector,
+        layers=rows,
+        coefs=coef_list,
+        out_dir=out,
+        judge=csv_judge(kit, judge_model=judge_model, judge=judge, cache=cache),
+        n_per_question=n_per_question,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        positions=positions,
+        batch_size=batch_size,
+        seed=seed,
+        vector_path=vector_path,
+    )
+    click.echo(format_table(kit.name, r.summary))
+    missing = sum(s.missing for s in r.summary)
+    if missing:
+        click.echo(f"{missing} answers have no {kit.name} score (judge refusals or failures)")
+    click.echo(f"{r.out_dir}: answers.csv, summary.csv, sweep.png ({r.seconds:.1f}s)")
+
+
+def _lazy_judge(judge_model, base_url, concurrency, backend_name, loaded, model):
+    """A judge made on first need (a local judge's model loads only then; `local:M` with the
+    steered model M reuses it); an API judge's missing key is an error before any generation."""
+    import functools
+
+    from pertoken.pipeline.judge import make_judge
+
+    if not judge_model.startswith("local:"):
+        from pertoken.pipeline.judge_openai import api_key
+
+        api_key(base_url)
+    same = loaded if judge_model == f"local:{model}" else None
+    return functools.cache(
+        lambda: make_judge(
+            judge_model,
+            base_url=base_url,
+            concurrency=concurrency,
+            backend=same,
+            backend_name=backend_name,
+        )
+    )
+
+
+@main.command()
+@model_options()
+@click.option(
+    "--vector",
+    "vectors",
+    multiple=True,
+    required=True,
+    help="NAME=FILE.pt (repeatable; NAME defaults to the file name).",
+)
+@click.option("--layers", required=True, help="Rows to project at, e.g. 16,20.")
+@click.option("--steer", "steers", multiple=True, help="Steer while generating: V.pt:LAYER:COEF.")
+@positions_option
+@click.option(
+    "--compare-unsteered", is_flag=True, help="With --steer, also trace the unsteered answer."
+)
+@click.option("--prompts", "prompts_file", default=None, help="File: one prompt a line, or JSON.")
+@click.option("--out", default=".", show_default=True, help="Folder for trace.json/trace.html.")
+@click.option("--sae", default=None, help="SAE spec: add each token's top SAE features.")
+@click.option("--sae-layer", type=int, default=None, help="Row the SAE reads (default: its own).")
+@click.option("--sae-top", type=int, default=5, show_default=True, help="Features per token.")
+@generation_options(200)
+@click.argument("prompt", required=False)
+def monitor(
+    model,
+    backend,
+    dtype,
+    device,
+    vectors,
+    layers,
+    steers,
+    positions,
+    compare_unsteered,
+    prompts_file,
+    out,
+    sae,
+    sae_layer,
+    sae_top,
+    prompt,
+    **gen,
+):
+    """Project every generated token onto persona vectors, live and as an HTML page."""
+    from pertoken.pipeline.monitor import monitor as run_monitor
+    from pertoken.pipeline.monitor import read_prompts
+    from pertoken.pipeline.steer import build_steer, parse_steer_spec
+    from pertoken.rows import parse_layers
+    from pertoken.vectors import load_vector
+
+    prompts = ([prompt] if prompt else []) + (read_prompts(prompts_file) if prompts_file else [])
+    if not prompts:
+        raise PertokenError("no prompt: give a prompt argument or --prompts FILE")
+    if compare_unsteered and not steers:
+        raise PertokenError("--compare-unsteered needs --steer V.pt:LAYER:COEF")
+    files = _named_vectors(vectors)
+    loaded = {name: load_vector(path) for name, path in files.items()}
+    specs = [parse_steer_spec(s) for s in steers]
+    bk = cli.load_model(model, backend, dtype, device)
+    for name, vec in loaded.items():
+        vec.check_model(bk.n_layers, bk.hidden_size, files[name])
+    st = build_steer(bk, specs, positions=positions) if specs else None
+    extra = {"vector_files": files, "steer_files": [s.describe() for s in specs] or None}
+    rows = parse_layers(layers)
+    on_trace = None
+    if sae:
+        from pertoken.pipeline.decompose import sae_feature_hook
+
+        on_trace = sae_feature_hook(
+            sae, rows=rows, hidden_size=bk.hidden_size, layer=sae_layer, top=sae_top
+        )
+        extra |= {"sae": sae}
+    records = run_monitor(
+        bk,
+        prompts=prompts,
+        vectors=loaded,
+        layers=rows,
+        steer=st,
+        out_dir=out,
+        compare_unsteered=compare_unsteered,
+        settings=extra,
+        on_trace=on_trace,
+        **gen,
+    )
+    click.echo(f"wrote {len(records)} trace(s) to {out}/trace.json and {out}/trace.html")
+
+
+def _named_vectors(items) -> dict[str, str]:
+    """('name=path' | 'path', ...) -> {name: path}; names must be distinct."""
+    from pathlib import Path
+
+    out: dict[str, str] = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep:
+            name, path = Path(item).stem, item
+        if not name or not path:
+            raise PertokenError(f"could not read --vector {item!r}: write NAME=FILE.pt")
+        if name in out:
+            raise PertokenError(f"two vectors are named {name!r}: give them names, NAME=FILE.pt")
+        out[name] = path
+    return out
+
+
+@main.command()
+@model_options()
+@click.argument("csv_file")
+@click.option("--vector", required=True, help="Persona vector .pt file.")
+@click.option("--layer", required=True, type=int, help="Row to project at.")
+@click.option("--out", default=None, help="Output CSV (default: add the columns in place).")
+@click.option("--batch-size", default=8, show_default=True, type=int)
+def project(model, backend, dtype, device, csv_file, vector, layer, out, batch_size):
+    """Add projection columns to a generation CSV and print r against the trait score."""
+    from pertoken.pipeline.project import project_csv
+
+    bk = cli.load_model(model, backend, dtype, device)
+    res = project_csv(
+        bk, csv_file, vector_path=vector, layer=layer, out_path=out, batch_size=batch_size
+    )
+    click.echo(f"wrote {res.n_rows} rows with {', '.join(res.columns)} to {res.out_path}")
+    if res.trait and res.r is not None:
+        click.echo(
+            f"Pearson r({res.columns[0]}, {res.trait}) = {res.r:+.4f} over {res.n_scored} rows"
+        )
+    elif res.trait:
+        click.echo(f"Pearson r is undefined: {res.n_scored} rows with a {res.trait} score")
