@@ -229,6 +229,8 @@ def test_bad_inputs_are_clear_errors(backend, tmp_path):
         backend.generate([], max_new_tokens=2)
     with pytest.raises(PertokenError, match="outside 0..4"):
         backend.trace(p, rows=[7])
+    with pytest.raises(PertokenError, match="no layers"):
+        backend.trace(p, rows=[])
 
 
 def test_registry_errors(monkeypatch):

@@ -135,6 +135,8 @@ class TorchBackend:
         on_token: TokenCallback | None = None,
     ) -> TokenTrace:
         """Generate one answer, capturing each answer token's hidden state at `rows`."""
+        if not rows:
+            raise PertokenError("no layers to trace: give at least one layer")
         check_capture_rows(rows, self.n_layers)
         (seq,) = self._encode_prompts([prompt])
         state = self._tap_state(steer)
