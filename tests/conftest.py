@@ -32,3 +32,9 @@ def torch_one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def private_judge_cache(tmp_path, monkeypatch):
+    """Each test judges with its own cache, never the user's ~/.cache/pertoken."""
+    monkeypatch.setenv("PERTOKEN_CACHE_DIR", str(tmp_path / "judge-cache"))
