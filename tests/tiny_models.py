@@ -81,8 +81,24 @@ def _ids(folder: Path, *tokens: str) -> list[int]:
     return [tok.token_to_id(t) for t in tokens]
 
 
-def build_llama(folder: Path, seed: int = 0) -> Path:
+# The same small shape for every architecture: 4 blocks, 4 query and 2 KV heads, hidden 64.
+SHAPE = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
+
+
+def _save_random(model_cls, config, folder: Path, seed: int) -> None:
     import torch
+
+    torch.manual_seed(seed)
+    model_cls(config).float().save_pretrained(folder)
+
+
+def build_llama(folder: Path, seed: int = 0) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -93,11 +109,7 @@ def build_llama(folder: Path, seed: int = 0) -> Path:
     )
     config = LlamaConfig(
         vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **SHAPE,
         max_position_embeddings=512,
         rms_norm_eps=1e-5,
         tie_word_embeddings=False,
@@ -114,14 +126,11 @@ def build_llama(folder: Path, seed: int = 0) -> Path:
         },
         rope_theta=500000.0,
     )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).float()
-    model.save_pretrained(folder)
+    _save_random(LlamaForCausalLM, config, folder, seed)
     return folder
 
 
 def build_gemma2(folder: Path, seed: int = 0, sliding_window: int = 8) -> Path:
-    import torch
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -130,11 +139,7 @@ def build_gemma2(folder: Path, seed: int = 0, sliding_window: int = 8) -> Path:
     bos, eos, eot, pad = _ids(folder, "<bos>", "<eos>", "<end_of_turn>", "<pad>")
     config = Gemma2Config(
         vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **SHAPE,
         head_dim=16,
         max_position_embeddings=512,
         sliding_window=sliding_window,
@@ -146,9 +151,7 @@ def build_gemma2(folder: Path, seed: int = 0, sliding_window: int = 8) -> Path:
         pad_token_id=pad,
         initializer_range=0.1,
     )
-    torch.manual_seed(seed)
-    model = Gemma2ForCausalLM(config).float()
-    model.save_pretrained(folder)
+    _save_random(Gemma2ForCausalLM, config, folder, seed)
     return folder
 
 
@@ -160,7 +163,6 @@ QWEN_TEMPLATE = (
 
 
 def build_qwen2(folder: Path, seed: int = 0) -> Path:
-    import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -169,18 +171,12 @@ def build_qwen2(folder: Path, seed: int = 0) -> Path:
     eot, pad = _ids(folder, "<|im_end|>", "<|endoftext|>")
     config = Qwen2Config(
         vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **SHAPE,
         max_position_embeddings=512,
         tie_word_embeddings=True,
         eos_token_id=eot,
         pad_token_id=pad,
         initializer_range=0.1,
     )
-    torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(config).float()
-    model.save_pretrained(folder)
+    _save_random(Qwen2ForCausalLM, config, folder, seed)
     return folder
