@@ -17,7 +17,11 @@ PACKAGES = ("pertoken", "torch", "transformers", "mlx", "mlx-lm")
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="One JSON object, for machines.")
 def env(as_json):
-    """Versions, backends, devices, memory, default models, hub and judge key (never its value)."""
+    """What a bug report needs and what --backend auto will do here.
+
+    OS, Python, package versions, backends, default device and dtype, memory, the default
+    model per backend and whether it fits, the hub, and whether the judge's key is set (never
+    its value)."""
     report = env_report()
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
 
