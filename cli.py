@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import functools
 import sys
+import warnings
 
 import click
 
 from pertoken import __version__
-from pertoken.errors import PertokenError
+from pertoken.errors import PertokenError, PertokenWarning
 
 
 class _Group(click.Group):
@@ -17,7 +18,9 @@ class _Group(click.Group):
 
     def invoke(self, ctx):
         try:
-            return super().invoke(ctx)
+            with warnings.catch_warnings():
+                warnings.showwarning = functools.partial(_show_warning, warnings.showwarning)
+                return super().invoke(ctx)
         except PertokenError as e:
             click.secho(f"error: {e}", fg="red", err=True)
             sys.exit(1)
@@ -26,6 +29,13 @@ class _Group(click.Group):
                 "\ninterrupted: finished work is saved; rerun the same command to resume", err=True
             )
             sys.exit(130)
+
+
+def _show_warning(show, message, category, *args, **kwargs):
+    """pertoken's own warnings as one yellow line; others as Python shows them."""
+    if issubclass(category, PertokenWarning):
+        return click.secho(f"warning: {message}", fg="yellow", err=True)
+    return show(message, category, *args, **kwargs)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -117,4 +127,4 @@ def generation_options(default_tokens: int):
 
 
 # The commands register themselves on `main` when their modules are imported.
-from pertoken.commands import extraction, files, steering  # noqa: E402, F401
+from pertoken.commands import env, extraction, files, steering  # noqa: E402, F401

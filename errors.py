@@ -3,3 +3,7 @@
 
 class PertokenError(Exception):
     """A user-facing error. The CLI prints its message on one line, without a traceback."""
+
+
+class PertokenWarning(UserWarning):
+    """A user-facing warning. The CLI prints its message on one line, without a source line."""

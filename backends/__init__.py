@@ -4,48 +4,125 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import platform
+import warnings
+from dataclasses import dataclass
 
+from pertoken.backends import machine as probe
 from pertoken.backends.base import Backend, Steer, SteerTerm, Summaries, TokenTrace
-from pertoken.errors import PertokenError
+from pertoken.errors import PertokenError, PertokenWarning
 
-# name -> (module, class, the packages it needs, how to install them)
+
+@dataclass(frozen=True)
+class _Entry:
+    module: str
+    cls: str
+    needs: tuple[str, ...]  # importable packages
+    install: str  # the pip requirement that brings them
+    default_model: str  # what `run` uses without --model
+
+
 _REGISTRY = {
-    "torch": ("pertoken.backends.torch", "TorchBackend", ("torch", "transformers"), "pertoken"),
-    "mlx": ("pertoken.backends.mlx", "MLXBackend", ("mlx", "mlx_lm"), "pertoken[mlx]"),
-}
+    "torch": _Entry(
+        "pertoken.backends.torch", "TorchBackend", ("torch", "transformers"), "pertoken",
+        "google/gemma-2-9b-it",
+    ),
+    "mlx": _Entry(
+        "pertoken.backends.mlx", "MLXBackend", ("mlx", "mlx_lm"), "pertoken[mlx]",
+        "mlx-community/gemma-2-9b-it-4bit",
+    ),
+}  # fmt: skip
 BACKENDS = ("auto", *_REGISTRY)
+_warned: set[str] = set()  # warnings already shown in this process
 
 __all__ = ["BACKENDS", "Backend", "Steer", "SteerTerm", "Summaries", "TokenTrace"]
 
 
+@dataclass(frozen=True)
+class Choice:
+    backend: str
+    reason: str  # why, in a few words
+    warning: str | None = None
+
+
 def is_installed(name: str) -> bool:
-    return all(importlib.util.find_spec(p) is not None for p in _REGISTRY[name][2])
+    return all(importlib.util.find_spec(p) is not None for p in _REGISTRY[name].needs)
 
 
-def resolve(name: str = "auto") -> str:
-    """`auto` = mlx on Apple Silicon when installed, else torch."""
-    if name == "auto":
-        apple = platform.system() == "Darwin" and platform.machine() == "arm64"
-        return "mlx" if apple and is_installed("mlx") else "torch"
+def choose(name: str = "auto") -> Choice:
+    """The backend `name` stands for and why: auto = mlx on Apple Silicon when installed."""
+    if name != "auto":
+        return Choice(_installed(name), "asked for with --backend")
+    here = probe.this_machine()
+    if not here.apple_silicon:
+        return Choice("torch", f"{here} is not an Apple Silicon Mac")
+    if is_installed("mlx"):
+        return Choice("mlx", "Apple Silicon with MLX installed")
+    install = _REGISTRY["mlx"].install
+    warning = (
+        "MLX is not installed, so --backend auto uses torch, which is slow on Apple Silicon "
+        f'(on cpu, or on the fragile mps device): pip install "{install}"'
+    )
+    return Choice("torch", "Apple Silicon without MLX", warning)
+
+
+def _installed(name: str) -> str:
     if name not in _REGISTRY:
         raise PertokenError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")
     if not is_installed(name):
-        extra = _REGISTRY[name][3]
+        entry = _REGISTRY[name]
         raise PertokenError(
-            f'the {name} backend is not installed: pip install "{extra}" (needs '
-            f"{' and '.join(_REGISTRY[name][2])})"
+            f'the {name} backend is not installed: pip install "{entry.install}" (needs '
+            f"{' and '.join(entry.needs)})"
         )
     return name
 
 
+def resolve(name: str = "auto") -> str:
+    """`auto` = mlx on Apple Silicon when installed, else torch (with a warning, once, on a
+    Mac without MLX)."""
+    choice = choose(name)
+    if choice.warning and choice.warning not in _warned:
+        _warned.add(choice.warning)
+        warnings.warn(choice.warning, PertokenWarning, stacklevel=2)
+    return choice.backend
+
+
+def default_model(backend: str = "auto") -> str:
+    """The model `run` uses without --model: Gemma 2 9B-it, 4-bit on MLX, bf16 on torch."""
+    name = backend if backend in _REGISTRY else resolve(backend)
+    return _REGISTRY[name].default_model
+
+
+def describe_choice(backend: str = "auto", model: str | None = None) -> str:
+    """One line on which backend and model a command uses and why (model None: the default)."""
+    choice = choose(backend)
+    if model is None:
+        used = f"model {default_model(choice.backend)} (the {choice.backend} default)"
+    else:
+        used = f"model {model} (--model)"
+    why = f"--backend auto: {choice.reason}" if backend == "auto" else choice.reason
+    return f"backend {choice.backend} ({why}); {used}"
+
+
+def check_memory(model: str, backend: str = "auto", *, dtype: str | None = None, **options):
+    """On MLX, a PertokenError naming a variant that fits when `model` will not; returns the
+    memory.Fit (None on torch, whose devices manage their own memory)."""
+    if resolve(backend) != "mlx":
+        return None
+    from pertoken.backends.memory import require_fit
+
+    return require_fit(model, dtype=dtype, **options)
+
+
 def backend_class(name: str = "auto") -> type[Backend]:
-    module, cls, _, _ = _REGISTRY[resolve(name)]
-    return getattr(importlib.import_module(module), cls)
+    entry = _REGISTRY[resolve(name)]
+    return getattr(importlib.import_module(entry.module), entry.cls)
 
 
 def load_backend(
     model: str, backend: str = "auto", *, dtype: str | None = None, device: str | None = None
 ) -> Backend:
-    """Load `model` (hub id or local folder) with the named backend."""
+    """Load `model` (hub id or local folder) with the named backend, after checking that it
+    fits in memory (MLX)."""
+    check_memory(model, backend, dtype=dtype)
     return backend_class(backend).load(model, dtype=dtype, device=device)

@@ -13,6 +13,8 @@ from pertoken.cli import (
 )
 from pertoken.errors import PertokenError
 
+BATCH_HELP = "Rows per batch (32 on CUDA, else 16; MLX: fewer when memory is short)."
+
 
 @main.group()
 def traits():
@@ -55,7 +57,7 @@ def traits_show(name):
 @click.option("--n-per-question", default=10, show_default=True, help="Samples per prompt.")
 @click.option("--max-new-tokens", default=1000, show_default=True)
 @click.option("--temperature", type=float, default=None, help="Default 1.0 (0 when n is 1).")
-@click.option("--batch-size", type=int, default=None, help="Rows per batch (32 on CUDA, else 16).")
+@click.option("--batch-size", type=int, default=None, help=BATCH_HELP)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="CSV to write.")
 def generate(
@@ -81,6 +83,7 @@ def generate(
     specs = plan_rows(kit, polarity=polarity, eval=eval_, n_per_question=n_per_question)
     if is_complete(out, specs):  # nothing to do: do not load the model
         return click.echo(f"{out}: all {len(specs)} rows are already there")
+    batch_size = batch_size or _memory_batch(model, backend, dtype, max_new_tokens)
     r = generate_csv(
         cli.load_model(model, backend, dtype, device),
         trait=kit,
@@ -174,6 +177,17 @@ def extract(
         click.echo(str(p))
 
 
+def _memory_batch(model: str, backend: str, dtype: str | None, max_new_tokens: int):
+    """On MLX: fail now if the model will not fit, else the batch its memory holds."""
+    from pertoken.backends import check_memory
+
+    fit = check_memory(model, backend, dtype=dtype, max_new_tokens=max_new_tokens)
+    if fit is None:
+        return None
+    click.echo(f"memory: {fit.summary()}")
+    return fit.batch_size
+
+
 def _trait_name(trait: str) -> str:
     """A trait name for CSV columns: the kit's name when `trait` names a kit, else itself."""
     from pertoken.traits import load_trait
@@ -190,7 +204,7 @@ def _trait_name(trait: str) -> str:
 @click.option("--out", "-o", default="runs", show_default=True, help="Root of the run folders.")
 @click.option("--n-per-question", default=10, show_default=True)
 @click.option("--max-new-tokens", default=1000, show_default=True)
-@click.option("--batch-size", type=int, default=None, help="Rows per batch (32 on CUDA, else 16).")
+@click.option("--batch-size", type=int, default=None, help=BATCH_HELP)
 @judge_options
 @click.option("--threshold", default=50.0, show_default=True)
 def run(
@@ -208,11 +222,14 @@ def run(
     concurrency,
     threshold,
 ):
-    """Generate, judge and extract in one resumable run (model auto: gemma-2-9b-it)."""
-    from pertoken.pipeline.run import default_model, run_pipeline
+    """Generate, judge and extract in one resumable run (model auto: Gemma 2 9B-it)."""
+    from pertoken.backends import default_model, describe_choice
+    from pertoken.pipeline.run import run_pipeline
 
-    if model == "auto":
-        model = default_model(backend)
+    given = model != "auto"
+    model = model if given else default_model(backend)
+    click.echo(describe_choice(backend, model if given else None))
+    batch_size = batch_size or _memory_batch(model, backend, dtype, max_new_tokens)
     r = run_pipeline(
         model=model,
         trait=trait,

@@ -11,12 +11,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pertoken.backends import default_model as default_model  # `run` without --model
 from pertoken.pipeline.extract import extract_vectors, vector_paths
 from pertoken.pipeline.generate import generate_csv, is_complete, plan_rows
 from pertoken.pipeline.judge import DEFAULT_JUDGE, judge_csv, judge_sidecar, make_judge
 from pertoken.traits import load_trait
-
-DEFAULT_MODELS = {"torch": "google/gemma-2-9b-it", "mlx": "mlx-community/gemma-2-9b-it-4bit"}
 
 
 @dataclass
@@ -26,13 +25,6 @@ class RunReport:
     pairs_kept: int
     pairs_total: int
     stages: dict[str, tuple[str, float]] = field(default_factory=dict)  # name -> (status, s)
-
-
-def default_model(backend: str = "auto") -> str:
-    """The seed study's model for the resolved backend."""
-    from pertoken.backends import resolve
-
-    return DEFAULT_MODELS[resolve(backend)]
 
 
 def run_folder(out: str | Path, model: str, trait: str) -> Path:

@@ -1,4 +1,5 @@
-"""The wheel ships every subpackage and the package data (the root maps to `pertoken`)."""
+"""The wheel ships every subpackage and the package data (the root maps to `pertoken`), and
+brings MLX by default on Apple Silicon only."""
 
 import shutil
 import subprocess
@@ -6,11 +7,23 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+from packaging.requirements import Requirement
+
 ROOT = Path(__file__).resolve().parents[1]
+APPLE = {"sys_platform": "darwin", "platform_machine": "arm64"}
+ELSEWHERE = [
+    {"sys_platform": "linux", "platform_machine": "x86_64"},
+    {"sys_platform": "linux", "platform_machine": "aarch64"},
+    {"sys_platform": "darwin", "platform_machine": "x86_64"},
+    {"sys_platform": "win32", "platform_machine": "AMD64"},
+]
 
 
-def test_wheel_holds_every_module_and_data_file(tmp_path):
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
     # build from a fresh copy: a stale build/ folder would hide a missing package
+    tmp_path = tmp_path_factory.mktemp("wheel")
     src = tmp_path / "src"
     skip = shutil.ignore_patterns("build", ".venv", "*.egg-info", "__pycache__", ".git")
     shutil.copytree(ROOT, src, ignore=skip)
@@ -30,8 +43,12 @@ def test_wheel_holds_every_module_and_data_file(tmp_path):
         text=True,
     )
     assert out.returncode == 0, out.stderr
-    (wheel,) = tmp_path.glob("pertoken-*.whl")
-    names = set(zipfile.ZipFile(wheel).namelist())
+    (path,) = tmp_path.glob("pertoken-*.whl")
+    return zipfile.ZipFile(path)
+
+
+def test_wheel_holds_every_module_and_data_file(wheel):
+    names = set(wheel.namelist())
     wanted = {
         "pertoken/" + str(p.relative_to(ROOT))
         for pattern in ("**/*.py", "traits/*.json", "pipeline/*.html")
@@ -40,3 +57,38 @@ def test_wheel_holds_every_module_and_data_file(tmp_path):
     }
     assert wanted - names == set()
     assert not any(n.startswith("pertoken/tests/") for n in names)
+
+
+def requirements(wheel) -> list[Requirement]:
+    """The wheel's Requires-Dist lines, parsed."""
+    (meta,) = [n for n in wheel.namelist() if n.endswith(".dist-info/METADATA")]
+    lines = wheel.read(meta).decode().splitlines()
+    return [
+        Requirement(line.split(":", 1)[1]) for line in lines if line.startswith("Requires-Dist:")
+    ]
+
+
+def installed_by(wheel, env: dict, extra: str = "") -> set[tuple[str, tuple[str, ...]]]:
+    """(name, extras) of what `pip install pertoken[extra]` brings on `env`."""
+    env = {**env, "extra": extra}
+    return {
+        (r.name, tuple(sorted(r.extras)))
+        for r in requirements(wheel)
+        if r.marker is None or r.marker.evaluate(env)
+    }
+
+
+def test_mlx_is_a_default_dependency_on_apple_silicon_only(wheel):
+    mac = {name for name, _ in installed_by(wheel, APPLE)}
+    assert {"mlx", "mlx-lm", "torch", "transformers"} <= mac
+    mlx = [r for r in requirements(wheel) if r.name in ("mlx", "mlx-lm") and "extra" not in str(r)]
+    assert len(mlx) == 2 and all(r.marker.evaluate({**APPLE, "extra": ""}) for r in mlx)
+    for env in ELSEWHERE:
+        names = {name for name, _ in installed_by(wheel, env)}
+        assert {"torch", "transformers"} <= names, env  # the CPU/CUDA install as before
+        assert not {"mlx", "mlx-lm"} & names, env
+
+
+def test_the_mlx_extra_still_installs_mlx_on_linux(wheel):
+    linux = installed_by(wheel, ELSEWHERE[0], extra="mlx")
+    assert ("mlx", ("cpu",)) in linux and ("mlx-lm", ()) in linux
