@@ -16,6 +16,7 @@ from pertoken.errors import PertokenError
 from tests.reference import ANSWERS, chat_prompts, hf_hidden, rand
 
 prompts = chat_prompts
+pytestmark = pytest.mark.usefixtures("torch_one_thread")  # tiny models gain nothing from threads
 
 
 @pytest.fixture(scope="module", params=["torch", "mlx"])
