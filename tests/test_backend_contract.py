@@ -332,3 +332,27 @@ def test_bad_inputs_are_clear_errors(backend, kind, tmp_path, llama_dir):
         backend.trace(p, rows=[7])
     with pytest.raises(PertokenError, match="no layers"):
         backend.trace(p, rows=[])
+
+
+# Where the backends still differ; strict, so each marker must go when its backend plans its
+# batches with backends/plan.py (encode_pairs, length_chunks).
+@pytest.mark.parametrize(
+    ("case", "fails_on"),
+    [("empty prompt in summaries", "mlx"), ("batch size 0", "torch")],
+)
+def test_contract_gaps(backend, request, case, fails_on):
+    if backend.name == fails_on:
+        request.applymarker(
+            pytest.mark.xfail(raises=(pytest.fail.Exception, ValueError), strict=True)
+        )
+    p = prompts(backend)[0]
+    if case == "empty prompt in summaries":
+        with pytest.raises(PertokenError, match="empty after tokenization"):
+            backend.summaries([p, ""], ["x", "y"])
+    else:
+        for call in (
+            lambda: backend.summaries([p], ["x"], batch_size=0),
+            lambda: backend.next_token_logprobs([p], batch_size=0),
+        ):
+            with pytest.raises(PertokenError, match="batch size must be at least 1, not 0"):
+                call()
