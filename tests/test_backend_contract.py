@@ -13,6 +13,7 @@ import pytest
 from pertoken.backends import Steer, load_backend
 from pertoken.backends.base import SteerTerm, steer_mask
 from pertoken.errors import PertokenError
+from pertoken.rows import block_of_row
 from tests.reference import ANSWERS, chat_prompts, hf_hidden, rand
 
 prompts = chat_prompts
@@ -51,7 +52,7 @@ def steered_rows(backend, ids: list[int], by_row: dict[int, np.ndarray]) -> np.n
         from pertoken.backends.torch.hooks import TapState, residual_taps
 
         state = TapState(
-            steer={row - 1: torch.tensor(v) for row, v in by_row.items()},  # keyed by block
+            steer={block_of_row(r, backend.n_layers): torch.tensor(v) for r, v in by_row.items()},
             rows=frozenset(range(backend.n_layers + 1)),
             on_row=lambda r, h: got.__setitem__(r, h[0].clone().numpy()),
         )
