@@ -63,9 +63,7 @@ def test_readme_example_runs(llama_dir, tmp_path, monkeypatch, capsys, torch_one
     )
     swaps = {
         '"google/gemma-2-2b-it"': repr(str(llama_dir)),
-        '"runs/gemma-2-2b-it/paternalism/vectors/paternalism_response_avg_diff.pt"': repr(
-            str(path)
-        ),
+        '"paternalism_response_avg_diff.pt"': repr(str(path)),
         "layer = 12": "layer = 2",  # the tiny model has 4 blocks
     }
     for old, new in swaps.items():
@@ -78,7 +76,7 @@ def test_readme_example_runs(llama_dir, tmp_path, monkeypatch, capsys, torch_one
     backend, chat, steer = ns["backend"], ns["chat"], ns["steer"]
     answer = backend.generate([chat], max_new_tokens=80, temperature=0, steer=steer)[0]
     assert answer in out and answer != backend.generate([chat], max_new_tokens=80, temperature=0)[0]
-    records = pertoken.load_traces(tmp_path / "bakery" / "trace.json")
+    records = pertoken.load_traces(tmp_path / "trace.json")
     assert len(records) == 1 and records[0]["layers"] == [2]
     assert records[0]["vectors"] == ["paternalism"] and records[0]["settings"]["steer"]
-    assert str(records[0]["mean"]) in out and (tmp_path / "bakery" / "trace.html").is_file()
+    assert str(records[0]["mean"]) in out and (tmp_path / "trace.html").is_file()
