@@ -1,7 +1,21 @@
-"""pertoken: persona vectors, steering and per-token trait monitoring for chat LLMs."""
+"""pertoken: persona vectors, steering and per-token trait monitoring for chat LLMs.
+
+From Python: `backend = pertoken.load(model)`, then `PersonaVector`, `load_vector`, `Steer`,
+`extract_vectors`, `monitor`, `evaluate` and `load_traces` (imported on first use).
+"""
 
 __version__ = "0.1.0"
 
+from pertoken import api as _api
+from pertoken.api import load
 from pertoken.errors import PertokenError
 
-__all__ = ["PertokenError", "__version__"]
+__all__ = ["PertokenError", "__version__", "load", *_api.EXPORTS]
+
+
+def __getattr__(name: str):
+    return _api.export(name)
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_api.EXPORTS})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +30,50 @@ class PersonaVector:
         if not 0 <= layer <= self.n_layers:
             raise PertokenError(f"layer {layer} is outside 0..{self.n_layers} for this vector")
         return self.data[layer]
+
+    # ------------------------------------------------------------------ arithmetic
+    # As repeng's ControlVector: v + w, v - w, 2 * v, v / 2, -v; the result is a new vector.
+    __array_ufunc__ = None  # numpy scalars defer to these methods (np.float32(2) * v)
+
+    def __add__(self, other: PersonaVector) -> PersonaVector:
+        return self._combine(other, np.add)
+
+    def __sub__(self, other: PersonaVector) -> PersonaVector:
+        return self._combine(other, np.subtract)
+
+    def __mul__(self, coef: float) -> PersonaVector:
+        if not isinstance(coef, numbers.Real):
+            return NotImplemented
+        return PersonaVector((self.data * np.float32(coef)).astype(np.float32), dict(self.meta))
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, coef: float) -> PersonaVector:
+        if not isinstance(coef, numbers.Real):
+            return NotImplemented
+        if coef == 0:
+            raise ZeroDivisionError("cannot divide a persona vector by zero")
+        return PersonaVector((self.data / np.float32(coef)).astype(np.float32), dict(self.meta))
+
+    def __neg__(self) -> PersonaVector:
+        return self * -1
+
+    def normalized(self) -> PersonaVector:
+        """Every row scaled to unit length; zero rows (rows never extracted) stay zero."""
+        norm = np.linalg.norm(self.data, axis=1, keepdims=True)  # [n_layers + 1, 1]
+        unit = np.divide(self.data, norm, out=np.zeros(self.data.shape, np.float32), where=norm > 0)
+        return PersonaVector(unit, dict(self.meta))
+
+    def _combine(self, other, op) -> PersonaVector:
+        if not isinstance(other, PersonaVector):
+            return NotImplemented
+        if other.data.shape != self.data.shape:
+            raise PertokenError(
+                f"cannot combine vectors of shapes {list(self.data.shape)} and "
+                f"{list(other.data.shape)}: use vectors extracted from the same model"
+            )
+        agreed = {k: v for k, v in self.meta.items() if k in other.meta and other.meta[k] == v}
+        return PersonaVector(op(self.data, other.data).astype(np.float32), agreed)
 
     def check_model(self, n_layers: int, hidden_size: int, path: str | Path = "vector") -> None:
         """A clear error when the vector was made for another model."""

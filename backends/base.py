@@ -11,6 +11,7 @@ from typing import Literal, NamedTuple, Protocol
 
 import numpy as np
 
+from pertoken.backends.plan import steer_mask as steer_mask  # one rule for Steer.positions
 from pertoken.errors import PertokenError
 from pertoken.rows import check_steer_row
 
@@ -59,16 +60,6 @@ class Steer:
                     f"steering vector has shape {tuple(np.shape(t.vector))} but this model's "
                     f"hidden size is {hidden_size}: use a vector extracted from the same model"
                 )
-
-
-def steer_mask(prompt_len: int, total_len: int, positions: Positions) -> np.ndarray:
-    """[total_len] bool: which positions of one unpadded sequence a Steer acts on."""
-    idx = np.arange(total_len)
-    if positions == "all":
-        return np.ones(total_len, dtype=bool)
-    if positions == "prompt":
-        return idx < prompt_len
-    return idx >= prompt_len - 1
 
 
 class Summaries(NamedTuple):

@@ -23,6 +23,11 @@ def chat_prompts(backend, system: str | None = SYSTEM) -> list[str]:
     return [backend.chat_prompt(system, q) for q in QUESTIONS]
 
 
+def rand(seed: int, n: int = 64) -> np.ndarray:
+    """A fixed random [n] float32 vector (steering directions in tests)."""
+    return np.random.default_rng(seed).standard_normal(n).astype(np.float32)
+
+
 def hf_hidden(model, ids: list[int]) -> np.ndarray:
     """[n_layers + 1, T, hidden] float32 hidden states of one unpadded sequence."""
     with torch.no_grad():

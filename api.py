@@ -1,0 +1,37 @@
+"""The Python API for notebooks: `pertoken.load` and the names `import pertoken` exposes.
+
+Each name is imported on first use, so `import pertoken` loads neither torch, mlx nor
+transformers."""
+
+from __future__ import annotations
+
+import importlib
+
+# name -> the module that defines it
+EXPORTS = {
+    "PersonaVector": "pertoken.vectors",
+    "load_vector": "pertoken.vectors",
+    "save_vector": "pertoken.vectors",
+    "Steer": "pertoken.backends.base",
+    "extract_vectors": "pertoken.pipeline.extract",
+    "monitor": "pertoken.pipeline.monitor",
+    "load_traces": "pertoken.pipeline.monitor",
+    "evaluate": "pertoken.pipeline.evaluate",
+}
+
+
+def export(name: str):
+    """The object behind `pertoken.<name>`, imported now."""
+    if name not in EXPORTS:
+        raise AttributeError(f"module 'pertoken' has no attribute {name!r}")
+    return getattr(importlib.import_module(EXPORTS[name]), name)
+
+
+def load(model: str, backend: str = "auto", dtype: str | None = None, device: str | None = None):
+    """Load `model` (a Hugging Face id or a local folder) and return its Backend.
+
+    backend: `auto` (MLX on Apple Silicon when installed, else torch), `torch` or `mlx`;
+    dtype and device: None picks them as the CLI does (float32 on a CPU)."""
+    from pertoken.backends import load_backend
+
+    return load_backend(model, backend, dtype=dtype, device=device)

@@ -1,0 +1,82 @@
+"""The notebook API: `pertoken.load`, lazy top-level names, and the README's example."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import pertoken
+from pertoken.errors import PertokenError
+from pertoken.vectors import PersonaVector, save_vector
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+NAMES = ["PersonaVector", "load_vector", "Steer", "extract_vectors", "monitor", "evaluate"]
+
+
+def test_import_pertoken_and_its_names_stay_light():
+    code = (
+        "import sys, pertoken;"
+        f"objs = [getattr(pertoken, n) for n in {[*NAMES, 'load_traces', 'load']!r}];"
+        "heavy = [m for m in ('torch', 'mlx', 'transformers') if m in sys.modules];"
+        "assert not heavy, heavy;"
+        "print(len(objs))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "8"
+
+
+def test_top_level_names_are_the_pipeline_objects():
+    from pertoken.backends.base import Steer
+    from pertoken.pipeline import evaluate, extract, monitor
+
+    assert pertoken.PersonaVector is PersonaVector and pertoken.Steer is Steer
+    assert pertoken.extract_vectors is extract.extract_vectors
+    assert pertoken.monitor is monitor.monitor and pertoken.load_traces is monitor.load_traces
+    assert pertoken.evaluate is evaluate.evaluate
+    assert set(NAMES) <= set(dir(pertoken)) and set(NAMES) <= set(pertoken.__all__)
+    with pytest.raises(AttributeError, match="no attribute 'steer'"):
+        pertoken.steer  # noqa: B018
+
+
+def test_load_returns_the_backend(llama_dir):
+    b = pertoken.load(str(llama_dir), dtype="float32", device="cpu")
+    assert (b.name, b.n_layers, b.hidden_size, b.dtype) == ("torch", 4, 64, "float32")
+    assert pertoken.load(str(llama_dir), "torch").model_id == llama_dir.name
+    with pytest.raises(PertokenError, match="unknown backend"):
+        pertoken.load(str(llama_dir), backend="jax")
+
+
+def readme_example() -> str:
+    section = README.read_text().split("## From Python", 1)[1]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_readme_example_runs(llama_dir, tmp_path, monkeypatch, capsys, torch_one_thread):
+    code = readme_example()
+    assert len(code.strip().splitlines()) < 15
+    path = save_vector(
+        PersonaVector(np.random.default_rng(0).normal(size=(5, 64))), tmp_path / "v.pt"
+    )
+    swaps = {
+        '"google/gemma-2-2b-it"': repr(str(llama_dir)),
+        '"paternalism_response_avg_diff.pt"': repr(str(path)),
+        "layer = 12": "layer = 2",  # the tiny model has 4 blocks
+    }
+    for old, new in swaps.items():
+        assert code.count(old) == 1, old
+        code = code.replace(old, new)
+    monkeypatch.chdir(tmp_path)
+    ns = {}
+    exec(compile(code, "README.md", "exec"), ns)
+    out = capsys.readouterr().out
+    backend, chat, steer = ns["backend"], ns["chat"], ns["steer"]
+    answer = backend.generate([chat], max_new_tokens=80, temperature=0, steer=steer)[0]
+    assert answer in out and answer != backend.generate([chat], max_new_tokens=80, temperature=0)[0]
+    records = pertoken.load_traces(tmp_path / "trace.json")
+    assert len(records) == 1 and records[0]["layers"] == [2]
+    assert records[0]["vectors"] == ["paternalism"] and records[0]["settings"]["steer"]
+    assert str(records[0]["mean"]) in out and (tmp_path / "trace.html").is_file()
