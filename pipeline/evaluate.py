@@ -18,6 +18,7 @@ from pathlib import Path
 
 from pertoken.backends.base import Steer
 from pertoken.errors import PertokenError
+from pertoken.pipeline.csvio import parse_score, read_table
 from pertoken.rows import check_steer_row
 from pertoken.vectors import PersonaVector
 
@@ -222,10 +223,7 @@ def read_answers(path: Path, trait: str) -> list[dict]:
     """Rows of an earlier run's answers.csv (none when it does not exist)."""
     if not path.is_file():
         return []
-    with path.open(newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        rows = list(reader)
-        header = list(reader.fieldnames or [])
+    header, rows = read_table(path)
     missing = [c for c in answer_columns(trait)[:6] if c not in header]
     if missing:
         raise PertokenError(
@@ -249,14 +247,6 @@ def _write_csv(path: Path, header: list[str], rows: list[dict]) -> None:
     tmp.replace(path)
 
 
-def _score(value) -> float | None:
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        return None
-    return None if x != x else x
-
-
 def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
@@ -268,8 +258,8 @@ def summarize(rows: list[dict], trait: str) -> list[SettingSummary]:
         groups.setdefault((int(r["layer"]), float(r["coef"])), []).append(r)
     out = []
     for (layer, coef), group in sorted(groups.items()):
-        t = [s for s in (_score(r[trait]) for r in group) if s is not None]
-        c = [s for s in (_score(r["coherence"]) for r in group) if s is not None]
+        t = [s for s in (parse_score(r[trait]) for r in group) if s is not None]
+        c = [s for s in (parse_score(r["coherence"]) for r in group) if s is not None]
         out.append(SettingSummary(layer, coef, _mean(t), _mean(c), len(group), len(group) - len(t)))
     return out
 

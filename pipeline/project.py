@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import csv
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from pertoken.errors import PertokenError
+from pertoken.pipeline.csvio import parse_score, read_table
 from pertoken.pipeline.projection import cosine, project
 from pertoken.vectors import load_vector
 
@@ -82,7 +82,7 @@ def _project_rows(backend, rows, v, layer, batch_size, chunk_rows) -> np.ndarray
 
 def pearson_with(rows: list[dict], x_col: str, y_col: str) -> tuple[float | None, int]:
     """Pearson r of two columns over rows where both are numbers; (None, n) if undefined."""
-    pairs = [(_num(r.get(x_col)), _num(r.get(y_col))) for r in rows]
+    pairs = [(parse_score(r.get(x_col)), parse_score(r.get(y_col))) for r in rows]
     pairs = [(x, y) for x, y in pairs if x is not None and y is not None]
     if len(pairs) < 2:
         return None, len(pairs)
@@ -90,14 +90,6 @@ def pearson_with(rows: list[dict], x_col: str, y_col: str) -> tuple[float | None
     if x.std() == 0 or y.std() == 0:
         return None, len(pairs)
     return float(np.corrcoef(x, y)[0, 1]), len(pairs)
-
-
-def _num(text) -> float | None:
-    try:
-        x = float(text)
-    except (TypeError, ValueError):
-        return None
-    return x if math.isfinite(x) else None
 
 
 def _trait_column(header: list[str]) -> str | None:
@@ -111,19 +103,13 @@ def _read_csv(path) -> tuple[list[str], list[dict]]:
     path = Path(path)
     if not path.is_file():
         raise PertokenError(f"CSV file {path} does not exist: check the path")
-    with path.open(newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        header = list(reader.fieldnames or [])
-        missing = [c for c in ("prompt", "answer") if c not in header]
-        if missing:
-            raise PertokenError(
-                f"{path} has no {' or '.join(missing)} column: pass a generation CSV with "
-                f"columns {', '.join(BASE_COLUMNS)}, {{trait}}, coherence"
-            )
-        rows = list(reader)
-    for i, r in enumerate(rows):
-        if r["prompt"] is None or r["answer"] is None:
-            raise PertokenError(f"{path} row {i + 2} is short: it has no prompt or answer")
+    header, rows = read_table(path)
+    missing = [c for c in ("prompt", "answer") if c not in header]
+    if missing:
+        raise PertokenError(
+            f"{path} has no {' or '.join(missing)} column: pass a generation CSV with "
+            f"columns {', '.join(BASE_COLUMNS)}, {{trait}}, coherence"
+        )
     return header, rows
 
 
