@@ -50,13 +50,7 @@ def steer(model, backend, dtype, device, vectors, layers, coefs, positions, prom
 @click.option("--n-per-question", default=10, show_default=True, help="Samples per question.")
 @click.option("--max-new-tokens", default=1000, show_default=True)
 @click.option("--temperature", type=float, default=None, help="Default 1.0 (0 when n is 1).")
-@click.option(
-    "--positions",
-    type=click.Choice(["all", "prompt", "response"]),
-    default="response",
-    show_default=True,
-    help="Positions the vector is added at.",
-)
+@positions_option
 @click.option("--batch-size", default=16, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 def eval_(

@@ -20,7 +20,7 @@ from pertoken.backends.base import Steer
 from pertoken.errors import PertokenError
 from pertoken.pipeline.csvio import parse_score, read_table
 from pertoken.rows import check_steer_row
-from pertoken.vectors import PersonaVector
+from pertoken.vectors import PersonaVector, check_coef
 
 # Fills `row[trait]` and `row["coherence"]` (a float, or "" when the judge refused) in place.
 JudgeRows = Callable[[list[dict]], None]
@@ -52,11 +52,12 @@ def answer_columns(trait: str) -> list[str]:
 def parse_coefs(text: str) -> list[float]:
     """'-2,-1,0,1,2' -> [-2.0, -1.0, 0.0, 1.0, 2.0]."""
     try:
-        return [float(x) for x in text.split(",") if x.strip()]
+        coefs = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise PertokenError(
             f"could not read coefs {text!r}: give numbers like -2,-1,0,1,2"
         ) from None
+    return [check_coef(c) for c in coefs]
 
 
 def evaluate(
@@ -127,6 +128,7 @@ def _check_inputs(backend, vector, layers, coefs, n_per_question, vector_path) -
         raise PertokenError("give at least one layer (--layers) and one coefficient (--coefs)")
     for layer in layers:
         check_steer_row(layer, backend.n_layers)
+    vector.check_nonzero(layers, vector_path)
     if n_per_question < 1:
         raise PertokenError(f"--n-per-question must be at least 1, not {n_per_question}")
 
