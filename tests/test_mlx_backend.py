@@ -31,6 +31,7 @@ def test_facts(backend, model_dir):
     assert (backend.n_layers, backend.hidden_size) == (4, 64)
     assert (backend.dtype, backend.device) == ("float32", "cpu")
     assert backend.model_id == model_dir.name
+    assert backend.model_type == json.loads((model_dir / "config.json").read_text())["model_type"]
 
 
 def test_default_dtype_on_cpu_is_float32(llama_dir):
