@@ -241,16 +241,12 @@ def _named_vectors(items) -> dict[str, str]:
 @click.option("--batch-size", default=8, show_default=True, type=int)
 def project(model, backend, dtype, device, csv_file, vector, layer, out, batch_size):
     """Add projection columns to a generation CSV and print r against the trait score."""
-    from pertoken.pipeline.project import project_csv
+    from pertoken.pipeline.project import describe_correlations, project_csv
 
     bk = cli.load_model(model, backend, dtype, device)
     res = project_csv(
         bk, csv_file, vector_path=vector, layer=layer, out_path=out, batch_size=batch_size
     )
     click.echo(f"wrote {res.n_rows} rows with {', '.join(res.columns)} to {res.out_path}")
-    if res.trait and res.r is not None:
-        click.echo(
-            f"Pearson r({res.columns[0]}, {res.trait}) = {res.r:+.4f} over {res.n_scored} rows"
-        )
-    elif res.trait:
-        click.echo(f"Pearson r is undefined: {res.n_scored} rows with a {res.trait} score")
+    for line in describe_correlations(res):
+        click.echo(line)
