@@ -107,9 +107,10 @@ def positions_option(f):
     return click.option(
         "--positions",
         type=click.Choice(["all", "prompt", "response"]),
-        default="all",
+        default="response",
         show_default=True,
-        help="Where to add the vectors: every token, the prompt only, or the answer only.",
+        help="Where to add the vectors: the answer's tokens (as upstream's steerer), every "
+        "token, or the prompt only.",
     )(f)
 
 

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import math
 import numbers
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from pertoken.errors import PertokenError
+
+# meta key set on import when n_layers was read from the file, not given by the user
+ROWS_FROM_FILE = "n_layers_from_file"
 
 
 @dataclass
@@ -76,13 +81,49 @@ class PersonaVector:
         return PersonaVector(op(self.data, other.data).astype(np.float32), agreed)
 
     def check_model(self, n_layers: int, hidden_size: int, path: str | Path = "vector") -> None:
-        """A clear error when the vector was made for another model."""
-        if self.data.shape != (n_layers + 1, hidden_size):
-            raise PertokenError(
-                f"{path} has shape {list(self.data.shape)} but the model needs "
-                f"[{n_layers + 1}, {hidden_size}] (n_layers+1, hidden): it was extracted "
-                "from another model; extract one for this model"
-            )
+        """A clear error when the vector was made for another model.
+
+        A vector imported from a control vector file that did not give the model's size (repeng
+        counts only the layers it holds) is padded with zero rows instead, with a note."""
+        if self.data.shape == (n_layers + 1, hidden_size):
+            return
+        if self.meta.get(ROWS_FROM_FILE) and self.hidden_size == hidden_size:
+            if self.n_layers < n_layers:
+                self._pad(n_layers, path)
+                return
+        hint = (
+            f"import it again with --n-layers {n_layers}"
+            if "imported_from" in self.meta
+            else "it was extracted from another model; extract one for this model"
+        )
+        raise PertokenError(
+            f"{path} has shape {list(self.data.shape)} but the model needs "
+            f"[{n_layers + 1}, {hidden_size}] (n_layers+1, hidden): {hint}"
+        )
+
+    def _pad(self, n_layers: int, path) -> None:
+        old = self.n_layers
+        pad = np.zeros((n_layers - old, self.hidden_size), np.float32)  # the rows it lacks
+        self.data = np.concatenate([self.data, pad])  # [n_layers + 1, hidden]
+        note(
+            f"{path} holds rows 0..{old} of an imported control vector; rows "
+            f"{old + 1}..{n_layers} are padded with zeros to fit this model "
+            f"(`pertoken import --n-layers {n_layers}` records the model's size)"
+        )
+
+    def check_nonzero(self, rows: list[int], name: str | Path = "vector") -> None:
+        """One rule for steering and monitoring: a row of zeros has no direction to use."""
+        for r in rows:
+            if not np.any(self.row(r)):
+                raise PertokenError(
+                    f"{name} is all zeros at layer {r}: it has no direction there (a file "
+                    "holding only some layers leaves the others zero); pick another layer"
+                )
+
+
+def note(message: str) -> None:
+    """One informational line on stderr (progress bars and errors go there too)."""
+    print(f"note: {message}", file=sys.stderr)
 
 
 def save_vector(vector: PersonaVector, path: str | Path) -> Path:
@@ -109,15 +150,48 @@ def load_vector(path: str | Path) -> PersonaVector:
     except Exception as e:
         msg = f"{path} is not a readable torch tensor file ({type(e).__name__})"
         raise PertokenError(msg) from None
-    if not isinstance(t, torch.Tensor) or t.ndim != 2:
-        shape = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-        raise PertokenError(
-            f"{path} holds {shape}, not a [n_layers+1, hidden] tensor: pass a persona vector "
-            "written by `pertoken extract`"
-        )
+    _check_tensor(t, path)
     sidecar = path.with_suffix(".json")
     try:
         meta = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
     except json.JSONDecodeError:
         meta = {}  # a damaged sidecar must not make the vector itself unusable
-    return PersonaVector(t.float().numpy(), meta)
+    data = t.float().numpy()  # [n_layers + 1, hidden]
+    check_finite(data, path)
+    return PersonaVector(data, meta)
+
+
+def _check_tensor(t, path: Path) -> None:
+    import torch
+
+    # at least the embedding row and one block's row, and a non-empty hidden size
+    if not isinstance(t, torch.Tensor) or t.ndim != 2 or t.shape[0] < 2 or t.shape[1] < 1:
+        shape = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise PertokenError(
+            f"{path} holds {shape}, not a [n_layers+1, hidden] tensor: pass a persona vector "
+            "written by `pertoken extract`"
+        )
+    if t.is_complex():
+        raise PertokenError(f"{path} holds complex values: a persona vector is real (float32)")
+
+
+def check_finite(data: np.ndarray, where: str | Path = "vector") -> None:
+    """A clear error when a vector holds NaN or infinite values."""
+    bad = ~np.isfinite(data)
+    if bad.any():
+        row = int(np.argwhere(bad)[0][0]) if data.ndim > 1 else None
+        at = f" (first at row {row})" if row is not None else ""
+        raise PertokenError(
+            f"{where} holds {int(bad.sum())} NaN or infinite values{at}: the vector is "
+            "damaged; extract it again"
+        )
+
+
+def check_coef(coef: float) -> float:
+    """A steering coefficient as a float; a clear error when it is NaN or infinite."""
+    coef = float(coef)
+    if not math.isfinite(coef):
+        raise PertokenError(
+            f"steering coefficient {coef} is not a finite number: pass a number such as 2 or -1.5"
+        )
+    return coef

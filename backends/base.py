@@ -14,6 +14,7 @@ import numpy as np
 from pertoken.backends.plan import steer_mask as steer_mask  # one rule for Steer.positions
 from pertoken.errors import PertokenError
 from pertoken.rows import check_steer_row
+from pertoken.vectors import check_coef, check_finite
 
 Positions = Literal["all", "prompt", "response"]
 POSITIONS = ("all", "prompt", "response")
@@ -24,6 +25,11 @@ class SteerTerm:
     row: int  # row L: added to the output of block L-1
     vector: np.ndarray  # [hidden] float32
     coef: float
+
+    def __post_init__(self):
+        # a NaN coefficient or direction would steer every token into garbage
+        check_coef(self.coef)
+        check_finite(np.asarray(self.vector), f"the steering vector at layer {self.row}")
 
 
 @dataclass
@@ -92,6 +98,7 @@ class Backend(Protocol):
     model_id: str
     n_layers: int
     hidden_size: int
+    model_type: str  # the config's model_type: "llama", "gemma2", ...
     dtype: str  # "float32", "bfloat16", ...
     device: str  # "cuda", "cpu", "mps", "gpu"
 

@@ -71,6 +71,7 @@ def export(vector, fmt, out, layers, model_hint):
 def import_(path, out, n_layers):
     """Read a GGUF control vector back into a pertoken vector."""
     from pertoken.pipeline.export import import_vector
+    from pertoken.vectors import ROWS_FROM_FILE
 
     vec = import_vector(path, out=out, n_layers=n_layers)
     filled = [r for r in range(vec.n_layers + 1) if vec.data[r].any()]
@@ -78,6 +79,11 @@ def import_(path, out, n_layers):
         f"wrote {out}: [{vec.n_layers + 1}, {vec.hidden_size}], rows {_span(filled)} filled, "
         "others zero"
     )
+    if vec.meta.get(ROWS_FROM_FILE):
+        click.echo(
+            f"n_layers {vec.n_layers} comes from the file; with a model that has more decoder "
+            "blocks the vector is padded with zero rows (or pass --n-layers)"
+        )
 
 
 def _span(rows: list[int]) -> str:

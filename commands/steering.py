@@ -50,13 +50,7 @@ def steer(model, backend, dtype, device, vectors, layers, coefs, positions, prom
 @click.option("--n-per-question", default=10, show_default=True, help="Samples per question.")
 @click.option("--max-new-tokens", default=1000, show_default=True)
 @click.option("--temperature", type=float, default=None, help="Default 1.0 (0 when n is 1).")
-@click.option(
-    "--positions",
-    type=click.Choice(["all", "prompt", "response"]),
-    default="response",
-    show_default=True,
-    help="Positions the vector is added at.",
-)
+@positions_option
 @click.option("--batch-size", default=16, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 def eval_(
@@ -247,16 +241,12 @@ def _named_vectors(items) -> dict[str, str]:
 @click.option("--batch-size", default=8, show_default=True, type=int)
 def project(model, backend, dtype, device, csv_file, vector, layer, out, batch_size):
     """Add projection columns to a generation CSV and print r against the trait score."""
-    from pertoken.pipeline.project import project_csv
+    from pertoken.pipeline.project import describe_correlations, project_csv
 
     bk = cli.load_model(model, backend, dtype, device)
     res = project_csv(
         bk, csv_file, vector_path=vector, layer=layer, out_path=out, batch_size=batch_size
     )
     click.echo(f"wrote {res.n_rows} rows with {', '.join(res.columns)} to {res.out_path}")
-    if res.trait and res.r is not None:
-        click.echo(
-            f"Pearson r({res.columns[0]}, {res.trait}) = {res.r:+.4f} over {res.n_scored} rows"
-        )
-    elif res.trait:
-        click.echo(f"Pearson r is undefined: {res.n_scored} rows with a {res.trait} score")
+    for line in describe_correlations(res):
+        click.echo(line)

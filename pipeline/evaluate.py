@@ -18,8 +18,9 @@ from pathlib import Path
 
 from pertoken.backends.base import Steer
 from pertoken.errors import PertokenError
+from pertoken.pipeline.csvio import parse_score, read_table
 from pertoken.rows import check_steer_row
-from pertoken.vectors import PersonaVector
+from pertoken.vectors import PersonaVector, check_coef
 
 # Fills `row[trait]` and `row["coherence"]` (a float, or "" when the judge refused) in place.
 JudgeRows = Callable[[list[dict]], None]
@@ -51,11 +52,12 @@ def answer_columns(trait: str) -> list[str]:
 def parse_coefs(text: str) -> list[float]:
     """'-2,-1,0,1,2' -> [-2.0, -1.0, 0.0, 1.0, 2.0]."""
     try:
-        return [float(x) for x in text.split(",") if x.strip()]
+        coefs = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise PertokenError(
             f"could not read coefs {text!r}: give numbers like -2,-1,0,1,2"
         ) from None
+    return [check_coef(c) for c in coefs]
 
 
 def evaluate(
@@ -126,6 +128,7 @@ def _check_inputs(backend, vector, layers, coefs, n_per_question, vector_path) -
         raise PertokenError("give at least one layer (--layers) and one coefficient (--coefs)")
     for layer in layers:
         check_steer_row(layer, backend.n_layers)
+    vector.check_nonzero(layers, vector_path)
     if n_per_question < 1:
         raise PertokenError(f"--n-per-question must be at least 1, not {n_per_question}")
 
@@ -222,10 +225,7 @@ def read_answers(path: Path, trait: str) -> list[dict]:
     """Rows of an earlier run's answers.csv (none when it does not exist)."""
     if not path.is_file():
         return []
-    with path.open(newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        rows = list(reader)
-        header = list(reader.fieldnames or [])
+    header, rows = read_table(path)
     missing = [c for c in answer_columns(trait)[:6] if c not in header]
     if missing:
         raise PertokenError(
@@ -249,14 +249,6 @@ def _write_csv(path: Path, header: list[str], rows: list[dict]) -> None:
     tmp.replace(path)
 
 
-def _score(value) -> float | None:
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        return None
-    return None if x != x else x
-
-
 def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
@@ -268,8 +260,8 @@ def summarize(rows: list[dict], trait: str) -> list[SettingSummary]:
         groups.setdefault((int(r["layer"]), float(r["coef"])), []).append(r)
     out = []
     for (layer, coef), group in sorted(groups.items()):
-        t = [s for s in (_score(r[trait]) for r in group) if s is not None]
-        c = [s for s in (_score(r["coherence"]) for r in group) if s is not None]
+        t = [s for s in (parse_score(r[trait]) for r in group) if s is not None]
+        c = [s for s in (parse_score(r["coherence"]) for r in group) if s is not None]
         out.append(SettingSummary(layer, coef, _mean(t), _mean(c), len(group), len(group) - len(t)))
     return out
 

@@ -16,12 +16,13 @@ import numpy as np
 
 from pertoken.errors import PertokenError
 from pertoken.rows import check_capture_rows
-from pertoken.vectors import PersonaVector, load_vector, save_vector
+from pertoken.vectors import ROWS_FROM_FILE, PersonaVector, check_finite, load_vector, save_vector
 
 FORMATS = ("pt", "safetensors", "gguf")
 GGUF_ARCH = "controlvector"
 SAFETENSORS_FORMAT = "pertoken-persona-vector"
 FIRST_GGUF_ROW = 2  # direction.1 = row 2; direction.0 (row 1) is rejected by llama.cpp
+MAX_LAYERS = 1024  # more decoder blocks than any model has: bounds what a file can make us allocate
 
 
 @dataclass
@@ -54,7 +55,7 @@ def export_vector(
     """Write `vector` to `out` as pt, safetensors or gguf (default: from the suffix).
 
     layers: rows to write (default all; for gguf 2..n_layers, since rows 0-1 cannot be held).
-    model_hint: the GGUF `controlvector.model_hint` (default: the vector's model_type or model)."""
+    model_hint: the GGUF `controlvector.model_hint` (default: the model's config model_type)."""
     vec = vector if isinstance(vector, PersonaVector) else load_vector(vector)
     fmt, out = format_of(out, fmt), Path(out)
     rows, left_out = _rows(vec, fmt, layers)
@@ -64,7 +65,7 @@ def export_vector(
     elif fmt == "safetensors":
         write_safetensors(vec, rows, out)
     else:
-        write_gguf(vec, rows, out, model_hint=model_hint or _hint(vec.meta))
+        write_gguf(vec, rows, out, model_hint=model_hint or hint_of(vec.meta))
     return ExportResult(out, fmt, rows, left_out)
 
 
@@ -105,8 +106,33 @@ def _rows(vec: PersonaVector, fmt: str, layers: list[int] | None) -> tuple[list[
     return rows, []
 
 
-def _hint(meta: dict) -> str:
-    return str(meta.get("model_type") or meta.get("model") or "unknown")
+def hint_of(meta: dict) -> str:
+    """GGUF `controlvector.model_hint`: the config's model_type (`llama`, `gemma2`), as repeng
+    writes it; the model's name only when no config is known."""
+    hint = meta.get("model_type") or meta.get("model_hint")
+    model = str(meta.get("model") or "")
+    if not hint and model:
+        hint = _config_model_type(model) or Path(model.rstrip("/\\")).name
+    return str(hint or "unknown")
+
+
+def _config_model_type(model: str) -> str | None:
+    """model_type from a local folder's config.json or one in the hub cache (no network)."""
+    config = Path(model).expanduser() / "config.json"
+    if not config.is_file():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(model, "config.json")
+        except Exception:  # not a repo id, or no cache
+            return None
+        if not isinstance(cached, str):
+            return None
+        config = Path(cached)
+    try:
+        return json.loads(config.read_text()).get("model_type") or None
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 # ---------------------------------------------------------------- pt
@@ -146,7 +172,10 @@ def read_safetensors(path: Path, *, n_layers: int | None = None) -> PersonaVecto
         raise PertokenError(f"{path} is not a readable .safetensors file ({e})") from None
     if metadata.get("format") != SAFETENSORS_FORMAT:
         raise PertokenError(f"{path} was not written by `pertoken export`: no pertoken metadata")
-    n_layers = n_layers or int(metadata.get("n_layers", max(rows, default=0)))
+    try:
+        n_layers = n_layers or int(metadata.get("n_layers", max(rows, default=0)))
+    except ValueError:
+        raise PertokenError(f"{path} has a damaged n_layers entry: pass --n-layers") from None
     try:
         meta = json.loads(metadata.get("meta") or "{}")
     except json.JSONDecodeError:
@@ -180,7 +209,10 @@ def write_gguf(vec: PersonaVector, rows: list[int], path: Path, *, model_hint: s
 
 
 def read_gguf(path: Path, *, n_layers: int | None = None) -> PersonaVector:
-    """Rows from `direction.N` tensors (row N+1); n_layers from layer_count + 1 unless given."""
+    """Rows from `direction.N` tensors (row N+1); n_layers from layer_count + 1 unless given.
+
+    repeng writes layer_count = the number of directions, which undercounts a file holding some
+    layers; such a vector is marked so it is padded with zero rows when used with a model."""
     import gguf
 
     try:
@@ -195,26 +227,41 @@ def read_gguf(path: Path, *, n_layers: int | None = None) -> PersonaVector:
         )
     rows: dict[int, np.ndarray] = {}
     for t in reader.tensors:
-        n = _direction_index(t, path)
+        n = _direction_index(t, path, n_layers or MAX_LAYERS)
         data = np.asarray(t.data, dtype=np.float32).reshape(-1)
         rows[n + 1] = rows[n + 1] + data if n + 1 in rows else data.copy()
-    count = _field(reader, f"{GGUF_ARCH}.layer_count")
-    top = max(rows, default=0)
-    n_layers = n_layers or max(int(count) + 1 if count is not None else 0, top)
-    hint = _field(reader, f"{GGUF_ARCH}.model_hint")
-    meta = (
-        {"imported_from": str(path), "model_hint": hint} if hint else {"imported_from": str(path)}
-    )
+    meta = {"imported_from": str(path)}
+    if hint := _field(reader, f"{GGUF_ARCH}.model_hint"):
+        meta["model_hint"] = hint
+    if n_layers is None:
+        n_layers = _file_n_layers(_field(reader, f"{GGUF_ARCH}.layer_count"), rows, path)
+        meta[ROWS_FROM_FILE] = True
     return PersonaVector(_assemble(rows, n_layers, path), meta)
 
 
-def _direction_index(t, path: Path) -> int:
+def _file_n_layers(count, rows: dict[int, np.ndarray], path: Path) -> int:
+    """n_layers from layer_count + 1 (llama.cpp, pertoken) or the highest row (repeng)."""
+    if count is not None and not 0 <= int(count) < MAX_LAYERS:
+        raise PertokenError(
+            f"{path} says controlvector.layer_count = {count}, more than any model has: "
+            "pass --n-layers with the model's number of decoder blocks"
+        )
+    return max(int(count) + 1 if count is not None else 0, max(rows, default=0))
+
+
+def _direction_index(t, path: Path, n_layers: int) -> int:
+    """N of a `direction.N` tensor; rows above n_layers are refused before any is allocated."""
     import gguf
 
     m = re.fullmatch(r"direction\.(\d+)", t.name)
     if not m or int(m.group(1)) == 0:
         raise PertokenError(
             f"{path} holds tensor {t.name!r}: a control vector holds only direction.N, N >= 1"
+        )
+    if int(m.group(1)) + 1 > n_layers:
+        raise PertokenError(
+            f"{path} holds {t.name} (row {int(m.group(1)) + 1}) but n_layers is at most "
+            f"{n_layers}: pass --n-layers with the model's number of decoder blocks"
         )
     if t.tensor_type != gguf.GGMLQuantizationType.F32 or len(t.shape) != 1:
         raise PertokenError(
@@ -237,6 +284,11 @@ def _field(reader, key: str):
 def _assemble(rows: dict[int, np.ndarray], n_layers: int, path: Path) -> np.ndarray:
     if not rows:
         raise PertokenError(f"{path} holds no direction tensors")
+    if not 1 <= n_layers <= MAX_LAYERS:
+        raise PertokenError(
+            f"{path}: n_layers {n_layers} is outside 1..{MAX_LAYERS}: pass --n-layers with the "
+            "model's number of decoder blocks"
+        )
     widths = {len(v) for v in rows.values()}
     if len(widths) != 1:
         raise PertokenError(f"{path} mixes direction widths {sorted(widths)}")
@@ -245,7 +297,10 @@ def _assemble(rows: dict[int, np.ndarray], n_layers: int, path: Path) -> np.ndar
             f"{path} holds row {max(rows)} but n_layers is {n_layers}: pass --n-layers "
             "with the model's number of decoder blocks"
         )
+    if any(np.iscomplexobj(v) for v in rows.values()):
+        raise PertokenError(f"{path} holds complex values: a persona vector is real (float32)")
     data = np.zeros((n_layers + 1, widths.pop()), dtype=np.float32)  # [n_layers + 1, hidden]
     for r, v in rows.items():
         data[r] = v
+    check_finite(data, path)
     return data

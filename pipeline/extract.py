@@ -57,6 +57,7 @@ def extract_vectors(
     neg = _mean_summaries(backend, pairs.neg, batch_size)
     meta = {
         "model": backend.model_id,
+        "model_type": getattr(backend, "model_type", None),
         "backend": backend.name,
         "dtype": backend.dtype,
         "trait": trait,

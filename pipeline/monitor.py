@@ -173,8 +173,7 @@ def _directions(backend, vectors: dict[str, PersonaVector], layers: list[int]):
     check_capture_rows(list(layers), backend.n_layers)
     for name, vec in vectors.items():
         vec.check_model(backend.n_layers, backend.hidden_size, f"vector {name!r}")
-        if np.any(np.linalg.norm(vec.data[list(layers)], axis=-1) == 0):
-            raise PertokenError(f"vector {name!r} is all zeros at one of layers {list(layers)}")
+        vec.check_nonzero(list(layers), f"vector {name!r}")
     names = list(vectors)
     return names, np.stack([vectors[n].data[list(layers)] for n in names]).astype(np.float32)
 

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import csv
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,10 +11,21 @@ from pathlib import Path
 import numpy as np
 
 from pertoken.errors import PertokenError
+from pertoken.pipeline.csvio import parse_score, read_table
 from pertoken.pipeline.projection import cosine, project
 from pertoken.vectors import load_vector
 
 BASE_COLUMNS = ("question", "prompt", "answer", "question_id")
+
+
+@dataclass
+class Pearson:
+    """Pearson r of a projection column with the trait score, over rows where both are numbers."""
+
+    column: str
+    r: float | None  # None when undefined
+    n: int
+    why: str = ""  # why r is undefined
 
 
 @dataclass
@@ -24,8 +34,7 @@ class ProjectResult:
     columns: list[str]  # the proj, prompt_last_proj and cos_sim column names, in that order
     n_rows: int
     trait: str | None  # the trait score column, when the file has one
-    r: float | None  # Pearson r between proj and the trait score (None when not computable)
-    n_scored: int  # rows with a trait score, used for r
+    correlations: list[Pearson]  # proj and prompt_last_proj against the trait (empty without)
 
 
 def column_names(model_id: str, vector_path: str | Path, layer: int) -> list[str]:
@@ -50,10 +59,12 @@ def project_csv(
     """Add projection columns to a generation CSV and write it to out_path (default: in place).
 
     proj and cos_sim use the mean residual over the answer tokens, prompt_last_proj the last
-    prompt token, all at row `layer`. The Pearson r against the trait column (the fifth, when
-    present) is returned. Rows go through the model `chunk_rows` at a time."""
+    prompt token, all at row `layer`. The Pearson r of proj and of prompt_last_proj (the
+    paper's monitor) against the trait column (the fifth, when present) is returned. Rows go
+    through the model `chunk_rows` at a time."""
     vec = load_vector(vector_path)
     vec.check_model(backend.n_layers, backend.hidden_size, vector_path)
+    vec.check_nonzero([layer], vector_path)
     v = vec.row(layer)  # [hidden]
     header, rows = _read_csv(csv_path)
     names = column_names(backend.model_id, vector_path, layer)
@@ -64,8 +75,8 @@ def project_csv(
     fields = header + [n for n in names if n not in header]
     _write_csv(out, fields, rows)
     trait = _trait_column(header)
-    r, n = pearson_with(rows, names[0], trait) if trait else (None, 0)
-    return ProjectResult(out, names, len(rows), trait, r, n)
+    corr = [pearson(rows, c, trait) for c in names[:2]] if trait else []
+    return ProjectResult(out, names, len(rows), trait, corr)
 
 
 def _project_rows(backend, rows, v, layer, batch_size, chunk_rows) -> np.ndarray:
@@ -80,24 +91,32 @@ def _project_rows(backend, rows, v, layer, batch_size, chunk_rows) -> np.ndarray
     return np.concatenate(out) if out else np.zeros((0, 3))
 
 
-def pearson_with(rows: list[dict], x_col: str, y_col: str) -> tuple[float | None, int]:
-    """Pearson r of two columns over rows where both are numbers; (None, n) if undefined."""
-    pairs = [(_num(r.get(x_col)), _num(r.get(y_col))) for r in rows]
+def pearson(rows: list[dict], x_col: str, y_col: str) -> Pearson:
+    """Pearson r of two columns over rows where both are finite numbers, or why it is undefined."""
+    pairs = [(parse_score(r.get(x_col)), parse_score(r.get(y_col))) for r in rows]
     pairs = [(x, y) for x, y in pairs if x is not None and y is not None]
     if len(pairs) < 2:
-        return None, len(pairs)
+        return Pearson(x_col, None, len(pairs), f"fewer than 2 rows have a {y_col} score")
     x, y = np.array(pairs, dtype=np.float64).T
-    if x.std() == 0 or y.std() == 0:
-        return None, len(pairs)
-    return float(np.corrcoef(x, y)[0, 1]), len(pairs)
+    # max == min, not std == 0: the std of a constant column can round to 1e-15
+    if y.max() == y.min():
+        return Pearson(x_col, None, len(pairs), "the score column is constant")
+    if x.max() == x.min():
+        return Pearson(x_col, None, len(pairs), "the projection is constant")
+    return Pearson(x_col, float(np.corrcoef(x, y)[0, 1]), len(pairs))
 
 
-def _num(text) -> float | None:
-    try:
-        x = float(text)
-    except (TypeError, ValueError):
-        return None
-    return x if math.isfinite(x) else None
+def describe_correlations(res: ProjectResult) -> list[str]:
+    """One line per r; one line in all when every r is undefined for the same reason."""
+    whys = {c.why for c in res.correlations}
+    if res.correlations and all(c.r is None for c in res.correlations) and len(whys) == 1:
+        return [f"Pearson r is undefined ({whys.pop()})"]
+    return [
+        f"Pearson r({c.column}, {res.trait}) = {c.r:+.4f} over {c.n} rows"
+        if c.r is not None
+        else f"Pearson r({c.column}, {res.trait}) is undefined ({c.why})"
+        for c in res.correlations
+    ]
 
 
 def _trait_column(header: list[str]) -> str | None:
@@ -111,19 +130,13 @@ def _read_csv(path) -> tuple[list[str], list[dict]]:
     path = Path(path)
     if not path.is_file():
         raise PertokenError(f"CSV file {path} does not exist: check the path")
-    with path.open(newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        header = list(reader.fieldnames or [])
-        missing = [c for c in ("prompt", "answer") if c not in header]
-        if missing:
-            raise PertokenError(
-                f"{path} has no {' or '.join(missing)} column: pass a generation CSV with "
-                f"columns {', '.join(BASE_COLUMNS)}, {{trait}}, coherence"
-            )
-        rows = list(reader)
-    for i, r in enumerate(rows):
-        if r["prompt"] is None or r["answer"] is None:
-            raise PertokenError(f"{path} row {i + 2} is short: it has no prompt or answer")
+    header, rows = read_table(path)
+    missing = [c for c in ("prompt", "answer") if c not in header]
+    if missing:
+        raise PertokenError(
+            f"{path} has no {' or '.join(missing)} column: pass a generation CSV with "
+            f"columns {', '.join(BASE_COLUMNS)}, {{trait}}, coherence"
+        )
     return header, rows
 
 

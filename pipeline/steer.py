@@ -9,7 +9,8 @@ from pathlib import Path
 
 from pertoken.backends.base import POSITIONS, Positions, Steer, SteerTerm
 from pertoken.errors import PertokenError
-from pertoken.vectors import load_vector
+from pertoken.rows import check_steer_row
+from pertoken.vectors import check_coef, load_vector
 
 
 @dataclass(frozen=True)
@@ -30,11 +31,13 @@ def parse_steer_spec(text: str) -> SteerSpec:
     try:
         if len(parts) != 3:
             raise ValueError
-        return SteerSpec(parts[0], int(parts[1]), float(parts[2]))
+        spec = SteerSpec(parts[0], int(parts[1]), float(parts[2]))
     except ValueError:
         raise PertokenError(
             f"could not read --steer {text!r}: write it as VECTOR.pt:LAYER:COEF, e.g. v.pt:16:2.0"
         ) from None
+    check_coef(spec.coef)
+    return spec
 
 
 def zip_specs(vectors: list[str], layers: list[int], coefs: list[float]) -> list[SteerSpec]:
@@ -47,19 +50,25 @@ def zip_specs(vectors: list[str], layers: list[int], coefs: list[float]) -> list
     if not vectors:
         raise PertokenError("nothing to steer with: give --vector, --layer and --coef")
     return [
-        SteerSpec(v, int(la), float(c)) for v, la, c in zip(vectors, layers, coefs, strict=True)
+        SteerSpec(v, int(la), check_coef(c))
+        for v, la, c in zip(vectors, layers, coefs, strict=True)
     ]
 
 
-def build_steer(backend, specs: list[SteerSpec], *, positions: Positions = "all") -> Steer:
-    """Load each spec's vector, check it fits `backend`'s model and return one Steer."""
+def build_steer(backend, specs: list[SteerSpec], *, positions: Positions = "response") -> Steer:
+    """Load each spec's vector, check it fits `backend`'s model and return one Steer.
+
+    positions defaults to "response" (the answer's tokens), as upstream's steerer does."""
     if positions not in POSITIONS:
         raise PertokenError(f"positions must be one of {', '.join(POSITIONS)}, not {positions!r}")
     terms = []
     for spec in specs:
         vec = load_vector(spec.path)
         vec.check_model(backend.n_layers, backend.hidden_size, spec.path)
-        terms.append(SteerTerm(spec.layer, vec.row(spec.layer), spec.coef))
+        direction = vec.row(spec.layer)  # [hidden]
+        check_steer_row(spec.layer, backend.n_layers)
+        vec.check_nonzero([spec.layer], spec.path)
+        terms.append(SteerTerm(spec.layer, direction, spec.coef))
     steer = Steer(terms, positions)
     steer.validate(backend.n_layers, backend.hidden_size)
     return steer

@@ -49,24 +49,48 @@ def _npz_member(path: Path, f, zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> np
 def read_safetensors(path: Path) -> dict[str, np.ndarray]:
     """Tensors of a `.safetensors` file, memory-mapped when float32, else converted to float32."""
     try:
+        size = path.stat().st_size
         with open(path, "rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
             header = json.loads(f.read(n))
-    except (OSError, struct.error, ValueError) as e:
+        header.pop("__metadata__", None)
+    except (OSError, struct.error, ValueError, AttributeError) as e:
         raise PertokenError(f"{path} is not a readable .safetensors file ({e})") from None
-    header.pop("__metadata__", None)
     out = {}
     for name, t in header.items():
-        if t["dtype"] not in _ST_DTYPES:
-            raise PertokenError(f"{path}: tensor {name} has dtype {t['dtype']}, not a float")
-        begin, end = t["data_offsets"]
-        shape = tuple(t["shape"])
+        dtype, shape, (begin, end) = _entry(path, name, t, size - 8 - n)
         if end == begin:
             out[name] = np.zeros(shape, np.float32)
             continue
-        raw = np.memmap(path, _ST_DTYPES[t["dtype"]], "r", offset=8 + n + begin, shape=shape)
-        out[name] = _bf16(raw) if t["dtype"] == "BF16" else _float32(raw)
+        raw = np.memmap(path, _ST_DTYPES[dtype], "r", offset=8 + n + begin, shape=shape)
+        out[name] = _bf16(raw) if dtype == "BF16" else _float32(raw)
     return out
+
+
+def _entry(path: Path, name: str, t, data_size: int) -> tuple[str, tuple, tuple[int, int]]:
+    """dtype, shape and byte span of one header entry, checked against the file's size."""
+    keys = ("dtype", "shape", "data_offsets")
+    missing = [k for k in keys if k not in t] if isinstance(t, dict) else list(keys)
+    try:
+        if missing:
+            raise ValueError
+        dtype, shape = t["dtype"], tuple(int(x) for x in t["shape"])
+        begin, end = (int(x) for x in t["data_offsets"])
+    except (TypeError, ValueError):
+        lacks = f"lacks {', '.join(missing)}" if missing else "is malformed"
+        raise PertokenError(
+            f"{path}: the header entry of tensor {name} {lacks}: the file is damaged or not "
+            "a safetensors file; download it again"
+        ) from None
+    if not isinstance(dtype, str) or dtype not in _ST_DTYPES:
+        raise PertokenError(f"{path}: tensor {name} has dtype {dtype}, not a float")
+    want = int(np.prod(shape)) * np.dtype(_ST_DTYPES[dtype]).itemsize
+    if not (0 <= begin <= end <= data_size and end - begin == want):
+        raise PertokenError(
+            f"{path}: tensor {name} needs bytes {begin}..{begin + want} but the file holds "
+            f"{data_size}: it is truncated or damaged; download it again"
+        )
+    return dtype, shape, (begin, end)
 
 
 def _bf16(raw: np.ndarray) -> np.ndarray:

@@ -1,4 +1,8 @@
-"""TopK SAEs: only the k largest pre-activations survive (then ReLU), as in SAELens `topk`."""
+"""TopK SAEs: only the k largest pre-activations survive (then ReLU), as in SAELens `topk`.
+
+With `rescale_acts_by_decoder_norm` (SAELens) the SAE was trained as if its decoder rows had
+unit norm: pre-activations are multiplied by |W_dec[i]| before the top k are chosen, and
+activations are divided by it again when decoding."""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from pertoken.sae.base import SAE, SAEInfo
 @dataclass(eq=False)
 class TopKSAE(SAE):
     k: int = 0
+    rescale_acts_by_decoder_norm: bool = False
 
     architecture = "topk"
 
@@ -32,7 +37,21 @@ class TopKSAE(SAE):
             apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", False)),
             info=info,
             k=int(k),
+            rescale_acts_by_decoder_norm=bool(cfg.get("rescale_acts_by_decoder_norm", False)),
         )
+
+    def encode(self, x: np.ndarray) -> np.ndarray:
+        pre = self.pre_acts(x)  # [..., d_sae]
+        if self.rescale_acts_by_decoder_norm:
+            pre = pre * self.decoder_norms  # chosen as if every decoder row had unit norm
+        return self.activate(pre)
+
+    def decode(self, acts: np.ndarray) -> np.ndarray:
+        if self.rescale_acts_by_decoder_norm:
+            # a zero decoder row never fires usefully; dividing by it must not make NaN
+            acts, norms = np.asarray(acts, np.float32), self.decoder_norms
+            acts = np.divide(acts, norms, out=np.zeros_like(acts, np.float32), where=norms > 0)
+        return super().decode(acts)
 
     def activate(self, pre: np.ndarray) -> np.ndarray:
         top = np.argpartition(pre, -self.k, axis=-1)[..., -self.k :]  # [..., k]

@@ -38,6 +38,23 @@ def find_chromium() -> str | None:
     return None
 
 
+REQUIRE_BROWSER = "PERTOKEN_REQUIRE_BROWSER"  # set (to 1) by .ci/run
+
+
+def require_chromium() -> str:
+    """The Chromium binary. Without one the calling test is skipped with the reason, or fails
+    where PERTOKEN_REQUIRE_BROWSER is set (CI must not pass by skipping its browser tests)."""
+    import pytest
+
+    binary = find_chromium()
+    if binary is None:
+        reason = "chromium is not installed (apt-get install -y chromium)"
+        if os.environ.get(REQUIRE_BROWSER, "") not in ("", "0"):
+            pytest.fail(f"{reason}, and {REQUIRE_BROWSER} asks for the browser tests to run")
+        pytest.skip(f"{reason}: browser test skipped")
+    return binary
+
+
 class Browser:
     def __init__(self, proc, cmd_w: int, resp_r: int):
         self.proc, self.cmd_w, self.resp_r = proc, cmd_w, resp_r

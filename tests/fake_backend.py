@@ -17,6 +17,7 @@ EOS = 0
 
 class FakeBackend:
     name = "fake"
+    model_type = "fake"
     dtype = "float32"
     device = "cpu"
 

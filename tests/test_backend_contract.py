@@ -6,6 +6,7 @@ the helpers below, one branch per backend. Backend-specific behaviour stays in
 test_torch_backend.py and test_mlx_backend.py; cross-backend agreement in test_parity.py."""
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -95,6 +96,7 @@ def test_facts(backend, kind, model_dir):
     assert (backend.n_layers, backend.hidden_size) == (4, 64)
     assert (backend.dtype, backend.device) == ("float32", "cpu")
     assert backend.model_id == model_dir.name
+    assert backend.model_type == json.loads((model_dir / "config.json").read_text())["model_type"]
 
 
 def test_encode_adds_no_special_tokens_and_decode_skips_them(backend):

@@ -1,3 +1,5 @@
+import json
+
 import gguf
 import numpy as np
 import pytest
@@ -155,3 +157,118 @@ def test_cli_export_and_import(tmp_path, vector_path, vec):
     np.testing.assert_array_equal(load_vector(tmp_path / "b.pt").data[2:], vec.data[2:])
     r = run(main, ["export", str(vector_path), "--out", str(tmp_path / "x.gguf"), "--layers", "1"])
     assert r.exit_code == 1 and "error:" in r.output and "direction.0" in r.output
+
+
+# ---------------------------------------------------------------- hostile sizes
+def test_huge_layer_count_is_refused_before_allocating(tmp_path):
+    v = np.ones(HIDDEN, np.float32)
+    path = write_control_vector(tmp_path / "big.gguf", {"direction.1": v}, layer_count=1 << 27)
+    assert path.stat().st_size < 2000
+    with pytest.raises(PertokenError, match=r"layer_count = 134217728.*--n-layers"):
+        import_vector(path, out=tmp_path / "big.pt")
+    assert not (tmp_path / "big.pt").exists()
+    vec = import_vector(path, n_layers=N_LAYERS)  # the user's size wins over the file's
+    assert vec.data.shape == (N_LAYERS + 1, HIDDEN)
+    r = CliRunner().invoke(main, ["import", str(path), "--out", str(tmp_path / "big.pt")])
+    assert r.exit_code == 1 and r.output.count("\n") == 1 and "layer_count" in r.output
+
+
+def test_huge_direction_index_is_refused_before_allocating(tmp_path):
+    v = np.ones(HIDDEN, np.float32)
+    path = write_control_vector(tmp_path / "far.gguf", {"direction.400000000": v}, layer_count=4)
+    with pytest.raises(PertokenError, match=r"direction\.400000000 \(row 400000001\)"):
+        import_vector(path)
+    with pytest.raises(PertokenError, match="n_layers is at most 6"):
+        import_vector(path, n_layers=6)
+    ok = write_control_vector(tmp_path / "ok.gguf", {"direction.1": v})
+    with pytest.raises(PertokenError, match=r"n_layers 1000000000 is outside 1\.\.1024"):
+        import_vector(ok, n_layers=10**9)
+
+
+# ---------------------------------------------------------------- repeng subsets
+def test_repeng_subset_pads_to_the_model_with_a_note(tmp_path, capsys):
+    from pertoken.pipeline.steer import SteerSpec, build_steer
+    from tests.fake_backend import FakeBackend
+
+    fake = FakeBackend()  # 4 blocks, hidden 16
+    rng = np.random.default_rng(1)
+    dirs = {f"direction.{n}": rng.standard_normal(16).astype(np.float32) for n in (1, 2)}
+    path = write_control_vector(tmp_path / "sub.gguf", dirs)  # layer_count 2, as repeng counts
+    vec = import_vector(path, out=tmp_path / "sub.pt")
+    assert vec.data.shape == (4, 16)  # rows 0..3: direction.N is row N+1
+    np.testing.assert_array_equal(vec.data[2], dirs["direction.1"])
+    np.testing.assert_array_equal(vec.data[3], dirs["direction.2"])
+    capsys.readouterr()
+    st = build_steer(fake, [SteerSpec(str(tmp_path / "sub.pt"), 3, 2.0)])
+    np.testing.assert_array_equal(st.terms[0].vector, dirs["direction.2"])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "rows 4..4 are padded with zeros" in err
+    loaded = load_vector(tmp_path / "sub.pt")
+    loaded.check_model(fake.n_layers, fake.hidden_size)
+    assert loaded.data.shape == (5, 16) and not loaded.data[4].any()
+    with pytest.raises(PertokenError, match="all zeros at layer 4"):
+        build_steer(fake, [SteerSpec(str(tmp_path / "sub.pt"), 4, 2.0)])
+    # a size the user gave is trusted: a mismatch then is an error that says how to fix it
+    import_vector(path, out=tmp_path / "three.pt", n_layers=3)
+    with pytest.raises(PertokenError, match="import it again with --n-layers 4"):
+        build_steer(fake, [SteerSpec(str(tmp_path / "three.pt"), 3, 2.0)])
+    r = CliRunner().invoke(main, ["import", str(path), "--out", str(tmp_path / "c.pt")])
+    assert r.exit_code == 0 and "padded with zero rows (or pass --n-layers)" in r.output
+
+
+def test_extracted_vectors_never_pad(tmp_path):
+    vec = PersonaVector(np.ones((4, HIDDEN), np.float32), {"model": "m"})
+    with pytest.raises(PertokenError, match="extracted from another model"):
+        vec.check_model(N_LAYERS, HIDDEN)
+
+
+# ---------------------------------------------------------------- model_hint
+def test_model_hint_is_the_config_model_type(tmp_path, llama_dir, gemma_dir):
+    from pertoken.pipeline.export import hint_of
+
+    def hint(meta):
+        path = export_vector(
+            PersonaVector(np.ones((5, 8), np.float32), meta), out=tmp_path / "h.gguf"
+        ).path
+        return gguf.GGUFReader(str(path)).get_field("controlvector.model_hint").contents()
+
+    assert hint({"model": str(llama_dir)}) == "llama"  # read from the folder's config.json
+    assert hint({"model": str(gemma_dir)}) == "gemma2"
+    assert hint({"model": "tiny-gemma2", "model_type": "gemma2"}) == "gemma2"
+    assert hint({"imported_from": "x.gguf", "model_hint": "qwen2"}) == "qwen2"
+    assert hint_of({"model": "nobody/no-such-model-here"}) == "no-such-model-here"  # no config
+    assert hint_of({}) == "unknown"
+
+
+def test_extraction_records_the_model_type(tmp_path, model_dir):
+    from pertoken.backends import load_backend
+    from pertoken.pipeline.csvio import read_csv, write_csv_atomic
+    from pertoken.pipeline.extract import extract_vectors
+    from pertoken.pipeline.generate import generate_csv
+    from pertoken.traits import load_trait
+    from tests.small_kit import write_kit
+
+    want = json.loads((model_dir / "config.json").read_text())["model_type"]
+    backend = load_backend(str(model_dir), "torch", dtype="float32", device="cpu")
+    assert backend.model_type == want
+    kit = load_trait(write_kit(tmp_path, "evil", n_questions=1, n_instructions=1))
+    csvs = {}
+    for pol, score in (("pos", 90), ("neg", 5)):
+        csvs[pol] = tmp_path / f"{pol}.csv"
+        generate_csv(
+            backend,
+            trait=kit,
+            out=csvs[pol],
+            polarity=pol,
+            n_per_question=1,
+            max_new_tokens=3,
+            progress=False,
+        )
+        header, rows = read_csv(csvs[pol])
+        write_csv_atomic(csvs[pol], header, [r | {"evil": score, "coherence": 90} for r in rows])
+    paths = extract_vectors(
+        backend, pos_csv=csvs["pos"], neg_csv=csvs["neg"], trait="evil", save_dir=tmp_path / "v"
+    )
+    assert load_vector(paths["response_avg"]).meta["model_type"] == want
+    out = export_vector(paths["response_avg"], out=tmp_path / "v.gguf").path
+    assert gguf.GGUFReader(str(out)).get_field("controlvector.model_hint").contents() == want

@@ -1,4 +1,5 @@
 import csv
+import re
 
 import numpy as np
 import pytest
@@ -6,10 +7,11 @@ from click.testing import CliRunner
 
 from pertoken import cli
 from pertoken.errors import PertokenError
-from pertoken.pipeline.project import column_names, pearson_with, project_csv
+from pertoken.pipeline.project import column_names, pearson, project_csv
 from pertoken.vectors import PersonaVector, save_vector
 from tests.fake_backend import FakeBackend
 
+CSV_OUT = re.compile(r"Pearson r\((\S+), evil\) = ([+-][\d.]+) over (\d+) rows")
 HEADER = ["question", "prompt", "answer", "question_id", "evil", "coherence"]
 
 
@@ -74,10 +76,11 @@ def test_project_csv_adds_columns_equal_to_independent_projections(fake, vec_fil
         assert float(r[res.columns[1]]) == pytest.approx(last @ v / np.linalg.norm(v), rel=1e-5)
         cos = resp @ v / np.linalg.norm(v) / np.linalg.norm(resp)
         assert float(r[res.columns[2]]) == pytest.approx(cos, rel=1e-5)
-    proj = [float(r[res.columns[0]]) for r in out if r["evil"]]
     score = [float(r["evil"]) for r in out if r["evil"]]
-    assert res.trait == "evil" and res.n_scored == 6
-    assert res.r == pytest.approx(np.corrcoef(proj, score)[0, 1])
+    assert res.trait == "evil" and [c.column for c in res.correlations] == res.columns[:2]
+    for c in res.correlations:  # the answer mean and the last prompt token (the paper's monitor)
+        proj = [float(r[c.column]) for r in out if r["evil"]]
+        assert c.n == 6 and c.r == pytest.approx(np.corrcoef(proj, score)[0, 1])
 
 
 def test_project_in_place_replaces_its_own_columns(fake, vec_file, tmp_path):
@@ -93,13 +96,20 @@ def test_no_trait_column_means_no_r(fake, vec_file, tmp_path):
     res = project_csv(
         fake, _write(tmp_path / "g.csv", rows, HEADER[:4]), vector_path=vec_file, layer=1
     )
-    assert res.trait is None and res.r is None
+    assert res.trait is None and res.correlations == []
 
 
 def test_pearson_skips_missing_and_constant():
     rows = [{"x": "1", "y": "2"}, {"x": "2", "y": ""}, {"x": "3", "y": "6"}, {"x": "4", "y": "8"}]
-    assert pearson_with(rows, "x", "y") == (pytest.approx(1.0), 3)
-    assert pearson_with([{"x": "1", "y": "5"}, {"x": "2", "y": "5"}], "x", "y") == (None, 2)
+    p = pearson(rows, "x", "y")
+    assert (p.r, p.n) == (pytest.approx(1.0), 3)
+    p = pearson([{"x": "1", "y": "5"}, {"x": "2", "y": "5"}], "x", "y")
+    assert (p.r, p.n, p.why) == (None, 2, "the score column is constant")
+    # 12.9 seven times has a std of 2e-15, not 0: still constant
+    p = pearson([{"x": str(i), "y": "12.9"} for i in range(7)], "x", "y")
+    assert (p.r, p.why) == (None, "the score column is constant")
+    p = pearson([{"x": "1", "y": str(i)} for i in range(3)], "x", "y")
+    assert (p.r, p.why) == (None, "the projection is constant")
 
 
 def test_bad_input_is_a_clear_error(fake, vec_file, tmp_path):
@@ -120,8 +130,27 @@ def test_cli_project_prints_r(fake, vec_file, tmp_path, monkeypatch):
         cli.main, ["project", str(src), "-m", "x", "--vector", str(vec_file), "--layer", "3"]
     )
     assert res.exit_code == 0, res.output
-    assert "Pearson r(Fake-Chat-1B_evil_response_avg_diff_proj_layer3, evil) = " in res.output
-    assert "over 4 rows" in res.output
+    out = CSV_OUT.findall(res.output)
+    assert [c for c, _, _ in out] == [
+        "Fake-Chat-1B_evil_response_avg_diff_proj_layer3",
+        "Fake-Chat-1B_evil_response_avg_diff_prompt_last_proj_layer3",
+    ]
+    projected = _read(src)
+    for col, r, n in out:
+        scored = [row for row in projected if row["evil"]]
+        want = np.corrcoef([float(x[col]) for x in scored], [float(x["evil"]) for x in scored])
+        assert float(r) == pytest.approx(want[0, 1], abs=1e-4) and n == "4"
+
+
+def test_cli_project_constant_score_says_r_is_undefined(fake, vec_file, tmp_path, monkeypatch):
+    monkeypatch.setattr(cli, "load_model", lambda *a: fake)
+    rows = [r[:4] + ["12.9", "90"] for r in _rows(fake, 7)]
+    src = _write(tmp_path / "gen.csv", rows)
+    res = CliRunner().invoke(
+        cli.main, ["project", str(src), "-m", "x", "--vector", str(vec_file), "--layer", "3"]
+    )
+    assert res.exit_code == 0, res.output
+    assert res.output.splitlines()[1:] == ["Pearson r is undefined (the score column is constant)"]
 
 
 # ---------------------------------------------------------------- the torch backend, tiny models
@@ -151,4 +180,4 @@ def test_torch_project_matches_reference_hidden_states(model_dir, tmp_path):
         ]
         got = [float(r[c]) for c in res.columns]
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
-    assert res.n_scored == 3 and -1 <= res.r <= 1
+    assert all(c.n == 3 and -1 <= c.r <= 1 for c in res.correlations)

@@ -47,11 +47,26 @@ def test_embedded_json_cannot_close_its_script_block():
     assert len(re.findall(r"<script\b", page)) == 2  # the data block and the page's own code
 
 
+def test_missing_chromium_skips_with_a_reason_or_fails_when_required(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # a folder with no browser in it
+    monkeypatch.delenv(cdp.REQUIRE_BROWSER, raising=False)
+    with pytest.raises(pytest.skip.Exception, match="chromium is not installed"):
+        cdp.require_chromium()
+    monkeypatch.setenv(cdp.REQUIRE_BROWSER, "0")
+    with pytest.raises(pytest.skip.Exception):
+        cdp.require_chromium()
+    monkeypatch.setenv(cdp.REQUIRE_BROWSER, "1")
+    with pytest.raises(pytest.fail.Exception, match="PERTOKEN_REQUIRE_BROWSER asks"):
+        cdp.require_chromium()
+    fake = tmp_path / "chromium"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    assert cdp.require_chromium() == str(fake)
+
+
 @pytest.mark.slow
 def test_trace_page_in_headless_chromium(tmp_path):
-    binary = cdp.find_chromium()
-    if binary is None:
-        pytest.fail("chromium is not installed: apt-get install -y chromium (.ci/run does this)")
+    binary = cdp.require_chromium()
     recs = _records()
     _, page_path = write_outputs(recs, tmp_path / "out")
     n = len(TOKENS)

@@ -25,6 +25,7 @@ class MLXBackend:
         self.model_id = loaded.model_id
         self.n_layers = len(self.model.layers)
         self.hidden_size = int(self.config["hidden_size"])
+        self.model_type = str(self.config.get("model_type") or "")  # llama, gemma2
         self.dtype, self.device = loaded.dtype, loaded.device
         configs = [SimpleNamespace(**c) for c in (self.config, generation_config(loaded.path))]
         self.stop = set(stop_token_ids(self.tokenizer, *configs))

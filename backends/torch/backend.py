@@ -28,6 +28,7 @@ class TorchBackend:
         layers, _ = decoder_parts(model)
         self.n_layers = len(layers)
         self.hidden_size = int(model.config.hidden_size)
+        self.model_type = str(getattr(model.config, "model_type", "") or "")  # llama, gemma2
         self.pad_id = tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = tokenizer.eos_token_id
