@@ -141,8 +141,14 @@ def test_no_coherent_coefficient_is_reported_not_raised(tmp_path):
 
 def test_bad_inputs_are_clear_errors(tmp_path):
     with pytest.raises(PertokenError, match=r"\[5, 8\].*another model"):
-        search_coefs(FakeBackend(), trait=TRAIT, vector=PersonaVector(np.ones((5, 16))),
-                     layers=[1], out_dir=tmp_path, judge=FakeJudge())  # fmt: skip
+        search_coefs(
+            FakeBackend(),
+            trait=TRAIT,
+            vector=PersonaVector(np.ones((5, 16))),
+            layers=[1],
+            out_dir=tmp_path,
+            judge=FakeJudge(),
+        )
     with pytest.raises(PertokenError, match="outside 1..4"):
         search(FakeBackend(), tmp_path, FakeJudge(), layers=[5])
     search(FakeBackend(), tmp_path, FakeJudge())

@@ -225,8 +225,9 @@ def test_early_rows_warning_tells_instruction_text_from_wording(tmp_path, shifte
     s = _summaries(shifted)
     x = s.states["response_avg"].astype(np.float64)
     vec = PersonaVector((x[s.label == 1].mean(0) - x[s.label == 0].mean(0)).astype(np.float32))
-    r = build_report(vec, s, path=tmp_path / "v.pt", trait="t", kind="response_avg",
-                     method="mean_diff")  # fmt: skip
+    r = build_report(
+        vec, s, path=tmp_path / "v.pt", trait="t", kind="response_avg", method="mean_diff"
+    )
     early = [w for w in r.warnings if "as well as the middle rows" in w]
     assert r.suggested_row in (2, 3) and r.rows[r.suggested_row].auroc == 1.0
     if says is None:
