@@ -244,9 +244,14 @@ class _Search:
     def _n(self) -> int:
         return self.store.sampling["n_per_question"]
 
+    def _held(self, p: Point) -> bool:
+        """Scored, with mean coherence at or above the floor."""
+        return p.trait is not None and p.coherence is not None and p.coherence >= self.floor
+
     def _holds(self, layer: int, coef: float) -> bool:
-        p = point(layer, coef, self.store.setting(layer, coef, self.subset), self.name)
-        return p.coherence is not None and p.coherence >= self.floor
+        return self._held(
+            point(layer, coef, self.store.setting(layer, coef, self.subset), self.name)
+        )
 
     def _search_row(self, layer: int, coef: float) -> None:
         """Grow while coherence holds on the subset, then bisect back where it falls."""
@@ -269,7 +274,7 @@ class _Search:
         """The row's steered settings over the subset questions, coherence at the floor."""
         coefs = sorted({float(r["coef"]) for r in self.store.rows if int(r["layer"]) == layer})
         pts = [point(layer, c, self._rows(layer, c, self.subset), self.name) for c in coefs if c]
-        return [p for p in pts if p.coherence is not None and p.coherence >= self.floor]
+        return [p for p in pts if self._held(p)]
 
     def _rows(self, layer, coef, questions) -> list[dict]:
         qids = {f"{self.name}_{i}" for i in questions}
@@ -278,29 +283,22 @@ class _Search:
     def _finals(self) -> list[RowResult]:
         """The TOP best subset settings across rows, answered on every question; those whose
         coherence holds there."""
-        cands = [p for L in self.layers for p in self._subset_points(L) if p.trait is not None]
+        cands = [p for L in self.layers for p in self._subset_points(L)]
         # ties (a score saturated on the subset) go to the more coherent, then the stronger
         cands = sorted(cands, key=lambda p: (-p.trait, -p.coherence, -p.coef, p.layer))[:TOP]
         out = []
         for c in cands:
             p = point(c.layer, c.coef, self.store.setting(c.layer, c.coef, self.all), self.name)
-            if p.coherence is not None and p.coherence >= self.floor and p.trait is not None:
+            if self._held(p):
                 out.append(RowResult(p.layer, p.coef, None, p.trait, p.coherence, p.n, True))
         return out
 
     def _row_result(self, layer: int, scale: float) -> RowResult:
         """Full-set results first, else the best subset setting; None when nothing held."""
-        full = [
-            p
-            for p in self._points()
-            if p.layer == layer
-            and p.coef
-            and p.n == len(self.all) * self._n()
-            and p.coherence is not None
-            and p.coherence >= self.floor
-            and p.trait is not None
-        ]
-        pts = full or [p for p in self._subset_points(layer) if p.trait is not None]
+        n_full = len(self.all) * self._n()
+        full = [p for p in self._points() if p.layer == layer and p.coef and p.n == n_full]
+        full = [p for p in full if self._held(p)]
+        pts = full or self._subset_points(layer)
         if not pts:
             return RowResult(layer, None, None, None, None, 0, False)
         p = max(pts, key=lambda p: p.trait)
