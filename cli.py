@@ -128,4 +128,4 @@ def generation_options(default_tokens: int):
 
 
 # The commands register themselves on `main` when their modules are imported.
-from pertoken.commands import env, extraction, files, steering  # noqa: E402, F401
+from pertoken.commands import env, extraction, files, steering, vet  # noqa: E402, F401

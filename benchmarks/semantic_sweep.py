@@ -3,14 +3,18 @@ CLI, printing the figures the semantic end-to-end tests assert on. Run from the 
 
     python -m benchmarks.semantic_sweep [--backend torch|mlx] [--n-per-question 8]
 
-`pertoken run` extracts a vector with the phrase-bank judge (tests/bank_judge.py), then
-`pertoken eval` sweeps layers 2,3 x coefs -2..2 and `pertoken project` reports r.
+`pertoken run` extracts and vets a vector with the phrase-bank judge (tests/bank_judge.py), then
+`pertoken eval` sweeps layers 2,3 x coefs -2..2 and `pertoken project` reports r. Last,
+`pertoken eval --coefs auto --min-coherence 70` searches rows 2,3, and a sweep of eval's default
+size (5 coefficients, 0 to the largest the search tried) runs over the same rows: both print
+the answers they judged and the best setting whose coherence held.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import tempfile
 from pathlib import Path
 
@@ -104,7 +108,58 @@ def main_(args) -> None:
                 args.backend,
             )
         )
+        compare_search(env, model, kit, vector, root, judge, args)
     print(f"files in {root}")
+
+
+def _judged(folder: Path) -> int:
+    """Distinct answers (eval files the unsteered ones under every layer; they count once)."""
+    with open(folder / "answers.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    return len(
+        {
+            (r["layer"] if float(r["coef"]) else "", r["coef"], r["question_id"], r["sample"])
+            for r in rows
+        }
+    )
+
+
+def _best_held(folder: Path, floor: float) -> str:
+    with open(folder / "summary.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if float(r["coef"]) > 0 and r["coherence"]]
+    held = [r for r in rows if float(r["coherence"]) >= floor]
+    if not held:
+        return "none held coherence"
+    b = max(held, key=lambda r: float(r[sm.TRAIT]))
+    return (
+        f"layer {b['layer']} coef {b['coef']}: {sm.TRAIT} {b[sm.TRAIT]}, coherence {b['coherence']}"
+    )
+
+
+def compare_search(env, model, kit, vector, root: Path, judge, args, floor: float = 70) -> None:
+    """`eval --coefs auto` against a 5-coefficient sweep over the same rows and range."""
+    common = ["--model", model, "--trait", kit, "--vector", vector, "--layers", "2,3",
+              "--n-per-question", args.n_per_question, "--max-new-tokens", 24,
+              "--backend", args.backend, "--base-url", judge.base_url]  # fmt: skip
+    calls = len(judge.requests)
+    print(pertoken(env, "eval", *common, "--coefs", "auto", "--min-coherence", floor,
+                   "--out", root / "auto"))  # fmt: skip
+    auto_calls, calls = len(judge.requests) - calls, len(judge.requests)
+    search = json.loads((root / "auto" / "search.json").read_text())
+    top = max(p["coef"] for p in search["points"])
+    grid = ",".join(f"{top * k / 4:.3g}" for k in range(5))
+    pertoken(env, "eval", *common, "--coefs", grid, "--out", root / "grid")
+    grid_calls = len(judge.requests) - calls
+    b = search["best"]
+    print(
+        f"auto search: {_judged(root / 'auto')} answers judged ({auto_calls} judge calls); "
+        f"best layer {b['layer']} coef {b['coef']:g}: {sm.TRAIT} {b['trait']:.2f}, coherence "
+        f"{b['coherence']:.2f}; unsteered {sm.TRAIT} {search['unsteered']['trait']:.2f}"
+    )
+    print(
+        f"sweep {grid}: {_judged(root / 'grid')} answers judged ({grid_calls} judge calls); "
+        f"best with coherence >= {floor:g}: {_best_held(root / 'grid', floor)}"
+    )
 
 
 if __name__ == "__main__":

@@ -16,6 +16,16 @@ from pertoken.errors import PertokenError
 BATCH_HELP = "Rows per batch (32 on CUDA, else 16; MLX: fewer when memory is short)."
 
 
+def method_option(f):
+    return click.option(
+        "--method",
+        type=click.Choice(["mean_diff", "probe"]),
+        default="mean_diff",
+        show_default=True,
+        help="probe: also a logistic-regression vector, {trait}_response_avg_probe.pt.",
+    )(f)
+
+
 @main.group()
 def traits():
     """List and show trait kits."""
@@ -145,6 +155,7 @@ def judge(csv_file, trait, judge_model, base_url, concurrency, backend, cache, o
 @click.option("--save-dir", required=True, type=click.Path(file_okay=False))
 @click.option("--batch-size", default=8, show_default=True)
 @click.option("--min-pairs", default=1, show_default=True, help="Fewest kept pairs accepted.")
+@method_option
 def extract(
     model,
     backend,
@@ -157,6 +168,7 @@ def extract(
     save_dir,
     batch_size,
     min_pairs,
+    method,
 ):
     """Average the residual stream of judged pairs into persona vectors."""
     from pertoken.pipeline.extract import extract_vectors, pair_rows
@@ -172,6 +184,7 @@ def extract(
         save_dir=save_dir,
         batch_size=batch_size,
         min_pairs=min_pairs,
+        method=method,
     )
     for p in paths.values():
         click.echo(str(p))
@@ -207,6 +220,7 @@ def _trait_name(trait: str) -> str:
 @click.option("--batch-size", type=int, default=None, help=BATCH_HELP)
 @judge_options
 @click.option("--threshold", default=50.0, show_default=True)
+@method_option
 def run(
     model,
     backend,
@@ -221,8 +235,9 @@ def run(
     base_url,
     concurrency,
     threshold,
+    method,
 ):
-    """Generate, judge and extract in one resumable run (model auto: Gemma 2 9B-it)."""
+    """Generate, judge, extract and vet in one resumable run (model auto: Gemma 2 9B-it)."""
     from pertoken.backends import default_model, describe_choice
     from pertoken.pipeline.run import run_pipeline
 
@@ -244,9 +259,23 @@ def run(
         batch_size=batch_size,
         dtype=dtype,
         device=device,
+        method=method,
     )
     for stage, (status, seconds) in r.stages.items():
         click.echo(f"{stage:12s} {seconds:7.1f}s  {status}")
     click.echo(f"pairs kept: {r.pairs_kept} of {r.pairs_total}")
     for p in r.vectors.values():
         click.echo(str(p))
+    _echo_report(r.report)
+
+
+def _echo_report(path) -> None:
+    """The report card's suggestion and warnings, then where it is."""
+    from pertoken.pipeline.vet import load_report
+    from pertoken.pipeline.vet_report import summary_lines
+
+    if path is None:
+        return
+    for line in summary_lines(load_report(path)):
+        click.echo(line)
+    click.echo(f"report: {path.with_suffix('.md')}")

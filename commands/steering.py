@@ -43,7 +43,18 @@ def steer(model, backend, dtype, device, vectors, layers, coefs, positions, prom
 @trait_option
 @click.option("--vector", "-v", "vector_path", required=True, type=click.Path(dir_okay=False))
 @click.option("--layers", required=True, help="Rows to steer at, e.g. 12,16,20.")
-@click.option("--coefs", default="-2,-1,0,1,2", show_default=True, help="Coefficients.")
+@click.option(
+    "--coefs",
+    default="-2,-1,0,1,2",
+    show_default=True,
+    help="Coefficients, or auto: search each row's best coefficient that keeps coherence.",
+)
+@click.option(
+    "--min-coherence",
+    default=70.0,
+    show_default=True,
+    help="With --coefs auto: the coherence a setting must keep.",
+)
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Folder.")
 @judge_options
 @click.option("--cache", default=None, help="Score cache (default ~/.cache/pertoken/judge.sqlite).")
@@ -73,24 +84,27 @@ def eval_(
     positions,
     batch_size,
     seed,
+    min_coherence,
 ):
-    """Sweep layers x coefficients on a trait's evaluation questions and judge the effect."""
+    """Sweep layers x coefficients on a trait's evaluation questions and judge the effect.
+
+    --coefs auto searches instead: per layer, the largest trait score whose coherence stays
+    at or above --min-coherence, and the best (layer, coefficient)."""
     from pertoken.pipeline.evaluate import csv_judge, evaluate, format_table, parse_coefs
     from pertoken.rows import parse_layers
     from pertoken.traits import load_trait
     from pertoken.vectors import load_vector
 
     kit, vector = load_trait(trait), load_vector(vector_path)
-    rows, coef_list = parse_layers(layers), parse_coefs(coefs)
+    auto = coefs.strip() == "auto"
+    rows, coef_list = parse_layers(layers), [] if auto else parse_coefs(coefs)
     b = cli.load_model(model, backend, dtype, device)
     vector.check_model(b.n_layers, b.hidden_size, vector_path)
     judge = _lazy_judge(judge_model, base_url, concurrency, backend, b, model)
-    r = evaluate(
-        b,
+    opts = dict(
         trait=kit,
         vector=vector,
         layers=rows,
-        coefs=coef_list,
         out_dir=out,
         judge=csv_judge(kit, judge_model=judge_model, judge=judge, cache=cache),
         n_per_question=n_per_question,
@@ -101,11 +115,22 @@ def eval_(
         seed=seed,
         vector_path=vector_path,
     )
+    if auto:
+        return _search(b, kit, opts, min_coherence)
+    r = evaluate(b, coefs=coef_list, **opts)
     click.echo(format_table(kit.name, r.summary))
     missing = sum(s.missing for s in r.summary)
     if missing:
         click.echo(f"{missing} answers have no {kit.name} score (judge refusals or failures)")
     click.echo(f"{r.out_dir}: answers.csv, summary.csv, sweep.png ({r.seconds:.1f}s)")
+
+
+def _search(backend, kit, opts: dict, min_coherence: float) -> None:
+    from pertoken.pipeline.coef_search import format_search, search_coefs
+
+    r = search_coefs(backend, min_coherence=min_coherence, **opts)
+    click.echo(format_search(kit.name, r))
+    click.echo(f"{r.out_dir}: answers.csv, summary.csv, search.json, sweep.png ({r.seconds:.1f}s)")
 
 
 def _lazy_judge(judge_model, base_url, concurrency, backend_name, loaded, model):

@@ -90,16 +90,16 @@ def evaluate(
     path = out / "answers.csv"
     if temperature is None:
         temperature = 1.0 if n_per_question > 1 else 0.0
-    settings = {
-        "model": backend.model_id,
-        "trait": trait.name,
-        "vector": str(vector_path),
-        "n_per_question": n_per_question,
-        "max_new_tokens": max_new_tokens,
-        "temperature": temperature,
-        "positions": positions,
-        "seed": seed,
-    }
+    settings = sweep_settings(
+        backend,
+        trait,
+        vector_path=vector_path,
+        n_per_question=n_per_question,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        positions=positions,
+        seed=seed,
+    )
     _check_settings(out / "eval.json", settings)
     rows = read_answers(path, trait.name)
     gen = dict(
@@ -120,6 +120,19 @@ def evaluate(
     write_summary(out / "summary.csv", trait.name, summary)
     plot_sweep(out / "sweep.png", trait.name, summary)
     return EvalResult(out, summary, len(todo), time.perf_counter() - start)
+
+
+def sweep_settings(backend, trait, *, vector_path, **sampling) -> dict:
+    """What the answers in a sweep folder depend on (eval.json): model, trait, vector, and
+    the sampling options n_per_question, max_new_tokens, temperature, positions, seed."""
+    keys = ("n_per_question", "max_new_tokens", "temperature", "positions", "seed")
+    head = {"model": backend.model_id, "trait": trait.name, "vector": str(vector_path)}
+    return head | {k: sampling[k] for k in keys}
+
+
+def claim_folder(out: Path, settings: dict) -> None:
+    """Refuse a folder whose answers were made with other settings; else record these."""
+    _check_settings(out / "eval.json", settings)
 
 
 def _check_inputs(backend, vector, layers, coefs, n_per_question, vector_path) -> None:

@@ -1,7 +1,9 @@
-"""Extract: persona vectors as mean residuals of kept positive answers minus kept negative ones.
+"""Extract: persona vectors as mean residuals of kept positive answers minus kept negative ones
+(and, with method `probe`, a logistic-regression direction; see pipeline/probe.py).
 
 Rows pair by (question i, instruction k, sample j); a pair is kept when
-pos[trait] >= T, neg[trait] < 100 - T and both coherences >= 50 (CONVENTIONS).
+pos[trait] >= T, neg[trait] < 100 - T and both coherences >= 50 (CONVENTIONS). The kept
+samples' `response_avg` states are saved as `{trait}_summaries.npz` (pipeline/summaries.py).
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +19,10 @@ import numpy as np
 from pertoken import __version__
 from pertoken.errors import PertokenError
 from pertoken.pipeline.csvio import parse_score, read_csv, sample_keys
+from pertoken.pipeline.summaries import KINDS, collect, from_pairs, save_summaries, summaries_path
 from pertoken.vectors import PersonaVector, save_vector
 
-KINDS = ("response_avg", "prompt_avg", "prompt_last")
+METHODS = ("mean_diff", "probe")
 
 
 @dataclass
@@ -27,11 +30,17 @@ class Pairs:
     pos: list[dict]  # kept rows, paired by index with neg
     neg: list[dict]
     total: int
+    keys: list[tuple[int, int, int]] = field(default_factory=list)  # (i, k, j) per kept pair
 
 
 def vector_paths(save_dir: str | Path, trait: str) -> dict[str, Path]:
     """{kind: save_dir/{trait}_{kind}_diff.pt}."""
     return {k: Path(save_dir) / f"{trait}_{k}_diff.pt" for k in KINDS}
+
+
+def probe_path(save_dir: str | Path, trait: str) -> Path:
+    """save_dir/{trait}_response_avg_probe.pt: the probe vector of `--method probe`."""
+    return Path(save_dir) / f"{trait}_response_avg_probe.pt"
 
 
 def extract_vectors(
@@ -45,16 +54,22 @@ def extract_vectors(
     batch_size: int = 8,
     min_pairs: int = 1,
     judge_model: str | None = None,
+    method: str = "mean_diff",
 ) -> dict[str, Path]:
-    """Write the three `{trait}_{kind}_diff.pt` vectors (+ JSON sidecars) and return their paths.
+    """Write the three `{trait}_{kind}_diff.pt` vectors (+ JSON sidecars), the per-sample
+    `{trait}_summaries.npz`, and with method "probe" `{trait}_response_avg_probe.pt`; return
+    the vector paths ({kind: path}, plus "probe").
 
     threshold T (default 50) filters pairs; fewer than min_pairs kept pairs is an error.
     judge_model for the sidecar defaults to the one the judge recorded beside pos_csv.
     """
     trait = getattr(trait, "name", trait)
+    if method not in METHODS:
+        raise PertokenError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
     pairs = pair_rows(pos_csv, neg_csv, trait=trait, threshold=threshold, min_pairs=min_pairs)
-    pos = _mean_summaries(backend, pairs.pos, batch_size)
-    neg = _mean_summaries(backend, pairs.neg, batch_size)
+    keep = ("response_avg",)
+    pos, pos_states = collect(backend, pairs.pos, keep=keep, batch_size=batch_size)
+    neg, neg_states = collect(backend, pairs.neg, keep=keep, batch_size=batch_size)
     meta = {
         "model": backend.model_id,
         "model_type": getattr(backend, "model_type", None),
@@ -68,11 +83,25 @@ def extract_vectors(
         "pertoken_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    samples = from_pairs(pairs.keys, pos_states, neg_states, _summary_meta(meta))
+    save_summaries(samples, summaries_path(save_dir, trait))
     paths = vector_paths(save_dir, trait)
     for kind, path in paths.items():
         diff = (pos[kind] - neg[kind]).astype(np.float32)  # [n_layers + 1, hidden]
-        save_vector(PersonaVector(diff, {**meta, "kind": kind}), path)
+        save_vector(PersonaVector(diff, {**meta, "kind": kind, "method": "mean_diff"}), path)
+    if method == "probe":
+        from pertoken.pipeline.probe import probe_vectors
+
+        probe = probe_vectors(samples.states["response_avg"], samples.label)  # [R, H]
+        paths["probe"] = save_vector(
+            PersonaVector(probe, {**meta, "kind": "response_avg", "method": "probe"}),
+            probe_path(save_dir, trait),
+        )
     return paths
+
+
+def _summary_meta(meta: dict) -> dict:
+    return {k: meta[k] for k in ("model", "backend", "dtype", "trait", "threshold", "created")}
 
 
 def pair_rows(pos_csv, neg_csv, *, trait: str, threshold: float = 50, min_pairs: int = 1) -> Pairs:
@@ -90,7 +119,7 @@ def pair_rows(pos_csv, neg_csv, *, trait: str, threshold: float = 50, min_pairs:
     kept = [key for key in keys if _keep(pos[key], neg[key], trait, threshold)]
     if len(kept) < max(min_pairs, 1):
         raise PertokenError(_too_few(len(kept), len(keys), pos, neg, trait, threshold))
-    return Pairs([pos[k] for k in kept], [neg[k] for k in kept], len(keys))
+    return Pairs([pos[k] for k in kept], [neg[k] for k in kept], len(keys), kept)
 
 
 def _keyed(path, trait: str, polarity: str) -> dict[tuple[int, int, int], dict]:
@@ -140,20 +169,6 @@ def _too_few(kept, total, pos, neg, trait, t) -> str:
         f"neg {dist(neg, trait)}, {dist(neg, 'coherence')}. Try a lower --threshold, more "
         "--n-per-question, or a larger model"
     )
-
-
-def _mean_summaries(backend, rows: list[dict], batch_size: int) -> dict[str, np.ndarray]:
-    """Mean over rows of each per-sample summary, {kind: [n_layers + 1, hidden] float64}."""
-    sums = {k: 0.0 for k in KINDS}
-    chunk = max(batch_size, 1) * 8  # bounds memory: N x [n_layers + 1, hidden] per call
-    for b in range(0, len(rows), chunk):
-        part = rows[b : b + chunk]
-        s = backend.summaries(
-            [r["prompt"] for r in part], [r["answer"] for r in part], batch_size=batch_size
-        )
-        for k in KINDS:
-            sums[k] = sums[k] + np.asarray(getattr(s, k), dtype=np.float64).sum(axis=0)
-    return {k: v / len(rows) for k, v in sums.items()}
 
 
 def _judge_of(csv_path) -> str | None:

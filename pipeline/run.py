@@ -1,4 +1,4 @@
-"""Run: generate pos, generate neg, judge both, extract, in `OUT/{model_basename}/{trait}/`.
+"""Run: generate pos, generate neg, judge both, extract, vet, in `OUT/{model_basename}/{trait}/`.
 
 Each stage is skipped when its output is complete, so rerunning the same command resumes.
 The model is loaded only when a stage needs it.
@@ -12,9 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pertoken.backends import default_model as default_model  # `run` without --model
-from pertoken.pipeline.extract import extract_vectors, vector_paths
+from pertoken.errors import PertokenError
+from pertoken.pipeline.extract import extract_vectors, probe_path, vector_paths
 from pertoken.pipeline.generate import generate_csv, is_complete, plan_rows
 from pertoken.pipeline.judge import DEFAULT_JUDGE, judge_csv, judge_sidecar, make_judge
+from pertoken.pipeline.vet import report_paths, vet_vector
 from pertoken.traits import load_trait
 
 
@@ -25,6 +27,7 @@ class RunReport:
     pairs_kept: int
     pairs_total: int
     stages: dict[str, tuple[str, float]] = field(default_factory=dict)  # name -> (status, s)
+    report: Path | None = None  # the vetted vector's report card (JSON), when vet succeeded
 
 
 def run_folder(out: str | Path, model: str, trait: str) -> Path:
@@ -48,13 +51,15 @@ class RunOptions:
     dtype: str | None = None
     device: str | None = None
     progress: bool = True
+    method: str = "mean_diff"
 
 
 def run_pipeline(**options) -> RunReport:
     """Generate, judge and extract one trait for one model, resuming whatever is done.
 
     Options (keyword-only) are RunOptions' fields: model and trait are required; the others
-    default to 10 samples per question, 1000 new tokens, the default judge, threshold 50.
+    default to 10 samples per question, 1000 new tokens, the default judge, threshold 50,
+    method mean_diff (probe adds `{trait}_response_avg_probe.pt`, which is then vetted).
     """
     return _Run(RunOptions(**options)).run()
 
@@ -67,6 +72,9 @@ class _Run:
         self.folder = run_folder(opts.out, opts.model, self.kit.name)
         self.csvs = {p: self.folder / f"{self.kit.name}_{p}_instruct.csv" for p in ("pos", "neg")}
         self.paths = vector_paths(self.folder / "vectors", self.kit.name)
+        if opts.method == "probe":
+            self.paths["probe"] = probe_path(self.folder / "vectors", self.kit.name)
+        self.report = report_paths(self.folder / "vectors", self.kit.name)["json"]
         self._backend = self._judge = None
 
     def run(self) -> RunReport:
@@ -78,8 +86,14 @@ class _Run:
             stages[f"judge {pol}"] = _stage(_judged(path, o.judge_model), self.judge, path)
         done = _extracted(self.paths, self.csvs, o.threshold)
         stages["extract"] = _stage(done, self.extract)
+        stages["vet"] = _stage(_vetted(self.report, self.vetted_vector()), self.vet)
         meta = json.loads(self.paths["response_avg"].with_suffix(".json").read_text())
-        return RunReport(self.folder, self.paths, meta["pairs_kept"], meta["pairs_total"], stages)
+        report = self.report if _vetted(self.report, self.vetted_vector()) else None
+        kept, total = meta["pairs_kept"], meta["pairs_total"]
+        return RunReport(self.folder, self.paths, kept, total, stages, report)
+
+    def vetted_vector(self) -> Path:
+        return self.paths.get("probe", self.paths["response_avg"])
 
     def backend(self):
         if self._backend is None:
@@ -136,7 +150,28 @@ class _Run:
             threshold=o.threshold,
             save_dir=self.paths["prompt_avg"].parent,
             judge_model=o.judge_model,
+            method=o.method,
         )
+
+    def vet(self):
+        """The report card; a vet that cannot be made is a stage status, not an error, since
+        the vectors are done."""
+        try:
+            vet_vector(
+                self.vetted_vector(),
+                pos_csv=self.csvs["pos"],
+                neg_csv=self.csvs["neg"],
+                backend=self.backend,
+                model=self.opts.model,
+                trait=self.kit.name,
+            )
+        except PertokenError as e:
+            return _Status(f"no report: {e}")
+
+
+@dataclass
+class _Status:
+    status: str
 
 
 def _stage(complete: bool, work, *args) -> tuple[str, float]:
@@ -147,6 +182,7 @@ def _stage(complete: bool, work, *args) -> tuple[str, float]:
     result = work(*args)
     missing = getattr(result, "missing", 0)  # judge scores that stayed empty
     status = f"done, {missing} scores missing" if missing else "done"
+    status = result.status if isinstance(result, _Status) else status
     return (status, time.perf_counter() - start)
 
 
@@ -159,6 +195,13 @@ def _judged(path: Path, judge_model: str) -> bool:
         return False
     fresh = side.stat().st_mtime >= path.stat().st_mtime
     return fresh and meta.get("judge_model") == judge_model and not any(meta["failed"].values())
+
+
+def _vetted(report: Path, vector: Path) -> bool:
+    """The report card exists and is newer than the vector it vets."""
+    return (
+        report.is_file() and vector.is_file() and report.stat().st_mtime >= vector.stat().st_mtime
+    )
 
 
 def _extracted(paths: dict[str, Path], csvs: dict[str, Path], threshold: float) -> bool:

@@ -208,3 +208,46 @@ def test_empty_answer_is_never_kept(tmp_path, judged):
     paths = extract_vectors(fake, pos_csv=pos, neg_csv=neg, trait="evil", save_dir=tmp_path / "v")
     v = load_vector(paths["response_avg"])
     assert v.meta["pairs_kept"] == 2 and np.isfinite(v.data).all()
+
+
+def test_per_sample_summaries_are_kept_in_float16(tmp_path, judged):
+    from pertoken.pipeline.summaries import load_summaries
+
+    fake, pos, neg = judged
+    extract_vectors(fake, pos_csv=pos, neg_csv=neg, trait="evil", save_dir=tmp_path / "v")
+    s = load_summaries(tmp_path / "v" / "evil_summaries.npz")
+    assert set(s.states) == {"response_avg"}
+    assert s.states["response_avg"].dtype == np.float16
+    assert s.states["response_avg"].shape == (6, 5, 16)  # 3 kept pairs, pos then neg
+    assert s.label.tolist() == [1, 1, 1, 0, 0, 0]
+    # rows 0, 3, 6 of the pos CSV are kept: (question, instruction, sample) of each
+    kept = [rows_of(pos)[n] for n in (0, 3, 6)]
+    keys = [
+        (int(r["question_id"].split("_")[1]), int(r["question_id"].split("_")[3]), int(r["sample"]))
+        for r in kept
+    ]
+    assert sorted(s.pair_keys) == sorted(keys)
+    assert s.question.tolist() == [k[0] for k in s.pair_keys] * 2
+    # the states are the samples' own response_avg, pos then neg in pair order
+    by_key = {k: r for k, r in zip(keys, kept)}
+    first = by_key[s.pair_keys[0]]
+    want = fake.summaries([first["prompt"]], [first["answer"]]).response_avg[0]
+    np.testing.assert_allclose(s.states["response_avg"][0], want, rtol=2e-3, atol=2e-3)
+    assert s.meta["model"] == "org/fake-chat-1b" and s.meta["threshold"] == 50
+
+
+def test_probe_method_adds_a_probe_vector(tmp_path, judged):
+    fake, pos, neg = judged
+    paths = extract_vectors(
+        fake, pos_csv=pos, neg_csv=neg, trait="evil", save_dir=tmp_path / "v", method="probe"
+    )
+    assert paths["probe"].name == "evil_response_avg_probe.pt"
+    probe, diff = load_vector(paths["probe"]), load_vector(paths["response_avg"])
+    assert probe.data.shape == diff.data.shape and probe.data.dtype == np.float32
+    assert probe.meta["method"] == "probe" and probe.meta["kind"] == "response_avg"
+    assert diff.meta["method"] == "mean_diff" and probe.meta["pairs_kept"] == 3
+    assert torch.load(paths["probe"], weights_only=True).shape == (5, 16)
+    with pytest.raises(PertokenError, match="unknown method 'pca'"):
+        extract_vectors(
+            fake, pos_csv=pos, neg_csv=neg, trait="evil", save_dir=tmp_path / "w", method="pca"
+        )

@@ -86,9 +86,12 @@ def test_run_end_to_end_then_resume(tmp_path, llama_dir, monkeypatch):
         pos, neg = (rows_of(folder / f"evil_{p}_instruct.csv") for p in ("pos", "neg"))
         kept = sum(bool(p["answer"]) and bool(n["answer"]) for p, n in zip(pos, neg))
         assert kept >= 4 and f"pairs kept: {kept} of 8" in r.output
-        for stage in ("generate pos", "generate neg", "judge pos", "judge neg", "extract"):
+        for stage in ("generate pos", "generate neg", "judge pos", "judge neg", "extract", "vet"):
             assert f"{stage}" in r.output
         assert "skipped" not in r.output
+        report = folder / "vectors" / "evil_report.json"
+        assert report.is_file() and f"report: {report.with_suffix('.md')}" in r.output
+        assert "suggested layer" in r.output
         assert len(loads) == 1 and loads[0].generated == 16
         n_requests = len(server.requests)
         assert n_requests > 0
@@ -96,7 +99,7 @@ def test_run_end_to_end_then_resume(tmp_path, llama_dir, monkeypatch):
 
         r = CliRunner().invoke(main, args)  # everything is done: nothing is recomputed
         assert r.exit_code == 0, r.output
-        assert r.output.count("skipped") == 5 and f"pairs kept: {kept} of 8" in r.output
+        assert r.output.count("skipped") == 6 and f"pairs kept: {kept} of 8" in r.output
         assert len(loads) == 1 and len(server.requests) == n_requests
         assert {v: v.stat().st_mtime_ns for v in vectors} == before
 

@@ -1,0 +1,298 @@
+"""Vet: a report card for a persona vector, `{trait}_report.{json,md,png}`.
+
+Per row: |v|, the mean residual norm |h| of the kept answers, the coefficient at which
+coef * |v| / |h| is 0.25, 0.5 and 1, and the held-out separation (AUROC, Cohen's d) of kept
+positive vs negative samples projected on the vector re-extracted without the held-out questions;
+cosines with the neighbouring row and with the other vectors of the folder; warnings for shallow
+separation and massive activations; a suggested row. Everything comes from the per-sample
+summaries beside the vector; the model runs only when they are missing or stale.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pertoken.errors import PertokenError
+from pertoken.pipeline import vet_stats as st
+from pertoken.pipeline.extract import pair_rows
+from pertoken.pipeline.summaries import (
+    SampleSummaries,
+    collect,
+    from_pairs,
+    load_summaries,
+    save_summaries,
+    summaries_path,
+)
+from pertoken.vectors import PersonaVector, load_vector
+
+_NAME = re.compile(r"(?P<trait>.+)_(?P<kind>response_avg|prompt_avg|prompt_last)_(diff|probe)")
+
+
+@dataclass
+class RowCard:
+    row: int
+    v_norm: float
+    h_norm: float
+    coef: dict[str, float | None]  # ratio ("0.25", "0.5", "1") -> coefficient
+    auroc: float
+    cohens_d: float
+    cos_next: float | None  # cosine with row + 1
+    massive: list[tuple[int, float]]  # (dim, share of |h|^2) when a few dims dominate
+
+
+@dataclass
+class VetReport:
+    vector: str
+    model: str
+    trait: str
+    kind: str
+    method: str
+    pairs: int
+    split: dict  # held-out and training questions, pair counts, holdout, seed
+    rows: list[RowCard]
+    middle_rows: list[int]
+    suggested_row: int | None
+    warnings: list[str]
+    other_vectors: dict[str, list[float | None]] = field(default_factory=dict)  # cos per row
+    files: dict[str, str] = field(default_factory=dict)
+
+    def row(self, r: int) -> RowCard:
+        return self.rows[r]
+
+
+def report_paths(out_dir: str | Path, trait: str) -> dict[str, Path]:
+    """{json, md, png}: out_dir/{trait}_report.{ext}."""
+    return {ext: Path(out_dir) / f"{trait}_report.{ext}" for ext in ("json", "md", "png")}
+
+
+def vet_vector(
+    vector_path: str | Path,
+    *,
+    pos_csv: str | Path,
+    neg_csv: str | Path,
+    backend=None,
+    model: str | None = None,
+    trait: str | None = None,
+    out_dir: str | Path | None = None,
+    threshold: float | None = None,
+    holdout: float = 0.3,
+    seed: int = 0,
+    batch_size: int = 8,
+) -> VetReport:
+    """Vet one vector against the pos/neg CSVs it came from; write the report and return it.
+
+    backend: a loaded backend, or a function that loads one; used only when the summaries
+    beside the vector are missing, stale or of another model than `model`. trait and the
+    kept-pair threshold default to the vector's sidecar; out_dir to the vector's folder;
+    holdout (default 0.3) is the share of questions held out.
+    """
+    path = Path(vector_path)
+    vec = load_vector(path)
+    trait, kind, method = _identity(path, vec, trait)
+    t = threshold if threshold is not None else vec.meta.get("threshold", 50)
+    pairs = pair_rows(pos_csv, neg_csv, trait=trait, threshold=t)
+    samples = _samples(vec, path, pairs, trait, kind, backend, model, t, batch_size)
+    report = build_report(
+        vec, samples, path=path, trait=trait, kind=kind, method=method, holdout=holdout, seed=seed
+    )
+    from pertoken.pipeline.vet_report import write_report
+
+    write_report(report, report_paths(out_dir or path.parent, trait))
+    return report
+
+
+def load_report(path: str | Path) -> VetReport:
+    """A report written by vet_vector, from its JSON file."""
+    data = json.loads(Path(path).read_text())
+    rows = [RowCard(**{**r, "massive": [tuple(m) for m in r["massive"]]}) for r in data["rows"]]
+    return VetReport(**{**data, "rows": rows})
+
+
+def _identity(path: Path, vec: PersonaVector, trait: str | None) -> tuple[str, str, str]:
+    m = _NAME.fullmatch(path.stem)
+    trait = trait or vec.meta.get("trait") or (m and m["trait"])
+    if not trait:
+        raise PertokenError(f"cannot tell the trait of {path}: pass --trait")
+    if not re.fullmatch(r"[\w][\w.-]*", trait):
+        raise PertokenError(f"trait name {trait!r} cannot name a report file: pass --trait")
+    kind = vec.meta.get("kind") or (m["kind"] if m else "response_avg")
+    return trait, kind, vec.meta.get("method", "mean_diff")
+
+
+def _samples(vec, path, pairs, trait, kind, backend, model, threshold, batch_size):
+    """The stored summaries when they fit these pairs and model, else computed and stored."""
+    file = summaries_path(path.parent, trait)
+    kinds = tuple(dict.fromkeys(("response_avg", kind)))
+    s = load_summaries(file)
+    if s is not None and _fits(s, pairs.keys, kinds, model):
+        if tuple(s.shape()) != vec.data.shape:
+            raise PertokenError(
+                f"{path} has shape {list(vec.data.shape)} but the summaries of "
+                f"{s.meta.get('model')} in {file} are {list(s.shape())}: it was extracted from "
+                "another model; vet it with that model's CSVs and folder"
+            )
+        return s
+    b = backend() if callable(backend) and not hasattr(backend, "summaries") else backend
+    if b is None:
+        raise PertokenError(f"{file} is missing or stale and no model is given: pass --model")
+    vec.check_model(b.n_layers, b.hidden_size, path)
+    _, pos = collect(b, pairs.pos, keep=kinds, batch_size=batch_size)
+    _, neg = collect(b, pairs.neg, keep=kinds, batch_size=batch_size)
+    meta = {"model": b.model_id, "backend": b.name, "dtype": b.dtype}
+    meta |= {"trait": trait, "threshold": threshold}
+    s = from_pairs(pairs.keys, pos, neg, meta)
+    save_summaries(s, file)
+    return s
+
+
+def _fits(s: SampleSummaries, keys, kinds, model: str | None) -> bool:
+    same = model is None or s.meta.get("model") in (model, Path(model.rstrip("/")).name)
+    return same and s.pair_keys == [tuple(k) for k in keys] and set(kinds) <= set(s.states)
+
+
+def build_report(
+    vec: PersonaVector, s: SampleSummaries, *, path, trait, kind, method, holdout=0.3, seed=0
+) -> VetReport:
+    """The report card of `vec` from its samples' states (no files written)."""
+    states, answers = s.states[kind], s.states["response_avg"]  # [N, R, H] each
+    train, test = st.question_split(s.question, holdout=holdout, seed=seed)
+    _check_pairs(s, train, test)
+    h_norm = st.mean_norms(answers)  # [R]
+    v_norm = np.linalg.norm(vec.data, axis=1)  # [R]
+    auroc, d = st.heldout_separation(states, s.label, train, test, method=method, h_norm=h_norm)
+    coefs = st.coefs_at(v_norm, h_norm)
+    nxt = st.cosines(vec.data[:-1], vec.data[1:]) + [None]
+    massive = st.massive_dims(answers)
+    rows = [
+        RowCard(
+            row=r,
+            v_norm=float(v_norm[r]),
+            h_norm=float(h_norm[r]),
+            coef={f"{k:g}": coefs[k][r] for k in coefs},
+            auroc=float(auroc[r]),
+            cohens_d=float(d[r]),
+            cos_next=nxt[r],
+            massive=massive.get(r, []),
+        )
+        for r in range(len(v_norm))
+    ]
+    middle = st.middle_rows(vec.n_layers)
+    report = VetReport(
+        vector=str(path),
+        model=str(s.meta.get("model", vec.meta.get("model", ""))),
+        trait=trait,
+        kind=kind,
+        method=method,
+        pairs=len(s.label) // 2,
+        split=_split_info(s, train, test, holdout, seed),
+        rows=rows,
+        middle_rows=middle,
+        suggested_row=st.suggest_row(auroc, d, middle),
+        warnings=[],
+        other_vectors=_other_vectors(vec, Path(path)),
+    )
+    report.warnings = warnings_for(report)
+    return report
+
+
+def _check_pairs(s: SampleSummaries, train, test) -> None:
+    n_train, n_test = int(s.label[train].sum()), int(s.label[test].sum())
+    if min(n_train, n_test) < 2:
+        raise PertokenError(
+            f"too few kept pairs for a held-out split ({n_train} to extract, {n_test} held out; "
+            "at least 2 each): generate more samples per question or lower --threshold"
+        )
+
+
+def _split_info(s: SampleSummaries, train, test, holdout, seed) -> dict:
+    return {
+        "held_out_questions": sorted(int(q) for q in set(s.question[test])),
+        "train_questions": sorted(int(q) for q in set(s.question[train])),
+        "held_out_pairs": int(s.label[test].sum()),
+        "train_pairs": int(s.label[train].sum()),
+        "holdout": holdout,
+        "seed": seed,
+    }
+
+
+def _other_vectors(vec: PersonaVector, path: Path) -> dict[str, list[float | None]]:
+    """Row-wise cosine with every other vector of the same shape in the folder."""
+    out = {}
+    for other in sorted(path.parent.glob("*.pt")):
+        if other.resolve() == path.resolve():
+            continue
+        try:
+            data = load_vector(other).data
+        except PertokenError:
+            continue  # not a persona vector: nothing to compare
+        if data.shape == vec.data.shape:
+            out[other.stem] = st.cosines(vec.data, data)
+    return out
+
+
+def warnings_for(report: VetReport) -> list[str]:
+    """Shallow separation (rows 0-1 as good as the middle), weak separation, massive dims."""
+    out = [w for w in (_early_warning(report), _weak_warning(report)) if w]
+    massive = {r.row: r.massive for r in report.rows if r.massive}
+    if massive:
+        dims = sorted({d for dims in massive.values() for d, _ in dims})
+        top = max(sum(share for _, share in dims) for dims in massive.values())
+        out.append(
+            f"massive activations: dimension(s) {', '.join(map(str, dims[:8]))} dominate |h| "
+            f"at rows {_ranges(sorted(massive))} (up to {top:.0%} of |h|^2); a mean difference "
+            "can follow them rather than the trait: compare with --method probe"
+        )
+    return out
+
+
+def _early_warning(report: VetReport) -> str | None:
+    auroc = [r.auroc for r in report.rows]
+    best = max(auroc[r] for r in report.middle_rows)
+    early = [r for r in (0, 1) if r < len(auroc) and auroc[r] >= best - 0.05]
+    if best < 0.6 or not early:
+        return None
+    shown = ", ".join(f"row {r} (AUROC {auroc[r]:.2f})" for r in early)
+    verb = "separate" if len(early) > 1 else "separates"
+    head = f"{shown} {verb} about as well as the middle rows (best AUROC {best:.2f})"
+    if report.kind != "response_avg":
+        return (
+            f"{head}: a {report.kind} vector is read from the prompt, whose tokens hold the "
+            "instruction, so it carries the instruction text, not the trait; steer with the "
+            "response_avg vector"
+        )
+    if 0 in early:
+        return (
+            f"{head}: the answers differ already in their tokens (row 0 is their embeddings), "
+            "so the vector may carry wording rather than the trait; check that steering "
+            "changes behaviour, not just words"
+        )
+    return (
+        f"{head} while row 0, the answers' own tokens, does not (AUROC {auroc[0]:.2f}): the "
+        "difference comes from the prompts, so the vector carries the instruction text, not "
+        "the trait; check that the positive and negative answers differ"
+    )
+
+
+def _weak_warning(report: VetReport) -> str | None:
+    best = max(report.rows[r].auroc for r in report.middle_rows)
+    if best >= 0.7:
+        return None
+    return (
+        f"weak separation: held-out AUROC is at most {best:.2f} in the middle rows; the vector "
+        "barely tells held-out answers apart: check the judged scores or use more samples"
+    )
+
+
+def _ranges(rows: list[int]) -> str:
+    """[2, 3, 4, 7] -> '2-4, 7'."""
+    parts, start = [], rows[0]
+    for a, b in zip(rows, rows[1:] + [None]):
+        if b != a + 1:
+            parts.append(f"{start}" if start == a else f"{start}-{a}")
+            start = b
+    return ", ".join(parts)

@@ -1,0 +1,147 @@
+"""Write a VetReport as `{trait}_report.json`, `.md` and `.png` (the per-row curves)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+from pertoken.pipeline.vet import VetReport
+
+
+def write_report(report: VetReport, paths: dict[str, Path]) -> None:
+    """Write json, md and png to paths[ext]; the paths are recorded in report.files."""
+    report.files = {ext: str(p) for ext, p in paths.items()}
+    paths["json"].parent.mkdir(parents=True, exist_ok=True)
+    _atomic(paths["json"], json.dumps(_finite(dataclasses.asdict(report)), indent=2) + "\n")
+    _atomic(paths["md"], to_markdown(report))
+    plot_report(report, paths["png"])
+
+
+def _atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def _finite(x):
+    """JSON has no inf or nan: they become null."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_finite(v) for v in x]
+    return x
+
+
+def _num(x: float | None, fmt: str = ".3g") -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def summary_lines(report: VetReport) -> list[str]:
+    """The suggestion and the warnings, one line each (printed by the CLI)."""
+    lines = []
+    if report.suggested_row is not None:
+        r = report.row(report.suggested_row)
+        c = r.coef
+        lines.append(
+            f"suggested layer {r.row}: held-out AUROC {r.auroc:.3f}, Cohen's d "
+            f"{_num(r.cohens_d, '.2f')}; coef {_num(c['0.25'])} / {_num(c['0.5'])} / "
+            f"{_num(c['1'])} gives coef*|v|/|h| = 0.25 / 0.5 / 1"
+        )
+    return lines + [f"warning: {w}" for w in report.warnings]
+
+
+def to_markdown(report: VetReport) -> str:
+    sp = report.split
+    held, train = sp["held_out_questions"], sp["train_questions"]
+    out = [
+        f"# Report card: {Path(report.vector).name}",
+        "",
+        f"Model `{report.model}`, trait `{report.trait}`, method `{report.method}`, kind "
+        f"`{report.kind}`, {report.pairs} kept pairs. Held out: questions "
+        f"{', '.join(map(str, held))} ({sp['held_out_pairs']} pairs); the vector was "
+        f"re-extracted on the other {len(train)} questions ({sp['train_pairs']} pairs).",
+        "",
+        *(f"**{line}**" if i == 0 else f"- {line}" for i, line in enumerate(summary_lines(report))),
+        "",
+        "| row | \\|v\\| | \\|h\\| | coef @0.25 | coef @0.5 | coef @1 | AUROC | Cohen's d "
+        "| cos(next row) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in report.rows:
+        c = r.coef
+        out.append(
+            f"| {r.row} | {r.v_norm:.4g} | {r.h_norm:.4g} | {_num(c['0.25'])} | {_num(c['0.5'])} "
+            f"| {_num(c['1'])} | {r.auroc:.3f} | {_num(r.cohens_d, '.2f')} "
+            f"| {_num(r.cos_next, '.3f')} |"
+        )
+    return "\n".join(out + _other_table(report)) + "\n"
+
+
+def _other_table(report: VetReport) -> list[str]:
+    if not report.other_vectors:
+        return []
+    names = list(report.other_vectors)
+    out = ["", "Cosine with the other vectors in the folder, per row:", ""]
+    out += ["| row | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
+    for r in report.rows:
+        cells = [_num(report.other_vectors[n][r.row], ".3f") for n in names]
+        out.append(f"| {r.row} | " + " | ".join(cells) + " |")
+    return out
+
+
+def plot_report(report: VetReport, path: Path) -> None:
+    """Separation, norms, coefficients and cosines against the row, in one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    rows = [r.row for r in report.rows]
+    fig, ax = plt.subplots(2, 2, figsize=(11, 7), constrained_layout=True)
+    _plot_separation(ax[0, 0], report, rows)
+    ax[0, 1].plot(rows, [r.v_norm for r in report.rows], marker="o", label="|v|")
+    ax[0, 1].plot(rows, [r.h_norm for r in report.rows], marker="s", label="mean |h|")
+    ax[0, 1].set(title="norms", xlabel="layer (row)", yscale="log")
+    for ratio in ("0.25", "0.5", "1"):
+        pts = [(r.row, r.coef[ratio]) for r in report.rows if r.coef[ratio]]
+        if pts:
+            ax[1, 0].plot(*zip(*pts), marker="o", label=f"coef*|v|/|h| = {ratio}")
+    ax[1, 0].set(title="coefficient for a given coef*|v|/|h|", xlabel="layer (row)", yscale="log")
+    _plot_cosines(ax[1, 1], report, rows)
+    for a in ax.flat:
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))
+        a.grid(alpha=0.3)
+        if a.lines:
+            a.legend(fontsize=8)
+    fig.suptitle(f"{Path(report.vector).name}: report card")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_separation(ax, report: VetReport, rows: list[int]) -> None:
+    mid = report.middle_rows
+    ax.axvspan(min(mid) - 0.5, max(mid) + 0.5, color="0.9", label="25-75% of depth")
+    ax.plot(rows, [r.auroc for r in report.rows], marker="o", label="held-out AUROC")
+    if report.suggested_row is not None:
+        ax.axvline(report.suggested_row, color="tab:red", ls="--", label="suggested")
+    ax.set(title="held-out separation", xlabel="layer (row)", ylabel="AUROC", ylim=(0.4, 1.02))
+    d = [r.cohens_d if math.isfinite(r.cohens_d) else float("nan") for r in report.rows]
+    twin = ax.twinx()
+    twin.plot(rows, d, color="tab:green", marker=".", ls=":")
+    twin.set_ylabel("Cohen's d (dotted)", color="tab:green")
+
+
+def _plot_cosines(ax, report: VetReport, rows: list[int]) -> None:
+    nxt = [(r.row + 0.5, r.cos_next) for r in report.rows if r.cos_next is not None]
+    if nxt:
+        ax.plot(*zip(*nxt), marker="o", label="row vs next row")
+    for name, cos in list(report.other_vectors.items())[:8]:
+        pts = [(r, c) for r, c in zip(rows, cos) if c is not None]
+        if pts:
+            ax.plot(*zip(*pts), marker=".", label=name)
+    ax.set(title="cosines", xlabel="layer (row)", ylim=(-1.05, 1.05))
