@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from pertoken.errors import PertokenError
+from pertoken.pipeline.csvio import write_csv_atomic
 from pertoken.pipeline.projection import cosine, project
 from pertoken.vectors import load_vector
 
@@ -62,7 +62,7 @@ def project_csv(
         row.update({n: repr(float(x)) for n, x in zip(names, vals, strict=True)})
     out = Path(out_path) if out_path else Path(csv_path)
     fields = header + [n for n in names if n not in header]
-    _write_csv(out, fields, rows)
+    write_csv_atomic(out, fields, rows)  # a failure never leaves a half-written file
     trait = _trait_column(header)
     r, n = pearson_with(rows, names[0], trait) if trait else (None, 0)
     return ProjectResult(out, names, len(rows), trait, r, n)
@@ -125,14 +125,3 @@ def _read_csv(path) -> tuple[list[str], list[dict]]:
         if r["prompt"] is None or r["answer"] is None:
             raise PertokenError(f"{path} row {i + 2} is short: it has no prompt or answer")
     return header, rows
-
-
-def _write_csv(path: Path, fields: list[str], rows: list[dict]) -> None:
-    # Write beside the target and rename, so a failure never leaves a half-written file.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, path)
