@@ -16,6 +16,8 @@ import numpy as np
 
 from pertoken import __version__
 from pertoken.errors import PertokenError
+from pertoken.lock import output_lock
+from pertoken.paths import inside, path_name
 from pertoken.pipeline.csvio import parse_score, read_csv, sample_keys
 from pertoken.vectors import PersonaVector, save_vector
 
@@ -30,8 +32,9 @@ class Pairs:
 
 
 def vector_paths(save_dir: str | Path, trait: str) -> dict[str, Path]:
-    """{kind: save_dir/{trait}_{kind}_diff.pt}."""
-    return {k: Path(save_dir) / f"{trait}_{k}_diff.pt" for k in KINDS}
+    """{kind: save_dir/{trait}_{kind}_diff.pt}; a trait name that is not a plain name is refused."""
+    path_name(trait, "trait name")
+    return {k: inside(save_dir, f"{trait}_{k}_diff.pt") for k in KINDS}
 
 
 def extract_vectors(
@@ -52,10 +55,20 @@ def extract_vectors(
     judge_model for the sidecar defaults to the one the judge recorded beside pos_csv.
     """
     trait = getattr(trait, "name", trait)
-    pairs = pair_rows(pos_csv, neg_csv, trait=trait, threshold=threshold, min_pairs=min_pairs)
-    pos = _mean_summaries(backend, pairs.pos, batch_size)
-    neg = _mean_summaries(backend, pairs.neg, batch_size)
-    meta = {
+    paths = vector_paths(save_dir, trait)
+    with output_lock(save_dir, folder=True):
+        pairs = pair_rows(pos_csv, neg_csv, trait=trait, threshold=threshold, min_pairs=min_pairs)
+        pos = _mean_summaries(backend, pairs.pos, batch_size)
+        neg = _mean_summaries(backend, pairs.neg, batch_size)
+        meta = _meta(backend, trait, threshold, pairs, _judged_by(pos_csv, judge_model))
+        for kind, path in paths.items():
+            diff = (pos[kind] - neg[kind]).astype(np.float32)  # [n_layers + 1, hidden]
+            save_vector(PersonaVector(diff, {**meta, "kind": kind}), path)
+    return paths
+
+
+def _meta(backend, trait: str, threshold: float, pairs: Pairs, judged_by: dict) -> dict:
+    return {
         "model": backend.model_id,
         "backend": backend.name,
         "dtype": backend.dtype,
@@ -63,15 +76,10 @@ def extract_vectors(
         "threshold": threshold,
         "pairs_kept": len(pairs.pos),
         "pairs_total": pairs.total,
-        "judge_model": judge_model or _judge_of(pos_csv),
+        **judged_by,
         "pertoken_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    paths = vector_paths(save_dir, trait)
-    for kind, path in paths.items():
-        diff = (pos[kind] - neg[kind]).astype(np.float32)  # [n_layers + 1, hidden]
-        save_vector(PersonaVector(diff, {**meta, "kind": kind}), path)
-    return paths
 
 
 def pair_rows(pos_csv, neg_csv, *, trait: str, threshold: float = 50, min_pairs: int = 1) -> Pairs:
@@ -155,11 +163,13 @@ def _mean_summaries(backend, rows: list[dict], batch_size: int) -> dict[str, np.
     return {k: v / len(rows) for k, v in sums.items()}
 
 
-def _judge_of(csv_path) -> str | None:
+def _judged_by(csv_path, judge_model: str | None) -> dict:
+    """The judge model, server and rubric digests the judge recorded beside `csv_path`."""
     from pertoken.pipeline.judge import judge_sidecar
 
-    side = judge_sidecar(csv_path)
     try:
-        return json.loads(side.read_text()).get("judge_model")
+        side = json.loads(judge_sidecar(csv_path).read_text())
     except (OSError, json.JSONDecodeError):
-        return None
+        side = {}
+    keys = ("judge_model", "judge_base_url", "rubric_sha256")
+    return {k: side.get(k) for k in keys} | ({"judge_model": judge_model} if judge_model else {})
