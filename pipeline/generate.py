@@ -108,7 +108,8 @@ def generate_csv(
     """Write the generation CSV for one polarity (or the eval questions), resuming any earlier run.
 
     temperature defaults to 1.0, or 0 (greedy) when n_per_question is 1. batch_size (rows
-    generated and saved together) defaults to 32 on CUDA, else 16.
+    generated and saved together) defaults to 32 on CUDA, else 16. Each row samples from
+    row_seed(seed, row), so the CSV does not depend on batching or on interruptions.
     """
     start = time.perf_counter()
     out = Path(out)

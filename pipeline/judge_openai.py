@@ -92,6 +92,10 @@ def check_endpoint(base_url: str | None, *, timeout: float = 10.0) -> None:
         client.close()
 
 
+class _NoLogprobs(Exception):
+    """The server ignores logprobs=True: no answer from it can be scored."""
+
+
 def top_logprobs(resp) -> list[tuple[str, float]]:
     """(token, logprob) of the first answer token; ValueError when the answer is malformed."""
     try:
@@ -104,10 +108,6 @@ def top_logprobs(resp) -> list[tuple[str, float]]:
     if not top or any(not isinstance(tok, str) or math.isnan(lp) or lp > 0.01 for tok, lp in top):
         raise ValueError("the answer's top_logprobs are empty or not log-probabilities")
     return top
-
-
-class _NoLogprobs(Exception):
-    """The server ignores logprobs=True: no answer from it can be scored."""
 
 
 class ApiJudge:
