@@ -56,8 +56,8 @@ def extract_vectors(
     """
     trait = getattr(trait, "name", trait)
     paths = vector_paths(save_dir, trait)
+    pairs = pair_rows(pos_csv, neg_csv, trait=trait, threshold=threshold, min_pairs=min_pairs)
     with output_lock(save_dir, folder=True):
-        pairs = pair_rows(pos_csv, neg_csv, trait=trait, threshold=threshold, min_pairs=min_pairs)
         pos = _mean_summaries(backend, pairs.pos, batch_size)
         neg = _mean_summaries(backend, pairs.neg, batch_size)
         meta = _meta(backend, trait, threshold, pairs, _judged_by(pos_csv, judge_model))
