@@ -2,10 +2,11 @@
 
 Async with a bounded number of requests in flight. Rate limits (429) and server errors (5xx)
 are retried with exponential backoff (honouring Retry-After); timeouts and refused
-connections are retried too, but `max_consecutive_failures` of them in a row stop the run: a
-server that hangs costs a minute, not hours. An answer that is not a chat completion with
-finite top logprobs is a failure (never cached), not a refusal. The API key and any
-user:password in the base URL never leave memory.
+connections are retried too, but `max_consecutive_failures` retries in a row that time out or
+find no server stop the run: a server that hangs costs two timeouts, not hours. A first try's
+failure does not count, so a burst of dropped connections under load is retried, not fatal.
+An answer that is not a chat completion with finite top logprobs is a failure (never cached),
+not a refusal. The API key and any user:password in the base URL never leave memory.
 """
 
 from __future__ import annotations
@@ -127,7 +128,7 @@ class ApiJudge:
         self.key = api_key(base_url)
         self.where = endpoint(base_url)
         self.requests = 0
-        self.no_answer = 0  # timeouts and connection failures in a row
+        self.no_answer = 0  # retries in a row that timed out or found no server
 
     def run(
         self,
@@ -196,7 +197,7 @@ class ApiJudge:
             self.no_answer = 0  # the server is there, only busy or failing
             return None, f"{e.status_code}: {type(e).__name__}: {e}", _backoff(attempt, e)
         except openai.APIConnectionError as e:  # no answer at all: a timeout or no connection
-            self._no_answer(e)
+            self._no_answer(e, attempt)
             what = "timeout" if isinstance(e, openai.APITimeoutError) else "connection"
             return None, f"{what}: {type(e).__name__}: {e}", _backoff(attempt)
         except (openai.BadRequestError, openai.UnprocessableEntityError) as e:
@@ -219,18 +220,18 @@ class ApiJudge:
         except ValueError as e:
             return None, f"{e} (from {self.where})", None
 
-    def _no_answer(self, e) -> None:
-        """Count a timeout or connection failure; too many in a row stop the run."""
+    def _no_answer(self, e, attempt: int) -> None:
+        """Count a retry that timed out or found no server; too many in a row stop the run."""
         import openai
 
-        self.no_answer += 1
+        self.no_answer += attempt > 0
         n = self.max_consecutive_failures
         if self.no_answer < n:
             return
         if isinstance(e, openai.APITimeoutError):
-            what = f"timed out ({self.timeout:g}s each) on {n} requests in a row"
+            what = f"timed out ({self.timeout:g}s each) on {n} retried requests in a row"
         else:
-            what = f"could not be reached on {n} requests in a row ({type(e).__name__})"
+            what = f"could not be reached on {n} retried requests in a row ({type(e).__name__})"
         raise PertokenError(
             f"the judge at {self.where} {what}: check that the server is up and --base-url, or "
             f"raise --max-consecutive-failures; scores already received are cached"
