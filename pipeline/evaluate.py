@@ -242,12 +242,8 @@ class _CsvJudge:
     def __init__(self, trait, judge_model: str, progress: bool, judge_opts: dict):
         from pertoken.pipeline.judge import judge_identity
 
-        self.trait, self.judge_model, self.progress, self.opts = (
-            trait,
-            judge_model,
-            progress,
-            judge_opts,
-        )
+        self.trait, self.judge_model = trait, judge_model
+        self.progress, self.opts = progress, judge_opts
         base_url = judge_opts.get("base_url") or getattr(judge_opts.get("judge"), "base_url", None)
         coherence = judge_opts.get("coherence_prompt")
         self.identity = judge_identity(trait, judge_model, base_url, coherence)
