@@ -91,6 +91,19 @@ def trait_option(f):
 def judge_options(f):
     from pertoken.pipeline.judge import DEFAULT_JUDGE
 
+    f = click.option(
+        "--max-consecutive-failures",
+        type=click.IntRange(min=1),
+        default=8,
+        show_default=True,
+        help="Stop after this many judge timeouts or connection failures in a row.",
+    )(f)
+    f = click.option(
+        "--coherence-prompt",
+        type=click.Path(dir_okay=False),
+        default=None,
+        help="Coherence rubric file with {question} and {answer} (default: the kit's, or ours).",
+    )(f)
     f = click.option("--concurrency", default=32, show_default=True, help="Requests in flight.")(f)
     f = click.option("--base-url", default=None, help="Any OpenAI-compatible server.")(f)
     return click.option(

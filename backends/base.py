@@ -68,6 +68,16 @@ class Steer:
                 )
 
 
+def row_uniforms(seeds: list[int], n_steps: int) -> np.ndarray:
+    """[len(seeds), n_steps] float64 draws in [0, 1), one stream per row from its own seed.
+
+    Sampling step t of row b by inverse CDF at u[b, t] makes a seeded row's answer independent
+    of which rows share its batch (a resumed run then repeats an uninterrupted one)."""
+    if not seeds:
+        return np.zeros((0, n_steps))
+    return np.stack([np.random.default_rng(int(s)).random(n_steps) for s in seeds])
+
+
 class Summaries(NamedTuple):
     """Per-sample means of the residual stream, each [N, n_layers + 1, hidden] float32."""
 
@@ -127,8 +137,12 @@ class Backend(Protocol):
         seed: int = 0,
         steer: Steer | None = None,
         batch_size: int | None = None,
+        seeds: list[int] | None = None,
     ) -> list[str]:
-        """Answers to chat-templated prompts (temperature 0 is greedy)."""
+        """Answers to chat-templated prompts (temperature 0 is greedy).
+
+        seeds: one per prompt; each prompt then samples from its own stream (row_uniforms),
+        whatever else is in its batch. Without them the batch samples from `seed`."""
         ...
 
     def summaries(

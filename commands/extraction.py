@@ -86,6 +86,7 @@ def generate(
     out,
 ):
     """Answer a trait's questions under its positive or negative instructions."""
+    from pertoken.lock import output_lock
     from pertoken.pipeline.generate import generate_csv, is_complete, plan_rows
     from pertoken.traits import load_trait
 
@@ -94,18 +95,19 @@ def generate(
     if is_complete(out, specs):  # nothing to do: do not load the model
         return click.echo(f"{out}: all {len(specs)} rows are already there")
     batch_size = batch_size or _memory_batch(model, backend, dtype, max_new_tokens)
-    r = generate_csv(
-        cli.load_model(model, backend, dtype, device),
-        trait=kit,
-        out=out,
-        polarity=polarity,
-        eval=eval_,
-        n_per_question=n_per_question,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        batch_size=batch_size,
-        seed=seed,
-    )
+    with output_lock(out):  # before the model loads: a second writer stops at once
+        r = generate_csv(
+            cli.load_model(model, backend, dtype, device),
+            trait=kit,
+            out=out,
+            polarity=polarity,
+            eval=eval_,
+            n_per_question=n_per_question,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            batch_size=batch_size,
+            seed=seed,
+        )
     click.echo(f"{r.path}: {r.rows} rows ({r.generated} generated now, {r.seconds:.1f}s)")
 
 
@@ -121,19 +123,44 @@ def generate(
 )
 @click.option("--cache", default=None, help="Score cache (default ~/.cache/pertoken/judge.sqlite).")
 @click.option("--out", "-o", default=None, help="Write here instead of in place.")
-def judge(csv_file, trait, judge_model, base_url, concurrency, backend, cache, out):
+def judge(
+    csv_file,
+    trait,
+    judge_model,
+    base_url,
+    concurrency,
+    coherence_prompt,
+    max_consecutive_failures,
+    backend,
+    cache,
+    out,
+):
     """Score a generation CSV for the trait and for coherence with an LLM judge."""
-    from pertoken.pipeline.judge import judge_csv, make_judge
+    from pertoken.pipeline.judge import judge_csv, make_judge, read_rubric
     from pertoken.traits import load_trait
 
     kit = load_trait(trait)
+    rubric = read_rubric(coherence_prompt) if coherence_prompt else None
 
     def make():
         return make_judge(
-            judge_model, base_url=base_url, concurrency=concurrency, backend_name=backend
+            judge_model,
+            base_url=base_url,
+            concurrency=concurrency,
+            backend_name=backend,
+            max_consecutive_failures=max_consecutive_failures,
         )
 
-    r = judge_csv(csv_file, trait=kit, judge_model=judge_model, judge=make, cache=cache, out=out)
+    r = judge_csv(
+        csv_file,
+        trait=kit,
+        judge_model=judge_model,
+        judge=make,
+        base_url=base_url,
+        cache=cache,
+        out=out,
+        coherence_prompt=rubric,
+    )
     click.echo(
         f"{r.path}: {r.rows} rows judged by {r.judge_model} "
         f"({r.requests} calls, {r.cached} cached, {r.seconds:.1f}s)"
@@ -171,9 +198,10 @@ def extract(
     method,
 ):
     """Average the residual stream of judged pairs into persona vectors."""
-    from pertoken.pipeline.extract import extract_vectors, pair_rows
+    from pertoken.pipeline.extract import extract_vectors, pair_rows, vector_paths
 
     name = _trait_name(trait)
+    vector_paths(save_dir, name)  # a trait name that would leave --save-dir stops here
     pair_rows(pos_csv, neg_csv, trait=name, threshold=threshold, min_pairs=min_pairs)
     paths = extract_vectors(
         cli.load_model(model, backend, dtype, device),
@@ -234,11 +262,14 @@ def run(
     judge_model,
     base_url,
     concurrency,
+    coherence_prompt,
+    max_consecutive_failures,
     threshold,
     method,
 ):
     """Generate, judge, extract and vet in one resumable run (model auto: Gemma 2 9B-it)."""
     from pertoken.backends import default_model, describe_choice
+    from pertoken.pipeline.judge import read_rubric
     from pertoken.pipeline.run import run_pipeline
 
     given = model != "auto"
@@ -260,6 +291,8 @@ def run(
         dtype=dtype,
         device=device,
         method=method,
+        coherence_prompt=read_rubric(coherence_prompt) if coherence_prompt else None,
+        max_consecutive_failures=max_consecutive_failures,
     )
     for stage, (status, seconds) in r.stages.items():
         click.echo(f"{stage:12s} {seconds:7.1f}s  {status}")

@@ -77,6 +77,8 @@ def eval_(
     judge_model,
     base_url,
     concurrency,
+    coherence_prompt,
+    max_consecutive_failures,
     cache,
     n_per_question,
     max_new_tokens,
@@ -91,22 +93,29 @@ def eval_(
     --coefs auto searches instead: per layer, the largest trait score whose coherence stays
     at or above --min-coherence, and the best (layer, coefficient)."""
     from pertoken.pipeline.evaluate import csv_judge, evaluate, format_table, parse_coefs
+    from pertoken.pipeline.judge import read_rubric
     from pertoken.rows import parse_layers
-    from pertoken.traits import load_trait
+    from pertoken.traits import load_trait, require_eval_questions
     from pertoken.vectors import load_vector
 
-    kit, vector = load_trait(trait), load_vector(vector_path)
+    kit = load_trait(trait)
     auto = coefs.strip() == "auto"
+    require_eval_questions(kit)
+    vector = load_vector(vector_path)
     rows, coef_list = parse_layers(layers), [] if auto else parse_coefs(coefs)
+    rubric = read_rubric(coherence_prompt) if coherence_prompt else None
     b = cli.load_model(model, backend, dtype, device)
     vector.check_model(b.n_layers, b.hidden_size, vector_path)
-    judge = _lazy_judge(judge_model, base_url, concurrency, backend, b, model)
+    judge = _lazy_judge(
+        judge_model, base_url, concurrency, backend, b, model, max_consecutive_failures
+    )
+    judge_opts = dict(judge=judge, base_url=base_url, cache=cache, coherence_prompt=rubric)
     opts = dict(
         trait=kit,
         vector=vector,
         layers=rows,
         out_dir=out,
-        judge=csv_judge(kit, judge_model=judge_model, judge=judge, cache=cache),
+        judge=csv_judge(kit, judge_model=judge_model, **judge_opts),
         n_per_question=n_per_question,
         max_new_tokens=max_new_tokens,
         temperature=temperature,
@@ -133,7 +142,7 @@ def _search(backend, kit, opts: dict, min_coherence: float) -> None:
     click.echo(f"{r.out_dir}: answers.csv, summary.csv, search.json, sweep.png ({r.seconds:.1f}s)")
 
 
-def _lazy_judge(judge_model, base_url, concurrency, backend_name, loaded, model):
+def _lazy_judge(judge_model, base_url, concurrency, backend_name, loaded, model, max_failures=8):
     """A judge made on first need (a local judge's model loads only then; `local:M` with the
     steered model M reuses it); an API judge's missing key is an error before any generation."""
     import functools
@@ -152,6 +161,7 @@ def _lazy_judge(judge_model, base_url, concurrency, backend_name, loaded, model)
             concurrency=concurrency,
             backend=same,
             backend_name=backend_name,
+            max_consecutive_failures=max_failures,
         )
     )
 

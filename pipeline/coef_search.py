@@ -23,6 +23,7 @@ import numpy as np
 
 from pertoken.backends.base import Steer
 from pertoken.errors import PertokenError
+from pertoken.lock import output_lock
 from pertoken.pipeline import evaluate as ev
 from pertoken.pipeline.sweep_plot import Point, plot_points, point
 from pertoken.rows import check_steer_row
@@ -96,12 +97,14 @@ def search_coefs(
     )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    ev.claim_folder(out, ev.sweep_settings(backend, trait, vector_path=vector_path, **sampling))
-    store = _Store(
-        backend, trait, vector, out / "answers.csv", judge, sampling, batch_size, progress
-    )
-    result = _Search(store, layers, min_coherence).run()
-    _write(out, trait.name, store, result)
+    settings = ev.sweep_settings(backend, trait, vector_path=vector_path, **sampling)
+    with output_lock(out, folder=True):  # one search or sweep at a time in a folder
+        ev.claim_folder(out, trait.name, settings, judge)
+        store = _Store(
+            backend, trait, vector, out / "answers.csv", judge, sampling, batch_size, progress
+        )
+        result = _Search(store, layers, min_coherence).run()
+        _write(out, trait.name, store, result)
     result.out_dir, result.seconds = out, time.perf_counter() - start
     return result
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
 from pathlib import Path
 
+from pertoken.atomic import atomic_writer
 from pertoken.errors import PertokenError
 
 BASE_COLUMNS = ("question", "prompt", "answer", "question_id")
@@ -109,18 +109,12 @@ def sample_keys(rows: list[dict]) -> list[tuple[str, int]]:
 
 
 def write_csv_atomic(path: str | Path, header: list[str], rows: list[dict]) -> Path:
-    """Write to a temporary file and rename, so a reader never sees half a CSV."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="", encoding="utf-8") as f:
+    """Write a uniquely named temporary file and rename it, so a reader never sees half a CSV."""
+    with atomic_writer(path, newline="") as f:
         writer = csv.DictWriter(f, fieldnames=header, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    return Path(path)
 
 
 def parse_score(value) -> float | None:

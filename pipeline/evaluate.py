@@ -16,10 +16,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from pertoken.atomic import write_text_atomic
 from pertoken.backends.base import Steer
 from pertoken.errors import PertokenError
-from pertoken.pipeline.csvio import parse_score, read_table
+from pertoken.lock import output_lock
+from pertoken.pipeline.csvio import parse_score, read_table, write_csv_atomic
 from pertoken.rows import check_steer_row
+from pertoken.traits import require_eval_questions
 from pertoken.vectors import PersonaVector, check_coef
 
 # Fills `row[trait]` and `row["coherence"]` (a float, or "" when the judge refused) in place.
@@ -84,10 +87,9 @@ def evaluate(
     ("response" steers the answer's tokens, as upstream's evaluation does).
     """
     start = time.perf_counter()
+    require_eval_questions(trait)
     _check_inputs(backend, vector, layers, coefs, n_per_question, vector_path)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "answers.csv"
     if temperature is None:
         temperature = 1.0 if n_per_question > 1 else 0.0
     settings = sweep_settings(
@@ -100,39 +102,55 @@ def evaluate(
         positions=positions,
         seed=seed,
     )
-    _check_settings(out / "eval.json", settings)
-    rows = read_answers(path, trait.name)
     gen = dict(
         max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, batch_size=batch_size
     )
-    todo = [(L, c) for L in layers for c in coefs if not _has_setting(rows, L, c)]
-    if todo:
-        _generate(
-            backend, trait, vector, rows, todo, path, n_per_question, positions, gen, progress
-        )
-    unjudged = [r for r in rows if r[trait.name] == "" and r["coherence"] == ""]
-    if unjudged:
-        judge(unjudged)
-        write_answers(path, trait.name, rows)
-    grid = {(L, float(c)) for L in layers for c in coefs}
-    wanted = [r for r in rows if (int(r["layer"]), float(r["coef"])) in grid]
-    summary = summarize(wanted, trait.name)
-    write_summary(out / "summary.csv", trait.name, summary)
-    plot_sweep(out / "sweep.png", trait.name, summary)
+    with output_lock(out, folder=True):  # one sweep at a time in a folder
+        rows = _resume(out, trait.name, settings, getattr(judge, "identity", None))
+        todo = [(L, c) for L in layers for c in coefs if not _has_setting(rows, L, c)]
+        if todo:
+            path = out / "answers.csv"
+            _generate(
+                backend, trait, vector, rows, todo, path, n_per_question, positions, gen, progress
+            )
+        summary = _judge_and_summarize(out, trait.name, rows, judge, layers, coefs)
     return EvalResult(out, summary, len(todo), time.perf_counter() - start)
 
 
+def _judge_and_summarize(out: Path, trait: str, rows, judge, layers, coefs):
+    """Judge answers missing a score, then write summary.csv and sweep.png for the grid."""
+    # either score missing (a refusal is cached, so asking again costs no call)
+    unjudged = [r for r in rows if r[trait] == "" or r["coherence"] == ""]
+    if unjudged:
+        judge(unjudged)
+        write_answers(out / "answers.csv", trait, rows)
+    grid = {(L, float(c)) for L in layers for c in coefs}
+    wanted = [r for r in rows if (int(r["layer"]), float(r["coef"])) in grid]
+    summary = summarize(wanted, trait)
+    write_summary(out / "summary.csv", trait, summary)
+    plot_sweep(out / "sweep.png", trait, summary)
+    return summary
+
+
 def sweep_settings(backend, trait, *, vector_path, **sampling) -> dict:
-    """What the answers in a sweep folder depend on (eval.json): model, trait, vector, and
-    the sampling options n_per_question, max_new_tokens, temperature, positions, seed."""
+    """What the answers in a sweep folder depend on (eval.json): model, backend, dtype, trait,
+    vector, and the sampling options (n_per_question, max_new_tokens, temperature, positions,
+    seed)."""
     keys = ("n_per_question", "max_new_tokens", "temperature", "positions", "seed")
-    head = {"model": backend.model_id, "trait": trait.name, "vector": str(vector_path)}
+    head = {
+        "model": backend.model_id,
+        "backend": backend.name,
+        "dtype": backend.dtype,
+        "trait": trait.name,
+        "vector": str(vector_path),
+    }
     return head | {k: sampling[k] for k in keys}
 
 
-def claim_folder(out: Path, settings: dict) -> None:
-    """Refuse a folder whose answers were made with other settings; else record these."""
-    _check_settings(out / "eval.json", settings)
+def claim_folder(out: Path, trait: str, settings: dict, judge) -> None:
+    """Refuse a folder whose answers were made with other settings; else record these and the
+    judge (scores by another judge are cleared). Call with the folder's lock held."""
+    _resume(out, trait, settings, getattr(judge, "identity", None))
 
 
 def _check_inputs(backend, vector, layers, coefs, n_per_question, vector_path) -> None:
@@ -146,22 +164,39 @@ def _check_inputs(backend, vector, layers, coefs, n_per_question, vector_path) -
         raise PertokenError(f"--n-per-question must be at least 1, not {n_per_question}")
 
 
-def _check_settings(path: Path, settings: dict) -> None:
-    """Answers in `out_dir` are reused only for the same model, vector and sampling settings."""
-    if path.is_file():
-        try:
-            old = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            old = None
-        if old is not None and old != settings:
-            diff = ", ".join(
-                f"{k}: {old.get(k)!r} -> {v!r}" for k, v in settings.items() if old.get(k) != v
-            )
-            raise PertokenError(
-                f"{path.parent} holds a sweep with other settings ({diff}): choose another "
-                "--out, or remove the folder to start over"
-            )
-    path.write_text(json.dumps(settings, indent=2) + "\n")
+def _resume(out: Path, trait: str, settings: dict, judge_id: dict | None) -> list[dict]:
+    """The answers already in `out`, once eval.json shows they were made the same way.
+
+    Scores by another judge (model, server or rubric) are cleared, so that every answer of
+    the sweep is judged by this one (a cached score costs no call)."""
+    old = _check_settings(out / "eval.json", settings)
+    rows = read_answers(out / "answers.csv", trait)
+    if judge_id is not None and (old or {}).get("judge") not in (None, judge_id):
+        for r in rows:
+            r[trait] = r["coherence"] = ""
+        write_answers(out / "answers.csv", trait, rows)  # before eval.json names the new judge
+    meta = {**settings, "judge": judge_id} if judge_id is not None else settings
+    write_text_atomic(out / "eval.json", json.dumps(meta, indent=2) + "\n")
+    return rows
+
+
+def _check_settings(path: Path, settings: dict) -> dict | None:
+    """The earlier eval.json, when its answers were made with the same model, backend, dtype,
+    vector and sampling settings; else a clear error."""
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    made = {k: v for k, v in old.items() if k != "judge"}
+    if made != settings:
+        diff = ", ".join(
+            f"{k}: {old.get(k)!r} -> {v!r}" for k, v in settings.items() if old.get(k) != v
+        )
+        raise PertokenError(
+            f"{path.parent} holds a sweep with other settings ({diff}): choose another "
+            "--out, or remove the folder to start over"
+        )
+    return old
 
 
 def _has_setting(rows: list[dict], layer: int, coef: float) -> bool:
@@ -218,20 +253,37 @@ def _answer_setting(backend, trait, rows, layer, coef, steer, n, gen, bar) -> li
 def csv_judge(trait, *, judge_model: str, progress: bool = True, **judge_opts) -> JudgeRows:
     """Judge rows with `pertoken judge`'s stage (its cache, retries and refusal rule).
 
-    judge_opts go to `judge_csv`: judge (a ready judge), base_url, concurrency, cache."""
-    from pertoken.pipeline.judge import judge_csv
+    judge_opts go to `judge_csv`: judge (a ready judge or a factory), base_url, concurrency,
+    cache, coherence_prompt. The result's `identity` (judge model, server, rubric digests)
+    goes into eval.json."""
+    return _CsvJudge(trait, judge_model, progress, judge_opts)
 
-    def run(rows: list[dict]) -> None:
+
+class _CsvJudge:
+    def __init__(self, trait, judge_model: str, progress: bool, judge_opts: dict):
+        from pertoken.pipeline.judge import judge_identity
+
+        self.trait, self.judge_model = trait, judge_model
+        self.progress, self.opts = progress, judge_opts
+        base_url = judge_opts.get("base_url") or getattr(judge_opts.get("judge"), "base_url", None)
+        coherence = judge_opts.get("coherence_prompt")
+        self.identity = judge_identity(trait, judge_model, base_url, coherence)
+
+    def __call__(self, rows: list[dict]) -> None:
+        from pertoken.pipeline.judge import judge_csv
+
+        name = self.trait.name
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "judge.csv"
             _write_csv(path, ["question", "prompt", "answer", "question_id"], rows)
-            judge_csv(path, trait=trait, judge_model=judge_model, progress=progress, **judge_opts)
+            judge_csv(
+                path, trait=self.trait, judge_model=self.judge_model, progress=self.progress,
+                **self.opts,
+            )  # fmt: skip
             with path.open(newline="", encoding="utf-8") as f:
                 judged = list(csv.DictReader(f))
         for row, j in zip(rows, judged, strict=True):
-            row[trait.name], row["coherence"] = j[trait.name], j["coherence"]
-
-    return run
+            row[name], row["coherence"] = j[name], j["coherence"]
 
 
 def read_answers(path: Path, trait: str) -> list[dict]:
@@ -253,13 +305,7 @@ def write_answers(path: Path, trait: str, rows: list[dict]) -> None:
 
 
 def _write_csv(path: Path, header: list[str], rows: list[dict]) -> None:
-    # Write beside and rename, so an interruption never leaves half a file.
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=header, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(path)
+    write_csv_atomic(path, header, rows)  # an interruption never leaves half a file
 
 
 def _mean(values: list[float]) -> float | None:

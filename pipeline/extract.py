@@ -18,6 +18,8 @@ import numpy as np
 
 from pertoken import __version__
 from pertoken.errors import PertokenError
+from pertoken.lock import output_lock
+from pertoken.paths import inside, path_name
 from pertoken.pipeline.csvio import parse_score, read_csv, sample_keys
 from pertoken.pipeline.summaries import KINDS, collect, from_pairs, save_summaries, summaries_path
 from pertoken.vectors import PersonaVector, save_vector
@@ -34,13 +36,15 @@ class Pairs:
 
 
 def vector_paths(save_dir: str | Path, trait: str) -> dict[str, Path]:
-    """{kind: save_dir/{trait}_{kind}_diff.pt}."""
-    return {k: Path(save_dir) / f"{trait}_{k}_diff.pt" for k in KINDS}
+    """{kind: save_dir/{trait}_{kind}_diff.pt}; a trait name that is not a plain name is refused."""
+    path_name(trait, "trait name")
+    return {k: inside(save_dir, f"{trait}_{k}_diff.pt") for k in KINDS}
 
 
 def probe_path(save_dir: str | Path, trait: str) -> Path:
     """save_dir/{trait}_response_avg_probe.pt: the probe vector of `--method probe`."""
-    return Path(save_dir) / f"{trait}_response_avg_probe.pt"
+    path_name(trait, "trait name")
+    return inside(save_dir, f"{trait}_response_avg_probe.pt")
 
 
 def extract_vectors(
@@ -66,11 +70,35 @@ def extract_vectors(
     trait = getattr(trait, "name", trait)
     if method not in METHODS:
         raise PertokenError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+    paths = vector_paths(save_dir, trait)
     pairs = pair_rows(pos_csv, neg_csv, trait=trait, threshold=threshold, min_pairs=min_pairs)
-    keep = ("response_avg",)
-    pos, pos_states = collect(backend, pairs.pos, keep=keep, batch_size=batch_size)
-    neg, neg_states = collect(backend, pairs.neg, keep=keep, batch_size=batch_size)
-    meta = {
+    with output_lock(save_dir, folder=True):
+        keep = ("response_avg",)
+        pos, pos_states = collect(backend, pairs.pos, keep=keep, batch_size=batch_size)
+        neg, neg_states = collect(backend, pairs.neg, keep=keep, batch_size=batch_size)
+        meta = _meta(backend, trait, threshold, pairs, _judged_by(pos_csv, judge_model))
+        samples = from_pairs(pairs.keys, pos_states, neg_states, _summary_meta(meta))
+        save_summaries(samples, summaries_path(save_dir, trait))
+        for kind, path in paths.items():
+            diff = (pos[kind] - neg[kind]).astype(np.float32)  # [n_layers + 1, hidden]
+            save_vector(PersonaVector(diff, {**meta, "kind": kind, "method": "mean_diff"}), path)
+        if method == "probe":
+            paths["probe"] = _save_probe(samples, meta, save_dir, trait)
+    return paths
+
+
+def _save_probe(samples, meta: dict, save_dir, trait: str) -> Path:
+    from pertoken.pipeline.probe import probe_vectors
+
+    probe = probe_vectors(samples.states["response_avg"], samples.label)  # [R, H]
+    return save_vector(
+        PersonaVector(probe, {**meta, "kind": "response_avg", "method": "probe"}),
+        probe_path(save_dir, trait),
+    )
+
+
+def _meta(backend, trait: str, threshold: float, pairs: Pairs, judged_by: dict) -> dict:
+    return {
         "model": backend.model_id,
         "model_type": getattr(backend, "model_type", None),
         "backend": backend.name,
@@ -79,25 +107,10 @@ def extract_vectors(
         "threshold": threshold,
         "pairs_kept": len(pairs.pos),
         "pairs_total": pairs.total,
-        "judge_model": judge_model or _judge_of(pos_csv),
+        **judged_by,
         "pertoken_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    samples = from_pairs(pairs.keys, pos_states, neg_states, _summary_meta(meta))
-    save_summaries(samples, summaries_path(save_dir, trait))
-    paths = vector_paths(save_dir, trait)
-    for kind, path in paths.items():
-        diff = (pos[kind] - neg[kind]).astype(np.float32)  # [n_layers + 1, hidden]
-        save_vector(PersonaVector(diff, {**meta, "kind": kind, "method": "mean_diff"}), path)
-    if method == "probe":
-        from pertoken.pipeline.probe import probe_vectors
-
-        probe = probe_vectors(samples.states["response_avg"], samples.label)  # [R, H]
-        paths["probe"] = save_vector(
-            PersonaVector(probe, {**meta, "kind": "response_avg", "method": "probe"}),
-            probe_path(save_dir, trait),
-        )
-    return paths
 
 
 def _summary_meta(meta: dict) -> dict:
@@ -171,11 +184,13 @@ def _too_few(kept, total, pos, neg, trait, t) -> str:
     )
 
 
-def _judge_of(csv_path) -> str | None:
+def _judged_by(csv_path, judge_model: str | None) -> dict:
+    """The judge model, server and rubric digests the judge recorded beside `csv_path`."""
     from pertoken.pipeline.judge import judge_sidecar
 
-    side = judge_sidecar(csv_path)
     try:
-        return json.loads(side.read_text()).get("judge_model")
+        side = json.loads(judge_sidecar(csv_path).read_text())
     except (OSError, json.JSONDecodeError):
-        return None
+        side = {}
+    keys = ("judge_model", "judge_base_url", "rubric_sha256")
+    return {k: side.get(k) for k in keys} | ({"judge_model": judge_model} if judge_model else {})

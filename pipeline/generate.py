@@ -8,6 +8,7 @@ one atomic rename and the side file is removed.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -15,8 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pertoken.errors import PertokenError
+from pertoken.lock import output_lock
 from pertoken.pipeline.csvio import columns, read_csv, sample_keys, write_csv_atomic
-from pertoken.traits import Trait
+from pertoken.traits import Trait, require_eval_questions
 
 _SIDE_KEYS = {"question", "prompt", "answer", "question_id", "sample"}
 
@@ -50,6 +52,7 @@ def plan_rows(
     if n_per_question < 1:
         raise PertokenError(f"--n-per-question must be at least 1, not {n_per_question}")
     if eval:
+        require_eval_questions(trait)
         return [
             RowSpec(i, 0, j, q, f"{trait.name}_{i}", None)
             for i, q in enumerate(trait.eval_questions)
@@ -63,6 +66,13 @@ def plan_rows(
         for k in range(len(trait.instructions))
         for j in range(n_per_question)
     ]
+
+
+def row_seed(seed: int, spec: RowSpec) -> int:
+    """A row's own sampling seed, from the run's seed and the row's fixed (question,
+    instruction, sample) key: a resumed run samples every row as an uninterrupted one would."""
+    digest = hashlib.sha256(f"{seed}|{spec.question_id}|{spec.j}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def is_complete(path: str | Path, specs: list[RowSpec]) -> bool:
@@ -98,7 +108,8 @@ def generate_csv(
     """Write the generation CSV for one polarity (or the eval questions), resuming any earlier run.
 
     temperature defaults to 1.0, or 0 (greedy) when n_per_question is 1. batch_size (rows
-    generated and saved together) defaults to 32 on CUDA, else 16.
+    generated and saved together) defaults to 32 on CUDA, else 16. Each row samples from
+    row_seed(seed, row), so the CSV does not depend on batching or on interruptions.
     """
     start = time.perf_counter()
     out = Path(out)
@@ -107,17 +118,17 @@ def generate_csv(
         temperature = 1.0 if n_per_question > 1 else 0.0
     batch_size = batch_size or (32 if str(backend.device).startswith("cuda") else 16)
     prompts = _prompts(backend, specs)
-    done = _finished_rows(out, prompts)
-    todo = [s for s in specs if s.key not in done]
-    if todo:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        opts = dict(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
-        _run_batches(
-            backend, todo, prompts, done, side_file(out), len(specs), batch_size, opts, progress
-        )
-    if todo or not is_complete(out, specs):
-        _write_final(out, trait.name, specs, prompts, done)
-    side_file(out).unlink(missing_ok=True)  # also when killed after the final rename
+    opts = dict(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    with output_lock(out):  # a second writer would append to the same side file
+        done = _finished_rows(out, prompts)
+        todo = [s for s in specs if s.key not in done]
+        if todo:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            side = side_file(out)
+            _run_batches(backend, todo, prompts, done, side, len(specs), batch_size, opts, progress)
+        if todo or not is_complete(out, specs):
+            _write_final(out, trait.name, specs, prompts, done)
+        side_file(out).unlink(missing_ok=True)  # also when killed after the final rename
     return GenerateResult(out, len(specs), len(todo), time.perf_counter() - start)
 
 
@@ -188,7 +199,8 @@ def _run_batches(backend, todo, prompts, done, side, total, batch_size, opts, pr
             answers = backend.generate(
                 [prompts[s.key] for s in batch],
                 batch_size=batch_size,
-                **{**opts, "seed": opts["seed"] + b},
+                seeds=[row_seed(opts["seed"], s) for s in batch],
+                **opts,
             )
             for s, answer in zip(batch, answers):
                 row = {

@@ -6,16 +6,23 @@ after its retries) stays empty in the CSV and is counted in the report, never a 
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
+import math
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pertoken import __version__
+from pertoken.atomic import write_text_atomic
 from pertoken.errors import PertokenError
+from pertoken.lock import output_lock
 from pertoken.pipeline.csvio import columns, read_csv, write_csv_atomic
 from pertoken.pipeline.judge_cache import JudgeCache, cache_key
 from pertoken.traits import Trait, fill_rubric
+from pertoken.traits.kit import check_rubric_slots
 
 DEFAULT_JUDGE = "gpt-4.1-mini-2025-04-14"
 
@@ -54,6 +61,7 @@ class JudgeReport:
     refused: dict[str, int] = field(default_factory=dict)  # per column: too little mass on numbers
     failed: dict[str, int] = field(default_factory=dict)  # per column: failed after retries
     seconds: float = 0.0
+    identity: dict = field(default_factory=dict)  # judge_identity(): model, server, rubrics
 
     @property
     def missing(self) -> int:
@@ -65,6 +73,45 @@ def judge_sidecar(path: str | Path) -> Path:
     return path.with_name(f"{path.name}.judge.json")
 
 
+def rubrics(trait: Trait, coherence_prompt: str | None = None) -> dict[str, str]:
+    """{trait name: the kit's rubric, "coherence": --coherence-prompt, the kit's, or ours}."""
+    coherence = coherence_prompt or getattr(trait, "coherence_prompt", None) or COHERENCE_PROMPT
+    return {trait.name: trait.eval_prompt, "coherence": coherence}
+
+
+def read_rubric(path: str | Path) -> str:
+    """A rubric file's text (`--coherence-prompt FILE`), with its {question} and {answer}."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        msg = f"cannot read the rubric {path} ({type(e).__name__}): check the path"
+        raise PertokenError(msg) from None
+    check_rubric_slots(text, f"the rubric {path}")
+    return text
+
+
+def judge_server(judge_model: str, base_url: str | None) -> str:
+    """Where scores come from: `local`, or the API's base URL without credentials."""
+    from pertoken.pipeline.judge_openai import endpoint
+
+    return "local" if judge_model.startswith("local:") else endpoint(base_url)
+
+
+def judge_identity(
+    trait: Trait, judge_model: str, base_url: str | None = None, coherence_prompt=None
+) -> dict:
+    """What makes two sets of scores comparable: judge model, server and rubrics (sha256)."""
+    digests = {
+        m: hashlib.sha256(r.encode("utf-8")).hexdigest()
+        for m, r in rubrics(trait, coherence_prompt).items()
+    }
+    return {
+        "judge_model": judge_model,
+        "judge_base_url": judge_server(judge_model, base_url),
+        "rubric_sha256": digests,
+    }
+
+
 def make_judge(
     judge_model: str,
     *,
@@ -74,6 +121,7 @@ def make_judge(
     backend_name="auto",
     timeout=60.0,
     max_retries=6,
+    max_consecutive_failures=8,
     batch_size=8,
 ):
     """An ApiJudge, or a LocalJudge for `local:MODEL` (reusing `backend` when given)."""
@@ -93,6 +141,7 @@ def make_judge(
         concurrency=concurrency,
         timeout=timeout,
         max_retries=max_retries,
+        max_consecutive_failures=max_consecutive_failures,
     )
 
 
@@ -107,45 +156,48 @@ def judge_csv(
     cache: str | Path | None = None,
     out: str | Path | None = None,
     progress: bool = True,
+    coherence_prompt: str | None = None,
+    max_consecutive_failures: int = 8,
 ) -> JudgeReport:
     """Score every row of `path` for the trait and for coherence; write `out` (default: in place).
 
     judge: an ApiJudge/LocalJudge or a function making one, called only when some score is
-    not cached; default: made from judge_model / base_url.
+    not cached; default: made from judge_model / base_url / concurrency /
+    max_consecutive_failures. base_url defaults to the judge's own.
     cache: the sqlite cache file (default ~/.cache/pertoken/judge.sqlite).
+    coherence_prompt: the coherence rubric (default: the kit's, else COHERENCE_PROMPT).
     """
     start = time.perf_counter()
-    header, rows = read_csv(path)
-    _check_trait(path, rows, trait.name)
-    metrics = {trait.name: trait.eval_prompt, "coherence": COHERENCE_PROMPT}
-    keys = {
-        (n, m): cache_key(judge_model, rubric, r["question"], r["answer"])
-        for n, r in enumerate(rows)
-        for m, rubric in metrics.items()
-    }
-    store = JudgeCache(cache)
-    try:
-        scores = store.get_many(list(keys.values()))
-        cached = len(scores)
-        todo = _todo(keys, scores, rows, metrics)
-        failed: dict[str, str] = {}
-        requests = 0
-        if todo:
-            if judge is None:
-                judge = make_judge(judge_model, base_url=base_url, concurrency=concurrency)
-            elif not hasattr(judge, "run"):
-                judge = judge()  # a factory: the judge is made only when a call is needed
-            requests = _call(judge, todo, store, scores, failed, progress)
-    finally:
-        store.close()
-    report = JudgeReport(Path(out or path), judge_model, len(rows), requests, cached)
-    for m in metrics:
-        ks = [keys[(n, m)] for n in range(len(rows))]
-        report.refused[m] = sum(1 for k in ks if k in scores and scores[k] is None)
-        report.failed[m] = sum(1 for k in ks if k not in scores)
-    _write(path, out, header, rows, keys, scores, trait.name)
-    report.seconds = time.perf_counter() - start
-    _write_sidecar(report)
+    base_url = base_url or getattr(judge, "base_url", None)
+    if judge is None:
+        judge = functools.partial(
+            make_judge,
+            judge_model,
+            base_url=base_url,
+            concurrency=concurrency,
+            max_consecutive_failures=max_consecutive_failures,
+        )
+    identity = judge_identity(trait, judge_model, base_url, coherence_prompt)
+    with output_lock(out or path):  # two judges of one file would undo each other's work
+        header, rows = read_csv(path)
+        _check_trait(path, rows, trait.name)
+        metrics = rubrics(trait, coherence_prompt)
+        server = identity["judge_base_url"]
+        keys = {
+            (n, m): cache_key(judge_model, server, rubric, r["question"], r["answer"])
+            for n, r in enumerate(rows)
+            for m, rubric in metrics.items()
+        }
+        scores, requests, cached = _scores(keys, rows, metrics, judge, cache, progress)
+        report = JudgeReport(Path(out or path), judge_model, len(rows), requests, cached)
+        report.identity = identity
+        for m in metrics:
+            ks = [keys[(n, m)] for n in range(len(rows))]
+            report.refused[m] = sum(1 for k in ks if k in scores and scores[k] is None)
+            report.failed[m] = sum(1 for k in ks if k not in scores)
+        _write(path, out, header, rows, keys, scores, trait.name)
+        report.seconds = time.perf_counter() - start
+        _write_sidecar(report)
     return report
 
 
@@ -158,6 +210,23 @@ def _check_trait(path, rows, trait: str) -> None:
         )
 
 
+def _scores(keys, rows, metrics, judge, cache, progress):
+    """({cache key: score or None}, calls made, scores found cached); the judge is made
+    (when `judge` is a factory) only when some score is not cached."""
+    store = JudgeCache(cache)
+    try:
+        scores = store.get_many(list(keys.values()))
+        cached = len(scores)
+        todo = _todo(keys, scores, rows, metrics)
+        requests = 0
+        if todo:
+            judge = judge if hasattr(judge, "run") else judge()
+            requests = _call(judge, todo, store, scores, progress)
+    finally:
+        store.close()
+    return scores, requests, cached
+
+
 def _todo(keys, scores, rows, metrics) -> list[tuple[str, str]]:
     """Unique (cache key, filled rubric) pairs not in the cache."""
     todo: dict[str, str] = {}
@@ -167,10 +236,18 @@ def _todo(keys, scores, rows, metrics) -> list[tuple[str, str]]:
     return list(todo.items())
 
 
-def _call(judge, todo, store, scores, failed, progress) -> int:
+def _call(judge, todo, store, scores, progress) -> int:
+    """Run the judge over `todo`; failures and retries show on the bar as they happen."""
     from tqdm import tqdm
 
+    failed: dict[str, str] = {}
+    retried: Counter = Counter()
     with tqdm(total=len(todo), unit="call", desc="judge", disable=not progress) as bar:
+
+        def show():
+            parts = [f"{len(failed)} failed"] if failed else []
+            parts += [f"{n} {what} retried" for what, n in sorted(retried.items())]
+            bar.set_postfix_str(", ".join(parts), refresh=True)
 
         def done(key, score):
             store.put(key, score)
@@ -180,9 +257,14 @@ def _call(judge, todo, store, scores, failed, progress) -> int:
         def fail(key, reason):
             failed[key] = reason
             bar.update(1)
+            show()
+
+        def retry(what):
+            retried[what] += 1
+            show()
 
         before = judge.requests
-        judge.run(todo, done, fail)
+        judge.run(todo, done, fail, on_retry=retry)
     if failed and len(failed) == len(todo):
         raise PertokenError(f"every judge call failed; the first: {next(iter(failed.values()))}")
     return judge.requests - before
@@ -192,7 +274,7 @@ def _write(path, out, header, rows, keys, scores, trait) -> None:
     for n, r in enumerate(rows):
         for m in (trait, "coherence"):
             s = scores.get(keys[(n, m)])
-            r[m] = "" if s is None else repr(float(s))
+            r[m] = "" if s is None or not math.isfinite(s) else repr(float(s))
     wanted = columns(trait)
     if "sample" not in header:
         wanted.remove("sample")
@@ -202,11 +284,11 @@ def _write(path, out, header, rows, keys, scores, trait) -> None:
 
 def _write_sidecar(report: JudgeReport) -> None:
     meta = {
-        "judge_model": report.judge_model,
+        **report.identity,
         "rows": report.rows,
         "refused": report.refused,
         "failed": report.failed,
         "pertoken_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    judge_sidecar(report.path).write_text(json.dumps(meta, indent=2) + "\n")
+    write_text_atomic(judge_sidecar(report.path), json.dumps(meta, indent=2) + "\n")

@@ -1,13 +1,15 @@
-"""A disk cache of judge scores keyed by (judge model, rubric, question, answer).
+"""A disk cache of judge scores keyed by (judge model, server, rubric, question, answer).
 
 sqlite, one row per judge call, committed as each score arrives, so an interrupted judge run
-resumes where it stopped and a rerun makes no requests. A refusal is cached as NULL.
+resumes where it stopped and a rerun makes no requests. A refusal is cached as NULL; a
+failure (no answer, a malformed one) is never cached, so a rerun asks again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import sqlite3
 from pathlib import Path
@@ -22,8 +24,9 @@ def default_cache_path() -> Path:
     return Path(root) / "judge.sqlite"
 
 
-def cache_key(model: str, rubric: str, question: str, answer: str) -> str:
-    blob = json.dumps([model, rubric, question, answer], ensure_ascii=False)
+def cache_key(model: str, server: str, rubric: str, question: str, answer: str) -> str:
+    """server: where the model runs (a base URL without credentials, or `local`)."""
+    blob = json.dumps([model, server, rubric, question, answer], ensure_ascii=False)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
@@ -49,6 +52,8 @@ class JudgeCache:
         return found
 
     def put(self, key: str, score: float | None) -> None:
+        if score is not None and not math.isfinite(score):
+            raise ValueError(f"not a score: {score}")  # sqlite would store NaN as a refusal
         self.db.execute("INSERT OR REPLACE INTO scores VALUES (?, ?)", (key, score))
         self.db.commit()
 

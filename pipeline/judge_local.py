@@ -36,14 +36,22 @@ class LocalJudge:
         items: list[tuple[str, str]],
         on_done: Callable[[str, float | None], None],
         on_fail: Callable[[str, str], None],
+        on_retry=None,  # nothing here is retried
     ) -> None:
-        """Score each (key, judge prompt), a batch at a time, reporting as each batch ends."""
+        """Score each (key, judge prompt), a batch at a time, reporting as each batch ends.
+
+        A NaN distribution (a broken model or dtype) is a failure, never a score."""
         for b in range(0, len(items), self.batch_size):
             chunk = items[b : b + self.batch_size]
             prompts = [self.backend.chat_prompt(None, text) for _, text in chunk]
             self.requests += len(chunk)
             for (key, _), probs in zip(chunk, self.number_probs(prompts)):
-                on_done(key, aggregate_score(probs))
+                try:
+                    score = aggregate_score(probs)
+                except ValueError as e:
+                    on_fail(key, f"{e} (local judge {self.backend.model_id})")
+                    continue
+                on_done(key, score)
 
     def number_probs(self, prompts: list[str]) -> list[dict[int, float]]:
         """{k: p(k)} for k in 0..100 after each prompt."""

@@ -3,15 +3,13 @@
 
 from __future__ import annotations
 
-import csv
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from pertoken.errors import PertokenError
-from pertoken.pipeline.csvio import parse_score, read_table
+from pertoken.pipeline.csvio import parse_score, read_table, write_csv_atomic
 from pertoken.pipeline.projection import cosine, project
 from pertoken.vectors import load_vector
 
@@ -73,7 +71,7 @@ def project_csv(
         row.update({n: repr(float(x)) for n, x in zip(names, vals, strict=True)})
     out = Path(out_path) if out_path else Path(csv_path)
     fields = header + [n for n in names if n not in header]
-    _write_csv(out, fields, rows)
+    write_csv_atomic(out, fields, rows)  # a failure never leaves a half-written file
     trait = _trait_column(header)
     corr = [pearson(rows, c, trait) for c in names[:2]] if trait else []
     return ProjectResult(out, names, len(rows), trait, corr)
@@ -138,14 +136,3 @@ def _read_csv(path) -> tuple[list[str], list[dict]]:
             f"columns {', '.join(BASE_COLUMNS)}, {{trait}}, coherence"
         )
     return header, rows
-
-
-def _write_csv(path: Path, fields: list[str], rows: list[dict]) -> None:
-    # Write beside the target and rename, so a failure never leaves a half-written file.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, path)

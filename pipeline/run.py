@@ -13,11 +13,21 @@ from pathlib import Path
 
 from pertoken.backends import default_model as default_model  # `run` without --model
 from pertoken.errors import PertokenError
+from pertoken.lock import output_lock
+from pertoken.paths import inside, model_basename, path_name
 from pertoken.pipeline.extract import extract_vectors, probe_path, vector_paths
 from pertoken.pipeline.generate import generate_csv, is_complete, plan_rows
-from pertoken.pipeline.judge import DEFAULT_JUDGE, judge_csv, judge_sidecar, make_judge
+from pertoken.pipeline.judge import (
+    DEFAULT_JUDGE,
+    judge_csv,
+    judge_identity,
+    judge_sidecar,
+    make_judge,
+)
 from pertoken.pipeline.vet import report_paths, vet_vector
 from pertoken.traits import load_trait
+
+POLES = ("pos", "neg")
 
 
 @dataclass
@@ -31,7 +41,8 @@ class RunReport:
 
 
 def run_folder(out: str | Path, model: str, trait: str) -> Path:
-    return Path(out) / Path(model.rstrip("/")).name / trait
+    """`out/{model basename}/{trait}`, never outside `out` (names are checked)."""
+    return inside(out, model_basename(model), path_name(trait, "trait name"))
 
 
 @dataclass
@@ -52,6 +63,8 @@ class RunOptions:
     device: str | None = None
     progress: bool = True
     method: str = "mean_diff"
+    coherence_prompt: str | None = None  # rubric text (default: the kit's, or the judge's own)
+    max_consecutive_failures: int = 8
 
 
 def run_pipeline(**options) -> RunReport:
@@ -70,7 +83,7 @@ class _Run:
     def __init__(self, opts: RunOptions):
         self.opts, self.kit = opts, load_trait(opts.trait)
         self.folder = run_folder(opts.out, opts.model, self.kit.name)
-        self.csvs = {p: self.folder / f"{self.kit.name}_{p}_instruct.csv" for p in ("pos", "neg")}
+        self.csvs = {p: inside(self.folder, f"{self.kit.name}_{p}_instruct.csv") for p in POLES}
         self.paths = vector_paths(self.folder / "vectors", self.kit.name)
         if opts.method == "probe":
             self.paths["probe"] = probe_path(self.folder / "vectors", self.kit.name)
@@ -78,12 +91,18 @@ class _Run:
         self._backend = self._judge = None
 
     def run(self) -> RunReport:
+        with output_lock(self.folder, folder=True):  # one process per run folder
+            return self._run()
+
+    def _run(self) -> RunReport:
         o, stages = self.opts, {}
-        for pol, path in self.csvs.items():
-            specs = plan_rows(self.kit, polarity=pol, n_per_question=o.n_per_question)
-            stages[f"generate {pol}"] = _stage(is_complete(path, specs), self.generate, pol)
-        for pol, path in self.csvs.items():
-            stages[f"judge {pol}"] = _stage(_judged(path, o.judge_model), self.judge, path)
+        generated = {pol: self.generated(pol) for pol in POLES}
+        if not all(generated.values()) or not all(map(self.judged, POLES)):
+            check_judge(o.judge_model, o.base_url)  # before the model loads, not hours later
+        for pol in POLES:
+            stages[f"generate {pol}"] = _stage(generated[pol], self.generate, pol)
+        for pol in POLES:
+            stages[f"judge {pol}"] = _stage(self.judged(pol), self.judge, self.csvs[pol])
         done = _extracted(self.paths, self.csvs, o.threshold)
         stages["extract"] = _stage(done, self.extract)
         stages["vet"] = _stage(_vetted(self.report, self.vetted_vector()), self.vet)
@@ -94,6 +113,15 @@ class _Run:
 
     def vetted_vector(self) -> Path:
         return self.paths.get("probe", self.paths["response_avg"])
+
+    def generated(self, pol: str) -> bool:
+        specs = plan_rows(self.kit, polarity=pol, n_per_question=self.opts.n_per_question)
+        return is_complete(self.csvs[pol], specs)
+
+    def judged(self, pol: str) -> bool:
+        o = self.opts
+        identity = judge_identity(self.kit, o.judge_model, o.base_url, o.coherence_prompt)
+        return _judged(self.csvs[pol], identity)
 
     def backend(self):
         if self._backend is None:
@@ -113,6 +141,7 @@ class _Run:
                 concurrency=o.concurrency,
                 backend=self.backend() if same else None,
                 backend_name=o.backend,
+                max_consecutive_failures=o.max_consecutive_failures,
             )
         return self._judge
 
@@ -136,8 +165,10 @@ class _Run:
             trait=self.kit,
             judge_model=o.judge_model,
             judge=self.make_judge,
+            base_url=o.base_url,
             cache=o.cache,
             progress=o.progress,
+            coherence_prompt=o.coherence_prompt,
         )
 
     def extract(self):
@@ -186,15 +217,24 @@ def _stage(complete: bool, work, *args) -> tuple[str, float]:
     return (status, time.perf_counter() - start)
 
 
-def _judged(path: Path, judge_model: str) -> bool:
-    """Judged completely by this judge model, after the CSV was last written."""
+def check_judge(judge_model: str, base_url: str | None) -> None:
+    """An API judge has its key and answers; a local judge is checked when it loads."""
+    if not judge_model.startswith("local:"):
+        from pertoken.pipeline.judge_openai import check_endpoint
+
+        check_endpoint(base_url)
+
+
+def _judged(path: Path, identity: dict) -> bool:
+    """Judged completely by this judge (model, server, rubrics), after the CSV was last written."""
     side = judge_sidecar(path)
     try:
         meta = json.loads(side.read_text())
+        fresh = side.stat().st_mtime >= path.stat().st_mtime
     except (OSError, json.JSONDecodeError):
         return False
-    fresh = side.stat().st_mtime >= path.stat().st_mtime
-    return fresh and meta.get("judge_model") == judge_model and not any(meta["failed"].values())
+    same = all(meta.get(k) == v for k, v in identity.items())
+    return fresh and same and not any(meta.get("failed", {"?": 1}).values())
 
 
 def _vetted(report: Path, vector: Path) -> bool:

@@ -21,7 +21,11 @@ def number_probs(top_logprobs: list[tuple[str, float]]) -> dict[int, float]:
 
 
 def aggregate_score(probs: dict[int, float]) -> float | None:
-    """sum(k * p(k)) / sum(p(k)), or None when sum(p(k)) < 0.25 (a refusal, say)."""
+    """sum(k * p(k)) / sum(p(k)), or None when sum(p(k)) < 0.25 (a refusal, say).
+
+    Non-finite probabilities are a ValueError: a broken answer, not a refusal."""
+    if not all(math.isfinite(p) for p in probs.values()):
+        raise ValueError("the judge's probabilities are not finite numbers (NaN or inf)")
     total = sum(probs.values())
     if total < MIN_NUMBER_MASS:
         return None

@@ -85,11 +85,13 @@ class FakeBackend:
         seed=0,
         steer=None,
         batch_size=None,
+        seeds=None,
     ):
         self.calls.append(dict(kind="generate", steer=steer, seed=seed))
+        seeds = seeds if seeds is not None else [seed] * len(prompts)
         return [
-            self.decode(self._generate_ids(p, max_new_tokens, temperature, seed, steer))
-            for p in prompts
+            self.decode(self._generate_ids(p, max_new_tokens, temperature, s, steer))
+            for p, s in zip(prompts, seeds, strict=True)
         ]
 
     def summaries(self, prompts, answers, *, batch_size=8):

@@ -2,7 +2,9 @@
 
 `reply(body, n)` (set by a test) decides each answer from the request body and the request's
 ordinal: a list of (token, probability) for top_logprobs, or an int HTTP status (429, 500, 401),
-optionally preceded by a delay: ("slow", seconds, reply).
+optionally preceded by a delay: ("slow", seconds, reply). Broken servers: ("raw", content
+type, body bytes) sends that body with status 200; ("top_logprobs", value) sends a completion
+whose top_logprobs is `value` as it is (None, [], or [(token, logprob)] with NaN logprobs).
 """
 
 from __future__ import annotations
@@ -53,6 +55,14 @@ def _completion(model: str, top: list[tuple[str, float]]) -> dict:
     }
 
 
+def _raw_top(model: str, top) -> dict:
+    """A completion whose first token's top_logprobs is `top` unchanged (logprobs, not p)."""
+    out = _completion(model, [("50", 1.0)])
+    items = None if top is None else [{"token": t, "logprob": lp, "bytes": None} for t, lp in top]
+    out["choices"][0]["logprobs"]["content"][0]["top_logprobs"] = items
+    return out
+
+
 def _handler(state: FakeOpenAI):
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *args):
@@ -78,6 +88,10 @@ def _handler(state: FakeOpenAI):
             if isinstance(reply, tuple) and reply[0] == "slow":
                 time.sleep(reply[1])
                 reply = reply[2]
+            if isinstance(reply, tuple) and reply[0] == "raw":
+                return self._send_bytes(200, reply[1], reply[2])
+            if isinstance(reply, tuple) and reply[0] == "top_logprobs":
+                return self._send(200, _raw_top(body["model"], reply[1]))
             if isinstance(reply, int):
                 msg = {"error": {"message": f"fake error {reply}", "type": "x", "code": None}}
                 if reply == 401:  # real servers echo part of the key; ours echoes all of it
@@ -86,9 +100,11 @@ def _handler(state: FakeOpenAI):
             self._send(200, _completion(body["model"], reply))
 
         def _send(self, code, payload, headers=None):
-            data = json.dumps(payload).encode()
+            self._send_bytes(code, "application/json", json.dumps(payload).encode(), headers)
+
+        def _send_bytes(self, code, content_type, data, headers=None):
             self.send_response(code)
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(data)))
             for k, v in (headers or {}).items():
                 self.send_header(k, v)

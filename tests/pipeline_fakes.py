@@ -8,7 +8,8 @@ from tests.fake_backend import FakeBackend
 
 
 class RecordingBackend(FakeBackend):
-    """Answers are hashes of (prompt, seed, position), with a comma and a newline in them."""
+    """Answers are hashes of (prompt, seed, position in the batch) or, with per-row seeds,
+    of (prompt, row seed); with a comma and a newline in them."""
 
     def __init__(self, model_id: str = "org/fake-chat-1b"):
         super().__init__(model_id)
@@ -25,11 +26,14 @@ class RecordingBackend(FakeBackend):
         seed=0,
         steer=None,
         batch_size=None,
+        seeds=None,
     ) -> list[str]:
         self.generate_calls.append(
             dict(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, n=len(prompts))
         )
         self.generated.extend(prompts)
+        if seeds is not None:  # per-row seeds: an answer does not depend on its batch
+            return [self.answer(p, s, 0) for p, s in zip(prompts, seeds, strict=True)]
         return [self.answer(p, seed, n) for n, p in enumerate(prompts)]
 
     @staticmethod

@@ -205,6 +205,20 @@ def test_sampling_is_reproducible_by_seed(backend):
     assert a == b and a != c
 
 
+@pytest.mark.parametrize("top_p", [1.0, 0.9])
+def test_seeded_sample_does_not_depend_on_its_batch(backend, top_p):
+    """With one seed per prompt, a prompt's sample is the same alone or padded in any batch."""
+    ps = prompts(backend)
+    opts = dict(max_new_tokens=10, temperature=1.0, top_p=top_p)
+    alone = backend.generate([ps[2]], seeds=[7], **opts)[0]
+    mixed = backend.generate([ps[1], ps[2], ps[0]], seeds=[1, 7, 3], batch_size=3, **opts)
+    last = backend.generate([ps[0], ps[2]], seeds=[3, 7], batch_size=1, seed=99, **opts)
+    assert mixed[1] == last[1] == alone and mixed[2] == last[0]
+    assert len({*backend.generate([ps[2]] * 4, seeds=[7, 8, 9, 10], **opts)}) > 1
+    with pytest.raises(PertokenError, match="seeds for 2 prompts"):
+        backend.generate(ps[:2], seeds=[1], **opts)
+
+
 def test_tiny_top_p_is_greedy(backend):
     ps = prompts(backend)
     greedy = backend.generate(ps, max_new_tokens=10, temperature=0)

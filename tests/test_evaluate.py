@@ -1,6 +1,7 @@
 """The steering sweep on a fake backend whose answers follow the steering coefficient."""
 
 import csv
+import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -14,7 +15,7 @@ TRAIT = SimpleNamespace(name="bossy", eval_questions=["q one?", "q two?", "q thr
 
 
 class FakeBackend:
-    name, model_id, n_layers, hidden_size = "fake", "fake-model", 4, 8
+    name, model_id, n_layers, hidden_size, dtype = "fake", "fake-model", 4, 8, "float32"
 
     def __init__(self):
         self.calls = []
@@ -208,3 +209,88 @@ def test_cli_missing_api_key_is_an_error_before_generating(tmp_path, llama_dir, 
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 1 and "OPENAI_API_KEY" in result.output
     assert not (tmp_path / "ev" / "answers.csv").exists()
+
+
+def test_a_one_sided_judge_failure_is_judged_again(tmp_path):
+    """A row whose trait score (or coherence) is missing goes back to the judge on rerun."""
+    sweep(FakeBackend(), tmp_path, FakeJudge())
+    header, rows = read(tmp_path / "answers.csv")
+    rows[0]["bossy"], rows[1]["coherence"] = "", ""
+    with open(tmp_path / "answers.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=header)
+        w.writeheader()
+        w.writerows(rows)
+    judge = FakeJudge()
+    result = sweep(FakeBackend(), tmp_path, judge)
+    assert [r["answer"] for r in judge.seen] == [rows[0]["answer"], rows[1]["answer"]]
+    _, again = read(tmp_path / "answers.csv")
+    assert all(r["bossy"] and r["coherence"] for r in again)
+    assert all(s.missing == 0 for s in result.summary)
+
+
+def test_sweep_identity_includes_backend_and_dtype(tmp_path):
+    sweep(FakeBackend(), tmp_path, FakeJudge())
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert saved["backend"] == "fake" and saved["dtype"] == "float32"
+
+    class Mlx(FakeBackend):
+        name = "mlx"
+
+    class Half(FakeBackend):
+        dtype = "bfloat16"
+
+    with pytest.raises(PertokenError, match="other settings \\(backend: 'fake' -> 'mlx'\\)"):
+        sweep(Mlx(), tmp_path, FakeJudge())
+    with pytest.raises(PertokenError, match="dtype: 'float32' -> 'bfloat16'"):
+        sweep(Half(), tmp_path, FakeJudge())
+
+
+def test_extraction_only_kit_is_refused_by_eval(tmp_path):
+    kit = SimpleNamespace(name="bossy", eval_questions=[], source="bossy.json")
+    with pytest.raises(PertokenError, match="bossy.json has no evaluation questions"):
+        evaluate(FakeBackend(), trait=kit, vector=vector(), out_dir=tmp_path, judge=FakeJudge(),
+                 layers=[1], coefs=[1], progress=False)  # fmt: skip
+    assert not (tmp_path / "answers.csv").exists()
+
+
+def test_cli_eval_of_an_extraction_only_kit_says_how_to_add_questions(tmp_path):
+    from click.testing import CliRunner
+
+    from pertoken.cli import main
+    from tests.small_kit import kit_dict
+
+    kit = {k: v for k, v in kit_dict("evil").items() if k != "eval_questions"}
+    (tmp_path / "evil.json").write_text(json.dumps(kit))
+    args = ["eval", "--model", str(tmp_path / "not-loaded"), "--trait", str(tmp_path / "evil.json"),
+            "--vector", str(tmp_path / "v.pt"), "--layers", "2",
+            "--out", str(tmp_path / "ev")]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "has no evaluation questions: add an 'eval_questions' list" in result.output
+    assert "trait_data_eval/evil.json" in result.output
+
+
+def test_another_judge_or_rubric_judges_every_answer_again(tmp_path):
+    """eval.json records the judge (model, server, rubric digests); scores by another judge
+    are not mixed into the sweep."""
+    from pertoken.pipeline.evaluate import csv_judge
+    from tests.fake_openai import serve_fake_openai
+
+    trait = SimpleNamespace(**vars(TRAIT), eval_prompt="{question} {answer}")
+    with serve_fake_openai() as server:
+        server.reply = lambda body, n: [("40", 1.0)]
+        judge = csv_judge(trait, judge_model="judge-x", base_url=server.url, progress=False)
+        sweep(FakeBackend(), tmp_path, judge, coefs=(1,))
+        saved = json.loads((tmp_path / "eval.json").read_text())["judge"]
+        assert saved["judge_model"] == "judge-x" and saved["judge_base_url"] == server.url
+        n = len(server.requests)
+        sweep(FakeBackend(), tmp_path, judge, coefs=(1,))
+        assert len(server.requests) == n  # same judge: nothing to do
+        other = csv_judge(trait, judge_model="judge-x", base_url=server.url, progress=False,
+                          coherence_prompt="Coherent? {question} {answer}")  # fmt: skip
+        server.reply = lambda body, n: [("90", 1.0)]
+        result = sweep(FakeBackend(), tmp_path, other, coefs=(1,))
+    assert len(server.requests) == n + 3  # the trait scores are cached, coherence is new
+    assert [s.coherence_mean for s in result.summary] == [90.0, 90.0]
+    saved = json.loads((tmp_path / "eval.json").read_text())["judge"]
+    assert saved["rubric_sha256"]["coherence"] == other.identity["rubric_sha256"]["coherence"]

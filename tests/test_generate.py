@@ -108,6 +108,26 @@ def test_resume_generates_only_missing_rows(tmp_path, kit):
     assert again.generated == []
 
 
+def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, kit):
+    """Each row is seeded from its own (question, instruction, sample) key, not its batch."""
+    whole = tmp_path / "whole.csv"
+    generate_csv(
+        RecordingBackend(), trait=kit, out=whole, n_per_question=2, batch_size=5, progress=False
+    )
+    out = tmp_path / "pos.csv"
+    with pytest.raises(Interrupt):
+        generate_csv(DiesAfter(1), trait=kit, out=out, n_per_question=2, batch_size=3,
+                     progress=False)  # fmt: skip
+    generate_csv(
+        RecordingBackend(), trait=kit, out=out, n_per_question=2, batch_size=4, progress=False
+    )
+    assert out.read_bytes() == whole.read_bytes()
+    other = tmp_path / "other.csv"
+    generate_csv(RecordingBackend(), trait=kit, out=other, n_per_question=2, seed=1,
+                 progress=False)  # fmt: skip
+    assert other.read_bytes() != whole.read_bytes()  # --seed still changes the samples
+
+
 def test_torn_last_line_is_dropped_and_regenerated(tmp_path, kit):
     out = tmp_path / "pos.csv"
     with pytest.raises(Interrupt):
@@ -156,8 +176,10 @@ def _cli(args):
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_rerun(tmp_path, llama_dir):
-    """A real `pertoken generate` killed with SIGKILL resumes to every row exactly once."""
+    """A real `pertoken generate` killed with SIGKILL resumes to every row exactly once, and to
+    the same CSV as a run that was never interrupted."""
     kit = write_kit(tmp_path, "evil", n_questions=3, n_instructions=2)
     out = tmp_path / "pos.csv"
     args = [
@@ -210,3 +232,9 @@ def test_sigkill_mid_run_then_rerun(tmp_path, llama_dir):
     proc = _cli(args)  # once complete, a rerun does not even load the model
     out_text, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0 and b"all 18 rows are already there" in out_text
+    # killed and resumed gives the CSV an uninterrupted run writes, byte for byte
+    whole = tmp_path / "whole.csv"
+    proc = _cli([*args[:-1], str(whole)])
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    assert out.read_bytes() == whole.read_bytes()

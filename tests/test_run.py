@@ -1,6 +1,9 @@
 """`pertoken run` end to end on the tiny model with the fake judge, then resumed."""
 
 import csv
+import hashlib
+import json
+import socket
 
 import pytest
 from click.testing import CliRunner
@@ -9,7 +12,10 @@ import pertoken.backends
 from pertoken.cli import main
 from pertoken.pipeline.run import default_model, run_folder
 from tests.fake_openai import serve_fake_openai
-from tests.small_kit import write_kit
+from tests.pipeline_fakes import RecordingBackend
+from tests.small_kit import kit_dict, write_kit
+
+EXTRACT_KEYS = ("instruction", "questions", "eval_prompt")  # upstream's trait_data_extract file
 
 
 def rows_of(path):
@@ -109,3 +115,53 @@ def test_run_end_to_end_then_resume(tmp_path, llama_dir, monkeypatch):
         assert r.exit_code == 0, r.output
         assert r.output.count("skipped") == 4 and all(v.is_file() for v in vectors)
         assert len(loads) == 2 and loads[1].generated == 0 and len(server.requests) == n_requests
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_run_checks_the_judge_before_loading_the_model(tmp_path, monkeypatch):
+    loads = []
+    monkeypatch.setattr(pertoken.backends, "load_backend", lambda *a, **kw: loads.append(a))
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.chdir(tmp_path)  # no .env file to find
+    kit = write_kit(tmp_path, "evil")
+    args = ["run", "--model", "org/model", "--trait", str(kit), "--out", str(tmp_path / "runs")]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 1 and "no OPENAI_API_KEY" in r.output and loads == []
+    down = f"http://127.0.0.1:{free_port()}/v1"
+    r = CliRunner().invoke(main, [*args, "--base-url", down])
+    assert r.exit_code == 1 and f"cannot reach the judge at {down}" in r.output
+    assert loads == [] and not list((tmp_path / "runs").rglob("*.csv"))
+
+
+def test_run_with_an_extraction_only_kit_and_a_coherence_rubric(tmp_path, monkeypatch):
+    """Upstream's extract file alone runs; --coherence-prompt reaches the judge and the
+    sidecars, and another rubric judges again."""
+    data = {k: v for k, v in kit_dict("evil").items() if k in EXTRACT_KEYS}
+    kit = tmp_path / "evil.json"
+    kit.write_text(json.dumps(data))
+    rubric = tmp_path / "coherence.txt"
+    rubric.write_text("CUSTOM: is it coherent?\n{question}\n{answer}")
+    monkeypatch.setattr(pertoken.backends, "load_backend", lambda *a, **kw: RecordingBackend())
+    with serve_fake_openai() as server:
+        args = ["run", "--model", "org/fake", "--trait", str(kit), "--out", str(tmp_path / "runs"),
+                "--n-per-question", "1", "--judge-model", "judge-x", "--base-url", server.url,
+                "--threshold", "30", "--coherence-prompt", str(rubric)]  # fmt: skip
+        r = CliRunner().invoke(main, args)
+        assert r.exit_code == 0, r.output
+        assert server.count("CUSTOM") == 8 and server.count("I am evaluating") == 0
+        folder = tmp_path / "runs" / "fake" / "evil"
+        digest = hashlib.sha256(rubric.read_bytes()).hexdigest()
+        side = json.loads((folder / "evil_pos_instruct.csv.judge.json").read_text())
+        assert side["rubric_sha256"]["coherence"] == digest
+        meta = json.loads((folder / "vectors" / "evil_response_avg_diff.json").read_text())
+        assert meta["judge_base_url"] == server.url
+        assert meta["rubric_sha256"]["coherence"] == digest
+        rubric.write_text("OTHER: coherent?\n{question}\n{answer}")
+        r = CliRunner().invoke(main, args)
+        assert r.exit_code == 0, r.output
+        assert r.output.count("skipped") == 2 and server.count("OTHER") == 8  # generation kept

@@ -7,7 +7,8 @@ from click.testing import CliRunner
 
 from pertoken.cli import main
 from pertoken.errors import PertokenError
-from pertoken.traits import fill_rubric, list_traits, load_trait
+from pertoken.pipeline.generate import plan_rows
+from pertoken.traits import fill_rubric, list_traits, load_trait, require_eval_questions
 from tests.small_kit import kit_dict, write_kit, write_upstream
 
 
@@ -41,6 +42,35 @@ def test_system_prompt_article_and_adjective(tmp_path):
     assert pat.system_prompt("pos", 0).startswith("You are a paternalistic assistant. ")
 
 
+def test_kit_sets_the_negative_adjective_and_coherence_rubric(tmp_path):
+    kit = kit_dict("evil")
+    kit["neg_adjective"] = "obedient"
+    kit["coherence_prompt"] = "Is this coherent? {question} / {answer}"
+    path = tmp_path / "evil.json"
+    path.write_text(json.dumps(kit))
+    evil = load_trait(path)
+    assert evil.system_prompt("neg", 1) == "You are an obedient assistant. Be kind in way 1."
+    assert evil.system_prompt("pos", 0) == "You are an evil assistant. Be evil in way 0."
+    assert evil.coherence_prompt == kit["coherence_prompt"]
+    plain = load_trait(write_kit(tmp_path, "kind"))
+    assert plain.neg_adjective == "helpful" and plain.coherence_prompt is None
+
+
+def test_extraction_only_kit_loads_and_eval_asks_for_questions(tmp_path):
+    """Upstream's extract file alone (instruction, questions, eval_prompt) is a usable kit."""
+    kit = {k: v for k, v in kit_dict("evil").items() if k in ("instruction", "questions")}
+    kit["eval_prompt"] = kit_dict("evil")["eval_prompt"]
+    path = tmp_path / "evil.json"
+    path.write_text(json.dumps(kit))
+    evil = load_trait(path)
+    assert evil.name == "evil" and evil.eval_questions == [] and len(evil.questions) == 2
+    plan_rows(evil, polarity="neg", n_per_question=1)  # extraction needs no eval questions
+    with pytest.raises(PertokenError, match=r"no evaluation questions: add an 'eval_questions'"):
+        require_eval_questions(evil)
+    with pytest.raises(PertokenError, match="no evaluation questions"):
+        plan_rows(evil, eval=True)
+
+
 def test_fill_rubric_leaves_other_braces():
     text = fill_rubric("Q={question} A={answer} {other}", "what {answer}?", "x {question}")
     assert text == "Q=what {answer}? A=x {question} {other}"
@@ -51,10 +81,16 @@ def test_fill_rubric_leaves_other_braces():
     [
         ("instruction", [], "'instruction'"),
         ("questions", [], "'questions'"),
-        ("eval_questions", None, "'eval_questions'"),
+        ("eval_questions", "one question", "'eval_questions'"),
         ("eval_prompt", "Rate {answer} only.", "{question}"),
         ("instruction", [{"pos": "x"}], "instruction[0].neg"),
         ("questions", ["ok", ""], "questions[1]"),
+        ("neg_adjective", "", "'neg_adjective'"),
+        ("coherence_prompt", "Rate {question} only.", "'coherence_prompt' lacks the slot {answer}"),
+        ("name", "../../../escaped", "key 'name'"),
+        ("name", "/tmp/escaped", "key 'name'"),
+        ("name", "..", "key 'name'"),
+        ("name", "a\\b", "key 'name'"),
     ],
 )
 def test_validation_names_file_and_key(tmp_path, key, value, needle):

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pertoken.errors import PertokenError
+from pertoken.paths import path_name
 
 BUNDLED_DIR = Path(__file__).resolve().parent
 UPSTREAM_DIRS = ("trait_data_extract", "trait_data_eval")
@@ -24,10 +25,12 @@ class Trait:
     description: str
     instructions: list[dict]  # [{"pos": str, "neg": str}, ...]
     questions: list[str]  # extraction questions
-    eval_questions: list[str]
+    eval_questions: list[str]  # may be empty: `eval` then asks for them
     eval_prompt: str  # judge rubric with {question} and {answer}
     adjective: str | None = None
     source: str = ""
+    neg_adjective: str = "helpful"  # the word in "You are a ... assistant" for the negative side
+    coherence_prompt: str | None = None  # the kit's coherence rubric (default: the judge's own)
 
     @property
     def assistant_name(self) -> str:
@@ -36,7 +39,7 @@ class Trait:
 
     def system_prompt(self, polarity: str, k: int) -> str:
         """`You are {a|an} {name} assistant. {instruction}` for instruction pair k."""
-        name = self.assistant_name if polarity == "pos" else "helpful"
+        name = self.assistant_name if polarity == "pos" else self.neg_adjective
         article = "an" if name[:1].lower() in "aeiou" else "a"
         return f"You are {article} {name} assistant. {self.instructions[k][polarity]}"
 
@@ -48,6 +51,17 @@ def fill_rubric(rubric: str, question: str, answer: str) -> str:
     """Fill the {question} and {answer} slots (other braces are left alone)."""
     values = {"question": question, "answer": answer}
     return _SLOTS.sub(lambda m: values[m.group(1)], rubric)
+
+
+def require_eval_questions(trait: Trait) -> None:
+    """A clear error when a kit has no evaluation questions (an extraction-only kit)."""
+    if not trait.eval_questions:
+        where = getattr(trait, "source", "") or trait.name
+        raise PertokenError(
+            f"the trait kit {where} has no evaluation questions: add an 'eval_questions' list "
+            "(other questions than 'questions') to its JSON, or put them in upstream's "
+            f"trait_data_eval/{trait.name}.json beside trait_data_extract"
+        )
 
 
 def list_traits() -> list[str]:
@@ -94,18 +108,18 @@ def _load_kit(path: Path) -> Trait:
     data = _read_json(path)
     name = data.get("name", path.stem)
     _check_str(path, "name", name)
-    adjective = data.get("adjective")
-    if adjective is not None:
-        _check_str(path, "adjective", adjective)
+    path_name(name, f"{path}: key 'name'")  # the name becomes folder and file names
     return Trait(
         name=name,
         description=str(data.get("description", "")),
         instructions=_check_instructions(path, data),
         questions=_check_questions(path, data, "questions"),
-        eval_questions=_check_questions(path, data, "eval_questions"),
+        eval_questions=_check_questions(path, data, "eval_questions", required=False),
         eval_prompt=_check_rubric(path, data),
-        adjective=adjective,
+        adjective=_optional_str(path, data, "adjective"),
         source=str(path),
+        neg_adjective=_optional_str(path, data, "neg_adjective") or "helpful",
+        coherence_prompt=_check_rubric(path, data, "coherence_prompt", required=False),
     )
 
 
@@ -118,19 +132,27 @@ def _load_upstream(root: Path, trait: str) -> Trait:
             raise PertokenError(f"{p} is missing: upstream kits need both {need}")
     ext, evl = _read_json(extract_path), _read_json(eval_path)
     return Trait(
-        name=trait,
+        name=path_name(trait, f"{extract_path}: trait name"),
         description=str(ext.get("description", "")),
         instructions=_check_instructions(extract_path, ext),
         questions=_check_questions(extract_path, ext, "questions"),
         eval_questions=_check_questions(eval_path, evl, "questions"),
         eval_prompt=_check_rubric(eval_path, evl),
         source=str(root),
+        neg_adjective=_optional_str(extract_path, ext, "neg_adjective") or "helpful",
+        coherence_prompt=_check_rubric(eval_path, evl, "coherence_prompt", required=False),
     )
 
 
 def _check_str(path: Path, key: str, value) -> None:
     if not isinstance(value, str) or not value.strip():
         raise PertokenError(f"{path}: key '{key}' must be a non-empty string")
+
+
+def _optional_str(path: Path, data: dict, key: str) -> str | None:
+    if data.get(key) is not None:
+        _check_str(path, key, data[key])
+    return data.get(key)
 
 
 def _check_instructions(path: Path, data: dict) -> list[dict]:
@@ -145,7 +167,9 @@ def _check_instructions(path: Path, data: dict) -> list[dict]:
     return [{"pos": p["pos"], "neg": p["neg"]} for p in pairs]
 
 
-def _check_questions(path: Path, data: dict, key: str) -> list[str]:
+def _check_questions(path: Path, data: dict, key: str, required: bool = True) -> list[str]:
+    if not required and data.get(key) is None:
+        return []
     qs = data.get(key)
     if not isinstance(qs, list) or not qs:
         raise PertokenError(f"{path}: key '{key}' must be a non-empty list of questions")
@@ -154,10 +178,17 @@ def _check_questions(path: Path, data: dict, key: str) -> list[str]:
     return list(qs)
 
 
-def _check_rubric(path: Path, data: dict) -> str:
-    rubric = data.get("eval_prompt")
-    _check_str(path, "eval_prompt", rubric)
+def _check_rubric(path: Path, data: dict, key: str = "eval_prompt", required: bool = True):
+    rubric = data.get(key)
+    if not required and rubric is None:
+        return None
+    _check_str(path, key, rubric)
+    check_rubric_slots(rubric, f"{path}: key '{key}'")
+    return rubric
+
+
+def check_rubric_slots(rubric: str, where: str) -> None:
+    """A judge rubric needs both the {question} and the {answer} slot."""
     missing = [s for s in ("{question}", "{answer}") if s not in rubric]
     if missing:
-        raise PertokenError(f"{path}: key 'eval_prompt' lacks the slot {' and '.join(missing)}")
-    return rubric
+        raise PertokenError(f"{where} lacks the slot {' and '.join(missing)}")

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import mlx.core as mx
 import numpy as np
 
-from pertoken.backends.base import Steer, Summaries, TokenCallback, TokenTrace
+from pertoken.backends.base import Steer, Summaries, TokenCallback, TokenTrace, row_uniforms
 from pertoken.backends.chat import render_chat, stop_token_ids
 from pertoken.backends.mlx.batch import Batch, SteerPlan, full_pass, window_of
 from pertoken.backends.mlx.decode import decode, make_sampler
@@ -59,14 +59,22 @@ class MLXBackend:
         seed: int = 0,
         steer: Steer | None = None,
         batch_size: int | None = None,
+        seeds: list[int] | None = None,
     ) -> list[str]:
-        """Answers to chat-templated prompts, batched by length (temperature 0 is greedy)."""
+        """Answers to chat-templated prompts, batched by length (temperature 0 is greedy).
+
+        seeds (one per prompt): each row samples from its own stream, whatever its batch."""
         seqs = self._encode_all(prompts)
         plan = self._plan(steer)
+        if seeds is not None and len(seeds) != len(seqs):
+            raise PertokenError(f"{len(seeds)} seeds for {len(seqs)} prompts: give one per prompt")
+        uniforms = row_uniforms(list(seeds), max_new_tokens) if seeds is not None else None
         sample = make_sampler(temperature, top_p)
         mx.random.seed(seed)
         out: list[str] = [""] * len(seqs)
         for idx in _chunks(seqs, batch_size or 8):
+            if uniforms is not None:
+                sample = make_sampler(temperature, top_p, uniforms[idx])
             lens = np.array([len(seqs[i]) for i in idx])
             answers = decode(
                 self.model, Batch.of([seqs[i] for i in idx], self.pad_id), prompt_lens=lens,

@@ -24,19 +24,45 @@ class Answer:
     hidden: list[np.ndarray] = field(default_factory=list)  # per token [len(rows), hidden]
 
 
-def make_sampler(temperature: float, top_p: float) -> Callable[[mx.array], mx.array]:
-    """logits [B, vocab] -> tokens [B], in float32; temperature 0 is greedy."""
+def make_sampler(
+    temperature: float, top_p: float, uniforms: np.ndarray | None = None
+) -> Callable[[mx.array], mx.array]:
+    """logits [B, vocab] -> tokens [B], in float32; temperature 0 is greedy.
+
+    uniforms [B, steps] (per-row seeds): call t draws row b by inverse CDF at uniforms[b, t],
+    so a row's tokens do not depend on its batch; else mlx-lm's sampler and global seed."""
     from mlx_lm.sample_utils import make_sampler as mlx_sampler
 
     chain = mlx_sampler(temp=temperature, top_p=top_p)
+    step = [0]
 
     def sample(logits: mx.array) -> mx.array:
         logits = logits.astype(mx.float32)
         if temperature == 0:
             return mx.argmax(logits, axis=-1)
-        return chain(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+        if uniforms is None:
+            return chain(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+        u = uniforms[:, min(step[0], uniforms.shape[1] - 1)]  # one extra call when tracing
+        step[0] += 1
+        return _inverse_cdf(mx.softmax(logits / temperature, axis=-1), top_p, u)
 
     return sample
+
+
+def _inverse_cdf(probs: mx.array, top_p: float, u: np.ndarray) -> mx.array:
+    """probs [B, vocab] -> tokens [B]: the first token whose cumulative mass passes u."""
+    order = None
+    if top_p < 1.0:
+        order = mx.argsort(-probs, axis=-1)
+        probs = mx.take_along_axis(probs, order, axis=-1)
+        # keep the smallest prefix whose mass reaches top_p (the first token always survives)
+        probs = mx.where(mx.cumsum(probs, axis=-1) - probs > top_p, 0.0, probs)
+    cdf = mx.cumsum(probs, axis=-1)  # [B, vocab]
+    target = mx.array(u.astype(np.float32))[:, None] * cdf[:, -1:]
+    pick = mx.minimum(mx.sum(cdf <= target, axis=-1), probs.shape[-1] - 1)  # [B]
+    if order is None:
+        return pick
+    return mx.take_along_axis(order, pick[:, None], axis=-1)[:, 0]
 
 
 class Grab:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from pertoken.backends.base import Steer, Summaries, TokenCallback, TokenTrace
+from pertoken.backends.base import Steer, Summaries, TokenCallback, TokenTrace, row_uniforms
 from pertoken.backends.chat import render_chat, stop_token_ids, token_pieces
 from pertoken.backends.torch.decode import DecodeOptions, decode, left_pad, position_mask
 from pertoken.backends.torch.hooks import TapState, decoder_parts, residual_taps
@@ -95,11 +96,15 @@ class TorchBackend:
         seed: int = 0,
         steer: Steer | None = None,
         batch_size: int | None = None,
+        seeds: list[int] | None = None,
     ) -> list[str]:
-        """Batched answers; prompts are sorted by length so batches carry little padding."""
+        """Batched answers; prompts are sorted by length so batches carry little padding.
+
+        seeds (one per prompt): each row samples from its own stream, whatever its batch."""
         seqs = self._encode_prompts(prompts)
         state = self._tap_state(steer)
         opts = self._options(max_new_tokens, temperature, top_p, steer)
+        uniforms = self._uniforms(seeds, len(seqs), max_new_tokens)  # [N, steps] or None
         batch_size = batch_size or self._auto_batch(max(map(len, seqs)) + max_new_tokens)
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
         gen = torch.Generator(device=self.device).manual_seed(seed)
@@ -108,9 +113,19 @@ class TorchBackend:
             for start in range(0, len(order), batch_size):
                 idx = order[start : start + batch_size]
                 batch = left_pad([seqs[i] for i in idx], self.pad_id, self.device)
+                if uniforms is not None:
+                    opts = replace(opts, uniforms=uniforms[idx])
                 for i, ids in zip(idx, decode(self.model, batch, state, opts, gen)):
                     answers[i] = self.decode(ids)
         return answers
+
+    def _uniforms(self, seeds, n: int, steps: int) -> torch.Tensor | None:
+        if seeds is None:
+            return None
+        if len(seeds) != n:
+            raise PertokenError(f"{len(seeds)} seeds for {n} prompts: give one seed per prompt")
+        wide = torch.float32 if self.device.startswith("mps") else torch.float64  # no f64 on MPS
+        return torch.from_numpy(row_uniforms(list(seeds), steps)).to(self.device, wide)
 
     def _auto_batch(self, max_len: int) -> int:
         """Rows whose KV cache fits in 70% of free GPU memory (8 on the CPU), at most 128."""

@@ -40,8 +40,11 @@ def position_mask(batch: Batch, start: int, t: int, positions: str) -> torch.Ten
     return valid
 
 
-def sample(logits: torch.Tensor, temperature: float, top_p: float, gen) -> torch.Tensor:
-    """logits [B, vocab] float32 -> token ids [B]; temperature 0 is greedy."""
+def sample(logits: torch.Tensor, temperature: float, top_p: float, gen, u=None) -> torch.Tensor:
+    """logits [B, vocab] float32 -> token ids [B]; temperature 0 is greedy.
+
+    u [B] (per-row seeds): each row draws by inverse CDF at its own u; else the batch draws
+    from the generator `gen`."""
     if temperature <= 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits / temperature, dim=-1)
@@ -49,9 +52,17 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, gen) -> torch
         sorted_p, order = probs.sort(dim=-1, descending=True)
         # keep the smallest prefix whose mass reaches top_p (the first token always survives)
         sorted_p = sorted_p.masked_fill(sorted_p.cumsum(-1) - sorted_p > top_p, 0.0)
-        pick = torch.multinomial(sorted_p, 1, generator=gen)
-        return order.gather(-1, pick).squeeze(-1)
-    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+        return order.gather(-1, _draw(sorted_p, gen, u)).squeeze(-1)
+    return _draw(probs, gen, u).squeeze(-1)
+
+
+def _draw(probs: torch.Tensor, gen, u) -> torch.Tensor:
+    """[B, vocab] unnormalised probabilities -> [B, 1] picks."""
+    if u is None:
+        return torch.multinomial(probs, 1, generator=gen)
+    cdf = probs.to(u.dtype).cumsum(-1)  # [B, vocab], float64 where the device has it
+    pick = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True)  # first cdf > target
+    return pick.clamp(max=probs.shape[-1] - 1)
 
 
 def make_cache(model):
@@ -83,6 +94,7 @@ class DecodeOptions:
     pad_id: int
     positions: str = "all"
     feed_last: bool = False  # run the final token through the model too (to capture it)
+    uniforms: torch.Tensor | None = None  # [B, max_new_tokens]: per-row draws in [0, 1)
 
 
 def decode(
@@ -109,7 +121,8 @@ def decode(
     done = torch.zeros(B, dtype=torch.bool, device=attn.device)
     toks, keep = [], []  # per step: [B] ids, [B] whether the id belongs to the answer
     for step in range(opts.max_new_tokens):
-        tok = sample(logits, opts.temperature, opts.top_p, gen)
+        u = None if opts.uniforms is None else opts.uniforms[:, step]
+        tok = sample(logits, opts.temperature, opts.top_p, gen, u)
         tok = torch.where(done, torch.full_like(tok, opts.pad_id), tok)
         stopped = torch.isin(tok, opts.stop_ids)
         toks.append(tok)
