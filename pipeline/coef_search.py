@@ -146,7 +146,8 @@ class _Store:
             self.rows += self._answer(self._home(layer, coef), coef, todo)
             ev.write_answers(self.path, self.trait.name, self.rows)
         rows = [r for r in self.rows_of(layer, coef) if r["question_id"] in qids]
-        unjudged = [r for r in rows if r[self.trait.name] == "" and r["coherence"] == ""]
+        # either score missing: a one-sided judge failure is asked again (refusals are cached)
+        unjudged = [r for r in rows if r[self.trait.name] == "" or r["coherence"] == ""]
         if unjudged:
             self.judge(unjudged)
             ev.write_answers(self.path, self.trait.name, self.rows)
