@@ -71,6 +71,17 @@ def steer_mask(prompt_len: int, total_len: int, positions: Positions) -> np.ndar
     return idx >= prompt_len - 1
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How each next token is chosen, in transformers' order: repetition penalty, then
+    temperature, top-k and top-p. The first answer token is never a stop token."""
+
+    temperature: float = 1.0  # 0 is greedy
+    top_p: float = 1.0  # 1 keeps every token
+    top_k: int = 0  # 0 keeps every token
+    repetition_penalty: float = 1.0  # > 1 discourages prompt and answer tokens already seen
+
+
 class Summaries(NamedTuple):
     """Per-sample means of the residual stream, each [N, n_layers + 1, hidden] float32."""
 
@@ -103,6 +114,7 @@ class Backend(Protocol):
     hidden_size: int
     dtype: str  # "float32", "bfloat16", ...
     device: str  # "cuda", "cpu", "mps", "gpu"
+    generation_config: dict  # the checkpoint's generation_config.json (may be empty)
 
     @classmethod
     def load(cls, model: str, *, dtype: str | None = None, device: str | None = None) -> Backend:
@@ -126,11 +138,13 @@ class Backend(Protocol):
         max_new_tokens: int = 1000,
         temperature: float = 1.0,
         top_p: float = 1.0,
+        top_k: int = 0,
+        repetition_penalty: float = 1.0,
         seed: int = 0,
         steer: Steer | None = None,
         batch_size: int | None = None,
     ) -> list[str]:
-        """Answers to chat-templated prompts (temperature 0 is greedy)."""
+        """Answers to chat-templated prompts (temperature 0 is greedy; see Sampling)."""
         ...
 
     def summaries(

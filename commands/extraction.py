@@ -9,6 +9,7 @@ from pertoken.cli import (
     judge_options,
     main,
     model_options,
+    sampler_option,
     trait_option,
 )
 from pertoken.errors import PertokenError
@@ -55,6 +56,7 @@ def traits_show(name):
 @click.option("--n-per-question", default=10, show_default=True, help="Samples per prompt.")
 @click.option("--max-new-tokens", default=1000, show_default=True)
 @click.option("--temperature", type=float, default=None, help="Default 1.0 (0 when n is 1).")
+@sampler_option
 @click.option("--batch-size", type=int, default=None, help="Rows per batch (32 on CUDA, else 16).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="CSV to write.")
@@ -69,6 +71,7 @@ def generate(
     n_per_question,
     max_new_tokens,
     temperature,
+    sampler,
     batch_size,
     seed,
     out,
@@ -90,6 +93,7 @@ def generate(
         n_per_question=n_per_question,
         max_new_tokens=max_new_tokens,
         temperature=temperature,
+        sampler=sampler,
         batch_size=batch_size,
         seed=seed,
     )

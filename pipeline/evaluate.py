@@ -18,6 +18,7 @@ from pathlib import Path
 
 from pertoken.backends.base import Steer
 from pertoken.errors import PertokenError
+from pertoken.pipeline.sampling import sampling_options
 from pertoken.rows import check_steer_row
 from pertoken.vectors import PersonaVector
 
@@ -70,6 +71,7 @@ def evaluate(
     n_per_question: int = 10,
     max_new_tokens: int = 1000,
     temperature: float | None = None,
+    sampler: str = "plain",
     positions: str = "response",
     batch_size: int = 16,
     seed: int = 0,
@@ -78,31 +80,32 @@ def evaluate(
 ) -> EvalResult:
     """Run (or resume) the sweep into `out_dir`: answers.csv, summary.csv and sweep.png.
 
-    temperature defaults to 1.0, or 0 (greedy) when n_per_question is 1; positions as Steer
-    ("response" steers the answer's tokens, as upstream's evaluation does).
+    temperature defaults to 1.0, or 0 (greedy) when n_per_question is 1; sampler `model` samples
+    with the checkpoint's generation_config (pipeline.sampling); positions as Steer ("response"
+    steers the answer's tokens, as upstream's evaluation does).
     """
     start = time.perf_counter()
     _check_inputs(backend, vector, layers, coefs, n_per_question, vector_path)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "answers.csv"
-    if temperature is None:
-        temperature = 1.0 if n_per_question > 1 else 0.0
+    default = 1.0 if n_per_question > 1 else 0.0
+    sampling = sampling_options(backend, sampler, temperature, default=default)
     settings = {
         "model": backend.model_id,
         "trait": trait.name,
         "vector": str(vector_path),
         "n_per_question": n_per_question,
         "max_new_tokens": max_new_tokens,
-        "temperature": temperature,
+        "temperature": sampling["temperature"],
         "positions": positions,
         "seed": seed,
     }
+    if sampler != "plain":  # a plain sweep keeps the identity it always had
+        settings |= {"sampler": sampler, **sampling}
     _check_settings(out / "eval.json", settings)
     rows = read_answers(path, trait.name)
-    gen = dict(
-        max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, batch_size=batch_size
-    )
+    gen = dict(max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, **sampling)
     todo = [(L, c) for L in layers for c in coefs if not _has_setting(rows, L, c)]
     if todo:
         _generate(

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from pertoken.errors import PertokenError
 from pertoken.pipeline.csvio import columns, read_csv, sample_keys, write_csv_atomic
+from pertoken.pipeline.sampling import sampling_options
 from pertoken.traits import Trait
 
 _SIDE_KEYS = {"question", "prompt", "answer", "question_id", "sample"}
@@ -91,27 +92,29 @@ def generate_csv(
     n_per_question: int = 10,
     max_new_tokens: int = 1000,
     temperature: float | None = None,
+    sampler: str = "plain",
     batch_size: int | None = None,
     seed: int = 0,
     progress: bool = True,
 ) -> GenerateResult:
     """Write the generation CSV for one polarity (or the eval questions), resuming any earlier run.
 
-    temperature defaults to 1.0, or 0 (greedy) when n_per_question is 1. batch_size (rows
-    generated and saved together) defaults to 32 on CUDA, else 16.
+    temperature defaults to 1.0, or 0 (greedy) when n_per_question is 1; sampler `model` samples
+    with the checkpoint's generation_config (pipeline.sampling). batch_size (rows generated and
+    saved together) defaults to 32 on CUDA, else 16.
     """
     start = time.perf_counter()
     out = Path(out)
     specs = plan_rows(trait, polarity=polarity, eval=eval, n_per_question=n_per_question)
-    if temperature is None:
-        temperature = 1.0 if n_per_question > 1 else 0.0
+    default = 1.0 if n_per_question > 1 else 0.0
+    sampling = sampling_options(backend, sampler, temperature, default=default)
     batch_size = batch_size or (32 if str(backend.device).startswith("cuda") else 16)
     prompts = _prompts(backend, specs)
     done = _finished_rows(out, prompts)
     todo = [s for s in specs if s.key not in done]
     if todo:
         out.parent.mkdir(parents=True, exist_ok=True)
-        opts = dict(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+        opts = dict(max_new_tokens=max_new_tokens, seed=seed, **sampling)
         _run_batches(
             backend, todo, prompts, done, side_file(out), len(specs), batch_size, opts, progress
         )

@@ -22,12 +22,22 @@ class RecordingBackend(FakeBackend):
         max_new_tokens=1000,
         temperature=1.0,
         top_p=1.0,
+        top_k=0,
+        repetition_penalty=1.0,
         seed=0,
         steer=None,
         batch_size=None,
     ) -> list[str]:
         self.generate_calls.append(
-            dict(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, n=len(prompts))
+            dict(
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                top_k=top_k,
+                repetition_penalty=repetition_penalty,
+                seed=seed,
+                n=len(prompts),
+            )
         )
         self.generated.extend(prompts)
         return [self.answer(p, seed, n) for n, p in enumerate(prompts)]

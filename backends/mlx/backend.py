@@ -7,10 +7,10 @@ from types import SimpleNamespace
 import mlx.core as mx
 import numpy as np
 
-from pertoken.backends.base import Steer, Summaries, TokenCallback, TokenTrace
+from pertoken.backends.base import Sampling, Steer, Summaries, TokenCallback, TokenTrace
 from pertoken.backends.chat import render_chat, stop_token_ids
 from pertoken.backends.mlx.batch import Batch, SteerPlan, full_pass, window_of
-from pertoken.backends.mlx.decode import decode, make_sampler
+from pertoken.backends.mlx.decode import decode
 from pertoken.backends.mlx.load import DTYPES, Loaded, generation_config, load
 from pertoken.backends.mlx.summaries import summarize
 from pertoken.errors import PertokenError
@@ -26,7 +26,8 @@ class MLXBackend:
         self.n_layers = len(self.model.layers)
         self.hidden_size = int(self.config["hidden_size"])
         self.dtype, self.device = loaded.dtype, loaded.device
-        configs = [SimpleNamespace(**c) for c in (self.config, generation_config(loaded.path))]
+        self.generation_config = generation_config(loaded.path)
+        configs = [SimpleNamespace(**c) for c in (self.config, self.generation_config)]
         self.stop = set(stop_token_ids(self.tokenizer, *configs))
         pad = self.tokenizer.pad_token_id
         self.pad_id = 0 if pad is None else int(pad)
@@ -55,6 +56,8 @@ class MLXBackend:
         max_new_tokens: int = 1000,
         temperature: float = 1.0,
         top_p: float = 1.0,
+        top_k: int = 0,
+        repetition_penalty: float = 1.0,
         seed: int = 0,
         steer: Steer | None = None,
         batch_size: int | None = None,
@@ -62,14 +65,14 @@ class MLXBackend:
         """Answers to chat-templated prompts, batched by length (temperature 0 is greedy)."""
         seqs = self._encode_all(prompts)
         plan = self._plan(steer)
-        sample = make_sampler(temperature, top_p)
+        sampling = Sampling(temperature, top_p, top_k, repetition_penalty)
         mx.random.seed(seed)
         out: list[str] = [""] * len(seqs)
         for idx in _chunks(seqs, batch_size or 8):
             lens = np.array([len(seqs[i]) for i in idx])
             answers = decode(
                 self.model, Batch.of([seqs[i] for i in idx], self.pad_id), prompt_lens=lens,
-                max_new_tokens=max_new_tokens, sample=sample, stop=self.stop, steer=plan,
+                max_new_tokens=max_new_tokens, sampling=sampling, stop=self.stop, steer=plan,
             )  # fmt: skip
             for i, a in zip(idx, answers, strict=True):
                 out[i] = self.decode(a.ids)
@@ -102,7 +105,7 @@ class MLXBackend:
         mx.random.seed(seed)
         (answer,) = decode(
             self.model, Batch.of([ids], self.pad_id), prompt_lens=np.array([len(ids)]),
-            max_new_tokens=max_new_tokens, sample=make_sampler(temperature, 1.0),
+            max_new_tokens=max_new_tokens, sampling=Sampling(temperature),
             stop=self.stop, steer=self._plan(steer), rows=rows, on_hidden=on_hidden,
         )  # fmt: skip
         hidden = (

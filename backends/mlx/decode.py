@@ -12,7 +12,9 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import KVCache
 
+from pertoken.backends.base import Sampling
 from pertoken.backends.mlx.batch import Batch, SteerPlan, full_pass, step_pass, window_of
+from pertoken.backends.mlx.sampling import Sampler
 
 # (batch row, answer token index, token id, hidden [len(rows), hidden] float32)
 HiddenCallback = Callable[[int, int, int, np.ndarray], None]
@@ -22,21 +24,6 @@ HiddenCallback = Callable[[int, int, int, np.ndarray], None]
 class Answer:
     ids: list[int] = field(default_factory=list)
     hidden: list[np.ndarray] = field(default_factory=list)  # per token [len(rows), hidden]
-
-
-def make_sampler(temperature: float, top_p: float) -> Callable[[mx.array], mx.array]:
-    """logits [B, vocab] -> tokens [B], in float32; temperature 0 is greedy."""
-    from mlx_lm.sample_utils import make_sampler as mlx_sampler
-
-    chain = mlx_sampler(temp=temperature, top_p=top_p)
-
-    def sample(logits: mx.array) -> mx.array:
-        logits = logits.astype(mx.float32)
-        if temperature == 0:
-            return mx.argmax(logits, axis=-1)
-        return chain(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
-
-    return sample
 
 
 class Grab:
@@ -59,7 +46,7 @@ def decode(
     *,
     prompt_lens: np.ndarray,
     max_new_tokens: int,
-    sample: Callable[[mx.array], mx.array],
+    sampling: Sampling,
     stop: set[int],
     steer: SteerPlan | None = None,
     rows: list[int] | None = None,
@@ -79,6 +66,8 @@ def decode(
     if steer is not None:
         pre = {"steer": steer.vectors, "steer_on": steer.prefill_on(batch, prompt_lens)}
         dec = {} if steer.positions == "prompt" else {"steer": steer.vectors}
+    sample = Sampler(sampling, stop)
+    sample.start(batch.ids, batch.valid)
     logits = model(batch.ids, cache, full_pass(batch, window, head="last", **pre))
     y = sample(logits[:, -1])  # [B]
     state = {"valid": batch.valid, "offset": batch.offset + T}
@@ -89,7 +78,7 @@ def decode(
         p = step_pass(state["valid"], state["offset"], window, head="last", observe=grab, **dec)
         out = model(tokens[:, None], cache, p)
         state["offset"] = state["offset"] + 1
-        return sample(out[:, -1]), grab.stacked() if grab else None
+        return sample(out[:, -1], tokens), grab.stacked() if grab else None
 
     return _loop(y, step, answers, max_new_tokens, stop, bool(rows), on_hidden)
 
