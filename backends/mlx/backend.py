@@ -9,9 +9,10 @@ import numpy as np
 
 from pertoken.backends.base import Sampling, Steer, Summaries, TokenCallback, TokenTrace
 from pertoken.backends.chat import render_chat, stop_token_ids
-from pertoken.backends.mlx.batch import Batch, SteerPlan, full_pass, window_of
+from pertoken.backends.mlx.batch import Batch, SteerPlan
 from pertoken.backends.mlx.decode import decode
 from pertoken.backends.mlx.load import DTYPES, Loaded, generation_config, load
+from pertoken.backends.mlx.prefill import CHUNK, prefill
 from pertoken.backends.mlx.summaries import summarize
 from pertoken.errors import PertokenError
 from pertoken.rows import check_capture_rows
@@ -31,6 +32,7 @@ class MLXBackend:
         self.stop = set(stop_token_ids(self.tokenizer, *configs))
         pad = self.tokenizer.pad_token_id
         self.pad_id = 0 if pad is None else int(pad)
+        self.prefill_chunk = CHUNK  # input tokens per forward over a prompt or a text
 
     @classmethod
     def load(cls, model: str, *, dtype: str | None = None, device: str | None = None):
@@ -73,6 +75,7 @@ class MLXBackend:
             answers = decode(
                 self.model, Batch.of([seqs[i] for i in idx], self.pad_id), prompt_lens=lens,
                 max_new_tokens=max_new_tokens, sampling=sampling, stop=self.stop, steer=plan,
+                chunk=self.prefill_chunk,
             )  # fmt: skip
             for i, a in zip(idx, answers, strict=True):
                 out[i] = self.decode(a.ids)
@@ -107,6 +110,7 @@ class MLXBackend:
             self.model, Batch.of([ids], self.pad_id), prompt_lens=np.array([len(ids)]),
             max_new_tokens=max_new_tokens, sampling=Sampling(temperature),
             stop=self.stop, steer=self._plan(steer), rows=rows, on_hidden=on_hidden,
+            chunk=self.prefill_chunk,
         )  # fmt: skip
         hidden = (
             np.stack(answer.hidden)
@@ -129,7 +133,7 @@ class MLXBackend:
         out = np.zeros((len(seqs), self.n_layers + 1, 3, self.hidden_size), np.float32)
         for idx in _chunks(seqs, batch_size):
             batch = Batch.of([seqs[i] for i in idx], self.pad_id)
-            out[idx] = summarize(self.model, batch, plens[idx])
+            out[idx] = summarize(self.model, batch, plens[idx], self.prefill_chunk)
         return Summaries(out[:, :, 0].copy(), out[:, :, 1].copy(), out[:, :, 2].copy())
 
     def logits(self, text: str, *, steer: Steer | None = None, prompt_len: int | None = None):
@@ -140,7 +144,7 @@ class MLXBackend:
         if plan is not None:
             plen = np.array([len(ids) if prompt_len is None else int(prompt_len)])
             kw = {"steer": plan.vectors, "steer_on": plan.prefill_on(batch, plen)}
-        out = self.model(batch.ids, None, full_pass(batch, window_of(self.model), **kw))
+        out = prefill(self.model, batch, chunk=self.prefill_chunk, head="all", **kw)
         return np.array(out[0].astype(mx.float32))
 
     def next_token_logprobs(self, prompts: list[str], *, batch_size: int = 8) -> np.ndarray:
@@ -149,8 +153,8 @@ class MLXBackend:
         out: np.ndarray | None = None
         for idx in _chunks(seqs, batch_size):
             batch = Batch.of([seqs[i] for i in idx], self.pad_id)
-            p = full_pass(batch, window_of(self.model), head="last")
-            logits = self.model(batch.ids, None, p)[:, -1].astype(mx.float32)  # [B, vocab]
+            last = prefill(self.model, batch, chunk=self.prefill_chunk, head="last")
+            logits = last[:, -1].astype(mx.float32)  # [B, vocab]
             lp = np.array(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
             out = np.zeros((len(seqs), lp.shape[1]), np.float32) if out is None else out
             out[idx] = lp

@@ -13,7 +13,8 @@ import numpy as np
 from mlx_lm.models.cache import KVCache
 
 from pertoken.backends.base import Sampling
-from pertoken.backends.mlx.batch import Batch, SteerPlan, full_pass, step_pass, window_of
+from pertoken.backends.mlx.batch import Batch, SteerPlan, step_pass, window_of
+from pertoken.backends.mlx.prefill import CHUNK, prefill
 from pertoken.backends.mlx.sampling import Sampler
 
 # (batch row, answer token index, token id, hidden [len(rows), hidden] float32)
@@ -51,11 +52,13 @@ def decode(
     steer: SteerPlan | None = None,
     rows: list[int] | None = None,
     on_hidden: HiddenCallback | None = None,
+    chunk: int = CHUNK,
 ) -> list[Answer]:
     """Generate up to `max_new_tokens` per row; stop tokens end a row and are not kept.
 
     With `rows`, each answer token's hidden state at those rows is captured at the token's
-    own position (one extra forward when `max_new_tokens` ends an answer)."""
+    own position (one extra forward when `max_new_tokens` ends an answer). The prompts are
+    prefilled `chunk` tokens at a time."""
     B, T = batch.ids.shape
     answers = [Answer() for _ in range(B)]
     if max_new_tokens <= 0:
@@ -68,7 +71,7 @@ def decode(
         dec = {} if steer.positions == "prompt" else {"steer": steer.vectors}
     sample = Sampler(sampling, stop)
     sample.start(batch.ids, batch.valid)
-    logits = model(batch.ids, cache, full_pass(batch, window, head="last", **pre))
+    logits = prefill(model, batch, chunk=chunk, cache=cache, head="last", **pre)
     y = sample(logits[:, -1])  # [B]
     state = {"valid": batch.valid, "offset": batch.offset + T}
 
