@@ -121,6 +121,11 @@ class Backend(Protocol):
         """Load a Hugging Face hub id or a local folder."""
         ...
 
+    @classmethod
+    def choose(cls, model: str, *, dtype: str | None, device: str | None) -> tuple[str, str]:
+        """(device, dtype) that `load` will pick, without loading the model."""
+        ...
+
     def chat_prompt(self, system: str | None, user: str) -> str:
         """The chat-templated prompt with the generation prompt added."""
         ...

@@ -102,12 +102,18 @@ def hub_reachable(timeout: float = PROBE_TIMEOUT) -> bool:
 
 def in_cache(model: str) -> bool:
     """Whether the hub cache holds a snapshot of `model` (its config.json)."""
+    return cached_file(model, "config.json") is not None
+
+
+def cached_file(model: str, name: str) -> Path | None:
+    """A file of hub id `model` in the hub cache, if it is there."""
     from huggingface_hub import try_to_load_from_cache
 
     try:
-        return isinstance(try_to_load_from_cache(model, "config.json"), str)
+        found = try_to_load_from_cache(model, name)
     except ValueError:  # not a valid repo id
-        return False
+        return None
+    return Path(found) if isinstance(found, str) else None
 
 
 def _looks_local(model: str) -> bool:

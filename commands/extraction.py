@@ -192,48 +192,62 @@ def _trait_name(trait: str) -> str:
 @model_options(default_model="auto")
 @trait_option
 @click.option("--out", "-o", default="runs", show_default=True, help="Root of the run folders.")
-@click.option("--n-per-question", default=10, show_default=True)
-@click.option("--max-new-tokens", default=1000, show_default=True)
+@click.option("--n-per-question", default=10, show_default=True, help="Samples per question.")
+@click.option("--max-new-tokens", default=1000, show_default=True, help="Most tokens per answer.")
+@click.option("--temperature", type=float, default=None, help="Default 1.0 (0 when n is 1).")
+@sampler_option
+@click.option("--seed", default=0, show_default=True, help="Sampling seed.")
 @click.option("--batch-size", type=int, default=None, help="Rows per batch (32 on CUDA, else 16).")
 @judge_options
-@click.option("--threshold", default=50.0, show_default=True)
-def run(
-    model,
-    backend,
-    dtype,
-    device,
-    trait,
-    out,
-    n_per_question,
-    max_new_tokens,
-    batch_size,
-    judge_model,
-    base_url,
-    concurrency,
-    threshold,
-):
+@click.option("--cache", default=None, help="Score cache (default ~/.cache/pertoken/judge.sqlite).")
+@click.option(
+    "--threshold", default=50.0, show_default=True, help="Trait score cut T for keeping a pair."
+)
+def run(model, backend, dtype, device, trait, out, **options):
     """Generate, judge and extract in one resumable run (model auto: gemma-2-9b-it)."""
+    import time
+
     from pertoken.pipeline.run import default_model, run_pipeline
 
+    start = time.perf_counter()
     if model == "auto":
         model = default_model(backend)
+    click.echo(_run_banner(model, backend, dtype, device, trait, out, options))
+
+    def stage_done(stage: str, status: str, seconds: float) -> None:
+        click.echo(f"{stage:12s} {seconds:7.1f}s  {status}")
+
     r = run_pipeline(
         model=model,
         trait=trait,
         backend=backend,
         out=out,
-        n_per_question=n_per_question,
-        max_new_tokens=max_new_tokens,
-        judge_model=judge_model,
-        base_url=base_url,
-        threshold=threshold,
-        concurrency=concurrency,
-        batch_size=batch_size,
         dtype=dtype,
         device=device,
+        on_stage=stage_done,
+        **options,
     )
-    for stage, (status, seconds) in r.stages.items():
-        click.echo(f"{stage:12s} {seconds:7.1f}s  {status}")
     click.echo(f"pairs kept: {r.pairs_kept} of {r.pairs_total}")
     for p in r.vectors.values():
         click.echo(str(p))
+    click.echo(f"done in {time.perf_counter() - start:.1f}s")
+
+
+def _run_banner(model, backend, dtype, device, trait, out, options) -> str:
+    """What `run` will use and where it writes, before any work starts."""
+    from pertoken.backends import choose_settings
+    from pertoken.pipeline.banner import banner, judge_endpoint
+    from pertoken.pipeline.run import run_folder
+    from pertoken.traits import load_trait
+
+    name, device, dtype = choose_settings(model, backend, dtype=dtype, device=device)
+    judge = options["judge_model"]
+    return banner(
+        model=model,
+        backend=name,
+        device=device,
+        dtype=dtype,
+        judge=judge,
+        endpoint=judge_endpoint(judge, options["base_url"]),
+        folder=run_folder(out, model, load_trait(trait).name),
+    )

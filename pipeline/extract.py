@@ -45,16 +45,21 @@ def extract_vectors(
     batch_size: int = 8,
     min_pairs: int = 1,
     judge_model: str | None = None,
+    progress: bool = True,
 ) -> dict[str, Path]:
     """Write the three `{trait}_{kind}_diff.pt` vectors (+ JSON sidecars) and return their paths.
 
     threshold T (default 50) filters pairs; fewer than min_pairs kept pairs is an error.
     judge_model for the sidecar defaults to the one the judge recorded beside pos_csv.
     """
+    from tqdm import tqdm
+
     trait = getattr(trait, "name", trait)
     pairs = pair_rows(pos_csv, neg_csv, trait=trait, threshold=threshold, min_pairs=min_pairs)
-    pos = _mean_summaries(backend, pairs.pos, batch_size)
-    neg = _mean_summaries(backend, pairs.neg, batch_size)
+    total = len(pairs.pos) + len(pairs.neg)
+    with tqdm(total=total, unit="row", desc="extract", disable=not progress) as bar:
+        pos = _mean_summaries(backend, pairs.pos, batch_size, bar)
+        neg = _mean_summaries(backend, pairs.neg, batch_size, bar)
     meta = {
         "model": backend.model_id,
         "backend": backend.name,
@@ -141,7 +146,7 @@ def _too_few(kept, total, pos, neg, trait, t) -> str:
     )
 
 
-def _mean_summaries(backend, rows: list[dict], batch_size: int) -> dict[str, np.ndarray]:
+def _mean_summaries(backend, rows: list[dict], batch_size: int, bar) -> dict[str, np.ndarray]:
     """Mean over rows of each per-sample summary, {kind: [n_layers + 1, hidden] float64}."""
     sums = {k: 0.0 for k in KINDS}
     chunk = max(batch_size, 1) * 8  # bounds memory: N x [n_layers + 1, hidden] per call
@@ -152,6 +157,7 @@ def _mean_summaries(backend, rows: list[dict], batch_size: int) -> dict[str, np.
         )
         for k in KINDS:
             sums[k] = sums[k] + np.asarray(getattr(s, k), dtype=np.float64).sum(axis=0)
+        bar.update(len(part))
     return {k: v / len(rows) for k, v in sums.items()}
 
 

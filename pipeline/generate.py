@@ -96,12 +96,14 @@ def generate_csv(
     batch_size: int | None = None,
     seed: int = 0,
     progress: bool = True,
+    label: str | None = None,
 ) -> GenerateResult:
     """Write the generation CSV for one polarity (or the eval questions), resuming any earlier run.
 
     temperature defaults to 1.0, or 0 (greedy) when n_per_question is 1; sampler `model` samples
     with the checkpoint's generation_config (pipeline.sampling). batch_size (rows generated and
-    saved together) defaults to 32 on CUDA, else 16.
+    saved together) defaults to 32 on CUDA, else 16. label names the progress bar (default
+    `generate pos`, `generate neg` or `generate eval`).
     """
     start = time.perf_counter()
     out = Path(out)
@@ -115,8 +117,9 @@ def generate_csv(
     if todo:
         out.parent.mkdir(parents=True, exist_ok=True)
         opts = dict(max_new_tokens=max_new_tokens, seed=seed, **sampling)
+        bar = dict(disable=not progress, desc=label or f"generate {'eval' if eval else polarity}")
         _run_batches(
-            backend, todo, prompts, done, side_file(out), len(specs), batch_size, opts, progress
+            backend, todo, prompts, done, side_file(out), len(specs), batch_size, opts, bar
         )
     if todo or not is_complete(out, specs):
         _write_final(out, trait.name, specs, prompts, done)
@@ -173,18 +176,11 @@ def _read_side(path: Path) -> list[dict]:
     return rows
 
 
-def _run_batches(backend, todo, prompts, done, side, total, batch_size, opts, progress):
+def _run_batches(backend, todo, prompts, done, side, total, batch_size, opts, bar_opts):
     from tqdm import tqdm
 
     n_tokens, t0 = 0, time.perf_counter()
-    bar = tqdm(
-        total=total,
-        initial=total - len(todo),
-        unit="row",
-        disable=not progress,
-        desc="generate",
-        dynamic_ncols=True,
-    )
+    bar = tqdm(total=total, initial=total - len(todo), unit="row", dynamic_ncols=True, **bar_opts)
     with side.open("a", encoding="utf-8") as f, bar:
         for b in range(0, len(todo), batch_size):
             batch = todo[b : b + batch_size]

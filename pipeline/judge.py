@@ -107,12 +107,14 @@ def judge_csv(
     cache: str | Path | None = None,
     out: str | Path | None = None,
     progress: bool = True,
+    label: str = "judge",
 ) -> JudgeReport:
     """Score every row of `path` for the trait and for coherence; write `out` (default: in place).
 
     judge: an ApiJudge/LocalJudge or a function making one, called only when some score is
     not cached; default: made from judge_model / base_url.
     cache: the sqlite cache file (default ~/.cache/pertoken/judge.sqlite).
+    label names the progress bar.
     """
     start = time.perf_counter()
     header, rows = read_csv(path)
@@ -135,7 +137,7 @@ def judge_csv(
                 judge = make_judge(judge_model, base_url=base_url, concurrency=concurrency)
             elif not hasattr(judge, "run"):
                 judge = judge()  # a factory: the judge is made only when a call is needed
-            requests = _call(judge, todo, store, scores, failed, progress)
+            requests = _call(judge, todo, store, scores, failed, progress, label)
     finally:
         store.close()
     report = JudgeReport(Path(out or path), judge_model, len(rows), requests, cached)
@@ -167,10 +169,10 @@ def _todo(keys, scores, rows, metrics) -> list[tuple[str, str]]:
     return list(todo.items())
 
 
-def _call(judge, todo, store, scores, failed, progress) -> int:
+def _call(judge, todo, store, scores, failed, progress, label) -> int:
     from tqdm import tqdm
 
-    with tqdm(total=len(todo), unit="call", desc="judge", disable=not progress) as bar:
+    with tqdm(total=len(todo), unit="call", desc=label, disable=not progress) as bar:
 
         def done(key, score):
             store.put(key, score)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,6 +48,9 @@ class RunOptions:
     out: str | Path = "runs"
     n_per_question: int = 10
     max_new_tokens: int = 1000
+    temperature: float | None = None  # 1.0, or 0 when n_per_question is 1
+    sampler: str = "plain"
+    seed: int = 0
     judge_model: str = DEFAULT_JUDGE
     base_url: str | None = None
     threshold: float = 50
@@ -56,6 +60,7 @@ class RunOptions:
     dtype: str | None = None
     device: str | None = None
     progress: bool = True
+    on_stage: Callable[[str, str, float], None] | None = None  # (stage, status, seconds)
 
 
 def run_pipeline(**options) -> RunReport:
@@ -63,6 +68,7 @@ def run_pipeline(**options) -> RunReport:
 
     Options (keyword-only) are RunOptions' fields: model and trait are required; the others
     default to 10 samples per question, 1000 new tokens, the default judge, threshold 50.
+    on_stage(stage, status, seconds) is called as each stage ends.
     """
     return _Run(RunOptions(**options)).run()
 
@@ -79,13 +85,18 @@ class _Run:
 
     def run(self) -> RunReport:
         o, stages = self.opts, {}
+
+        def stage(name: str, complete: bool, work, *args) -> None:
+            stages[name] = _stage(complete, work, *args)
+            if o.on_stage is not None:
+                o.on_stage(name, *stages[name])
+
         for pol, path in self.csvs.items():
             specs = plan_rows(self.kit, polarity=pol, n_per_question=o.n_per_question)
-            stages[f"generate {pol}"] = _stage(is_complete(path, specs), self.generate, pol)
+            stage(f"generate {pol}", is_complete(path, specs), self.generate, pol)
         for pol, path in self.csvs.items():
-            stages[f"judge {pol}"] = _stage(_judged(path, o.judge_model), self.judge, path)
-        done = _extracted(self.paths, self.csvs, o.threshold)
-        stages["extract"] = _stage(done, self.extract)
+            stage(f"judge {pol}", _judged(path, o.judge_model), self.judge, pol)
+        stage("extract", _extracted(self.paths, self.csvs, o.threshold), self.extract)
         meta = json.loads(self.paths["response_avg"].with_suffix(".json").read_text())
         return RunReport(self.folder, self.paths, meta["pairs_kept"], meta["pairs_total"], stages)
 
@@ -119,19 +130,24 @@ class _Run:
             polarity=pol,
             n_per_question=o.n_per_question,
             max_new_tokens=o.max_new_tokens,
+            temperature=o.temperature,
+            sampler=o.sampler,
             batch_size=o.batch_size,
+            seed=o.seed,
             progress=o.progress,
+            label=f"generate {pol}",
         )
 
-    def judge(self, path: Path):
+    def judge(self, pol: str):
         o = self.opts
         return judge_csv(
-            path,
+            self.csvs[pol],
             trait=self.kit,
             judge_model=o.judge_model,
             judge=self.make_judge,
             cache=o.cache,
             progress=o.progress,
+            label=f"judge {pol}",
         )
 
     def extract(self):
@@ -144,6 +160,7 @@ class _Run:
             threshold=o.threshold,
             save_dir=self.paths["prompt_avg"].parent,
             judge_model=o.judge_model,
+            progress=o.progress,
         )
 
 

@@ -208,3 +208,13 @@ def test_cli_missing_api_key_is_an_error_before_generating(tmp_path, llama_dir, 
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 1 and "OPENAI_API_KEY" in result.output
     assert not (tmp_path / "ev" / "answers.csv").exists()
+
+
+def test_model_sampler_is_used_and_is_part_of_the_sweep_identity(tmp_path):
+    backend = FakeBackend()
+    backend.generation_config = {"do_sample": True, "temperature": 0.7, "top_p": 0.9}
+    sweep(backend, tmp_path, FakeJudge(), sampler="model")
+    used = {(o["temperature"], o["top_p"], o["top_k"]) for _, _, o in backend.calls}
+    assert used == {(0.7, 0.9, 50)}
+    with pytest.raises(PertokenError, match="other settings.*temperature: 0.7 -> 1.0"):
+        sweep(FakeBackend(), tmp_path, FakeJudge())

@@ -17,10 +17,11 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from pertoken.backends import load_backend
+from pertoken.backends import Steer, load_backend
 from pertoken.cli import main
 from pertoken.pipeline.generate import generate_csv
 from pertoken.pipeline.sampling import sampling_options
+from pertoken.pipeline.steer import steer_compare
 from pertoken.traits import load_trait
 from tests.pipeline_fakes import RecordingBackend
 from tests.reference import chat_prompts
@@ -185,3 +186,11 @@ def test_cli_sampler_model_follows_the_checkpoint(name, llama_dir, tmp_path):
     greedy = b.generate([rows["model"][0]["prompt"]], max_new_tokens=6, temperature=0)[0]
     assert [r["answer"] for r in rows["model"]] == [greedy] * 3
     assert [r["answer"] for r in rows["plain"]] != [greedy] * 3  # plain samples at 1.0
+
+
+def test_steer_uses_the_model_sampler():
+    fake = RecordingBackend()
+    fake.generation_config = {"top_k": 3, "repetition_penalty": 1.2}
+    steer_compare(fake, "hi", steer=Steer.single(1, np.ones(16), 1.0), sampler="model")
+    used = [(c["temperature"], c["top_k"], c["repetition_penalty"]) for c in fake.generate_calls]
+    assert used == [(0.0, 3, 1.2)] * 2  # greedy: the config does not set do_sample

@@ -11,7 +11,15 @@ from pertoken.backends.base import Sampling, Steer, Summaries, TokenCallback, To
 from pertoken.backends.chat import render_chat, stop_token_ids
 from pertoken.backends.mlx.batch import Batch, SteerPlan
 from pertoken.backends.mlx.decode import decode
-from pertoken.backends.mlx.load import DTYPES, Loaded, generation_config, load
+from pertoken.backends.mlx.load import (
+    DTYPES,
+    Loaded,
+    generation_config,
+    load,
+    local_config,
+    pick_device,
+    pick_dtype,
+)
 from pertoken.backends.mlx.prefill import CHUNK, prefill
 from pertoken.backends.mlx.summaries import summarize
 from pertoken.errors import PertokenError
@@ -38,6 +46,13 @@ class MLXBackend:
     def load(cls, model: str, *, dtype: str | None = None, device: str | None = None):
         """Load a Hugging Face folder or hub id, or an mlx-community quantized repo."""
         return cls(load(model, dtype=dtype, device=device))
+
+    @classmethod
+    def choose(cls, model: str, *, dtype: str | None = None, device: str | None = None):
+        """(device, dtype) that `load` will pick; the checkpoint's half type is read from its
+        config when it is on disk, else bfloat16 is assumed."""
+        device = pick_device(device)
+        return device, pick_dtype(dtype, local_config(model), device)
 
     # ------------------------------------------------------------------ text
     def chat_prompt(self, system: str | None, user: str) -> str:

@@ -10,7 +10,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from pertoken.backends.mlx.models import check_supported, get_classes
-from pertoken.backends.source import check_folder, locate
+from pertoken.backends.source import cached_file, check_folder, locate
 from pertoken.errors import PertokenError
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
@@ -54,6 +54,16 @@ def read_config(path: Path) -> dict:
     except (OSError, ValueError) as e:
         msg = f"cannot read {path / 'config.json'}: {e}; is this a model folder?"
         raise PertokenError(msg) from None
+
+
+def local_config(model: str) -> dict:
+    """config.json of a local folder or of a hub snapshot in the cache ({} when neither)."""
+    path = Path(model).expanduser() / "config.json"
+    path = path if path.is_file() else cached_file(model, "config.json")
+    try:
+        return json.loads(path.read_text()) if path else {}
+    except (OSError, ValueError):
+        return {}
 
 
 def pick_device(device: str | None) -> str:

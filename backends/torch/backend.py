@@ -45,6 +45,12 @@ class TorchBackend:
         model_id = Path(model).name if Path(model).expanduser().is_dir() else model
         return cls(lm, tok, model_id=model_id, dtype=dtype, device=device)
 
+    @classmethod
+    def choose(cls, model: str, *, dtype: str | None = None, device: str | None = None):
+        """(device, dtype) that `load` will pick."""
+        device = pick_device(device)
+        return device, pick_dtype(dtype, device)
+
     # ------------------------------------------------------------------ text
     def chat_prompt(self, system: str | None, user: str) -> str:
         return render_chat(self.tokenizer, system, user)
