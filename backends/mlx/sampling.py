@@ -17,11 +17,11 @@ class Sampler:
     def __init__(self, s: Sampling, stop: set[int]):
         self.s, self.stop = s, sorted(stop)
         self.seen: mx.array | None = None  # [B, vocab] bool, only with a penalty
-        self.prompt: tuple[np.ndarray, np.ndarray] | None = None
+        self.prompt: tuple[mx.array, mx.array] | None = None
 
     def start(self, ids: mx.array, valid: mx.array) -> None:
         """The prompt tokens (ids, valid [B, T]) count as seen, padding does not."""
-        self.prompt = (np.array(ids), np.array(valid))
+        self.prompt = (ids, valid)
 
     def __call__(self, logits: mx.array, fed: mx.array | None = None) -> mx.array:
         """logits [B, vocab] -> tokens [B]. `fed` [B]: the tokens just fed to the model (None on
@@ -38,7 +38,7 @@ class Sampler:
 
     def _seen(self, V: int, fed: mx.array | None) -> mx.array:
         if self.seen is None:
-            ids, valid = self.prompt
+            ids, valid = (np.array(a) for a in self.prompt)
             seen = np.zeros((ids.shape[0], V), dtype=bool)
             rows = np.broadcast_to(np.arange(ids.shape[0])[:, None], ids.shape)
             seen[rows[valid], ids[valid]] = True
