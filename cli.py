@@ -127,15 +127,39 @@ def positions_option(f):
     )(f)
 
 
-def generation_options(default_tokens: int):
+def sampler_option(f):
+    return click.option(
+        "--sampler",
+        type=click.Choice(["plain", "model"]),
+        default="plain",
+        show_default=True,
+        help="plain: --temperature only; model: the checkpoint's generation_config (top_k, "
+        "top_p, repetition penalty; its temperature unless --temperature), as transformers' "
+        "generate.",
+    )(f)
+
+
+def generation_options(default_tokens: int, sampler: bool = False):
+    """--system, --max-new-tokens, --seed, --temperature (greedy by default); with `sampler`,
+    also --sampler, and the temperature left to it when not given."""
+
     def wrap(f):
         f = click.option("--system", default=None, help="System prompt.")(f)
-        f = click.option("--max-new-tokens", default=default_tokens, show_default=True, type=int)(f)
-        f = click.option("--seed", default=0, show_default=True, type=int)(f)
         f = click.option(
+            "--max-new-tokens",
+            default=default_tokens,
+            show_default=True,
+            type=int,
+            help="Most tokens per answer.",
+        )(f)
+        f = click.option("--seed", default=0, show_default=True, type=int, help="Sampling seed.")(f)
+        if sampler:
+            f = sampler_option(f)
+            help_ = "Default 0 (greedy); with --sampler model, the checkpoint's."
+            return click.option("--temperature", default=None, type=float, help=help_)(f)
+        return click.option(
             "--temperature", default=0.0, show_default=True, type=float, help="0 is greedy."
         )(f)
-        return f
 
     return wrap
 

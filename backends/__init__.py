@@ -119,6 +119,14 @@ def backend_class(name: str = "auto") -> type[Backend]:
     return getattr(importlib.import_module(entry.module), entry.cls)
 
 
+def choose_settings(
+    model: str, backend: str = "auto", *, dtype: str | None = None, device: str | None = None
+) -> tuple[str, str, str]:
+    """(backend, device, dtype) that `load_backend` will use, without loading the model."""
+    cls = backend_class(backend)
+    return (cls.name, *cls.choose(model, dtype=dtype, device=device))
+
+
 def load_backend(
     model: str, backend: str = "auto", *, dtype: str | None = None, device: str | None = None
 ) -> Backend:

@@ -78,6 +78,17 @@ def row_uniforms(seeds: list[int], n_steps: int) -> np.ndarray:
     return np.stack([np.random.default_rng(int(s)).random(n_steps) for s in seeds])
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How each next token is chosen, in transformers' order: repetition penalty, then
+    temperature, top-k and top-p. The first answer token is never a stop token."""
+
+    temperature: float = 1.0  # 0 is greedy
+    top_p: float = 1.0  # 1 keeps every token
+    top_k: int = 0  # 0 keeps every token
+    repetition_penalty: float = 1.0  # > 1 discourages prompt and answer tokens already seen
+
+
 class Summaries(NamedTuple):
     """Per-sample means of the residual stream, each [N, n_layers + 1, hidden] float32."""
 
@@ -111,10 +122,16 @@ class Backend(Protocol):
     model_type: str  # the config's model_type: "llama", "gemma2", ...
     dtype: str  # "float32", "bfloat16", ...
     device: str  # "cuda", "cpu", "mps", "gpu"
+    generation_config: dict  # the checkpoint's generation_config.json (may be empty)
 
     @classmethod
     def load(cls, model: str, *, dtype: str | None = None, device: str | None = None) -> Backend:
         """Load a Hugging Face hub id or a local folder."""
+        ...
+
+    @classmethod
+    def choose(cls, model: str, *, dtype: str | None, device: str | None) -> tuple[str, str]:
+        """(device, dtype) that `load` will pick, without loading the model."""
         ...
 
     def chat_prompt(self, system: str | None, user: str) -> str:
@@ -134,12 +151,14 @@ class Backend(Protocol):
         max_new_tokens: int = 1000,
         temperature: float = 1.0,
         top_p: float = 1.0,
+        top_k: int = 0,
+        repetition_penalty: float = 1.0,
         seed: int = 0,
         steer: Steer | None = None,
         batch_size: int | None = None,
         seeds: list[int] | None = None,
     ) -> list[str]:
-        """Answers to chat-templated prompts (temperature 0 is greedy).
+        """Answers to chat-templated prompts (temperature 0 is greedy; see Sampling).
 
         seeds: one per prompt; each prompt then samples from its own stream (row_uniforms),
         whatever else is in its batch. Without them the batch samples from `seed`."""

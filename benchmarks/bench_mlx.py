@@ -21,10 +21,10 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from pertoken.backends.base import Steer
+from pertoken.backends.base import Sampling, Steer
 from pertoken.backends.mlx import MLXBackend
 from pertoken.backends.mlx.batch import Batch, SteerPlan
-from pertoken.backends.mlx.decode import decode, make_sampler
+from pertoken.backends.mlx.decode import decode
 from pertoken.backends.mlx.load import DTYPES
 
 
@@ -84,7 +84,7 @@ def pertoken_generate(b: MLXBackend, seqs, new: int, steer: Steer, rows: list[in
         Batch.of(seqs, b.pad_id),
         prompt_lens=np.array([len(s) for s in seqs]),
         max_new_tokens=new,
-        sample=make_sampler(0.0, 1.0),
+        sampling=Sampling(0.0),
         stop=set(),  # random weights: always run to length
         steer=plan,
         rows=rows,

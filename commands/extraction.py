@@ -9,6 +9,7 @@ from pertoken.cli import (
     judge_options,
     main,
     model_options,
+    sampler_option,
     trait_option,
 )
 from pertoken.errors import PertokenError
@@ -67,6 +68,7 @@ def traits_show(name):
 @click.option("--n-per-question", default=10, show_default=True, help="Samples per prompt.")
 @click.option("--max-new-tokens", default=1000, show_default=True)
 @click.option("--temperature", type=float, default=None, help="Default 1.0 (0 when n is 1).")
+@sampler_option
 @click.option("--batch-size", type=int, default=None, help=BATCH_HELP)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="CSV to write.")
@@ -81,6 +83,7 @@ def generate(
     n_per_question,
     max_new_tokens,
     temperature,
+    sampler,
     batch_size,
     seed,
     out,
@@ -105,6 +108,7 @@ def generate(
             n_per_question=n_per_question,
             max_new_tokens=max_new_tokens,
             temperature=temperature,
+            sampler=sampler,
             batch_size=batch_size,
             seed=seed,
         )
@@ -243,63 +247,54 @@ def _trait_name(trait: str) -> str:
 @model_options(default_model="auto")
 @trait_option
 @click.option("--out", "-o", default="runs", show_default=True, help="Root of the run folders.")
-@click.option("--n-per-question", default=10, show_default=True)
-@click.option("--max-new-tokens", default=1000, show_default=True)
+@click.option("--n-per-question", default=10, show_default=True, help="Samples per question.")
+@click.option("--max-new-tokens", default=1000, show_default=True, help="Most tokens per answer.")
+@click.option("--temperature", type=float, default=None, help="Default 1.0 (0 when n is 1).")
+@sampler_option
+@click.option("--seed", default=0, show_default=True, help="Sampling seed.")
 @click.option("--batch-size", type=int, default=None, help=BATCH_HELP)
 @judge_options
-@click.option("--threshold", default=50.0, show_default=True)
+@click.option("--cache", default=None, help="Score cache (default ~/.cache/pertoken/judge.sqlite).")
+@click.option(
+    "--threshold", default=50.0, show_default=True, help="Trait score cut T for keeping a pair."
+)
 @method_option
-def run(
-    model,
-    backend,
-    dtype,
-    device,
-    trait,
-    out,
-    n_per_question,
-    max_new_tokens,
-    batch_size,
-    judge_model,
-    base_url,
-    concurrency,
-    coherence_prompt,
-    max_consecutive_failures,
-    threshold,
-    method,
-):
+def run(model, backend, dtype, device, trait, out, **options):
     """Generate, judge, extract and vet in one resumable run (model auto: Gemma 2 9B-it)."""
+    import time
+
     from pertoken.backends import default_model, describe_choice
     from pertoken.pipeline.judge import read_rubric
     from pertoken.pipeline.run import run_pipeline
 
+    start = time.perf_counter()
     given = model != "auto"
     model = model if given else default_model(backend)
-    click.echo(describe_choice(backend, model if given else None))
-    batch_size = batch_size or _memory_batch(model, backend, dtype, max_new_tokens)
+    why = describe_choice(backend, model if given else None)
+    click.echo(_run_banner(model, backend, dtype, device, trait, out, options, why))
+    if options["batch_size"] is None:
+        options["batch_size"] = _memory_batch(model, backend, dtype, options["max_new_tokens"])
+    rubric = options["coherence_prompt"]
+    options["coherence_prompt"] = read_rubric(rubric) if rubric else None
+
+    def stage_done(stage: str, status: str, seconds: float) -> None:
+        click.echo(f"{stage:12s} {seconds:7.1f}s  {status}")
+
     r = run_pipeline(
         model=model,
         trait=trait,
         backend=backend,
         out=out,
-        n_per_question=n_per_question,
-        max_new_tokens=max_new_tokens,
-        judge_model=judge_model,
-        base_url=base_url,
-        threshold=threshold,
-        concurrency=concurrency,
-        batch_size=batch_size,
         dtype=dtype,
         device=device,
-        method=method,
-        coherence_prompt=read_rubric(coherence_prompt) if coherence_prompt else None,
-        max_consecutive_failures=max_consecutive_failures,
+        on_stage=stage_done,
+        **options,
     )
-    for stage, (status, seconds) in r.stages.items():
-        click.echo(f"{stage:12s} {seconds:7.1f}s  {status}")
     click.echo(f"pairs kept: {r.pairs_kept} of {r.pairs_total}")
     for p in r.vectors.values():
         click.echo(str(p))
     _echo_report(r.report)
+    click.echo(f"done in {time.perf_counter() - start:.1f}s")
 
 
 def _echo_report(path) -> None:
@@ -312,3 +307,24 @@ def _echo_report(path) -> None:
     for line in summary_lines(load_report(path)):
         click.echo(line)
     click.echo(f"report: {path.with_suffix('.md')}")
+
+
+def _run_banner(model, backend, dtype, device, trait, out, options, why: str) -> str:
+    """What `run` will use and where it writes, before any work starts."""
+    from pertoken.backends import choose_settings
+    from pertoken.pipeline.banner import banner, judge_endpoint
+    from pertoken.pipeline.run import run_folder
+    from pertoken.traits import load_trait
+
+    name, device, dtype = choose_settings(model, backend, dtype=dtype, device=device)
+    judge = options["judge_model"]
+    return banner(
+        model=model,
+        backend=name,
+        device=device,
+        dtype=dtype,
+        judge=judge,
+        endpoint=judge_endpoint(judge, options["base_url"]),
+        folder=run_folder(out, model, load_trait(trait).name),
+        why={"backend": why},
+    )

@@ -11,6 +11,7 @@ from pertoken.cli import (
     main,
     model_options,
     positions_option,
+    sampler_option,
     trait_option,
 )
 from pertoken.errors import PertokenError
@@ -22,7 +23,7 @@ from pertoken.errors import PertokenError
 @click.option("--layer", "layers", multiple=True, required=True, type=int, help="Row to steer at.")
 @click.option("--coef", "coefs", multiple=True, required=True, type=float, help="Coefficient.")
 @positions_option
-@generation_options(200)
+@generation_options(200, sampler=True)
 @click.argument("prompt")
 def steer(model, backend, dtype, device, vectors, layers, coefs, positions, prompt, **gen):
     """Print a steered answer beside the unsteered one (same seed).
@@ -61,6 +62,7 @@ def steer(model, backend, dtype, device, vectors, layers, coefs, positions, prom
 @click.option("--n-per-question", default=10, show_default=True, help="Samples per question.")
 @click.option("--max-new-tokens", default=1000, show_default=True)
 @click.option("--temperature", type=float, default=None, help="Default 1.0 (0 when n is 1).")
+@sampler_option
 @positions_option
 @click.option("--batch-size", default=16, show_default=True)
 @click.option("--seed", default=0, show_default=True)
@@ -83,6 +85,7 @@ def eval_(
     n_per_question,
     max_new_tokens,
     temperature,
+    sampler,
     positions,
     batch_size,
     seed,
@@ -119,6 +122,7 @@ def eval_(
         n_per_question=n_per_question,
         max_new_tokens=max_new_tokens,
         temperature=temperature,
+        sampler=sampler,
         positions=positions,
         batch_size=batch_size,
         seed=seed,

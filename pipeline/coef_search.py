@@ -25,6 +25,7 @@ from pertoken.backends.base import Steer
 from pertoken.errors import PertokenError
 from pertoken.lock import output_lock
 from pertoken.pipeline import evaluate as ev
+from pertoken.pipeline.sampling import sampling_options
 from pertoken.pipeline.sweep_plot import Point, plot_points, point
 from pertoken.rows import check_steer_row
 from pertoken.vectors import PersonaVector
@@ -76,6 +77,7 @@ def search_coefs(
     n_per_question: int = 10,
     max_new_tokens: int = 1000,
     temperature: float | None = None,
+    sampler: str = "plain",
     positions: str = "response",
     batch_size: int = 16,
     seed: int = 0,
@@ -86,18 +88,20 @@ def search_coefs(
     sweep.png) and return the result; sampling options as `evaluate`."""
     start = time.perf_counter()
     _check_inputs(backend, vector, layers, n_per_question, vector_path)
-    if temperature is None:
-        temperature = 1.0 if n_per_question > 1 else 0.0
+    default = 1.0 if n_per_question > 1 else 0.0
+    draw = sampling_options(backend, sampler, temperature, default=default)
     sampling = dict(
         n_per_question=n_per_question,
         max_new_tokens=max_new_tokens,
         seed=seed,
-        temperature=temperature,
         positions=positions,
+        **draw,
     )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     settings = ev.sweep_settings(backend, trait, vector_path=vector_path, **sampling)
+    if sampler != "plain":  # as evaluate: a plain sweep keeps the identity it always had
+        settings |= {"sampler": sampler, **draw}
     with output_lock(out, folder=True):  # one search or sweep at a time in a folder
         ev.claim_folder(out, trait.name, settings, judge)
         store = _Store(
@@ -173,7 +177,8 @@ class _Store:
         questions = self.trait.eval_questions
         prompts = [self.backend.chat_prompt(None, questions[i]) for i, _ in todo]
         steer = Steer.single(layer, self.vector.row(layer), coef, self.sampling["positions"])
-        gen = {k: self.sampling[k] for k in ("max_new_tokens", "temperature")}
+        skip = ("n_per_question", "seed", "positions")
+        gen = {k: v for k, v in self.sampling.items() if k not in skip}
         answers, size = [], self.batch_size
         desc = f"layer {layer} coef {coef:g}"
         for b in tqdm(range(0, len(prompts), size), desc=desc, disable=not self.progress):

@@ -21,6 +21,7 @@ from pertoken.backends.base import Steer
 from pertoken.errors import PertokenError
 from pertoken.lock import output_lock
 from pertoken.pipeline.csvio import parse_score, read_table, write_csv_atomic
+from pertoken.pipeline.sampling import sampling_options
 from pertoken.rows import check_steer_row
 from pertoken.traits import require_eval_questions
 from pertoken.vectors import PersonaVector, check_coef
@@ -75,6 +76,7 @@ def evaluate(
     n_per_question: int = 10,
     max_new_tokens: int = 1000,
     temperature: float | None = None,
+    sampler: str = "plain",
     positions: str = "response",
     batch_size: int = 16,
     seed: int = 0,
@@ -83,28 +85,29 @@ def evaluate(
 ) -> EvalResult:
     """Run (or resume) the sweep into `out_dir`: answers.csv, summary.csv and sweep.png.
 
-    temperature defaults to 1.0, or 0 (greedy) when n_per_question is 1; positions as Steer
-    ("response" steers the answer's tokens, as upstream's evaluation does).
+    temperature defaults to 1.0, or 0 (greedy) when n_per_question is 1; sampler `model` samples
+    with the checkpoint's generation_config (pipeline.sampling); positions as Steer ("response"
+    steers the answer's tokens, as upstream's evaluation does).
     """
     start = time.perf_counter()
     require_eval_questions(trait)
     _check_inputs(backend, vector, layers, coefs, n_per_question, vector_path)
     out = Path(out_dir)
-    if temperature is None:
-        temperature = 1.0 if n_per_question > 1 else 0.0
+    default = 1.0 if n_per_question > 1 else 0.0
+    sampling = sampling_options(backend, sampler, temperature, default=default)
     settings = sweep_settings(
         backend,
         trait,
         vector_path=vector_path,
         n_per_question=n_per_question,
         max_new_tokens=max_new_tokens,
-        temperature=temperature,
+        temperature=sampling["temperature"],
         positions=positions,
         seed=seed,
     )
-    gen = dict(
-        max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, batch_size=batch_size
-    )
+    if sampler != "plain":  # a plain sweep keeps the identity it always had
+        settings |= {"sampler": sampler, **sampling}
+    gen = dict(max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, **sampling)
     with output_lock(out, folder=True):  # one sweep at a time in a folder
         rows = _resume(out, trait.name, settings, getattr(judge, "identity", None))
         todo = [(L, c) for L in layers for c in coefs if not _has_setting(rows, L, c)]
@@ -189,8 +192,11 @@ def _check_settings(path: Path, settings: dict) -> dict | None:
         return None
     made = {k: v for k, v in old.items() if k != "judge"}
     if made != settings:
+        keys = [*settings, *(k for k in made if k not in settings)]
         diff = ", ".join(
-            f"{k}: {old.get(k)!r} -> {v!r}" for k, v in settings.items() if old.get(k) != v
+            f"{k}: {made.get(k)!r} -> {settings.get(k)!r}"
+            for k in keys
+            if made.get(k) != settings.get(k)
         )
         raise PertokenError(
             f"{path.parent} holds a sweep with other settings ({diff}): choose another "

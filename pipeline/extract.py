@@ -59,6 +59,7 @@ def extract_vectors(
     min_pairs: int = 1,
     judge_model: str | None = None,
     method: str = "mean_diff",
+    progress: bool = True,
 ) -> dict[str, Path]:
     """Write the three `{trait}_{kind}_diff.pt` vectors (+ JSON sidecars), the per-sample
     `{trait}_summaries.npz`, and with method "probe" `{trait}_response_avg_probe.pt`; return
@@ -67,15 +68,18 @@ def extract_vectors(
     threshold T (default 50) filters pairs; fewer than min_pairs kept pairs is an error.
     judge_model for the sidecar defaults to the one the judge recorded beside pos_csv.
     """
+    from tqdm import tqdm
+
     trait = getattr(trait, "name", trait)
     if method not in METHODS:
         raise PertokenError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
     paths = vector_paths(save_dir, trait)
     pairs = pair_rows(pos_csv, neg_csv, trait=trait, threshold=threshold, min_pairs=min_pairs)
     with output_lock(save_dir, folder=True):
-        keep = ("response_avg",)
-        pos, pos_states = collect(backend, pairs.pos, keep=keep, batch_size=batch_size)
-        neg, neg_states = collect(backend, pairs.neg, keep=keep, batch_size=batch_size)
+        keep, total = ("response_avg",), len(pairs.pos) + len(pairs.neg)
+        with tqdm(total=total, unit="row", desc="extract", disable=not progress) as bar:
+            pos, pos_states = collect(backend, pairs.pos, keep=keep, batch_size=batch_size, bar=bar)
+            neg, neg_states = collect(backend, pairs.neg, keep=keep, batch_size=batch_size, bar=bar)
         meta = _meta(backend, trait, threshold, pairs, _judged_by(pos_csv, judge_model))
         samples = from_pairs(pairs.keys, pos_states, neg_states, _summary_meta(meta))
         save_summaries(samples, summaries_path(save_dir, trait))

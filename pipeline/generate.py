@@ -18,6 +18,7 @@ from pathlib import Path
 from pertoken.errors import PertokenError
 from pertoken.lock import output_lock
 from pertoken.pipeline.csvio import columns, read_csv, sample_keys, write_csv_atomic
+from pertoken.pipeline.sampling import sampling_options
 from pertoken.traits import Trait, require_eval_questions
 
 _SIDE_KEYS = {"question", "prompt", "answer", "question_id", "sample"}
@@ -101,31 +102,36 @@ def generate_csv(
     n_per_question: int = 10,
     max_new_tokens: int = 1000,
     temperature: float | None = None,
+    sampler: str = "plain",
     batch_size: int | None = None,
     seed: int = 0,
     progress: bool = True,
+    label: str | None = None,
 ) -> GenerateResult:
     """Write the generation CSV for one polarity (or the eval questions), resuming any earlier run.
 
-    temperature defaults to 1.0, or 0 (greedy) when n_per_question is 1. batch_size (rows
-    generated and saved together) defaults to 32 on CUDA, else 16. Each row samples from
-    row_seed(seed, row), so the CSV does not depend on batching or on interruptions.
+    temperature defaults to 1.0, or 0 (greedy) when n_per_question is 1; sampler `model` samples
+    with the checkpoint's generation_config (pipeline.sampling). batch_size (rows generated and
+    saved together) defaults to 32 on CUDA, else 16. Each row samples from row_seed(seed, row),
+    so the CSV does not depend on batching or on interruptions. label names the progress bar
+    (default `generate pos`, `generate neg` or `generate eval`).
     """
     start = time.perf_counter()
     out = Path(out)
     specs = plan_rows(trait, polarity=polarity, eval=eval, n_per_question=n_per_question)
-    if temperature is None:
-        temperature = 1.0 if n_per_question > 1 else 0.0
+    default = 1.0 if n_per_question > 1 else 0.0
+    sampling = sampling_options(backend, sampler, temperature, default=default)
     batch_size = batch_size or (32 if str(backend.device).startswith("cuda") else 16)
     prompts = _prompts(backend, specs)
-    opts = dict(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    opts = dict(max_new_tokens=max_new_tokens, seed=seed, **sampling)
+    bar = dict(disable=not progress, desc=label or f"generate {'eval' if eval else polarity}")
     with output_lock(out):  # a second writer would append to the same side file
         done = _finished_rows(out, prompts)
         todo = [s for s in specs if s.key not in done]
         if todo:
             out.parent.mkdir(parents=True, exist_ok=True)
             side = side_file(out)
-            _run_batches(backend, todo, prompts, done, side, len(specs), batch_size, opts, progress)
+            _run_batches(backend, todo, prompts, done, side, len(specs), batch_size, opts, bar)
         if todo or not is_complete(out, specs):
             _write_final(out, trait.name, specs, prompts, done)
         side_file(out).unlink(missing_ok=True)  # also when killed after the final rename
@@ -181,18 +187,11 @@ def _read_side(path: Path) -> list[dict]:
     return rows
 
 
-def _run_batches(backend, todo, prompts, done, side, total, batch_size, opts, progress):
+def _run_batches(backend, todo, prompts, done, side, total, batch_size, opts, bar_opts):
     from tqdm import tqdm
 
     n_tokens, t0 = 0, time.perf_counter()
-    bar = tqdm(
-        total=total,
-        initial=total - len(todo),
-        unit="row",
-        disable=not progress,
-        desc="generate",
-        dynamic_ncols=True,
-    )
+    bar = tqdm(total=total, initial=total - len(todo), unit="row", dynamic_ncols=True, **bar_opts)
     with side.open("a", encoding="utf-8") as f, bar:
         for b in range(0, len(todo), batch_size):
             batch = todo[b : b + batch_size]

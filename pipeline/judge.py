@@ -158,6 +158,7 @@ def judge_csv(
     progress: bool = True,
     coherence_prompt: str | None = None,
     max_consecutive_failures: int = 8,
+    label: str = "judge",
 ) -> JudgeReport:
     """Score every row of `path` for the trait and for coherence; write `out` (default: in place).
 
@@ -166,6 +167,7 @@ def judge_csv(
     max_consecutive_failures. base_url defaults to the judge's own.
     cache: the sqlite cache file (default ~/.cache/pertoken/judge.sqlite).
     coherence_prompt: the coherence rubric (default: the kit's, else COHERENCE_PROMPT).
+    label names the progress bar.
     """
     start = time.perf_counter()
     base_url = base_url or getattr(judge, "base_url", None)
@@ -188,7 +190,7 @@ def judge_csv(
             for n, r in enumerate(rows)
             for m, rubric in metrics.items()
         }
-        scores, requests, cached = _scores(keys, rows, metrics, judge, cache, progress)
+        scores, requests, cached = _scores(keys, rows, metrics, judge, cache, progress, label)
         report = JudgeReport(Path(out or path), judge_model, len(rows), requests, cached)
         report.identity = identity
         for m in metrics:
@@ -210,7 +212,7 @@ def _check_trait(path, rows, trait: str) -> None:
         )
 
 
-def _scores(keys, rows, metrics, judge, cache, progress):
+def _scores(keys, rows, metrics, judge, cache, progress, label):
     """({cache key: score or None}, calls made, scores found cached); the judge is made
     (when `judge` is a factory) only when some score is not cached."""
     store = JudgeCache(cache)
@@ -221,7 +223,7 @@ def _scores(keys, rows, metrics, judge, cache, progress):
         requests = 0
         if todo:
             judge = judge if hasattr(judge, "run") else judge()
-            requests = _call(judge, todo, store, scores, progress)
+            requests = _call(judge, todo, store, scores, progress, label)
     finally:
         store.close()
     return scores, requests, cached
@@ -236,13 +238,13 @@ def _todo(keys, scores, rows, metrics) -> list[tuple[str, str]]:
     return list(todo.items())
 
 
-def _call(judge, todo, store, scores, progress) -> int:
+def _call(judge, todo, store, scores, progress, label: str = "judge") -> int:
     """Run the judge over `todo`; failures and retries show on the bar as they happen."""
     from tqdm import tqdm
 
     failed: dict[str, str] = {}
     retried: Counter = Counter()
-    with tqdm(total=len(todo), unit="call", desc="judge", disable=not progress) as bar:
+    with tqdm(total=len(todo), unit="call", desc=label, disable=not progress) as bar:
 
         def show():
             parts = [f"{len(failed)} failed"] if failed else []

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,6 +54,9 @@ class RunOptions:
     out: str | Path = "runs"
     n_per_question: int = 10
     max_new_tokens: int = 1000
+    temperature: float | None = None  # 1.0, or 0 when n_per_question is 1
+    sampler: str = "plain"
+    seed: int = 0
     judge_model: str = DEFAULT_JUDGE
     base_url: str | None = None
     threshold: float = 50
@@ -65,6 +69,7 @@ class RunOptions:
     method: str = "mean_diff"
     coherence_prompt: str | None = None  # rubric text (default: the kit's, or the judge's own)
     max_consecutive_failures: int = 8
+    on_stage: Callable[[str, str, float], None] | None = None  # (stage, status, seconds)
 
 
 def run_pipeline(**options) -> RunReport:
@@ -73,6 +78,7 @@ def run_pipeline(**options) -> RunReport:
     Options (keyword-only) are RunOptions' fields: model and trait are required; the others
     default to 10 samples per question, 1000 new tokens, the default judge, threshold 50,
     method mean_diff (probe adds `{trait}_response_avg_probe.pt`, which is then vetted).
+    on_stage(stage, status, seconds) is called as each stage ends.
     """
     return _Run(RunOptions(**options)).run()
 
@@ -99,13 +105,18 @@ class _Run:
         generated = {pol: self.generated(pol) for pol in POLES}
         if not all(generated.values()) or not all(map(self.judged, POLES)):
             check_judge(o.judge_model, o.base_url)  # before the model loads, not hours later
+
+        def stage(name: str, complete: bool, work, *args) -> None:
+            stages[name] = _stage(complete, work, *args)
+            if o.on_stage is not None:
+                o.on_stage(name, *stages[name])
+
         for pol in POLES:
-            stages[f"generate {pol}"] = _stage(generated[pol], self.generate, pol)
+            stage(f"generate {pol}", generated[pol], self.generate, pol)
         for pol in POLES:
-            stages[f"judge {pol}"] = _stage(self.judged(pol), self.judge, self.csvs[pol])
-        done = _extracted(self.paths, self.csvs, o.threshold)
-        stages["extract"] = _stage(done, self.extract)
-        stages["vet"] = _stage(_vetted(self.report, self.vetted_vector()), self.vet)
+            stage(f"judge {pol}", self.judged(pol), self.judge, pol)
+        stage("extract", _extracted(self.paths, self.csvs, o.threshold), self.extract)
+        stage("vet", _vetted(self.report, self.vetted_vector()), self.vet)
         meta = json.loads(self.paths["response_avg"].with_suffix(".json").read_text())
         report = self.report if _vetted(self.report, self.vetted_vector()) else None
         kept, total = meta["pairs_kept"], meta["pairs_total"]
@@ -154,14 +165,18 @@ class _Run:
             polarity=pol,
             n_per_question=o.n_per_question,
             max_new_tokens=o.max_new_tokens,
+            temperature=o.temperature,
+            sampler=o.sampler,
             batch_size=o.batch_size,
+            seed=o.seed,
             progress=o.progress,
+            label=f"generate {pol}",
         )
 
-    def judge(self, path: Path):
+    def judge(self, pol: str):
         o = self.opts
         return judge_csv(
-            path,
+            self.csvs[pol],
             trait=self.kit,
             judge_model=o.judge_model,
             judge=self.make_judge,
@@ -169,6 +184,7 @@ class _Run:
             cache=o.cache,
             progress=o.progress,
             coherence_prompt=o.coherence_prompt,
+            label=f"judge {pol}",
         )
 
     def extract(self):
@@ -182,6 +198,7 @@ class _Run:
             save_dir=self.paths["prompt_avg"].parent,
             judge_model=o.judge_model,
             method=o.method,
+            progress=o.progress,
         )
 
     def vet(self):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from pertoken.backends.base import POSITIONS, Positions, Steer, SteerTerm
 from pertoken.errors import PertokenError
+from pertoken.pipeline.sampling import sampling_options
 from pertoken.rows import check_steer_row
 from pertoken.vectors import check_coef, load_vector
 
@@ -89,14 +90,17 @@ def steer_compare(
     steer: Steer,
     system: str | None = None,
     max_new_tokens: int = 200,
-    temperature: float = 0.0,
+    temperature: float | None = None,
+    sampler: str = "plain",
     seed: int = 0,
 ) -> SteerComparison:
     """Answer `prompt` without and with `steer`, same seed, and return both answers.
 
-    temperature 0 (default) is greedy; max_new_tokens defaults to 200."""
+    temperature defaults to 0 (greedy); sampler `model` samples with the checkpoint's
+    generation_config, and its temperature when none is given; max_new_tokens defaults to 200."""
     chat = backend.chat_prompt(system, prompt)
-    opts = dict(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    sampling = sampling_options(backend, sampler, temperature, default=0.0)
+    opts = dict(max_new_tokens=max_new_tokens, seed=seed, **sampling)
     plain = backend.generate([chat], **opts)[0]
     steered = backend.generate([chat], steer=steer, **opts)[0]
     return SteerComparison(prompt, chat, plain, steered)

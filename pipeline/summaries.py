@@ -94,9 +94,10 @@ def load_summaries(path: str | Path) -> SampleSummaries | None:
     return SampleSummaries(states, **cols, meta=meta)
 
 
-def collect(backend, rows: list[dict], *, keep: tuple[str, ...], batch_size: int = 8):
+def collect(backend, rows: list[dict], *, keep: tuple[str, ...], batch_size: int = 8, bar=None):
     """({kind: mean over rows [R, H] float64} for every kind, {kind: per-row [N, R, H] float16}
-    for the kinds in `keep`), in chunks so memory holds one chunk in float32."""
+    for the kinds in `keep`), in chunks so memory holds one chunk in float32; `bar` (tqdm)
+    counts the rows done."""
     sums = {k: 0.0 for k in KINDS}
     kept: dict[str, list[np.ndarray]] = {k: [] for k in keep}
     chunk = max(batch_size, 1) * 8
@@ -110,5 +111,7 @@ def collect(backend, rows: list[dict], *, keep: tuple[str, ...], batch_size: int
             sums[k] = sums[k] + arr.astype(np.float64).sum(axis=0)
             if k in kept:
                 kept[k].append(half(arr))
+        if bar is not None:
+            bar.update(len(part))
     means = {k: v / len(rows) for k, v in sums.items()}
     return means, {k: np.concatenate(v) for k, v in kept.items()}

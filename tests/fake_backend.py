@@ -20,6 +20,7 @@ class FakeBackend:
     model_type = "fake"
     dtype = "float32"
     device = "cpu"
+    generation_config: dict = {}
 
     def __init__(
         self, model_id: str = "org/fake-chat-1b", n_layers: int = 4, hidden_size: int = 16
@@ -82,6 +83,8 @@ class FakeBackend:
         max_new_tokens=1000,
         temperature=1.0,
         top_p=1.0,
+        top_k=0,
+        repetition_penalty=1.0,
         seed=0,
         steer=None,
         batch_size=None,

@@ -23,13 +23,23 @@ class RecordingBackend(FakeBackend):
         max_new_tokens=1000,
         temperature=1.0,
         top_p=1.0,
+        top_k=0,
+        repetition_penalty=1.0,
         seed=0,
         steer=None,
         batch_size=None,
         seeds=None,
     ) -> list[str]:
         self.generate_calls.append(
-            dict(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, n=len(prompts))
+            dict(
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                top_k=top_k,
+                repetition_penalty=repetition_penalty,
+                seed=seed,
+                n=len(prompts),
+            )
         )
         self.generated.extend(prompts)
         if seeds is not None:  # per-row seeds: an answer does not depend on its batch

@@ -294,3 +294,13 @@ def test_another_judge_or_rubric_judges_every_answer_again(tmp_path):
     assert [s.coherence_mean for s in result.summary] == [90.0, 90.0]
     saved = json.loads((tmp_path / "eval.json").read_text())["judge"]
     assert saved["rubric_sha256"]["coherence"] == other.identity["rubric_sha256"]["coherence"]
+
+
+def test_model_sampler_is_used_and_is_part_of_the_sweep_identity(tmp_path):
+    backend = FakeBackend()
+    backend.generation_config = {"do_sample": True, "temperature": 0.7, "top_p": 0.9}
+    sweep(backend, tmp_path, FakeJudge(), sampler="model")
+    used = {(o["temperature"], o["top_p"], o["top_k"]) for _, _, o in backend.calls}
+    assert used == {(0.7, 0.9, 50)}
+    with pytest.raises(PertokenError, match="other settings.*temperature: 0.7 -> 1.0"):
+        sweep(FakeBackend(), tmp_path, FakeJudge())

@@ -3,14 +3,17 @@
 import csv
 import hashlib
 import json
+import re
 import socket
 
+import click
 import pytest
 from click.testing import CliRunner
 
 import pertoken.backends
+import pertoken.pipeline.run
 from pertoken.cli import main
-from pertoken.pipeline.run import default_model, run_folder
+from pertoken.pipeline.run import default_model, run_folder, run_pipeline
 from tests.fake_openai import serve_fake_openai
 from tests.pipeline_fakes import RecordingBackend
 from tests.small_kit import kit_dict, write_kit
@@ -46,10 +49,11 @@ def test_run_end_to_end_then_resume(tmp_path, llama_dir, monkeypatch):
         backend = real_load(*args, **kw)
         loads.append(backend)
         original = backend.generate
-        backend.generated = 0
+        backend.generated, backend.options = 0, []
 
         def generate(prompts, **kw):
             backend.generated += len(prompts)
+            backend.options.append(kw)
             return original(prompts, **kw)
 
         backend.generate = generate
@@ -79,10 +83,40 @@ def test_run_end_to_end_then_resume(tmp_path, llama_dir, monkeypatch):
             server.url,
             "--threshold",
             "30",
+            "--temperature",
+            "0.5",
+            "--cache",
+            str(tmp_path / "scores.sqlite"),
         ]
         r = CliRunner().invoke(main, args)
         assert r.exit_code == 0, r.output
         folder = tmp_path / "runs" / "tiny-llama" / "evil"
+        banner = r.output.splitlines()[:6]
+        assert banner == [
+            f"model    {llama_dir}",
+            "backend  torch",
+            "device   cpu",
+            "dtype    float32",
+            f"judge    judge-x at {server.url}",
+            f"output   {folder}",
+        ]
+        assert (tmp_path / "scores.sqlite").is_file()
+        assert {kw["temperature"] for kw in loads[0].options} == {0.5}
+        # each stage's time is printed as it ends, before the next stage's labelled bar
+        order = [
+            "generate pos: 100%",
+            "generate pos +[0-9.]+s  done",
+            "generate neg: 100%",
+            "generate neg +[0-9.]+s  done",
+            "judge pos: 100%",
+            "judge pos +[0-9.]+s  done",
+            "judge neg: 100%",
+            "judge neg +[0-9.]+s  done",
+            "extract: 100%",
+            "extract +[0-9.]+s  done",
+        ]
+        at = [re.search(pattern, r.output) for pattern in order]
+        assert all(at) and [m.start() for m in at] == sorted(m.start() for m in at), r.output
         vectors = [
             folder / "vectors" / f"evil_{k}_diff.pt"
             for k in ("response_avg", "prompt_avg", "prompt_last")
@@ -165,3 +199,32 @@ def test_run_with_an_extraction_only_kit_and_a_coherence_rubric(tmp_path, monkey
         r = CliRunner().invoke(main, args)
         assert r.exit_code == 0, r.output
         assert r.output.count("skipped") == 2 and server.count("OTHER") == 8  # generation kept
+
+
+def test_every_run_option_has_help():
+    options = [p for p in main.commands["run"].params if isinstance(p, click.Option)]
+    names = {o.name for o in options}
+    assert {"temperature", "seed", "cache", "sampler"} <= names
+    assert [o.name for o in options if not o.help] == []
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_sampling_options_reach_the_generate_stage(tmp_path, monkeypatch):
+    seen = {}
+
+    def generate_csv(backend, **kw):
+        seen.update(kw)
+        raise _Stop
+
+    monkeypatch.setattr(pertoken.pipeline.run, "generate_csv", generate_csv)
+    monkeypatch.setattr(pertoken.backends, "load_backend", lambda *a, **kw: "backend")
+    kit = write_kit(tmp_path, "evil", n_questions=1, n_instructions=1)
+    with pytest.raises(_Stop):
+        run_pipeline(
+            model="m", trait=str(kit), out=tmp_path, temperature=0.5, seed=7, sampler="model"
+        )
+    assert (seen["temperature"], seen["seed"], seen["sampler"]) == (0.5, 7, "model")
+    assert seen["label"] == "generate pos"

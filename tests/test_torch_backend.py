@@ -35,20 +35,23 @@ def test_last_row_has_final_norm(backend):
 
 def test_generation_stops_at_end_of_turn(backend):
     eot = int(backend.stop_ids[-1])
+    word = backend.encode(" the")[0]
 
-    def only_stop(_module, _args, logits):  # [B, t, vocab]: the stop token always wins
+    def eot_first(_module, _args, logits):  # [B, t, vocab]: the stop token, then `word`
         forced = torch.full_like(logits, -1e4)
         forced[..., eot] = 0.0
+        forced[..., word] = -1.0
         return forced
 
-    handle = backend.model.lm_head.register_forward_hook(only_stop)
+    handle = backend.model.lm_head.register_forward_hook(eot_first)
     try:
         out = backend.generate(prompts(backend)[:2], max_new_tokens=8, temperature=0)
         traced = backend.trace(prompts(backend)[0], rows=[1], max_new_tokens=8)
     finally:
         handle.remove()
-    assert out == ["", ""]
-    assert traced.token_ids == [] and traced.hidden.shape == (0, 1, 64)
+    # the stop token cannot be the first answer token, and ends the answer after it
+    assert out == [backend.decode([word])] * 2 and out[0]
+    assert traced.token_ids == [word] and traced.hidden.shape == (1, 1, 64)
     assert len(backend.generate(prompts(backend)[:1], max_new_tokens=8, temperature=0)[0]) > 0
 
 

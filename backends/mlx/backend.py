@@ -7,11 +7,27 @@ from types import SimpleNamespace
 import mlx.core as mx
 import numpy as np
 
-from pertoken.backends.base import Steer, Summaries, TokenCallback, TokenTrace, row_uniforms
+from pertoken.backends.base import (
+    Sampling,
+    Steer,
+    Summaries,
+    TokenCallback,
+    TokenTrace,
+    row_uniforms,
+)
 from pertoken.backends.chat import render_chat, stop_token_ids
-from pertoken.backends.mlx.batch import Batch, SteerPlan, full_pass, window_of
-from pertoken.backends.mlx.decode import decode, make_sampler
-from pertoken.backends.mlx.load import DTYPES, Loaded, generation_config, load
+from pertoken.backends.mlx.batch import Batch, SteerPlan
+from pertoken.backends.mlx.decode import decode
+from pertoken.backends.mlx.load import (
+    DTYPES,
+    Loaded,
+    generation_config,
+    load,
+    local_config,
+    pick_device,
+    pick_dtype,
+)
+from pertoken.backends.mlx.prefill import CHUNK, prefill
 from pertoken.backends.mlx.summaries import summarize
 from pertoken.errors import PertokenError
 from pertoken.rows import check_capture_rows
@@ -27,15 +43,24 @@ class MLXBackend:
         self.hidden_size = int(self.config["hidden_size"])
         self.model_type = str(self.config.get("model_type") or "")  # llama, gemma2
         self.dtype, self.device = loaded.dtype, loaded.device
-        configs = [SimpleNamespace(**c) for c in (self.config, generation_config(loaded.path))]
+        self.generation_config = generation_config(loaded.path)
+        configs = [SimpleNamespace(**c) for c in (self.config, self.generation_config)]
         self.stop = set(stop_token_ids(self.tokenizer, *configs))
         pad = self.tokenizer.pad_token_id
         self.pad_id = 0 if pad is None else int(pad)
+        self.prefill_chunk = CHUNK  # input tokens per forward over a prompt or a text
 
     @classmethod
     def load(cls, model: str, *, dtype: str | None = None, device: str | None = None):
         """Load a Hugging Face folder or hub id, or an mlx-community quantized repo."""
         return cls(load(model, dtype=dtype, device=device))
+
+    @classmethod
+    def choose(cls, model: str, *, dtype: str | None = None, device: str | None = None):
+        """(device, dtype) that `load` will pick; the checkpoint's half type is read from its
+        config when it is on disk, else bfloat16 is assumed."""
+        device = pick_device(device)
+        return device, pick_dtype(dtype, local_config(model), device)
 
     # ------------------------------------------------------------------ text
     def chat_prompt(self, system: str | None, user: str) -> str:
@@ -56,6 +81,8 @@ class MLXBackend:
         max_new_tokens: int = 1000,
         temperature: float = 1.0,
         top_p: float = 1.0,
+        top_k: int = 0,
+        repetition_penalty: float = 1.0,
         seed: int = 0,
         steer: Steer | None = None,
         batch_size: int | None = None,
@@ -69,16 +96,15 @@ class MLXBackend:
         if seeds is not None and len(seeds) != len(seqs):
             raise PertokenError(f"{len(seeds)} seeds for {len(seqs)} prompts: give one per prompt")
         uniforms = row_uniforms(list(seeds), max_new_tokens) if seeds is not None else None
-        sample = make_sampler(temperature, top_p)
+        sampling = Sampling(temperature, top_p, top_k, repetition_penalty)
         mx.random.seed(seed)
         out: list[str] = [""] * len(seqs)
         for idx in _chunks(seqs, batch_size or 8):
-            if uniforms is not None:
-                sample = make_sampler(temperature, top_p, uniforms[idx])
             lens = np.array([len(seqs[i]) for i in idx])
             answers = decode(
                 self.model, Batch.of([seqs[i] for i in idx], self.pad_id), prompt_lens=lens,
-                max_new_tokens=max_new_tokens, sample=sample, stop=self.stop, steer=plan,
+                max_new_tokens=max_new_tokens, sampling=sampling, stop=self.stop, steer=plan,
+                chunk=self.prefill_chunk, uniforms=None if uniforms is None else uniforms[idx],
             )  # fmt: skip
             for i, a in zip(idx, answers, strict=True):
                 out[i] = self.decode(a.ids)
@@ -111,8 +137,9 @@ class MLXBackend:
         mx.random.seed(seed)
         (answer,) = decode(
             self.model, Batch.of([ids], self.pad_id), prompt_lens=np.array([len(ids)]),
-            max_new_tokens=max_new_tokens, sample=make_sampler(temperature, 1.0),
+            max_new_tokens=max_new_tokens, sampling=Sampling(temperature),
             stop=self.stop, steer=self._plan(steer), rows=rows, on_hidden=on_hidden,
+            chunk=self.prefill_chunk,
         )  # fmt: skip
         hidden = (
             np.stack(answer.hidden)
@@ -135,7 +162,7 @@ class MLXBackend:
         out = np.zeros((len(seqs), self.n_layers + 1, 3, self.hidden_size), np.float32)
         for idx in _chunks(seqs, batch_size):
             batch = Batch.of([seqs[i] for i in idx], self.pad_id)
-            out[idx] = summarize(self.model, batch, plens[idx])
+            out[idx] = summarize(self.model, batch, plens[idx], self.prefill_chunk)
         return Summaries(out[:, :, 0].copy(), out[:, :, 1].copy(), out[:, :, 2].copy())
 
     def logits(self, text: str, *, steer: Steer | None = None, prompt_len: int | None = None):
@@ -146,7 +173,7 @@ class MLXBackend:
         if plan is not None:
             plen = np.array([len(ids) if prompt_len is None else int(prompt_len)])
             kw = {"steer": plan.vectors, "steer_on": plan.prefill_on(batch, plen)}
-        out = self.model(batch.ids, None, full_pass(batch, window_of(self.model), **kw))
+        out = prefill(self.model, batch, chunk=self.prefill_chunk, head="all", **kw)
         return np.array(out[0].astype(mx.float32))
 
     def next_token_logprobs(self, prompts: list[str], *, batch_size: int = 8) -> np.ndarray:
@@ -155,8 +182,8 @@ class MLXBackend:
         out: np.ndarray | None = None
         for idx in _chunks(seqs, batch_size):
             batch = Batch.of([seqs[i] for i in idx], self.pad_id)
-            p = full_pass(batch, window_of(self.model), head="last")
-            logits = self.model(batch.ids, None, p)[:, -1].astype(mx.float32)  # [B, vocab]
+            last = prefill(self.model, batch, chunk=self.prefill_chunk, head="last")
+            logits = last[:, -1].astype(mx.float32)  # [B, vocab]
             lp = np.array(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
             out = np.zeros((len(seqs), lp.shape[1]), np.float32) if out is None else out
             out[idx] = lp

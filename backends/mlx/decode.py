@@ -12,7 +12,10 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import KVCache
 
-from pertoken.backends.mlx.batch import Batch, SteerPlan, full_pass, step_pass, window_of
+from pertoken.backends.base import Sampling
+from pertoken.backends.mlx.batch import Batch, SteerPlan, step_pass, window_of
+from pertoken.backends.mlx.prefill import CHUNK, prefill
+from pertoken.backends.mlx.sampling import Sampler
 
 # (batch row, answer token index, token id, hidden [len(rows), hidden] float32)
 HiddenCallback = Callable[[int, int, int, np.ndarray], None]
@@ -22,47 +25,6 @@ HiddenCallback = Callable[[int, int, int, np.ndarray], None]
 class Answer:
     ids: list[int] = field(default_factory=list)
     hidden: list[np.ndarray] = field(default_factory=list)  # per token [len(rows), hidden]
-
-
-def make_sampler(
-    temperature: float, top_p: float, uniforms: np.ndarray | None = None
-) -> Callable[[mx.array], mx.array]:
-    """logits [B, vocab] -> tokens [B], in float32; temperature 0 is greedy.
-
-    uniforms [B, steps] (per-row seeds): call t draws row b by inverse CDF at uniforms[b, t],
-    so a row's tokens do not depend on its batch; else mlx-lm's sampler and global seed."""
-    from mlx_lm.sample_utils import make_sampler as mlx_sampler
-
-    chain = mlx_sampler(temp=temperature, top_p=top_p)
-    step = [0]
-
-    def sample(logits: mx.array) -> mx.array:
-        logits = logits.astype(mx.float32)
-        if temperature == 0:
-            return mx.argmax(logits, axis=-1)
-        if uniforms is None:
-            return chain(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
-        u = uniforms[:, min(step[0], uniforms.shape[1] - 1)]  # one extra call when tracing
-        step[0] += 1
-        return _inverse_cdf(mx.softmax(logits / temperature, axis=-1), top_p, u)
-
-    return sample
-
-
-def _inverse_cdf(probs: mx.array, top_p: float, u: np.ndarray) -> mx.array:
-    """probs [B, vocab] -> tokens [B]: the first token whose cumulative mass passes u."""
-    order = None
-    if top_p < 1.0:
-        order = mx.argsort(-probs, axis=-1)
-        probs = mx.take_along_axis(probs, order, axis=-1)
-        # keep the smallest prefix whose mass reaches top_p (the first token always survives)
-        probs = mx.where(mx.cumsum(probs, axis=-1) - probs > top_p, 0.0, probs)
-    cdf = mx.cumsum(probs, axis=-1)  # [B, vocab]
-    target = mx.array(u.astype(np.float32))[:, None] * cdf[:, -1:]
-    pick = mx.minimum(mx.sum(cdf <= target, axis=-1), probs.shape[-1] - 1)  # [B]
-    if order is None:
-        return pick
-    return mx.take_along_axis(order, pick[:, None], axis=-1)[:, 0]
 
 
 class Grab:
@@ -85,16 +47,19 @@ def decode(
     *,
     prompt_lens: np.ndarray,
     max_new_tokens: int,
-    sample: Callable[[mx.array], mx.array],
+    sampling: Sampling,
     stop: set[int],
     steer: SteerPlan | None = None,
     rows: list[int] | None = None,
     on_hidden: HiddenCallback | None = None,
+    chunk: int = CHUNK,
+    uniforms: np.ndarray | None = None,
 ) -> list[Answer]:
     """Generate up to `max_new_tokens` per row; stop tokens end a row and are not kept.
 
     With `rows`, each answer token's hidden state at those rows is captured at the token's
-    own position (one extra forward when `max_new_tokens` ends an answer)."""
+    own position (one extra forward when `max_new_tokens` ends an answer). The prompts are
+    prefilled `chunk` tokens at a time. uniforms [B, steps]: per-row draws (see Sampler)."""
     B, T = batch.ids.shape
     answers = [Answer() for _ in range(B)]
     if max_new_tokens <= 0:
@@ -105,7 +70,9 @@ def decode(
     if steer is not None:
         pre = {"steer": steer.vectors, "steer_on": steer.prefill_on(batch, prompt_lens)}
         dec = {} if steer.positions == "prompt" else {"steer": steer.vectors}
-    logits = model(batch.ids, cache, full_pass(batch, window, head="last", **pre))
+    sample = Sampler(sampling, stop, uniforms)
+    sample.start(batch.ids, batch.valid)
+    logits = prefill(model, batch, chunk=chunk, cache=cache, head="last", **pre)
     y = sample(logits[:, -1])  # [B]
     state = {"valid": batch.valid, "offset": batch.offset + T}
 
@@ -115,7 +82,7 @@ def decode(
         p = step_pass(state["valid"], state["offset"], window, head="last", observe=grab, **dec)
         out = model(tokens[:, None], cache, p)
         state["offset"] = state["offset"] + 1
-        return sample(out[:, -1]), grab.stacked() if grab else None
+        return sample(out[:, -1], tokens), grab.stacked() if grab else None
 
     return _loop(y, step, answers, max_new_tokens, stop, bool(rows), on_hidden)
 

@@ -10,6 +10,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from pertoken.backends.mlx.models import check_supported, get_classes
+from pertoken.backends.source import cached_file, check_folder, locate
 from pertoken.errors import PertokenError
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
@@ -29,20 +30,22 @@ class Loaded:
 
 def model_path(model: str) -> Path:
     """A local folder, or a hub id fetched (or found in the cache) with huggingface_hub."""
-    path = Path(model).expanduser()
-    if path.exists():
-        return path
-    if path.is_absolute() or model.startswith((".", "~")) or model.count("/") > 1:
-        raise PertokenError(f"model folder {model} does not exist: check the path")
+    src = locate(model)
+    if src.local:
+        return Path(src.name)
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(model, allow_patterns=_PATTERNS))
+        path = Path(
+            snapshot_download(model, allow_patterns=_PATTERNS, local_files_only=src.cache_only)
+        )
     except Exception as e:
         raise PertokenError(
             f"could not find model {model!r} as a folder or on the Hugging Face hub "
             f"({type(e).__name__}): check the name, your network and `huggingface-cli login`"
         ) from None
+    check_folder(path)
+    return path
 
 
 def read_config(path: Path) -> dict:
@@ -51,6 +54,16 @@ def read_config(path: Path) -> dict:
     except (OSError, ValueError) as e:
         msg = f"cannot read {path / 'config.json'}: {e}; is this a model folder?"
         raise PertokenError(msg) from None
+
+
+def local_config(model: str) -> dict:
+    """config.json of a local folder or of a hub snapshot in the cache ({} when neither)."""
+    path = Path(model).expanduser() / "config.json"
+    path = path if path.is_file() else cached_file(model, "config.json")
+    try:
+        return json.loads(path.read_text()) if path else {}
+    except (OSError, ValueError):
+        return {}
 
 
 def pick_device(device: str | None) -> str:
@@ -90,7 +103,11 @@ def load(model: str, *, dtype: str | None = None, device: str | None = None) -> 
     except (FileNotFoundError, ValueError) as e:
         raise PertokenError(f"cannot load weights from {path}: {e}") from None
     net.set_dtype(DTYPES[dtype])
-    tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))._tokenizer
+    try:
+        tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))._tokenizer
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PertokenError(f"could not load the tokenizer in {path}: {first}") from None
     model_id = path.name if Path(model).expanduser().is_dir() else model
     return Loaded(net, tokenizer, config, path, model_id, dtype, device)
 

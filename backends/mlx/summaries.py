@@ -1,11 +1,12 @@
-"""Per-sample means of every row, accumulated inside one forward (never all rows' states)."""
+"""Per-sample means of every row, accumulated inside the forward (never all rows' states)."""
 
 from __future__ import annotations
 
 import mlx.core as mx
 import numpy as np
 
-from pertoken.backends.mlx.batch import Batch, full_pass, window_of
+from pertoken.backends.mlx.batch import Batch
+from pertoken.backends.mlx.prefill import CHUNK, prefill
 
 
 def mean_weights(batch: Batch, prompt_lens: np.ndarray) -> np.ndarray:
@@ -23,16 +24,21 @@ def mean_weights(batch: Batch, prompt_lens: np.ndarray) -> np.ndarray:
     return w
 
 
-def summarize(model, batch: Batch, prompt_lens: np.ndarray) -> np.ndarray:
-    """[B, n_layers + 1, 3, hidden] float32; empty spans give NaN."""
+def summarize(model, batch: Batch, prompt_lens: np.ndarray, chunk: int = CHUNK) -> np.ndarray:
+    """[B, n_layers + 1, 3, hidden] float32; empty spans give NaN. The input goes through
+    the model `chunk` tokens at a time, each chunk adding its share of the means."""
     weights = mean_weights(batch, prompt_lens)
-    w = mx.array(weights)
+    w = mx.array(weights)  # [B, 3, T]
     acc: dict[int, mx.array] = {}
 
-    def observe(row: int, h: mx.array) -> None:
-        acc[row] = w @ h.astype(mx.float32)  # [B, 3, T] @ [B, T, hidden] -> [B, 3, hidden]
+    def observe(start: int):
+        def see(row: int, h: mx.array) -> None:  # h [B, L, hidden] of this chunk
+            part = w[:, :, start : start + h.shape[1]] @ h.astype(mx.float32)  # [B, 3, hidden]
+            acc[row] = acc[row] + part if row in acc else part
 
-    model(batch.ids, None, full_pass(batch, window_of(model), head="none", observe=observe))
+        return see
+
+    prefill(model, batch, chunk=chunk, head="none", observe=observe, hold=lambda: [*acc.values()])
     out = mx.stack([acc[r] for r in sorted(acc)], axis=1)  # [B, rows, 3, hidden]
     out = np.array(out)
     empty = weights.sum(axis=2) == 0  # [B, 3]

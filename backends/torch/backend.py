@@ -8,7 +8,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pertoken.backends.base import Steer, Summaries, TokenCallback, TokenTrace, row_uniforms
+from pertoken.backends.base import (
+    Sampling,
+    Steer,
+    Summaries,
+    TokenCallback,
+    TokenTrace,
+    row_uniforms,
+)
 from pertoken.backends.chat import render_chat, stop_token_ids, token_pieces
 from pertoken.backends.torch.decode import DecodeOptions, decode, left_pad, position_mask
 from pertoken.backends.torch.hooks import TapState, decoder_parts, residual_taps
@@ -33,8 +40,10 @@ class TorchBackend:
         self.pad_id = tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = tokenizer.eos_token_id
-        stops = stop_token_ids(tokenizer, model.config, getattr(model, "generation_config", None))
+        gen_config = getattr(model, "generation_config", None)
+        stops = stop_token_ids(tokenizer, model.config, gen_config)
         self.stop_ids = torch.tensor(stops, device=device)
+        self.generation_config = _set_fields(gen_config)
 
     @classmethod
     def load(cls, model: str, *, dtype: str | None = None, device: str | None = None):
@@ -44,6 +53,12 @@ class TorchBackend:
         lm, tok = load_model_and_tokenizer(model, dtype, device)
         model_id = Path(model).name if Path(model).expanduser().is_dir() else model
         return cls(lm, tok, model_id=model_id, dtype=dtype, device=device)
+
+    @classmethod
+    def choose(cls, model: str, *, dtype: str | None = None, device: str | None = None):
+        """(device, dtype) that `load` will pick."""
+        device = pick_device(device)
+        return device, pick_dtype(dtype, device)
 
     # ------------------------------------------------------------------ text
     def chat_prompt(self, system: str | None, user: str) -> str:
@@ -73,11 +88,10 @@ class TorchBackend:
         }
         return TapState(steer=by_block)
 
-    def _options(self, max_new_tokens, temperature, top_p, steer, feed_last=False):
+    def _options(self, max_new_tokens, sampling: Sampling, steer, feed_last=False):
         return DecodeOptions(
             max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
+            sampling=sampling,
             stop_ids=self.stop_ids,
             pad_id=self.pad_id,
             positions=steer.positions if steer else "all",
@@ -93,6 +107,8 @@ class TorchBackend:
         max_new_tokens: int = 1000,
         temperature: float = 1.0,
         top_p: float = 1.0,
+        top_k: int = 0,
+        repetition_penalty: float = 1.0,
         seed: int = 0,
         steer: Steer | None = None,
         batch_size: int | None = None,
@@ -103,7 +119,8 @@ class TorchBackend:
         seeds (one per prompt): each row samples from its own stream, whatever its batch."""
         seqs = self._encode_prompts(prompts)
         state = self._tap_state(steer)
-        opts = self._options(max_new_tokens, temperature, top_p, steer)
+        sampling = Sampling(temperature, top_p, top_k, repetition_penalty)
+        opts = self._options(max_new_tokens, sampling, steer)
         uniforms = self._uniforms(seeds, len(seqs), max_new_tokens)  # [N, steps] or None
         batch_size = batch_size or self._auto_batch(max(map(len, seqs)) + max_new_tokens)
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
@@ -157,7 +174,7 @@ class TorchBackend:
         (seq,) = self._encode_prompts([prompt])
         state = self._tap_state(steer)
         state.rows = frozenset(rows)
-        opts = self._options(max_new_tokens, temperature, top_p=1.0, steer=steer, feed_last=True)
+        opts = self._options(max_new_tokens, Sampling(temperature), steer, feed_last=True)
         collector = _TraceCollector(self, rows, on_token)
         state.on_row = collector.on_row
         gen = torch.Generator(device=self.device).manual_seed(seed)
@@ -243,6 +260,13 @@ class TorchBackend:
             )
             rows.append(torch.log_softmax(out.logits[:, -1].float(), -1).cpu().numpy())
         return np.concatenate(rows)
+
+
+def _set_fields(gen_config) -> dict:
+    """The fields a checkpoint's generation config sets (transformers leaves the rest None)."""
+    if gen_config is None:
+        return {}
+    return {k: v for k, v in gen_config.to_dict().items() if v is not None}
 
 
 class _RowMeans:

@@ -1,4 +1,4 @@
-"""Padding, position masks, sampling and the KV-cached decode loop for transformers models."""
+"""Padding, position masks and the KV-cached decode loop for transformers models."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ from dataclasses import dataclass
 
 import torch
 
+from pertoken.backends.base import Sampling
 from pertoken.backends.torch.hooks import TapState
+from pertoken.backends.torch.sampling import Sampler
 
 
 @dataclass
@@ -40,31 +42,6 @@ def position_mask(batch: Batch, start: int, t: int, positions: str) -> torch.Ten
     return valid
 
 
-def sample(logits: torch.Tensor, temperature: float, top_p: float, gen, u=None) -> torch.Tensor:
-    """logits [B, vocab] float32 -> token ids [B]; temperature 0 is greedy.
-
-    u [B] (per-row seeds): each row draws by inverse CDF at its own u; else the batch draws
-    from the generator `gen`."""
-    if temperature <= 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        # keep the smallest prefix whose mass reaches top_p (the first token always survives)
-        sorted_p = sorted_p.masked_fill(sorted_p.cumsum(-1) - sorted_p > top_p, 0.0)
-        return order.gather(-1, _draw(sorted_p, gen, u)).squeeze(-1)
-    return _draw(probs, gen, u).squeeze(-1)
-
-
-def _draw(probs: torch.Tensor, gen, u) -> torch.Tensor:
-    """[B, vocab] unnormalised probabilities -> [B, 1] picks."""
-    if u is None:
-        return torch.multinomial(probs, 1, generator=gen)
-    cdf = probs.to(u.dtype).cumsum(-1)  # [B, vocab], float64 where the device has it
-    pick = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True)  # first cdf > target
-    return pick.clamp(max=probs.shape[-1] - 1)
-
-
 def make_cache(model):
     from transformers import DynamicCache
 
@@ -88,8 +65,7 @@ def forward_last(model, ids, attn, pos, cache) -> torch.Tensor:
 @dataclass
 class DecodeOptions:
     max_new_tokens: int
-    temperature: float
-    top_p: float
+    sampling: Sampling
     stop_ids: torch.Tensor  # [S]
     pad_id: int
     positions: str = "all"
@@ -117,12 +93,14 @@ def decode(
     pos = (attn.cumsum(-1) - 1).clamp(min=0)  # [B, T0] positions ignore left padding
     state.steer_mask = position_mask(batch, 0, T0, opts.positions) if state.steer else None
     logits = forward_last(model, batch.ids, attn, pos, cache)
+    sample = Sampler(opts.sampling, opts.stop_ids, gen)
+    sample.start(batch.ids, attn, logits.shape[-1])
     next_pos = pos[:, -1:] + 1  # [B, 1]
     done = torch.zeros(B, dtype=torch.bool, device=attn.device)
     toks, keep = [], []  # per step: [B] ids, [B] whether the id belongs to the answer
     for step in range(opts.max_new_tokens):
         u = None if opts.uniforms is None else opts.uniforms[:, step]
-        tok = sample(logits, opts.temperature, opts.top_p, gen, u)
+        tok = sample(logits, first=step == 0, u=u)
         tok = torch.where(done, torch.full_like(tok, opts.pad_id), tok)
         stopped = torch.isin(tok, opts.stop_ids)
         toks.append(tok)

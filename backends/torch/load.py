@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
+from pertoken.backends.source import locate
 from pertoken.errors import PertokenError
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -34,10 +34,6 @@ def pick_dtype(dtype: str | None, device: str) -> str:
     return dtype
 
 
-def _looks_local(model: str) -> bool:
-    return model.startswith((".", "/", "~")) or model.count("/") != 1 or Path(model).exists()
-
-
 def load_model_and_tokenizer(model: str, dtype: str, device: str):
     """(model in eval mode on device, tokenizer); a missing folder or hub id is a PertokenError."""
     import torch
@@ -45,20 +41,30 @@ def load_model_and_tokenizer(model: str, dtype: str, device: str):
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # pertoken reports its own progress
-    path = Path(model).expanduser()
-    if _looks_local(model) and not path.is_dir():
-        raise PertokenError(
-            f"model folder {model} does not exist: give a local folder with config.json or a "
-            "Hugging Face id like google/gemma-2-9b-it"
-        )
-    source = str(path) if path.is_dir() else model
+    src = locate(model)
+    kw = {"local_files_only": True} if src.cache_only else {}
     try:
-        tok = AutoTokenizer.from_pretrained(source)
-        lm = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype))
-    except OSError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        tok = AutoTokenizer.from_pretrained(src.name, **kw)
+    except ValueError as e:  # no tokenizer file transformers can read
         raise PertokenError(
-            f"could not load {model}: {first} (check the id, your network and HF_TOKEN for "
-            "gated models, or pass a local folder)"
+            f"could not load the tokenizer of {model} ({_first_line(e)}): the model needs its "
+            "tokenizer.json or tokenizer.model"
         ) from None
+    except OSError as e:
+        raise _load_error(model, e) from None
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(src.name, dtype=getattr(torch, dtype), **kw)
+    except OSError as e:
+        raise _load_error(model, e) from None
     return lm.to(device).eval(), tok
+
+
+def _load_error(model: str, e: Exception) -> PertokenError:
+    return PertokenError(
+        f"could not load {model}: {_first_line(e)} (check the id, your network and HF_TOKEN for "
+        "gated models, or pass a local folder)"
+    )
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

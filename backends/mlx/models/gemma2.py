@@ -57,6 +57,12 @@ def softcap(x: mx.array, cap: float | None) -> mx.array:
     return x if cap is None else mx.tanh(x / cap) * cap
 
 
+def causal_mask(L: int, S: int) -> mx.array:
+    """[1, 1, L, S] bool: the last L of S positions see themselves and what precedes them."""
+    q = mx.arange(S - L, S)[:, None]  # [L, 1]
+    return (mx.arange(S)[None] <= q)[None, None]
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -82,6 +88,8 @@ class Attention(nn.Module):
         # Group query heads by their KV head: [B, kv_heads, repeats, L, head_dim].
         q = (q * self.scale).reshape(B, self.n_kv_heads, self.repeats, L, -1)
         scores = softcap(q @ mx.expand_dims(k, 2).swapaxes(-1, -2), self.softcap)
+        if isinstance(mask, str):  # "causal": the softcap rules out the fused kernel
+            mask = causal_mask(L, k.shape[2])
         if mask is not None:  # [B, 1, L, S] -> [B, 1, 1, L, S], one mask per batch row
             low = mx.array(mx.finfo(scores.dtype).min, scores.dtype)
             scores = mx.where(mx.expand_dims(mask, 2), scores, low)

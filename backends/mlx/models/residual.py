@@ -21,14 +21,14 @@ class Pass:
     """Everything one forward pass needs beyond the token ids."""
 
     offset: mx.array | int = 0  # [B] rope position of each row's first input token
-    mask: mx.array | None = None  # [B, 1, L, S] bool: keys each query may attend to
+    mask: mx.array | str | None = None  # [B, 1, L, S] bool: keys each query may see, or "causal"
     window_mask: mx.array | None = None  # the same for sliding-window layers
     steer: dict[int, mx.array] = field(default_factory=dict)  # row -> [hidden], model dtype
     steer_on: mx.array | None = None  # [B, L, 1] model dtype: 1 where steering acts
     observe: Observer | None = None
     head: str = "all"  # "all" logits, "last" the last position only, "none" no logits
 
-    def mask_for(self, sliding: bool) -> mx.array | None:
+    def mask_for(self, sliding: bool) -> mx.array | str | None:
         return self.window_mask if sliding else self.mask
 
     def steered(self, row: int, h: mx.array) -> mx.array:

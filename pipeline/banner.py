@@ -1,0 +1,50 @@
+"""The lines a long command prints before any work: what it will use and where it writes."""
+
+from __future__ import annotations
+
+import os
+from urllib.parse import urlsplit, urlunsplit
+
+OPENAI_URL = "https://api.openai.com/v1"
+
+
+def banner(
+    *,
+    model: str,
+    backend: str,
+    device: str,
+    dtype: str,
+    judge: str,
+    endpoint: str,
+    folder,
+    why: dict[str, str] | None = None,
+) -> str:
+    """Aligned `name  value` lines; `why` may add a reason to any of them (by name)."""
+    rows = {
+        "model": model,
+        "backend": backend,
+        "device": device,
+        "dtype": dtype,
+        "judge": f"{judge} at {endpoint}",
+        "output": str(folder),
+    }
+    why = why or {}
+    width = max(map(len, rows))
+    return "\n".join(
+        f"{name:<{width}}  {value}" + (f"  ({why[name]})" if name in why else "")
+        for name, value in rows.items()
+    )
+
+
+def judge_endpoint(judge_model: str, base_url: str | None) -> str:
+    """Where the judge's requests go, without any user:password in the URL."""
+    if judge_model.startswith("local:"):
+        return "this machine (in-process)"
+    return strip_userinfo(base_url or os.environ.get("OPENAI_BASE_URL") or OPENAI_URL)
+
+
+def strip_userinfo(url: str) -> str:
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
