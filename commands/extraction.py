@@ -263,17 +263,21 @@ def run(model, backend, dtype, device, trait, out, **options):
     """Generate, judge, extract and vet in one resumable run (model auto: Gemma 2 9B-it)."""
     import time
 
-    from pertoken.backends import default_model, describe_choice
+    from pertoken.backends import check_memory, choose, default_model
     from pertoken.pipeline.judge import read_rubric
     from pertoken.pipeline.run import run_pipeline
 
     start = time.perf_counter()
     given = model != "auto"
     model = model if given else default_model(backend)
-    why = describe_choice(backend, model if given else None)
+    choice = choose(backend)
+    why = {"backend": choice.reason} | ({} if given else {"model": f"the {choice.backend} default"})
+    # a model too big for MLX's memory fails here, in seconds, before anything is imported
+    fit = check_memory(model, backend, dtype=dtype, max_new_tokens=options["max_new_tokens"])
     click.echo(_run_banner(model, backend, dtype, device, trait, out, options, why))
-    if options["batch_size"] is None:
-        options["batch_size"] = _memory_batch(model, backend, dtype, options["max_new_tokens"])
+    if fit is not None:
+        click.echo(f"memory: {fit.summary()}")
+        options["batch_size"] = options["batch_size"] or fit.batch_size
     rubric = options["coherence_prompt"]
     options["coherence_prompt"] = read_rubric(rubric) if rubric else None
 
@@ -309,7 +313,7 @@ def _echo_report(path) -> None:
     click.echo(f"report: {path.with_suffix('.md')}")
 
 
-def _run_banner(model, backend, dtype, device, trait, out, options, why: str) -> str:
+def _run_banner(model, backend, dtype, device, trait, out, options, why: dict) -> str:
     """What `run` will use and where it writes, before any work starts."""
     from pertoken.backends import choose_settings
     from pertoken.pipeline.banner import banner, judge_endpoint
@@ -326,5 +330,5 @@ def _run_banner(model, backend, dtype, device, trait, out, options, why: str) ->
         judge=judge,
         endpoint=judge_endpoint(judge, options["base_url"]),
         folder=run_folder(out, model, load_trait(trait).name),
-        why={"backend": why},
+        why=why,
     )

@@ -94,7 +94,7 @@ def test_run_end_to_end_then_resume(tmp_path, llama_dir, monkeypatch):
         banner = r.output.splitlines()[:6]
         assert banner == [
             f"model    {llama_dir}",
-            "backend  torch",
+            "backend  torch  (asked for with --backend)",
             "device   cpu",
             "dtype    float32",
             f"judge    judge-x at {server.url}",
