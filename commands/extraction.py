@@ -271,7 +271,8 @@ def run(model, backend, dtype, device, trait, out, **options):
     given = model != "auto"
     model = model if given else default_model(backend)
     choice = choose(backend)
-    why = {"backend": choice.reason} | ({} if given else {"model": f"the {choice.backend} default"})
+    reason = f"--backend auto: {choice.reason}" if backend == "auto" else choice.reason
+    why = {"backend": reason} | ({} if given else {"model": f"the {choice.backend} default"})
     # a model too big for MLX's memory fails here, in seconds, before anything is imported
     fit = check_memory(model, backend, dtype=dtype, max_new_tokens=options["max_new_tokens"])
     click.echo(_run_banner(model, backend, dtype, device, trait, out, options, why))

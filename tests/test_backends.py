@@ -122,7 +122,7 @@ def test_run_without_model_uses_the_mlx_default_with_a_batch_from_memory(on, fak
     r = CliRunner().invoke(main, ["run", "--trait", "paternalism"])
     assert r.exit_code == 0, r.output
     assert fake_run["model"] == "mlx-community/gemma-2-9b-it-4bit"
-    assert "backend mlx (--backend auto: Apple Silicon with MLX installed)" in r.output
+    assert "backend  mlx  (--backend auto: Apple Silicon with MLX installed)" in r.output
     fit = memory.check_fit(fake_run["model"], max_new_tokens=1000)
     assert fake_run["batch_size"] == fit.batch_size and fit.batch_size > 1
     assert f"fits, batches of {fit.batch_size}" in r.output
@@ -133,7 +133,7 @@ def test_run_without_model_on_torch_uses_the_torch_default(on, fake_run):
     r = CliRunner().invoke(main, ["run", "--trait", "paternalism", "--batch-size", "3"])
     assert r.exit_code == 0, r.output
     assert fake_run["model"] == "google/gemma-2-9b-it" and fake_run["batch_size"] == 3
-    assert "model google/gemma-2-9b-it (the torch default)" in r.output
+    assert "model    google/gemma-2-9b-it  (the torch default)" in r.output
     assert "memory" not in r.output  # torch's devices manage their own memory
 
 

@@ -224,7 +224,8 @@ def test_sampling_options_reach_the_generate_stage(tmp_path, monkeypatch):
     kit = write_kit(tmp_path, "evil", n_questions=1, n_instructions=1)
     with pytest.raises(_Stop):
         run_pipeline(
-            model="m", trait=str(kit), out=tmp_path, temperature=0.5, seed=7, sampler="model"
-        )
+            model="m", trait=str(kit), out=tmp_path, temperature=0.5, seed=7, sampler="model",
+            judge_model="local:m",
+        )  # fmt: skip
     assert (seen["temperature"], seen["seed"], seen["sampler"]) == (0.5, 7, "model")
     assert seen["label"] == "generate pos"
