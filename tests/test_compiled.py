@@ -107,7 +107,7 @@ def test_attention_without_a_mask_interface_is_one_clear_error(llama_dir):
     b = TorchBackend.load(str(llama_dir), dtype="float32", device="cpu")
     b.model.config._attn_implementation = "flash_attention_2"
     with pytest.raises(PertokenError, match="needs sdpa or eager attention.*without --compile"):
-        TorchBackend(b.model, b.tokenizer, model_id="m", dtype="float32", device="cpu", compile=True)
+        TorchBackend(b.model, b.tokenizer, model_id="m", dtype="f32", device="cpu", compile=True)
 
 
 @pytest.mark.slow
