@@ -6,6 +6,7 @@ import click
 
 from pertoken import cli
 from pertoken.cli import (
+    compile_option,
     judge_options,
     main,
     model_options,
@@ -60,6 +61,7 @@ def traits_show(name):
 @click.option("--batch-size", type=int, default=None, help=BATCH_HELP)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="CSV to write.")
+@compile_option
 def generate(
     model,
     backend,
@@ -74,6 +76,7 @@ def generate(
     batch_size,
     seed,
     out,
+    compile_,
 ):
     """Answer a trait's questions under its positive or negative instructions."""
     from pertoken.pipeline.generate import generate_csv, is_complete, plan_rows
@@ -84,8 +87,9 @@ def generate(
     if is_complete(out, specs):  # nothing to do: do not load the model
         return click.echo(f"{out}: all {len(specs)} rows are already there")
     batch_size = batch_size or _memory_batch(model, backend, dtype, max_new_tokens)
+    bk = cli.load_model(model, backend, dtype, device, compile_)
     r = generate_csv(
-        cli.load_model(model, backend, dtype, device),
+        bk,
         trait=kit,
         out=out,
         polarity=polarity,
@@ -97,6 +101,7 @@ def generate(
         seed=seed,
     )
     click.echo(f"{r.path}: {r.rows} rows ({r.generated} generated now, {r.seconds:.1f}s)")
+    cli.report_compile(bk)
 
 
 @main.command()
@@ -207,6 +212,7 @@ def _trait_name(trait: str) -> str:
 @click.option("--batch-size", type=int, default=None, help=BATCH_HELP)
 @judge_options
 @click.option("--threshold", default=50.0, show_default=True)
+@compile_option
 def run(
     model,
     backend,
@@ -221,6 +227,7 @@ def run(
     base_url,
     concurrency,
     threshold,
+    compile_,
 ):
     """Generate, judge and extract in one resumable run (model auto: Gemma 2 9B-it)."""
     from pertoken.backends import default_model, describe_choice
@@ -244,9 +251,12 @@ def run(
         batch_size=batch_size,
         dtype=dtype,
         device=device,
+        compile=compile_,
     )
     for stage, (status, seconds) in r.stages.items():
         click.echo(f"{stage:12s} {seconds:7.1f}s  {status}")
     click.echo(f"pairs kept: {r.pairs_kept} of {r.pairs_total}")
+    if r.backend is not None:
+        cli.report_compile(r.backend)
     for p in r.vectors.values():
         click.echo(str(p))

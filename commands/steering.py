@@ -59,6 +59,7 @@ def steer(model, backend, dtype, device, vectors, layers, coefs, positions, prom
 )
 @click.option("--batch-size", default=16, show_default=True)
 @click.option("--seed", default=0, show_default=True)
+@cli.compile_option
 def eval_(
     model,
     backend,
@@ -79,6 +80,7 @@ def eval_(
     positions,
     batch_size,
     seed,
+    compile_,
 ):
     """Sweep layers x coefficients on a trait's evaluation questions and judge the effect."""
     from pertoken.pipeline.evaluate import csv_judge, evaluate, format_table, parse_coefs
@@ -88,7 +90,7 @@ def eval_(
 
     kit, vector = load_trait(trait), load_vector(vector_path)
     rows, coef_list = parse_layers(layers), parse_coefs(coefs)
-    b = cli.load_model(model, backend, dtype, device)
+    b = cli.load_model(model, backend, dtype, device, compile_)
     vector.check_model(b.n_layers, b.hidden_size, vector_path)
     judge = _lazy_judge(judge_model, base_url, concurrency, backend, b, model)
     r = evaluate(
@@ -108,6 +110,7 @@ def eval_(
         vector_path=vector_path,
     )
     click.echo(format_table(kit.name, r.summary))
+    cli.report_compile(b)
     missing = sum(s.missing for s in r.summary)
     if missing:
         click.echo(f"{missing} answers have no {kit.name} score (judge refusals or failures)")

@@ -25,6 +25,7 @@ class RunReport:
     pairs_kept: int
     pairs_total: int
     stages: dict[str, tuple[str, float]] = field(default_factory=dict)  # name -> (status, s)
+    backend: object | None = None  # the model, when a stage loaded it
 
 
 def run_folder(out: str | Path, model: str, trait: str) -> Path:
@@ -47,6 +48,7 @@ class RunOptions:
     cache: str | Path | None = None
     dtype: str | None = None
     device: str | None = None
+    compile: bool = False  # torch: the compiled decode step
     progress: bool = True
 
 
@@ -79,14 +81,17 @@ class _Run:
         done = _extracted(self.paths, self.csvs, o.threshold)
         stages["extract"] = _stage(done, self.extract)
         meta = json.loads(self.paths["response_avg"].with_suffix(".json").read_text())
-        return RunReport(self.folder, self.paths, meta["pairs_kept"], meta["pairs_total"], stages)
+        kept, total = meta["pairs_kept"], meta["pairs_total"]
+        return RunReport(self.folder, self.paths, kept, total, stages, self._backend)
 
     def backend(self):
         if self._backend is None:
             from pertoken.backends import load_backend
 
             o = self.opts
-            self._backend = load_backend(o.model, o.backend, dtype=o.dtype, device=o.device)
+            self._backend = load_backend(
+                o.model, o.backend, dtype=o.dtype, device=o.device, compile=o.compile
+            )
         return self._backend
 
     def make_judge(self):

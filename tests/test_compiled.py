@@ -134,3 +134,27 @@ def test_cuda_graph_equals_eager(llama_dir):
         assert compiled.generate(ps, max_new_tokens=NEW, temperature=0, steer=steer) == want
     assert compiled.compiled.captures == 1
     assert compiled.compiled.warmup_seconds > 0
+
+
+def test_cli_generate_with_compile_writes_the_eager_csv(llama_dir, tmp_path, torch_one_thread):
+    from click.testing import CliRunner
+
+    from pertoken.cli import main
+    from tests.small_kit import write_kit
+
+    kit = write_kit(tmp_path)
+    base = ["generate", "-m", str(llama_dir), "--backend", "torch", "--device", "cpu"]
+    base += ["-t", str(kit), "--n-per-question", "1", "--max-new-tokens", "8"]
+    eager = CliRunner().invoke(main, [*base, "--out", str(tmp_path / "eager.csv")])
+    compiled = CliRunner().invoke(main, [*base, "--out", str(tmp_path / "c.csv"), "--compile"])
+    assert eager.exit_code == 0 and compiled.exit_code == 0, compiled.output
+    assert "compiled decode step: static KV cache" in compiled.output
+    assert (tmp_path / "c.csv").read_text() == (tmp_path / "eager.csv").read_text()
+
+
+def test_compile_on_mlx_is_one_clear_error(llama_dir):
+    pytest.importorskip("mlx")
+    from pertoken.backends import load_backend
+
+    with pytest.raises(PertokenError, match="--compile is for the torch backend"):
+        load_backend(str(llama_dir), "mlx", compile=True)
