@@ -48,13 +48,15 @@ def test_greedy_equals_eager_batched_steered_and_not(pair, positions, torch_one_
     assert unsteered != want  # the steering is strong enough to change the answers
 
 
-def test_greedy_equals_eager_one_prompt_at_a_time(pair, torch_one_thread):
-    eager, compiled = pair
+def test_greedy_equals_eager_one_prompt_at_a_time(pair, model_dir, torch_one_thread):
+    eager = pair[0]
+    compiled = TorchBackend.load(str(model_dir), dtype="float32", device="cpu", compile=True)
     steer = _steer(eager)
     for p in _prompts(eager):
         for s in (None, steer):
             want = eager.generate([p], max_new_tokens=NEW, temperature=0, steer=s)
             assert compiled.generate([p], max_new_tokens=NEW, temperature=0, steer=s) == want
+    assert compiled.compiled._step.shape.batch == 1
 
 
 def test_seeded_samples_equal_eager(pair, torch_one_thread):
@@ -65,13 +67,18 @@ def test_seeded_samples_equal_eager(pair, torch_one_thread):
     assert compiled.generate(ps, batch_size=3, **kw) == eager.generate(ps, batch_size=3, **kw)
 
 
-def test_last_short_batch_reuses_the_step_with_padding_rows(pair, torch_one_thread):
+def test_smaller_batches_reuse_the_step_with_padding_rows(pair, torch_one_thread):
     eager, compiled = pair
     ps = _prompts(eager) + _prompts(eager)[:2]  # batches of 3 and 2
     want = eager.generate(ps, max_new_tokens=NEW, temperature=0, batch_size=3)
     got = compiled.generate(ps, max_new_tokens=NEW, temperature=0, batch_size=3)
+    step = compiled.compiled._step
     assert got == want
-    assert compiled.compiled._step.shape.batch == 3
+    p = ps[1]  # one prompt through the 3-row step
+    assert compiled.generate([p], max_new_tokens=NEW, temperature=0) == eager.generate(
+        [p], max_new_tokens=NEW, temperature=0
+    )
+    assert compiled.compiled._step is step and step.shape.batch == 3
 
 
 def test_trace_equals_eager(pair, torch_one_thread):

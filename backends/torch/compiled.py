@@ -157,10 +157,10 @@ class CompiledDecoder:
         return self._step.logits
 
     def _ready(self, B: int, length: int, rows: tuple[int, ...]) -> StaticStep:
-        """The step for this call: the current one when it fits, else a new one."""
+        """The step for this call: the current one when it fits (fewer rows are padded: a
+        decode step costs about the same for any batch up to the one captured), else a new one."""
         s = self._step
-        fits = s is not None and s.shape.rows == rows and length <= s.shape.length
-        if fits and s.shape.batch // 2 < B <= s.shape.batch:
+        if s and s.shape.rows == rows and B <= s.shape.batch and length <= s.shape.length:
             return s
         self._step = self._graph = None  # free the old buffers before allocating new ones
         if self.graphs:
