@@ -146,3 +146,10 @@ def test_two_gpus_equal_one(llama_dir):
     assert compiled.generate(ps, max_new_tokens=16, temperature=0) == one.generate(
         ps, max_new_tokens=16, temperature=0
     )
+
+
+def test_device_auto_on_mlx_is_its_default():
+    pytest.importorskip("mlx.core")
+    from pertoken.backends.mlx.load import pick_device as mlx_device
+
+    assert mlx_device("auto") == mlx_device(None) in ("gpu", "cpu")
