@@ -78,6 +78,8 @@ def test_smaller_batches_reuse_the_step_with_padding_rows(pair, torch_one_thread
     assert compiled.generate([p], max_new_tokens=NEW, temperature=0) == eager.generate(
         [p], max_new_tokens=NEW, temperature=0
     )
+    kw = dict(max_new_tokens=NEW, temperature=1.0, seed=2)  # padding rows draw nothing
+    assert compiled.generate([p], **kw) == eager.generate([p], **kw)
     assert compiled.compiled._step is step and step.shape.batch == 3
 
 

@@ -231,7 +231,8 @@ def _bound(state: TapState, step: StaticStep):
 
 
 class _Report:
-    """Hands the caller's `on_row` each step's captured states, as the hooks would."""
+    """Hands the caller's `on_row` each step's captured states, as the hooks would: views of a
+    buffer the next step overwrites, so a caller copies what it keeps."""
 
     def __init__(self, on_row, step: StaticStep, B: int):
         self.on_row, self.step, self.B = on_row, step, B
@@ -257,15 +258,15 @@ class _Loop:
 
     def answers(self, logits: torch.Tensor, B: int) -> list[list[int]]:
         opts, tokens = self.opts, self.step.tokens
-        done = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
-        done[B:] = True  # padding rows
+        done = torch.zeros(B, dtype=torch.bool, device=tokens.device)
         toks, keep = [], []  # per step: [B] ids, [B] whether the id belongs to the answer
         for n in range(opts.max_new_tokens):
-            tok = sample(logits, opts.temperature, opts.top_p, self.gen)
+            # only the real rows draw, so the generator's stream is the eager loop's
+            tok = sample(logits[:B], opts.temperature, opts.top_p, self.gen)
             tok = torch.where(done, torch.full_like(tok, opts.pad_id), tok)
             stopped = torch.isin(tok, opts.stop_ids)
-            toks.append(tok[:B])
-            keep.append(~(done | stopped)[:B])
+            toks.append(tok)
+            keep.append(~(done | stopped))
             done |= stopped
             if n == opts.max_new_tokens - 1 and not opts.feed_last:
                 break
@@ -273,8 +274,8 @@ class _Loop:
             if (every or (n + 1) % self.check_every == 0) and bool(done.all()):
                 break
             if self.on_token is not None:
-                self.on_token(tok[:B].tolist())
-            tokens.copy_(tok[:, None])
+                self.on_token(tok.tolist())
+            tokens[:B, 0] = tok  # padding rows go on feeding what they were given
             logits = self.run()
             self.report()
         ids = torch.stack(toks, 1).tolist()  # [B, steps]
