@@ -259,10 +259,12 @@ class _Loop:
     def answers(self, logits: torch.Tensor, B: int) -> list[list[int]]:
         opts, tokens = self.opts, self.step.tokens
         done = torch.zeros(B, dtype=torch.bool, device=tokens.device)
+        uniforms = getattr(opts, "uniforms", None)  # [B, steps] when rows carry their own seeds
         toks, keep = [], []  # per step: [B] ids, [B] whether the id belongs to the answer
         for n in range(opts.max_new_tokens):
             # only the real rows draw, so the generator's stream is the eager loop's
-            tok = sample(logits[:B], opts.temperature, opts.top_p, self.gen)
+            per_row = () if uniforms is None else (uniforms[:, n],)
+            tok = sample(logits[:B], opts.temperature, opts.top_p, self.gen, *per_row)
             tok = torch.where(done, torch.full_like(tok, opts.pad_id), tok)
             stopped = torch.isin(tok, opts.stop_ids)
             toks.append(tok)
