@@ -65,7 +65,9 @@ def model_options(default_model: str | None = None):
         )
         @click.option("--dtype", default=None, help="float32, bfloat16 or float16 (auto).")
         @click.option(
-            "--device", default=None, help="torch: cuda, cpu or mps; mlx: gpu or cpu (auto)."
+            "--device",
+            default=None,
+            help="torch: auto (sharded over several GPUs), cuda, cpu or mps; mlx: gpu or cpu.",
         )
         @functools.wraps(f)
         def inner(*args, **kwargs):
@@ -76,10 +78,33 @@ def model_options(default_model: str | None = None):
     return wrap
 
 
-def load_model(model: str, backend: str, dtype: str | None, device: str | None):
+def load_model(
+    model: str, backend: str, dtype: str | None, device: str | None, compile: bool = False
+):
     from pertoken.backends import load_backend
 
-    return load_backend(model, backend, dtype=dtype, device=device)
+    return load_backend(model, backend, dtype=dtype, device=device, compile=compile)
+
+
+def compile_option(f):
+    return click.option(
+        "--compile",
+        "compile_",
+        is_flag=True,
+        help="torch: decode through a static KV cache captured as a CUDA graph "
+        "(warm-up once per batch shape, reported).",
+    )(f)
+
+
+def report_compile(backend) -> None:
+    """One line on the compiled decode step's warm-up, when the backend has one."""
+    compiled = getattr(backend, "compiled", None)
+    if compiled is None:
+        return
+    if not compiled.graphs:
+        return click.echo("compiled decode step: static KV cache, no CUDA graph on this device")
+    click.echo(f"compiled decode step: warm-up {compiled.warmup_seconds:.1f}s "
+               f"({compiled.captures} CUDA graph capture(s))")  # fmt: skip
 
 
 def trait_option(f):

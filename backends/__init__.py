@@ -128,9 +128,22 @@ def choose_settings(
 
 
 def load_backend(
-    model: str, backend: str = "auto", *, dtype: str | None = None, device: str | None = None
+    model: str,
+    backend: str = "auto",
+    *,
+    dtype: str | None = None,
+    device: str | None = None,
+    compile: bool = False,
 ) -> Backend:
     """Load `model` (hub id or local folder) with the named backend, after checking that it
-    fits in memory (MLX)."""
+    fits in memory (MLX). compile: the torch backend's compiled decode step."""
     check_memory(model, backend, dtype=dtype)
-    return backend_class(backend).load(model, dtype=dtype, device=device)
+    cls = backend_class(backend)
+    if not compile:
+        return cls.load(model, dtype=dtype, device=device)
+    if cls.name != "torch":
+        raise PertokenError(
+            f"--compile is for the torch backend (CUDA graphs); {cls.name} does not use it: "
+            "drop --compile"
+        )
+    return cls.load(model, dtype=dtype, device=device, compile=True)

@@ -4,9 +4,11 @@
     python benchmarks/bench_cuda.py --tiny                          # CPU self-check, tiny configs
 
 Measures, median of --reps after a warm-up: (a) steered batched generation, pertoken vs HF
-generate with a steering hook, at batch 1/32/128; (b) extraction (`summaries`) vs one sequence
-at a time with output_hidden_states; (c) the bandwidth and compute floors; plus correctness
-(bf16 vs a float32 reference, batched == single). Prints one table with the ratios.
+generate with a steering hook, at batch 1/32/128; (b) the compiled decode step (static cache,
+CUDA graph; `compile=True`), steered with three rows captured at every token, at batch 1/32,
+with the seconds its capture took; (c) extraction (`summaries`) vs one sequence at a time with
+output_hidden_states; (d) the bandwidth and compute floors; plus correctness (bf16 vs a float32
+reference, batched == single, compiled == eager). Prints one table with the ratios.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import torch
 
 from pertoken.backends.base import Steer
 from pertoken.backends.torch import TorchBackend
+from pertoken.backends.torch.decode import left_pad
+from pertoken.backends.torch.hooks import residual_taps
 
 LLAMA_8B = dict(
     model_type="llama",
@@ -136,6 +140,28 @@ def hf_generate(b: TorchBackend, prompts: list[str], new: int, vec, row: int):
         handle.remove()
 
 
+def compiled_backend(b: TorchBackend) -> TorchBackend:
+    """The same model behind a backend with the compiled decode step."""
+    c = TorchBackend(b.model, b.tokenizer, model_id=b.model_id, dtype=b.dtype, device=b.device,
+                     compile=True)  # fmt: skip
+    c.stop_ids = b.stop_ids
+    return c
+
+
+def compiled_generate(c: TorchBackend, prompts: list[str], new: int, steer, rows) -> None:
+    """Sampled generation through the compiled step, steered, with the states of `rows` at
+    every answer token kept on the device (what a per-token monitor reads)."""
+    state = c._tap_state(steer)
+    kept = []
+    state.rows, state.on_row = frozenset(rows), lambda row, h: kept.append(h.clone())
+    opts = c._options(new, 1.0, 1.0, steer)
+    gen = torch.Generator(device=c.device).manual_seed(0)
+    batch = left_pad(c._encode_prompts(prompts), c.pad_id, c.device)
+    with torch.inference_mode(), residual_taps(c.model, state):
+        c.compiled.decode(batch, state, opts, gen)
+    assert len(kept) == len(rows) * (new - 1)
+
+
 def one_at_a_time(b: TorchBackend, texts: list[str]):
     for t in texts:
         ids = b.tokenizer(t, return_tensors="pt").input_ids.to(b.device)
@@ -185,6 +211,7 @@ def measure(name: str, spec: dict, args) -> dict:
                     args.reps,
                 )
             )
+    res |= _compiled(b, vocab, row, steer, args)
     texts = random_prompts(args.extract_n, args.extract_len, vocab, 7)
     half = [" ".join(t.split()[: args.extract_len // 2]) for t in texts]
     rest = [t[len(h) :] for t, h in zip(texts, half)]
@@ -196,6 +223,25 @@ def measure(name: str, spec: dict, args) -> dict:
     res["extract_floor_sps"] = args.peak_tflops * 1e12 / flops
     res["batched_equals_single"] = _batched_equals_single(b, vocab)
     res["bf16_vs_fp32_max_rel"] = _precision(spec, args) if not args.tiny else None
+    return res
+
+
+def _compiled(b: TorchBackend, vocab: int, row: int, steer: Steer, args) -> dict:
+    """tok/s of the compiled step, steered and capturing three rows, and its warm-up seconds."""
+    c, res = compiled_backend(b), {}
+    rows = sorted({1, row, b.n_layers})
+    ps = random_prompts(4, 24, vocab, 11)
+    ps = [p[: len(p) - 3 * i] for i, p in enumerate(ps)]
+    greedy = dict(max_new_tokens=8, temperature=0, batch_size=4)
+    res["compiled_equals_eager"] = c.generate(ps, **greedy) == b.generate(ps, **greedy)
+    for batch in args.compiled_batches:
+        ps = random_prompts(batch, args.prompt_len, vocab, batch)
+        before = c.compiled.warmup_seconds
+        t = median_time(lambda ps=ps: compiled_generate(c, ps, args.new_tokens, steer, rows),
+                        args.reps)  # fmt: skip
+        res[f"compiled_tps_b{batch}"] = batch * args.new_tokens / t
+        res[f"compiled_warmup_s_b{batch}"] = c.compiled.warmup_seconds - before
+    res["compiled_rows"] = len(rows)
     return res
 
 
@@ -250,6 +296,7 @@ def table(results: list[dict], batches) -> str:
                 f"| {r['model']} | steering overhead, batch {batch} | {pt:.0f} | "
                 f"{plain:.0f} (unsteered) | {pt / plain:.2f}x | | |"
             )
+        lines += _compiled_lines(r, batches)
         pt, one, fl = r["extract_sps_pertoken"], r["extract_sps_one"], r["extract_floor_sps"]
         lines.append(
             f"| {r['model']} | extraction seq/s | {pt:.1f} | {one:.1f} (one at a time) "
@@ -259,11 +306,28 @@ def table(results: list[dict], batches) -> str:
     return "\n".join(lines)
 
 
+def _compiled_lines(r: dict, batches) -> list[str]:
+    lines = []
+    for batch in sorted(int(k.rsplit("b", 1)[1]) for k in r if k.startswith("compiled_tps_b")):
+        pt, fl = r[f"compiled_tps_b{batch}"], r.get(f"floor_tps_b{batch}")
+        hf = r.get(f"hf_tps_b{batch}")
+        base = f"{hf:.0f} (HF+hook) | {pt / hf:.2f}x" if hf else "| "
+        floor = f"{fl:.0f} | {100 * pt / fl:.0f}%" if fl else "| "
+        lines.append(
+            f"| {r['model']} | compiled, steered + {r['compiled_rows']} rows captured, batch "
+            f"{batch} (warm-up {r[f'compiled_warmup_s_b{batch}']:.1f}s) | {pt:.0f} | {base} "
+            f"| {floor} |"
+        )
+    lines.append(f"| {r['model']} | compiled == eager | {r['compiled_equals_eager']} | | | | |")
+    return lines
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="tiny configs on the CPU (self-check)")
     ap.add_argument("--models", default="llama,gemma2")
     ap.add_argument("--batches", default="1,32,128")
+    ap.add_argument("--compiled-batches", default="1,32")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
@@ -275,9 +339,10 @@ def main():
     args = ap.parse_args()
     args.device = "cpu" if args.tiny else "cuda"
     args.batches = [int(x) for x in args.batches.split(",")]
+    args.compiled_batches = [int(x) for x in args.compiled_batches.split(",")]
     if args.tiny:
         args.prompt_len, args.new_tokens, args.extract_n, args.extract_len = 16, 8, 8, 32
-        args.batches, args.reps = [1, 4], 1
+        args.batches, args.compiled_batches, args.reps = [1, 4], [1, 4], 1
     specs = {"llama": LLAMA_8B, "gemma2": GEMMA2_9B}
     results = [measure(m, specs[m], args) for m in args.models.split(",")]
     print(table(results, args.batches))
@@ -286,6 +351,7 @@ def main():
             "date": time.strftime("%Y-%m-%d"),
             "torch": torch.__version__,
             "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+            "transformers": __import__("transformers").__version__,
         }
         Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
 

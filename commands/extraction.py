@@ -6,6 +6,7 @@ import click
 
 from pertoken import cli
 from pertoken.cli import (
+    compile_option,
     judge_options,
     main,
     model_options,
@@ -72,6 +73,7 @@ def traits_show(name):
 @click.option("--batch-size", type=int, default=None, help=BATCH_HELP)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="CSV to write.")
+@compile_option
 def generate(
     model,
     backend,
@@ -87,6 +89,7 @@ def generate(
     batch_size,
     seed,
     out,
+    compile_,
 ):
     """Answer a trait's questions under its positive or negative instructions."""
     from pertoken.lock import output_lock
@@ -99,8 +102,9 @@ def generate(
         return click.echo(f"{out}: all {len(specs)} rows are already there")
     batch_size = batch_size or _memory_batch(model, backend, dtype, max_new_tokens)
     with output_lock(out):  # before the model loads: a second writer stops at once
+        bk = cli.load_model(model, backend, dtype, device, compile_)
         r = generate_csv(
-            cli.load_model(model, backend, dtype, device),
+            bk,
             trait=kit,
             out=out,
             polarity=polarity,
@@ -113,6 +117,7 @@ def generate(
             seed=seed,
         )
     click.echo(f"{r.path}: {r.rows} rows ({r.generated} generated now, {r.seconds:.1f}s)")
+    cli.report_compile(bk)
 
 
 @main.command()
@@ -259,6 +264,7 @@ def _trait_name(trait: str) -> str:
     "--threshold", default=50.0, show_default=True, help="Trait score cut T for keeping a pair."
 )
 @method_option
+@compile_option
 def run(model, backend, dtype, device, trait, out, **options):
     """Generate, judge, extract and vet in one resumable run (model auto: Gemma 2 9B-it)."""
     import time
@@ -281,6 +287,7 @@ def run(model, backend, dtype, device, trait, out, **options):
         options["batch_size"] = options["batch_size"] or fit.batch_size
     rubric = options["coherence_prompt"]
     options["coherence_prompt"] = read_rubric(rubric) if rubric else None
+    options["compile"] = options.pop("compile_")
 
     def stage_done(stage: str, status: str, seconds: float) -> None:
         click.echo(f"{stage:12s} {seconds:7.1f}s  {status}")
@@ -296,6 +303,8 @@ def run(model, backend, dtype, device, trait, out, **options):
         **options,
     )
     click.echo(f"pairs kept: {r.pairs_kept} of {r.pairs_total}")
+    if r.backend is not None:
+        cli.report_compile(r.backend)
     for p in r.vectors.values():
         click.echo(str(p))
     _echo_report(r.report)

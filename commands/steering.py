@@ -66,6 +66,7 @@ def steer(model, backend, dtype, device, vectors, layers, coefs, positions, prom
 @positions_option
 @click.option("--batch-size", default=16, show_default=True)
 @click.option("--seed", default=0, show_default=True)
+@cli.compile_option
 def eval_(
     model,
     backend,
@@ -90,6 +91,7 @@ def eval_(
     batch_size,
     seed,
     min_coherence,
+    compile_,
 ):
     """Sweep layers x coefficients on a trait's evaluation questions and judge the effect.
 
@@ -107,7 +109,7 @@ def eval_(
     vector = load_vector(vector_path)
     rows, coef_list = parse_layers(layers), [] if auto else parse_coefs(coefs)
     rubric = read_rubric(coherence_prompt) if coherence_prompt else None
-    b = cli.load_model(model, backend, dtype, device)
+    b = cli.load_model(model, backend, dtype, device, compile_)
     vector.check_model(b.n_layers, b.hidden_size, vector_path)
     judge = _lazy_judge(
         judge_model, base_url, concurrency, backend, b, model, max_consecutive_failures
@@ -132,6 +134,7 @@ def eval_(
         return _search(b, kit, opts, min_coherence)
     r = evaluate(b, coefs=coef_list, **opts)
     click.echo(format_table(kit.name, r.summary))
+    cli.report_compile(b)
     missing = sum(s.missing for s in r.summary)
     if missing:
         click.echo(f"{missing} answers have no {kit.name} score (judge refusals or failures)")

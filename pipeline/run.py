@@ -39,6 +39,7 @@ class RunReport:
     pairs_total: int
     stages: dict[str, tuple[str, float]] = field(default_factory=dict)  # name -> (status, s)
     report: Path | None = None  # the vetted vector's report card (JSON), when vet succeeded
+    backend: object | None = None  # the model, when a stage loaded it
 
 
 def run_folder(out: str | Path, model: str, trait: str) -> Path:
@@ -65,6 +66,7 @@ class RunOptions:
     cache: str | Path | None = None
     dtype: str | None = None
     device: str | None = None
+    compile: bool = False  # torch: the compiled decode step
     progress: bool = True
     method: str = "mean_diff"
     coherence_prompt: str | None = None  # rubric text (default: the kit's, or the judge's own)
@@ -120,7 +122,7 @@ class _Run:
         meta = json.loads(self.paths["response_avg"].with_suffix(".json").read_text())
         report = self.report if _vetted(self.report, self.vetted_vector()) else None
         kept, total = meta["pairs_kept"], meta["pairs_total"]
-        return RunReport(self.folder, self.paths, kept, total, stages, report)
+        return RunReport(self.folder, self.paths, kept, total, stages, report, self._backend)
 
     def vetted_vector(self) -> Path:
         return self.paths.get("probe", self.paths["response_avg"])
@@ -139,7 +141,9 @@ class _Run:
             from pertoken.backends import load_backend
 
             o = self.opts
-            self._backend = load_backend(o.model, o.backend, dtype=o.dtype, device=o.device)
+            self._backend = load_backend(
+                o.model, o.backend, dtype=o.dtype, device=o.device, compile=o.compile
+            )
         return self._backend
 
     def make_judge(self):

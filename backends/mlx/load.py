@@ -68,7 +68,7 @@ def local_config(model: str) -> dict:
 
 def pick_device(device: str | None) -> str:
     gpu = mx.metal.is_available()
-    device = device or ("gpu" if gpu else "cpu")
+    device = ("gpu" if gpu else "cpu") if device in (None, "auto") else device
     device = "gpu" if device == "mps" else device
     if device not in ("gpu", "cpu"):
         raise PertokenError(f"the mlx backend runs on gpu or cpu, not {device!r}")

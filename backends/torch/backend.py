@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,8 +18,15 @@ from pertoken.backends.base import (
     row_uniforms,
 )
 from pertoken.backends.chat import render_chat, stop_token_ids, token_pieces
+from pertoken.backends.torch.compiled import CompiledDecoder
 from pertoken.backends.torch.decode import DecodeOptions, decode, left_pad, position_mask
-from pertoken.backends.torch.hooks import TapState, decoder_parts, residual_taps
+from pertoken.backends.torch.hooks import (
+    TapState,
+    block_devices,
+    decoder_parts,
+    input_device,
+    residual_taps,
+)
 from pertoken.backends.torch.load import load_model_and_tokenizer, pick_device, pick_dtype
 from pertoken.errors import PertokenError
 from pertoken.rows import check_capture_rows
@@ -27,7 +35,9 @@ from pertoken.rows import check_capture_rows
 class TorchBackend:
     name = "torch"
 
-    def __init__(self, model, tokenizer, *, model_id: str, dtype: str, device: str):
+    def __init__(
+        self, model, tokenizer, *, model_id: str, dtype: str, device: str, compile: bool = False
+    ):
         self.model = model
         self.tokenizer = tokenizer
         self.model_id = model_id
@@ -44,15 +54,27 @@ class TorchBackend:
         stops = stop_token_ids(tokenizer, model.config, gen_config)
         self.stop_ids = torch.tensor(stops, device=device)
         self.generation_config = _set_fields(gen_config)
+        # the static, CUDA-graph decode step (None: the eager loop)
+        self.compiled = CompiledDecoder(model) if compile else None
 
     @classmethod
-    def load(cls, model: str, *, dtype: str | None = None, device: str | None = None):
-        """Load a hub id or local folder; device auto = cuda else cpu, dtype auto = bf16 on cuda."""
+    def load(
+        cls,
+        model: str,
+        *,
+        dtype: str | None = None,
+        device: str | None = None,
+        compile: bool = False,
+    ):
+        """Load a hub id or local folder; device auto = cuda (sharded over several CUDA devices)
+        else cpu, dtype auto = bf16 on cuda. compile: decode through the static step, captured
+        as a CUDA graph on CUDA (`compiled.warmup_seconds` reports the capture time)."""
         device = pick_device(device)
         dtype = pick_dtype(dtype, device)
         lm, tok = load_model_and_tokenizer(model, dtype, device)
         model_id = Path(model).name if Path(model).expanduser().is_dir() else model
-        return cls(lm, tok, model_id=model_id, dtype=dtype, device=device)
+        device = str(input_device(lm)) if device == "auto" else device
+        return cls(lm, tok, model_id=model_id, dtype=dtype, device=device, compile=compile)
 
     @classmethod
     def choose(cls, model: str, *, dtype: str | None = None, device: str | None = None):
@@ -82,8 +104,9 @@ class TorchBackend:
         if steer is None:
             return TapState()
         steer.validate(self.n_layers, self.hidden_size)
+        devices = block_devices(self.model)  # a sharded model's blocks sit on several
         by_block = {
-            row - 1: torch.from_numpy(vec).to(self.device, torch.float32)
+            row - 1: torch.from_numpy(vec).to(devices[row - 1], torch.float32)
             for row, vec in steer.by_row().items()
         }
         return TapState(steer=by_block)
@@ -132,9 +155,15 @@ class TorchBackend:
                 batch = left_pad([seqs[i] for i in idx], self.pad_id, self.device)
                 if uniforms is not None:
                     opts = replace(opts, uniforms=uniforms[idx])
-                for i, ids in zip(idx, decode(self.model, batch, state, opts, gen)):
+                for i, ids in zip(idx, self._decode(batch, state, opts, gen)):
                     answers[i] = self.decode(ids)
         return answers
+
+    def _decode(self, batch, state, opts, gen, **kw) -> list[list[int]]:
+        """The eager decode loop, or the compiled step when the backend was loaded with it."""
+        if self.compiled is not None:
+            return self.compiled.decode(batch, state, opts, gen, **kw)
+        return decode(self.model, batch, state, opts, gen, **kw)
 
     def _uniforms(self, seeds, n: int, steps: int) -> torch.Tensor | None:
         if seeds is None:
@@ -145,15 +174,18 @@ class TorchBackend:
         return torch.from_numpy(row_uniforms(list(seeds), steps)).to(self.device, wide)
 
     def _auto_batch(self, max_len: int) -> int:
-        """Rows whose KV cache fits in 70% of free GPU memory (8 on the CPU), at most 128."""
+        """Rows whose KV cache fits in 70% of free GPU memory (8 on the CPU), at most 128; a
+        sharded model's cache is split like its blocks, so the fullest device decides."""
         if not self.device.startswith("cuda"):
             return 8
         c = self.model.config
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-        per_row = 2 * self.n_layers * kv_heads * head_dim * max_len * self.model.dtype.itemsize
-        free, _ = torch.cuda.mem_get_info()
-        return int(max(1, min(128, 0.7 * free // per_row)))
+        per_block = 2 * kv_heads * head_dim * max_len * self.model.dtype.itemsize  # one row
+        blocks = Counter(block_devices(self.model))
+        free = {d: torch.cuda.mem_get_info(d)[0] for d in blocks}
+        rows = min(0.7 * free[d] // (n * per_block) for d, n in blocks.items())
+        return int(max(1, min(128, rows)))
 
     @torch.inference_mode()
     def trace(
@@ -179,8 +211,7 @@ class TorchBackend:
         state.on_row = collector.on_row
         gen = torch.Generator(device=self.device).manual_seed(seed)
         with residual_taps(self.model, state):
-            (ids,) = decode(
-                self.model,
+            (ids,) = self._decode(
                 left_pad([seq], self.pad_id, self.device),
                 state,
                 opts,

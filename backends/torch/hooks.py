@@ -21,7 +21,7 @@ RowCallback = Callable[[int, torch.Tensor], None]
 class TapState:
     """What the hooks need for the forward about to run; the decode loop updates it."""
 
-    steer: dict[int, torch.Tensor] = field(default_factory=dict)  # block -> [hidden]
+    steer: dict[int, torch.Tensor] = field(default_factory=dict)  # block -> [hidden] or [B, hidden]
     steer_mask: torch.Tensor | None = None  # [B, t] bool, None = every position
     rows: frozenset[int] = frozenset()
     on_row: RowCallback | None = None
@@ -37,23 +37,51 @@ def decoder_parts(model) -> tuple[list, torch.nn.Module]:
     return list(layers), norm
 
 
+def execution_device(module: torch.nn.Module) -> torch.device:
+    """Where a module runs: accelerate's device for a sharded or offloaded model (whose
+    parameters may sit on the meta device), else the device of its first parameter."""
+    hook = getattr(module, "_hf_hook", None)
+    device = getattr(hook, "execution_device", None)
+    if device is not None:
+        return torch.device(device if not isinstance(device, int) else f"cuda:{device}")
+    return next(module.parameters()).device
+
+
+def block_devices(model) -> list[torch.device]:
+    """The device each decoder block runs on (one device unless the model is sharded)."""
+    layers, _ = decoder_parts(model)
+    return [execution_device(layer) for layer in layers]
+
+
+def input_device(model) -> torch.device:
+    """Where token ids go in: the embedding's device."""
+    return execution_device(model.get_input_embeddings())
+
+
 def _add(h: torch.Tensor, vec: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    # h [B, t, hidden]; vec [hidden]; mask [B, t]
+    # h [B, t, hidden]; vec [hidden], or [B, hidden] with one vector per row; mask [B, t]
+    vec = vec.to(h.device, h.dtype)  # a no-op when placed on the block's device beforehand
+    if vec.ndim == 2:
+        vec = vec[:, None, :]  # [B, 1, hidden]
     if mask is None:
-        return h + vec.to(h.dtype)
-    return h + mask.unsqueeze(-1).to(h.dtype) * vec.to(h.dtype)
+        return h + vec
+    return h + mask.to(h.device).unsqueeze(-1).to(h.dtype) * vec
 
 
 @contextmanager
 def residual_taps(model, state: TapState):
-    """Install steering and capture hooks for the duration of the block; always removed."""
+    """Install steering and capture hooks for the duration of the block; always removed.
+
+    Captured states reach `state.on_row` on the device the model's inputs go to, whichever
+    device the block ran on."""
     layers, norm = decoder_parts(model)
     n = len(layers)
+    home = input_device(model)
     handles = []
 
     def emit(row: int, h: torch.Tensor) -> None:
         if state.on_row is not None and row in state.rows:
-            state.on_row(row, h)
+            state.on_row(row, h.to(home))
 
     def block_hook(i: int):
         def hook(_module, _args, output):

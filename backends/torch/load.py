@@ -11,9 +11,12 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 def pick_device(device: str | None) -> str:
+    """auto (None): "auto" over several CUDA devices (the model is sharded), else cuda, else cpu."""
     import torch
 
-    if device is None:
+    if device is None or device == "auto":
+        if torch.cuda.device_count() > 1:
+            return "auto"
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "mps":
         warnings.warn(
@@ -28,14 +31,15 @@ def pick_device(device: str | None) -> str:
 
 def pick_dtype(dtype: str | None, device: str) -> str:
     if dtype is None:
-        return "bfloat16" if device.startswith("cuda") else "float32"
+        return "bfloat16" if device.startswith("cuda") or device == "auto" else "float32"
     if dtype not in DTYPES:
         raise PertokenError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     return dtype
 
 
 def load_model_and_tokenizer(model: str, dtype: str, device: str):
-    """(model in eval mode on device, tokenizer); a missing folder or hub id is a PertokenError."""
+    """(model in eval mode on device, tokenizer); a missing folder or hub id is a PertokenError.
+    device "auto" shards the model over the CUDA devices (transformers' device_map="auto")."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -52,11 +56,14 @@ def load_model_and_tokenizer(model: str, dtype: str, device: str):
         ) from None
     except OSError as e:
         raise _load_error(model, e) from None
+    placement = _placement(device)
     try:
-        lm = AutoModelForCausalLM.from_pretrained(src.name, dtype=getattr(torch, dtype), **kw)
+        lm = AutoModelForCausalLM.from_pretrained(
+            src.name, dtype=getattr(torch, dtype), **kw, **placement
+        )
     except OSError as e:
         raise _load_error(model, e) from None
-    return lm.to(device).eval(), tok
+    return (lm if placement else lm.to(device)).eval(), tok
 
 
 def _load_error(model: str, e: Exception) -> PertokenError:
@@ -68,3 +75,17 @@ def _load_error(model: str, e: Exception) -> PertokenError:
 
 def _first_line(e: Exception) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def _placement(device: str) -> dict:
+    """from_pretrained's device_map for a sharded model (needs accelerate), else nothing."""
+    if device != "auto":
+        return {}
+    import importlib.util
+
+    if importlib.util.find_spec("accelerate") is None:
+        raise PertokenError(
+            "sharding a model over several GPUs needs accelerate: pip install accelerate "
+            "(or pick one GPU with --device cuda:0)"
+        )
+    return {"device_map": "auto"}
