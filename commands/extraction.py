@@ -4,29 +4,21 @@ from __future__ import annotations
 
 import click
 
-from pertoken import cli
-from pertoken.cli import (
+from pertoken.commands import options
+from pertoken.commands.options import (
+    BATCH_HELP,
+    backend_option,
+    cache_option,
     judge_options,
-    main,
+    method_option,
     model_options,
     trait_option,
 )
 from pertoken.errors import PertokenError
-
-BATCH_HELP = "Rows per batch (32 on CUDA, else 16; MLX: fewer when memory is short)."
-
-
-def method_option(f):
-    return click.option(
-        "--method",
-        type=click.Choice(["mean_diff", "probe"]),
-        default="mean_diff",
-        show_default=True,
-        help="probe: also a logistic-regression vector, {trait}_response_avg_probe.pt.",
-    )(f)
+from pertoken.pipeline.generate import POLARITIES
 
 
-@main.group()
+@click.group()
 def traits():
     """List and show trait kits."""
 
@@ -59,10 +51,10 @@ def traits_show(name):
     click.echo(f"\njudge rubric\n{t.eval_prompt}")
 
 
-@main.command()
+@click.command()
 @model_options()
 @trait_option
-@click.option("--polarity", type=click.Choice(["pos", "neg"]), default="pos", show_default=True)
+@click.option("--polarity", type=click.Choice(POLARITIES), default="pos", show_default=True)
 @click.option("--eval", "eval_", is_flag=True, help="Eval questions, no system instruction.")
 @click.option("--n-per-question", default=10, show_default=True, help="Samples per prompt.")
 @click.option("--max-new-tokens", default=1000, show_default=True)
@@ -97,7 +89,7 @@ def generate(
     batch_size = batch_size or _memory_batch(model, backend, dtype, max_new_tokens)
     with output_lock(out):  # before the model loads: a second writer stops at once
         r = generate_csv(
-            cli.load_model(model, backend, dtype, device),
+            options.load_model(model, backend, dtype, device),
             trait=kit,
             out=out,
             polarity=polarity,
@@ -111,17 +103,12 @@ def generate(
     click.echo(f"{r.path}: {r.rows} rows ({r.generated} generated now, {r.seconds:.1f}s)")
 
 
-@main.command()
+@click.command()
 @click.argument("csv_file", type=click.Path(dir_okay=False))
 @trait_option
 @judge_options
-@click.option(
-    "--backend",
-    type=click.Choice(["auto", "torch", "mlx"]),
-    default="auto",
-    help="Backend of a local:MODEL judge.",
-)
-@click.option("--cache", default=None, help="Score cache (default ~/.cache/pertoken/judge.sqlite).")
+@backend_option(help="Backend of a local:MODEL judge.")
+@cache_option
 @click.option("--out", "-o", default=None, help="Write here instead of in place.")
 def judge(
     csv_file,
@@ -136,31 +123,22 @@ def judge(
     out,
 ):
     """Score a generation CSV for the trait and for coherence with an LLM judge."""
-    from pertoken.pipeline.judge import judge_csv, make_judge, read_rubric
+    from pertoken.pipeline.judge import judge_csv, read_rubric
+    from pertoken.pipeline.judges import make_judge
     from pertoken.traits import load_trait
 
     kit = load_trait(trait)
-    rubric = read_rubric(coherence_prompt) if coherence_prompt else None
-
-    def make():
-        return make_judge(
-            judge_model,
-            base_url=base_url,
-            concurrency=concurrency,
-            backend_name=backend,
-            max_consecutive_failures=max_consecutive_failures,
-        )
-
-    r = judge_csv(
-        csv_file,
-        trait=kit,
+    judge = make_judge(
+        kit,
         judge_model=judge_model,
-        judge=make,
         base_url=base_url,
+        concurrency=concurrency,
+        max_consecutive_failures=max_consecutive_failures,
+        coherence_prompt=read_rubric(coherence_prompt) if coherence_prompt else None,
         cache=cache,
-        out=out,
-        coherence_prompt=rubric,
+        backend_name=backend,
     )
+    r = judge_csv(csv_file, judge, out=out)
     click.echo(
         f"{r.path}: {r.rows} rows judged by {r.judge_model} "
         f"({r.requests} calls, {r.cached} cached, {r.seconds:.1f}s)"
@@ -173,7 +151,7 @@ def judge(
             )
 
 
-@main.command()
+@click.command()
 @model_options()
 @click.option("--pos", "pos_csv", required=True, type=click.Path(dir_okay=False))
 @click.option("--neg", "neg_csv", required=True, type=click.Path(dir_okay=False))
@@ -204,7 +182,7 @@ def extract(
     vector_paths(save_dir, name)  # a trait name that would leave --save-dir stops here
     pair_rows(pos_csv, neg_csv, trait=name, threshold=threshold, min_pairs=min_pairs)
     paths = extract_vectors(
-        cli.load_model(model, backend, dtype, device),
+        options.load_model(model, backend, dtype, device),
         pos_csv=pos_csv,
         neg_csv=neg_csv,
         trait=name,
@@ -239,7 +217,7 @@ def _trait_name(trait: str) -> str:
         return trait
 
 
-@main.command()
+@click.command()
 @model_options(default_model="auto")
 @trait_option
 @click.option("--out", "-o", default="runs", show_default=True, help="Root of the run folders.")
@@ -312,3 +290,6 @@ def _echo_report(path) -> None:
     for line in summary_lines(load_report(path)):
         click.echo(line)
     click.echo(f"report: {path.with_suffix('.md')}")
+
+
+COMMANDS = [traits, generate, judge, extract, run]

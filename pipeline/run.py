@@ -16,18 +16,11 @@ from pertoken.errors import PertokenError
 from pertoken.lock import output_lock
 from pertoken.paths import inside, model_basename, path_name
 from pertoken.pipeline.extract import extract_vectors, probe_path, vector_paths
-from pertoken.pipeline.generate import generate_csv, is_complete, plan_rows
-from pertoken.pipeline.judge import (
-    DEFAULT_JUDGE,
-    judge_csv,
-    judge_identity,
-    judge_sidecar,
-    make_judge,
-)
+from pertoken.pipeline.generate import POLARITIES, generate_csv, is_complete, plan_rows
+from pertoken.pipeline.judge import DEFAULT_JUDGE, judge_csv, judge_sidecar
+from pertoken.pipeline.judges import make_judge
 from pertoken.pipeline.vet import report_paths, vet_vector
 from pertoken.traits import load_trait
-
-POLES = ("pos", "neg")
 
 
 @dataclass
@@ -47,34 +40,58 @@ def run_folder(out: str | Path, model: str, trait: str) -> Path:
 
 @dataclass
 class RunOptions:
+    """run_pipeline's options, as it documents them."""
+
     model: str
     trait: str
-    backend: str = "auto"
-    out: str | Path = "runs"
-    n_per_question: int = 10
-    max_new_tokens: int = 1000
-    judge_model: str = DEFAULT_JUDGE
-    base_url: str | None = None
-    threshold: float = 50
-    concurrency: int = 32
-    batch_size: int | None = None
-    cache: str | Path | None = None
-    dtype: str | None = None
-    device: str | None = None
-    progress: bool = True
-    method: str = "mean_diff"
-    coherence_prompt: str | None = None  # rubric text (default: the kit's, or the judge's own)
-    max_consecutive_failures: int = 8
+    backend: str
+    out: str | Path
+    n_per_question: int
+    max_new_tokens: int
+    judge_model: str
+    base_url: str | None
+    threshold: float
+    concurrency: int
+    batch_size: int | None
+    cache: str | Path | None
+    dtype: str | None
+    device: str | None
+    progress: bool
+    method: str
+    coherence_prompt: str | None
+    max_consecutive_failures: int
 
 
-def run_pipeline(**options) -> RunReport:
+def run_pipeline(
+    *,
+    model: str,
+    trait: str,
+    backend: str = "auto",
+    out: str | Path = "runs",
+    n_per_question: int = 10,
+    max_new_tokens: int = 1000,
+    judge_model: str = DEFAULT_JUDGE,
+    base_url: str | None = None,
+    threshold: float = 50,
+    concurrency: int = 32,
+    batch_size: int | None = None,
+    cache: str | Path | None = None,
+    dtype: str | None = None,
+    device: str | None = None,
+    progress: bool = True,
+    method: str = "mean_diff",
+    coherence_prompt: str | None = None,
+    max_consecutive_failures: int = 8,
+) -> RunReport:
     """Generate, judge and extract one trait for one model, resuming whatever is done.
 
-    Options (keyword-only) are RunOptions' fields: model and trait are required; the others
-    default to 10 samples per question, 1000 new tokens, the default judge, threshold 50,
-    method mean_diff (probe adds `{trait}_response_avg_probe.pt`, which is then vetted).
+    model: hub id or folder; trait: kit name or file; out: root of the run folders. Defaults:
+    10 samples per question, 1000 new tokens, the default judge (judge_model, base_url,
+    concurrency, max_consecutive_failures, cache, coherence_prompt: rubric text, default the
+    kit's or the judge's own), threshold 50, method mean_diff (probe adds
+    `{trait}_response_avg_probe.pt`, which is then vetted).
     """
-    return _Run(RunOptions(**options)).run()
+    return _Run(RunOptions(**locals())).run()
 
 
 class _Run:
@@ -83,12 +100,27 @@ class _Run:
     def __init__(self, opts: RunOptions):
         self.opts, self.kit = opts, load_trait(opts.trait)
         self.folder = run_folder(opts.out, opts.model, self.kit.name)
-        self.csvs = {p: inside(self.folder, f"{self.kit.name}_{p}_instruct.csv") for p in POLES}
+        self.csvs = {
+            p: inside(self.folder, f"{self.kit.name}_{p}_instruct.csv") for p in POLARITIES
+        }
         self.paths = vector_paths(self.folder / "vectors", self.kit.name)
         if opts.method == "probe":
             self.paths["probe"] = probe_path(self.folder / "vectors", self.kit.name)
         self.report = report_paths(self.folder / "vectors", self.kit.name)["json"]
-        self._backend = self._judge = None
+        self._backend = None
+        self.judge = make_judge(
+            self.kit,
+            judge_model=opts.judge_model,
+            base_url=opts.base_url,
+            concurrency=opts.concurrency,
+            max_consecutive_failures=opts.max_consecutive_failures,
+            coherence_prompt=opts.coherence_prompt,
+            cache=opts.cache,
+            progress=opts.progress,
+            model=opts.model,  # a `local:` judge of the same model reuses it
+            backend=self.backend,
+            backend_name=opts.backend,
+        )
 
     def run(self) -> RunReport:
         with output_lock(self.folder, folder=True):  # one process per run folder
@@ -96,13 +128,13 @@ class _Run:
 
     def _run(self) -> RunReport:
         o, stages = self.opts, {}
-        generated = {pol: self.generated(pol) for pol in POLES}
-        if not all(generated.values()) or not all(map(self.judged, POLES)):
-            check_judge(o.judge_model, o.base_url)  # before the model loads, not hours later
-        for pol in POLES:
+        generated = {pol: self.generated(pol) for pol in POLARITIES}
+        if not all(generated.values()) or not all(map(self.judged, POLARITIES)):
+            self.judge.check()  # before the model loads, not hours later
+        for pol in POLARITIES:
             stages[f"generate {pol}"] = _stage(generated[pol], self.generate, pol)
-        for pol in POLES:
-            stages[f"judge {pol}"] = _stage(self.judged(pol), self.judge, self.csvs[pol])
+        for pol in POLARITIES:
+            stages[f"judge {pol}"] = _stage(self.judged(pol), self.judge_file, self.csvs[pol])
         done = _extracted(self.paths, self.csvs, o.threshold)
         stages["extract"] = _stage(done, self.extract)
         stages["vet"] = _stage(_vetted(self.report, self.vetted_vector()), self.vet)
@@ -119,9 +151,7 @@ class _Run:
         return is_complete(self.csvs[pol], specs)
 
     def judged(self, pol: str) -> bool:
-        o = self.opts
-        identity = judge_identity(self.kit, o.judge_model, o.base_url, o.coherence_prompt)
-        return _judged(self.csvs[pol], identity)
+        return _judged(self.csvs[pol], self.judge.identity)
 
     def backend(self):
         if self._backend is None:
@@ -130,20 +160,6 @@ class _Run:
             o = self.opts
             self._backend = load_backend(o.model, o.backend, dtype=o.dtype, device=o.device)
         return self._backend
-
-    def make_judge(self):
-        if self._judge is None:
-            o = self.opts
-            same = o.judge_model == f"local:{o.model}"  # judge with the model already loaded
-            self._judge = make_judge(
-                o.judge_model,
-                base_url=o.base_url,
-                concurrency=o.concurrency,
-                backend=self.backend() if same else None,
-                backend_name=o.backend,
-                max_consecutive_failures=o.max_consecutive_failures,
-            )
-        return self._judge
 
     def generate(self, pol: str):
         o = self.opts
@@ -158,18 +174,8 @@ class _Run:
             progress=o.progress,
         )
 
-    def judge(self, path: Path):
-        o = self.opts
-        return judge_csv(
-            path,
-            trait=self.kit,
-            judge_model=o.judge_model,
-            judge=self.make_judge,
-            base_url=o.base_url,
-            cache=o.cache,
-            progress=o.progress,
-            coherence_prompt=o.coherence_prompt,
-        )
+    def judge_file(self, path: Path):
+        return judge_csv(path, self.judge)
 
     def extract(self):
         o = self.opts
@@ -215,14 +221,6 @@ def _stage(complete: bool, work, *args) -> tuple[str, float]:
     status = f"done, {missing} scores missing" if missing else "done"
     status = result.status if isinstance(result, _Status) else status
     return (status, time.perf_counter() - start)
-
-
-def check_judge(judge_model: str, base_url: str | None) -> None:
-    """An API judge has its key and answers; a local judge is checked when it loads."""
-    if not judge_model.startswith("local:"):
-        from pertoken.pipeline.judge_openai import check_endpoint
-
-        check_endpoint(base_url)
 
 
 def _judged(path: Path, identity: dict) -> bool:
