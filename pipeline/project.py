@@ -9,11 +9,9 @@ from pathlib import Path
 import numpy as np
 
 from pertoken.errors import PertokenError
-from pertoken.pipeline.csvio import parse_score, read_table, write_csv_atomic
+from pertoken.pipeline.csvio import BASE_COLUMNS, parse_score, read_table, write_csv_atomic
 from pertoken.pipeline.projection import cosine, project
 from pertoken.vectors import load_vector
-
-BASE_COLUMNS = ("question", "prompt", "answer", "question_id")
 
 
 @dataclass
