@@ -93,7 +93,10 @@ class CachedJudge:
             return
         from pertoken.pipeline.judge_openai import api_key, check_endpoint
 
-        check_endpoint(self.base_url) if reach else api_key(self.base_url)
+        if reach:
+            check_endpoint(self.base_url)
+        else:
+            api_key(self.base_url)
 
     def _scores(self, keys: dict, rows: list[dict]):
         """({cache key: score or None}, calls made, scores found cached)."""
