@@ -13,7 +13,6 @@ the answers they judged and the best setting whose coherence held.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import tempfile
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from pertoken.cli import main
+from pertoken.pipeline.csvio import parse_score, read_table, write_csv_atomic
 from tests import semantic_model as sm
 from tests.bank_judge import BankJudge
 
@@ -35,14 +35,9 @@ def pertoken(env: dict, *args) -> str:
 def merged_csv(run_dir: Path, out: Path) -> Path:
     rows, header = [], None
     for path in sorted(run_dir.glob(f"{sm.TRAIT}_*_instruct.csv")):
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            header, rows = reader.fieldnames, rows + list(reader)
-    with open(out, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=header)
-        writer.writeheader()
-        writer.writerows(rows)
-    return out
+        header, more = read_table(path)
+        rows += more
+    return write_csv_atomic(out, header, rows)
 
 
 def main_(args) -> None:
@@ -114,8 +109,7 @@ def main_(args) -> None:
 
 def _judged(folder: Path) -> int:
     """Distinct answers (eval files the unsteered ones under every layer; they count once)."""
-    with open(folder / "answers.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
+    _, rows = read_table(folder / "answers.csv")
     return len(
         {
             (r["layer"] if float(r["coef"]) else "", r["coef"], r["question_id"], r["sample"])
@@ -125,12 +119,13 @@ def _judged(folder: Path) -> int:
 
 
 def _best_held(folder: Path, floor: float) -> str:
-    with open(folder / "summary.csv", newline="") as f:
-        rows = [r for r in csv.DictReader(f) if float(r["coef"]) > 0 and r["coherence"]]
-    held = [r for r in rows if float(r["coherence"]) >= floor]
+    _, rows = read_table(folder / "summary.csv")
+    steered = [(parse_score(r[sm.TRAIT]), parse_score(r["coherence"]), r) for r in rows]
+    steered = [(t, c, r) for t, c, r in steered if float(r["coef"]) > 0 and None not in (t, c)]
+    held = [(t, r) for t, c, r in steered if c >= floor]
     if not held:
         return "none held coherence"
-    b = max(held, key=lambda r: float(r[sm.TRAIT]))
+    _, b = max(held, key=lambda x: x[0])
     return (
         f"layer {b['layer']} coef {b['coef']}: {sm.TRAIT} {b[sm.TRAIT]}, coherence {b['coherence']}"
     )

@@ -9,12 +9,10 @@ from importlib import metadata
 
 import click
 
-from pertoken.cli import main
-
 PACKAGES = ("pertoken", "torch", "transformers", "mlx", "mlx-lm")
 
 
-@main.command()
+@click.command()
 @click.option("--json", "as_json", is_flag=True, help="One JSON object, for machines.")
 def env(as_json):
     """What a bug report needs and what --backend auto will do here.
@@ -174,3 +172,6 @@ def _hub_line(hub: dict) -> str:
     if hub["offline"]:
         return f"offline (HF_HUB_OFFLINE is set; {hub['endpoint']} not tried)"
     return f"{hub['endpoint']} {'reachable' if hub['reachable'] else 'unreachable'}"
+
+
+COMMANDS = [env]

@@ -4,31 +4,23 @@ from __future__ import annotations
 
 import click
 
-from pertoken import cli
-from pertoken.cli import (
+from pertoken.commands import options
+from pertoken.commands.options import (
+    BATCH_HELP,
+    backend_option,
+    cache_option,
     compile_option,
     judge_options,
-    main,
+    method_option,
     model_options,
     sampler_option,
     trait_option,
 )
 from pertoken.errors import PertokenError
-
-BATCH_HELP = "Rows per batch (32 on CUDA, else 16; MLX: fewer when memory is short)."
-
-
-def method_option(f):
-    return click.option(
-        "--method",
-        type=click.Choice(["mean_diff", "probe"]),
-        default="mean_diff",
-        show_default=True,
-        help="probe: also a logistic-regression vector, {trait}_response_avg_probe.pt.",
-    )(f)
+from pertoken.pipeline.generate import POLARITIES
 
 
-@main.group()
+@click.group()
 def traits():
     """List and show trait kits."""
 
@@ -61,10 +53,10 @@ def traits_show(name):
     click.echo(f"\njudge rubric\n{t.eval_prompt}")
 
 
-@main.command()
+@click.command()
 @model_options()
 @trait_option
-@click.option("--polarity", type=click.Choice(["pos", "neg"]), default="pos", show_default=True)
+@click.option("--polarity", type=click.Choice(POLARITIES), default="pos", show_default=True)
 @click.option("--eval", "eval_", is_flag=True, help="Eval questions, no system instruction.")
 @click.option("--n-per-question", default=10, show_default=True, help="Samples per prompt.")
 @click.option("--max-new-tokens", default=1000, show_default=True)
@@ -102,7 +94,7 @@ def generate(
         return click.echo(f"{out}: all {len(specs)} rows are already there")
     batch_size = batch_size or _memory_batch(model, backend, dtype, max_new_tokens)
     with output_lock(out):  # before the model loads: a second writer stops at once
-        bk = cli.load_model(model, backend, dtype, device, compile_)
+        bk = options.load_model(model, backend, dtype, device, compile_)
         r = generate_csv(
             bk,
             trait=kit,
@@ -117,20 +109,15 @@ def generate(
             seed=seed,
         )
     click.echo(f"{r.path}: {r.rows} rows ({r.generated} generated now, {r.seconds:.1f}s)")
-    cli.report_compile(bk)
+    options.report_compile(bk)
 
 
-@main.command()
+@click.command()
 @click.argument("csv_file", type=click.Path(dir_okay=False))
 @trait_option
 @judge_options
-@click.option(
-    "--backend",
-    type=click.Choice(["auto", "torch", "mlx"]),
-    default="auto",
-    help="Backend of a local:MODEL judge.",
-)
-@click.option("--cache", default=None, help="Score cache (default ~/.cache/pertoken/judge.sqlite).")
+@backend_option(help="Backend of a local:MODEL judge.")
+@cache_option
 @click.option("--out", "-o", default=None, help="Write here instead of in place.")
 def judge(
     csv_file,
@@ -145,31 +132,22 @@ def judge(
     out,
 ):
     """Score a generation CSV for the trait and for coherence with an LLM judge."""
-    from pertoken.pipeline.judge import judge_csv, make_judge, read_rubric
+    from pertoken.pipeline.judge import judge_csv, read_rubric
+    from pertoken.pipeline.judges import make_judge
     from pertoken.traits import load_trait
 
     kit = load_trait(trait)
-    rubric = read_rubric(coherence_prompt) if coherence_prompt else None
-
-    def make():
-        return make_judge(
-            judge_model,
-            base_url=base_url,
-            concurrency=concurrency,
-            backend_name=backend,
-            max_consecutive_failures=max_consecutive_failures,
-        )
-
-    r = judge_csv(
-        csv_file,
-        trait=kit,
+    judge = make_judge(
+        kit,
         judge_model=judge_model,
-        judge=make,
         base_url=base_url,
+        concurrency=concurrency,
+        max_consecutive_failures=max_consecutive_failures,
+        coherence_prompt=read_rubric(coherence_prompt) if coherence_prompt else None,
         cache=cache,
-        out=out,
-        coherence_prompt=rubric,
+        backend_name=backend,
     )
+    r = judge_csv(csv_file, judge, out=out)
     click.echo(
         f"{r.path}: {r.rows} rows judged by {r.judge_model} "
         f"({r.requests} calls, {r.cached} cached, {r.seconds:.1f}s)"
@@ -182,7 +160,7 @@ def judge(
             )
 
 
-@main.command()
+@click.command()
 @model_options()
 @click.option("--pos", "pos_csv", required=True, type=click.Path(dir_okay=False))
 @click.option("--neg", "neg_csv", required=True, type=click.Path(dir_okay=False))
@@ -213,7 +191,7 @@ def extract(
     vector_paths(save_dir, name)  # a trait name that would leave --save-dir stops here
     pair_rows(pos_csv, neg_csv, trait=name, threshold=threshold, min_pairs=min_pairs)
     paths = extract_vectors(
-        cli.load_model(model, backend, dtype, device),
+        options.load_model(model, backend, dtype, device),
         pos_csv=pos_csv,
         neg_csv=neg_csv,
         trait=name,
@@ -248,7 +226,7 @@ def _trait_name(trait: str) -> str:
         return trait
 
 
-@main.command()
+@click.command()
 @model_options(default_model="auto")
 @trait_option
 @click.option("--out", "-o", default="runs", show_default=True, help="Root of the run folders.")
@@ -265,7 +243,7 @@ def _trait_name(trait: str) -> str:
 )
 @method_option
 @compile_option
-def run(model, backend, dtype, device, trait, out, **options):
+def run(model, backend, dtype, device, trait, out, **opts):
     """Generate, judge, extract and vet in one resumable run (model auto: Gemma 2 9B-it)."""
     import time
 
@@ -280,14 +258,14 @@ def run(model, backend, dtype, device, trait, out, **options):
     reason = f"--backend auto: {choice.reason}" if backend == "auto" else choice.reason
     why = {"backend": reason} | ({} if given else {"model": f"the {choice.backend} default"})
     # a model too big for MLX's memory fails here, in seconds, before anything is imported
-    fit = check_memory(model, backend, dtype=dtype, max_new_tokens=options["max_new_tokens"])
-    click.echo(_run_banner(model, backend, dtype, device, trait, out, options, why))
+    fit = check_memory(model, backend, dtype=dtype, max_new_tokens=opts["max_new_tokens"])
+    click.echo(_run_banner(model, backend, dtype, device, trait, out, opts, why))
     if fit is not None:
         click.echo(f"memory: {fit.summary()}")
-        options["batch_size"] = options["batch_size"] or fit.batch_size
-    rubric = options["coherence_prompt"]
-    options["coherence_prompt"] = read_rubric(rubric) if rubric else None
-    options["compile"] = options.pop("compile_")
+        opts["batch_size"] = opts["batch_size"] or fit.batch_size
+    rubric = opts["coherence_prompt"]
+    opts["coherence_prompt"] = read_rubric(rubric) if rubric else None
+    opts["compile"] = opts.pop("compile_")
 
     def stage_done(stage: str, status: str, seconds: float) -> None:
         click.echo(f"{stage:12s} {seconds:7.1f}s  {status}")
@@ -300,11 +278,11 @@ def run(model, backend, dtype, device, trait, out, **options):
         dtype=dtype,
         device=device,
         on_stage=stage_done,
-        **options,
+        **opts,
     )
     click.echo(f"pairs kept: {r.pairs_kept} of {r.pairs_total}")
     if r.backend is not None:
-        cli.report_compile(r.backend)
+        options.report_compile(r.backend)
     for p in r.vectors.values():
         click.echo(str(p))
     _echo_report(r.report)
@@ -323,7 +301,7 @@ def _echo_report(path) -> None:
     click.echo(f"report: {path.with_suffix('.md')}")
 
 
-def _run_banner(model, backend, dtype, device, trait, out, options, why: dict) -> str:
+def _run_banner(model, backend, dtype, device, trait, out, opts, why: dict) -> str:
     """What `run` will use and where it writes, before any work starts."""
     from pertoken.backends import choose_settings
     from pertoken.pipeline.banner import banner, judge_endpoint
@@ -331,14 +309,17 @@ def _run_banner(model, backend, dtype, device, trait, out, options, why: dict) -
     from pertoken.traits import load_trait
 
     name, device, dtype = choose_settings(model, backend, dtype=dtype, device=device)
-    judge = options["judge_model"]
+    judge = opts["judge_model"]
     return banner(
         model=model,
         backend=name,
         device=device,
         dtype=dtype,
         judge=judge,
-        endpoint=judge_endpoint(judge, options["base_url"]),
+        endpoint=judge_endpoint(judge, opts["base_url"]),
         folder=run_folder(out, model, load_trait(trait).name),
         why=why,
     )
+
+
+COMMANDS = [traits, generate, judge, extract, run]

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import click
 
-from pertoken.cli import (
-    main,
-)
+from pertoken.pipeline.export import FORMATS
 
 
-@main.command()
+@click.command()
 @click.option(
     "--vector", "-v", "vector", required=True, type=click.Path(), help="Persona vector .pt."
 )
@@ -32,12 +30,12 @@ def decompose(vector, layer, sae, top, json_out):
         click.echo(f"wrote {result.save_json(json_out)}")
 
 
-@main.command()
+@click.command()
 @click.argument("vector", type=click.Path())
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["pt", "safetensors", "gguf"]),
+    type=click.Choice(FORMATS),
     default=None,
     help="Default: from the --out suffix.",
 )
@@ -59,7 +57,7 @@ def export(vector, fmt, out, layers, model_hint):
     click.echo(f"wrote {res.path} ({res.format}, rows {_span(res.rows)})")
 
 
-@main.command(name="import")
+@click.command(name="import")
 @click.argument("path", type=click.Path())
 @click.option("--out", "-o", required=True, type=click.Path(), help="Persona vector .pt to write.")
 @click.option(
@@ -90,3 +88,6 @@ def _span(rows: list[int]) -> str:
     if rows and rows == list(range(rows[0], rows[-1] + 1)):
         return f"{rows[0]}..{rows[-1]}"
     return ",".join(map(str, rows)) or "none"
+
+
+COMMANDS = [decompose, export, import_]

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import click
 
-from pertoken import cli
-from pertoken.cli import (
+from pertoken.commands import options
+from pertoken.commands.options import (
+    cache_option,
     generation_options,
     judge_options,
-    main,
     model_options,
     positions_option,
     sampler_option,
@@ -17,7 +17,7 @@ from pertoken.cli import (
 from pertoken.errors import PertokenError
 
 
-@main.command()
+@click.command()
 @model_options()
 @click.option("--vector", "vectors", multiple=True, required=True, help="Vector .pt (repeatable).")
 @click.option("--layer", "layers", multiple=True, required=True, type=int, help="Row to steer at.")
@@ -32,14 +32,14 @@ def steer(model, backend, dtype, device, vectors, layers, coefs, positions, prom
     from pertoken.pipeline.steer import build_steer, side_by_side, steer_compare, zip_specs
 
     specs = zip_specs(list(vectors), list(layers), list(coefs))
-    bk = cli.load_model(model, backend, dtype, device)
+    bk = options.load_model(model, backend, dtype, device)
     st = build_steer(bk, specs, positions=positions)
     res = steer_compare(bk, prompt, steer=st, **gen)
     click.echo("steering: " + "; ".join(s.describe() for s in specs) + f" (positions {positions})")
     click.echo(side_by_side(res.unsteered, res.steered))
 
 
-@main.command(name="eval")
+@click.command(name="eval")
 @model_options()
 @trait_option
 @click.option("--vector", "-v", "vector_path", required=True, type=click.Path(dir_okay=False))
@@ -58,7 +58,7 @@ def steer(model, backend, dtype, device, vectors, layers, coefs, positions, prom
 )
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Folder.")
 @judge_options
-@click.option("--cache", default=None, help="Score cache (default ~/.cache/pertoken/judge.sqlite).")
+@cache_option
 @click.option("--n-per-question", default=10, show_default=True, help="Samples per question.")
 @click.option("--max-new-tokens", default=1000, show_default=True)
 @click.option("--temperature", type=float, default=None, help="Default 1.0 (0 when n is 1).")
@@ -66,7 +66,7 @@ def steer(model, backend, dtype, device, vectors, layers, coefs, positions, prom
 @positions_option
 @click.option("--batch-size", default=16, show_default=True)
 @click.option("--seed", default=0, show_default=True)
-@cli.compile_option
+@options.compile_option
 def eval_(
     model,
     backend,
@@ -97,8 +97,9 @@ def eval_(
 
     --coefs auto searches instead: per layer, the largest trait score whose coherence stays
     at or above --min-coherence, and the best (layer, coefficient)."""
-    from pertoken.pipeline.evaluate import csv_judge, evaluate, format_table, parse_coefs
+    from pertoken.pipeline.evaluate import evaluate, format_table, parse_coefs
     from pertoken.pipeline.judge import read_rubric
+    from pertoken.pipeline.judges import make_judge
     from pertoken.rows import parse_layers
     from pertoken.traits import load_trait, require_eval_questions
     from pertoken.vectors import load_vector
@@ -109,18 +110,27 @@ def eval_(
     vector = load_vector(vector_path)
     rows, coef_list = parse_layers(layers), [] if auto else parse_coefs(coefs)
     rubric = read_rubric(coherence_prompt) if coherence_prompt else None
-    b = cli.load_model(model, backend, dtype, device, compile_)
+    b = options.load_model(model, backend, dtype, device, compile_)
     vector.check_model(b.n_layers, b.hidden_size, vector_path)
-    judge = _lazy_judge(
-        judge_model, base_url, concurrency, backend, b, model, max_consecutive_failures
+    judge = make_judge(
+        kit,
+        judge_model=judge_model,
+        base_url=base_url,
+        concurrency=concurrency,
+        max_consecutive_failures=max_consecutive_failures,
+        coherence_prompt=rubric,
+        cache=cache,
+        model=model,  # a `local:` judge of the steered model reuses it
+        backend=lambda: b,
+        backend_name=backend,
     )
-    judge_opts = dict(judge=judge, base_url=base_url, cache=cache, coherence_prompt=rubric)
+    judge.check(reach=False)  # a missing key is an error before any generation
     opts = dict(
         trait=kit,
         vector=vector,
         layers=rows,
         out_dir=out,
-        judge=csv_judge(kit, judge_model=judge_model, **judge_opts),
+        judge=judge,
         n_per_question=n_per_question,
         max_new_tokens=max_new_tokens,
         temperature=temperature,
@@ -134,7 +144,7 @@ def eval_(
         return _search(b, kit, opts, min_coherence)
     r = evaluate(b, coefs=coef_list, **opts)
     click.echo(format_table(kit.name, r.summary))
-    cli.report_compile(b)
+    options.report_compile(b)
     missing = sum(s.missing for s in r.summary)
     if missing:
         click.echo(f"{missing} answers have no {kit.name} score (judge refusals or failures)")
@@ -149,31 +159,7 @@ def _search(backend, kit, opts: dict, min_coherence: float) -> None:
     click.echo(f"{r.out_dir}: answers.csv, summary.csv, search.json, sweep.png ({r.seconds:.1f}s)")
 
 
-def _lazy_judge(judge_model, base_url, concurrency, backend_name, loaded, model, max_failures=8):
-    """A judge made on first need (a local judge's model loads only then; `local:M` with the
-    steered model M reuses it); an API judge's missing key is an error before any generation."""
-    import functools
-
-    from pertoken.pipeline.judge import make_judge
-
-    if not judge_model.startswith("local:"):
-        from pertoken.pipeline.judge_openai import api_key
-
-        api_key(base_url)
-    same = loaded if judge_model == f"local:{model}" else None
-    return functools.cache(
-        lambda: make_judge(
-            judge_model,
-            base_url=base_url,
-            concurrency=concurrency,
-            backend=same,
-            backend_name=backend_name,
-            max_consecutive_failures=max_failures,
-        )
-    )
-
-
-@main.command()
+@click.command()
 @model_options()
 @click.option(
     "--vector",
@@ -228,7 +214,7 @@ def monitor(
     files = _named_vectors(vectors)
     loaded = {name: load_vector(path) for name, path in files.items()}
     specs = [parse_steer_spec(s) for s in steers]
-    bk = cli.load_model(model, backend, dtype, device)
+    bk = options.load_model(model, backend, dtype, device)
     for name, vec in loaded.items():
         vec.check_model(bk.n_layers, bk.hidden_size, files[name])
     st = build_steer(bk, specs, positions=positions) if specs else None
@@ -274,7 +260,7 @@ def _named_vectors(items) -> dict[str, str]:
     return out
 
 
-@main.command()
+@click.command()
 @model_options()
 @click.argument("csv_file")
 @click.option("--vector", required=True, help="Persona vector .pt file.")
@@ -285,10 +271,13 @@ def project(model, backend, dtype, device, csv_file, vector, layer, out, batch_s
     """Add projection columns to a generation CSV and print r against the trait score."""
     from pertoken.pipeline.project import describe_correlations, project_csv
 
-    bk = cli.load_model(model, backend, dtype, device)
+    bk = options.load_model(model, backend, dtype, device)
     res = project_csv(
         bk, csv_file, vector_path=vector, layer=layer, out_path=out, batch_size=batch_size
     )
     click.echo(f"wrote {res.n_rows} rows with {', '.join(res.columns)} to {res.out_path}")
     for line in describe_correlations(res):
         click.echo(line)
+
+
+COMMANDS = [steer, eval_, monitor, project]

@@ -6,11 +6,11 @@ import functools
 
 import click
 
-from pertoken import cli
-from pertoken.cli import main, model_options
+from pertoken.commands import options
+from pertoken.commands.options import model_options
 
 
-@main.command()
+@click.command()
 @click.argument("vector", type=click.Path(dir_okay=False))
 @model_options()
 @click.option("--pos", "pos_csv", required=True, type=click.Path(dir_okay=False))
@@ -47,7 +47,7 @@ def vet(
         vector,
         pos_csv=pos_csv,
         neg_csv=neg_csv,
-        backend=functools.cache(lambda: cli.load_model(model, backend, dtype, device)),
+        backend=functools.cache(lambda: options.load_model(model, backend, dtype, device)),
         model=model,
         trait=trait,
         out_dir=out,
@@ -59,3 +59,6 @@ def vet(
     for line in summary_lines(r):
         click.echo(line)
     click.echo(", ".join(r.files.values()))
+
+
+COMMANDS = [vet]

@@ -21,10 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
+from pertoken.atomic import write_text_atomic
 from pertoken.backends.base import Steer
 from pertoken.errors import PertokenError
 from pertoken.lock import output_lock
 from pertoken.pipeline import evaluate as ev
+from pertoken.pipeline.judges import Judge
 from pertoken.pipeline.sampling import sampling_options
 from pertoken.pipeline.sweep_plot import Point, plot_points, point
 from pertoken.rows import check_steer_row
@@ -72,7 +74,7 @@ def search_coefs(
     vector: PersonaVector,
     layers: list[int],
     out_dir: str | Path,
-    judge: ev.JudgeRows,
+    judge: Judge,
     min_coherence: float = 70,
     n_per_question: int = 10,
     max_new_tokens: int = 1000,
@@ -153,7 +155,7 @@ class _Store:
         # either score missing: a one-sided judge failure is asked again (refusals are cached)
         unjudged = [r for r in rows if r[self.trait.name] == "" or r["coherence"] == ""]
         if unjudged:
-            self.judge(unjudged)
+            self.judge.judge_rows(unjudged)
             ev.write_answers(self.path, self.trait.name, self.rows)
         self.touched |= {
             (None if coef == 0 else layer, coef, r["question_id"], int(r["sample"])) for r in rows
@@ -339,7 +341,7 @@ def _write(out: Path, trait: str, store: _Store, result: SearchResult) -> None:
     ev.write_summary(out / "summary.csv", trait, ev.summarize(rows, trait))
     data = dataclasses.asdict(result) | {"out_dir": str(out)}
     data.pop("seconds")
-    (out / "search.json").write_text(json.dumps(data, indent=2) + "\n")
+    write_text_atomic(out / "search.json", json.dumps(data, indent=2) + "\n")
     plot_points(out / "sweep.png", trait, result.points, floor=result.floor, best=result.best)
 
 

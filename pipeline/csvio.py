@@ -1,4 +1,4 @@
-"""Generation CSVs (CONVENTIONS): columns, row keys, atomic writes."""
+"""CSV files (CONVENTIONS): columns, row keys, the one reader, the atomic writer and scores."""
 
 from __future__ import annotations
 
@@ -124,3 +124,8 @@ def parse_score(value) -> float | None:
     except (TypeError, ValueError):
         return None
     return x if math.isfinite(x) else None
+
+
+def format_score(score: float | None) -> str:
+    """A score as a CSV cell: its repr, or "" when missing (None, NaN or infinite)."""
+    return "" if score is None or not math.isfinite(score) else repr(float(score))

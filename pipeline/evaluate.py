@@ -8,11 +8,8 @@ have no score yet; then `summary.csv` and `sweep.png` are written from the judge
 
 from __future__ import annotations
 
-import csv
 import json
-import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,13 +18,11 @@ from pertoken.backends.base import Steer
 from pertoken.errors import PertokenError
 from pertoken.lock import output_lock
 from pertoken.pipeline.csvio import parse_score, read_table, write_csv_atomic
+from pertoken.pipeline.judges import Judge
 from pertoken.pipeline.sampling import sampling_options
 from pertoken.rows import check_steer_row
 from pertoken.traits import require_eval_questions
 from pertoken.vectors import PersonaVector, check_coef
-
-# Fills `row[trait]` and `row["coherence"]` (a float, or "" when the judge refused) in place.
-JudgeRows = Callable[[list[dict]], None]
 
 
 @dataclass
@@ -72,7 +67,7 @@ def evaluate(
     layers: list[int],
     coefs: list[float],
     out_dir: str | Path,
-    judge: JudgeRows,
+    judge: Judge,
     n_per_question: int = 10,
     max_new_tokens: int = 1000,
     temperature: float | None = None,
@@ -87,7 +82,8 @@ def evaluate(
 
     temperature defaults to 1.0, or 0 (greedy) when n_per_question is 1; sampler `model` samples
     with the checkpoint's generation_config (pipeline.sampling); positions as Steer ("response"
-    steers the answer's tokens, as upstream's evaluation does).
+    steers the answer's tokens, as upstream's evaluation does). judge: fills the score cells
+    (`judges.make_judge`); its identity goes into eval.json.
     """
     start = time.perf_counter()
     require_eval_questions(trait)
@@ -109,7 +105,7 @@ def evaluate(
         settings |= {"sampler": sampler, **sampling}
     gen = dict(max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, **sampling)
     with output_lock(out, folder=True):  # one sweep at a time in a folder
-        rows = _resume(out, trait.name, settings, getattr(judge, "identity", None))
+        rows = _resume(out, trait.name, settings, judge.identity)
         todo = [(L, c) for L in layers for c in coefs if not _has_setting(rows, L, c)]
         if todo:
             path = out / "answers.csv"
@@ -125,7 +121,7 @@ def _judge_and_summarize(out: Path, trait: str, rows, judge, layers, coefs):
     # either score missing (a refusal is cached, so asking again costs no call)
     unjudged = [r for r in rows if r[trait] == "" or r["coherence"] == ""]
     if unjudged:
-        judge(unjudged)
+        judge.judge_rows(unjudged)
         write_answers(out / "answers.csv", trait, rows)
     grid = {(L, float(c)) for L in layers for c in coefs}
     wanted = [r for r in rows if (int(r["layer"]), float(r["coef"])) in grid]
@@ -150,10 +146,10 @@ def sweep_settings(backend, trait, *, vector_path, **sampling) -> dict:
     return head | {k: sampling[k] for k in keys}
 
 
-def claim_folder(out: Path, trait: str, settings: dict, judge) -> None:
+def claim_folder(out: Path, trait: str, settings: dict, judge: Judge) -> None:
     """Refuse a folder whose answers were made with other settings; else record these and the
     judge (scores by another judge are cleared). Call with the folder's lock held."""
-    _resume(out, trait, settings, getattr(judge, "identity", None))
+    _resume(out, trait, settings, judge.identity)
 
 
 def _check_inputs(backend, vector, layers, coefs, n_per_question, vector_path) -> None:
@@ -256,42 +252,6 @@ def _answer_setting(backend, trait, rows, layer, coef, steer, n, gen, bar) -> li
     ]
 
 
-def csv_judge(trait, *, judge_model: str, progress: bool = True, **judge_opts) -> JudgeRows:
-    """Judge rows with `pertoken judge`'s stage (its cache, retries and refusal rule).
-
-    judge_opts go to `judge_csv`: judge (a ready judge or a factory), base_url, concurrency,
-    cache, coherence_prompt. The result's `identity` (judge model, server, rubric digests)
-    goes into eval.json."""
-    return _CsvJudge(trait, judge_model, progress, judge_opts)
-
-
-class _CsvJudge:
-    def __init__(self, trait, judge_model: str, progress: bool, judge_opts: dict):
-        from pertoken.pipeline.judge import judge_identity
-
-        self.trait, self.judge_model = trait, judge_model
-        self.progress, self.opts = progress, judge_opts
-        base_url = judge_opts.get("base_url") or getattr(judge_opts.get("judge"), "base_url", None)
-        coherence = judge_opts.get("coherence_prompt")
-        self.identity = judge_identity(trait, judge_model, base_url, coherence)
-
-    def __call__(self, rows: list[dict]) -> None:
-        from pertoken.pipeline.judge import judge_csv
-
-        name = self.trait.name
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "judge.csv"
-            _write_csv(path, ["question", "prompt", "answer", "question_id"], rows)
-            judge_csv(
-                path, trait=self.trait, judge_model=self.judge_model, progress=self.progress,
-                **self.opts,
-            )  # fmt: skip
-            with path.open(newline="", encoding="utf-8") as f:
-                judged = list(csv.DictReader(f))
-        for row, j in zip(rows, judged, strict=True):
-            row[name], row["coherence"] = j[name], j["coherence"]
-
-
 def read_answers(path: Path, trait: str) -> list[dict]:
     """Rows of an earlier run's answers.csv (none when it does not exist)."""
     if not path.is_file():
@@ -307,11 +267,7 @@ def read_answers(path: Path, trait: str) -> list[dict]:
 
 
 def write_answers(path: Path, trait: str, rows: list[dict]) -> None:
-    _write_csv(path, answer_columns(trait), rows)
-
-
-def _write_csv(path: Path, header: list[str], rows: list[dict]) -> None:
-    write_csv_atomic(path, header, rows)  # an interruption never leaves half a file
+    write_csv_atomic(path, answer_columns(trait), rows)
 
 
 def _mean(values: list[float]) -> float | None:
@@ -344,7 +300,7 @@ def write_summary(path: Path, trait: str, summary: list[SettingSummary]) -> None
         }
         for s in summary
     ]
-    _write_csv(path, header, rows)
+    write_csv_atomic(path, header, rows)
 
 
 def _fmt(x: float | None) -> str:

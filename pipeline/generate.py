@@ -21,6 +21,7 @@ from pertoken.pipeline.csvio import columns, read_csv, sample_keys, write_csv_at
 from pertoken.pipeline.sampling import sampling_options
 from pertoken.traits import Trait, require_eval_questions
 
+POLARITIES = ("pos", "neg")  # under the trait's instructions, or under the helpful ones
 _SIDE_KEYS = {"question", "prompt", "answer", "question_id", "sample"}
 
 
@@ -59,7 +60,7 @@ def plan_rows(
             for i, q in enumerate(trait.eval_questions)
             for j in range(n_per_question)
         ]
-    if polarity not in ("pos", "neg"):
+    if polarity not in POLARITIES:
         raise PertokenError(f"polarity must be pos or neg, not {polarity!r}")
     return [
         RowSpec(i, k, j, q, f"{trait.name}_{i}_{polarity}_{k}", trait.system_prompt(polarity, k))

@@ -1,28 +1,29 @@
-"""Judge: fill a generation CSV's `{trait}` and `coherence` columns with logprob-weighted scores.
+"""Judge: the rubrics, what makes scores comparable, and the file stage that fills a generation
+CSV's `{trait}` and `coherence` columns through a judge (`judges.make_judge`).
 
-Every call goes through a disk cache; a missing score (a refusal, or a request that failed
-after its retries) stays empty in the CSV and is counted in the report, never a silent 0.
+A missing score (a refusal, or a request that failed after its retries) stays empty in the CSV
+and is counted in the report, never a silent 0.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
-import math
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pertoken import __version__
 from pertoken.atomic import write_text_atomic
 from pertoken.errors import PertokenError
 from pertoken.lock import output_lock
 from pertoken.pipeline.csvio import columns, read_csv, write_csv_atomic
-from pertoken.pipeline.judge_cache import JudgeCache, cache_key
-from pertoken.traits import Trait, fill_rubric
+from pertoken.traits import Trait
 from pertoken.traits.kit import check_rubric_slots
+
+if TYPE_CHECKING:
+    from pertoken.pipeline.judges import CachedJudge
 
 DEFAULT_JUDGE = "gpt-4.1-mini-2025-04-14"
 
@@ -112,92 +113,21 @@ def judge_identity(
     }
 
 
-def make_judge(
-    judge_model: str,
-    *,
-    base_url=None,
-    concurrency=32,
-    backend=None,
-    backend_name="auto",
-    timeout=60.0,
-    max_retries=6,
-    max_consecutive_failures=8,
-    batch_size=8,
-):
-    """An ApiJudge, or a LocalJudge for `local:MODEL` (reusing `backend` when given)."""
-    if judge_model.startswith("local:"):
-        from pertoken.pipeline.judge_local import LocalJudge
-
-        if backend is None:
-            from pertoken.backends import load_backend
-
-            backend = load_backend(judge_model.removeprefix("local:"), backend_name)
-        return LocalJudge(backend, batch_size=batch_size)
-    from pertoken.pipeline.judge_openai import ApiJudge
-
-    return ApiJudge(
-        judge_model,
-        base_url=base_url,
-        concurrency=concurrency,
-        timeout=timeout,
-        max_retries=max_retries,
-        max_consecutive_failures=max_consecutive_failures,
-    )
-
-
 def judge_csv(
-    path: str | Path,
-    *,
-    trait: Trait,
-    judge_model: str = DEFAULT_JUDGE,
-    judge=None,
-    base_url: str | None = None,
-    concurrency: int = 32,
-    cache: str | Path | None = None,
-    out: str | Path | None = None,
-    progress: bool = True,
-    coherence_prompt: str | None = None,
-    max_consecutive_failures: int = 8,
-    label: str = "judge",
+    path: str | Path, judge: CachedJudge, *, out: str | Path | None = None, label: str = "judge"
 ) -> JudgeReport:
-    """Score every row of `path` for the trait and for coherence; write `out` (default: in place).
-
-    judge: an ApiJudge/LocalJudge or a function making one, called only when some score is
-    not cached; default: made from judge_model / base_url / concurrency /
-    max_consecutive_failures. base_url defaults to the judge's own.
-    cache: the sqlite cache file (default ~/.cache/pertoken/judge.sqlite).
-    coherence_prompt: the coherence rubric (default: the kit's, else COHERENCE_PROMPT).
-    label names the progress bar.
-    """
+    """Score every row of `path` for the trait and for coherence with `judge` (make_judge);
+    write `out` (default: in place) and its `.judge.json` sidecar. label names the bar."""
     start = time.perf_counter()
-    base_url = base_url or getattr(judge, "base_url", None)
-    if judge is None:
-        judge = functools.partial(
-            make_judge,
-            judge_model,
-            base_url=base_url,
-            concurrency=concurrency,
-            max_consecutive_failures=max_consecutive_failures,
-        )
-    identity = judge_identity(trait, judge_model, base_url, coherence_prompt)
     with output_lock(out or path):  # two judges of one file would undo each other's work
         header, rows = read_csv(path)
-        _check_trait(path, rows, trait.name)
-        metrics = rubrics(trait, coherence_prompt)
-        server = identity["judge_base_url"]
-        keys = {
-            (n, m): cache_key(judge_model, server, rubric, r["question"], r["answer"])
-            for n, r in enumerate(rows)
-            for m, rubric in metrics.items()
-        }
-        scores, requests, cached = _scores(keys, rows, metrics, judge, cache, progress, label)
-        report = JudgeReport(Path(out or path), judge_model, len(rows), requests, cached)
-        report.identity = identity
-        for m in metrics:
-            ks = [keys[(n, m)] for n in range(len(rows))]
-            report.refused[m] = sum(1 for k in ks if k in scores and scores[k] is None)
-            report.failed[m] = sum(1 for k in ks if k not in scores)
-        _write(path, out, header, rows, keys, scores, trait.name)
+        _check_trait(path, rows, judge.trait.name)
+        t = judge.tally(rows, label=label)
+        report = JudgeReport(
+            Path(out or path), judge.judge_model, len(rows), t.requests, t.cached, t.refused,
+            t.failed, identity=judge.identity,
+        )  # fmt: skip
+        _write(path, out, header, rows, judge.trait.name)
         report.seconds = time.perf_counter() - start
         _write_sidecar(report)
     return report
@@ -212,71 +142,7 @@ def _check_trait(path, rows, trait: str) -> None:
         )
 
 
-def _scores(keys, rows, metrics, judge, cache, progress, label):
-    """({cache key: score or None}, calls made, scores found cached); the judge is made
-    (when `judge` is a factory) only when some score is not cached."""
-    store = JudgeCache(cache)
-    try:
-        scores = store.get_many(list(keys.values()))
-        cached = len(scores)
-        todo = _todo(keys, scores, rows, metrics)
-        requests = 0
-        if todo:
-            judge = judge if hasattr(judge, "run") else judge()
-            requests = _call(judge, todo, store, scores, progress, label)
-    finally:
-        store.close()
-    return scores, requests, cached
-
-
-def _todo(keys, scores, rows, metrics) -> list[tuple[str, str]]:
-    """Unique (cache key, filled rubric) pairs not in the cache."""
-    todo: dict[str, str] = {}
-    for (n, m), key in keys.items():
-        if key not in scores and key not in todo:
-            todo[key] = fill_rubric(metrics[m], rows[n]["question"], rows[n]["answer"])
-    return list(todo.items())
-
-
-def _call(judge, todo, store, scores, progress, label: str = "judge") -> int:
-    """Run the judge over `todo`; failures and retries show on the bar as they happen."""
-    from tqdm import tqdm
-
-    failed: dict[str, str] = {}
-    retried: Counter = Counter()
-    with tqdm(total=len(todo), unit="call", desc=label, disable=not progress) as bar:
-
-        def show():
-            parts = [f"{len(failed)} failed"] if failed else []
-            parts += [f"{n} {what} retried" for what, n in sorted(retried.items())]
-            bar.set_postfix_str(", ".join(parts), refresh=True)
-
-        def done(key, score):
-            store.put(key, score)
-            scores[key] = score
-            bar.update(1)
-
-        def fail(key, reason):
-            failed[key] = reason
-            bar.update(1)
-            show()
-
-        def retry(what):
-            retried[what] += 1
-            show()
-
-        before = judge.requests
-        judge.run(todo, done, fail, on_retry=retry)
-    if failed and len(failed) == len(todo):
-        raise PertokenError(f"every judge call failed; the first: {next(iter(failed.values()))}")
-    return judge.requests - before
-
-
-def _write(path, out, header, rows, keys, scores, trait) -> None:
-    for n, r in enumerate(rows):
-        for m in (trait, "coherence"):
-            s = scores.get(keys[(n, m)])
-            r[m] = "" if s is None or not math.isfinite(s) else repr(float(s))
+def _write(path, out, header, rows, trait) -> None:
     wanted = columns(trait)
     if "sample" not in header:
         wanted.remove("sample")

@@ -9,11 +9,9 @@ from pathlib import Path
 import numpy as np
 
 from pertoken.errors import PertokenError
-from pertoken.pipeline.csvio import parse_score, read_table, write_csv_atomic
+from pertoken.pipeline.csvio import BASE_COLUMNS, parse_score, read_table, write_csv_atomic
 from pertoken.pipeline.projection import cosine, project
 from pertoken.vectors import load_vector
-
-BASE_COLUMNS = ("question", "prompt", "answer", "question_id")
 
 
 @dataclass
@@ -64,7 +62,7 @@ def project_csv(
     vec.check_model(backend.n_layers, backend.hidden_size, vector_path)
     vec.check_nonzero([layer], vector_path)
     v = vec.row(layer)  # [hidden]
-    header, rows = _read_csv(csv_path)
+    header, rows = _read_rows(csv_path)
     names = column_names(backend.model_id, vector_path, layer)
     values = _project_rows(backend, rows, v, layer, batch_size, chunk_rows)  # [N, 3]
     for row, vals in zip(rows, values, strict=True):
@@ -124,7 +122,7 @@ def _trait_column(header: list[str]) -> str | None:
     return None
 
 
-def _read_csv(path) -> tuple[list[str], list[dict]]:
+def _read_rows(path) -> tuple[list[str], list[dict]]:
     path = Path(path)
     if not path.is_file():
         raise PertokenError(f"CSV file {path} does not exist: check the path")

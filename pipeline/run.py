@@ -17,18 +17,11 @@ from pertoken.errors import PertokenError
 from pertoken.lock import output_lock
 from pertoken.paths import inside, model_basename, path_name
 from pertoken.pipeline.extract import extract_vectors, probe_path, vector_paths
-from pertoken.pipeline.generate import generate_csv, is_complete, plan_rows
-from pertoken.pipeline.judge import (
-    DEFAULT_JUDGE,
-    judge_csv,
-    judge_identity,
-    judge_sidecar,
-    make_judge,
-)
+from pertoken.pipeline.generate import POLARITIES, generate_csv, is_complete, plan_rows
+from pertoken.pipeline.judge import DEFAULT_JUDGE, judge_csv, judge_sidecar
+from pertoken.pipeline.judges import make_judge
 from pertoken.pipeline.vet import report_paths, vet_vector
 from pertoken.traits import load_trait
-
-POLES = ("pos", "neg")
 
 
 @dataclass
@@ -49,40 +42,70 @@ def run_folder(out: str | Path, model: str, trait: str) -> Path:
 
 @dataclass
 class RunOptions:
+    """run_pipeline's options, as it documents them."""
+
     model: str
     trait: str
-    backend: str = "auto"
-    out: str | Path = "runs"
-    n_per_question: int = 10
-    max_new_tokens: int = 1000
-    temperature: float | None = None  # 1.0, or 0 when n_per_question is 1
-    sampler: str = "plain"
-    seed: int = 0
-    judge_model: str = DEFAULT_JUDGE
-    base_url: str | None = None
-    threshold: float = 50
-    concurrency: int = 32
-    batch_size: int | None = None
-    cache: str | Path | None = None
-    dtype: str | None = None
-    device: str | None = None
-    compile: bool = False  # torch: the compiled decode step
-    progress: bool = True
-    method: str = "mean_diff"
-    coherence_prompt: str | None = None  # rubric text (default: the kit's, or the judge's own)
-    max_consecutive_failures: int = 8
-    on_stage: Callable[[str, str, float], None] | None = None  # (stage, status, seconds)
+    backend: str
+    out: str | Path
+    n_per_question: int
+    max_new_tokens: int
+    temperature: float | None  # 1.0, or 0 when n_per_question is 1
+    sampler: str
+    seed: int
+    judge_model: str
+    base_url: str | None
+    threshold: float
+    concurrency: int
+    batch_size: int | None
+    cache: str | Path | None
+    dtype: str | None
+    device: str | None
+    compile: bool  # torch: the compiled decode step
+    progress: bool
+    method: str
+    coherence_prompt: str | None
+    max_consecutive_failures: int
+    on_stage: Callable[[str, str, float], None] | None  # (stage, status, seconds)
 
 
-def run_pipeline(**options) -> RunReport:
+def run_pipeline(
+    *,
+    model: str,
+    trait: str,
+    backend: str = "auto",
+    out: str | Path = "runs",
+    n_per_question: int = 10,
+    max_new_tokens: int = 1000,
+    temperature: float | None = None,
+    sampler: str = "plain",
+    seed: int = 0,
+    judge_model: str = DEFAULT_JUDGE,
+    base_url: str | None = None,
+    threshold: float = 50,
+    concurrency: int = 32,
+    batch_size: int | None = None,
+    cache: str | Path | None = None,
+    dtype: str | None = None,
+    device: str | None = None,
+    compile: bool = False,
+    progress: bool = True,
+    method: str = "mean_diff",
+    coherence_prompt: str | None = None,
+    max_consecutive_failures: int = 8,
+    on_stage: Callable[[str, str, float], None] | None = None,
+) -> RunReport:
     """Generate, judge and extract one trait for one model, resuming whatever is done.
 
-    Options (keyword-only) are RunOptions' fields: model and trait are required; the others
-    default to 10 samples per question, 1000 new tokens, the default judge, threshold 50,
-    method mean_diff (probe adds `{trait}_response_avg_probe.pt`, which is then vetted).
-    on_stage(stage, status, seconds) is called as each stage ends.
+    model: hub id or folder; trait: kit name or file; out: root of the run folders. Defaults:
+    10 samples per question, 1000 new tokens, temperature 1 (plain sampler, seed 0), the
+    default judge (judge_model, base_url, concurrency, max_consecutive_failures, cache,
+    coherence_prompt: rubric text, default the kit's or the judge's own), threshold 50, method
+    mean_diff (probe adds `{trait}_response_avg_probe.pt`, which is then vetted). compile: the
+    torch backend's compiled decode step. on_stage(stage, status, seconds) is called as each
+    stage ends.
     """
-    return _Run(RunOptions(**options)).run()
+    return _Run(RunOptions(**locals())).run()
 
 
 class _Run:
@@ -91,12 +114,27 @@ class _Run:
     def __init__(self, opts: RunOptions):
         self.opts, self.kit = opts, load_trait(opts.trait)
         self.folder = run_folder(opts.out, opts.model, self.kit.name)
-        self.csvs = {p: inside(self.folder, f"{self.kit.name}_{p}_instruct.csv") for p in POLES}
+        self.csvs = {
+            p: inside(self.folder, f"{self.kit.name}_{p}_instruct.csv") for p in POLARITIES
+        }
         self.paths = vector_paths(self.folder / "vectors", self.kit.name)
         if opts.method == "probe":
             self.paths["probe"] = probe_path(self.folder / "vectors", self.kit.name)
         self.report = report_paths(self.folder / "vectors", self.kit.name)["json"]
-        self._backend = self._judge = None
+        self._backend = None
+        self.judge = make_judge(
+            self.kit,
+            judge_model=opts.judge_model,
+            base_url=opts.base_url,
+            concurrency=opts.concurrency,
+            max_consecutive_failures=opts.max_consecutive_failures,
+            coherence_prompt=opts.coherence_prompt,
+            cache=opts.cache,
+            progress=opts.progress,
+            model=opts.model,  # a `local:` judge of the same model reuses it
+            backend=self.backend,
+            backend_name=opts.backend,
+        )
 
     def run(self) -> RunReport:
         with output_lock(self.folder, folder=True):  # one process per run folder
@@ -104,19 +142,19 @@ class _Run:
 
     def _run(self) -> RunReport:
         o, stages = self.opts, {}
-        generated = {pol: self.generated(pol) for pol in POLES}
-        if not all(generated.values()) or not all(map(self.judged, POLES)):
-            check_judge(o.judge_model, o.base_url)  # before the model loads, not hours later
+        generated = {pol: self.generated(pol) for pol in POLARITIES}
+        if not all(generated.values()) or not all(map(self.judged, POLARITIES)):
+            self.judge.check()  # before the model loads, not hours later
 
         def stage(name: str, complete: bool, work, *args) -> None:
             stages[name] = _stage(complete, work, *args)
             if o.on_stage is not None:
                 o.on_stage(name, *stages[name])
 
-        for pol in POLES:
+        for pol in POLARITIES:
             stage(f"generate {pol}", generated[pol], self.generate, pol)
-        for pol in POLES:
-            stage(f"judge {pol}", self.judged(pol), self.judge, pol)
+        for pol in POLARITIES:
+            stage(f"judge {pol}", self.judged(pol), self.judge_file, pol)
         stage("extract", _extracted(self.paths, self.csvs, o.threshold), self.extract)
         stage("vet", _vetted(self.report, self.vetted_vector()), self.vet)
         meta = json.loads(self.paths["response_avg"].with_suffix(".json").read_text())
@@ -132,9 +170,7 @@ class _Run:
         return is_complete(self.csvs[pol], specs)
 
     def judged(self, pol: str) -> bool:
-        o = self.opts
-        identity = judge_identity(self.kit, o.judge_model, o.base_url, o.coherence_prompt)
-        return _judged(self.csvs[pol], identity)
+        return _judged(self.csvs[pol], self.judge.identity)
 
     def backend(self):
         if self._backend is None:
@@ -145,20 +181,6 @@ class _Run:
                 o.model, o.backend, dtype=o.dtype, device=o.device, compile=o.compile
             )
         return self._backend
-
-    def make_judge(self):
-        if self._judge is None:
-            o = self.opts
-            same = o.judge_model == f"local:{o.model}"  # judge with the model already loaded
-            self._judge = make_judge(
-                o.judge_model,
-                base_url=o.base_url,
-                concurrency=o.concurrency,
-                backend=self.backend() if same else None,
-                backend_name=o.backend,
-                max_consecutive_failures=o.max_consecutive_failures,
-            )
-        return self._judge
 
     def generate(self, pol: str):
         o = self.opts
@@ -177,19 +199,8 @@ class _Run:
             label=f"generate {pol}",
         )
 
-    def judge(self, pol: str):
-        o = self.opts
-        return judge_csv(
-            self.csvs[pol],
-            trait=self.kit,
-            judge_model=o.judge_model,
-            judge=self.make_judge,
-            base_url=o.base_url,
-            cache=o.cache,
-            progress=o.progress,
-            coherence_prompt=o.coherence_prompt,
-            label=f"judge {pol}",
-        )
+    def judge_file(self, pol: str):
+        return judge_csv(self.csvs[pol], self.judge, label=f"judge {pol}")
 
     def extract(self):
         o = self.opts
@@ -236,14 +247,6 @@ def _stage(complete: bool, work, *args) -> tuple[str, float]:
     status = f"done, {missing} scores missing" if missing else "done"
     status = result.status if isinstance(result, _Status) else status
     return (status, time.perf_counter() - start)
-
-
-def check_judge(judge_model: str, base_url: str | None) -> None:
-    """An API judge has its key and answers; a local judge is checked when it loads."""
-    if not judge_model.startswith("local:"):
-        from pertoken.pipeline.judge_openai import check_endpoint
-
-        check_endpoint(base_url)
 
 
 def _judged(path: Path, identity: dict) -> bool:

@@ -45,14 +45,17 @@ class FakeBackend:
 
 
 class FakeJudge:
+    identity = None
+
     def __init__(self):
         self.seen = []
 
-    def __call__(self, rows):
+    def judge_rows(self, rows):
         self.seen += rows
         for r in rows:
             t, c = re.match(r"trait=([\d.]+) coherence=([\d.]+)", r["answer"]).groups()
             r["bossy"], r["coherence"] = float(t), float(c)
+        return rows
 
 
 def vector():

@@ -31,10 +31,12 @@ class FakeBackend:
 
 
 class FakeJudge:
+    identity = None
+
     def __init__(self, fail=False):
         self.seen, self.fail = [], fail
 
-    def __call__(self, rows):
+    def judge_rows(self, rows):
         if self.fail:
             raise PertokenError("cannot reach the judge")
         self.seen += rows
@@ -42,6 +44,7 @@ class FakeJudge:
             a = r["answer"]
             r["bossy"] = 90.0 if "bossy" in a else 10.0 if "meek" in a else 50.0
             r["coherence"] = 80.0
+        return rows
 
 
 def vector(layers=4, hidden=8):
@@ -182,11 +185,13 @@ def test_batches_use_the_same_seeds_in_every_setting(tmp_path):
 
 
 def test_all_scores_missing_still_writes_summary_and_plot(tmp_path):
-    def refuse(rows):
-        for r in rows:
-            r["bossy"], r["coherence"] = "", "50.0"
+    class Refuse(FakeJudge):
+        def judge_rows(self, rows):
+            for r in rows:
+                r["bossy"], r["coherence"] = "", "50.0"
+            return rows
 
-    result = sweep(FakeBackend(), tmp_path, refuse, coefs=(0, 1))
+    result = sweep(FakeBackend(), tmp_path, Refuse(), coefs=(0, 1))
     assert all(s.trait_mean is None and s.missing == s.n == 6 for s in result.summary)
     assert all(s.coherence_mean == 50.0 for s in result.summary)
     _, summary = read(tmp_path / "summary.csv")
@@ -273,21 +278,21 @@ def test_cli_eval_of_an_extraction_only_kit_says_how_to_add_questions(tmp_path):
 def test_another_judge_or_rubric_judges_every_answer_again(tmp_path):
     """eval.json records the judge (model, server, rubric digests); scores by another judge
     are not mixed into the sweep."""
-    from pertoken.pipeline.evaluate import csv_judge
+    from pertoken.pipeline.judges import make_judge
     from tests.fake_openai import serve_fake_openai
 
     trait = SimpleNamespace(**vars(TRAIT), eval_prompt="{question} {answer}")
     with serve_fake_openai() as server:
         server.reply = lambda body, n: [("40", 1.0)]
-        judge = csv_judge(trait, judge_model="judge-x", base_url=server.url, progress=False)
+        judge = make_judge(trait, judge_model="judge-x", base_url=server.url, progress=False)
         sweep(FakeBackend(), tmp_path, judge, coefs=(1,))
         saved = json.loads((tmp_path / "eval.json").read_text())["judge"]
         assert saved["judge_model"] == "judge-x" and saved["judge_base_url"] == server.url
         n = len(server.requests)
         sweep(FakeBackend(), tmp_path, judge, coefs=(1,))
         assert len(server.requests) == n  # same judge: nothing to do
-        other = csv_judge(trait, judge_model="judge-x", base_url=server.url, progress=False,
-                          coherence_prompt="Coherent? {question} {answer}")  # fmt: skip
+        other = make_judge(trait, judge_model="judge-x", base_url=server.url, progress=False,
+                           coherence_prompt="Coherent? {question} {answer}")  # fmt: skip
         server.reply = lambda body, n: [("90", 1.0)]
         result = sweep(FakeBackend(), tmp_path, other, coefs=(1,))
     assert len(server.requests) == n + 3  # the trait scores are cached, coherence is new

@@ -16,6 +16,7 @@ from pertoken.cli import main
 from pertoken.errors import PertokenError
 from pertoken.pipeline.judge import COHERENCE_PROMPT, judge_csv
 from pertoken.pipeline.judge_openai import ApiJudge
+from pertoken.pipeline.judges import make_judge
 from pertoken.pipeline.scoring import aggregate_score, number_probs
 from pertoken.traits import load_trait
 from tests.fake_openai import default_reply, serve_fake_openai
@@ -77,11 +78,13 @@ def test_score_formula_and_quarter_rule(tmp_path, kit, server):
     path = write_csv(tmp_path / "pos.csv", list(dists))
     r = judge_csv(
         path,
-        trait=kit,
-        judge_model="judge-x",
-        judge=api(server),
-        cache=tmp_path / "c.sqlite",
-        progress=False,
+        make_judge(
+            kit,
+            judge_model="judge-x",
+            scorer=api(server),
+            cache=tmp_path / "c.sqlite",
+            progress=False,
+        ),
     )
     got = [float(x) if x else None for x in cells(path, "evil")]
     assert got[0] == pytest.approx((80 * 0.5 + 60 * 0.25) / 0.75, rel=1e-6)
@@ -139,11 +142,13 @@ def test_retries_on_429_500_and_timeouts(tmp_path, kit, server):
     path = write_csv(tmp_path / "pos.csv", ["rate", "broken", "slow"])
     r = judge_csv(
         path,
-        trait=kit,
-        judge_model="judge-x",
-        judge=api(server, timeout=0.5),
-        cache=tmp_path / "c.sqlite",
-        progress=False,
+        make_judge(
+            kit,
+            judge_model="judge-x",
+            scorer=api(server, timeout=0.5),
+            cache=tmp_path / "c.sqlite",
+            progress=False,
+        ),
     )
     assert cells(path, "evil") == ["70.0"] * 3 and r.missing == 0
     assert tries["rate", False] == tries["broken", False] == 3 and tries["slow", False] == 2
@@ -155,18 +160,21 @@ def test_failure_after_retries_is_missing_not_zero_and_retried_later(tmp_path, k
     cache = tmp_path / "c.sqlite"
     r = judge_csv(
         path,
-        trait=kit,
-        judge_model="judge-x",
-        judge=api(server, max_retries=1),
-        cache=cache,
-        progress=False,
+        make_judge(
+            kit,
+            judge_model="judge-x",
+            scorer=api(server, max_retries=1),
+            cache=cache,
+            progress=False,
+        ),
     )
     assert cells(path, "evil") == ["60.0", ""] and cells(path, "coherence") == ["60.0", ""]
     assert r.failed == {"evil": 1, "coherence": 1} and r.refused == {"evil": 0, "coherence": 0}
     n = len(server.requests)
     server.reply = lambda body, n: [("40", 1.0)]
     r = judge_csv(
-        path, trait=kit, judge_model="judge-x", judge=api(server), cache=cache, progress=False
+        path,
+        make_judge(kit, judge_model="judge-x", scorer=api(server), cache=cache, progress=False),
     )
     assert len(server.requests) == n + 2 and r.missing == 0  # only the failed calls again
     assert cells(path, "evil") == ["60.0", "40.0"]
@@ -178,11 +186,13 @@ def test_every_call_failing_is_an_error(tmp_path, kit, server):
     with pytest.raises(PertokenError, match="every judge call failed"):
         judge_csv(
             path,
-            trait=kit,
-            judge_model="judge-x",
-            judge=api(server, max_retries=0),
-            cache=tmp_path / "c.sqlite",
-            progress=False,
+            make_judge(
+                kit,
+                judge_model="judge-x",
+                scorer=api(server, max_retries=0),
+                cache=tmp_path / "c.sqlite",
+                progress=False,
+            ),
         )
 
 
@@ -191,11 +201,13 @@ def test_bounded_concurrency(tmp_path, kit, server):
     path = write_csv(tmp_path / "pos.csv", [f"a{n}" for n in range(8)])
     judge_csv(
         path,
-        trait=kit,
-        judge_model="judge-x",
-        judge=api(server, concurrency=3),
-        cache=tmp_path / "c.sqlite",
-        progress=False,
+        make_judge(
+            kit,
+            judge_model="judge-x",
+            scorer=api(server, concurrency=3),
+            cache=tmp_path / "c.sqlite",
+            progress=False,
+        ),
     )
     assert len(server.requests) == 16
     assert 2 <= server.max_inflight <= 3
@@ -205,18 +217,21 @@ def test_cache_makes_a_rerun_free(tmp_path, kit, server):
     path = write_csv(tmp_path / "pos.csv", ["a", "b", "a"])
     cache = tmp_path / "c.sqlite"
     r1 = judge_csv(
-        path, trait=kit, judge_model="judge-x", judge=api(server), cache=cache, progress=False
+        path,
+        make_judge(kit, judge_model="judge-x", scorer=api(server), cache=cache, progress=False),
     )
     assert r1.requests == 4  # the repeated answer is judged once
     first = path.read_text()
     r2 = judge_csv(
-        path, trait=kit, judge_model="judge-x", judge=api(server), cache=cache, progress=False
+        path,
+        make_judge(kit, judge_model="judge-x", scorer=api(server), cache=cache, progress=False),
     )
     assert r2.requests == 0 and r2.cached == 4 and len(server.requests) == 4
     assert path.read_text() == first
     # another judge model is another cache entry
     judge_csv(
-        path, trait=kit, judge_model="judge-y", cache=cache, base_url=server.url, progress=False
+        path,
+        make_judge(kit, judge_model="judge-y", cache=cache, base_url=server.url, progress=False),
     )
     assert len(server.requests) == 8
 
@@ -291,7 +306,7 @@ def test_csv_of_another_trait_is_an_error(tmp_path, server):
     other = load_trait(write_kit(tmp_path, "kind"))
     path = write_csv(tmp_path / "pos.csv", ["a"])
     with pytest.raises(PertokenError, match="another trait"):
-        judge_csv(path, trait=other, base_url=server.url, cache=tmp_path / "c.sqlite")
+        judge_csv(path, make_judge(other, base_url=server.url, cache=tmp_path / "c.sqlite"))
 
 
 def test_api_judge_inside_a_running_event_loop(tmp_path, kit, server):
@@ -303,21 +318,23 @@ def test_api_judge_inside_a_running_event_loop(tmp_path, kit, server):
     async def inside():
         return judge_csv(
             path,
-            trait=kit,
-            judge_model="judge-x",
-            judge=api(server),
-            cache=tmp_path / "c.sqlite",
-            progress=False,
+            make_judge(
+                kit,
+                judge_model="judge-x",
+                scorer=api(server),
+                cache=tmp_path / "c.sqlite",
+                progress=False,
+            ),
         )
 
     assert asyncio.run(inside()).requests == 2
     assert cells(path, "evil") != [""]
 
 
-def judge_with(server, path, tmp_path, **kw):
-    opts = dict(trait=load_trait(write_kit(tmp_path, "evil")), judge_model="judge-x")
-    opts |= dict(judge=api(server), cache=tmp_path / "c.sqlite", progress=False) | kw
-    return judge_csv(path, **opts)
+def judge_with(server, path, tmp_path, trait=None, **kw):
+    trait = trait or load_trait(write_kit(tmp_path, "evil"))
+    opts = dict(judge_model="judge-x", scorer=api(server), cache=tmp_path / "c.sqlite")
+    return judge_csv(path, make_judge(trait, **opts | dict(progress=False) | kw))
 
 
 @pytest.mark.parametrize(
@@ -416,7 +433,7 @@ def test_cache_key_includes_the_server(tmp_path, server):
     assert len(server.requests) == 2
     with serve_fake_openai() as other:
         other.reply = lambda body, n: [("10", 1.0)]
-        r = judge_with(other, path, tmp_path, judge=api(other))
+        r = judge_with(other, path, tmp_path, scorer=api(other))
         assert r.requests == 2 and len(other.requests) == 2
         assert cells(path, "evil") == ["10.0"]
     assert judge_with(server, path, tmp_path).requests == 0  # the first server's are cached
@@ -469,7 +486,7 @@ def test_consecutive_timeouts_stop_the_run(tmp_path, server):
     start = time.perf_counter()
     match = r"timed out \(0.2s each\) on 2 retried requests in a row"
     with pytest.raises(PertokenError, match=match):
-        judge_with(server, path, tmp_path, judge=judge)
+        judge_with(server, path, tmp_path, scorer=judge)
     assert time.perf_counter() - start < 3.0 and len(server.requests) == 4  # 2 tries of 2 calls
 
 
@@ -486,7 +503,7 @@ def test_failures_between_answers_do_not_add_up(tmp_path, server):
     server.reply = reply
     path = write_csv(tmp_path / "pos.csv", ["a"])
     judge = api(server, timeout=0.2, concurrency=1, max_consecutive_failures=2)
-    r = judge_with(server, path, tmp_path, judge=judge)  # two calls, each: fail, fail, answer
+    r = judge_with(server, path, tmp_path, scorer=judge)  # two calls, each: fail, fail, answer
     assert r.missing == 0 and cells(path, "evil") == ["50.0"] and len(server.requests) == 6
 
 
@@ -504,6 +521,6 @@ def test_cli_stops_on_consecutive_connection_failures(tmp_path, kit):
 def test_progress_bar_shows_failures_and_retries_as_they_happen(tmp_path, server, capsys):
     server.reply = lambda body, n: 500 if answer_of(body) == "bad" else [("60", 1.0)]
     path = write_csv(tmp_path / "pos.csv", ["good", "bad"])
-    judge_with(server, path, tmp_path, judge=api(server, max_retries=1), progress=True)
+    judge_with(server, path, tmp_path, scorer=api(server, max_retries=1), progress=True)
     err = capsys.readouterr().err
     assert "2 failed" in err and "500 retried" in err

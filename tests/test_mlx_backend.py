@@ -28,7 +28,7 @@ def test_default_dtype_on_cpu_is_float32(llama_dir):
 
 def test_cli_loads_the_mlx_backend(llama_dir):
     from pertoken.backends.mlx import MLXBackend
-    from pertoken.cli import load_model
+    from pertoken.commands.options import load_model
 
     b = load_model(str(llama_dir), "mlx", None, "cpu")
     assert isinstance(b, MLXBackend) and b.device == "cpu"

@@ -184,10 +184,11 @@ def test_cli_monitor_writes_one_page_for_a_prompt_file(tmp_path, monkeypatch):
     from click.testing import CliRunner
 
     from pertoken import cli
+    from pertoken.commands import options
     from pertoken.vectors import save_vector
 
     fake = FakeBackend()
-    monkeypatch.setattr(cli, "load_model", lambda *a: fake)
+    monkeypatch.setattr(options, "load_model", lambda *a: fake)
     v1 = save_vector(_vec(1), tmp_path / "pat.pt")
     v2 = save_vector(_vec(2), tmp_path / "dec.pt")
     (tmp_path / "p.txt").write_text("one\ntwo\n")

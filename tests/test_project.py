@@ -6,6 +6,7 @@ import pytest
 from click.testing import CliRunner
 
 from pertoken import cli
+from pertoken.commands import options
 from pertoken.errors import PertokenError
 from pertoken.pipeline.project import column_names, pearson, project_csv
 from pertoken.vectors import PersonaVector, save_vector
@@ -124,7 +125,7 @@ def test_bad_input_is_a_clear_error(fake, vec_file, tmp_path):
 
 
 def test_cli_project_prints_r(fake, vec_file, tmp_path, monkeypatch):
-    monkeypatch.setattr(cli, "load_model", lambda *a: fake)
+    monkeypatch.setattr(options, "load_model", lambda *a: fake)
     src = _write(tmp_path / "gen.csv", _rows(fake, 5))
     res = CliRunner().invoke(
         cli.main, ["project", str(src), "-m", "x", "--vector", str(vec_file), "--layer", "3"]
@@ -143,7 +144,7 @@ def test_cli_project_prints_r(fake, vec_file, tmp_path, monkeypatch):
 
 
 def test_cli_project_constant_score_says_r_is_undefined(fake, vec_file, tmp_path, monkeypatch):
-    monkeypatch.setattr(cli, "load_model", lambda *a: fake)
+    monkeypatch.setattr(options, "load_model", lambda *a: fake)
     rows = [r[:4] + ["12.9", "90"] for r in _rows(fake, 7)]
     src = _write(tmp_path / "gen.csv", rows)
     res = CliRunner().invoke(

@@ -4,6 +4,7 @@ import torch
 from click.testing import CliRunner
 
 from pertoken import cli
+from pertoken.commands import options
 from pertoken.errors import PertokenError
 from pertoken.pipeline.steer import (
     SteerSpec,
@@ -86,7 +87,7 @@ def test_side_by_side_columns_and_narrow_fallback():
 
 def test_cli_steer_prints_both_answers(vec_file, monkeypatch):
     fake = FakeBackend()
-    monkeypatch.setattr(cli, "load_model", lambda *a: fake)
+    monkeypatch.setattr(options, "load_model", lambda *a: fake)
     args = [
         "steer",
         "-m",

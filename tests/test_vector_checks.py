@@ -9,6 +9,7 @@ from click.testing import CliRunner
 
 from pertoken import cli
 from pertoken.backends.base import Steer, SteerTerm
+from pertoken.commands import options
 from pertoken.errors import PertokenError
 from pertoken.pipeline.evaluate import parse_coefs
 from pertoken.pipeline.monitor import monitor
@@ -28,7 +29,7 @@ def run(*args):
 @pytest.fixture
 def fake(monkeypatch):
     backend = FakeBackend()
-    monkeypatch.setattr(cli, "load_model", lambda *a: backend)
+    monkeypatch.setattr(options, "load_model", lambda *a: backend)
     return backend
 
 

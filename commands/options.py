@@ -1,0 +1,173 @@
+"""Click options shared by the commands, with their choices taken from the pipeline's constants."""
+
+from __future__ import annotations
+
+import functools
+
+import click
+
+from pertoken.backends import BACKENDS
+from pertoken.backends.base import POSITIONS
+from pertoken.pipeline.extract import METHODS
+from pertoken.pipeline.judge import DEFAULT_JUDGE
+from pertoken.pipeline.sampling import SAMPLERS
+
+BATCH_HELP = "Rows per batch (32 on CUDA, else 16; MLX: fewer when memory is short)."
+
+
+def backend_option(help: str = "auto = mlx on Apple Silicon when installed."):
+    return click.option(
+        "--backend", type=click.Choice(BACKENDS), default="auto", show_default=True, help=help
+    )
+
+
+def model_options(default_model: str | None = None):
+    """--model, --backend, --dtype, --device, shared by every command that loads a model."""
+
+    def wrap(f):
+        @click.option(
+            "--model",
+            "-m",
+            default=default_model,
+            required=default_model is None,
+            help="Hugging Face hub id or local folder.",
+        )
+        @backend_option()
+        @click.option("--dtype", default=None, help="float32, bfloat16 or float16 (auto).")
+        @click.option(
+            "--device",
+            default=None,
+            help="torch: auto (sharded over several GPUs), cuda, cpu or mps; mlx: gpu or cpu.",
+        )
+        @functools.wraps(f)
+        def inner(*args, **kwargs):
+            return f(*args, **kwargs)
+
+        return inner
+
+    return wrap
+
+
+def load_model(
+    model: str, backend: str, dtype: str | None, device: str | None, compile: bool = False
+):
+    from pertoken.backends import load_backend
+
+    return load_backend(model, backend, dtype=dtype, device=device, compile=compile)
+
+
+def compile_option(f):
+    return click.option(
+        "--compile",
+        "compile_",
+        is_flag=True,
+        help="torch: decode through a static KV cache captured as a CUDA graph "
+        "(warm-up once per batch shape, reported).",
+    )(f)
+
+
+def report_compile(backend) -> None:
+    """One line on the compiled decode step's warm-up, when the backend has one."""
+    compiled = getattr(backend, "compiled", None)
+    if compiled is None:
+        return
+    if not compiled.graphs:
+        return click.echo("compiled decode step: static KV cache, no CUDA graph on this device")
+    click.echo(f"compiled decode step: warm-up {compiled.warmup_seconds:.1f}s "
+               f"({compiled.captures} CUDA graph capture(s))")  # fmt: skip
+
+
+def trait_option(f):
+    return click.option(
+        "--trait", "-t", required=True, help="Bundled kit name, kit JSON, or upstream file."
+    )(f)
+
+
+def judge_options(f):
+    f = click.option(
+        "--max-consecutive-failures",
+        type=click.IntRange(min=1),
+        default=8,
+        show_default=True,
+        help="Stop after this many judge timeouts or connection failures in a row.",
+    )(f)
+    f = click.option(
+        "--coherence-prompt",
+        type=click.Path(dir_okay=False),
+        default=None,
+        help="Coherence rubric file with {question} and {answer} (default: the kit's, or ours).",
+    )(f)
+    f = click.option("--concurrency", default=32, show_default=True, help="Requests in flight.")(f)
+    f = click.option("--base-url", default=None, help="Any OpenAI-compatible server.")(f)
+    return click.option(
+        "--judge-model",
+        "--judge",
+        "judge_model",
+        default=DEFAULT_JUDGE,
+        show_default=True,
+        help="Judge model, or local:MODEL to judge in-process with a pertoken backend.",
+    )(f)
+
+
+def cache_option(f):
+    return click.option(
+        "--cache", default=None, help="Score cache (default ~/.cache/pertoken/judge.sqlite)."
+    )(f)
+
+
+def positions_option(f):
+    return click.option(
+        "--positions",
+        type=click.Choice(POSITIONS),
+        default="response",
+        show_default=True,
+        help="Where to add the vectors: the answer's tokens (as upstream's steerer), every "
+        "token, or the prompt only.",
+    )(f)
+
+
+def method_option(f):
+    return click.option(
+        "--method",
+        type=click.Choice(METHODS),
+        default="mean_diff",
+        show_default=True,
+        help="probe: also a logistic-regression vector, {trait}_response_avg_probe.pt.",
+    )(f)
+
+
+def sampler_option(f):
+    return click.option(
+        "--sampler",
+        type=click.Choice(SAMPLERS),
+        default="plain",
+        show_default=True,
+        help="plain: --temperature only; model: the checkpoint's generation_config (top_k, "
+        "top_p, repetition penalty; its temperature unless --temperature), as transformers' "
+        "generate.",
+    )(f)
+
+
+def generation_options(default_tokens: int, sampler: bool = False):
+    """--system, --max-new-tokens, --seed, --temperature (greedy by default); with `sampler`,
+    also --sampler, and the temperature left to it when not given."""
+
+    def wrap(f):
+        f = click.option("--system", default=None, help="System prompt.")(f)
+        f = click.option(
+            "--max-new-tokens",
+            default=default_tokens,
+            show_default=True,
+            type=int,
+            help="Most tokens per answer.",
+        )(f)
+        f = click.option("--seed", default=0, show_default=True, type=int, help="Sampling seed.")(f)
+        if sampler:
+            f = sampler_option(f)
+            help_ = "Default 0 (greedy); with --sampler model, the checkpoint's."
+            return click.option("--temperature", default=None, type=float, help=help_)(f)
+        return click.option(
+            "--temperature", default=0.0, show_default=True, type=float, help="0 is greedy."
+        )(f)
+
+    return wrap

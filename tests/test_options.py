@@ -1,0 +1,38 @@
+"""The shared click options: choices from the pipeline's constants, and no import cycle."""
+
+import subprocess
+import sys
+
+from pertoken.backends import BACKENDS
+from pertoken.backends.base import POSITIONS
+from pertoken.cli import main
+from pertoken.pipeline.export import FORMATS
+from pertoken.pipeline.extract import METHODS
+from pertoken.pipeline.generate import POLARITIES
+
+
+def choices(command, option, group=main):
+    (param,) = [p for p in group.commands[command].params if p.name == option]
+    return tuple(param.type.choices)
+
+
+def test_choices_come_from_the_constants():
+    for command in ("generate", "extract", "run", "steer", "eval", "monitor", "project", "vet"):
+        assert choices(command, "backend") == BACKENDS, command
+    assert choices("judge", "backend") == BACKENDS
+    for command in ("steer", "eval", "monitor"):
+        assert choices(command, "positions") == POSITIONS, command
+    assert choices("extract", "method") == choices("run", "method") == METHODS
+    assert choices("generate", "polarity") == POLARITIES
+    assert choices("export", "fmt") == FORMATS
+
+
+def test_the_commands_do_not_import_the_cli():
+    code = (
+        "import sys;"
+        "from pertoken.commands import env, extraction, files, options, steering, vet;"
+        "print('pertoken.cli' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
