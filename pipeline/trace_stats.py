@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import heapq
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -190,7 +191,8 @@ def tercile_curves(items, deciles: dict, scores, vectors, rows) -> list[dict]:
             if not len(ids):
                 continue
             stack = np.stack([deciles[int(i)] for i in ids])  # [n, P, DECILES]
-            with np.errstate(all="ignore"):
+            with warnings.catch_warnings():  # a decile no item reaches stays NaN
+                warnings.simplefilter("ignore", RuntimeWarning)
                 curve = np.nanmean(stack, axis=0)
             lo, hi = float(y[ok & (group == g)].min()), float(y[ok & (group == g)].max())
             for k, (v, r) in enumerate(pairs):
