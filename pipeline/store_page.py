@@ -126,7 +126,9 @@ def _write_block(path: Path, block: dict) -> None:
 def _index(settings, items, previews, vectors, rows, segments, acc: _Scales) -> dict:
     """Everything the page needs before an item is chosen."""
     meta = [c for c, t in settings.get("meta", {}).items() if c in items.columns]
-    stats = [c for c in items.columns if c.split(".")[0] in ("mean", "max", "min", "prompt_last")]
+    # The list sorts by the means and prompt_last; max/min and empty segments stay in Parquet.
+    stats = [c for c in items.columns if c.split(".")[0] in ("mean", "prompt_last")]
+    stats = [c for c in stats if items[c].notna().any()]
     columns = ["item", "n_tokens", *meta, *stats]
     table = []
     for _, row in items[columns].iterrows():
@@ -153,4 +155,4 @@ def _cell(x):
         x = float(x)
     except (TypeError, ValueError):
         return None
-    return float(f"{x:.{DIGITS}g}") if np.isfinite(x) else None
+    return float(f"{x:.4g}") if np.isfinite(x) else None
