@@ -50,12 +50,19 @@ def plot_curves(path: Path, rows: list[dict], score: str, vectors, layers) -> Pa
     panels = [(v, layer) for v in vectors for layer in layers]
     for ax, (v, layer) in zip(axes[0], panels):
         for t in TERCILES:
-            pts = [r for r in rows if (r["score"], r["tercile"], r["vector"], r["layer"]) ==
-                   (score, t, v, layer)]  # fmt: skip
+            pts = [
+                r
+                for r in rows
+                if (r["score"], r["tercile"], r["vector"], r["layer"]) == (score, t, v, layer)
+            ]
             if pts:
                 lo, hi = pts[0]["score_min"], pts[0]["score_max"]
-                ax.plot([r["decile"] for r in pts], [r["mean"] for r in pts], marker="o",
-                        label=f"{t} {score} ({lo:g}-{hi:g})")  # fmt: skip
+                ax.plot(
+                    [r["decile"] for r in pts],
+                    [r["mean"] for r in pts],
+                    marker="o",
+                    label=f"{t} {score} ({lo:g}-{hi:g})",
+                )
         ax.set(xlabel="answer decile", ylabel="mean projection", title=f"{v}, layer {layer}")
         ax.grid(alpha=0.3)
         if ax.lines:
@@ -81,8 +88,11 @@ def format_correlations(result: StatsResult) -> str:
         lines.append(f"r with {score} (Pearson/Spearman) of the mean projection per segment:")
         lines.append(f"{'vector':<16}{'layer':>6}" + "".join(f"{n:>16}" for n in names))
         for v, layer in dict.fromkeys((r["vector"], r["layer"]) for r in rows):
-            cells = {r["segment"] or "prompt_last": r for r in rows
-                     if (r["vector"], r["layer"]) == (v, layer)}  # fmt: skip
+            cells = {
+                r["segment"] or "prompt_last": r
+                for r in rows
+                if (r["vector"], r["layer"]) == (v, layer)
+            }
             text = [_pair(cells.get(n)) for n in names]
             lines.append(f"{v:<16}{layer:>6}" + "".join(f"{t:>16}" for t in text))
     return "\n".join(lines)
@@ -104,6 +114,7 @@ def format_spans(spans: list[dict], *, per_list: int = 3) -> str:
         for s in [s for s in spans if (s["vector"], s["layer"], s["kind"]) == (v, layer, kind)][
             :per_list
         ]:
-            lines.append(f"  {kind:<4} {s['mean']:+8.3f}  item {s['item']} pos {s['pos']}: "
-                         f"{s['text']!r}")  # fmt: skip
+            lines.append(
+                f"  {kind:<4} {s['mean']:+8.3f}  item {s['item']} pos {s['pos']}: {s['text']!r}"
+            )
     return "\n".join(lines)

@@ -130,13 +130,17 @@ def _token_pass(folder: Path, vectors, rows, span: int, top: int):
             (hi, hs), (lo, ls) = best
             _push(high[p], (hi, item, hs, "".join(tokens[hs : hs + span])), top)
             _push(low[p], (-lo, item, ls, "".join(tokens[ls : ls + span])), top)
-    spans = []
+    return deciles, _span_rows(pairs, high, low)
+
+
+def _span_rows(pairs, high: dict, low: dict) -> list[dict]:
+    out = []
     for v, r in pairs:
         for kind, heap, sign in (("high", high[v, r], 1), ("low", low[v, r], -1)):
-            for rank, (m, item, start, text) in enumerate(sorted(heap, reverse=True), start=1):
-                spans.append({"vector": v, "layer": r, "kind": kind, "rank": rank, "item": item,
-                              "pos": start, "mean": sign * m, "text": text})  # fmt: skip
-    return deciles, spans
+            for rank, (m, item, pos, text) in enumerate(sorted(heap, reverse=True), start=1):
+                head = {"vector": v, "layer": r, "kind": kind, "rank": rank, "item": item}
+                out.append(head | {"pos": pos, "mean": sign * m, "text": text})
+    return out
 
 
 def _deciles(values: np.ndarray) -> np.ndarray:
@@ -195,11 +199,11 @@ def tercile_curves(items, deciles: dict, scores, vectors, rows) -> list[dict]:
                 warnings.simplefilter("ignore", RuntimeWarning)
                 curve = np.nanmean(stack, axis=0)
             lo, hi = float(y[ok & (group == g)].min()), float(y[ok & (group == g)].max())
+            head = {"score": score, "tercile": name, "score_min": lo, "score_max": hi}
             for k, (v, r) in enumerate(pairs):
                 for d in range(DECILES):
-                    out.append({"score": score, "tercile": name, "score_min": lo, "score_max": hi,
-                                "vector": v, "layer": r, "decile": d + 1, "items": len(ids),
-                                "mean": _f(curve[k, d])})  # fmt: skip
+                    row = {"vector": v, "layer": r, "decile": d + 1, "items": len(ids)}
+                    out.append(head | row | {"mean": _f(curve[k, d])})
     return out
 
 
@@ -213,8 +217,11 @@ def _write(out: Path, result: StatsResult, vectors, rows) -> list[Path]:
         _csv(out / "spans.csv", result.spans),
     ]
     if result.scores:
-        files.append(plot_correlations(out / "correlations.png", result.correlations,
-                                       result.scores[0], vectors, rows))  # fmt: skip
+        files.append(
+            plot_correlations(
+                out / "correlations.png", result.correlations, result.scores[0], vectors, rows
+            )
+        )
         files.append(
             plot_curves(out / "curves.png", result.curves, result.scores[0], vectors, rows)
         )
