@@ -96,8 +96,9 @@ def trace_dataset(
     folder = Path(out_dir)
     with store.folder_lock(folder):
         _check_settings(folder, settings)
-        store.write_json_atomic(folder / store.SETTINGS, {**settings, "complete": False})
         todo = _todo(folder, items)
+        if todo or _unmerged(folder):
+            store.write_json_atomic(folder / store.SETTINGS, {**settings, "complete": False})
         job = _Job(backend, names, units, list(rows), segments, steer, generation, schemas[1])
         n_tokens = job.run(folder, todo, batch_size, chunk, len(items), progress)
         n_items = store.merge(folder, *schemas) if todo or _unmerged(folder) else len(items)

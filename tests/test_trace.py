@@ -209,6 +209,7 @@ def test_a_second_process_and_changed_input_are_refused(tmp_path):
     changed = _jsonl(tmp_path / "d.jsonl", [CHATS[1], CHATS[0], CHATS[2]])
     with pytest.raises(PertokenError, match=r"other input \(item 0 differs\)"):
         _trace(FakeBackend(), changed, tmp_path / "out")
+    assert pertoken.trace.read_settings(tmp_path / "out")["complete"]  # still a finished store
     with pytest.raises(PertokenError, match="other rows"):
         _trace(FakeBackend(), chats, tmp_path / "out", rows=[1, 2])
     with pytest.raises(PertokenError, match="other vectors"):
