@@ -5,14 +5,15 @@
     python benchmarks/bench_trace.py --rss 64,256,1024    # peak RSS against the number of items
 
 On one random Llama-3-style model (word-level tokenizer, `t{i}` is token i), teacher-forced
-items of --tokens tokens, --batch sequences per forward, best of --reps runs:
+items of --tokens tokens, --batch sequences per forward, the best of --reps runs:
 (a) tokens/s of the whole `trace_dataset` stage (CSV in, tokenization with offsets, segments,
     projections onto two vectors at three rows, Parquet out, no page);
 (b) tokens/s of the backend's `token_projections` alone;
 (c) tokens/s of the backend's plain `summaries` over the same items (every row's means);
 (d) tokens/s of today's `monitor` loop (batch 1, a host sync per generated token).
-Prints one table with the ratios of (a) to (c) and (d). `--rss` runs the trace stage in a fresh
-process per item count and prints each one's peak resident memory.
+The four take turns in each of the --reps repetitions. Prints one table with the ratios of (a)
+to the others. `--rss` runs the trace stage in a fresh process per item count and prints each
+one's peak resident memory.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -88,14 +90,16 @@ def rows_of(n_layers: int) -> list[int]:
     return sorted({n_layers // 4, n_layers // 2, 3 * n_layers // 4})
 
 
-def best(fn, reps: int) -> float:
-    """The shortest of `reps` timed calls, in seconds."""
-    times = []
+def interleaved(fns: dict, reps: int) -> dict[str, float]:
+    """The shortest of `reps` timed calls of each function, in seconds; the functions take
+    turns within each repetition, so a change in the machine's load hits them alike."""
+    times = {name: [] for name in fns}
     for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: min(t) for name, t in times.items()}
 
 
 def throughput(args, folder: Path, work: Path) -> list[tuple[str, float]]:
@@ -119,10 +123,6 @@ def throughput(args, folder: Path, work: Path) -> list[tuple[str, float]]:
         trace_dataset(b, input=data, vectors=vecs, rows=rows, out_dir=out, page=False,
                       progress=False, batch_size=args.batch)  # fmt: skip
 
-    b.token_projections(ids[: args.batch], units, rows, batch_size=args.batch)  # warm-up
-    t_stage = best(stage, args.reps)
-    t_proj = best(lambda: b.token_projections(ids, units, rows, batch_size=args.batch), args.reps)
-    t_sum = best(lambda: b.summaries(prompts, answers, batch_size=args.batch), args.reps)
     n_mon = []
 
     def mon():
@@ -131,12 +131,21 @@ def throughput(args, folder: Path, work: Path) -> list[tuple[str, float]]:
                        out_dir=None, live=False)  # fmt: skip
         n_mon.append(sum(len(r["tokens"]) for r in recs))
 
-    t_mon = best(mon, args.reps)
+    b.token_projections(ids[: args.batch], units, rows, batch_size=args.batch)  # warm-up
+    t = interleaved(
+        {
+            "stage": stage,
+            "proj": lambda: b.token_projections(ids, units, rows, batch_size=args.batch),
+            "summaries": lambda: b.summaries(prompts, answers, batch_size=args.batch),
+            "monitor": mon,
+        },
+        args.reps,
+    )
     return [
-        ("trace stage (CSV -> Parquet)", n_tokens / t_stage),
-        ("token_projections", n_tokens / t_proj),
-        ("summaries (plain)", n_tokens / t_sum),
-        ("monitor loop (batch 1)", min(n_mon) / t_mon),
+        ("trace stage (CSV -> Parquet)", n_tokens / t["stage"]),
+        ("token_projections", n_tokens / t["proj"]),
+        ("summaries (plain)", n_tokens / t["summaries"]),
+        ("monitor loop (batch 1)", min(n_mon) / t["monitor"]),
     ]
 
 
@@ -149,7 +158,7 @@ def peak_rss(args, folder: Path, work: Path) -> list[tuple[int, float]]:
             "import json, resource, sys; sys.argv = ['x'];"
             "from benchmarks.bench_trace import rss_child;"
             f"rss_child({str(folder)!r}, {str(data)!r}, {str(work / f'rss-store-{n}')!r}, "
-            f"{args.backend!r}, {args.batch})"
+            f"{args.backend!r}, {args.batch}, {args.threads})"
         )
         root = Path(__file__).resolve().parents[1]
         res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root)
@@ -159,8 +168,13 @@ def peak_rss(args, folder: Path, work: Path) -> list[tuple[int, float]]:
     return out
 
 
-def rss_child(folder: str, data: str, out: str, backend: str, batch: int) -> None:
+def rss_child(folder: str, data: str, out: str, backend: str, batch: int, threads) -> None:
     from pertoken.backends import load_backend
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     from pertoken.pipeline.trace import trace_dataset
 
     b = load_backend(folder, backend, dtype="float32", device="cpu")
@@ -182,12 +196,19 @@ def main() -> None:
     ap.add_argument("--monitor-prompts", type=int, default=2)
     ap.add_argument("--monitor-tokens", type=int, default=128)
     ap.add_argument("--rss", default=None, help="item counts, e.g. 64,256,1024")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = ap.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         folder = random_llama(work / "model", args.hidden, args.layers)
-        print(f"random Llama {args.hidden}x{args.layers}, {args.backend}, {args.items} items of "
-              f"{args.tokens} tokens, batch {args.batch}")  # fmt: skip
+        print(
+            f"random Llama {args.hidden}x{args.layers}, {args.backend}, {args.items} items of "
+            f"{args.tokens} tokens, batch {args.batch}, load average {os.getloadavg()[0]:.1f}"
+        )
         if args.rss:
             for n, mb in peak_rss(args, folder, work):
                 print(f"peak RSS, {n:>5} items: {mb:8.1f} MB")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import heapq
+import itertools
 import json
 import os
 from collections.abc import Iterator
@@ -197,13 +198,18 @@ class RowGroupWriter:
 
 def merge(folder: Path, token_schema: pa.Schema, item_schema: pa.Schema) -> int:
     """Fold the parts (and any earlier store) into tokens.parquet and items.parquet, in item
-    order; returns the number of items. Memory: one row group of tokens, plus the items table."""
+    order; returns the number of items. Memory: a few record batches of tokens, plus the items
+    table."""
     parts = Parts(folder)
     names = parts.names()
-    token_files = [parts.path(n, "tokens") for n in names]
     item_files = [parts.path(n, "items") for n in names]
+    # Parts hold consecutive runs of items in order, so they are read one after another;
+    # only an earlier store is merged beside them.
+    streams = [
+        itertools.chain.from_iterable(iter_item_tables(parts.path(n, "tokens")) for n in names)
+    ]
     if (folder / TOKENS).is_file() and (folder / ITEMS).is_file():
-        token_files.insert(0, folder / TOKENS)
+        streams.insert(0, iter_item_tables(folder / TOKENS))
         item_files.insert(0, folder / ITEMS)
     items = pa.concat_tables([conform(pq.read_table(p), item_schema) for p in item_files])
     items = items.sort_by("item")
@@ -211,7 +217,6 @@ def merge(folder: Path, token_schema: pa.Schema, item_schema: pa.Schema) -> int:
     ids = items["item"].to_numpy()
     items = items.filter(pa.array(np.r_[True, np.diff(ids) != 0])) if len(ids) else items
     writer, last = RowGroupWriter(folder / TOKENS, token_schema), None
-    streams = [iter_item_tables(p) for p in token_files]
     for item, table in heapq.merge(*streams, key=lambda pair: pair[0]):
         if item != last:
             writer.add(table)
