@@ -133,7 +133,10 @@ def _index(settings, items, previews, vectors, rows, segments, acc: _Scales) -> 
     table = []
     for _, row in items[columns].iterrows():
         values = [_cell(row[c]) for c in columns]
-        table.append([values[0], previews.get(int(row["item"]), ""), *values[1:]])
+        preview = previews.get(int(row["item"]), "")
+        if isinstance(row.get("question"), str):  # CSV items: the question, not the template
+            preview = " ".join(row["question"].split())[:80]
+        table.append([values[0], preview, *values[1:]])
     scales = acc.result()
     return {
         "settings": {k: settings.get(k) for k in ("model", "backend", "dtype", "input")},
