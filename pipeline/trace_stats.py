@@ -78,8 +78,6 @@ def trace_stats(
 
 def correlate(items, scores, vectors, rows, segments) -> list[dict]:
     """One row per statistic x score: n, Pearson r and Spearman r (None when undefined)."""
-    from scipy import stats
-
     out = []
     for v in vectors:
         for r in rows:
@@ -87,13 +85,22 @@ def correlate(items, scores, vectors, rows, segments) -> list[dict]:
             cols.append(("prompt_last", "", f"prompt_last.{v}.L{r}"))
             for stat, seg, col in cols:
                 for score in scores:
-                    x, y = items[col].to_numpy(float), items[score].to_numpy(float)
-                    ok = np.isfinite(x) & np.isfinite(y)
-                    defined = ok.sum() >= 3 and x[ok].std() > 0 and y[ok].std() > 0
-                    pr = stats.pearsonr(x[ok], y[ok])[0] if defined else None
-                    sr = stats.spearmanr(x[ok], y[ok])[0] if defined else None
                     row = {"stat": stat, "vector": v, "layer": r, "segment": seg, "score": score}
-                    out.append(row | {"n": int(ok.sum()), "pearson": _f(pr), "spearman": _f(sr)})
+                    out.append(row | _r(items[col].to_numpy(float), items[score].to_numpy(float)))
+    return out
+
+
+def _r(x: np.ndarray, y: np.ndarray) -> dict:
+    """n, Pearson and Spearman r over the pairs where both are numbers."""
+    from scipy import stats
+
+    ok = np.isfinite(x) & np.isfinite(y)
+    out = {"n": int(ok.sum()), "pearson": None, "spearman": None}
+    if ok.sum() >= 3:
+        with warnings.catch_warnings():  # a constant column has no r: it stays None
+            warnings.simplefilter("ignore", stats.ConstantInputWarning)
+            out["pearson"] = _f(stats.pearsonr(x[ok], y[ok])[0])
+            out["spearman"] = _f(stats.spearmanr(x[ok], y[ok])[0])
     return out
 
 
