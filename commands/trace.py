@@ -75,19 +75,21 @@ def _stats_options(f):
 @click.option("--out", default=None, help="Folder for the CSVs and PNGs (default STORE/stats).")
 def trace_stats(store, scores, span, top, out):
     """Correlate per-item trace statistics with scores; decile curves; top spans."""
-    from pertoken.pipeline.trace_report import format_correlations, format_spans
     from pertoken.pipeline.trace_stats import trace_stats as run_stats
 
-    res = run_stats(store, scores=list(scores), span=span, top=top, out_dir=out)
-    _report(res, format_correlations, format_spans)
+    _report(run_stats(store, scores=list(scores), span=span, top=top, out_dir=out))
 
 
-def _report(res, format_correlations, format_spans) -> None:
+def _report(res, pair: tuple[str, int] | None = None) -> None:
+    """Print trace-stats' tables; spans of `pair` (vector, row), else of the first pair."""
+    from pertoken.pipeline.trace_report import format_correlations, format_spans
+
     if res.scores:
         click.echo(format_correlations(res))
     else:
         click.echo("no score columns: the items carry no numeric metadata (pass --score COL)")
-    click.echo(format_spans(res.spans))
+    spans = [s for s in res.spans if pair is None or (s["vector"], s["layer"]) == tuple(pair)]
+    click.echo(format_spans(spans))
     click.echo("wrote " + ", ".join(str(p) for p in res.files))
 
 
@@ -100,16 +102,17 @@ def trace_diff(a_dir, b_dir, out, span, top):
     """Per-token differences B - A between two stores of the same transcripts."""
     from pertoken.pipeline.trace_diff import most_moved
     from pertoken.pipeline.trace_diff import trace_diff as run_diff
-    from pertoken.pipeline.trace_report import format_correlations, format_spans
     from pertoken.pipeline.trace_stats import trace_stats as run_stats
     from pertoken.pipeline.trace_store import read_settings
 
     res = run_diff(a_dir, b_dir, out_dir=out)
     settings = read_settings(res.out_dir)
+    moved = {}  # (vector, row) -> the largest |mean B - A| of an item
     for v in settings["vectors"]:
         for row in settings["rows"]:
             ranked = most_moved(res.moved, v, row, top=3)
+            moved[v, row] = abs(ranked[0][f"mean.{v}.L{row}"]) if ranked else 0.0
             text = ", ".join(f"item {m['item']} {m[f'mean.{v}.L{row}']:+.3f}" for m in ranked)
             click.echo(f"moved most ({v}, layer {row}, mean B - A): {text}")
-    _report(run_stats(out, span=span, top=top), format_correlations, format_spans)
+    _report(run_stats(out, span=span, top=top), max(moved, key=moved.get))
     click.echo(f"{res.out_dir}: {res.items} items of B - A, moved.csv, trace.html")

@@ -2,6 +2,7 @@
 at the rows after that block and nowhere before it."""
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -77,6 +78,7 @@ def test_the_difference_is_where_the_perturbation_is(stores, tmp_path):
     moved = (tmp_path / "moved.csv").read_text().splitlines()
     assert moved[0].startswith("item,n_tokens,mean.pat.L1") and len(moved) == 4
     assert "moved most (pat, layer 3, mean B - A): item" in res.output
+    assert re.search(r"top spans \(pat, layer [34]\)", res.output)  # where it moved
     assert (tmp_path / "stats" / "spans.csv").is_file() and (tmp_path / "trace.html").is_file()
 
 
