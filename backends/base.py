@@ -13,7 +13,7 @@ import numpy as np
 
 from pertoken.backends.plan import steer_mask as steer_mask  # one rule for Steer.positions
 from pertoken.errors import PertokenError
-from pertoken.rows import check_steer_row
+from pertoken.rows import check_capture_rows, check_steer_row
 from pertoken.vectors import check_coef, check_finite
 
 Positions = Literal["all", "prompt", "response"]
@@ -89,6 +89,24 @@ class Sampling:
     repetition_penalty: float = 1.0  # > 1 discourages prompt and answer tokens already seen
 
 
+def check_projection_inputs(
+    ids: list[list[int]], directions, rows: list[int], n_layers: int, hidden_size: int
+) -> np.ndarray:
+    """The directions of `token_projections` as float32 [V, len(rows), hidden], checked."""
+    if not rows:
+        raise PertokenError("no layers to trace: give at least one layer")
+    check_capture_rows(list(rows), n_layers)
+    d = np.asarray(directions, dtype=np.float32)
+    if d.ndim != 3 or d.shape[1:] != (len(rows), hidden_size):
+        raise PertokenError(
+            f"directions have shape {list(d.shape)} but {len(rows)} rows of this model need "
+            f"[vectors, {len(rows)}, {hidden_size}]: use vectors extracted from the same model"
+        )
+    if not ids or any(len(s) == 0 for s in ids):
+        raise PertokenError("nothing to trace: every sequence needs at least one token")
+    return d
+
+
 class Summaries(NamedTuple):
     """Per-sample means of the residual stream, each [N, n_layers + 1, hidden] float32."""
 
@@ -142,6 +160,14 @@ class Backend(Protocol):
         """Token ids of `text`, without adding special tokens."""
         ...
 
+    def chat_text(self, messages: list[dict], *, add_generation_prompt: bool = False) -> str:
+        """A whole conversation ({"role", "content"} dicts) through the chat template."""
+        ...
+
+    def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids of `text` (as `encode`) and each token's (start, end) character span."""
+        ...
+
     def decode(self, ids: list[int]) -> str: ...
 
     def generate(
@@ -189,4 +215,22 @@ class Backend(Protocol):
 
     def next_token_logprobs(self, prompts: list[str], *, batch_size: int = 8) -> np.ndarray:
         """[N, vocab] float32 log-probabilities of the token after each prompt."""
+        ...
+
+    def token_projections(
+        self,
+        ids: list[list[int]],
+        directions: np.ndarray,
+        rows: list[int],
+        *,
+        steer: Steer | None = None,
+        prompt_lens: list[int] | None = None,
+        batch_size: int = 16,
+    ) -> list[np.ndarray]:
+        """Teacher-forced projections of every token, reduced on the device.
+
+        directions: [V, len(rows), hidden] unit vectors. Returns per sequence a float32
+        [T, len(rows), V + 1] array: [..., :V] = h . u at each row, [..., V] = |h|. Sequences
+        run `batch_size` at a time, sorted by length; prompt_lens place `prompt`/`response`
+        steering (default: the whole sequence is prompt)."""
         ...

@@ -48,3 +48,42 @@ def token_pieces(tokenizer, ids: list[int]) -> list[str]:
         pieces.append(text[len(prev) :])
         prev = text
     return pieces
+
+
+def render_messages(tokenizer, messages: list[dict], *, add_generation_prompt: bool = False) -> str:
+    """A whole conversation through the chat template; without a system role each system
+    message is merged into the next user message ("{system}\\n\\n{user}"), as render_chat does."""
+    if not _has_system_role(tokenizer):
+        messages = _merge_system(messages)
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+
+
+def _merge_system(messages: list[dict]) -> list[dict]:
+    out, pending = [], []
+    for m in messages:
+        if m["role"] == "system":
+            pending.append(m["content"])
+        elif pending and m["role"] == "user":
+            out.append({**m, "content": "\n\n".join([*pending, m["content"]])})
+            pending = []
+        else:
+            out += [{"role": "user", "content": "\n\n".join(pending)}] if pending else []
+            out.append(m)
+            pending = []
+    return out + ([{"role": "user", "content": "\n\n".join(pending)}] if pending else [])
+
+
+def encode_offsets(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids of `text` (no special tokens added) and each token's character span."""
+    from pertoken.errors import PertokenError
+
+    try:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    except NotImplementedError:
+        raise PertokenError(
+            "this model's tokenizer gives no character offsets: tracing needs a fast "
+            "(tokenizers-based) tokenizer, which transformers makes from tokenizer.json"
+        ) from None
+    return list(enc["input_ids"]), [(int(s), int(e)) for s, e in enc["offset_mapping"]]

@@ -9,7 +9,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from pertoken.backends.base import Steer, Summaries, TokenTrace, steer_mask
+from pertoken.backends.base import (
+    Steer,
+    Summaries,
+    TokenTrace,
+    check_projection_inputs,
+    steer_mask,
+)
 
 ALPHABET = " abcdefghijklmnopqrstuvwxyz.<>/"
 EOS = 0
@@ -45,6 +51,14 @@ class FakeBackend:
 
     def decode(self, ids):
         return "".join(chr(i) for i in ids if i != EOS)
+
+    def chat_text(self, messages, *, add_generation_prompt=False):
+        tags = {"system": "s", "user": "u", "assistant": "a"}
+        text = "".join(f"<{tags[m['role']]}>{m['content']}</{tags[m['role']]}>" for m in messages)
+        return text + ("<a>" if add_generation_prompt else "")
+
+    def encode_offsets(self, text):
+        return self.encode(text), [(i, i + 1) for i in range(len(text))]
 
     def hidden(self, ids, *, steer: Steer | None = None, prompt_len: int | None = None):
         """[T, n_layers + 1, hidden] float32 for one sequence."""
@@ -134,3 +148,17 @@ class FakeBackend:
 
     def next_token_logprobs(self, prompts, *, batch_size=8):
         raise NotImplementedError
+
+    def token_projections(
+        self, ids, directions, rows, *, steer=None, prompt_lens=None, batch_size=16
+    ):
+        self.calls.append(dict(kind="token_projections", n=len(ids), steer=steer))
+        d = check_projection_inputs(ids, directions, rows, self.n_layers, self.hidden_size)
+        plens = prompt_lens if prompt_lens is not None else [len(s) for s in ids]
+        out = []
+        for seq, p in zip(ids, plens, strict=True):
+            h = self.hidden(seq, steer=steer, prompt_len=p)[:, list(rows)]  # [T, R, hidden]
+            proj = np.einsum("trh,vrh->trv", h, d)  # [T, R, V]
+            norm = np.linalg.norm(h, axis=-1, keepdims=True)  # [T, R, 1]
+            out.append(np.concatenate([proj, norm], axis=-1).astype(np.float32))
+        return out

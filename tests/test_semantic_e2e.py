@@ -189,3 +189,32 @@ def test_project_correlates_with_the_judged_score(run, model_dir, cli):
         projected = list(csv.DictReader(f))
     assert len(projected) == len(rows)
     assert any(c.endswith("_proj_layer3") for c in projected[0])
+
+
+def test_trace_stats_find_the_trait_in_the_answer(run, model_dir, cli):
+    # the judged extraction CSVs of `pertoken run`, traced token by token
+    rows, header = [], None
+    for path in sorted(run["vector"].parent.parent.glob(f"{sm.TRAIT}_*_instruct.csv")):
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            header, rows = reader.fieldnames, rows + list(reader)
+    judged = run["root"] / "judged.csv"
+    with open(judged, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=header)
+        writer.writeheader()
+        writer.writerows(rows)
+    out = run["root"] / "trace"
+    cli(
+        "trace", "--model", model_dir, "--backend", run["backend"], "--input", judged,
+        "--vector", f"{sm.TRAIT}={run['vector']}", "--layers", "2,3", "--out", out, "--no-page",
+    )  # fmt: skip
+    printed = cli("trace-stats", out)
+    assert f"r with {sm.TRAIT} (Pearson/Spearman)" in printed
+    with open(out / "stats" / "correlations.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    (answer,) = [
+        r for r in table
+        if (r["stat"], r["layer"], r["segment"], r["score"]) == ("mean", "3", "answer", sm.TRAIT)
+    ]  # fmt: skip
+    assert int(answer["n"]) == len(rows) and float(answer["pearson"]) > 0.5, answer
+    assert float(answer["spearman"]) > 0.5

@@ -13,9 +13,10 @@ from pertoken.backends.base import (
     Summaries,
     TokenCallback,
     TokenTrace,
+    check_projection_inputs,
     row_uniforms,
 )
-from pertoken.backends.chat import render_chat, stop_token_ids
+from pertoken.backends.chat import encode_offsets, render_chat, render_messages, stop_token_ids
 from pertoken.backends.mlx.batch import Batch, SteerPlan
 from pertoken.backends.mlx.decode import decode
 from pertoken.backends.mlx.load import (
@@ -188,6 +189,28 @@ class MLXBackend:
             out = np.zeros((len(seqs), lp.shape[1]), np.float32) if out is None else out
             out[idx] = lp
         return out
+
+    # ------------------------------------------------------------------ per-token traces
+    def chat_text(self, messages: list[dict], *, add_generation_prompt: bool = False) -> str:
+        return render_messages(
+            self.tokenizer, messages, add_generation_prompt=add_generation_prompt
+        )
+
+    def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        return encode_offsets(self.tokenizer, text)
+
+    def token_projections(
+        self, ids, directions, rows, *, steer=None, prompt_lens=None, batch_size=16
+    ):
+        """Per sequence float32 [T, len(rows), V + 1]: h . u per unit direction, then |h|."""
+        from pertoken.backends.mlx.trace_batch import token_projections
+
+        d = check_projection_inputs(ids, directions, rows, self.n_layers, self.hidden_size)
+        plens = None if prompt_lens is None else np.asarray(prompt_lens)
+        return token_projections(
+            self.model, ids, d, [int(r) for r in rows], _chunks(ids, batch_size),
+            pad_id=self.pad_id, plan=self._plan(steer), prompt_lens=plens,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ helpers
     def _encode_all(self, texts: list[str]) -> list[list[int]]:

@@ -17,7 +17,13 @@ from pertoken.backends.base import (
     TokenTrace,
     row_uniforms,
 )
-from pertoken.backends.chat import render_chat, stop_token_ids, token_pieces
+from pertoken.backends.chat import (
+    encode_offsets,
+    render_chat,
+    render_messages,
+    stop_token_ids,
+    token_pieces,
+)
 from pertoken.backends.torch.compiled import CompiledDecoder
 from pertoken.backends.torch.decode import DecodeOptions, decode, left_pad, position_mask
 from pertoken.backends.torch.hooks import (
@@ -291,6 +297,25 @@ class TorchBackend:
             )
             rows.append(torch.log_softmax(out.logits[:, -1].float(), -1).cpu().numpy())
         return np.concatenate(rows)
+
+    # ------------------------------------------------------------------ per-token traces
+    def chat_text(self, messages: list[dict], *, add_generation_prompt: bool = False) -> str:
+        return render_messages(
+            self.tokenizer, messages, add_generation_prompt=add_generation_prompt
+        )
+
+    def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        return encode_offsets(self.tokenizer, text)
+
+    def token_projections(
+        self, ids, directions, rows, *, steer=None, prompt_lens=None, batch_size=16
+    ):
+        """Per sequence float32 [T, len(rows), V + 1]: h . u per unit direction, then |h|."""
+        from pertoken.backends.torch.trace_batch import token_projections
+
+        return token_projections(
+            self, ids, directions, rows, steer=steer, prompt_lens=prompt_lens, batch_size=batch_size
+        )
 
 
 def _set_fields(gen_config) -> dict:

@@ -1,0 +1,121 @@
+"""Commands on per-token traces of whole datasets: trace, trace-stats, trace-diff."""
+
+from __future__ import annotations
+
+import click
+
+from pertoken.commands import options
+from pertoken.commands.options import generation_options, model_options, positions_option
+
+
+@click.command()
+@model_options()
+@click.option(
+    "--vector", "vectors", multiple=True, required=True, help="NAME=FILE.pt (repeatable)."
+)
+@click.option("--layers", required=True, help="Rows to project at, e.g. 8,12,16.")
+@click.option(
+    "--input", "input_path", required=True, type=click.Path(dir_okay=False),
+    help=".csv (prompt, answer), .jsonl (chats), .txt or .json (prompts to answer).",
+)  # fmt: skip
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Store folder.")
+@click.option(
+    "--segment", "segments", multiple=True,
+    help="NAME=OPEN,CLOSE tag pair in assistant text (repeatable; default scratchpad and think).",
+)  # fmt: skip
+@click.option("--steer", "steers", multiple=True, help="Steer every pass: V.pt:LAYER:COEF.")
+@positions_option
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--chunk", default=256, show_default=True, type=click.IntRange(min=1),
+    help="Items saved together; a rerun resumes after the last saved chunk.",
+)  # fmt: skip
+@click.option("--no-page", is_flag=True, help="Do not write trace.html.")
+@generation_options(200)
+def trace(model, backend, dtype, device, vectors, layers, input_path, out, segments, steers,
+          positions, batch_size, chunk, no_page, **gen):  # fmt: skip
+    """Project every token of a dataset's transcripts onto persona vectors, into a store."""
+    from pertoken.commands.steering import _named_vectors
+    from pertoken.pipeline.steer import build_steer, parse_steer_spec
+    from pertoken.pipeline.trace import Generation, trace_dataset
+    from pertoken.pipeline.trace_segments import DEFAULT_SEGMENTS, parse_segment
+    from pertoken.rows import parse_layers
+    from pertoken.vectors import load_vector
+
+    files = _named_vectors(vectors)
+    loaded = {name: load_vector(path) for name, path in files.items()}
+    specs = [parse_steer_spec(s) for s in steers]
+    segs = [parse_segment(s) for s in segments] or list(DEFAULT_SEGMENTS)
+    rows = parse_layers(layers)
+    bk = options.load_model(model, backend, dtype, device)
+    st = build_steer(bk, specs, positions=positions) if specs else None
+    res = trace_dataset(
+        bk, input=input_path, vectors=loaded, rows=rows, out_dir=out, segments=segs, steer=st,
+        generation=Generation(**gen), batch_size=batch_size, chunk=chunk, vector_files=files,
+        page=not no_page,
+    )  # fmt: skip
+    rate = f", {res.tokens / res.seconds:.0f} tok/s" if res.tokens else ""
+    click.echo(
+        f"{res.out_dir}: {res.items} items ({res.traced} traced now, {res.tokens} tokens"
+        f"{rate}) in tokens.parquet, items.parquet" + ("" if no_page else ", trace.html")
+    )
+
+
+def _stats_options(f):
+    f = click.option("--top", default=10, show_default=True, type=click.IntRange(min=1),
+                     help="Spans kept per list.")(f)  # fmt: skip
+    return click.option("--span", default=8, show_default=True, type=click.IntRange(min=1),
+                        help="Tokens per span.")(f)  # fmt: skip
+
+
+@click.command(name="trace-stats")
+@click.argument("store", type=click.Path(file_okay=False))
+@click.option("--score", "scores", multiple=True, help="Score column (default: numeric ones).")
+@_stats_options
+@click.option("--out", default=None, help="Folder for the CSVs and PNGs (default STORE/stats).")
+def trace_stats(store, scores, span, top, out):
+    """Correlate per-item trace statistics with scores; decile curves; top spans."""
+    from pertoken.pipeline.trace_stats import trace_stats as run_stats
+
+    _report(run_stats(store, scores=list(scores), span=span, top=top, out_dir=out))
+
+
+def _report(res, pair: tuple[str, int] | None = None) -> None:
+    """Print trace-stats' tables; spans of `pair` (vector, row), else of the first pair."""
+    from pertoken.pipeline.trace_report import format_correlations, format_spans
+
+    if res.scores:
+        click.echo(format_correlations(res))
+    else:
+        click.echo("no score columns: the items carry no numeric metadata (pass --score COL)")
+    spans = [s for s in res.spans if pair is None or (s["vector"], s["layer"]) == tuple(pair)]
+    click.echo(format_spans(spans))
+    click.echo("wrote " + ", ".join(str(p) for p in res.files))
+
+
+@click.command(name="trace-diff")
+@click.argument("a_dir", type=click.Path(file_okay=False))
+@click.argument("b_dir", type=click.Path(file_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for B - A.")
+@_stats_options
+def trace_diff(a_dir, b_dir, out, span, top):
+    """Per-token differences B - A between two stores of the same transcripts."""
+    from pertoken.pipeline.trace_diff import most_moved
+    from pertoken.pipeline.trace_diff import trace_diff as run_diff
+    from pertoken.pipeline.trace_stats import trace_stats as run_stats
+    from pertoken.pipeline.trace_store import read_settings
+
+    res = run_diff(a_dir, b_dir, out_dir=out)
+    settings = read_settings(res.out_dir)
+    moved = {}  # (vector, row) -> the largest |mean B - A| of an item
+    for v in settings["vectors"]:
+        for row in settings["rows"]:
+            ranked = most_moved(res.moved, v, row, top=3)
+            moved[v, row] = abs(ranked[0][f"mean.{v}.L{row}"]) if ranked else 0.0
+            text = ", ".join(f"item {m['item']} {m[f'mean.{v}.L{row}']:+.3f}" for m in ranked)
+            click.echo(f"moved most ({v}, layer {row}, mean B - A): {text}")
+    _report(run_stats(out, span=span, top=top), max(moved, key=moved.get))
+    click.echo(f"{res.out_dir}: {res.items} items of B - A, moved.csv, trace.html")
+
+
+COMMANDS = [trace, trace_stats, trace_diff]

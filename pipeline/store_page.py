@@ -1,0 +1,161 @@
+"""trace.html for a trace store: an item list, and the chosen item's tokens, chart and heatmap.
+
+The page holds the item list inline; each item's tokens live in `trace_page/items-NNNNN.js`
+beside it (BLOCK items a file), loaded with a <script> element only when an item is chosen, so
+a large store never puts megabytes into the page and the page opens from file:// with no
+server. Data goes through embed_json (no `<`, `>` or `&` survives) and the page renders token
+text with textContent only. The first token of each item (many models' attention sink) is left
+out of the dataset mean and the colour scales.
+"""
+
+from __future__ import annotations
+
+import html
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from pertoken.pipeline.trace_page import embed_json
+from pertoken.pipeline.trace_store import ITEMS, TOKENS, iter_item_tables, read_settings
+
+_TEMPLATE = Path(__file__).with_name("store_page.html")
+BLOCK = 32  # items per data file
+DIGITS = 6  # significant digits kept for the page
+
+
+def write_store_page(folder: str | Path, *, title: str | None = None) -> Path:
+    """Write `trace.html` and `trace_page/` into the store folder; returns the page's path."""
+    folder = Path(folder)
+    settings = read_settings(folder)
+    vectors, rows = list(settings["vectors"]), settings["rows"]
+    segments = list(settings["segments"])
+    segments = ["template", "prompt", "answer", *segments]
+    data_dir = folder / "trace_page"
+    shutil.rmtree(data_dir, ignore_errors=True)
+    data_dir.mkdir()
+    items = pq.read_table(folder / ITEMS).to_pandas()
+    acc = _Scales(len(vectors), len(rows))
+    blocks, block, previews = 0, {}, {}
+    for item, table in iter_item_tables(folder / TOKENS):
+        block[str(item)], previews[item] = _item_data(table, vectors, rows, segments, acc)
+        if len(block) == BLOCK:
+            _write_block(data_dir / f"items-{blocks:05d}.js", block)
+            blocks, block = blocks + 1, {}
+    if block:
+        _write_block(data_dir / f"items-{blocks:05d}.js", block)
+    index = _index(settings, items, previews, vectors, rows, segments, acc)
+    title = title or f"pertoken trace: {settings.get('model')} on {Path(settings['input']).name}"
+    head, tail = _TEMPLATE.read_text(encoding="utf-8").split("__DATA__")
+    page = head.replace("__TITLE__", html.escape(title)) + embed_json(index) + tail
+    path = folder / "trace.html"
+    path.write_text(page, encoding="utf-8")
+    return path
+
+
+def _round(a: np.ndarray) -> list:
+    """Nested lists rounded to DIGITS significant digits of the largest value; null where not
+    finite (JSON has no NaN)."""
+    a = np.asarray(a, np.float64)
+    finite = np.isfinite(a)
+    top = np.abs(a[finite]).max() if finite.any() else 0.0
+    decimals = DIGITS - 1 - int(np.floor(np.log10(top))) if top > 0 else DIGITS
+    out = np.round(a, decimals)
+    return out.tolist() if finite.all() else np.where(finite, out, None).tolist()
+
+
+class _Scales:
+    """Streaming sums and extremes per vector x row, leaving out each item's first token."""
+
+    def __init__(self, V: int, R: int):
+        self.sum, self.n = np.zeros((V, R)), 0
+        self.proj_max = np.zeros((V, R))  # max |proj|
+        self.cos_max = np.zeros((V, R))
+        self.lo, self.hi = np.full((V, R), np.inf), np.full((V, R), -np.inf)
+
+    def add(self, proj: np.ndarray, cos: np.ndarray) -> None:
+        """proj, cos: [V, R, T] of one item, first token already left out."""
+        if proj.shape[-1] == 0:
+            return
+        self.sum += proj.sum(-1)
+        self.n += proj.shape[-1]
+        self.proj_max = np.maximum(self.proj_max, np.abs(proj).max(-1))
+        self.cos_max = np.maximum(self.cos_max, np.abs(cos).max(-1))
+        self.lo, self.hi = np.minimum(self.lo, proj.min(-1)), np.maximum(self.hi, proj.max(-1))
+
+    def result(self) -> dict:
+        mean = self.sum / max(self.n, 1)
+        centred = np.maximum(np.abs(self.hi - mean), np.abs(self.lo - mean))
+        centred = np.where(np.isfinite(centred), centred, 0)
+        return {"mean": mean, "raw": self.proj_max, "centred": centred, "cosine": self.cos_max}
+
+
+def _item_data(table, vectors, rows, segments, acc: _Scales) -> tuple[dict, str]:
+    cols = table.to_pydict()
+    proj = np.array([[cols[f"proj.{v}.L{r}"] for r in rows] for v in vectors])  # [V, R, T]
+    cos = np.array([[cols[f"cos.{v}.L{r}"] for r in rows] for v in vectors])
+    acc.add(proj[..., 1:], cos[..., 1:])
+    roles = ["system", "user", "assistant"]
+    data = {
+        "tokens": cols["token"],
+        "segment": [segments.index(s) if s in segments else 0 for s in cols["segment"]],
+        "role": [roles.index(r) for r in cols["role"]],
+        "turn": cols["turn"],
+        "proj": _round(proj),
+        "cos": _round(cos),
+    }
+    return data, _preview(cols)
+
+
+def _preview(cols: dict) -> str:
+    """The first user text of an item (or its first text), for the item list."""
+    picked = [
+        t
+        for t, r, s in zip(cols["token"], cols["role"], cols["segment"])
+        if r == "user" and s != "template"
+    ]
+    text = "".join(picked or cols["token"]).strip()
+    return " ".join(text.split())[:80]
+
+
+def _write_block(path: Path, block: dict) -> None:
+    path.write_text(f"pertokenItems({embed_json(block)});\n", encoding="utf-8")
+
+
+def _index(settings, items, previews, vectors, rows, segments, acc: _Scales) -> dict:
+    """Everything the page needs before an item is chosen."""
+    meta = [c for c, t in settings.get("meta", {}).items() if c in items.columns]
+    # The list sorts by the means and prompt_last; max/min and empty segments stay in Parquet.
+    stats = [c for c in items.columns if c.split(".")[0] in ("mean", "prompt_last")]
+    stats = [c for c in stats if items[c].notna().any()]
+    columns = ["item", "n_tokens", *meta, *stats]
+    table = []
+    for _, row in items[columns].iterrows():
+        values = [_cell(row[c]) for c in columns]
+        preview = previews.get(int(row["item"]), "")
+        if isinstance(row.get("question"), str):  # CSV items: the question, not the template
+            preview = " ".join(row["question"].split())[:80]
+        table.append([values[0], preview, *values[1:]])
+    scales = acc.result()
+    return {
+        "settings": {k: settings.get(k) for k in ("model", "backend", "dtype", "input")},
+        "vectors": vectors,
+        "rows": rows,
+        "segments": segments,
+        "columns": [columns[0], "preview", *columns[1:]],
+        "items": table,
+        "block": BLOCK,
+        "mean": _round(scales["mean"]),
+        "scale": {k: _round(scales[k]) for k in ("raw", "centred", "cosine")},
+    }
+
+
+def _cell(x):
+    if isinstance(x, str):
+        return x[:200]
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return None
+    return float(f"{x:.4g}") if np.isfinite(x) else None

@@ -1,0 +1,315 @@
+"""Per-token traces over whole datasets: every token of every transcript projected onto persona
+vectors at chosen rows, in batches, into a trace store (see trace_store.py).
+
+Items are traced a chunk at a time; each finished chunk is on disk before the next starts, so a
+rerun of the same command traces only the items that are missing. Answers to prompt lists are
+generated first (saved in `answers.jsonl`) and then traced teacher-forced like any other item.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pertoken import __version__
+from pertoken.backends.base import Steer
+from pertoken.errors import PertokenError
+from pertoken.pipeline import trace_store as store
+from pertoken.pipeline.trace_inputs import Item, meta_types, read_items
+from pertoken.pipeline.trace_segments import (
+    DEFAULT_SEGMENTS,
+    label_chat,
+    label_pair,
+    segment_names,
+    tag_spans,
+)
+from pertoken.pipeline.trace_tables import (
+    item_schema,
+    item_stats,
+    token_schema,
+    tokens_table,
+    value_columns,
+)
+from pertoken.rows import check_capture_rows
+from pertoken.vectors import PersonaVector
+
+
+@dataclass
+class TraceResult:
+    out_dir: Path
+    items: int  # items in the store
+    traced: int  # items traced by this call
+    tokens: int  # tokens traced by this call
+    seconds: float
+
+
+@dataclass
+class Generation:
+    """How answers to prompt-list items are made (they are traced with the same steer)."""
+
+    system: str | None = None
+    max_new_tokens: int = 200
+    temperature: float = 0.0
+    seed: int = 0
+
+
+def trace_dataset(
+    backend,
+    *,
+    input: str | Path,
+    vectors: dict[str, PersonaVector],
+    rows: list[int],
+    out_dir: str | Path,
+    segments=DEFAULT_SEGMENTS,
+    steer: Steer | None = None,
+    generation: Generation | None = None,
+    batch_size: int = 16,
+    chunk: int = 256,
+    vector_files: dict[str, str] | None = None,
+    page: bool = True,
+    progress: bool = True,
+) -> TraceResult:
+    """Trace every item of `input` (.csv, .jsonl, .txt, .json) into the store `out_dir`.
+
+    `rows` are layer rows; `segments` the tag pairs that name spans of assistant text;
+    `steer` acts on every traced forward (and on generation). Sequences run `batch_size` at a
+    time; `chunk` items make one part on disk. Writes trace.html beside the tables (`page`)."""
+    start = time.perf_counter()
+    items = read_items(input)
+    check_answers(items, segments)
+    names, units = unit_directions(backend, vectors, rows)
+    generation = generation or Generation()
+    needs_answers = any(it.user is not None for it in items)
+    settings = _settings(backend, input, names, vectors, vector_files, rows, segments, steer)
+    settings |= {"generation": vars(generation) if needs_answers else None}
+    settings |= {"meta": meta_types(items)}
+    schemas = (
+        token_schema(names, rows),
+        item_schema(settings["meta"], names, rows, segment_names(segments)),
+    )
+    folder = Path(out_dir)
+    with store.folder_lock(folder):
+        _check_settings(folder, settings)
+        todo = _todo(folder, items)
+        if todo or _unmerged(folder):
+            store.write_json_atomic(folder / store.SETTINGS, {**settings, "complete": False})
+        job = _Job(backend, names, units, list(rows), segments, steer, generation, schemas[1])
+        n_tokens = job.run(folder, todo, batch_size, chunk, len(items), progress)
+        n_items = store.merge(folder, *schemas) if todo or _unmerged(folder) else len(items)
+        done = {**settings, "items": n_items, "complete": True}
+        store.write_json_atomic(folder / store.SETTINGS, done)
+        if page:
+            from pertoken.pipeline.store_page import write_store_page
+
+            write_store_page(folder)
+    return TraceResult(folder, n_items, len(todo), n_tokens, time.perf_counter() - start)
+
+
+def check_answers(items: list[Item], segments) -> None:
+    """Every given answer closes its tags (before any model work, so nothing is half done)."""
+    for it in items:
+        if it.answer is not None:
+            tag_spans(it.answer, segments, it.where)
+        for k, m in enumerate(it.messages or [], start=1):
+            if m["role"] == "assistant":
+                tag_spans(m["content"], segments, f"{it.where}, message {k}")
+
+
+def unit_directions(backend, vectors: dict[str, PersonaVector], rows: list[int]):
+    """Vector names and their unit rows [V, len(rows), hidden], checked against the model."""
+    if not vectors:
+        raise PertokenError("no vectors to trace: give --vector NAME=FILE.pt")
+    if not rows:
+        raise PertokenError("no layers to trace: give --layers, e.g. 8,12,16")
+    check_capture_rows(list(rows), backend.n_layers)
+    for name, vec in vectors.items():
+        vec.check_model(backend.n_layers, backend.hidden_size, f"vector {name!r}")
+    d = np.stack([vectors[n].data[list(rows)] for n in vectors]).astype(np.float64)
+    norms = np.linalg.norm(d, axis=-1, keepdims=True)  # [V, R, 1]
+    if np.any(norms == 0):
+        raise PertokenError(f"a vector is all zeros at one of layers {list(rows)}: pick others")
+    return list(vectors), (d / norms).astype(np.float32)
+
+
+def _settings(backend, input, names, vectors, files, rows, segments, steer) -> dict:
+    files = files or {}
+    return {
+        "version": __version__,
+        "model": backend.model_id,
+        "backend": backend.name,
+        "dtype": backend.dtype,
+        "input": str(input),
+        "vectors": {n: _vector_record(vectors[n], files.get(n)) for n in names},
+        "rows": [int(r) for r in rows],
+        "segments": {s.name: [s.open, s.close] for s in segments},
+        "steer": _steer_record(steer),
+        "columns": value_columns(names, list(rows)),
+    }
+
+
+def _vector_record(vec: PersonaVector, path: str | None) -> dict:
+    data = Path(path).read_bytes() if path else np.ascontiguousarray(vec.data, np.float32).tobytes()
+    return {"file": str(path) if path else None, "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _steer_record(steer: Steer | None) -> dict | None:
+    if steer is None:
+        return None
+    terms = [
+        {"layer": t.row, "coef": t.coef, "sha256": hashlib.sha256(t.vector.tobytes()).hexdigest()}
+        for t in steer.terms
+    ]
+    return {"positions": steer.positions, "terms": terms}
+
+
+# What must match for a rerun to add to an existing store.
+_IDENTITY = ("model", "backend", "dtype", "rows", "segments", "steer", "generation")
+
+
+def _check_settings(folder: Path, settings: dict) -> None:
+    path = folder / store.SETTINGS
+    if not path.is_file():
+        if (folder / store.TOKENS).exists() or store.Parts(folder).names():
+            raise PertokenError(f"{folder} holds trace files without {store.SETTINGS}: remove it")
+        return
+    try:
+        old = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise PertokenError(f"{path} is damaged: remove {folder} and trace again") from None
+    old_vectors = {n: v["sha256"] for n, v in old.get("vectors", {}).items()}
+    new_vectors = {n: v["sha256"] for n, v in settings["vectors"].items()}
+    for key, a, b in [(k, old.get(k), settings[k]) for k in _IDENTITY] + [
+        ("vectors", old_vectors, new_vectors)
+    ]:
+        if a != b:
+            raise PertokenError(
+                f"{folder} holds a trace made with other {key} ({a} vs {b}): choose another "
+                "--out, or remove it to trace again"
+            )
+
+
+def _todo(folder: Path, items: list[Item]) -> list[Item]:
+    """Items not yet in the store; an item traced from other input is an error."""
+    done = store.done_items(folder)
+    by_index = {it.index: it for it in items}
+    for index, sha in done.items():
+        if index not in by_index or by_index[index].sha256 != sha:
+            raise PertokenError(
+                f"{folder} already holds a trace of other input (item {index} differs): "
+                "choose another --out, or remove it to trace again"
+            )
+    return [it for it in items if it.index not in done]
+
+
+def _unmerged(folder: Path) -> bool:
+    return not (folder / store.TOKENS).is_file() or bool(store.Parts(folder).names())
+
+
+class _Job:
+    """Traces items chunk by chunk: answers, labels, projections, one part on disk each."""
+
+    def __init__(self, backend, names, units, rows, segments, steer, generation, items_schema):
+        self.backend, self.names, self.units, self.rows = backend, names, units, rows
+        self.segments, self.steer, self.generation = segments, steer, generation
+        self.items_schema = items_schema
+        self.seg_names = segment_names(segments)
+
+    def run(self, folder: Path, todo: list[Item], batch_size, chunk, total, progress) -> int:
+        from tqdm import tqdm
+
+        answers, parts, n_tokens, t0 = _Answers(folder), store.Parts(folder), 0, time.perf_counter()
+        bar = tqdm(total=total, initial=total - len(todo), unit="item", desc="trace",
+                   disable=not progress, dynamic_ncols=True)  # fmt: skip
+        with bar:
+            for at in range(0, len(todo), max(1, chunk)):
+                batch = todo[at : at + max(1, chunk)]
+                self._answer(batch, answers, batch_size)
+                labels = [self._labels(it, answers) for it in batch]
+                values = self.backend.token_projections(
+                    [lab.ids for lab in labels], self.units, self.rows, steer=self.steer,
+                    prompt_lens=[lab.prompt_len for lab in labels], batch_size=batch_size,
+                )  # fmt: skip
+                parts.write(*self._tables(batch, labels, values))
+                n_tokens += sum(len(lab.ids) for lab in labels)
+                bar.update(len(batch))
+                bar.set_postfix_str(f"{n_tokens / (time.perf_counter() - t0):.0f} tok/s")
+        return n_tokens
+
+    def _answer(self, batch: list[Item], answers: _Answers, batch_size: int) -> None:
+        """Generate (and save) the answers this chunk's prompt items still lack."""
+        need = [it for it in batch if it.user is not None and answers.get(it) is None]
+        if not need:
+            return
+        g = self.generation
+        prompts = [self.backend.chat_prompt(g.system, it.user) for it in need]
+        texts = self.backend.generate(
+            prompts, max_new_tokens=g.max_new_tokens, temperature=g.temperature,
+            seed=g.seed + need[0].index, steer=self.steer, batch_size=batch_size,
+        )  # fmt: skip
+        answers.add(need, texts)
+
+    def _labels(self, it: Item, answers: _Answers):
+        b, segs = self.backend, self.segments
+        if it.messages is not None:
+            labels = label_chat(b, it.messages, segs, it.where)
+        elif it.user is not None:
+            prompt = b.chat_prompt(self.generation.system, it.user)
+            labels = label_pair(b, prompt, answers.get(it), segs, it.where, strict=False)
+        else:
+            prompt = it.prompt if it.prompt is not None else b.chat_prompt(None, it.question)
+            labels = label_pair(b, prompt, it.answer, segs, it.where)
+        if not labels.ids:
+            raise PertokenError(f"{it.where} is empty: it has no text to trace")
+        return labels
+
+    def _tables(self, batch, labels, values):
+        import pyarrow as pa
+
+        tokens = pa.concat_tables(
+            [tokens_table(it.index, lab, v, self.names, self.rows)
+             for it, lab, v in zip(batch, labels, values)]
+        )  # fmt: skip
+        rows = []
+        for it, lab, v in zip(batch, labels, values):
+            stats = item_stats(lab, v, self.names, self.rows, self.seg_names)
+            head = {"item": it.index, **it.meta, "n_tokens": len(lab.ids)}
+            rows.append(head | {"input_sha256": it.sha256} | stats)
+        return tokens, pa.Table.from_pylist(rows, schema=self.items_schema)
+
+
+class _Answers:
+    """Generated answers, one JSON line each in `answers.jsonl`, fsynced per chunk."""
+
+    def __init__(self, folder: Path):
+        self.path = folder / "answers.jsonl"
+        self.by_item: dict[int, tuple[str, str]] = {}
+        if self.path.is_file():
+            data = self.path.read_bytes()
+            end = data.rfind(b"\n") + 1
+            if end < len(data):  # a line torn by a kill is cut off and generated again
+                os.truncate(self.path, end)
+            for line in data[:end].decode("utf-8").splitlines():
+                try:
+                    row = json.loads(line)
+                    self.by_item[int(row["item"])] = (row["input_sha256"], row["answer"])
+                except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                    continue
+
+    def get(self, it: Item) -> str | None:
+        sha, answer = self.by_item.get(it.index, (None, None))
+        return answer if sha == it.sha256 else None
+
+    def add(self, items: list[Item], texts: list[str]) -> None:
+        with self.path.open("a", encoding="utf-8") as f:
+            for it, text in zip(items, texts, strict=True):
+                row = {"item": it.index, "input_sha256": it.sha256, "answer": text}
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                self.by_item[it.index] = (it.sha256, text)
+            f.flush()
+            os.fsync(f.fileno())

@@ -1,0 +1,227 @@
+"""Trace stores on disk (CONVENTIONS "Trace stores"): `tokens.parquet`, `items.parquet`,
+`trace.json` in one folder, written with pyarrow.
+
+While tracing, each finished chunk of items is a pair of part files under `parts/` (the items
+part is written last, so an item is done exactly when its items part exists); at the end the
+parts and any earlier store are merged, in item order and streamed row group by row group, into
+the two tables. A lock file keeps a second process out of the folder.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import heapq
+import itertools
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pertoken.errors import PertokenError
+
+TOKENS, ITEMS, SETTINGS = "tokens.parquet", "items.parquet", "trace.json"
+ROW_GROUP = 65536  # token rows per row group when merging
+
+
+def load(folder: str | Path):
+    """(tokens, items) of a trace store as pandas DataFrames."""
+    import pandas as pd
+
+    folder = Path(folder)
+    for name in (TOKENS, ITEMS):
+        if not (folder / name).is_file():
+            raise PertokenError(
+                f"{folder} has no {name}: give a folder written by `pertoken trace` (an "
+                "interrupted trace finishes when its command is run again)"
+            )
+    return pd.read_parquet(folder / TOKENS), pd.read_parquet(folder / ITEMS)
+
+
+def read_settings(folder: str | Path) -> dict:
+    """The store's trace.json; a clear error when the folder is not a finished store."""
+    folder = Path(folder)
+    try:
+        settings = json.loads((folder / SETTINGS).read_text())
+    except (OSError, json.JSONDecodeError):
+        msg = f"{folder} is not a trace store: it has no readable {SETTINGS}"
+        raise PertokenError(msg) from None
+    if not settings.get("complete") or not (folder / TOKENS).is_file():
+        raise PertokenError(
+            f"{folder} holds an unfinished trace: run its `pertoken trace` command again"
+        )
+    return settings
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+@contextmanager
+def folder_lock(folder: Path):
+    """Hold `folder/.lock` for the block; a second process gets one clear error."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            pid = f.read().strip() or "?"
+            raise PertokenError(
+                f"{folder} is being written by another pertoken process (pid {pid}): wait "
+                "for it to finish or choose another --out"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def write_table_atomic(table: pa.Table, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, tmp, compression="zstd")
+    os.replace(tmp, path)
+
+
+class Parts:
+    """Finished chunks of a trace in progress: `parts/{first item}.{tokens,items}.parquet`."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder / "parts"
+
+    def write(self, tokens: pa.Table, items: pa.Table) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        name = f"{int(items['item'][0].as_py()):09d}"
+        write_table_atomic(tokens, self.folder / f"{name}.tokens.parquet")
+        write_table_atomic(items, self.folder / f"{name}.items.parquet")
+
+    def names(self) -> list[str]:
+        """Parts whose items file exists; a tokens file without one was cut off and goes."""
+        if not self.folder.is_dir():
+            return []
+        done = sorted(p.name.split(".")[0] for p in self.folder.glob("*.items.parquet"))
+        for p in self.folder.glob("*.tokens.parquet"):
+            if p.name.split(".")[0] not in done:
+                p.unlink()
+        return done
+
+    def path(self, name: str, kind: str) -> Path:
+        return self.folder / f"{name}.{kind}.parquet"
+
+    def remove(self) -> None:
+        for p in self.folder.glob("*") if self.folder.is_dir() else []:
+            p.unlink()
+        if self.folder.is_dir():
+            self.folder.rmdir()
+
+
+def done_items(folder: Path) -> dict[int, str]:
+    """item -> input_sha256 of every item already traced (finished store and parts)."""
+    sources = [folder / ITEMS] if (folder / ITEMS).is_file() else []
+    parts = Parts(folder)
+    sources += [parts.path(n, "items") for n in parts.names()]
+    done: dict[int, str] = {}
+    for path in sources:
+        t = pq.read_table(path, columns=["item", "input_sha256"])
+        done.update(zip(t["item"].to_pylist(), t["input_sha256"].to_pylist()))
+    return done
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """`table` with exactly `schema`'s columns (missing ones null), cast to its types."""
+    cols = []
+    for f in schema:
+        if f.name in table.column_names:
+            try:
+                cols.append(table[f.name].cast(f.type))
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                raise PertokenError(
+                    f"column {f.name} changed type since this store was written: trace into "
+                    "another --out"
+                ) from None
+        else:
+            cols.append(pa.nulls(table.num_rows, f.type))
+    return pa.Table.from_arrays(cols, schema=schema)
+
+
+def iter_item_tables(
+    path: Path, columns: list[str] | None = None
+) -> Iterator[tuple[int, pa.Table]]:
+    """(item, its token rows) in file order, reading one record batch at a time."""
+    carry = None
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=ROW_GROUP, columns=columns):
+        t = pa.Table.from_batches([batch])
+        t = t if carry is None else pa.concat_tables([carry, t])
+        item = t["item"].to_numpy()
+        cuts = [0, *(np.flatnonzero(np.diff(item)) + 1).tolist(), len(item)]
+        for a, b in zip(cuts[:-2], cuts[1:-1]):
+            yield int(item[a]), t.slice(a, b - a)
+        carry = t.slice(cuts[-2])
+    if carry is not None and carry.num_rows:
+        yield int(carry["item"][0].as_py()), carry
+
+
+class RowGroupWriter:
+    """Streams per-item tables into one Parquet file, a row group per ~ROW_GROUP rows."""
+
+    def __init__(self, path: Path, schema: pa.Schema):
+        self.path, self.tmp = path, path.with_name(f".{path.name}.tmp")
+        self.writer = pq.ParquetWriter(self.tmp, schema, compression="zstd")
+        self.schema, self.buf, self.rows = schema, [], 0
+
+    def add(self, table: pa.Table) -> None:
+        self.buf.append(conform(table, self.schema))
+        self.rows += table.num_rows
+        if self.rows >= ROW_GROUP:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.buf:
+            self.writer.write_table(pa.concat_tables(self.buf))
+        self.buf, self.rows = [], 0
+
+    def close(self) -> None:
+        self.flush()
+        self.writer.close()
+        os.replace(self.tmp, self.path)
+
+
+def merge(folder: Path, token_schema: pa.Schema, item_schema: pa.Schema) -> int:
+    """Fold the parts (and any earlier store) into tokens.parquet and items.parquet, in item
+    order; returns the number of items. Memory: a few record batches of tokens, plus the items
+    table."""
+    parts = Parts(folder)
+    names = parts.names()
+    item_files = [parts.path(n, "items") for n in names]
+    # Parts hold consecutive runs of items in order, so they are read one after another;
+    # only an earlier store is merged beside them.
+    streams = [
+        itertools.chain.from_iterable(iter_item_tables(parts.path(n, "tokens")) for n in names)
+    ]
+    if (folder / TOKENS).is_file() and (folder / ITEMS).is_file():
+        streams.insert(0, iter_item_tables(folder / TOKENS))
+        item_files.insert(0, folder / ITEMS)
+    items = pa.concat_tables([conform(pq.read_table(p), item_schema) for p in item_files])
+    items = items.sort_by("item")
+    # An item seen twice (a merge killed between its two renames) is kept once.
+    ids = items["item"].to_numpy()
+    items = items.filter(pa.array(np.r_[True, np.diff(ids) != 0])) if len(ids) else items
+    writer, last = RowGroupWriter(folder / TOKENS, token_schema), None
+    for item, table in heapq.merge(*streams, key=lambda pair: pair[0]):
+        if item != last:
+            writer.add(table)
+        last = item
+    writer.close()
+    write_table_atomic(items, folder / ITEMS)
+    parts.remove()
+    return items.num_rows

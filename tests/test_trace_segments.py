@@ -1,0 +1,121 @@
+"""Token roles, turns and segments: multi-turn chats through real chat templates (Llama 3 with a
+system role, Gemma 2 without one and trimming), tags split over several tokens, CSV pairs."""
+
+import numpy as np
+import pytest
+
+from pertoken.backends import load_backend
+from pertoken.errors import PertokenError
+from pertoken.pipeline.trace_segments import (
+    DEFAULT_SEGMENTS,
+    SegmentSpec,
+    label_chat,
+    label_pair,
+    parse_segment,
+    tag_spans,
+)
+from tests.fake_backend import FakeBackend
+
+CHAT = [
+    {"role": "system", "content": "Be kind."},
+    {"role": "user", "content": "Should I quit?"},
+    {"role": "assistant", "content": "Well <scratchpad>the user is 25</scratchpad> it is yours."},
+    {"role": "user", "content": "Sure? <think>not a tag in user text</think>"},
+    {"role": "assistant", "content": "<think>hmm é</think>Yes."},
+]
+
+
+@pytest.fixture(scope="module")
+def backend(model_dir):
+    return load_backend(str(model_dir), "torch", dtype="float32", device="cpu")
+
+
+def _text_of(labels, keep) -> str:
+    return "".join(p for p, k in zip(labels.pieces, keep) if k)
+
+
+def test_multi_turn_chat_with_tags_split_over_tokens(backend):
+    lab = label_chat(backend, CHAT, DEFAULT_SEGMENTS, "chats.jsonl line 1")
+    text = backend.chat_text(CHAT)
+    assert "".join(lab.pieces) == text and lab.ids == backend.encode(text)
+    seg, role, turn = np.array(lab.segment), np.array(lab.role), lab.turn
+    # the tags are split across several tokens, and land whole in their segment
+    pad = [i for i, s in enumerate(seg) if s == "scratchpad"]
+    assert len(pad) > 4 and pad == list(range(pad[0], pad[-1] + 1))
+    assert _text_of(lab, seg == "scratchpad") == "<scratchpad>the user is 25</scratchpad>"
+    assert _text_of(lab, seg == "thinking") == "<think>hmm é</think>"
+    assert _text_of(lab, seg == "answer") == "Well  it is yours.Yes."
+    # user text keeps its tags as prompt text; each content sits in its own turn and role
+    user2 = _text_of(lab, (turn == 3) & (seg == "prompt"))
+    assert user2 == "Sure? <think>not a tag in user text</think>"
+    assert _text_of(lab, (turn == 1) & (seg == "prompt")) == "Should I quit?"
+    assert set(role[turn == 2]) == set(role[turn == 4]) == {"assistant"}
+    assert set(role[turn == 1]) == set(role[turn == 3]) == {"user"}
+    assert set(role[turn == 0]) == {"system"} and "Be kind." in _text_of(lab, turn == 0)
+    assert list(turn) == sorted(turn)  # turns run in order, template tokens included
+    # chat-template tokens: the turn markers and role names
+    template = _text_of(lab, seg == "template")
+    assert "assistant" in template or "model" in template
+    assert "Should" not in template and "Yes" not in template
+    # prompt_last is the last token before the first assistant text
+    assert lab.prompt_len == int(np.flatnonzero(seg == "answer")[0])
+    assert seg[lab.prompt_len - 1] == "template" and role[lab.prompt_len - 1] == "assistant"
+    assert lab.pieces[lab.prompt_len].strip().startswith("W")
+
+
+def test_a_chat_ending_on_a_user_turn_gets_the_generation_prompt(backend):
+    lab = label_chat(backend, CHAT[:4], DEFAULT_SEGMENTS, "x")
+    text = backend.chat_text(CHAT[:4], add_generation_prompt=True)
+    assert "".join(lab.pieces) == text
+    tail = [i for i, t in enumerate(lab.turn) if t == 4]
+    assert tail and tail[-1] == len(lab.ids) - 1
+    assert {lab.role[i] for i in tail} == {"assistant"}
+    assert {lab.segment[i] for i in tail} == {"template"}
+    # with no assistant text, prompt_last is the generation prompt's last token
+    first = label_chat(backend, CHAT[:2], DEFAULT_SEGMENTS, "x")
+    assert first.prompt_len == len(first.ids) and first.turn[-1] == 2
+
+
+def test_csv_pair_splits_where_the_prompt_tokenization_ends(backend):
+    prompt = backend.chat_prompt("Be kind.", "Should I quit?")
+    answer = "I think <think>so</think> you should decide."
+    lab = label_pair(backend, prompt, answer, DEFAULT_SEGMENTS, "a.csv row 2")
+    P = len(backend.encode(prompt))
+    assert lab.prompt_len == P and lab.ids == backend.encode(prompt + answer)
+    assert set(lab.segment[:P]) == {"prompt"} and set(lab.role[:P]) == {"user"}
+    assert set(lab.role[P:]) == {"assistant"} and set(lab.turn[P:]) == {1}
+    assert _text_of(lab, np.array(lab.segment) == "thinking") == "<think>so</think>"
+    assert "".join(lab.pieces) == prompt + answer
+
+
+def test_unclosed_tags_are_one_clear_line():
+    with pytest.raises(PertokenError, match=r"chats.jsonl line 3, message 2: <think> is never"):
+        label_chat(
+            FakeBackend(),
+            [{"role": "user", "content": "q"}, {"role": "assistant", "content": "<think>x"}],
+            DEFAULT_SEGMENTS,
+            "chats.jsonl line 3",
+        )
+    # a generated answer cut off by the token limit runs its span to the end instead
+    assert tag_spans("a <think>b", DEFAULT_SEGMENTS, "x", strict=False) == [(2, 10, "thinking")]
+
+
+def test_custom_segments_and_bad_specs():
+    assert parse_segment("plan=[PLAN],[/PLAN]") == SegmentSpec("plan", "[PLAN]", "[/PLAN]")
+    for bad in ("plan", "plan=[PLAN]", "=a,b", "answer=<a>,</a>", "my plan=<a>,</a>"):
+        with pytest.raises(PertokenError, match="--segment"):
+            parse_segment(bad)
+    specs = [SegmentSpec("plan", "[P]", "[/P]")]
+    fake = FakeBackend()
+    lab = label_pair(fake, fake.chat_prompt(None, "q"), "a[P]b[/P]c[P]d[/P]", specs, "x")
+    assert "".join(s[0] for s in lab.segment[-18:]) == "a" + "p" * 8 + "a" + "p" * 8
+
+
+def test_templates_that_rewrite_text_are_a_clear_error():
+    class Rewriting(FakeBackend):
+        def chat_text(self, messages, *, add_generation_prompt=False):
+            msgs = [{**m, "content": m["content"].replace("hi", "hello")} for m in messages]
+            return super().chat_text(msgs, add_generation_prompt=add_generation_prompt)
+
+    with pytest.raises(PertokenError, match="x: the chat template rewrites"):
+        label_chat(Rewriting(), [{"role": "user", "content": "hi"}], DEFAULT_SEGMENTS, "x")
