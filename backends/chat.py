@@ -16,6 +16,19 @@ def render_chat(tokenizer, system: str | None, user: str) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
+def render_messages(tokenizer, messages: list[dict]) -> str:
+    """A multi-turn chat templated with the generation prompt; without a system role, system
+    text joins the first user turn as render_chat does ("{system}\\n\\n{user}")."""
+    if messages and messages[0]["role"] == "system" and not _has_system_role(tokenizer):
+        system, rest = messages[0]["content"], list(messages[1:])
+        if rest and rest[0]["role"] == "user":
+            rest[0] = {"role": "user", "content": f"{system}\n\n{rest[0]['content']}"}
+        else:
+            rest.insert(0, {"role": "user", "content": system})
+        messages = rest
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
 def _has_system_role(tokenizer) -> bool:
     marker = "pertoken-system-probe"
     messages = [{"role": "system", "content": marker}, {"role": "user", "content": "hi"}]

@@ -7,11 +7,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pertoken.backends.base import Steer, Summaries, TokenCallback, TokenTrace
-from pertoken.backends.chat import render_chat, stop_token_ids, token_pieces
+from pertoken.backends.base import (
+    RowSteers,
+    Steer,
+    Streaming,
+    Summaries,
+    TokenCallback,
+    TokenTrace,
+    steer_rows,
+)
+from pertoken.backends.chat import render_chat, render_messages, stop_token_ids, token_pieces
 from pertoken.backends.torch.decode import DecodeOptions, decode, left_pad, position_mask
 from pertoken.backends.torch.hooks import TapState, decoder_parts, residual_taps
 from pertoken.backends.torch.load import load_model_and_tokenizer, pick_device, pick_dtype
+from pertoken.backends.torch.stream import RowStream
 from pertoken.errors import PertokenError
 from pertoken.rows import check_capture_rows
 
@@ -28,6 +37,7 @@ class TorchBackend:
         layers, _ = decoder_parts(model)
         self.n_layers = len(layers)
         self.hidden_size = int(model.config.hidden_size)
+        self.context_length = getattr(model.config, "max_position_embeddings", None)
         self.pad_id = tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = tokenizer.eos_token_id
@@ -46,6 +56,9 @@ class TorchBackend:
     # ------------------------------------------------------------------ text
     def chat_prompt(self, system: str | None, user: str) -> str:
         return render_chat(self.tokenizer, system, user)
+
+    def chat_messages(self, messages: list[dict]) -> str:
+        return render_messages(self.tokenizer, messages)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -71,14 +84,24 @@ class TorchBackend:
         }
         return TapState(steer=by_block)
 
-    def _options(self, max_new_tokens, temperature, top_p, steer, feed_last=False):
+    def _row_state(self, plans: list[Steer | None]) -> tuple[TapState, list[str]]:
+        """Steering for one batch with its own terms per row: block -> [B, hidden]."""
+        steer: dict[int, torch.Tensor] = {}
+        for b, plan in enumerate(plans):
+            for row, vec in (plan.by_row() if plan else {}).items():
+                if row - 1 not in steer:
+                    steer[row - 1] = torch.zeros(len(plans), self.hidden_size, device=self.device)
+                steer[row - 1][b] = torch.from_numpy(vec)
+        return TapState(steer=steer), [p.positions if p else "all" for p in plans]
+
+    def _options(self, max_new_tokens, temperature, top_p, steer, feed_last=False, positions=None):
         return DecodeOptions(
             max_new_tokens=max_new_tokens,
             temperature=temperature,
             top_p=top_p,
             stop_ids=self.stop_ids,
             pad_id=self.pad_id,
-            positions=steer.positions if steer else "all",
+            positions=positions or (steer.positions if steer else "all"),
             feed_last=feed_last,
         )
 
@@ -92,23 +115,35 @@ class TorchBackend:
         temperature: float = 1.0,
         top_p: float = 1.0,
         seed: int = 0,
-        steer: Steer | None = None,
+        steer: RowSteers = None,
         batch_size: int | None = None,
+        stream: Streaming | None = None,
     ) -> list[str]:
-        """Batched answers; prompts are sorted by length so batches carry little padding."""
+        """Batched answers; prompts are sorted by length so batches carry little padding.
+
+        steer: one Steer for all prompts or one (or None) per prompt; stream: per-token reports
+        (token, logprobs, hidden states at stream.rows), whose callback may end an answer."""
         seqs = self._encode_prompts(prompts)
-        state = self._tap_state(steer)
-        opts = self._options(max_new_tokens, temperature, top_p, steer)
+        plans = steer_rows(steer, len(seqs), self.n_layers, self.hidden_size)
+        if stream is not None:
+            check_capture_rows(stream.rows, self.n_layers)
         batch_size = batch_size or self._auto_batch(max(map(len, seqs)) + max_new_tokens)
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
         gen = torch.Generator(device=self.device).manual_seed(seed)
         answers: list[str] = [""] * len(seqs)
-        with residual_taps(self.model, state):
-            for start in range(0, len(order), batch_size):
-                idx = order[start : start + batch_size]
-                batch = left_pad([seqs[i] for i in idx], self.pad_id, self.device)
-                for i, ids in zip(idx, decode(self.model, batch, state, opts, gen)):
-                    answers[i] = self.decode(ids)
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            state, positions = self._row_state([plans[i] for i in idx])
+            capture = bool(stream and stream.rows)
+            opts = self._options(max_new_tokens, temperature, top_p, None, capture, positions)
+            feed = RowStream(stream, idx) if stream is not None else None
+            if capture:
+                state.rows, state.on_row = frozenset(stream.rows), feed.on_row
+            batch = left_pad([seqs[i] for i in idx], self.pad_id, self.device)
+            with residual_taps(self.model, state):
+                out = decode(self.model, batch, state, opts, gen, stream=feed)
+            for i, ids in zip(idx, out):
+                answers[i] = self.decode(ids)
         return answers
 
     def _auto_batch(self, max_len: int) -> int:

@@ -21,7 +21,7 @@ RowCallback = Callable[[int, torch.Tensor], None]
 class TapState:
     """What the hooks need for the forward about to run; the decode loop updates it."""
 
-    steer: dict[int, torch.Tensor] = field(default_factory=dict)  # block -> [hidden]
+    steer: dict[int, torch.Tensor] = field(default_factory=dict)  # block -> [hidden] or [B, hidden]
     steer_mask: torch.Tensor | None = None  # [B, t] bool, None = every position
     rows: frozenset[int] = frozenset()
     on_row: RowCallback | None = None
@@ -38,7 +38,9 @@ def decoder_parts(model) -> tuple[list, torch.nn.Module]:
 
 
 def _add(h: torch.Tensor, vec: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    # h [B, t, hidden]; vec [hidden]; mask [B, t]
+    # h [B, t, hidden]; vec [hidden], or [B, hidden] with one vector per row; mask [B, t]
+    if vec.ndim == 2:
+        vec = vec[:, None, :]  # [B, 1, hidden]
     if mask is None:
         return h + vec.to(h.dtype)
     return h + mask.unsqueeze(-1).to(h.dtype) * vec.to(h.dtype)
