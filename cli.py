@@ -117,4 +117,4 @@ def generation_options(default_tokens: int):
 
 
 # The commands register themselves on `main` when their modules are imported.
-from pertoken.commands import extraction, files, steering  # noqa: E402, F401
+from pertoken.commands import extraction, files, serve, steering  # noqa: E402, F401
