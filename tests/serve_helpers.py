@@ -6,6 +6,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from pertoken.serve.app import ServeConfig
 from pertoken.serve.request import Limits
@@ -13,6 +15,7 @@ from pertoken.serve.server import start
 from pertoken.vectors import PersonaVector, save_vector
 
 NAMES = ("kind", "blunt")
+STORE_TOKENS = ["<|user|>", "Is", " it", " <b>safe</b>", "?", "<|assistant|>", "Yes", "."]
 LAYERS = [2, 4]
 
 
@@ -51,3 +54,32 @@ def client(run, key: str = "unused", **kw):
 
 def ask(text: str) -> list[dict]:
     return [{"role": "user", "content": text}]
+
+
+def write_store(folder: Path) -> Path:
+    """A two-item trace store in the CONVENTIONS layout, written with pyarrow."""
+    folder.mkdir(parents=True)
+    n = len(STORE_TOKENS)
+    roles = ["user"] * 5 + ["assistant"] * 3
+    segments = ["template", "prompt", "prompt", "prompt", "prompt", "template", "answer", "answer"]
+    tokens = {
+        "item": [0] * n + [1] * n,
+        "pos": list(range(n)) * 2,
+        "token_id": list(range(n)) * 2,
+        "token": STORE_TOKENS * 2,
+        "turn": [0] * (2 * n),
+        "role": roles * 2,
+        "segment": segments * 2,
+        "proj.kind.L2": pa.array([float(i - 3) for i in range(n)] * 2, pa.float32()),
+        "proj.blunt.L2": pa.array([float(3 - i) for i in range(2 * n)], pa.float32()),
+        "norm.L2": pa.array([10.0] * (2 * n), pa.float32()),
+    }
+    pq.write_table(pa.table(tokens), folder / "tokens.parquet")
+    items = {
+        "item": [0, 1],
+        "question_id": ["evil_0", "evil_1"],
+        "evil": [12.5, 88.0],
+        "proj.kind.L2.answer.mean": [0.5, 3.5],
+    }
+    pq.write_table(pa.table(items), folder / "items.parquet")
+    return folder

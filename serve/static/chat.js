@@ -82,7 +82,7 @@
     S.turns.length = t + 1;  // a changed turn makes the later ones moot
     const turn = S.turns[t], steer = steerTerms();
     turn.replies = [{ label: steer.length ? "steered" : "reply", steer }];
-    if ($("compare").checked) turn.replies.push({ label: "unsteered", steer: [] });
+    if ($("compare").checked && steer.length) turn.replies.push({ label: "unsteered", steer: [] });
     for (const r of turn.replies) Object.assign(r, { text: "", tokens: [], proj: [], spans: [] });
     setBusy(true);
     renderTurns();
@@ -207,9 +207,14 @@
     chart.replaceChildren();
     const replies = last ? last.replies.filter(r => r.proj.some(p => p)) : [];
     const n = Math.max(2, ...replies.map(r => r.proj.length)), scale = S.scale || 1;
-    const W = 800, H = 170, pad = 24;
+    const W = 800, H = 170, pad = 30;
     const x = i => pad + (W - 2 * pad) * i / (n - 1), y = v => H / 2 - (H / 2 - 12) * v / scale;
     chart.append(Lab.svg("line", { x1: pad, x2: W - pad, y1: H / 2, y2: H / 2, class: "zero" }));
+    for (const [v, label] of [[scale, "+" + scale.toFixed(1)], [-scale, "-" + scale.toFixed(1)], [0, "0"]]) {
+      const t = Lab.svg("text", { x: W - 1, y: y(v) + 4, "text-anchor": "end" });
+      t.textContent = label;
+      chart.append(t);
+    }
     const colours = ["#d6302a", "#777777", "#1b6ac9"];
     replies.forEach((r, ri) => {
       const pts = r.proj.map((p, i) => p ? x(i).toFixed(1) + "," + y(value(p)).toFixed(1) : null).filter(Boolean);
