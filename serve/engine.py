@@ -219,13 +219,20 @@ def _rows(jobs: list[Job]) -> int:
 
 
 def _check_length(job: Job, context: int | None) -> None:
-    need = job.prompt_tokens + job.request.max_tokens
-    if context is not None and need > context:
+    """The prompt and the answer must fit the context; without max_tokens the answer gets
+    what the context leaves, up to the cap."""
+    if context is None:
+        return
+    r = job.request
+    if not r.max_tokens_given:
+        r.max_tokens = max(1, min(r.max_tokens, context - job.prompt_tokens))
+    need = job.prompt_tokens + r.max_tokens
+    if need > context:
         raise ApiError(
             400,
             f"this model's maximum context length is {context} tokens, but the request needs "
-            f"{need} ({job.prompt_tokens} in the messages, {job.request.max_tokens} in the "
-            "completion): shorten the messages or lower max_tokens",
+            f"{need} ({job.prompt_tokens} in the messages, {r.max_tokens} in the completion): "
+            "shorten the messages or lower max_tokens",
             param="messages",
             code="context_length_exceeded",
         )

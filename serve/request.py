@@ -31,6 +31,7 @@ class Limits:
 class ChatRequest:
     messages: list[dict]
     max_tokens: int
+    max_tokens_given: bool = True  # False: the cap, or less when the context holds less
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int | None = None
@@ -76,6 +77,8 @@ def parse_request(
     req = ChatRequest(
         messages=_messages(body.get("messages")), max_tokens=_max_tokens(body, limits)
     )
+    asked = body.get("max_completion_tokens", body.get("max_tokens"))
+    req.max_tokens_given = asked is not None
     req.temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
     req.top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
     req.seed = _integer(body, "seed", None)

@@ -83,6 +83,24 @@ def test_bad_request_has_its_status_and_the_server_stays_up(
     assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["role"] == "assistant"
 
 
+def test_without_max_tokens_an_answer_gets_what_the_context_leaves(run, backend):
+    # a prompt that leaves 10 of the tiny model's 512 positions: below the 64-token cap
+    k = next(k for k in range(100, 600) if _tokens(backend, "money " * k) >= 502)
+    messages = ask("money " * k)
+    room = 512 - _tokens(backend, "money " * k)
+    assert 0 < room < 64
+    body = {"model": backend.model_id, "messages": messages, "temperature": 0}
+    r = _post(run, body).json()
+    assert "usage" in r, r
+    assert r["usage"]["completion_tokens"] <= room
+    with_cap = _post(run, body | {"max_tokens": 64})
+    assert with_cap.json()["error"]["code"] == "context_length_exceeded"
+
+
+def _tokens(backend, text: str) -> int:
+    return len(backend.encode(backend.chat_prompt(None, text)))
+
+
 def test_openai_client_reads_the_errors(run, backend):
     c = client(run)
     with pytest.raises(openai.BadRequestError, match="outside 1..4"):

@@ -119,7 +119,7 @@ def decode(
     every_step = on_token is not None or stream is not None
     for step in range(opts.max_new_tokens):
         if stream is not None:
-            done |= stream.ended(done)
+            done = stream.ended(done)
         tok = sample(logits, opts.temperature, opts.top_p, gen)
         tok = torch.where(done, torch.full_like(tok, opts.pad_id), tok)
         stopped = torch.isin(tok, opts.stop_ids)
@@ -128,7 +128,7 @@ def decode(
         done |= stopped
         if stream is not None:
             stream.sampled(tok, logits, keep[-1])
-            done |= stream.ended(done)
+            done = stream.ended(done)
         if step == opts.max_new_tokens - 1 and not opts.feed_last:
             break
         if (every_step or (step + 1) % check_every == 0) and bool(done.all()):

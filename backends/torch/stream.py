@@ -41,8 +41,10 @@ class RowStream:
             self._report(*step, hidden)
 
     def ended(self, done: torch.Tensor) -> torch.Tensor:
-        """[B] bool: rows whose callback asked to stop."""
-        return torch.tensor(self.stop, device=done.device)
+        """done [B] with the rows whose callback asked to stop added."""
+        if not any(self.stop):
+            return done
+        return done | torch.tensor(self.stop, device=done.device)
 
     def _logprobs(self, logits: torch.Tensor, tok: torch.Tensor):
         k = self.spec.logprobs
