@@ -41,6 +41,7 @@ class Job:
     choices: list[Choice] = field(default_factory=list)
     prompt: str = ""
     prompt_tokens: int = 0
+    arrived: float = field(default_factory=time.monotonic)
 
     @property
     def key(self) -> tuple:
@@ -103,13 +104,14 @@ class Engine:
             job.send(ApiError(503, "the server is shutting down", code="shutting_down"))
 
     def _take(self) -> list[Job] | None:
-        """The next batch: the oldest job and those like it, once the window has passed."""
+        """The next batch: the oldest job and those like it, once the window since the oldest
+        one arrived has passed (at once for jobs that waited behind a running batch)."""
         with self.cond:
             while not self.pending and not self.closed:
                 self.cond.wait()
             if self.closed:
                 return None
-            deadline = time.monotonic() + self.window
+            deadline = self.pending[0].arrived + self.window
             while (left := deadline - time.monotonic()) > 0 and not self.closed:
                 if _rows(self._fits()) >= self.max_rows:
                     break
@@ -157,20 +159,9 @@ class Engine:
     def _run(self, jobs: list[Job]) -> None:
         rows = [(job, c) for job in jobs for c in job.choices]  # batch row -> (job, choice)
         r = jobs[0].request
-        monitor = self.monitor if any(j.request.monitor for j in jobs) else None
-        lps = [j.request.logprobs for j in jobs if j.request.logprobs is not None]
         self.stats["batches"] += 1
         self.stats["rows"] += len(rows)
         self.stats["active_rows"] = len(rows)
-
-        def on_step(step: TokenStep) -> bool:
-            job, choice = rows[step.prompt]
-            self.stats["tokens"] += 1
-            if job.cancelled:
-                return False
-            job.send(choice.add(step))
-            return choice.finish is None
-
         try:
             self.backend.generate(
                 [job.prompt for job, _ in rows],
@@ -180,7 +171,7 @@ class Engine:
                 seed=r.seed if r.seed is not None else secrets.randbits(31),
                 steer=[job.request.steer for job, _ in rows],
                 batch_size=len(rows),
-                stream=Streaming(on_step, monitor.rows if monitor else [], max(lps, default=None)),
+                stream=self._streaming(jobs, rows),
             )
         except Exception as e:
             for job in jobs:
@@ -190,6 +181,22 @@ class Engine:
             self.stats["active_rows"] = 0
         for job in jobs:
             self._finish(job)
+
+    def _streaming(self, jobs: list[Job], rows: list[tuple[Job, Choice]]) -> Streaming:
+        """Per-token reports for the batch: states when any job monitors, the most logprobs
+        any job asked for; a row ends when its choice is finished or its client went away."""
+
+        def on_step(step: TokenStep) -> bool:
+            job, choice = rows[step.prompt]
+            self.stats["tokens"] += 1
+            if job.cancelled:
+                return False
+            job.send(choice.add(step))
+            return choice.finish is None
+
+        monitor = self.monitor if any(j.request.monitor for j in jobs) else None
+        lps = [j.request.logprobs for j in jobs if j.request.logprobs is not None]
+        return Streaming(on_step, monitor.rows if monitor else [], max(lps, default=None))
 
     def _finish(self, job: Job) -> None:
         for choice in job.choices:
