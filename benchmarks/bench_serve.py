@@ -131,7 +131,8 @@ def start_server(args, model: str, vector: Path) -> tuple[subprocess.Popen, str]
         port = s.getsockname()[1]
     cmd = [sys.executable, "-c", "from pertoken.cli import main; main()", "serve", "--model", model,
            "--backend", args.backend, "--port", str(port), "--vector", f"v={vector}",
-           "--layers", "2", "--max-batch", "32", "--max-tokens", str(args.new_tokens)]  # fmt: skip
+           "--layers", "2", "--max-batch", "32", "--max-tokens", str(args.new_tokens),
+           "--batch-window", str(args.batch_window)]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     while True:
@@ -154,6 +155,7 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--batch-window", type=float, default=20.0, help="the server's, in ms")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp())
     model = args.model or str(random_chat_llama(*map(int, args.random.split("x")), tmp / "m"))
@@ -165,20 +167,23 @@ def main():
     name = httpx.get(url + "/v1/models").json()["data"][0]["id"]
     print(f"{bk.model_id} ({bk.name}, {bk.dtype}, {bk.device}), {args.new_tokens} new tokens, "
           f"{args.requests} requests per client, median of {args.reps}")  # fmt: skip
-    print(
+    head = (
         "| clients | generate tok/s | serve JSON tok/s | ratio | serve SSE+monitor tok/s | ratio |"
     )
-    print("| --- | --- | --- | --- | --- | --- |")
+    print(head + " rows per batch |\n" + "| --- " * 7 + "|")
     try:
         for clients in map(int, args.clients.split(",")):
             qs = [questions(args.requests, args.prompt_len, seed=c) for c in range(clients)]
             order = [(c, q) for r in range(args.requests) for c, q in enumerate(x[r] for x in qs)]
             chats = [bk.chat_messages([{"role": "user", "content": q}]) for _, q in order]
             steers = [steer if c % 2 else None for c, _ in order]
+            before = httpx.get(url + "/api/stats").json()
             rates = _rates(args, bk, url, name, qs, chats, steers, clients)
+            after = httpx.get(url + "/api/stats").json()
+            per_batch = (after["rows"] - before["rows"]) / (after["batches"] - before["batches"])
             base, js, sse = (statistics.median(r) for r in rates)
             print(f"| {clients} | {base:.0f} | {js:.0f} | {js / base:.2f}x | {sse:.0f} | "
-                  f"{sse / base:.2f}x |")  # fmt: skip
+                  f"{sse / base:.2f}x | {per_batch:.1f} |")  # fmt: skip
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=60)

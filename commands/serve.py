@@ -34,7 +34,7 @@ from pertoken.cli import main, model_options
 )
 @click.option(
     "--batch-window",
-    default=10.0,
+    default=20.0,
     show_default=True,
     help="Milliseconds to wait for more requests.",
 )

@@ -69,6 +69,10 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
     async def info():
         return _model_card(config, backend) | {"auth": config.api_key is not None}
 
+    @app.get("/api/stats", dependencies=guard)
+    async def stats():
+        return dict(engine.stats)  # batches, rows and tokens so far, rows decoding now
+
     if config.traces is not None:
         config.traces.routes(app, guard)
 

@@ -1,7 +1,7 @@
 """The batching worker: one thread owns the backend and decodes requests together.
 
-Requests that arrive within `window` seconds of the first waiting one (and can share sampling
-settings) go into one `generate` call, each row with its own steering; a per-token callback
+Requests that arrive together (until none has come for `window` seconds) and can share sampling
+settings go into one `generate` call, each row with its own steering; a per-token callback
 turns tokens into Deltas and hands them to each request's asyncio queue. A request whose client
 went away ends its rows at the next token, and a batch ends when its last row does."""
 
@@ -41,7 +41,6 @@ class Job:
     choices: list[Choice] = field(default_factory=list)
     prompt: str = ""
     prompt_tokens: int = 0
-    arrived: float = field(default_factory=time.monotonic)
 
     @property
     def key(self) -> tuple:
@@ -67,11 +66,12 @@ class Engine:
         *,
         monitor: Monitor | None = None,
         max_rows: int = 32,
-        window: float = 0.01,
+        window: float = 0.02,
     ):
         self.backend, self.monitor = backend, monitor
         self.max_rows, self.window = max_rows, window
         self.pending: list[Job] = []
+        self.last_arrival = 0.0
         self.cond = threading.Condition()
         self.closed = False
         self.stats = {"batches": 0, "rows": 0, "tokens": 0, "active_rows": 0}
@@ -84,6 +84,7 @@ class Engine:
             if self.closed:
                 raise ApiError(503, "the server is shutting down", code="shutting_down")
             self.pending.append(job)
+            self.last_arrival = time.monotonic()
             self.cond.notify()
 
     def close(self) -> None:
@@ -104,18 +105,21 @@ class Engine:
             job.send(ApiError(503, "the server is shutting down", code="shutting_down"))
 
     def _take(self) -> list[Job] | None:
-        """The next batch: the oldest job and those like it, once the window since the oldest
-        one arrived has passed (at once for jobs that waited behind a running batch)."""
+        """The next batch: the oldest job and those like it, once requests have stopped coming
+        for `window` seconds (and at least `window` after the last batch, so its clients can
+        send their next requests into this one), or the batch is full; at most 10 windows."""
         with self.cond:
             while not self.pending and not self.closed:
                 self.cond.wait()
-            if self.closed:
-                return None
-            deadline = self.pending[0].arrived + self.window
-            while (left := deadline - time.monotonic()) > 0 and not self.closed:
-                if _rows(self._fits()) >= self.max_rows:
+            start = time.monotonic()
+            while not self.closed and _rows(self._fits()) < self.max_rows:
+                quiet = max(self.last_arrival, start) + self.window
+                left = min(quiet, start + 10 * self.window) - time.monotonic()
+                if left <= 0:
                     break
                 self.cond.wait(left)
+            if self.closed:
+                return None
             batch = self._fits()
             self.pending = [j for j in self.pending if j not in batch]
             return batch

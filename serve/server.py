@@ -60,14 +60,14 @@ class Running:
         self.engine.close()
 
 
-def build(backend, config: ServeConfig, *, window: float = 0.01):
+def build(backend, config: ServeConfig, *, window: float = 0.02):
     """The engine and the app for `backend`."""
     engine = Engine(backend, monitor=monitor_of(config), max_rows=config.limits.max_rows,
                     window=window)  # fmt: skip
     return engine, create_app(engine, config)
 
 
-def start(backend, config: ServeConfig, *, host="127.0.0.1", port=0, window=0.01) -> Running:
+def start(backend, config: ServeConfig, *, host="127.0.0.1", port=0, window=0.02) -> Running:
     """Serve in a thread on `host`:`port` (0: any free port); returns once it accepts."""
     import uvicorn
 
