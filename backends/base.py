@@ -107,6 +107,23 @@ def check_projection_inputs(
     return d
 
 
+# One Steer for every prompt, or a list with one Steer (or None: unsteered) per prompt.
+RowSteers = Steer | list[Steer | None] | None
+
+
+def steer_rows(steer: RowSteers, n: int, n_layers: int, hidden_size: int) -> list[Steer | None]:
+    """Validated per-prompt steering: `steer` repeated for each of n prompts, or its own list."""
+    plans = list(steer) if isinstance(steer, (list, tuple)) else [steer] * n
+    if len(plans) != n:
+        raise PertokenError(
+            f"got {len(plans)} steering plans for {n} prompts: give one Steer (or None) per prompt"
+        )
+    for plan in plans:
+        if plan is not None:
+            plan.validate(n_layers, hidden_size)
+    return plans
+
+
 class Summaries(NamedTuple):
     """Per-sample means of the residual stream, each [N, n_layers + 1, hidden] float32."""
 
@@ -132,6 +149,35 @@ class TokenTrace:
 TokenCallback = Callable[[int, str, np.ndarray], None]
 
 
+@dataclass
+class TokenStep:
+    """One answer token of one prompt, reported while batched generation runs."""
+
+    prompt: int  # index into the prompts given to `generate`
+    index: int  # the token's place in its answer, from 0
+    token_id: int
+    hidden: np.ndarray | None = None  # [len(rows), hidden] float32 at the token's own position
+    logprob: float | None = None  # log p(token) under the model's own (unscaled) distribution
+    top: list[tuple[int, float]] | None = None  # the most likely (token id, logprob), best first
+
+
+# Returning False ends that prompt's answer after this token (a client went away, say).
+StepCallback = Callable[[TokenStep], bool | None]
+
+
+@dataclass
+class Streaming:
+    """What `generate` reports for every answer token while it decodes.
+
+    rows: capture each token's hidden state at these rows (its own position, as `trace` does);
+    logprobs: None for none, 0 for the chosen token's, k for the chosen token's and the top k.
+    """
+
+    on_step: StepCallback
+    rows: list[int] = field(default_factory=list)
+    logprobs: int | None = None
+
+
 class Backend(Protocol):
     name: str  # "torch" or "mlx"
     model_id: str
@@ -141,6 +187,7 @@ class Backend(Protocol):
     dtype: str  # "float32", "bfloat16", ...
     device: str  # "cuda", "cpu", "mps", "gpu"
     generation_config: dict  # the checkpoint's generation_config.json (may be empty)
+    context_length: int | None  # positions the model was trained for, when its config says
 
     @classmethod
     def load(cls, model: str, *, dtype: str | None = None, device: str | None = None) -> Backend:
@@ -154,6 +201,10 @@ class Backend(Protocol):
 
     def chat_prompt(self, system: str | None, user: str) -> str:
         """The chat-templated prompt with the generation prompt added."""
+        ...
+
+    def chat_messages(self, messages: list[dict]) -> str:
+        """A whole chat ({"role", "content"} dicts) templated, with the generation prompt."""
         ...
 
     def encode(self, text: str) -> list[int]:
@@ -180,14 +231,17 @@ class Backend(Protocol):
         top_k: int = 0,
         repetition_penalty: float = 1.0,
         seed: int = 0,
-        steer: Steer | None = None,
+        steer: RowSteers = None,
         batch_size: int | None = None,
         seeds: list[int] | None = None,
+        stream: Streaming | None = None,
     ) -> list[str]:
         """Answers to chat-templated prompts (temperature 0 is greedy; see Sampling).
 
-        seeds: one per prompt; each prompt then samples from its own stream (row_uniforms),
-        whatever else is in its batch. Without them the batch samples from `seed`."""
+        steer: one Steer for every prompt, or a list with one Steer or None per prompt (each
+        row of a batch carries its own terms and positions); seeds: one per prompt, each prompt
+        then samples from its own stream (row_uniforms), whatever else is in its batch (without
+        them the batch samples from `seed`); stream: per-token reports."""
         ...
 
     def summaries(

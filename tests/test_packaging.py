@@ -52,7 +52,7 @@ def test_wheel_holds_every_module_and_data_file(wheel):
     names = set(wheel.namelist())
     wanted = {
         "pertoken/" + str(p.relative_to(ROOT))
-        for pattern in ("**/*.py", "traits/*.json", "pipeline/*.html")
+        for pattern in ("**/*.py", "traits/*.json", "pipeline/*.html", "serve/static/*")
         for p in ROOT.glob(pattern)
         if p.relative_to(ROOT).parts[0] not in ("tests", "benchmarks", ".venv", "build")
     }

@@ -8,13 +8,17 @@ import mlx.core as mx
 import numpy as np
 
 from pertoken.backends.base import (
+    RowSteers,
     Sampling,
     Steer,
+    Streaming,
     Summaries,
     TokenCallback,
+    TokenStep,
     TokenTrace,
     check_projection_inputs,
     row_uniforms,
+    steer_rows,
 )
 from pertoken.backends.chat import encode_offsets, render_chat, render_messages, stop_token_ids
 from pertoken.backends.mlx.batch import Batch, SteerPlan
@@ -43,6 +47,7 @@ class MLXBackend:
         self.n_layers = len(self.model.layers)
         self.hidden_size = int(self.config["hidden_size"])
         self.model_type = str(self.config.get("model_type") or "")  # llama, gemma2
+        self.context_length = self.config.get("max_position_embeddings")
         self.dtype, self.device = loaded.dtype, loaded.device
         self.generation_config = generation_config(loaded.path)
         configs = [SimpleNamespace(**c) for c in (self.config, self.generation_config)]
@@ -68,6 +73,10 @@ class MLXBackend:
         """Chat template with the generation prompt; no system role -> "{system}\n\n{user}"."""
         return render_chat(self.tokenizer, system, user)
 
+    def chat_messages(self, messages: list[dict]) -> str:
+        """A multi-turn chat with the generation prompt added."""
+        return self.chat_text(messages, add_generation_prompt=True)
+
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
@@ -85,15 +94,20 @@ class MLXBackend:
         top_k: int = 0,
         repetition_penalty: float = 1.0,
         seed: int = 0,
-        steer: Steer | None = None,
+        steer: RowSteers = None,
         batch_size: int | None = None,
         seeds: list[int] | None = None,
+        stream: Streaming | None = None,
     ) -> list[str]:
         """Answers to chat-templated prompts, batched by length (temperature 0 is greedy).
 
-        seeds (one per prompt): each row samples from its own stream, whatever its batch."""
+        steer: one Steer for all prompts or one (or None) per prompt; seeds (one per prompt):
+        each row samples from its own stream, whatever its batch; stream: per-token reports
+        (token, logprobs, hidden states at stream.rows), whose callback may end an answer."""
         seqs = self._encode_all(prompts)
-        plan = self._plan(steer)
+        plans = steer_rows(steer, len(seqs), self.n_layers, self.hidden_size)
+        if stream is not None:
+            check_capture_rows(stream.rows, self.n_layers)
         if seeds is not None and len(seeds) != len(seqs):
             raise PertokenError(f"{len(seeds)} seeds for {len(seqs)} prompts: give one per prompt")
         uniforms = row_uniforms(list(seeds), max_new_tokens) if seeds is not None else None
@@ -102,10 +116,12 @@ class MLXBackend:
         out: list[str] = [""] * len(seqs)
         for idx in _chunks(seqs, batch_size or 8):
             lens = np.array([len(seqs[i]) for i in idx])
+            plan = SteerPlan.per_row([plans[i] for i in idx], self.hidden_size, self._mx_dtype)
             answers = decode(
                 self.model, Batch.of([seqs[i] for i in idx], self.pad_id), prompt_lens=lens,
                 max_new_tokens=max_new_tokens, sampling=sampling, stop=self.stop, steer=plan,
                 chunk=self.prefill_chunk, uniforms=None if uniforms is None else uniforms[idx],
+                **_stream_kw(stream, idx),
             )  # fmt: skip
             for i, a in zip(idx, answers, strict=True):
                 out[i] = self.decode(a.ids)
@@ -130,7 +146,7 @@ class MLXBackend:
         ids = self._encode_all([prompt])[0]
         pieces = _Pieces(self)
 
-        def on_hidden(b: int, i: int, token: int, h: np.ndarray) -> None:
+        def on_hidden(b: int, i: int, token: int, h: np.ndarray, _lp) -> None:
             piece = pieces.add(token)
             if on_token is not None:
                 on_token(i, piece, h)
@@ -139,7 +155,7 @@ class MLXBackend:
         (answer,) = decode(
             self.model, Batch.of([ids], self.pad_id), prompt_lens=np.array([len(ids)]),
             max_new_tokens=max_new_tokens, sampling=Sampling(temperature),
-            stop=self.stop, steer=self._plan(steer), rows=rows, on_hidden=on_hidden,
+            stop=self.stop, steer=self._plan(steer), rows=rows, report=on_hidden,
             chunk=self.prefill_chunk,
         )  # fmt: skip
         hidden = (
@@ -225,7 +241,11 @@ class MLXBackend:
         if steer is None:
             return None
         steer.validate(self.n_layers, self.hidden_size)
-        return SteerPlan.of(steer, DTYPES[self.dtype])
+        return SteerPlan.of(steer, self._mx_dtype)
+
+    @property
+    def _mx_dtype(self):
+        return DTYPES[self.dtype]
 
 
 def _chunks(seqs: list[list[int]], size: int) -> list[np.ndarray]:
@@ -234,6 +254,20 @@ def _chunks(seqs: list[list[int]], size: int) -> list[np.ndarray]:
         raise PertokenError(f"batch size must be at least 1, not {size}")
     order = np.argsort([len(s) for s in seqs], kind="stable")
     return [order[i : i + size] for i in range(0, len(order), size)]
+
+
+def _stream_kw(stream: Streaming | None, idx: np.ndarray) -> dict:
+    """decode() options that turn its per-row reports into TokenSteps for the prompts in idx."""
+    if stream is None:
+        return {}
+
+    def report(b: int, i: int, token: int, h, lp) -> bool | None:
+        step = TokenStep(int(idx[b]), i, token, h)
+        if lp is not None:
+            step.logprob, step.top = lp
+        return stream.on_step(step)
+
+    return {"rows": list(stream.rows) or None, "report": report, "logprobs": stream.logprobs}
 
 
 class _Pieces:

@@ -41,10 +41,14 @@ class Batch:
 
 @dataclass
 class SteerPlan:
-    """A validated Steer as model-dtype arrays: row -> [hidden], plus where it acts."""
+    """Validated steering as model-dtype arrays, plus where it acts.
+
+    vectors: row -> [hidden] for one Steer on every row of the batch, or row -> [B, 1, hidden]
+    with each row's own sum (zeros where a row is not steered there); positions likewise one
+    choice or one per row."""
 
     vectors: dict[int, mx.array]
-    positions: str
+    positions: str | list[str]
 
     @classmethod
     def of(cls, steer: Steer | None, dtype) -> SteerPlan | None:
@@ -53,15 +57,43 @@ class SteerPlan:
         vectors = {r: mx.array(v).astype(dtype) for r, v in steer.by_row().items()}
         return cls(vectors, steer.positions)
 
+    @classmethod
+    def per_row(cls, plans: list[Steer | None], hidden_size: int, dtype) -> SteerPlan | None:
+        """One batch whose rows carry their own Steer (or None)."""
+        sums: dict[int, np.ndarray] = {}
+        for b, plan in enumerate(plans):
+            for row, vec in (plan.by_row() if plan else {}).items():
+                sums.setdefault(row, np.zeros((len(plans), 1, hidden_size), np.float32))[b, 0] = vec
+        if not sums:
+            return None
+        vectors = {r: mx.array(v).astype(dtype) for r, v in sums.items()}
+        return cls(vectors, [p.positions if p else "all" for p in plans])
+
+    def _row_positions(self, B: int) -> list[str]:
+        return [self.positions] * B if isinstance(self.positions, str) else self.positions
+
     def prefill_on(self, batch: Batch, prompt_lens: np.ndarray) -> mx.array:
         """[B, T, 1] in the vectors' dtype: 1 where steering acts, never on padding."""
         B, T = batch.ids.shape
         on = np.zeros((B, T), dtype=np.float32)
-        for b in range(B):
+        for b, positions in enumerate(self._row_positions(B)):
             p, n = int(batch.pad[b]), int(batch.lens[b])
-            on[b, p:] = steer_mask(int(prompt_lens[b]), n, self.positions)
-        dtype = next(iter(self.vectors.values())).dtype
-        return mx.array(on[..., None]).astype(dtype)
+            on[b, p:] = steer_mask(int(prompt_lens[b]), n, positions)
+        return mx.array(on[..., None]).astype(self._dtype)
+
+    def step_kw(self, B: int) -> dict:
+        """Pass fields for a decode step: every row steers there except `prompt` rows."""
+        rows = self._row_positions(B)
+        if all(p == "prompt" for p in rows):
+            return {}
+        if all(p != "prompt" for p in rows):
+            return {"steer": self.vectors}
+        on = np.array([p != "prompt" for p in rows], np.float32)[:, None, None]  # [B, 1, 1]
+        return {"steer": self.vectors, "steer_on": mx.array(on).astype(self._dtype)}
+
+    @property
+    def _dtype(self):
+        return next(iter(self.vectors.values())).dtype
 
 
 def window_of(model) -> int | None:

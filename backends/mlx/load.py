@@ -103,6 +103,7 @@ def load(model: str, *, dtype: str | None = None, device: str | None = None) -> 
     except (FileNotFoundError, ValueError) as e:
         raise PertokenError(f"cannot load weights from {path}: {e}") from None
     net.set_dtype(DTYPES[dtype])
+    _materialise(net)
     try:
         tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))._tokenizer
     except (OSError, ValueError) as e:
@@ -110,6 +111,12 @@ def load(model: str, *, dtype: str | None = None, device: str | None = None) -> 
         raise PertokenError(f"could not load the tokenizer in {path}: {first}") from None
     model_id = path.name if Path(model).expanduser().is_dir() else model
     return Loaded(net, tokenizer, config, path, model_id, dtype, device)
+
+
+def _materialise(net: nn.Module) -> None:
+    """Evaluate every array of the model, private ones such as rope frequencies included: a lazy
+    array belongs to the stream of the thread that made it, and a server decodes on another."""
+    mx.eval([v for _, m in net.named_modules() for v in m.values() if isinstance(v, mx.array)])
 
 
 def generation_config(path: Path) -> dict:

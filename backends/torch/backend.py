@@ -10,12 +10,15 @@ import numpy as np
 import torch
 
 from pertoken.backends.base import (
+    RowSteers,
     Sampling,
     Steer,
+    Streaming,
     Summaries,
     TokenCallback,
     TokenTrace,
     row_uniforms,
+    steer_rows,
 )
 from pertoken.backends.chat import (
     encode_offsets,
@@ -34,6 +37,7 @@ from pertoken.backends.torch.hooks import (
     residual_taps,
 )
 from pertoken.backends.torch.load import load_model_and_tokenizer, pick_device, pick_dtype
+from pertoken.backends.torch.stream import RowStream
 from pertoken.errors import PertokenError
 from pertoken.rows import check_capture_rows
 
@@ -53,6 +57,7 @@ class TorchBackend:
         self.n_layers = len(layers)
         self.hidden_size = int(model.config.hidden_size)
         self.model_type = str(getattr(model.config, "model_type", "") or "")  # llama, gemma2
+        self.context_length = getattr(model.config, "max_position_embeddings", None)
         self.pad_id = tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = tokenizer.eos_token_id
@@ -92,6 +97,10 @@ class TorchBackend:
     def chat_prompt(self, system: str | None, user: str) -> str:
         return render_chat(self.tokenizer, system, user)
 
+    def chat_messages(self, messages: list[dict]) -> str:
+        """A multi-turn chat with the generation prompt added."""
+        return self.chat_text(messages, add_generation_prompt=True)
+
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
@@ -117,13 +126,25 @@ class TorchBackend:
         }
         return TapState(steer=by_block)
 
-    def _options(self, max_new_tokens, sampling: Sampling, steer, feed_last=False):
+    def _row_state(self, plans: list[Steer | None]) -> tuple[TapState, list[str]]:
+        """Steering for one batch with its own terms per row: block -> [B, hidden]."""
+        steer: dict[int, torch.Tensor] = {}
+        for b, plan in enumerate(plans):
+            for row, vec in (plan.by_row() if plan else {}).items():
+                if row - 1 not in steer:
+                    steer[row - 1] = torch.zeros(len(plans), self.hidden_size, device=self.device)
+                steer[row - 1][b] = torch.from_numpy(vec)
+        positions = [p.positions if p else "all" for p in plans]
+        # one choice for the whole batch when the rows agree (the compiled step takes only that)
+        return TapState(steer=steer), positions[0] if len(set(positions)) == 1 else positions
+
+    def _options(self, max_new_tokens, sampling: Sampling, steer, feed_last=False, positions=None):
         return DecodeOptions(
             max_new_tokens=max_new_tokens,
             sampling=sampling,
             stop_ids=self.stop_ids,
             pad_id=self.pad_id,
-            positions=steer.positions if steer else "all",
+            positions=positions or (steer.positions if steer else "all"),
             feed_last=feed_last,
         )
 
@@ -139,37 +160,49 @@ class TorchBackend:
         top_k: int = 0,
         repetition_penalty: float = 1.0,
         seed: int = 0,
-        steer: Steer | None = None,
+        steer: RowSteers = None,
         batch_size: int | None = None,
         seeds: list[int] | None = None,
+        stream: Streaming | None = None,
     ) -> list[str]:
         """Batched answers; prompts are sorted by length so batches carry little padding.
 
-        seeds (one per prompt): each row samples from its own stream, whatever its batch."""
+        steer: one Steer for all prompts or one (or None) per prompt; seeds (one per prompt):
+        each row samples from its own stream, whatever its batch; stream: per-token reports
+        (token, logprobs, hidden states at stream.rows), whose callback may end an answer."""
         seqs = self._encode_prompts(prompts)
-        state = self._tap_state(steer)
+        plans = steer_rows(steer, len(seqs), self.n_layers, self.hidden_size)
+        if stream is not None:
+            check_capture_rows(stream.rows, self.n_layers)
         sampling = Sampling(temperature, top_p, top_k, repetition_penalty)
-        opts = self._options(max_new_tokens, sampling, steer)
         uniforms = self._uniforms(seeds, len(seqs), max_new_tokens)  # [N, steps] or None
         batch_size = batch_size or self._auto_batch(max(map(len, seqs)) + max_new_tokens)
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
         gen = torch.Generator(device=self.device).manual_seed(seed)
         answers: list[str] = [""] * len(seqs)
-        with residual_taps(self.model, state):
-            for start in range(0, len(order), batch_size):
-                idx = order[start : start + batch_size]
-                batch = left_pad([seqs[i] for i in idx], self.pad_id, self.device)
-                if uniforms is not None:
-                    opts = replace(opts, uniforms=uniforms[idx])
-                for i, ids in zip(idx, self._decode(batch, state, opts, gen)):
-                    answers[i] = self.decode(ids)
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            state, positions = self._row_state([plans[i] for i in idx])
+            capture = bool(stream and stream.rows)
+            opts = self._options(max_new_tokens, sampling, None, capture, positions)
+            if uniforms is not None:
+                opts = replace(opts, uniforms=uniforms[idx])
+            feed = RowStream(stream, idx) if stream is not None else None
+            if capture:
+                state.rows, state.on_row = frozenset(stream.rows), feed.on_row
+            batch = left_pad([seqs[i] for i in idx], self.pad_id, self.device)
+            with residual_taps(self.model, state):
+                out = self._decode(batch, state, opts, gen, stream=feed)
+            for i, ids in zip(idx, out):
+                answers[i] = self.decode(ids)
         return answers
 
-    def _decode(self, batch, state, opts, gen, **kw) -> list[list[int]]:
-        """The eager decode loop, or the compiled step when the backend was loaded with it."""
-        if self.compiled is not None:
+    def _decode(self, batch, state, opts, gen, stream=None, **kw) -> list[list[int]]:
+        """The eager decode loop, or the compiled step when the backend was loaded with it
+        (streaming, and rows steered at different positions, take the eager loop)."""
+        if self.compiled is not None and stream is None and isinstance(opts.positions, str):
             return self.compiled.decode(batch, state, opts, gen, **kw)
-        return decode(self.model, batch, state, opts, gen, **kw)
+        return decode(self.model, batch, state, opts, gen, stream=stream, **kw)
 
     def _uniforms(self, seeds, n: int, steps: int) -> torch.Tensor | None:
         if seeds is None:

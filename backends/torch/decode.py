@@ -11,6 +11,7 @@ import torch
 from pertoken.backends.base import Sampling
 from pertoken.backends.torch.hooks import TapState
 from pertoken.backends.torch.sampling import Sampler
+from pertoken.backends.torch.stream import RowStream
 
 
 @dataclass
@@ -31,8 +32,13 @@ def left_pad(seqs: list[list[int]], pad_id: int, device, prompt_lens=None) -> Ba
     return Batch(ids, attn, torch.tensor(pad, device=device), torch.tensor(lens, device=device))
 
 
-def position_mask(batch: Batch, start: int, t: int, positions: str) -> torch.Tensor:
-    """[B, t] bool: which of the padded positions start..start+t-1 a Steer acts on."""
+def position_mask(batch: Batch, start: int, t: int, positions: str | list[str]) -> torch.Tensor:
+    """[B, t] bool: which of the padded positions start..start+t-1 a Steer acts on.
+
+    positions: one choice for every row, or one per row."""
+    if not isinstance(positions, str):
+        masks = {p: position_mask(batch, start, t, p) for p in set(positions)}
+        return torch.stack([masks[p][b] for b, p in enumerate(positions)])
     idx = torch.arange(start, start + t, device=batch.pad.device)[None] - batch.pad[:, None]
     valid = idx >= 0
     if positions == "prompt":
@@ -68,7 +74,7 @@ class DecodeOptions:
     sampling: Sampling
     stop_ids: torch.Tensor  # [S]
     pad_id: int
-    positions: str = "all"
+    positions: str | list[str] = "all"  # one choice for the batch, or one per row
     feed_last: bool = False  # run the final token through the model too (to capture it)
     uniforms: torch.Tensor | None = None  # [B, max_new_tokens]: per-row draws in [0, 1)
 
@@ -81,12 +87,14 @@ def decode(
     gen=None,
     on_token: Callable[[list[int]], None] | None = None,
     check_every: int = 16,
+    stream: RowStream | None = None,
 ) -> list[list[int]]:
     """Generate per row until a stop id or max_new_tokens; returns answer ids without stops.
 
     Tokens stay on the device and the host looks at them only every `check_every` steps (every
-    step when tracing), so a GPU is not stalled by a sync per token. on_token(tokens) is called
-    before each decode forward with the ids being fed, so hooks can attribute captured states."""
+    step when tracing or streaming), so a GPU is not stalled by a sync per token. on_token(tokens)
+    is called before each decode forward with the ids being fed, so hooks can attribute captured
+    states. `stream` hears of every sampled token and may end rows."""
     B, T0 = batch.ids.shape
     cache = make_cache(model)
     attn = batch.attn
@@ -98,7 +106,10 @@ def decode(
     next_pos = pos[:, -1:] + 1  # [B, 1]
     done = torch.zeros(B, dtype=torch.bool, device=attn.device)
     toks, keep = [], []  # per step: [B] ids, [B] whether the id belongs to the answer
+    every_step = on_token is not None or stream is not None
     for step in range(opts.max_new_tokens):
+        if stream is not None:
+            done = stream.ended(done)
         u = None if opts.uniforms is None else opts.uniforms[:, step]
         tok = sample(logits, first=step == 0, u=u)
         tok = torch.where(done, torch.full_like(tok, opts.pad_id), tok)
@@ -106,9 +117,12 @@ def decode(
         toks.append(tok)
         keep.append(~(done | stopped))
         done |= stopped
+        if stream is not None:
+            stream.sampled(tok, logits, keep[-1])
+            done = stream.ended(done)
         if step == opts.max_new_tokens - 1 and not opts.feed_last:
             break
-        if (on_token is not None or (step + 1) % check_every == 0) and bool(done.all()):
+        if (every_step or (step + 1) % check_every == 0) and bool(done.all()):
             break
         attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
         if state.steer:

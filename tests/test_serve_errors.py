@@ -1,0 +1,205 @@
+"""`pertoken serve` refuses bad requests in OpenAI's error shape and stays up; keys, caps,
+disconnects and the command itself."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+from click.testing import CliRunner
+
+from pertoken.backends import load_backend
+from pertoken.cli import main
+from tests.serve_helpers import ask, client, serving, vector_files
+
+
+@pytest.fixture(scope="module")
+def backend(llama_dir):
+    return load_backend(str(llama_dir), "torch", dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def run(backend):
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with serving(backend, max_body=8192) as r:
+        yield r
+    torch.set_num_threads(n)
+
+
+def _post(run, body, **kw):
+    data = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    headers = {"Content-Type": "application/json"} | kw.pop("headers", {})
+    return httpx.post(run.url + "/v1/chat/completions", content=data, headers=headers, **kw)
+
+
+def _body(backend, **kw):
+    return {"model": backend.model_id, "messages": ask("hi"), "max_tokens": 4, **kw}
+
+
+def _steer(vector, layer):
+    return {"steer": [{"vector": vector, "layer": layer, "coef": 1.0}]}
+
+
+CASES = [
+    ("malformed JSON", b'{"model": "x", "messages": [', 400, "bad_json"),
+    ("not an object", b"[1, 2]", 400, "bad_json"),
+    ("unknown vector", _steer("evil", 2), 400, "unknown_vector"),
+    ("layer too high", _steer("kind", 9), 400, "layer_out_of_range"),
+    ("layer zero", _steer("kind", 0), 400, "layer_out_of_range"),
+    ("max_tokens above cap", {"max_tokens": 65}, 400, "max_tokens_above_cap"),
+    ("prompt too long", {"messages": ask("money " * 600)}, 400, "context_length_exceeded"),
+    ("body over cap", {"messages": ask("x" * 9000)}, 413, "too_big"),
+    ("unknown model", {"model": "gpt-4o"}, 404, "model_not_found"),
+    ("too many top_logprobs", {"logprobs": True, "top_logprobs": 21}, 400, None),
+    ("bad positions", {"positions": "middle"}, 400, None),
+    ("bad role", {"messages": [{"role": "robot", "content": "hi"}]}, 400, None),
+    ("bad temperature", {"temperature": "hot"}, 400, None),
+    ("tools", {"tools": [{"type": "function"}]}, 400, None),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name, change, status, code", CASES, ids=[c[0] for c in CASES])
+def test_bad_request_has_its_status_and_the_server_stays_up(
+    run, backend, name, change, status, code
+):
+    body = change if isinstance(change, bytes) else _body(backend, **change)
+    r = _post(run, body)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["message"] and "\n" not in error["message"]
+    assert error["type"] == "invalid_request_error"
+    if code:
+        assert error["code"] == code
+    ok = _post(run, _body(backend))
+    assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["role"] == "assistant"
+
+
+def test_without_max_tokens_an_answer_gets_what_the_context_leaves(run, backend):
+    # a prompt that leaves 10 of the tiny model's 512 positions: below the 64-token cap
+    k = next(k for k in range(100, 600) if _tokens(backend, "money " * k) >= 502)
+    messages = ask("money " * k)
+    room = 512 - _tokens(backend, "money " * k)
+    assert 0 < room < 64
+    body = {"model": backend.model_id, "messages": messages, "temperature": 0}
+    r = _post(run, body).json()
+    assert "usage" in r, r
+    assert r["usage"]["completion_tokens"] <= room
+    with_cap = _post(run, body | {"max_tokens": 64})
+    assert with_cap.json()["error"]["code"] == "context_length_exceeded"
+
+
+def _tokens(backend, text: str) -> int:
+    return len(backend.encode(backend.chat_prompt(None, text)))
+
+
+def test_openai_client_reads_the_errors(run, backend):
+    c = client(run)
+    with pytest.raises(openai.BadRequestError, match="outside 1..4"):
+        c.chat.completions.create(
+            model=backend.model_id, messages=ask("hi"),
+            extra_body={"steer": [{"vector": "kind", "layer": 7, "coef": 1.0}]},
+        )  # fmt: skip
+    with pytest.raises(openai.NotFoundError, match="serves"):
+        c.chat.completions.create(model="nope", messages=ask("hi"))
+    with pytest.raises(openai.BadRequestError, match="cap of 64"):
+        c.chat.completions.create(model=backend.model_id, messages=ask("hi"), max_tokens=500)
+    missing = httpx.get(run.url + "/v1/nothing-here")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+
+
+def test_monitor_needs_vectors(backend):
+    with serving(backend, vectors={}, layers=[]) as r:
+        resp = _post(r, _body(backend, monitor=True))
+        assert resp.status_code == 400 and "--vector" in resp.json()["error"]["message"]
+
+
+def test_api_key_is_required_when_set(backend):
+    with serving(backend, api_key="s3cret-key") as r:
+        assert _post(r, _body(backend)).status_code == 401
+        wrong = _post(r, _body(backend), headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.get(r.url + "/api/info").status_code == 401
+        good = client(r, key="s3cret-key").chat.completions.create(
+            model=backend.model_id, messages=ask("hi"), max_tokens=3
+        )
+        assert good.choices[0].finish_reason in ("stop", "length")
+        assert httpx.get(r.url + "/").status_code == 200  # the page holds no data
+
+
+def test_other_hosts_need_a_key(llama_dir):
+    r = CliRunner().invoke(main, ["serve", "--model", str(llama_dir), "--host", "0.0.0.0"])
+    assert r.exit_code == 1
+    assert "--api-key" in r.output and "Traceback" not in r.output
+    assert len(r.output.strip().splitlines()) == 1
+
+
+def test_a_client_that_disconnects_frees_its_slot(llama_dir):
+    # A model that never ends on its own and a single slot: the second request can only run
+    # once the first client's rows end.
+    bk = load_backend(str(llama_dir), "torch", dtype="float32", device="cpu")
+    bk.stop_ids = torch.tensor([-1])
+    with serving(bk, max_rows=1, max_tokens=400) as r:
+        c = client(r)
+        stream = c.chat.completions.create(
+            model=bk.model_id, messages=ask("hi"), max_tokens=400, stream=True
+        )
+        for _, _chunk in zip(range(3), stream):
+            pass
+        stream.close()
+        t0 = time.monotonic()
+        other = c.chat.completions.create(model=bk.model_id, messages=ask("hi"), max_tokens=4)
+        assert other.usage.completion_tokens == 4
+        assert time.monotonic() - t0 < 20
+        assert r.engine.stats["tokens"] < 200  # the first answer stopped early
+        assert r.engine.stats["batches"] == 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_the_serve_command_serves_until_interrupted(llama_dir, tmp_path):
+    files = vector_files(tmp_path)
+    port = _free_port()
+    exe = Path(sys.executable).with_name("pertoken")
+    args = [str(exe), "serve", "--model", str(llama_dir), "--backend", "torch", "--port", str(port)]
+    args += ["--vector", f"kind={files['kind']}", "--layers", "2,3", "--max-tokens", "32"]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                card = httpx.get(url + "/v1/models").json()["data"][0]
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+                time.sleep(0.3)
+        assert card["id"] == llama_dir.name and card["pertoken"]["layers"] == [2, 3]
+        r = httpx.post(
+            url + "/v1/chat/completions",
+            json={"model": str(llama_dir), "messages": ask("hi"), "max_tokens": 5,
+                  "monitor": True, "steer": [{"vector": "kind", "layer": 2, "coef": 3}]},
+            timeout=60,
+        )  # fmt: skip
+        message = r.json()["choices"][0]["message"]
+        assert len(message["pertoken"]["projections"][0]) == 1  # one vector
+        assert len(message["pertoken"]["projections"][0][0]) == 2  # two rows
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out = proc.communicate(timeout=30)[0].decode()
+    assert proc.returncode == 0, out
+    assert f"{url}/v1" in out
