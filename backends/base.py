@@ -13,11 +13,11 @@ import numpy as np
 
 from pertoken.backends.plan import steer_mask as steer_mask  # one rule for Steer.positions
 from pertoken.errors import PertokenError
+from pertoken.names import POSITIONS as POSITIONS
 from pertoken.rows import check_capture_rows, check_steer_row
 from pertoken.vectors import check_coef, check_finite
 
 Positions = Literal["all", "prompt", "response"]
-POSITIONS = ("all", "prompt", "response")
 
 
 @dataclass(frozen=True)

@@ -105,10 +105,13 @@ def test_registry_errors(monkeypatch):
 
 def test_import_and_help_stay_light():
     code = (
-        "import sys, pertoken, pertoken.cli, pertoken.backends;"
+        "import sys, pertoken, pertoken.cli;"
         "from click.testing import CliRunner;"
         "r = CliRunner().invoke(pertoken.cli.main, ['--help']);"
         "assert r.exit_code == 0, r.output;"
+        "heavy = [m for m in ('numpy', 'torch', 'mlx', 'transformers') if m in sys.modules];"
+        "assert not heavy, heavy;"
+        "import pertoken.backends;"
         "heavy = [m for m in ('torch', 'mlx', 'transformers') if m in sys.modules];"
         "assert not heavy, heavy;"
         "print(r.output)"
