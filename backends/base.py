@@ -131,6 +131,11 @@ class Summaries(NamedTuple):
     prompt_last: np.ndarray
     response_avg: np.ndarray
 
+    @classmethod
+    def of(cls, stacked: np.ndarray) -> Summaries:
+        """From [N, n_layers + 1, 3, hidden], the kinds in SUMMARY_KINDS order (`w @ h`)."""
+        return cls(*(stacked[:, :, k].copy() for k in range(3)))
+
 
 @dataclass
 class TokenTrace:
