@@ -122,7 +122,7 @@ class TorchBackend:
         return TapState(steer=by_row)
 
     def _row_state(self, plans: list[Steer | None]) -> tuple[TapState, list[str]]:
-        """Steering for one batch with its own terms per batch row: row -> [B, hidden]."""
+        """Steering for one batch whose prompts carry their own terms: row -> [B, hidden]."""
         steer: dict[int, torch.Tensor] = {}
         for b, plan in enumerate(plans):
             for row, vec in (plan.by_row() if plan else {}).items():
