@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pertoken.backends import machine as probe
 from pertoken.backends.base import Backend, Steer, SteerTerm, Summaries, TokenTrace
 from pertoken.errors import PertokenError, PertokenWarning
+from pertoken.names import BACKENDS
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,6 @@ _REGISTRY = {
         "mlx-community/gemma-2-9b-it-4bit",
     ),
 }  # fmt: skip
-BACKENDS = ("auto", *_REGISTRY)
 _warned: set[str] = set()  # warnings already shown in this process
 
 __all__ = ["BACKENDS", "Backend", "Steer", "SteerTerm", "Summaries", "TokenTrace"]

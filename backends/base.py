@@ -13,11 +13,11 @@ import numpy as np
 
 from pertoken.backends.plan import steer_mask as steer_mask  # one rule for Steer.positions
 from pertoken.errors import PertokenError
+from pertoken.names import POSITIONS as POSITIONS
 from pertoken.rows import check_capture_rows, check_steer_row
 from pertoken.vectors import check_coef, check_finite
 
 Positions = Literal["all", "prompt", "response"]
-POSITIONS = ("all", "prompt", "response")
 
 
 @dataclass(frozen=True)
@@ -130,6 +130,11 @@ class Summaries(NamedTuple):
     prompt_avg: np.ndarray
     prompt_last: np.ndarray
     response_avg: np.ndarray
+
+    @classmethod
+    def of(cls, stacked: np.ndarray) -> Summaries:
+        """From [N, n_layers + 1, 3, hidden], the kinds in SUMMARY_KINDS order (`w @ h`)."""
+        return cls(*(stacked[:, :, k].copy() for k in range(3)))
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Chat templates, stop tokens and token pieces on a Hugging Face tokenizer (both backends)."""
+"""Chat templates, stop tokens and offsets on a Hugging Face tokenizer (both backends)."""
 
 from __future__ import annotations
 
@@ -38,16 +38,6 @@ def stop_token_ids(tokenizer, config=None, generation_config=None) -> list[int]:
     vocab = tokenizer.get_vocab()
     ids.update(vocab[t] for t in END_OF_TURN if t in vocab)
     return sorted(ids)
-
-
-def token_pieces(tokenizer, ids: list[int]) -> list[str]:
-    """Each token's share of the decoded text (prefix differences keep multi-byte characters)."""
-    pieces, prev = [], ""
-    for i in range(len(ids)):
-        text = tokenizer.decode(ids[: i + 1], skip_special_tokens=True)
-        pieces.append(text[len(prev) :])
-        prev = text
-    return pieces
 
 
 def render_messages(tokenizer, messages: list[dict], *, add_generation_prompt: bool = False) -> str:

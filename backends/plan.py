@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pertoken.errors import PertokenError
+from pertoken.names import POSITIONS
 
 SUMMARY_KINDS = ("prompt_avg", "prompt_last", "response_avg")  # the weights' middle axis
 _INCOMPLETE = "\ufffd"  # what a tokenizer decodes part of a multi-byte character to
@@ -103,11 +104,20 @@ class PaddedBatch:
         # [B, t] index of padded positions start..start+t-1 within each row; < 0 on padding
         return np.arange(start, start + t)[None] - self.pad[:, None]
 
-    def steer_mask(self, positions: str, start: int = 0, t: int | None = None) -> np.ndarray:
+    def steer_mask(
+        self, positions: str | Sequence[str], start: int = 0, t: int | None = None
+    ) -> np.ndarray:
         """[B, t] bool: where a Steer acts among padded positions start..start+t-1 (positions
-        past T are generated tokens); never on padding."""
+        past T are generated tokens), one choice for every row or one per row; never on padding."""
         t = self.ids.shape[1] - start if t is None else t
-        return _steer_rule(self._token_index(start, t), self.prompt_lens[:, None], positions)
+        idx, P = self._token_index(start, t), self.prompt_lens[:, None]  # [B, t], [B, 1]
+        if isinstance(positions, str):
+            return _steer_rule(idx, P, positions)
+        return np.stack([_steer_rule(idx[b], P[b], p) for b, p in enumerate(positions)])
+
+    def unpadded(self, out: np.ndarray) -> list[np.ndarray]:
+        """Each row's real positions of a per-position result [B, T, ...] (padding dropped)."""
+        return [out[b, p:] for b, p in enumerate(self.pad)]
 
     def summary_weights(self) -> np.ndarray:
         """[B, 3, T] float32 weights for SUMMARY_KINDS: each sums to 1 over its tokens, or is
@@ -166,8 +176,6 @@ def _steer_rule(idx: np.ndarray, prompt_len, positions: str) -> np.ndarray:
         return valid & (idx < prompt_len)
     if positions == "response":  # the last prompt token predicts the first answer token
         return valid & (idx >= prompt_len - 1)
-    from pertoken.backends.base import POSITIONS  # base imports this module
-
     raise PertokenError(f"positions must be one of {POSITIONS}, not {positions!r}")
 
 

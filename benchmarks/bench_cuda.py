@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from pertoken.backends.base import Steer
+from pertoken.backends.plan import encode_texts, left_pad
 from pertoken.backends.torch import TorchBackend
-from pertoken.backends.torch.decode import left_pad
 from pertoken.backends.torch.hooks import residual_taps
 
 LLAMA_8B = dict(
@@ -156,7 +156,7 @@ def compiled_generate(c: TorchBackend, prompts: list[str], new: int, steer, rows
     state.rows, state.on_row = frozenset(rows), lambda row, h: kept.append(h.clone())
     opts = c._options(new, 1.0, 1.0, steer)
     gen = torch.Generator(device=c.device).manual_seed(0)
-    batch = left_pad(c._encode_prompts(prompts), c.pad_id, c.device)
+    batch = left_pad(encode_texts(c.encode, prompts), c.pad_id)
     with torch.inference_mode(), residual_taps(c.model, state):
         c.compiled.decode(batch, state, opts, gen)
     assert len(kept) == len(rows) * (new - 1)

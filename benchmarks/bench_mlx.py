@@ -23,9 +23,10 @@ import numpy as np
 
 from pertoken.backends.base import Sampling, Steer
 from pertoken.backends.mlx import MLXBackend
-from pertoken.backends.mlx.batch import Batch, SteerPlan
+from pertoken.backends.mlx.batch import SteerPlan
 from pertoken.backends.mlx.decode import decode
 from pertoken.backends.mlx.load import DTYPES
+from pertoken.backends.plan import left_pad
 
 
 def random_llama(hidden: int, layers: int, folder: Path, vocab: int = 1024) -> Path:
@@ -81,8 +82,7 @@ def pertoken_generate(b: MLXBackend, seqs, new: int, steer: Steer, rows: list[in
     plan = SteerPlan.of(steer, DTYPES[b.dtype])
     answers = decode(
         b.model,
-        Batch.of(seqs, b.pad_id),
-        prompt_lens=np.array([len(s) for s in seqs]),
+        left_pad(seqs, b.pad_id),
         max_new_tokens=new,
         sampling=Sampling(0.0),
         stop=set(),  # random weights: always run to length
@@ -108,7 +108,7 @@ def mlx_lm_generate(model, tokenizer, seqs, new: int) -> int:
 def mlx_lm_forwards(model, seqs, batch_size: int) -> int:
     """Plain mlx-lm forwards (logits of every position) over the same padded batches."""
     for i in range(0, len(seqs), batch_size):
-        mx.eval(model(Batch.of(seqs[i : i + batch_size]).ids))
+        mx.eval(model(mx.array(left_pad(seqs[i : i + batch_size], 0).ids)))
     return len(seqs)
 
 

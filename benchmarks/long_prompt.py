@@ -23,9 +23,10 @@ import mlx.core as mx
 import numpy as np
 
 from pertoken.backends.mlx import MLXBackend
-from pertoken.backends.mlx.batch import Batch, full_pass, window_of
+from pertoken.backends.mlx.batch import full_pass, ids_of, window_of
 from pertoken.backends.mlx.prefill import prefill
-from pertoken.backends.mlx.summaries import mean_weights, summarize
+from pertoken.backends.mlx.summaries import summarize
+from pertoken.backends.plan import PaddedBatch, left_pad
 
 
 def random_checkpoint(arch: str, hidden: int, folder: Path, vocab: int = 1024) -> Path:
@@ -61,18 +62,18 @@ def random_checkpoint(arch: str, hidden: int, folder: Path, vocab: int = 1024) -
     return folder
 
 
-def one_pass_logits(model, batch: Batch) -> mx.array:
-    return model(batch.ids, None, full_pass(batch, window_of(model), head="last"))
+def one_pass_logits(model, batch: PaddedBatch) -> mx.array:
+    return model(ids_of(batch), None, full_pass(batch, window_of(model), head="last"))
 
 
-def one_pass_summaries(model, batch: Batch, prompt_lens: np.ndarray) -> mx.array:
-    w = mx.array(mean_weights(batch, prompt_lens))  # [B, 3, T]
+def one_pass_summaries(model, batch: PaddedBatch) -> mx.array:
+    w = mx.array(batch.summary_weights())  # [B, 3, T]
     acc = {}
 
     def observe(row: int, h: mx.array) -> None:
         acc[row] = w @ h.astype(mx.float32)  # [B, 3, hidden]
 
-    model(batch.ids, None, full_pass(batch, window_of(model), head="none", observe=observe))
+    model(ids_of(batch), None, full_pass(batch, window_of(model), head="none", observe=observe))
     return mx.stack([acc[r] for r in sorted(acc)], axis=1)
 
 
@@ -93,7 +94,7 @@ def rows_for(arch: str, args) -> list[tuple]:
     folder = random_checkpoint(arch, args.hidden, Path(tempfile.mkdtemp()) / f"random-{arch}")
     b = MLXBackend.load(str(folder), dtype="float32", device="cpu")
     ids = np.random.default_rng(0).integers(2, 1024, args.tokens).tolist()
-    batch, plen = Batch.of([ids]), np.array([args.tokens // 2])
+    batch = left_pad([ids], 0, prompt_lens=[args.tokens // 2])
     m, c = b.model, args.chunk
     cases = {
         "next-token logits": (
@@ -101,8 +102,8 @@ def rows_for(arch: str, args) -> list[tuple]:
             lambda: prefill(m, batch, chunk=c, head="last"),
         ),
         "summaries": (
-            lambda: one_pass_summaries(m, batch, plen),
-            lambda: mx.array(summarize(m, batch, plen, c)),
+            lambda: one_pass_summaries(m, batch),
+            lambda: mx.array(summarize(m, batch, c)),
         ),
     }
     out = []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from pertoken.pipeline.export import FORMATS
+from pertoken.names import FORMATS
 
 
 @click.command()

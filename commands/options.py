@@ -6,9 +6,7 @@ import functools
 
 import click
 
-from pertoken.backends import BACKENDS
-from pertoken.backends.base import POSITIONS
-from pertoken.pipeline.extract import METHODS
+from pertoken.names import BACKENDS, METHODS, POSITIONS
 from pertoken.pipeline.judge import DEFAULT_JUDGE
 from pertoken.pipeline.sampling import SAMPLERS
 

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 
 from pertoken.errors import PertokenError
+from pertoken.names import FORMATS as FORMATS  # the CLI's choices, numpy-free
 from pertoken.rows import check_capture_rows
 from pertoken.vectors import ROWS_FROM_FILE, PersonaVector, check_finite, load_vector, save_vector
 
-FORMATS = ("pt", "safetensors", "gguf")
 GGUF_ARCH = "controlvector"
 SAFETENSORS_FORMAT = "pertoken-persona-vector"
 FIRST_GGUF_ROW = 2  # direction.1 = row 2; direction.0 (row 1) is rejected by llama.cpp

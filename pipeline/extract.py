@@ -19,12 +19,11 @@ import numpy as np
 from pertoken import __version__
 from pertoken.errors import PertokenError
 from pertoken.lock import output_lock
+from pertoken.names import METHODS as METHODS  # the CLI's choices, numpy-free
 from pertoken.paths import inside, path_name
 from pertoken.pipeline.csvio import parse_score, read_csv, sample_keys
 from pertoken.pipeline.summaries import KINDS, collect, from_pairs, save_summaries, summaries_path
 from pertoken.vectors import PersonaVector, save_vector
-
-METHODS = ("mean_diff", "probe")
 
 
 @dataclass

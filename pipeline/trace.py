@@ -20,6 +20,7 @@ import numpy as np
 from pertoken import __version__
 from pertoken.backends.base import Steer
 from pertoken.errors import PertokenError
+from pertoken.lock import output_lock
 from pertoken.pipeline import trace_store as store
 from pertoken.pipeline.trace_inputs import Item, meta_types, read_items
 from pertoken.pipeline.trace_segments import (
@@ -94,7 +95,7 @@ def trace_dataset(
         item_schema(settings["meta"], names, rows, segment_names(segments)),
     )
     folder = Path(out_dir)
-    with store.folder_lock(folder):
+    with output_lock(folder, folder=True):
         _check_settings(folder, settings)
         todo = _todo(folder, items)
         if todo or _unmerged(folder):

@@ -7,7 +7,6 @@ statistics hold B - A), so trace-stats and the page read it as they read a trace
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +14,9 @@ import numpy as np
 import pyarrow as pa
 
 from pertoken.errors import PertokenError
+from pertoken.lock import output_lock
 from pertoken.pipeline import trace_store as store
+from pertoken.pipeline.csvio import write_csv_atomic
 from pertoken.pipeline.trace_segments import TokenLabels
 from pertoken.pipeline.trace_tables import (
     item_schema,
@@ -48,13 +49,13 @@ def trace_diff(
     items_a, items_b = _items(a_dir), _items(b_dir)
     if items_a["item"].tolist() != items_b["item"].tolist():
         raise PertokenError(f"{a_dir} and {b_dir} hold different items: trace the same input")
-    with store.folder_lock(out):
+    with output_lock(out, folder=True):
         stats, moved = _diff_tokens(a_dir, b_dir, out, vectors, rows, segments)
         table = _items_table(items_a, items_b, stats, sa, vectors, rows, segments)
         store.write_table_atomic(table, out / store.ITEMS)
         settings = _settings(sa, sb, a_dir, b_dir)
         store.write_json_atomic(out / store.SETTINGS, settings)
-        _write_moved(out / "moved.csv", moved)
+        write_csv_atomic(out / "moved.csv", list(moved[0]) if moved else [], moved)
         if page:
             from pertoken.pipeline.store_page import write_store_page
 
@@ -151,14 +152,6 @@ def _settings(sa: dict, sb: dict, a_dir: Path, b_dir: Path) -> dict:
         "diff": {"a": str(a_dir), "b": str(b_dir), "a_settings": sa, "b_settings": sb},
         "complete": True,
     }
-
-
-def _write_moved(path: Path, moved: list[dict]) -> None:
-    with path.open("w", newline="", encoding="utf-8") as f:
-        if moved:
-            w = csv.DictWriter(f, fieldnames=list(moved[0]))
-            w.writeheader()
-            w.writerows(moved)
 
 
 def most_moved(moved: list[dict], vector: str, row: int, top: int = 5) -> list[dict]:

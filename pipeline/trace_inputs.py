@@ -7,7 +7,6 @@ Bad input is one PertokenError naming the file, the line and the fix.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import math
@@ -15,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pertoken.errors import PertokenError
+from pertoken.pipeline.csvio import read_table
 
 ROLES = ("system", "user", "assistant")
 RESERVED = ("item", "n_tokens", "input_sha256")
@@ -65,24 +65,18 @@ def read_items(path: str | Path) -> list[Item]:
 
 def read_csv_items(path: Path) -> list[Item]:
     """Rows with `answer` and `prompt` (or `question`, templated without a system prompt)."""
-    csv.field_size_limit(1 << 30)
-    with path.open(newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        header = list(reader.fieldnames or [])
-        if "answer" not in header or not {"prompt", "question"} & set(header):
-            missing = "answer" if "answer" not in header else "prompt"
-            raise PertokenError(
-                f"{path.name} has no {missing} column: pass a generation or eval CSV with "
-                "prompt (or question) and answer columns"
-            )
-        rows = list(reader)
+    header, rows = read_table(path)
+    if "answer" not in header or not {"prompt", "question"} & set(header):
+        missing = "answer" if "answer" not in header else "prompt"
+        raise PertokenError(
+            f"{path.name} has no {missing} column: pass a generation or eval CSV with "
+            "prompt (or question) and answer columns"
+        )
     keep = [c for c in header if c not in ("prompt", "answer")]
     types = {c: _column_type([r.get(c) for r in rows]) for c in keep}
     items = []
     for i, r in enumerate(rows):
         where = f"{path.name} row {i + 2}"
-        if r.get("answer") is None or (r.get("prompt") or r.get("question")) is None:
-            raise PertokenError(f"{where} is short: it has no prompt or answer")
         meta = {c: _typed(r.get(c), types[c]) for c in keep}
         if "prompt" in header:
             items.append(Item(i, where, meta, prompt=r["prompt"], answer=r["answer"]))

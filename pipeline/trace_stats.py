@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import csv
 import heapq
 import warnings
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from pertoken.errors import PertokenError
+from pertoken.pipeline.csvio import write_csv_atomic
 from pertoken.pipeline.trace_store import ITEMS, TOKENS, iter_item_tables, read_settings
 from pertoken.pipeline.trace_tables import STATS, proj_column
 
@@ -236,9 +236,4 @@ def _write(out: Path, result: StatsResult, vectors, rows) -> list[Path]:
 
 
 def _csv(path: Path, rows: list[dict]) -> Path:
-    with path.open("w", newline="", encoding="utf-8") as f:
-        if rows:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
-    return path
+    return write_csv_atomic(path, list(rows[0]) if rows else [], rows)

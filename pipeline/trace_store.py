@@ -9,13 +9,11 @@ the two tables. A lock file keeps a second process out of the folder.
 
 from __future__ import annotations
 
-import fcntl
 import heapq
 import itertools
 import json
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -61,30 +59,6 @@ def write_json_atomic(path: Path, data: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n")
     os.replace(tmp, path)
-
-
-@contextmanager
-def folder_lock(folder: Path):
-    """Hold `folder/.lock` for the block; a second process gets one clear error."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            pid = f.read().strip() or "?"
-            raise PertokenError(
-                f"{folder} is being written by another pertoken process (pid {pid}): wait "
-                "for it to finish or choose another --out"
-            ) from None
-        f.seek(0)
-        f.truncate()
-        f.write(str(os.getpid()))
-        f.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def write_table_atomic(table: pa.Table, path: Path) -> None:

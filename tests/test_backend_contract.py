@@ -14,7 +14,6 @@ import pytest
 from pertoken.backends import Steer, load_backend
 from pertoken.backends.base import SteerTerm, steer_mask
 from pertoken.errors import PertokenError
-from pertoken.rows import block_of_row
 from tests.reference import ANSWERS, chat_prompts, hf_hidden, rand
 
 prompts = chat_prompts
@@ -53,7 +52,7 @@ def steered_rows(backend, ids: list[int], by_row: dict[int, np.ndarray]) -> np.n
         from pertoken.backends.torch.hooks import TapState, residual_taps
 
         state = TapState(
-            steer={block_of_row(r, backend.n_layers): torch.tensor(v) for r, v in by_row.items()},
+            steer={r: torch.tensor(v) for r, v in by_row.items()},
             rows=frozenset(range(backend.n_layers + 1)),
             on_row=lambda r, h: got.__setitem__(r, h[0].clone().numpy()),
         )
@@ -62,13 +61,14 @@ def steered_rows(backend, ids: list[int], by_row: dict[int, np.ndarray]) -> np.n
     else:
         import mlx.core as mx
 
-        from pertoken.backends.mlx.batch import Batch, full_pass, window_of
+        from pertoken.backends.mlx.batch import full_pass, ids_of, window_of
+        from pertoken.backends.plan import left_pad
 
-        batch = Batch.of([ids])
+        batch = left_pad([ids], 0)
         steer = {row: mx.array(v) for row, v in by_row.items()}
         p = full_pass(batch, window_of(backend.model), head="none", steer=steer)
         p.observe = lambda r, h: got.__setitem__(r, np.array(h[0].astype(mx.float32)))
-        backend.model(batch.ids, None, p)
+        backend.model(ids_of(batch), None, p)
     return np.stack([got[r] for r in range(backend.n_layers + 1)])
 
 
@@ -353,17 +353,9 @@ def test_bad_inputs_are_clear_errors(backend, kind, tmp_path, llama_dir):
         backend.trace(p, rows=[])
 
 
-# Where the backends still differ; strict, so each marker must go when its backend plans its
-# batches with backends/plan.py (encode_pairs, length_chunks).
-@pytest.mark.parametrize(
-    ("case", "fails_on"),
-    [("empty prompt in summaries", "mlx"), ("batch size 0", "torch")],
-)
-def test_contract_gaps(backend, request, case, fails_on):
-    if backend.name == fails_on:
-        request.applymarker(
-            pytest.mark.xfail(raises=(pytest.fail.Exception, ValueError), strict=True)
-        )
+# Where the backends once differed, before both planned their batches with backends/plan.py.
+@pytest.mark.parametrize("case", ["empty prompt in summaries", "batch size 0"])
+def test_contract_gaps(backend, case):
     p = prompts(backend)[0]
     if case == "empty prompt in summaries":
         with pytest.raises(PertokenError, match="empty after tokenization"):

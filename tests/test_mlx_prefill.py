@@ -11,8 +11,9 @@ pytest.importorskip("mlx_lm", reason="the mlx backend needs mlx-lm (pip install 
 import mlx.core as mx  # noqa: E402
 
 from pertoken.backends import Steer, load_backend  # noqa: E402
-from pertoken.backends.mlx.batch import Batch, full_pass, window_of  # noqa: E402
+from pertoken.backends.mlx.batch import full_pass, ids_of, window_of  # noqa: E402
 from pertoken.backends.mlx.prefill import prefill  # noqa: E402
+from pertoken.backends.plan import left_pad  # noqa: E402
 from tests.reference import ANSWERS, chat_prompts  # noqa: E402
 
 pytestmark = pytest.mark.mlx
@@ -37,8 +38,8 @@ def steer_of(backend, positions="response") -> Steer:
 
 def one_pass_logits(backend, ids: list[int]) -> np.ndarray:
     """[T, vocab] through a single forward with a full [T, T] mask (no cache, no chunks)."""
-    batch = Batch.of([ids])
-    out = backend.model(batch.ids, None, full_pass(batch, window_of(backend.model)))
+    batch = left_pad([ids], 0)
+    out = backend.model(ids_of(batch), None, full_pass(batch, window_of(backend.model)))
     return np.array(out[0].astype(mx.float32))
 
 
@@ -92,7 +93,7 @@ def test_an_unpadded_input_builds_no_mask(backend, monkeypatch):
     real = module.attend_mask
     monkeypatch.setattr(module, "attend_mask", lambda *a: built.append(a[2:]) or real(*a))
     ids = backend.encode(chat_prompts(backend)[0])
-    prefill(backend.model, Batch.of([ids]), chunk=5, head="last")
+    prefill(backend.model, left_pad([ids], 0), chunk=5, head="last")
     window = window_of(backend.model)
     # only sliding-window layers (Gemma 2) need a mask, and only [chunk, S] of it
     assert built == ([(window,)] * -(-len(ids) // 5) if window else [])

@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-from pertoken.backends import BACKENDS
+from pertoken.backends import _REGISTRY, BACKENDS
 from pertoken.backends.base import POSITIONS
 from pertoken.cli import main
 from pertoken.pipeline.export import FORMATS
@@ -17,6 +17,7 @@ def choices(command, option, group=main):
 
 
 def test_choices_come_from_the_constants():
+    assert BACKENDS == ("auto", *_REGISTRY)  # the light names list the registry's backends
     for command in ("generate", "extract", "run", "steer", "eval", "monitor", "project", "vet"):
         assert choices(command, "backend") == BACKENDS, command
     assert choices("judge", "backend") == BACKENDS

@@ -1,14 +1,10 @@
-"""The numpy batch plan against the code both backends run today, on the tiny models' tokenizers."""
-
-from types import SimpleNamespace
+"""The numpy batch plan both backends run, on the tiny models' tokenizers."""
 
 import numpy as np
 import pytest
-import torch
 
 from pertoken.backends import Steer, load_backend
 from pertoken.backends.base import steer_mask
-from pertoken.backends.chat import token_pieces as chat_token_pieces
 from pertoken.backends.plan import (
     TokenPieces,
     encode_pairs,
@@ -18,9 +14,6 @@ from pertoken.backends.plan import (
     plan_batches,
     token_pieces,
 )
-from pertoken.backends.torch.backend import _RowMeans
-from pertoken.backends.torch.decode import left_pad as torch_left_pad
-from pertoken.backends.torch.decode import position_mask
 from pertoken.errors import PertokenError
 from tests.reference import ANSWERS, chat_prompts, hf_hidden
 
@@ -56,16 +49,16 @@ def error_of(fn, *args):
 # ---------------------------------------------------------------------- encoding
 def test_encode_texts_matches_both_backends(tb, mb):
     ps = chat_prompts(tb)
-    assert encode_texts(tb.encode, ps) == tb._encode_prompts(ps) == mb._encode_all(ps)
+    assert encode_texts(tb.encode, ps) == [tb.encode(p) for p in ps] == [mb.encode(p) for p in ps]
     for bad in ([], [ps[0], ""]):
         msg = error_of(encode_texts, tb.encode, bad)
-        assert msg == error_of(tb._encode_prompts, bad) == error_of(mb._encode_all, bad)
+        assert msg == error_of(tb.next_token_logprobs, bad) == error_of(mb.next_token_logprobs, bad)
 
 
 def test_encode_texts_checks_the_model_limit(tb):
     ps = chat_prompts(tb)
     n = [len(tb.encode(p)) for p in ps]
-    assert encode_texts(tb.encode, ps, limit=max(n)) == tb._encode_prompts(ps)
+    assert encode_texts(tb.encode, ps, limit=max(n)) == [tb.encode(p) for p in ps]
     with pytest.raises(PertokenError, match=rf"^prompt 2 is {n[1]} tokens long .* most {n[2]}: "):
         encode_texts(tb.encode, [ps[2], ps[1]], limit=n[2])
     with pytest.raises(PertokenError, match=r"prompt 1 \(and 1 more\)"):
@@ -76,7 +69,7 @@ def test_encode_pairs_matches_torch_summaries_inputs(tb):
     ps = chat_prompts(tb)
     seqs, prompt_lens = encode_pairs(tb.encode, ps, ANSWERS, limit=512)
     assert seqs == [tb.encode(p + a) for p, a in zip(ps, ANSWERS)]
-    assert prompt_lens.tolist() == [len(s) for s in tb._encode_prompts(ps)]
+    assert prompt_lens.tolist() == [len(tb.encode(p)) for p in ps]
     with pytest.raises(PertokenError, match="^2 prompts but 1 answers$"):
         encode_pairs(tb.encode, ps[:2], ["x"])
     with pytest.raises(PertokenError, match="empty after tokenization"):
@@ -86,17 +79,14 @@ def test_encode_pairs_matches_torch_summaries_inputs(tb):
 
 
 # ---------------------------------------------------------------------- batching
-def test_length_chunks_match_mlx_chunks():
-    pytest.importorskip("mlx.core", reason="the mlx comparison needs mlx")
-    from pertoken.backends.mlx.backend import _chunks
-
+def test_length_chunks_cut_the_length_order_into_batches():
     lengths = [7, 3, 3, 9, 1, 7, 2, 3]
+    order = [4, 6, 1, 2, 7, 0, 5, 3]  # by length; equal lengths keep their input order
     for size in (1, 2, 3, 8, 20):
-        want = _chunks([[0] * n for n in lengths], size)
         got = length_chunks(lengths, batch_size=size)
-        assert [c.tolist() for c in got] == [c.tolist() for c in want]
+        assert [c.tolist() for c in got] == [order[i : i + size] for i in range(0, 8, size)]
     msg = error_of(lambda: length_chunks(lengths, batch_size=0))
-    assert msg == error_of(lambda: _chunks([[0]], 0)) == "batch size must be at least 1, not 0"
+    assert msg == "batch size must be at least 1, not 0"
 
 
 def test_length_chunks_keep_a_token_budget():
@@ -114,25 +104,19 @@ def test_length_chunks_keep_a_token_budget():
         length_chunks(lengths, token_budget=0)
 
 
-def test_left_pad_matches_torch_and_mlx(tb):
-    pytest.importorskip("mlx.core", reason="the mlx comparison needs mlx")
-    from pertoken.backends.mlx.batch import Batch
-
+def test_left_pad_ends_every_row_together(tb):
     seqs, prompt_lens = texts(tb)
     got = left_pad(seqs, tb.pad_id, prompt_lens=prompt_lens)
-    want = torch_left_pad(seqs, tb.pad_id, "cpu", prompt_lens)
-    assert got.ids.dtype == np.int32 and got.ids.shape == (3, max(map(len, seqs)))
-    np.testing.assert_array_equal(got.ids, want.ids.numpy())
-    np.testing.assert_array_equal(got.mask, want.attn.numpy().astype(bool))
-    np.testing.assert_array_equal(got.pad, want.pad.numpy())
-    np.testing.assert_array_equal(got.prompt_lens, want.prompt_len.numpy())
-    np.testing.assert_array_equal(got.positions, (want.attn.cumsum(-1) - 1).clamp(min=0).numpy())
-    m = Batch.of(seqs, tb.pad_id)
-    np.testing.assert_array_equal(got.ids, np.array(m.ids))
-    np.testing.assert_array_equal(got.lens, m.lens)
-    np.testing.assert_array_equal(got.mask, np.array(m.valid))
-    rope = np.arange(got.ids.shape[1])[None] + np.array(m.offset)[:, None]  # MLX rope positions
-    np.testing.assert_array_equal(got.positions[got.mask], rope[got.mask])
+    T = max(map(len, seqs))
+    assert got.ids.dtype == np.int32 and got.ids.shape == (3, T)
+    for b, s in enumerate(seqs):
+        pad = T - len(s)
+        assert got.pad[b] == pad and got.lens[b] == len(s)
+        assert got.ids[b].tolist() == [tb.pad_id] * pad + s
+        assert got.mask[b].tolist() == [False] * pad + [True] * len(s)
+        assert got.positions[b].tolist() == [0] * pad + list(range(len(s)))
+    np.testing.assert_array_equal(got.prompt_lens, prompt_lens)
+    np.testing.assert_array_equal(left_pad(seqs, 0).prompt_lens, [len(s) for s in seqs])
 
 
 def test_plan_batches_cover_every_sequence_once(tb):
@@ -149,25 +133,41 @@ def test_plan_batches_cover_every_sequence_once(tb):
 
 # ---------------------------------------------------------------------- steering positions
 @pytest.mark.parametrize("positions", ["all", "prompt", "response"])
-def test_steer_mask_matches_torch_mlx_and_base(tb, positions):
+def test_steer_mask_is_the_one_sequence_rule_per_row(tb, positions):
+    seqs, prompt_lens = texts(tb)
+    got = left_pad(seqs, tb.pad_id, prompt_lens=prompt_lens)
+    T = got.ids.shape[1]
+    full = got.steer_mask(positions, 0, T + 5)  # the prompts and 5 generated tokens
+    for row, s in enumerate(seqs):
+        assert not full[row, : got.pad[row]].any()  # never on padding
+        one = steer_mask(prompt_lens[row], len(s) + 5, positions)
+        np.testing.assert_array_equal(full[row, got.pad[row] :], one)
+    for start, t in ((0, T), (2, 3), (T, 1), (T + 4, 1)):  # prefill, a window, decode steps
+        np.testing.assert_array_equal(
+            got.steer_mask(positions, start, t), full[:, start : start + t]
+        )
+    np.testing.assert_array_equal(got.steer_mask(positions), full[:, :T])
+    per_row = [positions, "prompt", "all"]  # one choice per row
+    mixed = got.steer_mask(per_row)
+    for row, p in enumerate(per_row):
+        np.testing.assert_array_equal(mixed[row], got.steer_mask(p)[row])
+
+
+def test_mlx_steering_mask_is_the_plans(tb):
     pytest.importorskip("mlx.core", reason="the mlx comparison needs mlx")
     import mlx.core as mx
 
-    from pertoken.backends.mlx.batch import Batch, SteerPlan
+    from pertoken.backends.mlx.batch import SteerPlan
 
     seqs, prompt_lens = texts(tb)
-    got = left_pad(seqs, tb.pad_id, prompt_lens=prompt_lens)
-    batch = torch_left_pad(seqs, tb.pad_id, "cpu", prompt_lens)
-    T = got.ids.shape[1]
-    for start, t in ((0, T), (2, 3), (T, 1), (T + 4, 1)):  # prefill, a window, decode steps
-        want = position_mask(batch, start, t, positions).numpy()
-        np.testing.assert_array_equal(got.steer_mask(positions, start, t), want)
-    plan = SteerPlan.of(Steer.single(1, np.zeros(tb.hidden_size), 1.0, positions), mx.float32)
-    on = np.array(plan.prefill_on(Batch.of(seqs, tb.pad_id), np.array(prompt_lens)))[..., 0]
-    np.testing.assert_array_equal(got.steer_mask(positions), on.astype(bool))
-    for row, s in enumerate(seqs):
-        one = steer_mask(prompt_lens[row], len(s), positions)
-        np.testing.assert_array_equal(got.steer_mask(positions)[row, got.pad[row] :], one)
+    batch = left_pad(seqs, tb.pad_id, prompt_lens=prompt_lens)
+    plans = [Steer.single(1, np.ones(tb.hidden_size), 1.0, p) for p in ("prompt", "response")]
+    one = SteerPlan.of(plans[1], mx.float32)
+    on = np.array(one.prefill_on(batch))[..., 0]
+    np.testing.assert_array_equal(on, batch.steer_mask("response"))
+    per_row = SteerPlan.per_row([plans[0], None, plans[1]], tb.hidden_size, mx.float32)
+    on = np.array(per_row.prefill_on(batch))[..., 0]
+    np.testing.assert_array_equal(on, batch.steer_mask(["prompt", "all", "response"]))
 
 
 def test_unknown_positions_are_an_error():
@@ -177,40 +177,35 @@ def test_unknown_positions_are_an_error():
 
 
 # ---------------------------------------------------------------------- summary weights
-def torch_weights(tb, seqs, prompt_lens) -> np.ndarray:
-    """_RowMeans's weights, read back by feeding it the identity as hidden states."""
-    ids, attn = tb._right_pad(seqs)
-    means = _RowMeans((ids, attn), list(prompt_lens))
-    T = ids.shape[1]
-    means.on_row(0, torch.eye(T).expand(len(seqs), T, T))  # [B, T, hidden = T]
-    right = np.stack([r[:, 0] for r in means.result()], axis=1)  # [B, 3, T] right-padded
-    return np.stack([np.roll(w, T - len(s), axis=-1) for w, s in zip(right, seqs)])
+def loop_weights(batch, prompt_lens) -> np.ndarray:
+    """[B, 3, T] means weights position by position; NaN for an empty part."""
+    B, T = batch.ids.shape
+    w = np.zeros((B, 3, T))
+    for b in range(B):
+        p, n = int(batch.pad[b]), int(batch.lens[b])
+        P = min(int(prompt_lens[b]), n)  # a prompt longer than its text ends at the last token
+        w[b, 0, p : p + P] = 1 / P
+        w[b, 1, p + P - 1] = 1
+        if n > P:
+            w[b, 2, p + P :] = 1 / (n - P)
+        else:
+            w[b, 2] = np.nan  # no answer: NaN throughout, so `w @ h` is NaN too
+    return w
 
 
-def test_summary_weights_match_torch_row_means(tb):
+def test_summary_weights_are_the_means_of_each_part(tb):
     seqs, prompt_lens = texts(tb)
     w = left_pad(seqs, tb.pad_id, prompt_lens=prompt_lens).summary_weights()
     assert w.shape == (3, 3, max(map(len, seqs))) and w.dtype == np.float32
-    np.testing.assert_allclose(w, torch_weights(tb, seqs, prompt_lens), rtol=1e-6)
+    np.testing.assert_allclose(w, loop_weights(left_pad(seqs, 0), prompt_lens), rtol=1e-6)
     assert np.isnan(w[1, 2]).all() and not np.isnan(np.delete(w.reshape(9, -1), 5, 0)).any()
     np.testing.assert_allclose(np.nansum(w, axis=2), np.where(np.isnan(w[..., 0]), 0, 1), rtol=1e-6)
-
-
-def test_summary_weights_match_mlx_mean_weights(tb):
-    pytest.importorskip("mlx.core", reason="the mlx comparison needs mlx")
-    from pertoken.backends.mlx.batch import Batch
-    from pertoken.backends.mlx.summaries import mean_weights
-
-    seqs, prompt_lens = texts(tb)
-    # row 0's prompt outgrows its sequence: MLX ends it at the last token (torch gives NaN)
+    # row 0's prompt outgrows its sequence: it ends at the last token, the answer is empty
     prompt_lens[0] = len(seqs[0]) + 3
     w = left_pad(seqs, tb.pad_id, prompt_lens=prompt_lens).summary_weights()
-    want = mean_weights(Batch.of(seqs, tb.pad_id), np.array(prompt_lens))
-    empty = want.sum(axis=2) == 0  # [B, 3]: parts MLX turns into NaN after the matmul
-    np.testing.assert_array_equal(np.isnan(w).all(axis=2), empty)
-    np.testing.assert_allclose(np.nan_to_num(w), want, rtol=1e-6)
+    np.testing.assert_allclose(w, loop_weights(left_pad(seqs, 0), prompt_lens), rtol=1e-6)
+    empty = np.isnan(w).all(axis=2)
     assert empty.tolist() == [[False, False, True], [False, False, True], [False, False, False]]
-    np.testing.assert_allclose(w[1:], torch_weights(tb, seqs, prompt_lens)[1:], rtol=1e-6)
 
 
 def test_weights_times_hidden_states_are_the_summaries(tb):
@@ -227,12 +222,15 @@ def test_weights_times_hidden_states_are_the_summaries(tb):
 
 
 # ---------------------------------------------------------------------- token pieces
-def mlx_pieces(decode, ids):
-    pytest.importorskip("mlx.core", reason="the mlx comparison needs mlx")
-    from pertoken.backends.mlx.backend import _Pieces
-
-    old = _Pieces(SimpleNamespace(decode=decode))
-    return [old.add(t) for t in ids]
+def prefix_pieces(decode, ids):
+    """Pieces as prefix differences of the growing text, or the token decoded alone where
+    decoding rewrites text already given out."""
+    out, prev = [], ""
+    for i in range(len(ids)):
+        text = decode(ids[: i + 1])
+        out.append(text[len(prev) :] if text.startswith(prev) else decode(ids[i : i + 1]))
+        prev = text
+    return out
 
 
 def test_token_pieces_match_both_backends(tb):
@@ -241,8 +239,7 @@ def test_token_pieces_match_both_backends(tb):
         ids = tb.encode(text) + [eot] + tb.encode(" more")
         stream = TokenPieces(tb.decode)
         streamed = [stream.add(t) for t in ids]
-        assert streamed == token_pieces(tb.decode, ids) == chat_token_pieces(tb.tokenizer, ids)
-        assert streamed == mlx_pieces(tb.decode, ids)
+        assert streamed == token_pieces(tb.decode, ids) == prefix_pieces(tb.decode, ids)
         assert "".join(streamed) == tb.decode(ids) and stream.rest() == ""
 
 
@@ -253,7 +250,7 @@ def test_multibyte_characters_land_on_the_token_that_completes_them(tb):
     assert any(p.endswith("\ufffd") for p in prefixes)  # the tokenizer splits characters
     pieces = token_pieces(tb.decode, ids)
     assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
-    old = chat_token_pieces(tb.tokenizer, ids)
+    old = prefix_pieces(tb.decode, ids)
     plain = [i for i, p in enumerate(prefixes) if "\ufffd" not in p + prefixes[i - 1 if i else 0]]
     assert [pieces[i] for i in plain] == [old[i] for i in plain] and len(plain) > 5
     cut = ids[: prefixes.index("café naïve \ufffd") + 1]  # ends inside the emoji
@@ -271,5 +268,5 @@ def test_rewritten_text_falls_back_to_the_token_alone(tb):
 
     ids = tb.encode("Hello , world . ok")
     pieces = token_pieces(tidy, ids)
-    assert pieces == mlx_pieces(tidy, ids)
+    assert pieces == prefix_pieces(tidy, ids)
     assert any(not tidy(ids[: i + 1]).startswith(tidy(ids[:i])) for i in range(1, len(ids)))

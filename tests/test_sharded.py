@@ -61,7 +61,7 @@ def test_vectors_go_where_blocks_run_not_where_parameters_sit(pair):
     assert [next(layer.parameters()).device.type for layer in layers] == ["cpu"] * 2 + ["meta"] * 2
     assert block_devices(split.model) == [torch.device("cpu")] * 4
     state = split._tap_state(_steer(split))
-    assert state.steer[2].device == torch.device("cpu")
+    assert state.steer[3].device == torch.device("cpu")  # keyed by row
 
 
 def test_logits_equal_one_device(pair):

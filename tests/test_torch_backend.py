@@ -55,11 +55,11 @@ def test_generation_stops_at_end_of_turn(backend):
     assert len(backend.generate(prompts(backend)[:1], max_new_tokens=8, temperature=0)[0]) > 0
 
 
-def _rows_with(backend, ids, steer_by_block, mask=None):
+def _rows_with(backend, ids, steer_by_row, mask=None):
     """All rows [n_layers+1, T, hidden] of one sequence with raw steering through the taps."""
     got = {}
     state = TapState(
-        steer={k: torch.tensor(v) for k, v in steer_by_block.items()},
+        steer={k: torch.tensor(v) for k, v in steer_by_row.items()},
         steer_mask=mask,
         rows=frozenset(range(backend.n_layers + 1)),
         on_row=lambda r, h: got.__setitem__(r, h[0].clone()),
@@ -72,16 +72,17 @@ def _rows_with(backend, ids, steer_by_block, mask=None):
 @pytest.mark.parametrize("positions", ["all", "prompt", "response"])
 def test_position_mask_steers_only_its_tokens(backend, positions):
     from pertoken.backends.base import steer_mask
-    from pertoken.backends.torch.decode import left_pad, position_mask
+    from pertoken.backends.plan import left_pad
+    from pertoken.backends.torch.decode import steer_tensor
 
     ids = backend.encode(prompts(backend)[0] + ANSWERS[0])
     P = len(backend.encode(prompts(backend)[0]))
-    batch = left_pad([ids], backend.pad_id, "cpu", [P])
-    mask = position_mask(batch, 0, len(ids), positions)
+    batch = left_pad([ids], backend.pad_id, prompt_lens=[P])
+    mask = steer_tensor(batch, positions, "cpu")
     np.testing.assert_array_equal(mask[0].numpy(), steer_mask(P, len(ids), positions))
     vec = np.ones(64, np.float32)
     base = _rows_with(backend, ids, {})
-    steered = _rows_with(backend, ids, {0: vec}, mask)
+    steered = _rows_with(backend, ids, {1: vec}, mask)
     diff = np.abs(steered[1] - base[1]).max(-1)  # [T]
     expect = steer_mask(P, len(ids), positions)
     assert (diff[expect] > 0.99).all() and (diff[~expect] < 1e-6).all()
@@ -105,10 +106,13 @@ def test_registry_errors(monkeypatch):
 
 def test_import_and_help_stay_light():
     code = (
-        "import sys, pertoken, pertoken.cli, pertoken.backends;"
+        "import sys, pertoken, pertoken.cli;"
         "from click.testing import CliRunner;"
         "r = CliRunner().invoke(pertoken.cli.main, ['--help']);"
         "assert r.exit_code == 0, r.output;"
+        "heavy = [m for m in ('numpy', 'torch', 'mlx', 'transformers') if m in sys.modules];"
+        "assert not heavy, heavy;"
+        "import pertoken.backends;"
         "heavy = [m for m in ('torch', 'mlx', 'transformers') if m in sys.modules];"
         "assert not heavy, heavy;"
         "print(r.output)"

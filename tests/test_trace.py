@@ -20,7 +20,6 @@ from pertoken.backends import is_installed, load_backend
 from pertoken.commands import options
 from pertoken.errors import PertokenError
 from pertoken.pipeline.trace import Generation, trace_dataset
-from pertoken.pipeline.trace_store import folder_lock
 from pertoken.vectors import PersonaVector, save_vector
 from tests.fake_backend import FakeBackend
 from tests.reference import hf_hidden
@@ -202,10 +201,15 @@ def test_interrupted_trace_resumes_with_the_missing_items(tmp_path):
 
 
 def test_a_second_process_and_changed_input_are_refused(tmp_path):
+    from tests.test_lock import Holder
+
     chats = _jsonl(tmp_path / "c.jsonl")
-    with folder_lock(tmp_path / "out"):
-        with pytest.raises(PertokenError, match="being written by another pertoken process"):
-            _trace(FakeBackend(), chats, tmp_path / "out")
+    holder = Holder(tmp_path / "out", folder=True)
+    with pytest.raises(
+        PertokenError, match=f"in use by pid {holder.pid} .another pertoken process"
+    ):
+        _trace(FakeBackend(), chats, tmp_path / "out")
+    holder.release()
     _trace(FakeBackend(), chats, tmp_path / "out")
     changed = _jsonl(tmp_path / "d.jsonl", [CHATS[1], CHATS[0], CHATS[2]])
     with pytest.raises(PertokenError, match=r"other input \(item 0 differs\)"):

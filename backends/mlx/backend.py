@@ -21,7 +21,7 @@ from pertoken.backends.base import (
     steer_rows,
 )
 from pertoken.backends.chat import encode_offsets, render_chat, render_messages, stop_token_ids
-from pertoken.backends.mlx.batch import Batch, SteerPlan
+from pertoken.backends.mlx.batch import SteerPlan
 from pertoken.backends.mlx.decode import decode
 from pertoken.backends.mlx.load import (
     DTYPES,
@@ -34,6 +34,14 @@ from pertoken.backends.mlx.load import (
 )
 from pertoken.backends.mlx.prefill import CHUNK, prefill
 from pertoken.backends.mlx.summaries import summarize
+from pertoken.backends.plan import (
+    TokenPieces,
+    encode_pairs,
+    encode_texts,
+    left_pad,
+    plan_batches,
+    token_pieces,
+)
 from pertoken.errors import PertokenError
 from pertoken.rows import check_capture_rows
 
@@ -104,7 +112,7 @@ class MLXBackend:
         steer: one Steer for all prompts or one (or None) per prompt; seeds (one per prompt):
         each row samples from its own stream, whatever its batch; stream: per-token reports
         (token, logprobs, hidden states at stream.rows), whose callback may end an answer."""
-        seqs = self._encode_all(prompts)
+        seqs = encode_texts(self.encode, prompts)
         plans = steer_rows(steer, len(seqs), self.n_layers, self.hidden_size)
         if stream is not None:
             check_capture_rows(stream.rows, self.n_layers)
@@ -114,13 +122,13 @@ class MLXBackend:
         sampling = Sampling(temperature, top_p, top_k, repetition_penalty)
         mx.random.seed(seed)
         out: list[str] = [""] * len(seqs)
-        for idx in _chunks(seqs, batch_size or 8):
-            lens = np.array([len(seqs[i]) for i in idx])
+        for batch in plan_batches(seqs, self.pad_id, batch_size=batch_size or 8):
+            idx = batch.index
             plan = SteerPlan.per_row([plans[i] for i in idx], self.hidden_size, self._mx_dtype)
             answers = decode(
-                self.model, Batch.of([seqs[i] for i in idx], self.pad_id), prompt_lens=lens,
-                max_new_tokens=max_new_tokens, sampling=sampling, stop=self.stop, steer=plan,
-                chunk=self.prefill_chunk, uniforms=None if uniforms is None else uniforms[idx],
+                self.model, batch, max_new_tokens=max_new_tokens, sampling=sampling,
+                stop=self.stop, steer=plan, chunk=self.prefill_chunk,
+                uniforms=None if uniforms is None else uniforms[idx],
                 **_stream_kw(stream, idx),
             )  # fmt: skip
             for i, a in zip(idx, answers, strict=True):
@@ -143,8 +151,8 @@ class MLXBackend:
         if not rows:
             raise PertokenError("no layers to trace: give at least one layer")
         check_capture_rows(rows, self.n_layers)
-        ids = self._encode_all([prompt])[0]
-        pieces = _Pieces(self)
+        (ids,) = encode_texts(self.encode, [prompt])
+        pieces = TokenPieces(self.decode)
 
         def on_hidden(b: int, i: int, token: int, h: np.ndarray, _lp) -> None:
             piece = pieces.add(token)
@@ -153,10 +161,9 @@ class MLXBackend:
 
         mx.random.seed(seed)
         (answer,) = decode(
-            self.model, Batch.of([ids], self.pad_id), prompt_lens=np.array([len(ids)]),
-            max_new_tokens=max_new_tokens, sampling=Sampling(temperature),
-            stop=self.stop, steer=self._plan(steer), rows=rows, report=on_hidden,
-            chunk=self.prefill_chunk,
+            self.model, left_pad([ids], self.pad_id), max_new_tokens=max_new_tokens,
+            sampling=Sampling(temperature), stop=self.stop, steer=self._plan(steer), rows=rows,
+            report=on_hidden, chunk=self.prefill_chunk,
         )  # fmt: skip
         hidden = (
             np.stack(answer.hidden)
@@ -165,45 +172,42 @@ class MLXBackend:
         )
         meta = {"backend": self.name, "model": self.model_id, "temperature": temperature}
         return TokenTrace(
-            prompt, self.decode(answer.ids), pieces.pieces, answer.ids, rows,
-            hidden.astype(np.float32), meta,
+            prompt, self.decode(answer.ids), token_pieces(self.decode, answer.ids), answer.ids,
+            rows, hidden.astype(np.float32), meta,
         )  # fmt: skip
 
     # ------------------------------------------------------------------ forward-only
     def summaries(self, prompts: list[str], answers: list[str], *, batch_size: int = 8):
         """prompt_avg, prompt_last, response_avg per sample, each [N, n_layers + 1, hidden]."""
-        if len(prompts) != len(answers):
-            raise PertokenError(f"{len(prompts)} prompts but {len(answers)} answers")
-        seqs = self._encode_all([p + a for p, a in zip(prompts, answers, strict=True)])
-        plens = np.array([len(self.encode(p)) for p in prompts])
+        seqs, prompt_lens = encode_pairs(self.encode, prompts, answers)
         out = np.zeros((len(seqs), self.n_layers + 1, 3, self.hidden_size), np.float32)
-        for idx in _chunks(seqs, batch_size):
-            batch = Batch.of([seqs[i] for i in idx], self.pad_id)
-            out[idx] = summarize(self.model, batch, plens[idx], self.prefill_chunk)
-        return Summaries(out[:, :, 0].copy(), out[:, :, 1].copy(), out[:, :, 2].copy())
+        for batch in plan_batches(
+            seqs, self.pad_id, prompt_lens=prompt_lens, batch_size=batch_size
+        ):
+            out[batch.index] = summarize(self.model, batch, self.prefill_chunk)
+        return Summaries.of(out)
 
     def logits(self, text: str, *, steer: Steer | None = None, prompt_len: int | None = None):
         """[T, vocab] float32 logits of one text (no special tokens added)."""
-        ids = self._encode_all([text])[0]
-        batch, plan = Batch.of([ids], self.pad_id), self._plan(steer)
+        (ids,) = encode_texts(self.encode, [text])
+        plen = len(ids) if prompt_len is None else int(prompt_len)
+        batch, plan = left_pad([ids], self.pad_id, prompt_lens=[plen]), self._plan(steer)
         kw = {}
         if plan is not None:
-            plen = np.array([len(ids) if prompt_len is None else int(prompt_len)])
-            kw = {"steer": plan.vectors, "steer_on": plan.prefill_on(batch, plen)}
+            kw = {"steer": plan.vectors, "steer_on": plan.prefill_on(batch)}
         out = prefill(self.model, batch, chunk=self.prefill_chunk, head="all", **kw)
         return np.array(out[0].astype(mx.float32))
 
     def next_token_logprobs(self, prompts: list[str], *, batch_size: int = 8) -> np.ndarray:
         """[N, vocab] float32 log-probabilities of the token after each prompt."""
-        seqs = self._encode_all(prompts)
+        seqs = encode_texts(self.encode, prompts)
         out: np.ndarray | None = None
-        for idx in _chunks(seqs, batch_size):
-            batch = Batch.of([seqs[i] for i in idx], self.pad_id)
+        for batch in plan_batches(seqs, self.pad_id, batch_size=batch_size):
             last = prefill(self.model, batch, chunk=self.prefill_chunk, head="last")
             logits = last[:, -1].astype(mx.float32)  # [B, vocab]
             lp = np.array(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
             out = np.zeros((len(seqs), lp.shape[1]), np.float32) if out is None else out
-            out[idx] = lp
+            out[batch.index] = lp
         return out
 
     # ------------------------------------------------------------------ per-token traces
@@ -222,21 +226,12 @@ class MLXBackend:
         from pertoken.backends.mlx.trace_batch import token_projections
 
         d = check_projection_inputs(ids, directions, rows, self.n_layers, self.hidden_size)
-        plens = None if prompt_lens is None else np.asarray(prompt_lens)
+        batches = plan_batches(ids, self.pad_id, prompt_lens=prompt_lens, batch_size=batch_size)
         return token_projections(
-            self.model, ids, d, [int(r) for r in rows], _chunks(ids, batch_size),
-            pad_id=self.pad_id, plan=self._plan(steer), prompt_lens=plens,
-        )  # fmt: skip
+            self.model, d, [int(r) for r in rows], batches, plan=self._plan(steer)
+        )
 
     # ------------------------------------------------------------------ helpers
-    def _encode_all(self, texts: list[str]) -> list[list[int]]:
-        if not texts:
-            raise PertokenError("no prompts given: pass at least one prompt")
-        seqs = [self.encode(t) for t in texts]
-        if any(not s for s in seqs):
-            raise PertokenError("a prompt is empty after tokenization: every prompt needs text")
-        return seqs
-
     def _plan(self, steer: Steer | None) -> SteerPlan | None:
         if steer is None:
             return None
@@ -246,14 +241,6 @@ class MLXBackend:
     @property
     def _mx_dtype(self):
         return DTYPES[self.dtype]
-
-
-def _chunks(seqs: list[list[int]], size: int) -> list[np.ndarray]:
-    """Indices grouped into batches of similar length (less padding)."""
-    if size < 1:
-        raise PertokenError(f"batch size must be at least 1, not {size}")
-    order = np.argsort([len(s) for s in seqs], kind="stable")
-    return [order[i : i + size] for i in range(0, len(order), size)]
 
 
 def _stream_kw(stream: Streaming | None, idx: np.ndarray) -> dict:
@@ -268,20 +255,3 @@ def _stream_kw(stream: Streaming | None, idx: np.ndarray) -> dict:
         return stream.on_step(step)
 
     return {"rows": list(stream.rows) or None, "report": report, "logprobs": stream.logprobs}
-
-
-class _Pieces:
-    """Text piece of each answer token, by decoding the growing answer."""
-
-    def __init__(self, backend: MLXBackend):
-        self.backend, self.ids, self.text, self.pieces = backend, [], "", []
-
-    def add(self, token: int) -> str:
-        self.ids.append(token)
-        text = self.backend.decode(self.ids)
-        piece = (
-            text[len(self.text) :] if text.startswith(self.text) else self.backend.decode([token])
-        )
-        self.text = text
-        self.pieces.append(piece)
-        return piece

@@ -1,4 +1,4 @@
-"""Left-padded batches and the forward passes over them (prefill, decode step, summaries)."""
+"""A planned batch (backends/plan.py) as MLX arrays, steering plans, and the Passes over them."""
 
 from __future__ import annotations
 
@@ -7,36 +7,22 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from pertoken.backends.base import Steer, steer_mask
+from pertoken.backends.base import Steer
 from pertoken.backends.mlx.models.residual import Pass, attend_mask
+from pertoken.backends.plan import PaddedBatch
 
 
-@dataclass
-class Batch:
-    """Token ids of several sequences, padded on the left so they end together."""
+def ids_of(batch: PaddedBatch) -> mx.array:
+    return mx.array(batch.ids)  # [B, T] int32
 
-    ids: mx.array  # [B, T] int32
-    pad: np.ndarray  # [B] left padding per row
-    lens: np.ndarray  # [B] unpadded length per row
 
-    @classmethod
-    def of(cls, seqs: list[list[int]], pad_id: int = 0) -> Batch:
-        lens = np.array([len(s) for s in seqs])
-        T = int(lens.max())
-        ids = np.full((len(seqs), T), pad_id, dtype=np.int32)
-        for i, s in enumerate(seqs):
-            ids[i, T - len(s) :] = s
-        return cls(mx.array(ids), T - lens, lens)
+def valid_of(batch: PaddedBatch) -> mx.array:
+    return mx.array(batch.mask)  # [B, T] bool
 
-    @property
-    def valid(self) -> mx.array:
-        T = self.ids.shape[1]
-        return mx.array(np.arange(T)[None] >= self.pad[:, None])  # [B, T] bool
 
-    @property
-    def offset(self) -> mx.array:
-        # Rope positions count from each row's first real token.
-        return mx.array(-self.pad.astype(np.int32))  # [B]
+def offset_of(batch: PaddedBatch) -> mx.array:
+    # Rope positions count from each row's first real token.
+    return mx.array(-batch.pad.astype(np.int32))  # [B]
 
 
 @dataclass
@@ -72,14 +58,9 @@ class SteerPlan:
     def _row_positions(self, B: int) -> list[str]:
         return [self.positions] * B if isinstance(self.positions, str) else self.positions
 
-    def prefill_on(self, batch: Batch, prompt_lens: np.ndarray) -> mx.array:
-        """[B, T, 1] in the vectors' dtype: 1 where steering acts, never on padding."""
-        B, T = batch.ids.shape
-        on = np.zeros((B, T), dtype=np.float32)
-        for b, positions in enumerate(self._row_positions(B)):
-            p, n = int(batch.pad[b]), int(batch.lens[b])
-            on[b, p:] = steer_mask(int(prompt_lens[b]), n, positions)
-        return mx.array(on[..., None]).astype(self._dtype)
+    def prefill_on(self, batch: PaddedBatch) -> mx.array:
+        """[B, T, 1] in the vectors' dtype: the plan's steering mask over the batch."""
+        return mx.array(batch.steer_mask(self.positions)[..., None]).astype(self._dtype)
 
     def step_kw(self, B: int) -> dict:
         """Pass fields for a decode step: every row steers there except `prompt` rows."""
@@ -101,11 +82,11 @@ def window_of(model) -> int | None:
     return model.sliding_window if any(lay.use_sliding for lay in model.layers) else None
 
 
-def full_pass(batch: Batch, window: int | None, **kw) -> Pass:
+def full_pass(batch: PaddedBatch, window: int | None, **kw) -> Pass:
     """A Pass over a whole padded batch (prefill or a cache-free forward)."""
-    valid, T = batch.valid, batch.ids.shape[1]
+    valid, T = valid_of(batch), batch.ids.shape[1]
     return Pass(
-        offset=batch.offset,
+        offset=offset_of(batch),
         mask=attend_mask(valid, T),
         window_mask=attend_mask(valid, T, window) if window else None,
         **kw,

@@ -13,9 +13,10 @@ import numpy as np
 from mlx_lm.models.cache import KVCache
 
 from pertoken.backends.base import Sampling
-from pertoken.backends.mlx.batch import Batch, SteerPlan, step_pass, window_of
+from pertoken.backends.mlx.batch import SteerPlan, ids_of, offset_of, step_pass, valid_of, window_of
 from pertoken.backends.mlx.prefill import CHUNK, prefill
 from pertoken.backends.mlx.sampling import Sampler
+from pertoken.backends.plan import PaddedBatch
 
 # (batch row, answer token index, token id, hidden [len(rows), hidden] float32 or None,
 #  (logprob, [(id, logprob), ...] or None) or None) -> False to end that row's answer
@@ -58,9 +59,8 @@ def logprobs_of(logits: mx.array, tokens: mx.array, k: int | None):
 
 def decode(
     model,
-    batch: Batch,
+    batch: PaddedBatch,
     *,
-    prompt_lens: np.ndarray,
     max_new_tokens: int,
     sampling: Sampling,
     stop: set[int],
@@ -85,14 +85,15 @@ def decode(
     cache = [KVCache() for _ in model.layers]
     pre, dec = {}, {}
     if steer is not None:
-        pre = {"steer": steer.vectors, "steer_on": steer.prefill_on(batch, prompt_lens)}
+        pre = {"steer": steer.vectors, "steer_on": steer.prefill_on(batch)}
         dec = steer.step_kw(B)
     sample = Sampler(sampling, stop, uniforms)
-    sample.start(batch.ids, batch.valid)
+    valid = valid_of(batch)
+    sample.start(ids_of(batch), valid)
     logits = prefill(model, batch, chunk=chunk, cache=cache, head="last", **pre)
     y = sample(logits[:, -1])  # [B]
     first = (y, None, logprobs_of(logits[:, -1], y, logprobs))
-    state = {"valid": batch.valid, "offset": batch.offset + T}
+    state = {"valid": valid, "offset": offset_of(batch) + T}
 
     def step(tokens: mx.array) -> tuple:
         state["valid"] = mx.concatenate([state["valid"], mx.ones((B, 1), dtype=mx.bool_)], 1)

@@ -9,15 +9,16 @@ from collections.abc import Callable
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache
 
-from pertoken.backends.mlx.batch import Batch, window_of
+from pertoken.backends.mlx.batch import ids_of, offset_of, valid_of, window_of
 from pertoken.backends.mlx.models.residual import Observer, Pass, attend_mask
+from pertoken.backends.plan import PaddedBatch
 
 CHUNK = 512  # input tokens per forward
 
 
 def prefill(
     model,
-    batch: Batch,
+    batch: PaddedBatch,
     *,
     chunk: int = CHUNK,
     cache: list | None = None,
@@ -35,13 +36,13 @@ def prefill(
     evaluated with the cache after each chunk, so no chunk's graph outlives it."""
     B, T = batch.ids.shape
     cache = cache if cache is not None else [KVCache() for _ in model.layers]
-    window, valid = window_of(model), batch.valid
+    window, ids, valid, offset = window_of(model), ids_of(batch), valid_of(batch), offset_of(batch)
     causal = not batch.pad.any()  # the fused kernel's causal mode needs no padding
     outs = []
     for s in range(0, T, chunk):
         e = min(s + chunk, T)
         p = Pass(
-            offset=batch.offset + s,
+            offset=offset + s,
             mask="causal" if causal else attend_mask(valid[:, :e], e - s),
             window_mask=attend_mask(valid[:, :e], e - s, window) if window else None,
             steer=steer or {},
@@ -49,7 +50,7 @@ def prefill(
             observe=observe(s) if observe else None,
             head=head if head == "all" or e == T else "none",
         )
-        out = model(batch.ids[:, s:e], cache, p)  # [B, e - s or 1, vocab] or None
+        out = model(ids[:, s:e], cache, p)  # [B, e - s or 1, vocab] or None
         if out is not None:
             outs.append(out)
         if e < T:

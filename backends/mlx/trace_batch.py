@@ -8,37 +8,33 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
-from pertoken.backends.mlx.batch import Batch, SteerPlan, full_pass, window_of
+from pertoken.backends.mlx.batch import SteerPlan, full_pass, ids_of, window_of
+from pertoken.backends.plan import PaddedBatch
 
 
 def token_projections(
     model,
-    seqs: list[list[int]],
     directions: np.ndarray,
     rows: list[int],
-    batches: list[np.ndarray],
+    batches: list[PaddedBatch],
     *,
-    pad_id: int,
     plan: SteerPlan | None = None,
-    prompt_lens: np.ndarray | None = None,
 ) -> list[np.ndarray]:
-    """Per sequence float32 [T, len(rows), V + 1], for sequences grouped into `batches`
-    (index arrays); see Backend.token_projections."""
+    """Per sequence float32 [T, len(rows), V + 1], for the sequences of the planned
+    `batches`; see Backend.token_projections."""
     units = mx.array(directions)  # [V, R, hidden]
-    plens = prompt_lens if prompt_lens is not None else np.array([len(s) for s in seqs])
     window = window_of(model)
-    out: list[np.ndarray] = [np.zeros(0)] * len(seqs)
-    for idx in batches:
-        batch = Batch.of([seqs[i] for i in idx], pad_id)
+    out: list[np.ndarray] = [np.zeros(0)] * sum(len(b.index) for b in batches)
+    for batch in batches:
         kw = {}
         if plan is not None:
-            kw = {"steer": plan.vectors, "steer_on": plan.prefill_on(batch, plens[idx])}
+            kw = {"steer": plan.vectors, "steer_on": plan.prefill_on(batch)}
         got: dict[int, mx.array] = {}  # row index -> [B, T, V + 1]
         observe = _reducer(units, rows, got)
-        model(batch.ids, None, full_pass(batch, window, head="none", observe=observe, **kw))
+        model(ids_of(batch), None, full_pass(batch, window, head="none", observe=observe, **kw))
         res = np.array(mx.stack([got[k] for k in range(len(rows))], axis=2))  # [B, T, R, V+1]
-        for j, i in enumerate(idx):
-            out[i] = res[j, int(batch.pad[j]) :].copy()  # left padding comes first
+        for i, one in zip(batch.index, batch.unpadded(res)):
+            out[i] = one.copy()
     return out
 
 

@@ -20,15 +20,18 @@ from pertoken.backends.base import (
     row_uniforms,
     steer_rows,
 )
-from pertoken.backends.chat import (
-    encode_offsets,
-    render_chat,
-    render_messages,
-    stop_token_ids,
+from pertoken.backends.chat import encode_offsets, render_chat, render_messages, stop_token_ids
+from pertoken.backends.plan import (
+    PaddedBatch,
+    TokenPieces,
+    encode_pairs,
+    encode_texts,
+    left_pad,
+    plan_batches,
     token_pieces,
 )
 from pertoken.backends.torch.compiled import CompiledDecoder
-from pertoken.backends.torch.decode import DecodeOptions, decode, left_pad, position_mask
+from pertoken.backends.torch.decode import DecodeOptions, batch_tensors, decode, steer_tensor
 from pertoken.backends.torch.hooks import (
     TapState,
     block_devices,
@@ -39,7 +42,7 @@ from pertoken.backends.torch.hooks import (
 from pertoken.backends.torch.load import load_model_and_tokenizer, pick_device, pick_dtype
 from pertoken.backends.torch.stream import RowStream
 from pertoken.errors import PertokenError
-from pertoken.rows import check_capture_rows
+from pertoken.rows import block_of_row, check_capture_rows
 
 
 class TorchBackend:
@@ -107,33 +110,25 @@ class TorchBackend:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def _encode_prompts(self, prompts: list[str]) -> list[list[int]]:
-        if not prompts:
-            raise PertokenError("no prompts given: pass at least one prompt")
-        seqs = [self.encode(p) for p in prompts]
-        if any(len(s) == 0 for s in seqs):
-            raise PertokenError("a prompt is empty after tokenization: every prompt needs text")
-        return seqs
-
     def _tap_state(self, steer: Steer | None) -> TapState:
         if steer is None:
             return TapState()
         steer.validate(self.n_layers, self.hidden_size)
         devices = block_devices(self.model)  # a sharded model's blocks sit on several
-        by_block = {
-            row - 1: torch.from_numpy(vec).to(devices[row - 1], torch.float32)
+        by_row = {
+            row: torch.from_numpy(vec).to(devices[block_of_row(row, self.n_layers)], torch.float32)
             for row, vec in steer.by_row().items()
         }
-        return TapState(steer=by_block)
+        return TapState(steer=by_row)
 
     def _row_state(self, plans: list[Steer | None]) -> tuple[TapState, list[str]]:
-        """Steering for one batch with its own terms per row: block -> [B, hidden]."""
+        """Steering for one batch whose prompts carry their own terms: row -> [B, hidden]."""
         steer: dict[int, torch.Tensor] = {}
         for b, plan in enumerate(plans):
             for row, vec in (plan.by_row() if plan else {}).items():
-                if row - 1 not in steer:
-                    steer[row - 1] = torch.zeros(len(plans), self.hidden_size, device=self.device)
-                steer[row - 1][b] = torch.from_numpy(vec)
+                if row not in steer:
+                    steer[row] = torch.zeros(len(plans), self.hidden_size, device=self.device)
+                steer[row][b] = torch.from_numpy(vec)
         positions = [p.positions if p else "all" for p in plans]
         # one choice for the whole batch when the rows agree (the compiled step takes only that)
         return TapState(steer=steer), positions[0] if len(set(positions)) == 1 else positions
@@ -170,18 +165,17 @@ class TorchBackend:
         steer: one Steer for all prompts or one (or None) per prompt; seeds (one per prompt):
         each row samples from its own stream, whatever its batch; stream: per-token reports
         (token, logprobs, hidden states at stream.rows), whose callback may end an answer."""
-        seqs = self._encode_prompts(prompts)
+        seqs = encode_texts(self.encode, prompts)
         plans = steer_rows(steer, len(seqs), self.n_layers, self.hidden_size)
         if stream is not None:
             check_capture_rows(stream.rows, self.n_layers)
         sampling = Sampling(temperature, top_p, top_k, repetition_penalty)
         uniforms = self._uniforms(seeds, len(seqs), max_new_tokens)  # [N, steps] or None
         batch_size = batch_size or self._auto_batch(max(map(len, seqs)) + max_new_tokens)
-        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
         gen = torch.Generator(device=self.device).manual_seed(seed)
         answers: list[str] = [""] * len(seqs)
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
+        for batch in plan_batches(seqs, self.pad_id, batch_size=batch_size):
+            idx = batch.index.tolist()
             state, positions = self._row_state([plans[i] for i in idx])
             capture = bool(stream and stream.rows)
             opts = self._options(max_new_tokens, sampling, None, capture, positions)
@@ -190,7 +184,6 @@ class TorchBackend:
             feed = RowStream(stream, idx) if stream is not None else None
             if capture:
                 state.rows, state.on_row = frozenset(stream.rows), feed.on_row
-            batch = left_pad([seqs[i] for i in idx], self.pad_id, self.device)
             with residual_taps(self.model, state):
                 out = self._decode(batch, state, opts, gen, stream=feed)
             for i, ids in zip(idx, out):
@@ -242,7 +235,7 @@ class TorchBackend:
         if not rows:
             raise PertokenError("no layers to trace: give at least one layer")
         check_capture_rows(rows, self.n_layers)
-        (seq,) = self._encode_prompts([prompt])
+        (seq,) = encode_texts(self.encode, [prompt])
         state = self._tap_state(steer)
         state.rows = frozenset(rows)
         opts = self._options(max_new_tokens, Sampling(temperature), steer, feed_last=True)
@@ -251,11 +244,7 @@ class TorchBackend:
         gen = torch.Generator(device=self.device).manual_seed(seed)
         with residual_taps(self.model, state):
             (ids,) = self._decode(
-                left_pad([seq], self.pad_id, self.device),
-                state,
-                opts,
-                gen,
-                on_token=collector.feeding,
+                left_pad([seq], self.pad_id), state, opts, gen, on_token=collector.feeding
             )
         hidden = (
             np.stack(collector.states[: len(ids)])
@@ -265,7 +254,7 @@ class TorchBackend:
         return TokenTrace(
             prompt=prompt,
             text=self.decode(ids),
-            tokens=token_pieces(self.tokenizer, ids),
+            tokens=token_pieces(self.decode, ids),
             token_ids=ids,
             rows=list(rows),
             hidden=hidden,
@@ -275,61 +264,57 @@ class TorchBackend:
     @torch.inference_mode()
     def summaries(self, prompts: list[str], answers: list[str], *, batch_size: int = 8):
         """prompt_avg, prompt_last, response_avg per sample, each [N, n_layers+1, hidden]."""
-        if len(prompts) != len(answers):
-            raise PertokenError(f"{len(prompts)} prompts but {len(answers)} answers")
-        p_lens = [len(s) for s in self._encode_prompts(prompts)]
-        full = [self.encode(p + a) for p, a in zip(prompts, answers)]
-        shape = (len(full), self.n_layers + 1, self.hidden_size)
-        out = Summaries(*(np.zeros(shape, np.float32) for _ in range(3)))
-        order = sorted(range(len(full)), key=lambda i: len(full[i]))
-        base = self.model.get_decoder()
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            means = _RowMeans(self._right_pad([full[i] for i in idx]), [p_lens[i] for i in idx])
-            state = TapState(rows=frozenset(range(self.n_layers + 1)), on_row=means.on_row)
-            with residual_taps(self.model, state):
-                base(input_ids=means.ids, attention_mask=means.attn, use_cache=False)
-            for field, arr in zip(out, means.result()):  # each [B, n_layers+1, hidden]
-                field[idx] = arr
-        return out
+        seqs, prompt_lens = encode_pairs(self.encode, prompts, answers)
+        out = np.zeros((len(seqs), self.n_layers + 1, 3, self.hidden_size), np.float32)
+        for batch in plan_batches(
+            seqs, self.pad_id, prompt_lens=prompt_lens, batch_size=batch_size
+        ):
+            out[batch.index] = self._means(batch)
+        return Summaries.of(out)
 
-    def _right_pad(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(len(s) for s in seqs)
-        ids = torch.tensor([s + [self.pad_id] * (width - len(s)) for s in seqs], device=self.device)
-        attn = torch.tensor(
-            [[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=self.device
-        )
-        return ids, attn
+    def _means(self, batch: PaddedBatch) -> np.ndarray:
+        """[B, n_layers + 1, 3, hidden]: `w @ h` at every row inside one forward."""
+        ids, attn, pos = batch_tensors(batch, self.device)
+        w = torch.from_numpy(batch.summary_weights()).to(self.device)  # [B, 3, T]
+        means: dict[int, torch.Tensor] = {}  # row -> [B, 3, hidden]
+        state = TapState(rows=frozenset(range(self.n_layers + 1)))
+        state.on_row = lambda row, h: means.__setitem__(row, w @ h.float())
+        with residual_taps(self.model, state):
+            self.model.get_decoder()(
+                input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False
+            )
+        return torch.stack([means[r] for r in sorted(means)], 1).cpu().numpy()
 
     @torch.inference_mode()
     def logits(self, text: str, *, steer: Steer | None = None, prompt_len: int | None = None):
         """[T, vocab] float32 logits of one text; prompt_len places `prompt`/`response` steering."""
-        (seq,) = self._encode_prompts([text])
-        batch = left_pad([seq], self.pad_id, self.device, [prompt_len or len(seq)])
+        (seq,) = encode_texts(self.encode, [text])
+        batch = left_pad([seq], self.pad_id, prompt_lens=[prompt_len or len(seq)])
         state = self._tap_state(steer)
         if steer is not None:
-            state.steer_mask = position_mask(batch, 0, len(seq), steer.positions)
+            state.steer_mask = steer_tensor(batch, steer.positions, self.device)
+        ids, attn, _ = batch_tensors(batch, self.device)
         with residual_taps(self.model, state):
-            out = self.model(input_ids=batch.ids, attention_mask=batch.attn, use_cache=False)
+            out = self.model(input_ids=ids, attention_mask=attn, use_cache=False)
         return out.logits[0].float().cpu().numpy()
 
     @torch.inference_mode()
     def next_token_logprobs(self, prompts: list[str], *, batch_size: int = 8) -> np.ndarray:
         """[N, vocab] float32 log-probabilities of the next token after each prompt."""
-        seqs = self._encode_prompts(prompts)
-        rows = []
-        for start in range(0, len(seqs), batch_size):
-            batch = left_pad(seqs[start : start + batch_size], self.pad_id, self.device)
-            pos = (batch.attn.cumsum(-1) - 1).clamp(min=0)
-            out = self.model(
-                input_ids=batch.ids,
-                attention_mask=batch.attn,
+        seqs = encode_texts(self.encode, prompts)
+        out: np.ndarray | None = None
+        for batch in plan_batches(seqs, self.pad_id, batch_size=batch_size):
+            ids, attn, pos = batch_tensors(batch, self.device)
+            last = self.model(
+                input_ids=ids,
+                attention_mask=attn,
                 position_ids=pos,
                 use_cache=False,
                 logits_to_keep=1,
-            )
-            rows.append(torch.log_softmax(out.logits[:, -1].float(), -1).cpu().numpy())
-        return np.concatenate(rows)
+            ).logits[:, -1]  # [B, vocab]
+            out = np.zeros((len(seqs), last.shape[-1]), np.float32) if out is None else out
+            out[batch.index] = torch.log_softmax(last.float(), -1).cpu().numpy()
+        return out
 
     # ------------------------------------------------------------------ per-token traces
     def chat_text(self, messages: list[dict], *, add_generation_prompt: bool = False) -> str:
@@ -358,45 +343,18 @@ def _set_fields(gen_config) -> dict:
     return {k: v for k, v in gen_config.to_dict().items() if v is not None}
 
 
-class _RowMeans:
-    """Accumulates masked means per row inside the forward, so no layer's states are kept."""
-
-    def __init__(self, padded: tuple[torch.Tensor, torch.Tensor], prompt_lens: list[int]):
-        self.ids, self.attn = padded  # [B, T]
-        T = self.ids.shape[1]
-        t = torch.arange(T, device=self.ids.device)[None]  # [1, T]
-        P = torch.tensor(prompt_lens, device=self.ids.device)[:, None]  # [B, 1]
-        real = self.attn.bool()
-        # masks [B, T] as float weights normalised to sum 1 (0/0 -> NaN for an empty answer)
-        self.masks = [real & (t < P), real & (t == P - 1), real & (t >= P)]
-        self.sums: list[dict[int, torch.Tensor]] = [{}, {}, {}]
-
-    def on_row(self, row: int, h: torch.Tensor) -> None:
-        h = h.float()  # [B, T, hidden]
-        for mask, sums in zip(self.masks, self.sums):
-            sums[row] = torch.einsum("bt,bth->bh", mask.float(), h)
-
-    def result(self) -> list[np.ndarray]:
-        out = []
-        for mask, sums in zip(self.masks, self.sums):
-            count = mask.sum(1).float()[:, None, None]  # [B, 1, 1]
-            stacked = torch.stack([sums[r] for r in sorted(sums)], dim=1)  # [B, rows, hidden]
-            out.append((stacked / count).cpu().numpy())
-        return out
-
-
 class _TraceCollector:
     """Groups the rows captured at each decode step into one [len(rows), hidden] state."""
 
     def __init__(self, backend: TorchBackend, rows: list[int], on_token: TokenCallback | None):
-        self.backend, self.rows, self.on_token = backend, list(rows), on_token
+        self.rows, self.on_token = list(rows), on_token
         self.states: list[np.ndarray] = []
-        self.ids: list[int] = []
-        self.text = ""
+        self.pieces = TokenPieces(backend.decode)
+        self.token: int | None = None  # the token being fed, whose states come next
         self.pending: dict[int, np.ndarray] | None = None
 
     def feeding(self, tokens: list[int]) -> None:
-        self.ids.append(tokens[0])
+        self.token = tokens[0]
         self.pending = {}
 
     def on_row(self, row: int, h: torch.Tensor) -> None:
@@ -408,6 +366,4 @@ class _TraceCollector:
             self.states.append(state)
             self.pending = {}
             if self.on_token is not None:
-                text = self.backend.decode(self.ids)
-                piece, self.text = text[len(self.text) :], text
-                self.on_token(len(self.states) - 1, piece, state)
+                self.on_token(len(self.states) - 1, self.pieces.add(self.token), state)

@@ -18,9 +18,11 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from pertoken.backends.torch.decode import Batch, DecodeOptions, position_mask
+from pertoken.backends.plan import PaddedBatch
+from pertoken.backends.torch.decode import DecodeOptions, batch_tensors, steer_tensor
 from pertoken.backends.torch.hooks import TapState, block_devices, input_device
 from pertoken.backends.torch.sampling import Sampler
 from pertoken.backends.torch.static_cache import SlotCache, attention_masks, check_attention
@@ -49,9 +51,10 @@ class StaticStep:
         self.slot = torch.zeros(B, 1, dtype=torch.long, device=home)  # its cache slot
         self.key_pos = torch.full((B, L), -1, dtype=torch.long, device=home)  # per slot
         self.steer_on = torch.zeros(B, 1, dtype=torch.bool, device=home)
-        # one vector per block and row, on the block's device: zero where nothing steers
+        # one vector per steerable row and batch row, on its block's device: zero where
+        # nothing steers (block i writes row i + 1)
         self.steer = {
-            i: torch.zeros(B, hidden, dtype=dtype, device=d)
+            i + 1: torch.zeros(B, hidden, dtype=dtype, device=d)
             for i, d in enumerate(block_devices(model))
         }
         self.captured = torch.zeros(B, len(shape.rows), hidden, device=home)  # float32
@@ -76,15 +79,14 @@ class StaticStep:
         )
         return out.logits[:, -1].float().to(self.tokens.device)
 
-    def prefill(self, batch: Batch) -> torch.Tensor:
-        """Writes the prompts at slots 0..T0-1; the next step writes slot T0."""
-        B, T0 = batch.ids.shape
-        real = batch.attn.bool()
-        pos = (batch.attn.cumsum(-1) - 1).clamp(min=0)  # [B, T0] positions skip left padding
+    def prefill(self, ids, attn, pos) -> torch.Tensor:
+        """Writes the prompts (ids, attention mask, positions [B, T0]) at slots 0..T0-1; the
+        next step writes slot T0."""
+        B, T0 = ids.shape
         slots = torch.arange(T0, device=pos.device).expand(B, T0)
         self.key_pos.fill_(-1)
-        self.key_pos[:, :T0] = torch.where(real, pos, -1)
-        logits = self.forward(batch.ids, pos, slots)
+        self.key_pos[:, :T0] = torch.where(attn.bool(), pos, -1)
+        logits = self.forward(ids, pos, slots)
         self.pos.copy_(pos[:, -1:] + 1)
         self.slot.fill_(T0)
         return logits
@@ -124,7 +126,7 @@ class CompiledDecoder:
 
     def decode(
         self,
-        batch: Batch,
+        batch: PaddedBatch,
         state: TapState,
         opts: DecodeOptions,
         gen=None,
@@ -144,11 +146,12 @@ class CompiledDecoder:
         with _bound(state, step):
             if self.graphs and self._graph is None:
                 self._capture()
-            state.steer_mask = position_mask(full, 0, T0, opts.positions)
-            logits = step.prefill(full)  # eager: its length changes from call to call
+            ids, attn, pos = batch_tensors(full, step.tokens.device)  # [rows, T0] each
+            state.steer_mask = steer_tensor(full, opts.positions, ids.device)
+            logits = step.prefill(ids, attn, pos)  # eager: its length changes from call to call
             state.steer_mask = step.steer_on
             sample = Sampler(opts.sampling, opts.stop_ids, gen)
-            sample.start(batch.ids, batch.attn, logits.shape[-1])  # the real rows' prompts
+            sample.start(ids[:B], attn[:B], logits.shape[-1])  # the real rows' prompts
             loop = _Loop(self.run, step, report, opts, sample, on_token, check_every)
             return loop.answers(logits, B)
 
@@ -191,31 +194,29 @@ class CompiledDecoder:
         self.warmup_seconds += time.perf_counter() - t0
 
 
-def _pad_rows(batch: Batch, rows: int, pad_id: int) -> Batch:
+def _pad_rows(batch: PaddedBatch, rows: int, pad_id: int) -> PaddedBatch:
     """The batch with one-token padding rows added up to the step's batch size."""
     extra = rows - batch.ids.shape[0]
     if extra == 0:
         return batch
-    width, device = batch.ids.shape[1], batch.ids.device
-    ids = torch.full((extra, width), pad_id, dtype=batch.ids.dtype, device=device)
-    attn = torch.zeros((extra, width), dtype=batch.attn.dtype, device=device)
-    attn[:, -1] = 1
-    lens = torch.ones(extra, dtype=batch.prompt_len.dtype, device=device)
-    return Batch(
-        torch.cat([batch.ids, ids]),
-        torch.cat([batch.attn, attn]),
-        torch.cat([batch.pad, torch.full_like(lens, width - 1)]),
-        torch.cat([batch.prompt_len, lens]),
+    ids = np.full((extra, batch.ids.shape[1]), pad_id, dtype=batch.ids.dtype)
+    mask = np.zeros(ids.shape, dtype=bool)
+    mask[:, -1] = True
+    return PaddedBatch(
+        np.concatenate([batch.index, np.full(extra, -1)]),
+        np.concatenate([batch.ids, ids]),
+        np.concatenate([batch.mask, mask]),
+        np.concatenate([batch.prompt_lens, np.ones(extra, np.int64)]),
     )
 
 
 def _load_steering(step: StaticStep, state: TapState, positions, B: int) -> None:
-    """Copies the caller's vectors ([hidden] or [B, hidden] per block) into the step's buffers;
+    """Copies the caller's vectors ([hidden] or [B, hidden] per row) into the step's buffers;
     decode steps are steered unless a row steers its prompt only."""
-    for i, buf in step.steer.items():
+    for row, buf in step.steer.items():
         buf.zero_()
-        if i in state.steer:
-            buf[:B].copy_(state.steer[i].to(buf.device, buf.dtype).expand(B, -1))
+        if row in state.steer:
+            buf[:B].copy_(state.steer[row].to(buf.device, buf.dtype).expand(B, -1))
     per_row = [positions] * B if isinstance(positions, str) else list(positions)
     step.steer_on.zero_()
     step.steer_on[:B, 0] = torch.tensor([p != "prompt" for p in per_row])

@@ -1,4 +1,4 @@
-"""Padding, position masks and the KV-cached decode loop for transformers models."""
+"""The KV-cached decode loop for transformers models, over a batch planned in backends/plan.py."""
 
 from __future__ import annotations
 
@@ -9,43 +9,21 @@ from dataclasses import dataclass
 import torch
 
 from pertoken.backends.base import Sampling
-from pertoken.backends.torch.hooks import TapState
+from pertoken.backends.plan import PaddedBatch
+from pertoken.backends.torch.hooks import TapState, input_device
 from pertoken.backends.torch.sampling import Sampler
 from pertoken.backends.torch.stream import RowStream
 
 
-@dataclass
-class Batch:
-    ids: torch.Tensor  # [B, T] left-padded token ids
-    attn: torch.Tensor  # [B, T] 1 for real tokens
-    pad: torch.Tensor  # [B] left padding of each row
-    prompt_len: torch.Tensor  # [B] unpadded prompt length of each row
+def batch_tensors(batch: PaddedBatch, device) -> tuple[torch.Tensor, ...]:
+    """The plan's ids, attention mask and position ids, each [B, T] long on `device`."""
+    arrays = (batch.ids, batch.mask, batch.positions)
+    return tuple(torch.from_numpy(a).to(device, torch.long) for a in arrays)
 
 
-def left_pad(seqs: list[list[int]], pad_id: int, device, prompt_lens=None) -> Batch:
-    """Left-pad token lists; prompt_lens defaults to each sequence's full length."""
-    width = max(len(s) for s in seqs)
-    pad = [width - len(s) for s in seqs]
-    ids = torch.tensor([[pad_id] * p + s for p, s in zip(pad, seqs)], device=device)
-    attn = torch.tensor([[0] * p + [1] * len(s) for p, s in zip(pad, seqs)], device=device)
-    lens = prompt_lens if prompt_lens is not None else [len(s) for s in seqs]
-    return Batch(ids, attn, torch.tensor(pad, device=device), torch.tensor(lens, device=device))
-
-
-def position_mask(batch: Batch, start: int, t: int, positions: str | list[str]) -> torch.Tensor:
-    """[B, t] bool: which of the padded positions start..start+t-1 a Steer acts on.
-
-    positions: one choice for every row, or one per row."""
-    if not isinstance(positions, str):
-        masks = {p: position_mask(batch, start, t, p) for p in set(positions)}
-        return torch.stack([masks[p][b] for b, p in enumerate(positions)])
-    idx = torch.arange(start, start + t, device=batch.pad.device)[None] - batch.pad[:, None]
-    valid = idx >= 0
-    if positions == "prompt":
-        return valid & (idx < batch.prompt_len[:, None])
-    if positions == "response":
-        return valid & (idx >= batch.prompt_len[:, None] - 1)
-    return valid
+def steer_tensor(batch: PaddedBatch, positions, device, start: int = 0, t=None) -> torch.Tensor:
+    """The plan's steering mask [B, t] (see PaddedBatch.steer_mask) as a bool tensor."""
+    return torch.from_numpy(batch.steer_mask(positions, start, t)).to(device)
 
 
 def make_cache(model):
@@ -81,7 +59,7 @@ class DecodeOptions:
 
 def decode(
     model,
-    batch: Batch,
+    batch: PaddedBatch,
     state: TapState,
     opts: DecodeOptions,
     gen=None,
@@ -97,12 +75,13 @@ def decode(
     states. `stream` hears of every sampled token and may end rows."""
     B, T0 = batch.ids.shape
     cache = make_cache(model)
-    attn = batch.attn
-    pos = (attn.cumsum(-1) - 1).clamp(min=0)  # [B, T0] positions ignore left padding
-    state.steer_mask = position_mask(batch, 0, T0, opts.positions) if state.steer else None
-    logits = forward_last(model, batch.ids, attn, pos, cache)
+    ids, attn, pos = batch_tensors(batch, input_device(model))  # [B, T0] each
+    # where steering acts at every position the loop can reach: [B, T0 + max_new_tokens]
+    on = steer_tensor(batch, opts.positions, ids.device, 0, T0 + opts.max_new_tokens)
+    state.steer_mask = on[:, :T0]
+    logits = forward_last(model, ids, attn, pos, cache)
     sample = Sampler(opts.sampling, opts.stop_ids, gen)
-    sample.start(batch.ids, attn, logits.shape[-1])
+    sample.start(ids, attn, logits.shape[-1])
     next_pos = pos[:, -1:] + 1  # [B, 1]
     done = torch.zeros(B, dtype=torch.bool, device=attn.device)
     toks, keep = [], []  # per step: [B] ids, [B] whether the id belongs to the answer
@@ -126,7 +105,7 @@ def decode(
             break
         attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
         if state.steer:
-            state.steer_mask = position_mask(batch, T0 + step, 1, opts.positions)
+            state.steer_mask = on[:, T0 + step : T0 + step + 1]
         if on_token is not None:
             on_token(tok.tolist())
         logits = forward_last(model, tok[:, None], attn, next_pos, cache)

@@ -21,7 +21,7 @@ RowCallback = Callable[[int, torch.Tensor], None]
 class TapState:
     """What the hooks need for the forward about to run; the decode loop updates it."""
 
-    steer: dict[int, torch.Tensor] = field(default_factory=dict)  # block -> [hidden] or [B, hidden]
+    steer: dict[int, torch.Tensor] = field(default_factory=dict)  # row -> [hidden] or [B, hidden]
     steer_mask: torch.Tensor | None = None  # [B, t] bool, None = every position
     rows: frozenset[int] = frozenset()
     on_row: RowCallback | None = None
@@ -86,10 +86,11 @@ def residual_taps(model, state: TapState):
     def block_hook(i: int):
         def hook(_module, _args, output):
             h = output[0] if isinstance(output, tuple) else output
-            if i in state.steer:
-                h = _add(h, state.steer[i], state.steer_mask)
-            if i + 1 < n:
-                emit(i + 1, h)
+            row = i + 1  # block i writes row i + 1
+            if row in state.steer:
+                h = _add(h, state.steer[row], state.steer_mask)
+            if row < n:
+                emit(row, h)
             if isinstance(output, tuple):
                 return (h, *output[1:])
             return h

@@ -8,7 +8,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pertoken.backends.base import Steer, check_projection_inputs, steer_mask
+from pertoken.backends.base import Steer, check_projection_inputs
+from pertoken.backends.plan import plan_batches
+from pertoken.backends.torch.decode import batch_tensors, steer_tensor
 from pertoken.backends.torch.hooks import residual_taps
 
 
@@ -26,35 +28,22 @@ def token_projections(
     """Per sequence float32 [T, len(rows), V + 1]; see Backend.token_projections."""
     d = check_projection_inputs(ids, directions, rows, backend.n_layers, backend.hidden_size)
     units = torch.from_numpy(d).to(backend.device, torch.float32)  # [V, R, hidden]
-    plens = list(prompt_lens) if prompt_lens is not None else [len(s) for s in ids]
     state = backend._tap_state(steer)
     state.rows = frozenset(rows)
     base = backend.model.get_decoder()
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     out: list[np.ndarray] = [np.zeros(0)] * len(ids)
-    for start in range(0, len(order), max(1, batch_size)):
-        idx = order[start : start + max(1, batch_size)]
-        seqs = [ids[i] for i in idx]
-        tokens, attn = backend._right_pad(seqs)  # [B, T] each
+    pad = backend.pad_id
+    for batch in plan_batches(ids, pad, prompt_lens=prompt_lens, batch_size=batch_size):
+        tokens, attn, pos = batch_tensors(batch, backend.device)  # [B, T] each
         if steer is not None:
-            state.steer_mask = _steer_mask(seqs, [plens[i] for i in idx], steer, attn.device)
+            state.steer_mask = steer_tensor(batch, steer.positions, backend.device)
         reducer = _Reducer(units, list(rows))
         state.on_row = reducer.on_row
         with residual_taps(backend.model, state):
-            base(input_ids=tokens, attention_mask=attn, use_cache=False)
-        got = reducer.result()  # [B, T, R, V + 1]
-        for j, i in enumerate(idx):
-            out[i] = got[j, : len(seqs[j])].copy()
+            base(input_ids=tokens, attention_mask=attn, position_ids=pos, use_cache=False)
+        for i, got in zip(batch.index, batch.unpadded(reducer.result())):  # [T, R, V + 1]
+            out[i] = got.copy()
     return out
-
-
-def _steer_mask(seqs, prompt_lens, steer: Steer, device) -> torch.Tensor:
-    """[B, T] bool for right-padded rows: where the Steer acts, never on padding."""
-    T = max(len(s) for s in seqs)
-    mask = np.zeros((len(seqs), T), dtype=bool)
-    for b, (s, p) in enumerate(zip(seqs, prompt_lens)):
-        mask[b, : len(s)] = steer_mask(int(p), len(s), steer.positions)
-    return torch.from_numpy(mask).to(device)
 
 
 class _Reducer:
