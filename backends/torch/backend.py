@@ -27,7 +27,9 @@ from pertoken.backends.chat import (
     stop_token_ids,
     token_pieces,
 )
+from pertoken.backends.schedule import check_schedule, prompt_seeds
 from pertoken.backends.torch.compiled import CompiledDecoder
+from pertoken.backends.torch.continuous import Request, Slots
 from pertoken.backends.torch.decode import DecodeOptions, decode, left_pad, position_mask
 from pertoken.backends.torch.hooks import (
     TapState,
@@ -37,6 +39,7 @@ from pertoken.backends.torch.hooks import (
     residual_taps,
 )
 from pertoken.backends.torch.load import load_model_and_tokenizer, pick_device, pick_dtype
+from pertoken.backends.torch.static_cache import ATTENTION
 from pertoken.backends.torch.stream import RowStream
 from pertoken.errors import PertokenError
 from pertoken.rows import check_capture_rows
@@ -164,17 +167,31 @@ class TorchBackend:
         batch_size: int | None = None,
         seeds: list[int] | None = None,
         stream: Streaming | None = None,
+        schedule: str = "continuous",
     ) -> list[str]:
-        """Batched answers; prompts are sorted by length so batches carry little padding.
+        """Batched answers.
 
         steer: one Steer for all prompts or one (or None) per prompt; seeds (one per prompt):
         each row samples from its own stream, whatever its batch; stream: per-token reports
-        (token, logprobs, hidden states at stream.rows), whose callback may end an answer."""
+        (token, logprobs, hidden states at stream.rows), whose callback may end an answer.
+        schedule "continuous" (default): `batch_size` slots, each refilled with the next prompt
+        as its answer ends, seeds derived per prompt from `seed` when not given; "static":
+        length-sorted batches that run until their longest answer ends (also taken when
+        streaming or with the compiled step)."""
         seqs = self._encode_prompts(prompts)
         plans = steer_rows(steer, len(seqs), self.n_layers, self.hidden_size)
         if stream is not None:
             check_capture_rows(stream.rows, self.n_layers)
         sampling = Sampling(temperature, top_p, top_k, repetition_penalty)
+        if self._continuous(check_schedule(schedule), stream):
+            seeds = prompt_seeds(seed, len(seqs)) if seeds is None else seeds
+            self._uniforms(seeds, len(seqs), 0)  # one seed per prompt
+            uniforms = row_uniforms(list(seeds), max_new_tokens) if temperature > 0 else None
+            slots = batch_size or self._auto_batch(max(map(len, seqs)) + max_new_tokens)
+            req = Request(seqs, plans, uniforms, sampling, max_new_tokens,
+                          self.stop_ids, self.pad_id)  # fmt: skip
+            with residual_taps(self.model, TapState()) as state:
+                return [self.decode(a) for a in Slots(self.model, req, slots, state).run()]
         uniforms = self._uniforms(seeds, len(seqs), max_new_tokens)  # [N, steps] or None
         batch_size = batch_size or self._auto_batch(max(map(len, seqs)) + max_new_tokens)
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
@@ -196,6 +213,12 @@ class TorchBackend:
             for i, ids in zip(idx, out):
                 answers[i] = self.decode(ids)
         return answers
+
+    def _continuous(self, schedule: str, stream: Streaming | None) -> bool:
+        """Whether this call decodes in refilled slots (see `generate`)."""
+        impl = getattr(self.model.config, "_attn_implementation", None) or "eager"
+        eager = self.compiled is None and stream is None and impl in ATTENTION
+        return schedule == "continuous" and eager
 
     def _decode(self, batch, state, opts, gen, stream=None, **kw) -> list[list[int]]:
         """The eager decode loop, or the compiled step when the backend was loaded with it
