@@ -26,6 +26,12 @@ def check_schedule(schedule: str) -> str:
     return schedule
 
 
+def check_slots(slots: int) -> int:
+    if slots < 1:
+        raise PertokenError(f"batch size must be at least 1, not {slots}")
+    return slots
+
+
 def prompt_seeds(seed: int, n: int) -> list[int]:
     """One seed per prompt from the call's seed; prompt i's depends on (seed, i) alone, so a
     seeded call samples the same answers however its prompts are batched."""

@@ -27,7 +27,7 @@ from pertoken.backends.chat import (
     stop_token_ids,
     token_pieces,
 )
-from pertoken.backends.schedule import check_schedule, prompt_seeds
+from pertoken.backends.schedule import check_schedule, check_slots, prompt_seeds
 from pertoken.backends.torch.compiled import CompiledDecoder
 from pertoken.backends.torch.continuous import Request, Slots
 from pertoken.backends.torch.decode import DecodeOptions, decode, left_pad, position_mask
@@ -187,7 +187,8 @@ class TorchBackend:
             seeds = prompt_seeds(seed, len(seqs)) if seeds is None else seeds
             self._uniforms(seeds, len(seqs), 0)  # one seed per prompt
             uniforms = row_uniforms(list(seeds), max_new_tokens) if temperature > 0 else None
-            slots = batch_size or self._auto_batch(max(map(len, seqs)) + max_new_tokens)
+            longest = max(map(len, seqs)) + max_new_tokens
+            slots = check_slots(batch_size or self._auto_batch(longest))
             req = Request(seqs, plans, uniforms, sampling, max_new_tokens,
                           self.stop_ids, self.pad_id)  # fmt: skip
             with residual_taps(self.model, TapState()) as state:
