@@ -107,20 +107,20 @@ class MLXBackend:
         steer: one Steer for all prompts or one (or None) per prompt; seeds (one per prompt):
         each row samples from its own stream, whatever its batch; stream: per-token reports
         (token, logprobs, hidden states at stream.rows), whose callback may end an answer.
-        schedule "continuous" (default): `batch_size` slots, each refilled with the next prompt
-        as its answer ends, seeds derived per prompt from `seed` when not given; "static":
-        length-sorted batches that run until their longest answer ends (also taken when
-        streaming)."""
+        Without seeds, each prompt's is derived from `seed` (prompt_seeds). schedule
+        "continuous" (default): `batch_size` slots, each refilled with the next prompt as its
+        answer ends; "static": length-sorted batches that run until their longest answer ends
+        (also taken when streaming); both give the same answers."""
         seqs = self._encode_all(prompts)
         plans = steer_rows(steer, len(seqs), self.n_layers, self.hidden_size)
         if stream is not None:
             check_capture_rows(stream.rows, self.n_layers)
         continuous = check_schedule(schedule) == "continuous" and stream is None
-        if continuous and seeds is None:
+        if seeds is None:
             seeds = prompt_seeds(seed, len(seqs))
-        if seeds is not None and len(seeds) != len(seqs):
+        if len(seeds) != len(seqs):
             raise PertokenError(f"{len(seeds)} seeds for {len(seqs)} prompts: give one per prompt")
-        uniforms = row_uniforms(list(seeds), max_new_tokens) if seeds is not None else None
+        uniforms = row_uniforms(list(seeds), max_new_tokens)
         sampling = Sampling(temperature, top_p, top_k, repetition_penalty)
         if continuous:
             req = Request(seqs, plans, uniforms, sampling, max_new_tokens, self.stop,

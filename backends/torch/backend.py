@@ -174,17 +174,17 @@ class TorchBackend:
         steer: one Steer for all prompts or one (or None) per prompt; seeds (one per prompt):
         each row samples from its own stream, whatever its batch; stream: per-token reports
         (token, logprobs, hidden states at stream.rows), whose callback may end an answer.
-        schedule "continuous" (default): `batch_size` slots, each refilled with the next prompt
-        as its answer ends, seeds derived per prompt from `seed` when not given; "static":
-        length-sorted batches that run until their longest answer ends (also taken when
-        streaming or with the compiled step)."""
+        Without seeds, each prompt's is derived from `seed` (prompt_seeds). schedule
+        "continuous" (default): `batch_size` slots, each refilled with the next prompt as its
+        answer ends; "static": length-sorted batches that run until their longest answer ends
+        (also taken when streaming or with the compiled step); both give the same answers."""
         seqs = self._encode_prompts(prompts)
         plans = steer_rows(steer, len(seqs), self.n_layers, self.hidden_size)
         if stream is not None:
             check_capture_rows(stream.rows, self.n_layers)
         sampling = Sampling(temperature, top_p, top_k, repetition_penalty)
+        seeds = prompt_seeds(seed, len(seqs)) if seeds is None else seeds
         if self._continuous(check_schedule(schedule), stream):
-            seeds = prompt_seeds(seed, len(seqs)) if seeds is None else seeds
             self._uniforms(seeds, len(seqs), 0)  # one seed per prompt
             uniforms = row_uniforms(list(seeds), max_new_tokens) if temperature > 0 else None
             longest = max(map(len, seqs)) + max_new_tokens
