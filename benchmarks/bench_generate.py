@@ -7,13 +7,15 @@ Sampled answers (temperature 1) run from a few tokens to the max_new_tokens cap,
 makes a static batch idle: every batch runs until its longest answer ends. Here a random model
 is made to end each answer at a length drawn per prompt from a log-normal distribution capped at
 max_new_tokens: stop tokens are suppressed before that step and forced at it, by a hook on the
-model's logits (pertoken) or by mlx-lm's per-prompt `max_tokens` (mlx-lm, which never sees a
-stop token here). Every method therefore writes the same number of tokens per prompt, and the
-table reports useful tokens/s (answer tokens over wall time, median of --reps after a warm-up,
-methods interleaved) and each method's ratio to pertoken's static batches on the same backend.
+model's logits that knows each row's prompt from the tokens it feeds, in any batch or slot
+(pertoken), or by mlx-lm's per-prompt `max_tokens` (mlx-lm, which never sees a stop token
+here). Every method therefore writes the same number of tokens per prompt, and the table
+reports useful tokens/s (answer tokens over wall time, median of --reps after a warm-up,
+methods interleaved), each method's ratio to pertoken's static batches on the same backend,
+and the COMPARE ratios below it (continuous vs static, pertoken MLX vs mlx-lm).
 
 A method is one function `(Setup, Workload) -> answer tokens written`, listed in METHODS under
-its backend; a continuous-batching generate is one more entry.
+its backend.
 """
 
 from __future__ import annotations
