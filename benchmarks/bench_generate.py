@@ -7,13 +7,15 @@ Sampled answers (temperature 1) run from a few tokens to the max_new_tokens cap,
 makes a static batch idle: every batch runs until its longest answer ends. Here a random model
 is made to end each answer at a length drawn per prompt from a log-normal distribution capped at
 max_new_tokens: stop tokens are suppressed before that step and forced at it, by a hook on the
-model's logits (pertoken) or by mlx-lm's per-prompt `max_tokens` (mlx-lm, which never sees a
-stop token here). Every method therefore writes the same number of tokens per prompt, and the
-table reports useful tokens/s (answer tokens over wall time, median of --reps after a warm-up,
-methods interleaved) and each method's ratio to pertoken's static batches on the same backend.
+model's logits that knows each row's prompt from the tokens it feeds, in any batch or slot
+(pertoken), or by mlx-lm's per-prompt `max_tokens` (mlx-lm, which never sees a stop token
+here). Every method therefore writes the same number of tokens per prompt, and the table
+reports useful tokens/s (answer tokens over wall time, median of --reps after a warm-up,
+methods interleaved), each method's ratio to pertoken's static batches on the same backend,
+and the COMPARE ratios below it (continuous vs static, pertoken MLX vs mlx-lm).
 
 A method is one function `(Setup, Workload) -> answer tokens written`, listed in METHODS under
-its backend; a continuous-batching generate is one more entry.
+its backend.
 """
 
 from __future__ import annotations
@@ -99,57 +101,66 @@ def draw_workload(args, vocab: int) -> Workload:
     return Workload(ids, lengths, cap, args.batch_size, args.seed)
 
 
-def torch_forced(model, lengths: np.ndarray):
-    """A forward hook on a transformers model that suppresses the stop token before each row's
-    drawn length and forces it at that step. Rows are recognised at prefill by their tag token,
-    so any batching or order gets the same lengths; returns the hook's handle."""
+def torch_forced(model, w: Workload):
+    """A forward hook on a transformers model that ends each prompt's answer at its drawn
+    length, whatever batching or slot the prompt runs in. Prompt i's answer tokens are drawn
+    (at temperature 1) from its own class of token ids, those congruent to 2 + i modulo the
+    number of prompts, so each row's identity is its tag token (the first non-pad one) at
+    prefill and the token it feeds while decoding; its position says how many answer tokens it
+    has drawn. The stop token is suppressed before the drawn length and forced at it."""
     import torch
 
-    table = torch.tensor(lengths)
-    state = {}
+    target, plen = torch.tensor(w.lengths), torch.tensor([len(s) for s in w.ids])
+    M, vocab = len(w.ids), model.config.vocab_size
+    other = ((torch.arange(vocab) - 2) % M)[None] != torch.arange(M)[:, None]  # [M, vocab]
+    other[:, [PAD, EOS]] = True
 
     def hook(_module, _args, kwargs, out):
-        ids = kwargs["input_ids"]  # [B, T]
-        if ids.shape[1] > 1:  # prefill: find each row's tag (the first non-pad token)
-            first = ids.gather(1, (ids != PAD).float().argmax(1, keepdim=True))[:, 0]
-            state["target"] = table.to(ids.device)[first - 2]
-            state["count"] = torch.zeros_like(state["target"])
+        ids, pos = kwargs["input_ids"], kwargs["position_ids"]  # [B, T]
+        first = ids.gather(1, (ids != PAD).float().argmax(1, keepdim=True))[:, 0]
+        row = ((first if ids.shape[1] > 1 else ids[:, 0]) - 2) % M  # [B] prompt of each row
+        drawn = pos[:, -1] - plen[row] + 1  # [B] answer tokens drawn before this one
         last = out.logits[:, -1]  # [B, vocab], edited in place
-        before, at = state["count"] < state["target"], state["count"] == state["target"]
-        last[:, EOS] = torch.where(before, -1e9, torch.where(at, 1e9, last[:, EOS]))
-        last[:, PAD] = -1e9  # decoding drops it, so it would not count as a written token
-        state["count"] += 1
+        last.masked_fill_(other[row], -1e9)
+        last[:, EOS] = torch.where(drawn == target[row], 1e9, -1e9)
         return out
 
     return model.register_forward_hook(hook, with_kwargs=True)
 
 
 class MLXForced:
-    """pertoken's MLX model with the same stop control as `torch_forced` on its last logits;
-    every other attribute passes through to the model."""
+    """pertoken's MLX model with the same stop control as `torch_forced` on its last logits
+    (positions from the Pass's offsets); every other attribute passes through to the model."""
 
-    def __init__(self, model, lengths: np.ndarray):
-        self.inner, self.lengths = model, lengths
-        self.target = self.count = None  # [B] mx arrays, set at prefill
+    def __init__(self, model, w: Workload, vocab: int):
+        import mlx.core as mx
+
+        self.inner, M = model, len(w.ids)
+        self.M, self.target = M, mx.array(w.lengths)
+        self.plen = mx.array([len(s) for s in w.ids])
+        other = ((np.arange(vocab) - 2) % M)[None] != np.arange(M)[:, None]  # [M, vocab]
+        other[:, [PAD, EOS]] = True
+        self.other = mx.array(other)
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    def __call__(self, ids, *args, **kw):
+    def __call__(self, ids, cache=None, p=None):
         import mlx.core as mx
 
-        logits = self.inner(ids, *args, **kw)  # [B, T, vocab]
-        if ids.shape[1] > 1:
-            host = np.array(ids)
-            first = host[np.arange(len(host)), (host != PAD).argmax(1)]
-            self.target = mx.array(self.lengths[first - 2])
-            self.count = mx.zeros_like(self.target)
-        before, at = self.count < self.target, self.count == self.target
-        eos = mx.where(before, -1e9, mx.where(at, 1e9, logits[:, -1, EOS]))  # [B]
-        self.count = self.count + 1
-        vocab = mx.arange(logits.shape[-1])[None]  # [1, vocab]
-        last = mx.where(vocab == EOS, eos[:, None], logits[:, -1])  # [B, vocab]
-        last = mx.where(vocab == PAD, -1e9, last)
+        logits = self.inner(ids, cache, p)  # [B, T or 1, vocab], or None
+        if logits is None:
+            return None
+        host = np.array(ids)
+        first = (
+            host[np.arange(len(host)), (host != PAD).argmax(1)] if host.shape[1] > 1 else host[:, 0]
+        )
+        row = mx.array((first - 2) % self.M)  # [B] prompt of each row
+        pos = mx.array(p.offset) + ids.shape[1] - 1  # [B] position of the last input
+        drawn = pos - self.plen[row] + 1  # [B] answer tokens drawn before this one
+        last = mx.where(self.other[row], -1e9, logits[:, -1].astype(mx.float32))  # [B, vocab]
+        eos = mx.where(drawn == self.target[row], 1e9, -1e9)[:, None]
+        last = mx.where(mx.arange(last.shape[-1])[None] == EOS, eos, last)
         return mx.concatenate([logits[:, :-1], last[:, None].astype(logits.dtype)], axis=1)
 
 
@@ -160,18 +171,18 @@ class Setup:
     cache: dict  # loaded models, by method
 
 
-def pertoken_torch(setup: Setup, w: Workload, compile: bool = False) -> int:
+def pertoken_torch(setup: Setup, w: Workload, compile=False, schedule="static") -> int:
     from pertoken.backends.torch import TorchBackend
 
     key = f"torch-{compile}"
     if key not in setup.cache:
         b = TorchBackend.load(str(setup.folder), dtype=setup.dtype, device="cpu", compile=compile)
-        torch_forced(b.model, w.lengths)
+        torch_forced(b.model, w)
         setup.cache[key] = b
     b = setup.cache[key]
     answers = b.generate(
         w.texts, max_new_tokens=w.max_new_tokens, temperature=1.0, seed=w.seed,
-        batch_size=w.batch_size,
+        batch_size=w.batch_size, schedule=schedule,
     )  # fmt: skip
     return sum(len(b.encode(a)) for a in answers)
 
@@ -180,19 +191,27 @@ def pertoken_torch_compiled(setup: Setup, w: Workload) -> int:
     return pertoken_torch(setup, w, compile=True)
 
 
-def pertoken_mlx(setup: Setup, w: Workload) -> int:
+def pertoken_torch_continuous(setup: Setup, w: Workload) -> int:
+    return pertoken_torch(setup, w, schedule="continuous")
+
+
+def pertoken_mlx(setup: Setup, w: Workload, schedule="static") -> int:
     from pertoken.backends.mlx import MLXBackend
 
     if "mlx" not in setup.cache:
         b = MLXBackend.load(str(setup.folder), dtype=setup.dtype)
-        b.model = MLXForced(b.model, w.lengths)
+        b.model = MLXForced(b.model, w, b.config["vocab_size"])
         setup.cache["mlx"] = b
     b = setup.cache["mlx"]
     answers = b.generate(
         w.texts, max_new_tokens=w.max_new_tokens, temperature=1.0, seed=w.seed,
-        batch_size=w.batch_size,
+        batch_size=w.batch_size, schedule=schedule,
     )  # fmt: skip
     return sum(len(b.encode(a)) for a in answers)
+
+
+def pertoken_mlx_continuous(setup: Setup, w: Workload) -> int:
+    return pertoken_mlx(setup, w, schedule="continuous")
 
 
 def mlx_lm_batch_generate(setup: Setup, w: Workload) -> int:
@@ -224,12 +243,20 @@ METHODS: dict[str, list[tuple[str, Method]]] = {
     "torch": [
         ("pertoken static batches", pertoken_torch),
         ("pertoken static batches, compiled step", pertoken_torch_compiled),
+        ("pertoken continuous", pertoken_torch_continuous),
     ],
     "mlx": [
         ("pertoken static batches", pertoken_mlx),
         ("mlx-lm batch_generate", mlx_lm_batch_generate),
+        ("pertoken continuous", pertoken_mlx_continuous),
     ],
 }
+# (backend, method, reference): ratios printed under the table, from the same run
+COMPARE = [
+    ("torch", "pertoken continuous", "pertoken static batches"),
+    ("mlx", "pertoken continuous", "pertoken static batches"),
+    ("mlx", "pertoken continuous", "mlx-lm batch_generate"),
+]
 
 
 def rates(methods: list[tuple[str, Method]], setup: Setup, w: Workload, reps: int) -> list:
@@ -263,7 +290,12 @@ def table(results: dict[str, list], w: Workload) -> str:
         f"(mean {w.lengths.mean():.0f}); static batches do "
         f"{100 * w.static_efficiency():.0f}% useful decode work"
     )
-    return head + "\n" + "\n".join(lines)
+    ratios = [
+        f"{backend}: {a} / {b} = {dict(results[backend])[a] / dict(results[backend])[b]:.2f}x"
+        for backend, a, b in COMPARE
+        if backend in results
+    ]
+    return head + "\n" + "\n".join(lines + [""] + ratios)
 
 
 def main():

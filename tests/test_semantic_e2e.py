@@ -109,8 +109,9 @@ def test_eval_trait_score_rises_with_the_coefficient(run, judge, model_dir, cli)
     before = len(judge.requests)
     printed = cli(*args)
     # coef 0 is shared by the layers: 5 settings of 4 x 8 answers, two judge calls per answer
-    # (identical answers are judged once)
-    assert 0 < len(judge.requests) - before <= 5 * 32 * 2
+    # (identical answers are judged once; both backends draw each prompt's sample from the same
+    # per-prompt seed, so the second backend's answers may all be in the shared cache already)
+    assert len(judge.requests) - before <= 5 * 32 * 2
     mid = len(judge.requests)
     assert _table(cli(*args)) == _table(printed)  # the same summary again
     assert len(judge.requests) == mid  # a rerun generates nothing and judges from the cache
@@ -131,7 +132,9 @@ def test_eval_trait_score_rises_with_the_coefficient(run, judge, model_dir, cli)
             sm.TRAIT,
             "coherence",
         ]
-        assert len(list(reader)) == 6 * len(sm.EVAL_QUESTIONS) * 8
+        answers = list(reader)
+        assert len(answers) == 6 * len(sm.EVAL_QUESTIONS) * 8
+        assert all(r[sm.TRAIT] and r["coherence"] for r in answers)  # every answer was judged
     assert (out / "sweep.png").stat().st_size > 1000
     assert "coherence" in printed and sm.TRAIT in printed
 

@@ -22,6 +22,7 @@ from pertoken.backends.base import (
 )
 from pertoken.backends.chat import encode_offsets, render_chat, render_messages, stop_token_ids
 from pertoken.backends.mlx.batch import SteerPlan
+from pertoken.backends.mlx.continuous import Request, Slots
 from pertoken.backends.mlx.decode import decode
 from pertoken.backends.mlx.load import (
     DTYPES,
@@ -42,6 +43,7 @@ from pertoken.backends.plan import (
     plan_batches,
     token_pieces,
 )
+from pertoken.backends.schedule import check_schedule, check_slots, prompt_seeds
 from pertoken.errors import PertokenError
 from pertoken.rows import check_capture_rows
 
@@ -106,20 +108,33 @@ class MLXBackend:
         batch_size: int | None = None,
         seeds: list[int] | None = None,
         stream: Streaming | None = None,
+        schedule: str = "continuous",
     ) -> list[str]:
-        """Answers to chat-templated prompts, batched by length (temperature 0 is greedy).
+        """Answers to chat-templated prompts (temperature 0 is greedy).
 
         steer: one Steer for all prompts or one (or None) per prompt; seeds (one per prompt):
         each row samples from its own stream, whatever its batch; stream: per-token reports
-        (token, logprobs, hidden states at stream.rows), whose callback may end an answer."""
+        (token, logprobs, hidden states at stream.rows), whose callback may end an answer.
+        Without seeds, each prompt's is derived from `seed` (prompt_seeds). schedule
+        "continuous" (default): `batch_size` slots, each refilled with the next prompt as its
+        answer ends; "static": length-sorted batches that run until their longest answer ends
+        (also taken when streaming); both give the same answers."""
         seqs = encode_texts(self.encode, prompts)
         plans = steer_rows(steer, len(seqs), self.n_layers, self.hidden_size)
         if stream is not None:
             check_capture_rows(stream.rows, self.n_layers)
-        if seeds is not None and len(seeds) != len(seqs):
+        continuous = check_schedule(schedule) == "continuous" and stream is None
+        if seeds is None:
+            seeds = prompt_seeds(seed, len(seqs))
+        if len(seeds) != len(seqs):
             raise PertokenError(f"{len(seeds)} seeds for {len(seqs)} prompts: give one per prompt")
-        uniforms = row_uniforms(list(seeds), max_new_tokens) if seeds is not None else None
+        uniforms = row_uniforms(list(seeds), max_new_tokens)
         sampling = Sampling(temperature, top_p, top_k, repetition_penalty)
+        if continuous:
+            req = Request(seqs, plans, uniforms, sampling, max_new_tokens, self.stop,
+                          self.hidden_size, self._mx_dtype, self.prefill_chunk)  # fmt: skip
+            slots = Slots(self.model, req, check_slots(batch_size or 8))
+            return [self.decode(a) for a in slots.run()]
         mx.random.seed(seed)
         out: list[str] = [""] * len(seqs)
         for batch in plan_batches(seqs, self.pad_id, batch_size=batch_size or 8):

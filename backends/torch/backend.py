@@ -30,7 +30,9 @@ from pertoken.backends.plan import (
     plan_batches,
     token_pieces,
 )
+from pertoken.backends.schedule import check_schedule, check_slots, prompt_seeds
 from pertoken.backends.torch.compiled import CompiledDecoder
+from pertoken.backends.torch.continuous import Request, Slots
 from pertoken.backends.torch.decode import DecodeOptions, batch_tensors, decode, steer_tensor
 from pertoken.backends.torch.hooks import (
     TapState,
@@ -40,6 +42,7 @@ from pertoken.backends.torch.hooks import (
     residual_taps,
 )
 from pertoken.backends.torch.load import load_model_and_tokenizer, pick_device, pick_dtype
+from pertoken.backends.torch.static_cache import ATTENTION
 from pertoken.backends.torch.stream import RowStream
 from pertoken.errors import PertokenError
 from pertoken.rows import block_of_row, check_capture_rows
@@ -159,17 +162,32 @@ class TorchBackend:
         batch_size: int | None = None,
         seeds: list[int] | None = None,
         stream: Streaming | None = None,
+        schedule: str = "continuous",
     ) -> list[str]:
-        """Batched answers; prompts are sorted by length so batches carry little padding.
+        """Batched answers.
 
         steer: one Steer for all prompts or one (or None) per prompt; seeds (one per prompt):
         each row samples from its own stream, whatever its batch; stream: per-token reports
-        (token, logprobs, hidden states at stream.rows), whose callback may end an answer."""
+        (token, logprobs, hidden states at stream.rows), whose callback may end an answer.
+        Without seeds, each prompt's is derived from `seed` (prompt_seeds). schedule
+        "continuous" (default): `batch_size` slots, each refilled with the next prompt as its
+        answer ends; "static": length-sorted batches that run until their longest answer ends
+        (also taken when streaming or with the compiled step); both give the same answers."""
         seqs = encode_texts(self.encode, prompts)
         plans = steer_rows(steer, len(seqs), self.n_layers, self.hidden_size)
         if stream is not None:
             check_capture_rows(stream.rows, self.n_layers)
         sampling = Sampling(temperature, top_p, top_k, repetition_penalty)
+        seeds = prompt_seeds(seed, len(seqs)) if seeds is None else seeds
+        if self._continuous(check_schedule(schedule), stream):
+            self._uniforms(seeds, len(seqs), 0)  # one seed per prompt
+            uniforms = row_uniforms(list(seeds), max_new_tokens) if temperature > 0 else None
+            longest = max(map(len, seqs)) + max_new_tokens
+            slots = check_slots(batch_size or self._auto_batch(longest))
+            req = Request(seqs, plans, uniforms, sampling, max_new_tokens,
+                          self.stop_ids, self.pad_id)  # fmt: skip
+            with residual_taps(self.model, TapState()) as state:
+                return [self.decode(a) for a in Slots(self.model, req, slots, state).run()]
         uniforms = self._uniforms(seeds, len(seqs), max_new_tokens)  # [N, steps] or None
         batch_size = batch_size or self._auto_batch(max(map(len, seqs)) + max_new_tokens)
         gen = torch.Generator(device=self.device).manual_seed(seed)
@@ -189,6 +207,12 @@ class TorchBackend:
             for i, ids in zip(idx, out):
                 answers[i] = self.decode(ids)
         return answers
+
+    def _continuous(self, schedule: str, stream: Streaming | None) -> bool:
+        """Whether this call decodes in refilled slots (see `generate`)."""
+        impl = getattr(self.model.config, "_attn_implementation", None) or "eager"
+        eager = self.compiled is None and stream is None and impl in ATTENTION
+        return schedule == "continuous" and eager
 
     def _decode(self, batch, state, opts, gen, stream=None, **kw) -> list[list[int]]:
         """The eager decode loop, or the compiled step when the backend was loaded with it

@@ -1,0 +1,188 @@
+"""Continuous batching for pertoken's MLX models over mlx-lm's `BatchKVCache`: a prompt is
+prefilled alone into its own cache, which `extend` appends to the decoding batch (left-padded
+so all rows end together); `filter` drops rows whose answers ended. The batch never holds more
+than `slots` rows, and every decode step advances all of them at once.
+
+Each row carries its prompt's steering, its count of answer tokens (which picks the prompt's
+own draw in `uniforms`) and its seen tokens, so a prompt's answer equals its solo run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.models.cache import BatchKVCache
+
+from pertoken.backends.base import Sampling, Steer
+from pertoken.backends.mlx.batch import SteerPlan, step_pass, window_of
+from pertoken.backends.mlx.prefill import CHUNK, prefill
+from pertoken.backends.mlx.sampling import choose, penalize
+from pertoken.backends.plan import left_pad
+from pertoken.backends.schedule import Queue, prefix_keys
+
+
+@dataclass
+class Request:
+    """Everything one call asks of the slots."""
+
+    seqs: list[list[int]]
+    plans: list[Steer | None]
+    uniforms: np.ndarray | None  # [N, max_new_tokens] per-prompt draws; None when greedy
+    sampling: Sampling
+    max_new_tokens: int
+    stop: set[int]
+    hidden_size: int
+    dtype: mx.Dtype
+    chunk: int = CHUNK
+
+
+@dataclass
+class Prefilled:
+    """One prompt after its prefill: its cache (never written again) and last logits."""
+
+    cache: list[BatchKVCache]
+    logits: mx.array  # [1, vocab]
+
+
+class Slots:
+    """Up to `slots` rows decoding together; `run` answers a whole request."""
+
+    def __init__(self, model, req: Request, slots: int):
+        self.model, self.req, self.slots = model, req, slots
+        self.window = window_of(model)
+        self.cache: list[BatchKVCache] | None = None  # one per block, a row per prompt
+        self.rows: list[int] = []  # the prompt of each row
+        self.count: list[int] = []  # answer tokens each row has drawn
+        self.last: list[int] = []  # the token each row feeds next
+        self.seen: mx.array | None = None  # [rows, vocab] bool, only with a penalty
+        self.steer: dict = {}  # Pass fields for the rows as they stand
+        self.answers: list[list[int]] = [[] for _ in req.seqs]
+        self.queue: Queue[Prefilled] = Queue(prefix_keys(req.seqs, req.plans))
+
+    def run(self) -> list[list[int]]:
+        self._fill()
+        while self.rows:
+            tokens = self._draw(self._step(), first=False)
+            self._keep([self._take(r, t) for r, t in enumerate(tokens)])
+            self._fill()
+        return self.answers
+
+    # ---------------------------------------------------------------- admission
+    def _fill(self) -> None:
+        """Prefill waiting prompts into free rows (one that ends at once leaves no row)."""
+        added = False
+        while self.queue and len(self.rows) < self.slots:
+            i, pre = self.queue.next(self._prefill)
+            self._append(i, pre)
+            r = len(self.rows) - 1
+            (token,) = self._draw(pre.logits, first=True, rows=[r])
+            if not self._take(r, token):
+                self._keep([k < r for k in range(len(self.rows))])
+            added = True
+        if added:
+            self._steering()
+
+    def _prefill(self, i: int) -> Prefilled:
+        ids, plan = self.req.seqs[i], self.req.plans[i]
+        batch = left_pad([ids], 0)  # one unpadded prompt: the pad id is never read
+        kw = {}
+        sp = SteerPlan.per_row([plan], self.req.hidden_size, self.req.dtype)
+        if sp is not None:
+            kw = {"steer": sp.vectors, "steer_on": sp.prefill_on(batch)}
+        cache = [BatchKVCache([0]) for _ in self.model.layers]
+        logits = prefill(self.model, batch, chunk=self.req.chunk, cache=cache, head="last", **kw)
+        mx.eval(logits, [c.state for c in cache])
+        return Prefilled(cache, logits[:, -1])
+
+    def _append(self, i: int, pre: Prefilled) -> None:
+        if self.cache is None:
+            self.cache = [_empty() for _ in pre.cache]
+        for mine, theirs in zip(self.cache, pre.cache, strict=True):
+            mine.extend(theirs)  # new arrays: the prefill stays as it was for its siblings
+        self.rows.append(i)
+        self.count.append(0)
+        self.last.append(0)
+        if self.req.sampling.repetition_penalty != 1.0:
+            V = pre.logits.shape[-1]
+            row = np.zeros((1, V), dtype=bool)
+            row[0, self.req.seqs[i]] = True
+            new = mx.array(row)
+            self.seen = new if self.seen is None else mx.concatenate([self.seen, new])
+
+    def _steering(self) -> None:
+        """Each steered row's vector [rows, 1, hidden] and where it acts ([rows, 1, 1])."""
+        plans = [self.req.plans[i] for i in self.rows]
+        sp = SteerPlan.per_row(plans, self.req.hidden_size, self.req.dtype)
+        self.steer = {}
+        if sp is not None:
+            on = np.array([p is not None and p.positions != "prompt" for p in plans], np.float32)
+            self.steer = {"steer": sp.vectors, "steer_on": mx.array(on[:, None, None])}
+            self.steer["steer_on"] = self.steer["steer_on"].astype(self.req.dtype)
+
+    # ---------------------------------------------------------------- decoding
+    def _step(self) -> mx.array:
+        """One token per row -> logits [rows, vocab]."""
+        c = self.cache[0]
+        S = c._idx + 1  # keys once this step's are written
+        valid = mx.arange(S)[None] >= c.left_padding[:, None]  # [rows, S]
+        p = step_pass(valid, c.offset, self.window, head="last", **self.steer)
+        tokens = mx.array(self.last, dtype=mx.int32)[:, None]
+        return self.model(tokens, self.cache, p)[:, -1]
+
+    def _draw(self, logits: mx.array, first: bool, rows: list[int] | None = None) -> list[int]:
+        """Tokens of `rows` (default all) from their logits [len(rows), vocab]."""
+        rows = list(range(len(self.rows))) if rows is None else rows
+        s, V = self.req.sampling, logits.shape[-1]
+        logits = logits.astype(mx.float32)
+        if first:  # an answer has at least one token
+            bar = np.zeros(V, dtype=bool)
+            bar[[t for t in self.req.stop if t < V]] = True
+            logits = mx.where(mx.array(bar), float("-inf"), logits)
+        if self.seen is not None:
+            logits = penalize(logits, self.seen[mx.array(rows)], s.repetition_penalty)
+        u = None
+        if self.req.uniforms is not None and s.temperature > 0:
+            u = np.array([self.req.uniforms[self.rows[r], self.count[r]] for r in rows])
+        tokens = choose(logits, s, u).tolist()
+        if self.seen is not None:
+            hit = np.zeros(self.seen.shape, dtype=bool)
+            hit[rows, tokens] = True
+            self.seen = self.seen | mx.array(hit)
+        return tokens
+
+    def _take(self, r: int, token: int) -> bool:
+        """Row r drew `token`; False when its answer has ended (a stop, or the last token)."""
+        if token in self.req.stop:
+            return False
+        self.answers[self.rows[r]].append(token)
+        self.count[r] += 1
+        self.last[r] = token
+        return self.count[r] < self.req.max_new_tokens
+
+    def _keep(self, keep: list[bool]) -> None:
+        """Drop the rows whose answers ended."""
+        if all(keep):
+            return
+        idx = [r for r, k in enumerate(keep) if k]
+        self.rows, self.count, self.last = (
+            [xs[r] for r in idx] for xs in (self.rows, self.count, self.last)
+        )
+        if not idx:
+            self.cache = self.seen = None
+            self.steer = {}
+            return
+        for c in self.cache:
+            c.filter(mx.array(idx))
+        if self.seen is not None:
+            self.seen = self.seen[mx.array(idx)]
+        self._steering()
+
+
+def _empty() -> BatchKVCache:
+    """A cache of no rows that `extend` can grow (integer padding and offsets)."""
+    c = BatchKVCache([0])
+    c.left_padding = c.left_padding[:0]
+    c.offset = c.offset[:0]
+    return c

@@ -1,0 +1,179 @@
+"""Continuous batching for transformers models: a fixed number of slots over a per-slot KV
+cache (the compiled step's `StaticStep`, whose rows each keep their own position and cache
+slot). A prompt is prefilled alone, its keys and values copied into a free slot, and its first
+token drawn from the prefill's logits; every decode step then advances all slots at once.
+
+Each slot carries its prompt's steering vector, its count of answer tokens (which picks the
+prompt's own draw in `uniforms`) and its seen tokens, so a prompt's answer equals its solo run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pertoken.backends.base import Sampling, Steer, steer_mask
+from pertoken.backends.plan import left_pad
+from pertoken.backends.schedule import Queue, prefix_keys
+from pertoken.backends.torch.compiled import Shape, StaticStep
+from pertoken.backends.torch.decode import batch_tensors
+from pertoken.backends.torch.hooks import TapState, block_devices
+from pertoken.backends.torch.sampling import choose, penalize
+from pertoken.rows import block_of_row
+
+
+@dataclass
+class Prefilled:
+    """One prompt after its prefill: what a slot needs to start decoding it."""
+
+    ids: list[int]
+    logits: torch.Tensor  # [1, vocab] float32 at the last prompt position
+    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per block [1, kv_heads, T, head_dim]
+
+
+@dataclass
+class Request:
+    """Everything one call asks of the slots."""
+
+    seqs: list[list[int]]
+    plans: list[Steer | None]
+    uniforms: np.ndarray | None  # [N, max_new_tokens] per-prompt draws; None when greedy
+    sampling: Sampling
+    max_new_tokens: int
+    stop_ids: torch.Tensor  # [S]
+    pad_id: int
+
+
+class Slots:
+    """B decode slots over one StaticStep; `run` answers a whole request."""
+
+    def __init__(self, model, req: Request, B: int, state: TapState):
+        self.model, self.req, self.state = model, req, state
+        self.dtype = next(model.parameters()).dtype
+        length = max(map(len, req.seqs)) + req.max_new_tokens
+        self.step = StaticStep(model, Shape(B, length, ()), self.dtype)
+        self.home = self.step.tokens.device
+        self.vectors = _slot_vectors(model, req.plans, B)  # row -> [B, hidden] float32
+        self.on = torch.zeros(B, 1, dtype=torch.bool, device=self.home)  # steered slots
+        self.rows: list[int | None] = [None] * B  # the prompt each slot decodes
+        self.count = np.zeros(B, dtype=np.int64)  # answer tokens each slot has drawn
+        self.seen = None  # [B, vocab] bool, only with a repetition penalty
+        self.stops = set(req.stop_ids.tolist())
+        self.answers: list[list[int]] = [[] for _ in req.seqs]
+        self.queue: Queue[Prefilled] = Queue(prefix_keys(req.seqs, req.plans))
+
+    def run(self) -> list[list[int]]:
+        self._fill()
+        while any(i is not None for i in self.rows):
+            self._decode_mode()
+            logits = self.step.step()  # [B, vocab] float32
+            idle = torch.tensor([i is None for i in self.rows], device=self.home)[:, None]
+            self.step.slot.masked_fill_(idle, 0)  # idle rows write slot 0, which nothing reads
+            self.step.pos.masked_fill_(idle, 0)
+            tokens = self._draw(logits, list(range(len(self.rows))), first=False)
+            for b, t in enumerate(tokens.tolist()):
+                if self.rows[b] is not None:
+                    self._take(b, t)
+            self._fill()
+        return self.answers
+
+    # ---------------------------------------------------------------- admission
+    def _fill(self) -> None:
+        """Prefill waiting prompts into free slots (one that ends at once frees its slot)."""
+        while self.queue and None in self.rows:
+            b = self.rows.index(None)
+            i, pre = self.queue.next(self._prefill)
+            self._load(b, i, pre)
+            self._take(b, int(self._draw(pre.logits, [b], first=True)[0]))
+
+    def _prefill(self, i: int) -> Prefilled:
+        ids, plan = self.req.seqs[i], self.req.plans[i]
+        T = len(ids)
+        one = StaticStep(self.model, Shape(1, T, ()), self.dtype)
+        self.state.steer, self.state.steer_mask = {}, None
+        if plan is not None:
+            devices = block_devices(self.model)
+            n = len(devices)
+            self.state.steer = {
+                r: torch.from_numpy(v).to(devices[block_of_row(r, n)])[None]  # [1, hidden]
+                for r, v in plan.by_row().items()
+            }
+            mask = steer_mask(T, T, plan.positions)
+            self.state.steer_mask = torch.from_numpy(mask).to(self.home)[None]  # [1, T]
+        logits = one.prefill(*batch_tensors(left_pad([ids], self.req.pad_id), self.home))
+        return Prefilled(ids, logits, [(lay.keys, lay.values) for lay in one.cache.layers])
+
+    def _load(self, b: int, i: int, pre: Prefilled) -> None:
+        """Copy a prefilled prompt into slot b and point the slot's buffers at it."""
+        T, s, B = len(pre.ids), self.step, len(self.rows)
+        for layer, (k, v) in zip(s.cache.layers, pre.kv, strict=True):
+            if not layer.is_initialized:
+                layer.lazy_initialization(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1))
+            layer.keys[b, :, :T] = k[0]
+            layer.values[b, :, :T] = v[0]
+        s.key_pos[b] = -1
+        s.key_pos[b, :T] = torch.arange(T, device=self.home)
+        s.pos[b], s.slot[b] = T, T
+        plan = self.req.plans[i]
+        by_row = plan.by_row() if plan is not None else {}
+        for row, vec in self.vectors.items():
+            vec[b] = torch.from_numpy(by_row[row]) if row in by_row else 0.0
+        self.on[b] = plan is not None and plan.positions != "prompt"
+        if self.req.sampling.repetition_penalty != 1.0:
+            if self.seen is None:
+                self.seen = torch.zeros(B, pre.logits.shape[-1], dtype=torch.bool)
+                self.seen = self.seen.to(self.home)
+            self.seen[b] = False
+            self.seen[b, torch.tensor(pre.ids, device=self.home)] = True
+        self.rows[b], self.count[b] = i, 0
+
+    # ---------------------------------------------------------------- decoding
+    def _decode_mode(self) -> None:
+        self.state.steer, self.state.steer_mask = self.vectors, self.on
+
+    def _draw(self, logits: torch.Tensor, slots: list[int], first: bool) -> torch.Tensor:
+        """Tokens [len(slots)] from logits [len(slots), vocab], each slot at its own draw."""
+        s, req = self.req.sampling, self.req
+        if first:  # an answer has at least one token
+            stops = req.stop_ids[req.stop_ids < logits.shape[-1]]
+            logits = logits.index_fill(-1, stops, float("-inf"))
+        if self.seen is not None:
+            logits = penalize(logits, self.seen[slots], s.repetition_penalty)
+        tokens = choose(logits, s, None, self._uniforms(slots))
+        if self.seen is not None:
+            self.seen[slots, tokens] = True
+        return tokens
+
+    def _uniforms(self, slots: list[int]) -> torch.Tensor | None:
+        if self.req.uniforms is None or self.req.sampling.temperature <= 0:
+            return None
+        u = [self._u(b) for b in slots]
+        wide = torch.float32 if self.home.type == "mps" else torch.float64  # no f64 on MPS
+        return torch.tensor(u, dtype=wide, device=self.home)
+
+    def _u(self, b: int) -> float:
+        i = self.rows[b]
+        return 0.5 if i is None else float(self.req.uniforms[i, self.count[b]])
+
+    def _take(self, b: int, token: int) -> None:
+        """Slot b drew `token`: a stop or the last allowed token ends its answer."""
+        i = self.rows[b]
+        if token in self.stops:
+            self.rows[b] = None
+            return
+        self.answers[i].append(token)
+        self.count[b] += 1
+        if self.count[b] >= self.req.max_new_tokens:
+            self.rows[b] = None
+        else:
+            self.step.tokens[b, 0] = token
+
+
+def _slot_vectors(model, plans: list[Steer | None], B: int) -> dict[int, torch.Tensor]:
+    """A [B, hidden] float32 buffer per row that any plan steers, on its block's device."""
+    devices = block_devices(model)
+    rows = sorted({r for p in plans if p is not None for r in p.by_row()})
+    hidden = model.config.hidden_size
+    return {r: torch.zeros(B, hidden, device=devices[block_of_row(r, len(devices))]) for r in rows}

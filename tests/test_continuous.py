@@ -1,0 +1,144 @@
+"""Continuous batching (refilled slots) against solo static runs, on both backends."""
+
+import copy
+import importlib
+import importlib.util
+
+import numpy as np
+import pytest
+
+from pertoken.backends import Steer, load_backend
+from pertoken.backends.schedule import prompt_seeds
+from pertoken.errors import PertokenError
+from tests.reference import chat_prompts, rand
+
+BACKENDS = ["torch"] + (["mlx"] if importlib.util.find_spec("mlx_lm") else [])
+NEW = 10
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def backend(request, model_dir):
+    return load_backend(str(model_dir), request.param, dtype="float32", device="cpu")
+
+
+def _prompts(backend) -> list[str]:
+    return chat_prompts(backend) + [backend.chat_prompt(None, "tell me more")]
+
+
+def _plans() -> list[Steer | None]:
+    """One plan per prompt: response, none, all (two rows), prompt, response."""
+    two = Steer.single(3, rand(1), -5.0, "all")
+    two.terms += Steer.single(1, rand(2), 3.0).terms
+    return [
+        Steer.single(2, rand(0), 6.0, "response"),
+        None,
+        two,
+        Steer.single(1, rand(3), 8.0, "prompt"),
+        Steer.single(4, rand(4), 4.0, "response"),
+    ]
+
+
+def _with_stop(backend, token: int):
+    """A copy of `backend` (same weights) that also ends an answer at `token`."""
+    out = copy.copy(backend)
+    if backend.name == "torch":
+        import torch
+
+        out.stop_ids = torch.tensor(sorted(set(backend.stop_ids.tolist()) | {token}))
+    else:
+        out.stop = set(backend.stop) | {token}
+    return out
+
+
+def _solo(backend, prompts, plans, seeds, **opts) -> list[str]:
+    return [
+        backend.generate([p], steer=[s], seeds=[sd], schedule="static", **opts)[0]
+        for p, s, sd in zip(prompts, plans, seeds)
+    ]
+
+
+@pytest.fixture(scope="module")
+def stopper(backend):
+    """(backend with one more stop token, j, prompt j's greedy answer ids cut there): the
+    token first appears mid-answer, so answers end at different steps and slots refill."""
+    for j, p in enumerate(_prompts(backend)):
+        ids = backend.trace(p, rows=[1], max_new_tokens=NEW).token_ids
+        k = next((k for k in range(1, NEW) if ids[k] not in ids[:k]), None)
+        if k is not None:
+            return _with_stop(backend, ids[k]), j, ids[:k]
+    raise AssertionError("no greedy answer has a new token after its first")
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        dict(temperature=0),
+        dict(temperature=1.0),
+        dict(temperature=1.0, top_p=0.9, repetition_penalty=1.3),
+    ],
+)
+def test_each_prompt_gets_its_solo_answer(stopper, opts, torch_one_thread):
+    backend, j, cut = stopper
+    ps, plans, seeds = _prompts(backend) + [_prompts(backend)[2]], _plans(), [5, 6, 7, 8, 9]
+    got = backend.generate(ps, steer=plans, seeds=seeds, batch_size=2, max_new_tokens=NEW, **opts)
+    assert got == _solo(backend, ps, plans, seeds, max_new_tokens=NEW, **opts)
+    lengths = {len(backend.encode(a)) for a in got}
+    assert len(lengths) > 1  # rows ended at different steps
+    if opts["temperature"] == 0:
+        plain = backend.generate(ps, max_new_tokens=NEW, temperature=0, batch_size=2)
+        assert plain[j] == backend.decode(cut)  # ended by the stop token, others go on
+
+
+def test_batch_size_one_and_max_new_tokens(backend, torch_one_thread):
+    ps, plans = _prompts(backend), _plans()[:4]
+    opts = dict(steer=plans, max_new_tokens=NEW, temperature=1.0, seed=11)
+    one, three = (backend.generate(ps, batch_size=n, **opts) for n in (1, 3))
+    assert one == three
+    greedy = backend.generate(ps, max_new_tokens=NEW, temperature=0, batch_size=2)
+    for p, a in zip(ps, greedy):  # nothing stops these answers: each runs to the cap
+        ids = backend.trace(p, rows=[1], max_new_tokens=NEW).token_ids
+        assert len(ids) == NEW and a == backend.decode(ids)
+    single = backend.generate(ps, max_new_tokens=1, temperature=0, batch_size=2)
+    for p, a in zip(ps, single):
+        assert a == backend.decode(backend.trace(p, rows=[1], max_new_tokens=1).token_ids)
+
+
+def test_seed_alone_gives_each_prompt_its_own_seed_on_either_schedule(backend, torch_one_thread):
+    ps, opts = _prompts(backend), dict(max_new_tokens=NEW, temperature=1.0)
+    got = backend.generate(ps, seed=3, batch_size=2, **opts)
+    assert got == _solo(backend, ps, [None] * 4, prompt_seeds(3, 4), **opts)
+    assert got == backend.generate(ps, seed=3, batch_size=4, schedule="static", **opts)
+    assert backend.generate(ps, seed=4, batch_size=2, **opts) != got
+
+
+def test_samples_of_one_prompt_share_one_prefill(backend, monkeypatch, torch_one_thread):
+    slots = importlib.import_module(f"pertoken.backends.{backend.name}.continuous").Slots
+    prefill, calls = slots._prefill, []
+
+    def counted(self, i):
+        calls.append(i)
+        return prefill(self, i)
+
+    monkeypatch.setattr(slots, "_prefill", counted)
+    p, q = _prompts(backend)[:2]
+    st = Steer.single(2, rand(0), 6.0, "response")
+    ps, seeds = [p, q, p, q, p, p], [1, 2, 3, 4, 5, 6]
+    opts = dict(max_new_tokens=NEW, temperature=1.0, batch_size=3, seeds=seeds)
+    shared = backend.generate(ps, steer=st, **opts)
+    assert len(calls) == 2  # one per distinct prompt
+    calls.clear()
+    apart = backend.generate(ps, steer=[copy.deepcopy(st) for _ in ps], **opts)
+    assert len(calls) == len(ps)  # distinct plan objects: prefilled one by one
+    assert shared == apart
+    assert len(set(shared[i] for i in (0, 2, 4, 5))) > 1  # the samples differ
+
+
+def test_bad_schedule_and_batch_size(backend):
+    ps = _prompts(backend)[:1]
+    with pytest.raises(PertokenError, match="schedule must be one of"):
+        backend.generate(ps, max_new_tokens=2, schedule="eager")
+    with pytest.raises(PertokenError, match="batch size must be at least 1"):
+        backend.generate(ps, max_new_tokens=2, batch_size=-1)
+    with pytest.raises(PertokenError, match="seeds for 1 prompts"):
+        backend.generate(ps, max_new_tokens=2, seeds=[1, 2])
+    np.testing.assert_equal(prompt_seeds(0, 3)[:2], prompt_seeds(0, 2))
