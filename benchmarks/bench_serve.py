@@ -133,7 +133,8 @@ def start_server(args, model: str, vector: Path) -> tuple[subprocess.Popen, str]
            "--backend", args.backend, "--port", str(port), "--vector", f"v={vector}",
            "--layers", "2", "--max-batch", "32", "--max-tokens", str(args.new_tokens),
            "--batch-window", str(args.batch_window)]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    env = os.environ | ({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     url = f"http://127.0.0.1:{port}"
     while True:
         try:
@@ -156,7 +157,12 @@ def main():
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--batch-window", type=float, default=20.0, help="the server's, in ms")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (both sides)")
     args = ap.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp())
     model = args.model or str(random_chat_llama(*map(int, args.random.split("x")), tmp / "m"))
     bk = load_backend(model, args.backend)
