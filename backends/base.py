@@ -175,12 +175,14 @@ class Streaming:
     """What `generate` reports for every answer token while it decodes.
 
     rows: capture each token's hidden state at these rows (its own position, as `trace` does);
-    logprobs: None for none, 0 for the chosen token's, k for the chosen token's and the top k.
+    logprobs: None for none, 0 for the chosen token's, k for the chosen token's and the top k;
+    on_flush: called once after each decode step's reports (to hand them on together).
     """
 
     on_step: StepCallback
     rows: list[int] = field(default_factory=list)
     logprobs: int | None = None
+    on_flush: Callable[[], None] | None = None
 
 
 class Backend(Protocol):

@@ -81,18 +81,21 @@ def answer_tokens(backend, chats: list[str], steers: list, new: int) -> int:
     return len(steps)
 
 
-def load(url: str, model: str, qs: list[list[str]], new: int, *, stream: bool) -> tuple[float, int]:
-    """Seconds and completion tokens for every client sending its questions in turn."""
+def load(http: list[httpx.Client], model: str, qs, new: int, *, stream: bool) -> tuple[float, int]:
+    """Seconds and completion tokens for every client sending its questions in turn, each on
+    its own open connection, all starting together."""
     tokens = [0] * len(qs)
+    start = threading.Barrier(len(qs) + 1)
 
     def client(c: int) -> None:
-        with httpx.Client(base_url=url, timeout=600) as http:
-            for q in qs[c]:
-                tokens[c] += _one(http, _body(model, q, new, c, stream))
+        start.wait()
+        for q in qs[c]:
+            tokens[c] += _one(http[c], _body(model, q, new, c, stream))
 
     threads = [threading.Thread(target=client, args=(c,)) for c in range(len(qs))]
-    t0 = time.perf_counter()
     [t.start() for t in threads]
+    start.wait()
+    t0 = time.perf_counter()
     [t.join() for t in threads]
     return time.perf_counter() - t0, sum(tokens)
 
@@ -133,7 +136,8 @@ def start_server(args, model: str, vector: Path) -> tuple[subprocess.Popen, str]
            "--backend", args.backend, "--port", str(port), "--vector", f"v={vector}",
            "--layers", "2", "--max-batch", "32", "--max-tokens", str(args.new_tokens),
            "--batch-window", str(args.batch_window)]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    env = os.environ | ({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     url = f"http://127.0.0.1:{port}"
     while True:
         try:
@@ -151,12 +155,17 @@ def main():
     ap.add_argument("--random", default="512x8", help="random Llama HIDDENxLAYERS (no --model)")
     ap.add_argument("--backend", default="torch", choices=["torch", "mlx"])
     ap.add_argument("--clients", default="1,4,16")
-    ap.add_argument("--requests", type=int, default=3, help="requests per client")
+    ap.add_argument("--requests", type=int, default=4, help="requests per client")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--batch-window", type=float, default=20.0, help="the server's, in ms")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (both sides)")
     args = ap.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp())
     model = args.model or str(random_chat_llama(*map(int, args.random.split("x")), tmp / "m"))
     bk = load_backend(model, args.backend)
@@ -177,9 +186,11 @@ def main():
             order = [(c, q) for r in range(args.requests) for c, q in enumerate(x[r] for x in qs)]
             chats = [bk.chat_messages([{"role": "user", "content": q}]) for _, q in order]
             steers = [steer if c % 2 else None for c, _ in order]
+            http = [httpx.Client(base_url=url, timeout=600) for _ in range(clients)]
             before = httpx.get(url + "/api/stats").json()
-            rates = _rates(args, bk, url, name, qs, chats, steers, clients)
+            rates = _rates(args, bk, http, name, qs, chats, steers, clients)
             after = httpx.get(url + "/api/stats").json()
+            [h.close() for h in http]
             per_batch = (after["rows"] - before["rows"]) / (after["batches"] - before["batches"])
             base, js, sse = (statistics.median(r) for r in rates)
             print(f"| {clients} | {base:.0f} | {js:.0f} | {js / base:.2f}x | {sse:.0f} | "
@@ -189,13 +200,13 @@ def main():
         proc.wait(timeout=60)
 
 
-def _rates(args, bk, url, name, qs, chats, steers, clients) -> list[list[float]]:
+def _rates(args, bk, http, name, qs, chats, steers, clients) -> list[list[float]]:
     """tokens/s of (generate, serve JSON, serve SSE) per rep, interleaved, after a warm-up."""
     n = answer_tokens(bk, chats, steers, args.new_tokens)
     runs = [
         lambda: (baseline(bk, chats, steers, args.new_tokens, clients), n),
-        lambda: load(url, name, qs, args.new_tokens, stream=False),
-        lambda: load(url, name, qs, args.new_tokens, stream=True),
+        lambda: load(http, name, qs, args.new_tokens, stream=False),
+        lambda: load(http, name, qs, args.new_tokens, stream=True),
     ]
     counts = [run()[1] for run in runs]  # the warm-up
     if len(set(counts)) != 1:

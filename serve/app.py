@@ -136,16 +136,8 @@ async def _read_body(request: Request, cap: int) -> bytes:
 
 
 async def _complete(request: Request, engine: Engine, req, model: str):
-    loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
-
-    def send(event) -> None:
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, event)
-        except RuntimeError:  # the event loop is gone: the server is stopping
-            pass
-
-    job = Job(req, send)
+    job = Job(req, asyncio.get_running_loop(), queue)
     engine.submit(job)
     try:
         first = await _next(queue, request, job)

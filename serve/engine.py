@@ -7,10 +7,10 @@ went away ends its rows at the next token, and a batch ends when its last row do
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,14 +33,19 @@ class Finished:
 
 @dataclass
 class Job:
-    """One request on its way through the worker; `send` must be safe from any thread."""
+    """One request on its way through the worker, with the event loop and queue of its handler."""
 
     request: ChatRequest
-    send: Callable[[object], None]
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
     cancelled: bool = False
     choices: list[Choice] = field(default_factory=list)
     prompt: str = ""
     prompt_tokens: int = 0
+
+    def send(self, event) -> None:
+        """Hand one event to the request's handler (from any thread)."""
+        post([(self, event)])
 
     @property
     def key(self) -> tuple:
@@ -51,6 +56,23 @@ class Job:
         if r.seed is not None:  # a seeded sample is reproducible only alone
             return ("seeded", id(self))
         return ("sample", r.temperature, r.top_p)
+
+
+def post(items: list[tuple[Job, object]]) -> None:
+    """Hand events to their jobs' queues: one call into each event loop, however many."""
+    by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+    for job, event in items:
+        by_loop.setdefault(job.loop, []).append((job, event))
+    for loop, mine in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_deliver, mine)
+        except RuntimeError:  # the event loop is gone: the server is stopping
+            pass
+
+
+def _deliver(items: list[tuple[Job, object]]) -> None:
+    for job, event in items:
+        job.queue.put_nowait(event)
 
 
 @dataclass
@@ -183,33 +205,36 @@ class Engine:
             return
         finally:
             self.stats["active_rows"] = 0
-        for job in jobs:
-            self._finish(job)
+        post([item for job in jobs for item in self._finish(job)])
 
     def _streaming(self, jobs: list[Job], rows: list[tuple[Job, Choice]]) -> Streaming:
         """Per-token reports for the batch: states when any job monitors, the most logprobs
         any job asked for; a row ends when its choice is finished or its client went away."""
+
+        outbox: list[tuple[Job, Delta]] = []
 
         def on_step(step: TokenStep) -> bool:
             job, choice = rows[step.prompt]
             self.stats["tokens"] += 1
             if job.cancelled:
                 return False
-            job.send(choice.add(step))
+            outbox.append((job, choice.add(step)))
             return choice.finish is None
 
-        monitor = self.monitor if any(j.request.monitor for j in jobs) else None
-        lps = [j.request.logprobs for j in jobs if j.request.logprobs is not None]
-        return Streaming(on_step, monitor.rows if monitor else [], max(lps, default=None))
+        def on_flush() -> None:  # a step's tokens for every request, in one hand-over
+            post(outbox)
+            outbox.clear()
 
-    def _finish(self, job: Job) -> None:
-        for choice in job.choices:
-            if choice.finish is None:
-                job.send(choice.end())
+        capture = self.monitor.rows if any(j.request.monitor for j in jobs) else []
+        lps = [j.request.logprobs for j in jobs if j.request.logprobs is not None]
+        return Streaming(on_step, capture, max(lps, default=None), on_flush)
+
+    def _finish(self, job: Job) -> list[tuple[Job, object]]:
+        """The last events of a job: each unfinished choice's end, then the usage."""
+        ends = [(job, c.end()) for c in job.choices if c.finish is None]
         done = sum(c.count for c in job.choices)
-        total = job.prompt_tokens + done
         usage = {"prompt_tokens": job.prompt_tokens, "completion_tokens": done}
-        job.send(Finished(usage | {"total_tokens": total}))
+        return ends + [(job, Finished(usage | {"total_tokens": job.prompt_tokens + done}))]
 
     def _token_text(self, token_id: int) -> str:
         """A token's own text, special tokens included (for logprobs)."""

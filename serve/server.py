@@ -102,7 +102,9 @@ def serve_forever(backend, config: ServeConfig, *, host: str, port: int, window:
 
 def _bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP, so asyncio turns Nagle off on each connection: uvicorn writes a response's
+    # head and body separately, and Nagle with delayed ACKs would hold the body back 40 ms.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))

@@ -269,4 +269,9 @@ def _stream_kw(stream: Streaming | None, idx: np.ndarray) -> dict:
             step.logprob, step.top = lp
         return stream.on_step(step)
 
-    return {"rows": list(stream.rows) or None, "report": report, "logprobs": stream.logprobs}
+    return {
+        "rows": list(stream.rows) or None,
+        "report": report,
+        "logprobs": stream.logprobs,
+        "flush": stream.on_flush,
+    }

@@ -21,6 +21,8 @@ from pertoken.backends.plan import PaddedBatch
 # (batch row, answer token index, token id, hidden [len(rows), hidden] float32 or None,
 #  (logprob, [(id, logprob), ...] or None) or None) -> False to end that row's answer
 Report = Callable[[int, int, int, np.ndarray | None, tuple | None], bool | None]
+# Called once after each step's reports.
+Flush = Callable[[], None]
 
 
 @dataclass
@@ -70,6 +72,7 @@ def decode(
     logprobs: int | None = None,
     chunk: int = CHUNK,
     uniforms: np.ndarray | None = None,
+    flush: Flush | None = None,
 ) -> list[Answer]:
     """Generate up to `max_new_tokens` per row; stop tokens end a row and are not kept.
 
@@ -104,14 +107,14 @@ def decode(
         nxt = sample(out, tokens)
         return nxt, grab.stacked() if grab else None, logprobs_of(out, nxt, logprobs)
 
-    return _Loop(answers, stop, bool(rows), report).run(first, step, max_new_tokens)
+    return _Loop(answers, stop, bool(rows), report, flush).run(first, step, max_new_tokens)
 
 
 class _Loop:
     """The host side of decoding: reads each step's tokens while the next forward runs."""
 
-    def __init__(self, answers: list[Answer], stop: set[int], capture: bool, report):
-        self.answers, self.capture, self.report = answers, capture, report
+    def __init__(self, answers: list[Answer], stop: set[int], capture: bool, report, flush=None):
+        self.answers, self.capture, self.report, self.flush = answers, capture, report, flush
         self.stop_ids = np.array(sorted(stop), dtype=np.int64)
         self.done = np.zeros(len(answers), dtype=bool)
         self.ended = np.zeros(len(answers), dtype=bool)  # rows whose report asked to stop
@@ -162,6 +165,8 @@ class _Loop:
                 )
                 if self.report(int(b), i, a.ids[i], None if h is None else h[b], lp) is False:
                     self.ended[b] = True
+        if self.flush is not None:
+            self.flush()
 
 
 def _arrays(step: tuple) -> list[mx.array]:

@@ -71,3 +71,5 @@ class RowStream:
             self.count[b] += 1
             if self.spec.on_step(step) is False:
                 self.stop[b] = True
+        if self.spec.on_flush is not None:
+            self.spec.on_flush()
