@@ -77,3 +77,33 @@ def encode_offsets(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int
             "(tokenizers-based) tokenizer, which transformers makes from tokenizer.json"
         ) from None
     return list(enc["input_ids"]), [(int(s), int(e)) for s, e in enc["offset_mapping"]]
+
+
+class ChatText:
+    """The text side of a Backend, shared by both: chat templates, encoding and decoding with
+    a Hugging Face tokenizer held as `self.tokenizer`."""
+
+    tokenizer: object
+
+    def chat_prompt(self, system: str | None, user: str) -> str:
+        """Chat template with the generation prompt; no system role -> "{system}\n\n{user}"."""
+        return render_chat(self.tokenizer, system, user)
+
+    def chat_messages(self, messages: list[dict]) -> str:
+        """A multi-turn chat with the generation prompt added."""
+        return self.chat_text(messages, add_generation_prompt=True)
+
+    def chat_text(self, messages: list[dict], *, add_generation_prompt: bool = False) -> str:
+        return render_messages(
+            self.tokenizer, messages, add_generation_prompt=add_generation_prompt
+        )
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, without adding special tokens."""
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        return encode_offsets(self.tokenizer, text)

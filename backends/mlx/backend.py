@@ -20,7 +20,7 @@ from pertoken.backends.base import (
     row_uniforms,
     steer_rows,
 )
-from pertoken.backends.chat import encode_offsets, render_chat, render_messages, stop_token_ids
+from pertoken.backends.chat import ChatText, stop_token_ids
 from pertoken.backends.mlx.batch import SteerPlan
 from pertoken.backends.mlx.continuous import Request, Slots
 from pertoken.backends.mlx.decode import decode
@@ -48,7 +48,7 @@ from pertoken.errors import PertokenError
 from pertoken.rows import check_capture_rows
 
 
-class MLXBackend:
+class MLXBackend(ChatText):
     name = "mlx"
 
     def __init__(self, loaded: Loaded):
@@ -77,21 +77,6 @@ class MLXBackend:
         config when it is on disk, else bfloat16 is assumed."""
         device = pick_device(device)
         return device, pick_dtype(dtype, local_config(model), device)
-
-    # ------------------------------------------------------------------ text
-    def chat_prompt(self, system: str | None, user: str) -> str:
-        """Chat template with the generation prompt; no system role -> "{system}\n\n{user}"."""
-        return render_chat(self.tokenizer, system, user)
-
-    def chat_messages(self, messages: list[dict]) -> str:
-        """A multi-turn chat with the generation prompt added."""
-        return self.chat_text(messages, add_generation_prompt=True)
-
-    def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
     # ------------------------------------------------------------------ generation
     def generate(
@@ -226,14 +211,6 @@ class MLXBackend:
         return out
 
     # ------------------------------------------------------------------ per-token traces
-    def chat_text(self, messages: list[dict], *, add_generation_prompt: bool = False) -> str:
-        return render_messages(
-            self.tokenizer, messages, add_generation_prompt=add_generation_prompt
-        )
-
-    def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-        return encode_offsets(self.tokenizer, text)
-
     def token_projections(
         self, ids, directions, rows, *, steer=None, prompt_lens=None, batch_size=16
     ):

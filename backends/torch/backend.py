@@ -20,7 +20,7 @@ from pertoken.backends.base import (
     row_uniforms,
     steer_rows,
 )
-from pertoken.backends.chat import encode_offsets, render_chat, render_messages, stop_token_ids
+from pertoken.backends.chat import ChatText, stop_token_ids
 from pertoken.backends.plan import (
     PaddedBatch,
     TokenPieces,
@@ -48,7 +48,7 @@ from pertoken.errors import PertokenError
 from pertoken.rows import block_of_row, check_capture_rows
 
 
-class TorchBackend:
+class TorchBackend(ChatText):
     name = "torch"
 
     def __init__(
@@ -99,20 +99,7 @@ class TorchBackend:
         device = pick_device(device)
         return device, pick_dtype(dtype, device)
 
-    # ------------------------------------------------------------------ text
-    def chat_prompt(self, system: str | None, user: str) -> str:
-        return render_chat(self.tokenizer, system, user)
-
-    def chat_messages(self, messages: list[dict]) -> str:
-        """A multi-turn chat with the generation prompt added."""
-        return self.chat_text(messages, add_generation_prompt=True)
-
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
-
+    # ------------------------------------------------------------------ steering
     def _tap_state(self, steer: Steer | None) -> TapState:
         if steer is None:
             return TapState()
@@ -341,14 +328,6 @@ class TorchBackend:
         return out
 
     # ------------------------------------------------------------------ per-token traces
-    def chat_text(self, messages: list[dict], *, add_generation_prompt: bool = False) -> str:
-        return render_messages(
-            self.tokenizer, messages, add_generation_prompt=add_generation_prompt
-        )
-
-    def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-        return encode_offsets(self.tokenizer, text)
-
     def token_projections(
         self, ids, directions, rows, *, steer=None, prompt_lens=None, batch_size=16
     ):
