@@ -12,13 +12,12 @@ import re
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 from pertoken.backends import is_installed
-from pertoken.cli import main
 from pertoken.vectors import load_vector
 from tests import semantic_model as sm
 from tests.bank_judge import BankJudge
+from tests.cli_runner import pertoken_cli
 
 pytestmark = pytest.mark.slow
 
@@ -44,23 +43,8 @@ def judge():
 @pytest.fixture(scope="module")
 def cli(tmp_path_factory, judge, model_dir):
     """Invoke `pertoken ...` in-process with a dummy key and a private judge cache."""
-    env = {
-        "OPENAI_API_KEY": "sk-test-dummy",
-        "PERTOKEN_CACHE_DIR": str(tmp_path_factory.mktemp("judge-cache")),
-    }
-
-    def invoke(*args):
-        result = CliRunner().invoke(main, [str(a) for a in args], env=env)
-        assert result.exit_code == 0, f"pertoken {' '.join(map(str, args))}:\n{result.output}"
-        return result.output
-
-    import torch
-
-    # a 64-wide model gains nothing from threads on a shared machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield invoke
-    torch.set_num_threads(n)
+    with pertoken_cli(tmp_path_factory.mktemp("judge-cache")) as invoke:
+        yield invoke
 
 
 @pytest.fixture(scope="module", params=BACKENDS)

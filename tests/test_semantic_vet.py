@@ -10,11 +10,10 @@ import csv
 import json
 
 import pytest
-from click.testing import CliRunner
 
-from pertoken.cli import main
 from tests import semantic_model as sm
 from tests.bank_judge import BankJudge
+from tests.cli_runner import pertoken_cli
 
 pytestmark = pytest.mark.slow
 
@@ -31,22 +30,9 @@ def judge():
 
 @pytest.fixture(scope="module")
 def cli(tmp_path_factory, judge):
-    env = {
-        "OPENAI_API_KEY": "sk-test-dummy",
-        "PERTOKEN_CACHE_DIR": str(tmp_path_factory.mktemp("judge-cache")),
-    }
-
-    def invoke(*args):
-        result = CliRunner().invoke(main, [str(a) for a in args], env=env)
-        assert result.exit_code == 0, f"pertoken {' '.join(map(str, args))}:\n{result.output}"
-        return result.output
-
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield invoke
-    torch.set_num_threads(n)
+    """Invoke `pertoken ...` in-process with a dummy key and a private judge cache."""
+    with pertoken_cli(tmp_path_factory.mktemp("judge-cache")) as invoke:
+        yield invoke
 
 
 @pytest.fixture(scope="module")
