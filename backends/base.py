@@ -169,6 +169,10 @@ class TokenStep:
 # Returning False ends that prompt's answer after this token (a client went away, say).
 StepCallback = Callable[[TokenStep], bool | None]
 
+# Called as each answer of `generate` ends: (index into the prompts, the answer's text), so a
+# caller can save finished rows while the others are still decoding.
+AnswerCallback = Callable[[int, str], None]
+
 
 @dataclass
 class Streaming:
@@ -242,13 +246,17 @@ class Backend(Protocol):
         batch_size: int | None = None,
         seeds: list[int] | None = None,
         stream: Streaming | None = None,
+        schedule: str = "continuous",
+        on_answer: AnswerCallback | None = None,
     ) -> list[str]:
         """Answers to chat-templated prompts (temperature 0 is greedy; see Sampling).
 
         steer: one Steer for every prompt, or a list with one Steer or None per prompt (each
         row of a batch carries its own terms and positions); seeds: one per prompt, each prompt
         then samples from its own stream (row_uniforms), whatever else is in its batch (without
-        them the batch samples from `seed`); stream: per-token reports."""
+        them, prompt i's seed is prompt_seeds(seed)[i]); stream: per-token reports; schedule:
+        "continuous" (slots refilled as answers end) or "static" (length-sorted batches);
+        on_answer: called with each answer as it ends, in the order they end."""
         ...
 
     def summaries(

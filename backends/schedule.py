@@ -70,6 +70,20 @@ class Queue(Generic[P]):
         return i, got
 
 
+class Answers:
+    """Each prompt's decoded answer, handed to `on_answer` as soon as it ends (a caller saves
+    finished rows while the slots go on)."""
+
+    def __init__(self, n: int, decode: Callable[[list[int]], str], on_answer=None):
+        self.texts: list[str] = [""] * n
+        self.decode, self.on_answer = decode, on_answer
+
+    def end(self, i: int, ids: list[int]) -> None:
+        self.texts[i] = self.decode(ids)
+        if self.on_answer is not None:
+            self.on_answer(i, self.texts[i])
+
+
 def prefix_keys(seqs: Sequence[Sequence[int]], plans: Sequence[object]) -> list[tuple]:
     """The key under which a prompt's prefill is shared: its token ids and its plan object
     (two plans equal in value but distinct objects are not merged; a prefill is steered)."""

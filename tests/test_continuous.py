@@ -142,3 +142,67 @@ def test_bad_schedule_and_batch_size(backend):
     with pytest.raises(PertokenError, match="seeds for 1 prompts"):
         backend.generate(ps, max_new_tokens=2, seeds=[1, 2])
     np.testing.assert_equal(prompt_seeds(0, 3)[:2], prompt_seeds(0, 2))
+
+
+@pytest.mark.parametrize("schedule", ["continuous", "static"])
+def test_each_answer_is_handed_over_as_it_ends(stopper, schedule, torch_one_thread):
+    backend, j, _ = stopper
+    ps, ended = _prompts(backend), []
+    got = backend.generate(
+        ps, max_new_tokens=NEW, temperature=0, batch_size=2, schedule=schedule,
+        on_answer=lambda i, text: ended.append((i, text)),
+    )  # fmt: skip
+    assert sorted(ended) == list(enumerate(got))  # each prompt once, with its returned text
+    if schedule == "continuous":  # the answer cut by the stop token is out before the rest
+        assert [i for i, _ in ended].index(j) < len(ps) - 1
+
+
+def _slots_taken(backend, monkeypatch) -> list[int]:
+    """The slot counts `generate` gives its continuous batches, recorded as they start."""
+    module = importlib.import_module(f"pertoken.backends.{backend.name}.continuous")
+    taken, make = [], module.Slots
+
+    def record(model, req, slots, *rest):
+        taken.append(slots)
+        return make(model, req, slots, *rest)
+
+    monkeypatch.setattr(importlib.import_module(type(backend).__module__), "Slots", record)
+    return taken
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+def test_the_slots_memory_allows(backend, monkeypatch, rows, torch_one_thread):
+    """On an accelerator, as many rows as have their full-length KV cache fit in what is free:
+    70% of CUDA's free memory, or 90% of Metal's working set less what MLX already holds."""
+    from pertoken.backends.memory import kv_bytes_per_token
+
+    ps, new = _prompts(backend)[:1], 3
+    longest = len(backend.encode(ps[0])) + new
+    config = backend.config if backend.name == "mlx" else backend.model.config.to_dict()
+    per_row = kv_bytes_per_token(config, "float32") * longest
+    if backend.name == "torch":
+        import torch
+
+        monkeypatch.setattr(backend, "device", "cuda:0")
+        free = int((rows + 0.5) * per_row / 0.7)
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d: (free, 2 * free))
+    else:
+        import mlx.core as mx
+
+        from pertoken.backends import machine
+
+        held = 10**6
+        budget = int(((rows + 0.5) * per_row + held) / 0.9)
+        monkeypatch.setattr(mx.metal, "is_available", lambda: True)
+        monkeypatch.setattr(mx, "get_active_memory", lambda: held)
+        monkeypatch.setattr(machine, "mlx_budget", lambda: (budget, "Metal"))
+    assert backend._auto_batch(longest) == rows
+
+
+def test_without_batch_size_generate_takes_the_slots_memory_allows(backend, monkeypatch):
+    taken = _slots_taken(backend, monkeypatch)
+    monkeypatch.setattr(backend, "_auto_batch", lambda longest: 3)
+    backend.generate(_prompts(backend), max_new_tokens=2, temperature=0)
+    assert taken == [3]
+    backend.generate(_prompts(backend), max_new_tokens=2, temperature=0, batch_size=2)
+    assert taken == [3, 2]

@@ -7,7 +7,9 @@ from types import SimpleNamespace
 import mlx.core as mx
 import numpy as np
 
+from pertoken.backends import machine
 from pertoken.backends.base import (
+    AnswerCallback,
     RowSteers,
     Sampling,
     Steer,
@@ -21,6 +23,7 @@ from pertoken.backends.base import (
     steer_rows,
 )
 from pertoken.backends.chat import ChatText, stop_token_ids
+from pertoken.backends.memory import HEADROOM, MAX_BATCH, kv_bytes_per_token
 from pertoken.backends.mlx.batch import SteerPlan
 from pertoken.backends.mlx.continuous import Request, Slots
 from pertoken.backends.mlx.decode import decode
@@ -43,7 +46,7 @@ from pertoken.backends.plan import (
     plan_batches,
     token_pieces,
 )
-from pertoken.backends.schedule import check_schedule, check_slots, prompt_seeds
+from pertoken.backends.schedule import Answers, check_schedule, check_slots, prompt_seeds
 from pertoken.errors import PertokenError
 from pertoken.rows import check_capture_rows
 
@@ -94,6 +97,7 @@ class MLXBackend(ChatText):
         seeds: list[int] | None = None,
         stream: Streaming | None = None,
         schedule: str = "continuous",
+        on_answer: AnswerCallback | None = None,
     ) -> list[str]:
         """Answers to chat-templated prompts (temperature 0 is greedy).
 
@@ -115,25 +119,28 @@ class MLXBackend(ChatText):
             raise PertokenError(f"{len(seeds)} seeds for {len(seqs)} prompts: give one per prompt")
         uniforms = row_uniforms(list(seeds), max_new_tokens)
         sampling = Sampling(temperature, top_p, top_k, repetition_penalty)
+        answers = Answers(len(seqs), self.decode, on_answer)
         if continuous:
             req = Request(seqs, plans, uniforms, sampling, max_new_tokens, self.stop,
-                          self.hidden_size, self._mx_dtype, self.prefill_chunk)  # fmt: skip
-            slots = Slots(self.model, req, check_slots(batch_size or 8))
-            return [self.decode(a) for a in slots.run()]
+                          self.hidden_size, self._mx_dtype, self.prefill_chunk,
+                          answers.end)  # fmt: skip
+            longest = max(map(len, seqs)) + max_new_tokens
+            Slots(self.model, req, check_slots(batch_size or self._auto_batch(longest))).run()
+            return answers.texts
         mx.random.seed(seed)
-        out: list[str] = [""] * len(seqs)
-        for batch in plan_batches(seqs, self.pad_id, batch_size=batch_size or 8):
+        batch_size = batch_size or self._auto_batch(max(map(len, seqs)) + max_new_tokens)
+        for batch in plan_batches(seqs, self.pad_id, batch_size=batch_size):
             idx = batch.index
             plan = SteerPlan.per_row([plans[i] for i in idx], self.hidden_size, self._mx_dtype)
-            answers = decode(
+            out = decode(
                 self.model, batch, max_new_tokens=max_new_tokens, sampling=sampling,
                 stop=self.stop, steer=plan, chunk=self.prefill_chunk,
                 uniforms=None if uniforms is None else uniforms[idx],
                 **_stream_kw(stream, idx),
             )  # fmt: skip
-            for i, a in zip(idx, answers, strict=True):
-                out[i] = self.decode(a.ids)
-        return out
+            for i, a in zip(idx, out, strict=True):
+                answers.end(int(i), a.ids)
+        return answers.texts
 
     def trace(
         self,
@@ -233,6 +240,18 @@ class MLXBackend(ChatText):
     @property
     def _mx_dtype(self):
         return DTYPES[self.dtype]
+
+    def _auto_batch(self, max_len: int) -> int:
+        """Rows whose KV cache fits in what Metal may still use (its recommended working set
+        less what MLX holds, the weights first), at most MAX_BATCH; 8 without Metal."""
+        if not mx.metal.is_available():
+            return 8
+        budget, _ = machine.mlx_budget()
+        per_token = kv_bytes_per_token(self.config, self.dtype)
+        if not budget or not per_token:
+            return 8
+        free = budget * (1 - HEADROOM) - mx.get_active_memory()
+        return int(max(1, min(MAX_BATCH, free // (per_token * max_len))))
 
 
 def _stream_kw(stream: Streaming | None, idx: np.ndarray) -> dict:

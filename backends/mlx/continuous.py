@@ -9,6 +9,7 @@ own draw in `uniforms`) and its seen tokens, so a prompt's answer equals its sol
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -36,6 +37,7 @@ class Request:
     hidden_size: int
     dtype: mx.Dtype
     chunk: int = CHUNK
+    on_answer: Callable[[int, list[int]], None] | None = None  # (prompt, its ids) as each ends
 
 
 @dataclass
@@ -154,12 +156,16 @@ class Slots:
 
     def _take(self, r: int, token: int) -> bool:
         """Row r drew `token`; False when its answer has ended (a stop, or the last token)."""
-        if token in self.req.stop:
-            return False
-        self.answers[self.rows[r]].append(token)
-        self.count[r] += 1
-        self.last[r] = token
-        return self.count[r] < self.req.max_new_tokens
+        i = self.rows[r]
+        if token not in self.req.stop:
+            self.answers[i].append(token)
+            self.count[r] += 1
+            self.last[r] = token
+            if self.count[r] < self.req.max_new_tokens:
+                return True
+        if self.req.on_answer is not None:
+            self.req.on_answer(i, self.answers[i])
+        return False
 
     def _keep(self, keep: list[bool]) -> None:
         """Drop the rows whose answers ended."""

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from pertoken.backends.base import (
+    AnswerCallback,
     RowSteers,
     Sampling,
     Steer,
@@ -30,7 +31,7 @@ from pertoken.backends.plan import (
     plan_batches,
     token_pieces,
 )
-from pertoken.backends.schedule import check_schedule, check_slots, prompt_seeds
+from pertoken.backends.schedule import Answers, check_schedule, check_slots, prompt_seeds
 from pertoken.backends.torch.compiled import CompiledDecoder
 from pertoken.backends.torch.continuous import Request, Slots
 from pertoken.backends.torch.decode import DecodeOptions, batch_tensors, decode, steer_tensor
@@ -150,6 +151,7 @@ class TorchBackend(ChatText):
         seeds: list[int] | None = None,
         stream: Streaming | None = None,
         schedule: str = "continuous",
+        on_answer: AnswerCallback | None = None,
     ) -> list[str]:
         """Batched answers.
 
@@ -166,19 +168,20 @@ class TorchBackend(ChatText):
             check_capture_rows(stream.rows, self.n_layers)
         sampling = Sampling(temperature, top_p, top_k, repetition_penalty)
         seeds = prompt_seeds(seed, len(seqs)) if seeds is None else seeds
+        answers = Answers(len(seqs), self.decode, on_answer)
         if self._continuous(check_schedule(schedule), stream):
             self._uniforms(seeds, len(seqs), 0)  # one seed per prompt
             uniforms = row_uniforms(list(seeds), max_new_tokens) if temperature > 0 else None
             longest = max(map(len, seqs)) + max_new_tokens
             slots = check_slots(batch_size or self._auto_batch(longest))
             req = Request(seqs, plans, uniforms, sampling, max_new_tokens,
-                          self.stop_ids, self.pad_id)  # fmt: skip
+                          self.stop_ids, self.pad_id, answers.end)  # fmt: skip
             with residual_taps(self.model, TapState()) as state:
-                return [self.decode(a) for a in Slots(self.model, req, slots, state).run()]
+                Slots(self.model, req, slots, state).run()
+            return answers.texts
         uniforms = self._uniforms(seeds, len(seqs), max_new_tokens)  # [N, steps] or None
         batch_size = batch_size or self._auto_batch(max(map(len, seqs)) + max_new_tokens)
         gen = torch.Generator(device=self.device).manual_seed(seed)
-        answers: list[str] = [""] * len(seqs)
         for batch in plan_batches(seqs, self.pad_id, batch_size=batch_size):
             idx = batch.index.tolist()
             state, positions = self._row_state([plans[i] for i in idx])
@@ -192,8 +195,8 @@ class TorchBackend(ChatText):
             with residual_taps(self.model, state):
                 out = self._decode(batch, state, opts, gen, stream=feed)
             for i, ids in zip(idx, out):
-                answers[i] = self.decode(ids)
-        return answers
+                answers.end(i, ids)
+        return answers.texts
 
     def _continuous(self, schedule: str, stream: Streaming | None) -> bool:
         """Whether this call decodes in refilled slots (see `generate`)."""

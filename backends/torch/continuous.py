@@ -9,6 +9,7 @@ prompt's own draw in `uniforms`) and its seen tokens, so a prompt's answer equal
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,6 +45,7 @@ class Request:
     max_new_tokens: int
     stop_ids: torch.Tensor  # [S]
     pad_id: int
+    on_answer: Callable[[int, list[int]], None] | None = None  # (prompt, its ids) as each ends
 
 
 class Slots:
@@ -160,15 +162,15 @@ class Slots:
     def _take(self, b: int, token: int) -> None:
         """Slot b drew `token`: a stop or the last allowed token ends its answer."""
         i = self.rows[b]
-        if token in self.stops:
-            self.rows[b] = None
-            return
-        self.answers[i].append(token)
-        self.count[b] += 1
-        if self.count[b] >= self.req.max_new_tokens:
-            self.rows[b] = None
-        else:
-            self.step.tokens[b, 0] = token
+        if token not in self.stops:
+            self.answers[i].append(token)
+            self.count[b] += 1
+            if self.count[b] < self.req.max_new_tokens:
+                self.step.tokens[b, 0] = token
+                return
+        self.rows[b] = None
+        if self.req.on_answer is not None:
+            self.req.on_answer(i, self.answers[i])
 
 
 def _slot_vectors(model, plans: list[Steer | None], B: int) -> dict[int, torch.Tensor]:
