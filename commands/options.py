@@ -10,7 +10,9 @@ from pertoken.names import BACKENDS, METHODS, POSITIONS
 from pertoken.pipeline.judge import DEFAULT_JUDGE
 from pertoken.pipeline.sampling import SAMPLERS
 
-BATCH_HELP = "Rows per batch (32 on CUDA, else 16; MLX: fewer when memory is short)."
+BATCH_HELP = (
+    "Answers decoding at once (default: what free memory holds on CUDA and Metal, else 16)."
+)
 
 
 def backend_option(help: str = "auto = mlx on Apple Silicon when installed."):

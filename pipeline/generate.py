@@ -1,9 +1,9 @@
 """Generate: answer a trait's questions under its pos/neg instructions, resumably.
 
 Finished rows go to a side file `OUT.partial.jsonl` (one JSON object per line, flushed and
-fsynced per batch); a torn last line from a killed process is dropped on resume. When every
-row is there, the CSV is written in canonical (question i, instruction k, sample j) order in
-one atomic rename and the side file is removed.
+fsynced as each answer ends); a torn last line from a killed process is dropped on resume.
+When every row is there, the CSV is written in canonical (question i, instruction k, sample j)
+order in one atomic rename and the side file is removed.
 """
 
 from __future__ import annotations
@@ -112,9 +112,10 @@ def generate_csv(
     """Write the generation CSV for one polarity (or the eval questions), resuming any earlier run.
 
     temperature defaults to 1.0, or 0 (greedy) when n_per_question is 1; sampler `model` samples
-    with the checkpoint's generation_config (pipeline.sampling). batch_size (rows generated and
-    saved together) defaults to 32 on CUDA, else 16. Each row samples from row_seed(seed, row),
-    so the CSV does not depend on batching or on interruptions. label names the progress bar
+    with the checkpoint's generation_config (pipeline.sampling). batch_size (answers decoding
+    at once, each saved as it ends) defaults to what free memory holds on CUDA and Metal, else
+    16. Each row samples from row_seed(seed, row), so the CSV does not depend on batching or on
+    interruptions. label names the progress bar
     (default `generate pos`, `generate neg` or `generate eval`).
     """
     start = time.perf_counter()
@@ -122,7 +123,7 @@ def generate_csv(
     specs = plan_rows(trait, polarity=polarity, eval=eval, n_per_question=n_per_question)
     default = 1.0 if n_per_question > 1 else 0.0
     sampling = sampling_options(backend, sampler, temperature, default=default)
-    batch_size = batch_size or (32 if str(backend.device).startswith("cuda") else 16)
+    batch_size = batch_size or _default_slots(backend)
     prompts = _prompts(backend, specs)
     opts = dict(max_new_tokens=max_new_tokens, seed=seed, **sampling)
     bar = dict(disable=not progress, desc=label or f"generate {'eval' if eval else polarity}")
@@ -132,11 +133,16 @@ def generate_csv(
         if todo:
             out.parent.mkdir(parents=True, exist_ok=True)
             side = side_file(out)
-            _run_batches(backend, todo, prompts, done, side, len(specs), batch_size, opts, bar)
+            _run_rows(backend, todo, prompts, done, side, len(specs), batch_size, opts, bar)
         if todo or not is_complete(out, specs):
             _write_final(out, trait.name, specs, prompts, done)
         side_file(out).unlink(missing_ok=True)  # also when killed after the final rename
     return GenerateResult(out, len(specs), len(todo), time.perf_counter() - start)
+
+
+def _default_slots(backend) -> int | None:
+    """None on CUDA and Metal, where the backend sizes its slots from free memory; else 16."""
+    return None if str(backend.device).startswith(("cuda", "gpu")) else 16
 
 
 def _prompts(backend, specs: list[RowSpec]) -> dict[tuple[str, int], str]:
@@ -188,35 +194,40 @@ def _read_side(path: Path) -> list[dict]:
     return rows
 
 
-def _run_batches(backend, todo, prompts, done, side, total, batch_size, opts, bar_opts):
+def _run_rows(backend, todo, prompts, done, side, total, batch_size, opts, bar_opts):
+    """Generate every missing row in one call, so a slot freed by a short answer takes the
+    next row; each answer is saved (flushed and fsynced) as soon as it ends."""
     from tqdm import tqdm
 
     n_tokens, t0 = 0, time.perf_counter()
     bar = tqdm(total=total, initial=total - len(todo), unit="row", dynamic_ncols=True, **bar_opts)
     with side.open("a", encoding="utf-8") as f, bar:
-        for b in range(0, len(todo), batch_size):
-            batch = todo[b : b + batch_size]
-            answers = backend.generate(
-                [prompts[s.key] for s in batch],
-                batch_size=batch_size,
-                seeds=[row_seed(opts["seed"], s) for s in batch],
-                **opts,
-            )
-            for s, answer in zip(batch, answers):
-                row = {
-                    "question": s.question,
-                    "prompt": prompts[s.key],
-                    "answer": answer,
-                    "question_id": s.question_id,
-                    "sample": s.j,
-                }
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-                done[s.key] = row
-                n_tokens += len(backend.encode(answer))
+
+        def save(k: int, answer: str) -> None:
+            nonlocal n_tokens
+            s = todo[k]
+            row = {
+                "question": s.question,
+                "prompt": prompts[s.key],
+                "answer": answer,
+                "question_id": s.question_id,
+                "sample": s.j,
+            }
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
-            bar.update(len(batch))
+            done[s.key] = row
+            n_tokens += len(backend.encode(answer))
+            bar.update(1)
             bar.set_postfix_str(f"{n_tokens / (time.perf_counter() - t0):.1f} tok/s")
+
+        backend.generate(
+            [prompts[s.key] for s in todo],
+            batch_size=batch_size,
+            seeds=[row_seed(opts["seed"], s) for s in todo],
+            on_answer=save,
+            **opts,
+        )
 
 
 def _write_final(out: Path, trait: str, specs, prompts, done) -> None:

@@ -103,13 +103,19 @@ class FakeBackend:
         steer=None,
         batch_size=None,
         seeds=None,
+        schedule="continuous",
+        on_answer=None,
     ):
         self.calls.append(dict(kind="generate", steer=steer, seed=seed))
         seeds = seeds if seeds is not None else [seed] * len(prompts)
-        return [
-            self.decode(self._generate_ids(p, max_new_tokens, temperature, s, steer))
-            for p, s in zip(prompts, seeds, strict=True)
-        ]
+        answers = []
+        for k, (p, s) in enumerate(zip(prompts, seeds, strict=True)):
+            answers.append(
+                self.decode(self._generate_ids(p, max_new_tokens, temperature, s, steer))
+            )
+            if on_answer is not None:
+                on_answer(k, answers[-1])
+        return answers
 
     def summaries(self, prompts, answers, *, batch_size=8):
         pa, pl, ra = [], [], []

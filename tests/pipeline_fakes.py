@@ -29,6 +29,8 @@ class RecordingBackend(FakeBackend):
         steer=None,
         batch_size=None,
         seeds=None,
+        schedule="continuous",
+        on_answer=None,
     ) -> list[str]:
         self.generate_calls.append(
             dict(
@@ -41,10 +43,17 @@ class RecordingBackend(FakeBackend):
                 n=len(prompts),
             )
         )
-        self.generated.extend(prompts)
         if seeds is not None:  # per-row seeds: an answer does not depend on its batch
-            return [self.answer(p, s, 0) for p, s in zip(prompts, seeds, strict=True)]
-        return [self.answer(p, seed, n) for n, p in enumerate(prompts)]
+            keys = [(s, 0) for s in seeds]
+        else:
+            keys = [(seed, n) for n in range(len(prompts))]
+        answers = []
+        for k, (p, (s, n)) in enumerate(zip(prompts, keys, strict=True)):
+            answers.append(self.answer(p, s, n))
+            self.generated.append(p)
+            if on_answer is not None:
+                on_answer(k, answers[-1])
+        return answers
 
     @staticmethod
     def answer(prompt: str, seed: int, n: int) -> str:

@@ -45,6 +45,8 @@ def test_columns_ids_prompts_and_order(tmp_path, kit):
         assert row[4] == row[5] == ""
     assert "\n" in body[0][2]  # answers with newlines and commas survive the CSV
     assert not side_file(out).exists()
+    # one call over every row, so a slot freed by a short answer takes the next row
+    assert [c["n"] for c in fake.generate_calls] == [12]
     # defaults: temperature 1.0 when sampling several answers per prompt
     assert {c["temperature"] for c in fake.generate_calls} == {1.0}
 
@@ -72,22 +74,25 @@ class Interrupt(Exception):
 
 
 class DiesAfter(RecordingBackend):
-    """Answers `n_calls` batches, then raises as a Ctrl-C would."""
+    """Hands over `n` answers, then raises as a Ctrl-C would (the other slots still decoding)."""
 
-    def __init__(self, n_calls):
+    def __init__(self, n):
         super().__init__()
-        self.left = n_calls
+        self.left = n
 
-    def generate(self, prompts, **kw):
-        if self.left == 0:
-            raise Interrupt
-        self.left -= 1
-        return super().generate(prompts, **kw)
+    def generate(self, prompts, on_answer=None, **kw):
+        def hand_over(k, text):
+            if self.left == 0:
+                raise Interrupt
+            self.left -= 1
+            on_answer(k, text)
+
+        return super().generate(prompts, on_answer=hand_over, **kw)
 
 
 def test_resume_generates_only_missing_rows(tmp_path, kit):
     out = tmp_path / "pos.csv"
-    dying = DiesAfter(2)
+    dying = DiesAfter(6)
     with pytest.raises(Interrupt):
         generate_csv(dying, trait=kit, out=out, n_per_question=2, batch_size=3, progress=False)
     assert not out.exists()
@@ -116,7 +121,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, kit):
     )
     out = tmp_path / "pos.csv"
     with pytest.raises(Interrupt):
-        generate_csv(DiesAfter(1), trait=kit, out=out, n_per_question=2, batch_size=3,
+        generate_csv(DiesAfter(3), trait=kit, out=out, n_per_question=2, batch_size=3,
                      progress=False)  # fmt: skip
     generate_csv(
         RecordingBackend(), trait=kit, out=out, n_per_question=2, batch_size=4, progress=False
@@ -132,7 +137,7 @@ def test_torn_last_line_is_dropped_and_regenerated(tmp_path, kit):
     out = tmp_path / "pos.csv"
     with pytest.raises(Interrupt):
         generate_csv(
-            DiesAfter(1), trait=kit, out=out, n_per_question=2, batch_size=4, progress=False
+            DiesAfter(4), trait=kit, out=out, n_per_question=2, batch_size=4, progress=False
         )
     with side_file(out).open("a") as f:
         f.write(
