@@ -26,6 +26,7 @@ from pertoken.backends.base import Steer
 from pertoken.errors import PertokenError
 from pertoken.lock import output_lock
 from pertoken.pipeline import evaluate as ev
+from pertoken.pipeline.generate import sample_seed
 from pertoken.pipeline.judges import Judge
 from pertoken.pipeline.sampling import sampling_options
 from pertoken.pipeline.sweep_plot import Point, plot_points, point
@@ -181,16 +182,14 @@ class _Store:
         steer = Steer.single(layer, self.vector.row(layer), coef, self.sampling["positions"])
         skip = ("n_per_question", "seed", "positions")
         gen = {k: v for k, v in self.sampling.items() if k not in skip}
-        answers, size = [], self.batch_size
-        desc = f"layer {layer} coef {coef:g}"
-        for b in tqdm(range(0, len(prompts), size), desc=desc, disable=not self.progress):
-            answers += self.backend.generate(
-                prompts[b : b + size],
-                steer=None if coef == 0 else steer,
-                batch_size=size,
-                seed=self.sampling["seed"] + b,
-                **gen,
-            )
+        name, seed = self.trait.name, self.sampling["seed"]
+        seeds = [sample_seed(seed, f"{name}_{i}", j) for i, j in todo]  # as eval's
+        bar = tqdm(total=len(todo), desc=f"layer {layer} coef {coef:g}", disable=not self.progress)
+        with bar:
+            answers = self.backend.generate(
+                prompts, steer=None if coef == 0 else steer, batch_size=self.batch_size,
+                seeds=seeds, on_answer=lambda *_: bar.update(1), **gen,
+            )  # fmt: skip
         self.generated += len(answers)
         return [
             {

@@ -18,6 +18,7 @@ from pertoken.backends.base import Steer
 from pertoken.errors import PertokenError
 from pertoken.lock import output_lock
 from pertoken.pipeline.csvio import parse_score, read_table, write_csv_atomic
+from pertoken.pipeline.generate import sample_seed
 from pertoken.pipeline.judges import Judge
 from pertoken.pipeline.sampling import sampling_options
 from pertoken.rows import check_steer_row
@@ -228,15 +229,14 @@ def _answer_setting(backend, trait, rows, layer, coef, steer, n, gen, bar) -> li
         bar.update(len(specs))
         return [{**r, "layer": layer} for r in old if int(r["layer"]) == first]
     prompts = [backend.chat_prompt(None, q) for _, q, _ in specs]
-    size = gen["batch_size"]
-    answers = []
-    for b in range(0, len(prompts), size):
-        # the same seed per batch in every setting, so settings differ only by the steering
-        opts = {**gen, "seed": gen["seed"] + b}
-        answers += backend.generate(
-            prompts[b : b + size], steer=None if coef == 0 else steer, **opts
-        )
-        bar.update(len(prompts[b : b + size]))
+    # each (question, sample) has its own seed, the same in every setting, so settings differ
+    # only by the steering; one call, so slots freed by short answers take the next prompts
+    opts = {k: v for k, v in gen.items() if k != "seed"}
+    seeds = [sample_seed(gen["seed"], f"{trait.name}_{i}", j) for i, _, j in specs]
+    answers = backend.generate(
+        prompts, steer=None if coef == 0 else steer, seeds=seeds,
+        on_answer=lambda *_: bar.update(1), **opts,
+    )  # fmt: skip
     return [
         {
             "layer": layer,

@@ -73,7 +73,12 @@ def plan_rows(
 def row_seed(seed: int, spec: RowSpec) -> int:
     """A row's own sampling seed, from the run's seed and the row's fixed (question,
     instruction, sample) key: a resumed run samples every row as an uninterrupted one would."""
-    digest = hashlib.sha256(f"{seed}|{spec.question_id}|{spec.j}".encode()).digest()
+    return sample_seed(seed, spec.question_id, spec.j)
+
+
+def sample_seed(seed: int, question_id: str, j: int) -> int:
+    """The seed of sample j of a question, whatever else is generated with it."""
+    digest = hashlib.sha256(f"{seed}|{question_id}|{j}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
 
 

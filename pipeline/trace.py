@@ -22,6 +22,7 @@ from pertoken.backends.base import Steer
 from pertoken.errors import PertokenError
 from pertoken.lock import output_lock
 from pertoken.pipeline import trace_store as store
+from pertoken.pipeline.generate import sample_seed
 from pertoken.pipeline.trace_inputs import Item, meta_types, read_items
 from pertoken.pipeline.trace_segments import (
     DEFAULT_SEGMENTS,
@@ -243,17 +244,19 @@ class _Job:
         return n_tokens
 
     def _answer(self, batch: list[Item], answers: _Answers, batch_size: int) -> None:
-        """Generate (and save) the answers this chunk's prompt items still lack."""
+        """Generate the answers this chunk's prompt items still lack, each saved as it ends
+        and sampled from its item's own seed (so not a matter of chunks or resumes)."""
         need = [it for it in batch if it.user is not None and answers.get(it) is None]
         if not need:
             return
         g = self.generation
         prompts = [self.backend.chat_prompt(g.system, it.user) for it in need]
-        texts = self.backend.generate(
+        self.backend.generate(
             prompts, max_new_tokens=g.max_new_tokens, temperature=g.temperature,
-            seed=g.seed + need[0].index, steer=self.steer, batch_size=batch_size,
+            seeds=[sample_seed(g.seed, f"item {it.index}", 0) for it in need],
+            steer=self.steer, batch_size=batch_size,
+            on_answer=lambda k, text: answers.add([need[k]], [text]),
         )  # fmt: skip
-        answers.add(need, texts)
 
     def _labels(self, it: Item, answers: _Answers):
         b, segs = self.backend, self.segments
@@ -285,7 +288,7 @@ class _Job:
 
 
 class _Answers:
-    """Generated answers, one JSON line each in `answers.jsonl`, fsynced per chunk."""
+    """Generated answers, one JSON line each in `answers.jsonl`, fsynced as each is added."""
 
     def __init__(self, folder: Path):
         self.path = folder / "answers.jsonl"

@@ -27,6 +27,7 @@ class FakeBackend:
     def __init__(self, gain=None, collapse=6.5):
         self.gain, self.collapse = gain or {1: 1.0, 3: 0.5}, collapse
         self.generated: list[tuple[int, float, int]] = []  # (layer, coef, prompts)
+        self.seeded: list[tuple[tuple, set]] = []  # (setting, {(prompt, seed)}) per call
 
     def chat_prompt(self, system, user):
         return f"<u>{user}</u>"
@@ -34,6 +35,7 @@ class FakeBackend:
     def generate(self, prompts, *, steer=None, **opts):
         layer, coef = (0, 0.0) if steer is None else (steer.terms[0].row, steer.terms[0].coef)
         self.generated.append((layer, coef, len(prompts)))
+        self.seeded.append(((layer, coef), set(zip(prompts, opts["seeds"], strict=True))))
         trait = 30.0 if coef == 0 else min(95.0, 50 + 5 * coef * self.gain[layer])
         coherence = 90.0 if coef <= self.collapse else 10.0
         return [f"trait={trait} coherence={coherence} to {p}" for p in prompts]
@@ -133,6 +135,18 @@ def test_search_shares_answers_with_a_sweep_in_the_same_folder(tmp_path):
     r = search_coefs(backend, layers=[1, 3], n_per_question=2, **opts)
     assert all(c != 0 for _, c, _ in backend.generated[before:])  # the unsteered are reused
     assert r.best.coef == 6.0
+
+
+def test_search_samples_each_question_with_the_seeds_a_sweep_uses(tmp_path):
+    swept, searched = FakeBackend(), FakeBackend()
+    opts = dict(trait=TRAIT, vector=vector(), judge=FakeJudge(), progress=False, seed=3)
+    evaluate(swept, layers=[1], coefs=[2.0], n_per_question=2, out_dir=tmp_path / "a", **opts)
+    search_coefs(searched, layers=[1], n_per_question=2, out_dir=tmp_path / "b", **opts)
+    (sweep_pairs,) = [pairs for setting, pairs in swept.seeded if setting == (1, 2.0)]
+    search_pairs = set().union(
+        *(pairs for setting, pairs in searched.seeded if setting == (1, 2.0))
+    )
+    assert search_pairs and search_pairs <= sweep_pairs
 
 
 def test_no_coherent_coefficient_is_reported_not_raised(tmp_path):

@@ -176,12 +176,19 @@ def test_cli_vector_from_another_model_is_one_line_error(tmp_path, llama_dir):
     assert bad.exit_code == 1 and "could not read coefs" in bad.output
 
 
-def test_batches_use_the_same_seeds_in_every_setting(tmp_path):
+def test_every_setting_samples_each_question_from_the_same_seeds(tmp_path):
     backend = FakeBackend()
     sweep(backend, tmp_path, FakeJudge(), coefs=(-1, 1), batch_size=4, seed=7)
-    # 6 prompts per setting in batches of 4 and 2, seeded 7 and 11 in each of the 4 settings
-    assert [(c[0], c[2]["seed"]) for c in backend.calls] == [(4, 7), (2, 11)] * 4
-    assert all(c[2]["batch_size"] == 4 for c in backend.calls)
+    # one call of 6 prompts (3 questions x 2 samples) per setting, 4 decoding at once
+    assert [c[0] for c in backend.calls] == [6] * 4
+    assert all(c[2]["batch_size"] == 4 and "seed" not in c[2] for c in backend.calls)
+    seeds = [c[2]["seeds"] for c in backend.calls]
+    assert all(s == seeds[0] for s in seeds) and len(set(seeds[0])) == 6
+    other = FakeBackend()
+    sweep(other, tmp_path / "other", FakeJudge(), coefs=(-1, 1), batch_size=6, seed=7)
+    assert other.calls[0][2]["seeds"] == seeds[0]  # not a matter of batching
+    sweep(other, tmp_path / "seed8", FakeJudge(), coefs=(-1, 1), seed=8)
+    assert not set(other.calls[-1][2]["seeds"]) & set(seeds[0])
 
 
 def test_all_scores_missing_still_writes_summary_and_plot(tmp_path):

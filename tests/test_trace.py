@@ -222,13 +222,20 @@ def test_a_second_process_and_changed_input_are_refused(tmp_path):
 
 
 class Answering(Counting):
-    def __init__(self):
-        super().__init__()
-        self.generated = []
+    """Answers every prompt alike, handing each over as it ends; dies after `live` answers."""
 
-    def generate(self, prompts, **kw):
-        self.generated += prompts
-        return ["sure <think>about it" for _ in prompts]  # cut off: no closing tag
+    def __init__(self, live=None):
+        super().__init__()
+        self.generated, self.seeds, self.live = [], [], live
+
+    def generate(self, prompts, *, seeds=None, on_answer=None, **kw):
+        self.seeds += seeds
+        for k, p in enumerate(prompts):
+            if self.live is not None and len(self.generated) == self.live:
+                raise KeyboardInterrupt
+            self.generated.append(p)
+            on_answer(k, "sure <think>about it")  # cut off: no closing tag
+        return ["sure <think>about it" for _ in prompts]
 
 
 def test_prompt_lists_are_answered_then_traced(tmp_path):
@@ -253,6 +260,22 @@ def test_prompt_lists_are_answered_then_traced(tmp_path):
     assert again.generated == [] and again.traced == 3  # the saved answers are reused
     with pytest.raises(PertokenError, match="other generation"):
         _trace(again, prompts, tmp_path / "out", generation=Generation(max_new_tokens=5))
+
+
+def test_answers_are_saved_as_they_end_and_seeded_per_item(tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("first question\nsecond question\nthird\n")
+    whole = Answering()
+    _trace(whole, prompts, tmp_path / "whole", generation=Generation(seed=5))
+    dying = Answering(live=2)
+    with pytest.raises(KeyboardInterrupt):
+        _trace(dying, prompts, tmp_path / "out", generation=Generation(seed=5))
+    assert len((tmp_path / "out" / "answers.jsonl").read_text().splitlines()) == 2
+    rest = Answering()
+    _trace(rest, prompts, tmp_path / "out", generation=Generation(seed=5), chunk=1)
+    assert rest.generated == [rest.chat_prompt(None, "third")]  # only the unfinished one
+    assert rest.seeds == whole.seeds[2:]  # its seed is its item's, whatever the chunks
+    assert len(set(whole.seeds)) == 3
 
 
 def _cli(args):
