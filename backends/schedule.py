@@ -1,5 +1,6 @@
 """What continuous batching decides in numpy, for both backends: the order in which prompts
-enter free slots, which of them share one prefill, and a seed per prompt.
+enter free slots, which of them are prefilled together or share one prefill, and a seed per
+prompt.
 
 A slot decodes one prompt at a time; when its answer ends, the next prompt in the queue is
 prefilled into it while the other slots keep decoding. Each prompt keeps its own steering plan
@@ -56,18 +57,25 @@ class Queue(Generic[P]):
     def __bool__(self) -> bool:
         return bool(self.order)
 
-    def next(self, prefill: Callable[[int], P]) -> tuple[int, P]:
-        """(prompt index, its prefill), running `prefill(index)` only for a key's first prompt."""
-        i = self.order.popleft()
-        k = self.keys[i]
-        if k not in self.held:
-            self.held[k] = prefill(i)
-            self.prefills += 1
-        got = self.held[k]
-        self.left[k] -= 1
-        if not self.left[k]:
-            del self.held[k]
-        return i, got
+    def take(self, k: int, prefill: Callable[[list[int]], list[P]]) -> list[tuple[int, P]]:
+        """Up to k (prompt index, its prefill) pairs, in queue order. `prefill(indices)` runs
+        once, over the first prompt of each key not yet prefilled, as one batch."""
+        taken = [self.order.popleft() for _ in range(min(k, len(self.order)))]
+        firsts: dict[Hashable, int] = {}  # key -> its first prompt among those taken
+        for i in taken:
+            if self.keys[i] not in self.held:
+                firsts.setdefault(self.keys[i], i)
+        if firsts:
+            self.held.update(zip(firsts, prefill(list(firsts.values())), strict=True))
+            self.prefills += len(firsts)
+        out = []
+        for i in taken:
+            key = self.keys[i]
+            out.append((i, self.held[key]))
+            self.left[key] -= 1
+            if not self.left[key]:
+                del self.held[key]
+        return out
 
 
 class Answers:

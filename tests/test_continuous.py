@@ -112,12 +112,14 @@ def test_seed_alone_gives_each_prompt_its_own_seed_on_either_schedule(backend, t
 
 
 def test_samples_of_one_prompt_share_one_prefill(backend, monkeypatch, torch_one_thread):
+    """...and prompts entering free slots together are prefilled in one batch."""
     slots = importlib.import_module(f"pertoken.backends.{backend.name}.continuous").Slots
-    prefill, calls = slots._prefill, []
+    prefill, calls, batches = slots._prefill, [], []
 
-    def counted(self, i):
-        calls.append(i)
-        return prefill(self, i)
+    def counted(self, idx):
+        calls.extend(idx)
+        batches.append(len(idx))
+        return prefill(self, idx)
 
     monkeypatch.setattr(slots, "_prefill", counted)
     p, q = _prompts(backend)[:2]
@@ -126,9 +128,10 @@ def test_samples_of_one_prompt_share_one_prefill(backend, monkeypatch, torch_one
     opts = dict(max_new_tokens=NEW, temperature=1.0, batch_size=3, seeds=seeds)
     shared = backend.generate(ps, steer=st, **opts)
     assert len(calls) == 2  # one per distinct prompt
-    calls.clear()
+    calls.clear(), batches.clear()
     apart = backend.generate(ps, steer=[copy.deepcopy(st) for _ in ps], **opts)
-    assert len(calls) == len(ps)  # distinct plan objects: prefilled one by one
+    assert sorted(calls) == list(range(len(ps)))  # distinct plan objects: each prefilled
+    assert batches[0] == 3  # the three first slots are filled by one prefill
     assert shared == apart
     assert len(set(shared[i] for i in (0, 2, 4, 5))) > 1  # the samples differ
 
@@ -206,3 +209,22 @@ def test_without_batch_size_generate_takes_the_slots_memory_allows(backend, monk
     assert taken == [3]
     backend.generate(_prompts(backend), max_new_tokens=2, temperature=0, batch_size=2)
     assert taken == [3, 2]
+
+
+def test_queue_groups_samples_and_prefills_new_keys_together():
+    from pertoken.backends.schedule import Queue
+
+    q, runs = Queue(["a", "b", "a", "c", "b", "a"]), []
+
+    def prefill(idx):
+        runs.append(idx)
+        return [f"pre{i}" for i in idx]
+
+    # the samples of a key queue together, keys in order of their first prompt
+    assert q.take(2, prefill) == [(0, "pre0"), (2, "pre0")]
+    assert q.take(3, prefill) == [(5, "pre0"), (1, "pre1"), (4, "pre1")]
+    assert q.take(5, prefill) == [(3, "pre3")] and not q
+    assert runs == [[0], [1], [3]] and q.prefills == 3 and not q.held  # nothing kept after
+    q = Queue(["a", "b", "c"])
+    assert q.take(3, prefill) == [(0, "pre0"), (1, "pre1"), (2, "pre2")]
+    assert runs[-1] == [0, 1, 2]  # keys entering together share one prefill batch

@@ -1,6 +1,7 @@
-"""Continuous batching for pertoken's MLX models over mlx-lm's `BatchKVCache`: a prompt is
-prefilled alone into its own cache, which `extend` appends to the decoding batch (left-padded
-so all rows end together); `filter` drops rows whose answers ended. The batch never holds more
+"""Continuous batching for pertoken's MLX models over mlx-lm's `BatchKVCache`: prompts entering
+free rows at the same time are prefilled in one left-padded batch; each one's unpadded cache is
+appended to the decoding batch by `extend` (left-padded so all rows end together); `filter`
+drops rows whose answers ended. The batch never holds more
 than `slots` rows, and every decode step advances all of them at once.
 
 Each row carries its prompt's steering, its count of answer tokens (which picks the prompt's
@@ -73,30 +74,40 @@ class Slots:
 
     # ---------------------------------------------------------------- admission
     def _fill(self) -> None:
-        """Prefill waiting prompts into free rows (one that ends at once leaves no row)."""
+        """Prefill waiting prompts into free rows, together (one that ends at once leaves no
+        row)."""
         added = False
         while self.queue and len(self.rows) < self.slots:
-            i, pre = self.queue.next(self._prefill)
-            self._append(i, pre)
-            r = len(self.rows) - 1
-            (token,) = self._draw(pre.logits, first=True, rows=[r])
-            if not self._take(r, token):
-                self._keep([k < r for k in range(len(self.rows))])
+            taken = self.queue.take(self.slots - len(self.rows), self._prefill)
+            start = len(self.rows)
+            for i, pre in taken:
+                self._append(i, pre)
+            new = list(range(start, len(self.rows)))
+            logits = mx.concatenate([pre.logits for _, pre in taken])  # [len(taken), vocab]
+            ended = [not self._take(r, t) for r, t in zip(new, self._draw(logits, True, new))]
+            if any(ended):
+                self._keep([r < start or not ended[r - start] for r in range(len(self.rows))])
             added = True
         if added:
             self._steering()
 
-    def _prefill(self, i: int) -> Prefilled:
-        ids, plan = self.req.seqs[i], self.req.plans[i]
-        batch = left_pad([ids], 0)  # one unpadded prompt: the pad id is never read
+    def _prefill(self, idx: list[int]) -> list[Prefilled]:
+        """These prompts in one left-padded batch, each with its own steering; each comes out
+        with its own unpadded one-row cache."""
+        seqs, plans = [self.req.seqs[i] for i in idx], [self.req.plans[i] for i in idx]
+        batch = left_pad(seqs, 0)  # the pad id is never attended to
         kw = {}
-        sp = SteerPlan.per_row([plan], self.req.hidden_size, self.req.dtype)
+        sp = SteerPlan.per_row(plans, self.req.hidden_size, self.req.dtype)
         if sp is not None:
             kw = {"steer": sp.vectors, "steer_on": sp.prefill_on(batch)}
-        cache = [BatchKVCache([0]) for _ in self.model.layers]
+        pads = batch.pad.tolist()
+        cache = [BatchKVCache(pads) for _ in self.model.layers]
         logits = prefill(self.model, batch, chunk=self.req.chunk, cache=cache, head="last", **kw)
         mx.eval(logits, [c.state for c in cache])
-        return Prefilled(cache, logits[:, -1])
+        return [
+            Prefilled([_row(c, b, p) for c in cache], logits[b : b + 1, -1])
+            for b, p in enumerate(pads)
+        ]
 
     def _append(self, i: int, pre: Prefilled) -> None:
         if self.cache is None:
@@ -184,6 +195,15 @@ class Slots:
         if self.seen is not None:
             self.seen = self.seen[mx.array(idx)]
         self._steering()
+
+
+def _row(c: BatchKVCache, b: int, pad: int) -> BatchKVCache:
+    """Row b of a prefilled cache as a one-row cache of its own, without its padding."""
+    one = BatchKVCache([0])
+    one.keys, one.values = c.keys[b : b + 1, :, pad : c._idx], c.values[b : b + 1, :, pad : c._idx]
+    one._idx = c._idx - pad
+    one.offset = mx.array([one._idx])
+    return one
 
 
 def _empty() -> BatchKVCache:

@@ -1,7 +1,8 @@
 """Continuous batching for transformers models: a fixed number of slots over a per-slot KV
 cache (the compiled step's `StaticStep`, whose rows each keep their own position and cache
-slot). A prompt is prefilled alone, its keys and values copied into a free slot, and its first
-token drawn from the prefill's logits; every decode step then advances all slots at once.
+slot). Prompts entering free slots at the same time are prefilled in one left-padded batch;
+each one's unpadded keys and values are copied into its slot and its first token drawn from
+the prefill's logits; every decode step then advances all slots at once.
 
 Each slot carries its prompt's steering vector, its count of answer tokens (which picks the
 prompt's own draw in `uniforms`) and its seen tokens, so a prompt's answer equals its solo run.
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pertoken.backends.base import Sampling, Steer, steer_mask
+from pertoken.backends.base import Sampling, Steer
 from pertoken.backends.plan import left_pad
 from pertoken.backends.schedule import Queue, prefix_keys
 from pertoken.backends.torch.compiled import Shape, StaticStep
@@ -83,29 +84,38 @@ class Slots:
 
     # ---------------------------------------------------------------- admission
     def _fill(self) -> None:
-        """Prefill waiting prompts into free slots (one that ends at once frees its slot)."""
+        """Prefill waiting prompts into free slots, together (one that ends at once frees
+        its slot again)."""
         while self.queue and None in self.rows:
-            b = self.rows.index(None)
-            i, pre = self.queue.next(self._prefill)
-            self._load(b, i, pre)
-            self._take(b, int(self._draw(pre.logits, [b], first=True)[0]))
+            free = [b for b, i in enumerate(self.rows) if i is None]
+            taken = self.queue.take(len(free), self._prefill)
+            slots = free[: len(taken)]
+            for b, (i, pre) in zip(slots, taken):
+                self._load(b, i, pre)
+            logits = torch.cat([pre.logits for _, pre in taken])  # [len(taken), vocab]
+            for b, t in zip(slots, self._draw(logits, slots, first=True).tolist()):
+                self._take(b, t)
 
-    def _prefill(self, i: int) -> Prefilled:
-        ids, plan = self.req.seqs[i], self.req.plans[i]
-        T = len(ids)
-        one = StaticStep(self.model, Shape(1, T, ()), self.dtype)
-        self.state.steer, self.state.steer_mask = {}, None
-        if plan is not None:
-            devices = block_devices(self.model)
-            n = len(devices)
-            self.state.steer = {
-                r: torch.from_numpy(v).to(devices[block_of_row(r, n)])[None]  # [1, hidden]
-                for r, v in plan.by_row().items()
-            }
-            mask = steer_mask(T, T, plan.positions)
-            self.state.steer_mask = torch.from_numpy(mask).to(self.home)[None]  # [1, T]
-        logits = one.prefill(*batch_tensors(left_pad([ids], self.req.pad_id), self.home))
-        return Prefilled(ids, logits, [(lay.keys, lay.values) for lay in one.cache.layers])
+    def _prefill(self, idx: list[int]) -> list[Prefilled]:
+        """These prompts in one left-padded batch, each with its own steering; each comes out
+        with its own unpadded keys and values."""
+        seqs, plans = [self.req.seqs[i] for i in idx], [self.req.plans[i] for i in idx]
+        batch = left_pad(seqs, self.req.pad_id)
+        one = StaticStep(self.model, Shape(*batch.ids.shape, ()), self.dtype)
+        self.state.steer, self.state.steer_mask = _slot_vectors(self.model, plans, len(plans)), None
+        for b, plan in enumerate(plans):
+            _set_line(self.state.steer, b, plan)
+        if self.state.steer:
+            mask = batch.steer_mask([p.positions if p else "all" for p in plans])
+            self.state.steer_mask = torch.from_numpy(mask).to(self.home)  # [k, T]
+        logits = one.prefill(*batch_tensors(batch, self.home))  # [k, vocab]
+        kv = [(lay.keys, lay.values) for lay in one.cache.layers]  # [k, kv_heads, T, head_dim]
+        return [
+            Prefilled(
+                s, logits[b : b + 1], [(k[b : b + 1, :, p:], v[b : b + 1, :, p:]) for k, v in kv]
+            )
+            for b, (s, p) in enumerate(zip(seqs, batch.pad.tolist()))
+        ]
 
     def _load(self, b: int, i: int, pre: Prefilled) -> None:
         """Copy a prefilled prompt into slot b and point the slot's buffers at it."""
@@ -119,9 +129,7 @@ class Slots:
         s.key_pos[b, :T] = torch.arange(T, device=self.home)
         s.pos[b], s.slot[b] = T, T
         plan = self.req.plans[i]
-        by_row = plan.by_row() if plan is not None else {}
-        for row, vec in self.vectors.items():
-            vec[b] = torch.from_numpy(by_row[row]) if row in by_row else 0.0
+        _set_line(self.vectors, b, plan)
         self.on[b] = plan is not None and plan.positions != "prompt"
         if self.req.sampling.repetition_penalty != 1.0:
             if self.seen is None:
@@ -179,3 +187,10 @@ def _slot_vectors(model, plans: list[Steer | None], B: int) -> dict[int, torch.T
     rows = sorted({r for p in plans if p is not None for r in p.by_row()})
     hidden = model.config.hidden_size
     return {r: torch.zeros(B, hidden, device=devices[block_of_row(r, len(devices))]) for r in rows}
+
+
+def _set_line(vectors: dict[int, torch.Tensor], b: int, plan: Steer | None) -> None:
+    """Line b of each row's buffer takes the plan's vector for that row (zero if none)."""
+    by_row = plan.by_row() if plan is not None else {}
+    for row, vec in vectors.items():
+        vec[b] = torch.from_numpy(by_row[row]) if row in by_row else 0.0
