@@ -151,11 +151,12 @@ class MLXForced:
         logits = self.inner(ids, cache, p)  # [B, T or 1, vocab], or None
         if logits is None:
             return None
-        host = np.array(ids)
+        # on the device, so the host never waits for the tokens a step is fed
+        lead = mx.argmax((ids != PAD).astype(mx.int32), axis=1)  # [B] first real token
         first = (
-            host[np.arange(len(host)), (host != PAD).argmax(1)] if host.shape[1] > 1 else host[:, 0]
+            mx.take_along_axis(ids, lead[:, None], axis=1)[:, 0] if ids.shape[1] > 1 else ids[:, 0]
         )
-        row = mx.array((first - 2) % self.M)  # [B] prompt of each row
+        row = (first - 2) % self.M  # [B] prompt of each row
         pos = mx.array(p.offset) + ids.shape[1] - 1  # [B] position of the last input
         drawn = pos - self.plen[row] + 1  # [B] answer tokens drawn before this one
         last = mx.where(self.other[row], -1e9, logits[:, -1].astype(mx.float32))  # [B, vocab]

@@ -50,46 +50,49 @@ class Prefilled:
 
 
 class Slots:
-    """Up to `slots` rows decoding together; `run` answers a whole request."""
+    """Up to `slots` rows decoding together; `run` answers a whole request.
+
+    The host reads a step's tokens while the next step runs: that step is queued for every
+    row before anyone knows which rows end, and the rows that did end are dropped after it
+    (one wasted row-step each), as mlx-lm's batch generator does."""
 
     def __init__(self, model, req: Request, slots: int):
         self.model, self.req, self.slots = model, req, slots
         self.window = window_of(model)
         self.cache: list[BatchKVCache] | None = None  # one per block, a row per prompt
         self.rows: list[int] = []  # the prompt of each row
-        self.count: list[int] = []  # answer tokens each row has drawn
-        self.last: list[int] = []  # the token each row feeds next
+        self.count: list[int] = []  # answer tokens of each row read so far
         self.seen: mx.array | None = None  # [rows, vocab] bool, only with a penalty
         self.steer: dict = {}  # Pass fields for the rows as they stand
         self.answers: list[list[int]] = [[] for _ in req.seqs]
         self.queue: Queue[Prefilled] = Queue(prefix_keys(req.seqs, req.plans))
 
     def run(self) -> list[list[int]]:
-        self._fill()
+        tokens = self._fill(None)  # [rows] the tokens each row feeds next, not yet read
         while self.rows:
-            tokens = self._draw(self._step(), first=False)
-            self._keep([self._take(r, t) for r, t in enumerate(tokens)])
-            self._fill()
+            ahead = self._draw(self._step(tokens), start=0, ahead=1)  # the step after
+            mx.async_eval(ahead)
+            keep = [self._take(r, t) for r, t in enumerate(tokens.tolist())]
+            tokens = self._fill(self._keep(keep, ahead))
         return self.answers
 
     # ---------------------------------------------------------------- admission
-    def _fill(self) -> None:
-        """Prefill waiting prompts into free rows, together (one that ends at once leaves no
-        row)."""
+    def _fill(self, tokens: mx.array | None) -> mx.array | None:
+        """Admit waiting prompts into free rows, prefilled together; `tokens` [rows] gains
+        each new row's first token, drawn from its prefill's logits."""
         added = False
         while self.queue and len(self.rows) < self.slots:
             taken = self.queue.take(self.slots - len(self.rows), self._prefill)
             start = len(self.rows)
             for i, pre in taken:
                 self._append(i, pre)
-            new = list(range(start, len(self.rows)))
             logits = mx.concatenate([pre.logits for _, pre in taken])  # [len(taken), vocab]
-            ended = [not self._take(r, t) for r, t in zip(new, self._draw(logits, True, new))]
-            if any(ended):
-                self._keep([r < start or not ended[r - start] for r in range(len(self.rows))])
+            first = self._draw(logits, start=start, first=True)
+            tokens = first if tokens is None else mx.concatenate([tokens, first])
             added = True
         if added:
             self._steering()
+        return tokens
 
     def _prefill(self, idx: list[int]) -> list[Prefilled]:
         """These prompts in one left-padded batch, each with its own steering; each comes out
@@ -116,7 +119,6 @@ class Slots:
             mine.extend(theirs)  # new arrays: the prefill stays as it was for its siblings
         self.rows.append(i)
         self.count.append(0)
-        self.last.append(0)
         if self.req.sampling.repetition_penalty != 1.0:
             V = pre.logits.shape[-1]
             row = np.zeros((1, V), dtype=bool)
@@ -135,18 +137,18 @@ class Slots:
             self.steer["steer_on"] = self.steer["steer_on"].astype(self.req.dtype)
 
     # ---------------------------------------------------------------- decoding
-    def _step(self) -> mx.array:
-        """One token per row -> logits [rows, vocab]."""
+    def _step(self, tokens: mx.array) -> mx.array:
+        """Each row feeds its token (tokens [rows]) -> logits [rows, vocab]."""
         c = self.cache[0]
         S = c._idx + 1  # keys once this step's are written
         valid = mx.arange(S)[None] >= c.left_padding[:, None]  # [rows, S]
         p = step_pass(valid, c.offset, self.window, head="last", **self.steer)
-        tokens = mx.array(self.last, dtype=mx.int32)[:, None]
-        return self.model(tokens, self.cache, p)[:, -1]
+        return self.model(tokens[:, None], self.cache, p)[:, -1]
 
-    def _draw(self, logits: mx.array, first: bool, rows: list[int] | None = None) -> list[int]:
-        """Tokens of `rows` (default all) from their logits [len(rows), vocab]."""
-        rows = list(range(len(self.rows))) if rows is None else rows
+    def _draw(self, logits: mx.array, start: int, ahead: int = 0, first=False) -> mx.array:
+        """Tokens [n] of rows start.. (not read yet) from their logits [n, vocab]: each row's
+        draw `ahead` past the tokens read so far."""
+        rows = range(start, len(self.rows))
         s, V = self.req.sampling, logits.shape[-1]
         logits = logits.astype(mx.float32)
         if first:  # an answer has at least one token
@@ -154,16 +156,18 @@ class Slots:
             bar[[t for t in self.req.stop if t < V]] = True
             logits = mx.where(mx.array(bar), float("-inf"), logits)
         if self.seen is not None:
-            logits = penalize(logits, self.seen[mx.array(rows)], s.repetition_penalty)
+            logits = penalize(logits, self.seen[start:], s.repetition_penalty)
         u = None
         if self.req.uniforms is not None and s.temperature > 0:
-            u = np.array([self.req.uniforms[self.rows[r], self.count[r]] for r in rows])
-        tokens = choose(logits, s, u).tolist()
+            u = np.array([self._u(r, ahead) for r in rows])
+        tokens = choose(logits, s, u)
         if self.seen is not None:
-            hit = np.zeros(self.seen.shape, dtype=bool)
-            hit[rows, tokens] = True
-            self.seen = self.seen | mx.array(hit)
+            self.seen[start:] = self.seen[start:] | (mx.arange(V)[None] == tokens[:, None])
         return tokens
+
+    def _u(self, r: int, ahead: int) -> float:
+        k = self.count[r] + ahead  # a row ending before it never reads this draw
+        return self.req.uniforms[self.rows[r], k] if k < self.req.max_new_tokens else 0.5
 
     def _take(self, r: int, token: int) -> bool:
         """Row r drew `token`; False when its answer has ended (a stop, or the last token)."""
@@ -171,30 +175,29 @@ class Slots:
         if token not in self.req.stop:
             self.answers[i].append(token)
             self.count[r] += 1
-            self.last[r] = token
             if self.count[r] < self.req.max_new_tokens:
                 return True
         if self.req.on_answer is not None:
             self.req.on_answer(i, self.answers[i])
         return False
 
-    def _keep(self, keep: list[bool]) -> None:
-        """Drop the rows whose answers ended."""
+    def _keep(self, keep: list[bool], tokens: mx.array) -> mx.array | None:
+        """Drop the rows whose answers ended, and their entries of `tokens` [rows]."""
         if all(keep):
-            return
+            return tokens
         idx = [r for r, k in enumerate(keep) if k]
-        self.rows, self.count, self.last = (
-            [xs[r] for r in idx] for xs in (self.rows, self.count, self.last)
-        )
+        self.rows, self.count = [self.rows[r] for r in idx], [self.count[r] for r in idx]
         if not idx:
             self.cache = self.seen = None
             self.steer = {}
-            return
+            return None
+        at = mx.array(idx)
         for c in self.cache:
-            c.filter(mx.array(idx))
+            c.filter(at)
         if self.seen is not None:
-            self.seen = self.seen[mx.array(idx)]
+            self.seen = self.seen[at]
         self._steering()
+        return tokens[at]
 
 
 def _row(c: BatchKVCache, b: int, pad: int) -> BatchKVCache:
