@@ -44,12 +44,16 @@ class Queue(Generic[P]):
     samples of one question) are queued together and share one prefill, held until the last
     of them has entered a slot."""
 
-    def __init__(self, keys: Sequence[Hashable]):
+    def __init__(self, keys: Sequence[Hashable], sizes: Sequence[int] | None = None):
         first: dict[Hashable, int] = {}
         for i, k in enumerate(keys):
             first.setdefault(k, i)
         self.keys = list(keys)
-        self.order = deque(sorted(range(len(keys)), key=lambda i: first[keys[i]]))  # stable
+        # shortest prompts first (`sizes`: token counts), so a batch of admissions is padded
+        # little; samples of one key stay together, in the order given
+        size = sizes if sizes is not None else [0] * len(keys)
+        order = sorted(range(len(keys)), key=lambda i: (size[first[keys[i]]], first[keys[i]]))
+        self.order = deque(order)
         self.left = Counter(self.keys)  # prompts of each key not yet in a slot
         self.held: dict[Hashable, P] = {}
         self.prefills = 0  # prefill passes run (one per distinct key)

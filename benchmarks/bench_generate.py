@@ -310,7 +310,7 @@ def main():
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--median", type=float, default=0.15, help="median length / cap")
     ap.add_argument("--sigma", type=float, default=1.0, help="log-normal spread")
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
         "--torch-threads", type=int, default=1, help="a small model gains nothing from more"

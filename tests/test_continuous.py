@@ -228,3 +228,5 @@ def test_queue_groups_samples_and_prefills_new_keys_together():
     q = Queue(["a", "b", "c"])
     assert q.take(3, prefill) == [(0, "pre0"), (1, "pre1"), (2, "pre2")]
     assert runs[-1] == [0, 1, 2]  # keys entering together share one prefill batch
+    q = Queue(["a", "b", "a", "c"], sizes=[5, 9, 5, 2])  # shortest first, samples together
+    assert [i for i, _ in q.take(4, prefill)] == [3, 0, 2, 1] and runs[-1] == [3, 0, 1]

@@ -65,7 +65,9 @@ class Slots:
         self.seen: mx.array | None = None  # [rows, vocab] bool, only with a penalty
         self.steer: dict = {}  # Pass fields for the rows as they stand
         self.answers: list[list[int]] = [[] for _ in req.seqs]
-        self.queue: Queue[Prefilled] = Queue(prefix_keys(req.seqs, req.plans))
+        self.queue: Queue[Prefilled] = Queue(
+            prefix_keys(req.seqs, req.plans), [len(q) for q in req.seqs]
+        )
 
     def run(self) -> list[list[int]]:
         tokens = self._fill(None)  # [rows] the tokens each row feeds next, not yet read

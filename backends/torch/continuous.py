@@ -65,7 +65,9 @@ class Slots:
         self.seen = None  # [B, vocab] bool, only with a repetition penalty
         self.stops = set(req.stop_ids.tolist())
         self.answers: list[list[int]] = [[] for _ in req.seqs]
-        self.queue: Queue[Prefilled] = Queue(prefix_keys(req.seqs, req.plans))
+        self.queue: Queue[Prefilled] = Queue(
+            prefix_keys(req.seqs, req.plans), [len(q) for q in req.seqs]
+        )
 
     def run(self) -> list[list[int]]:
         self._fill()
