@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pertoken.backends.base import Steer
+from pertoken.backends.base import Sampling, Steer
 from pertoken.backends.plan import encode_texts, left_pad
 from pertoken.backends.torch import TorchBackend
 from pertoken.backends.torch.hooks import residual_taps
@@ -154,7 +154,7 @@ def compiled_generate(c: TorchBackend, prompts: list[str], new: int, steer, rows
     state = c._tap_state(steer)
     kept = []
     state.rows, state.on_row = frozenset(rows), lambda row, h: kept.append(h.clone())
-    opts = c._options(new, 1.0, 1.0, steer)
+    opts = c._options(new, Sampling(temperature=1.0), steer)
     gen = torch.Generator(device=c.device).manual_seed(0)
     batch = left_pad(encode_texts(c.encode, prompts), c.pad_id)
     with torch.inference_mode(), residual_taps(c.model, state):

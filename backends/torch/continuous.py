@@ -60,6 +60,7 @@ class Slots:
         self.home = self.step.tokens.device
         self.vectors = _slot_vectors(model, req.plans, B)  # row -> [B, hidden] float32
         self.on = torch.zeros(B, 1, dtype=torch.bool, device=self.home)  # steered slots
+        self.idle = torch.ones(B, 1, dtype=torch.bool, device=self.home)  # slots with no prompt
         self.rows: list[int | None] = [None] * B  # the prompt each slot decodes
         self.count = np.zeros(B, dtype=np.int64)  # answer tokens each slot has drawn
         self.seen = None  # [B, vocab] bool, only with a repetition penalty
@@ -68,16 +69,18 @@ class Slots:
         self.queue: Queue[Prefilled] = Queue(
             prefix_keys(req.seqs, req.plans), [len(q) for q in req.seqs]
         )
+        self.draws = _Draws(req, B, self.home)
 
     def run(self) -> list[list[int]]:
+        every = torch.arange(len(self.rows), device=self.home)
         self._fill()
         while any(i is not None for i in self.rows):
             self._decode_mode()
             logits = self.step.step()  # [B, vocab] float32
-            idle = torch.tensor([i is None for i in self.rows], device=self.home)[:, None]
-            self.step.slot.masked_fill_(idle, 0)  # idle rows write slot 0, which nothing reads
-            self.step.pos.masked_fill_(idle, 0)
-            tokens = self._draw(logits, list(range(len(self.rows))), first=False)
+            self.step.slot.masked_fill_(self.idle, 0)  # idle slots write slot 0, never read
+            self.step.pos.masked_fill_(self.idle, 0)
+            tokens = self._draw(logits, every, first=False)  # [B]
+            self.step.tokens.copy_(tokens[:, None])  # the next step's input, on the device
             for b, t in enumerate(tokens.tolist()):
                 if self.rows[b] is not None:
                     self._take(b, t)
@@ -95,7 +98,10 @@ class Slots:
             for b, (i, pre) in zip(slots, taken):
                 self._load(b, i, pre)
             logits = torch.cat([pre.logits for _, pre in taken])  # [len(taken), vocab]
-            for b, t in zip(slots, self._draw(logits, slots, first=True).tolist()):
+            at = torch.tensor(slots, device=self.home)
+            tokens = self._draw(logits, at, first=True)  # [len(taken)]
+            self.step.tokens[at, 0] = tokens
+            for b, t in zip(slots, tokens.tolist()):
                 self._take(b, t)
 
     def _prefill(self, idx: list[int]) -> list[Prefilled]:
@@ -140,34 +146,25 @@ class Slots:
             self.seen[b] = False
             self.seen[b, torch.tensor(pre.ids, device=self.home)] = True
         self.rows[b], self.count[b] = i, 0
+        self.idle[b] = False
+        self.draws.load(b, i)
 
     # ---------------------------------------------------------------- decoding
     def _decode_mode(self) -> None:
         self.state.steer, self.state.steer_mask = self.vectors, self.on
 
-    def _draw(self, logits: torch.Tensor, slots: list[int], first: bool) -> torch.Tensor:
-        """Tokens [len(slots)] from logits [len(slots), vocab], each slot at its own draw."""
+    def _draw(self, logits: torch.Tensor, slots: torch.Tensor, first: bool) -> torch.Tensor:
+        """Tokens [n] from logits [n, vocab] of these slots [n], each slot at its own draw."""
         s, req = self.req.sampling, self.req
         if first:  # an answer has at least one token
             stops = req.stop_ids[req.stop_ids < logits.shape[-1]]
             logits = logits.index_fill(-1, stops, float("-inf"))
         if self.seen is not None:
             logits = penalize(logits, self.seen[slots], s.repetition_penalty)
-        tokens = choose(logits, s, None, self._uniforms(slots))
+        tokens = choose(logits, s, None, self.draws.next(slots))
         if self.seen is not None:
             self.seen[slots, tokens] = True
         return tokens
-
-    def _uniforms(self, slots: list[int]) -> torch.Tensor | None:
-        if self.req.uniforms is None or self.req.sampling.temperature <= 0:
-            return None
-        u = [self._u(b) for b in slots]
-        wide = torch.float32 if self.home.type == "mps" else torch.float64  # no f64 on MPS
-        return torch.tensor(u, dtype=wide, device=self.home)
-
-    def _u(self, b: int) -> float:
-        i = self.rows[b]
-        return 0.5 if i is None else float(self.req.uniforms[i, self.count[b]])
 
     def _take(self, b: int, token: int) -> None:
         """Slot b drew `token`: a stop or the last allowed token ends its answer."""
@@ -176,11 +173,38 @@ class Slots:
             self.answers[i].append(token)
             self.count[b] += 1
             if self.count[b] < self.req.max_new_tokens:
-                self.step.tokens[b, 0] = token
                 return
         self.rows[b] = None
+        self.idle[b] = True
         if self.req.on_answer is not None:
             self.req.on_answer(i, self.answers[i])
+
+
+class _Draws:
+    """Each slot's next uniform draw, on the device: its prompt's row of `uniforms` at the
+    slot's count of draws, so a step reads its draws without building them on the host."""
+
+    def __init__(self, req: Request, B: int, home: torch.device):
+        self.on = req.uniforms is not None and req.sampling.temperature > 0
+        if self.on:
+            wide = torch.float32 if home.type == "mps" else torch.float64  # no f64 on MPS
+            self.table = torch.from_numpy(req.uniforms).to(home, wide)  # [N, max_new_tokens]
+            self.prompt = torch.zeros(B, dtype=torch.long, device=home)
+            self.count = torch.zeros(B, dtype=torch.long, device=home)
+
+    def load(self, b: int, i: int) -> None:
+        if self.on:
+            self.prompt[b], self.count[b] = i, 0
+
+    def next(self, slots: torch.Tensor) -> torch.Tensor | None:
+        """The draws [n] of these slots, each slot's count then moving on by one (an idle
+        slot's draw is never read)."""
+        if not self.on:
+            return None
+        last = self.table.shape[1] - 1
+        u = self.table[self.prompt[slots], self.count[slots].clamp(max=last)]
+        self.count[slots] += 1
+        return u
 
 
 def _slot_vectors(model, plans: list[Steer | None], B: int) -> dict[int, torch.Tensor]:
