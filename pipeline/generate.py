@@ -120,8 +120,8 @@ def generate_csv(
     with the checkpoint's generation_config (pipeline.sampling). batch_size (answers decoding
     at once, each saved as it ends) defaults to what free memory holds on CUDA and Metal, else
     16. Each row samples from row_seed(seed, row), so the CSV does not depend on batching or on
-    interruptions. label names the progress bar
-    (default `generate pos`, `generate neg` or `generate eval`).
+    interruptions. label names the progress bar (default `generate pos`, `generate neg` or
+    `generate eval`).
     """
     start = time.perf_counter()
     out = Path(out)

@@ -120,15 +120,14 @@ class MLXBackend(ChatText):
         uniforms = row_uniforms(list(seeds), max_new_tokens)
         sampling = Sampling(temperature, top_p, top_k, repetition_penalty)
         answers = Answers(len(seqs), self.decode, on_answer)
+        batch_size = batch_size or self._auto_batch(max(map(len, seqs)) + max_new_tokens)
         if continuous:
             req = Request(seqs, plans, uniforms, sampling, max_new_tokens, self.stop,
                           self.hidden_size, self._mx_dtype, self.prefill_chunk,
                           answers.end)  # fmt: skip
-            longest = max(map(len, seqs)) + max_new_tokens
-            Slots(self.model, req, check_slots(batch_size or self._auto_batch(longest))).run()
+            Slots(self.model, req, check_slots(batch_size)).run()
             return answers.texts
         mx.random.seed(seed)
-        batch_size = batch_size or self._auto_batch(max(map(len, seqs)) + max_new_tokens)
         for batch in plan_batches(seqs, self.pad_id, batch_size=batch_size):
             idx = batch.index
             plan = SteerPlan.per_row([plans[i] for i in idx], self.hidden_size, self._mx_dtype)

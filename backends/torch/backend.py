@@ -169,18 +169,16 @@ class TorchBackend(ChatText):
         sampling = Sampling(temperature, top_p, top_k, repetition_penalty)
         seeds = prompt_seeds(seed, len(seqs)) if seeds is None else seeds
         answers = Answers(len(seqs), self.decode, on_answer)
+        batch_size = batch_size or self._auto_batch(max(map(len, seqs)) + max_new_tokens)
         if self._continuous(check_schedule(schedule), stream):
             self._uniforms(seeds, len(seqs), 0)  # one seed per prompt
             uniforms = row_uniforms(list(seeds), max_new_tokens) if temperature > 0 else None
-            longest = max(map(len, seqs)) + max_new_tokens
-            slots = check_slots(batch_size or self._auto_batch(longest))
             req = Request(seqs, plans, uniforms, sampling, max_new_tokens,
                           self.stop_ids, self.pad_id, answers.end)  # fmt: skip
             with residual_taps(self.model, TapState()) as state:
-                Slots(self.model, req, slots, state).run()
+                Slots(self.model, req, check_slots(batch_size), state).run()
             return answers.texts
         uniforms = self._uniforms(seeds, len(seqs), max_new_tokens)  # [N, steps] or None
-        batch_size = batch_size or self._auto_batch(max(map(len, seqs)) + max_new_tokens)
         gen = torch.Generator(device=self.device).manual_seed(seed)
         for batch in plan_batches(seqs, self.pad_id, batch_size=batch_size):
             idx = batch.index.tolist()
