@@ -38,9 +38,15 @@ from pertoken.commands.options import model_options
     show_default=True,
     help="Milliseconds to wait for more requests.",
 )
+@click.option(
+    "--timeout",
+    default=600.0,
+    show_default=True,
+    help="Seconds a request may wait for its next token (queued or decoding) before it fails.",
+)
 def serve(
     model, backend, dtype, device, vectors, layers, traces, host, port, api_key, max_tokens,
-    max_batch, max_body, batch_window,
+    max_batch, max_body, batch_window, timeout,
 ):  # fmt: skip
     """Serve the model over an OpenAI-compatible API with per-request steering, and a lab page."""
     from pertoken.commands.steering import _named_vectors
@@ -68,6 +74,7 @@ def serve(
         api_key=api_key,
         max_body=max_body,
         traces=stores,
+        timeout=timeout,
     )
     where = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
     click.echo(f"serving {bk.model_id} ({bk.name}, {bk.dtype}) at {where}/v1; lab page at {where}/")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import time
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ class ServeConfig:
     api_key: str | None = None
     max_body: int = 1 << 20  # bytes
     traces: TraceStores | None = None
+    timeout: float = 600.0  # seconds a request may wait for its next event
 
 
 def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
@@ -63,7 +65,7 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
             n_layers=backend.n_layers,
             monitor_ok=engine.monitor is not None,
         )
-        return await _complete(request, engine, req, config.names[0])
+        return await _complete(request, engine, req, config.names[0], config.timeout)
 
     @app.get("/api/info", dependencies=guard)
     async def info():
@@ -135,41 +137,56 @@ async def _read_body(request: Request, cap: int) -> bytes:
     return bytes(body)
 
 
-async def _complete(request: Request, engine: Engine, req, model: str):
+async def _complete(request: Request, engine: Engine, req, model: str, limit: float):
     queue: asyncio.Queue = asyncio.Queue()
     job = Job(req, asyncio.get_running_loop(), queue)
     engine.submit(job)
+    wait = functools.partial(_next, queue, request, job, limit)
     try:
-        first = await _next(queue, request, job)
+        first = await wait()
         if isinstance(first, ApiError):
             raise first
         if not req.stream:
-            return await _gather(queue, request, job, model)
+            return await _gather(wait, job, model)
     except ClientGone:
         return Response(status_code=499)  # nobody is listening
     finally:
         if not req.stream:
             job.cancelled = True  # a no-op once finished; frees the rows when anything failed
-    events = _chunks(queue, request, job, model)
+    events = _chunks(wait, job, model)
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     return StreamingResponse(events, media_type="text/event-stream", headers=headers)
 
 
-async def _next(queue: asyncio.Queue, request: Request, job: Job):
-    """The next event for `job`; a client that went away cancels the job."""
+async def _next(queue: asyncio.Queue, request: Request, job: Job, limit: float):
+    """The next event for `job`; a client that went away cancels the job, and so does a wait
+    longer than `limit` seconds (the event is then a timeout error)."""
+    until = time.monotonic() + limit
     while True:
         try:
-            return await asyncio.wait_for(queue.get(), DISCONNECT_POLL)
+            return await asyncio.wait_for(queue.get(), min(DISCONNECT_POLL, limit))
         except asyncio.TimeoutError:
             if await request.is_disconnected():
                 job.cancelled = True
                 raise ClientGone from None
+            if time.monotonic() >= until:
+                job.cancelled = True
+                return timed_out(limit)
 
 
-async def _gather(queue, request, job: Job, model: str) -> dict:
+def timed_out(limit: float) -> ApiError:
+    return ApiError(
+        503,
+        f"no answer from the model for {limit:g} s (the server is busy or a batch is stuck): "
+        "try again later, or start the server with a longer --timeout",
+        code="timeout",
+    )
+
+
+async def _gather(wait, job: Job, model: str) -> dict:
     cid, req = protocol.completion_id(), job.request
     parts = [_Parts() for _ in range(req.n)]
-    while not isinstance(event := await _next(queue, request, job), Finished):
+    while not isinstance(event := await wait(), Finished):
         if isinstance(event, ApiError):
             raise event
         parts[event.choice].add(event)
@@ -204,14 +221,14 @@ class _Parts:
         }
 
 
-async def _chunks(queue, request, job: Job, model: str):
+async def _chunks(wait, job: Job, model: str):
     """The SSE stream: a role chunk per choice, a chunk per token, the finish, [DONE]."""
     cid, created, req = protocol.completion_id(), int(time.time()), job.request
     try:
         for i in range(req.n):
             role = protocol.delta_choice(i, {"role": "assistant", "content": ""})
             yield protocol.sse(protocol.chunk(cid, model, created, role))
-        while not isinstance(event := await _next(queue, request, job), Finished):
+        while not isinstance(event := await wait(), Finished):
             if isinstance(event, ApiError):
                 yield protocol.sse(event.body())
                 return
