@@ -64,6 +64,8 @@ def serve(
     bk = options.load_model(model, backend, dtype, device)
     for name, vec in loaded.items():
         vec.check_model(bk.n_layers, bk.hidden_size, files[name])
+    for line in stores.check_model(bk.model_id) if stores else []:
+        click.echo(line)
     rows = parse_layers(layers) if layers else ([bk.n_layers // 2] if loaded else [])
     check_capture_rows(rows, bk.n_layers)
     config = ServeConfig(

@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException
 
 from pertoken.serve import protocol
 from pertoken.serve.engine import Delta, Engine, Finished, Job
+from pertoken.serve.middleware import CatchErrors, internal, log
 from pertoken.serve.protocol import ApiError
 from pertoken.serve.request import Limits, parse_json, parse_request
 from pertoken.serve.traces import TraceStores
@@ -47,6 +48,7 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
     app.state.engine, app.state.config = engine, config
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(HTTPException, _http_error)
+    app.add_middleware(CatchErrors)
     guard = [Depends(key_check(config.api_key))]
     backend = engine.backend
 
@@ -240,6 +242,9 @@ async def _chunks(wait, job: Job, model: str):
         yield protocol.sse("[DONE]")
     except ClientGone:
         return
+    except Exception as e:  # the stream has started: the error is its last event
+        log.exception("a stream failed")
+        yield protocol.sse(internal(e).body())
     finally:
         job.cancelled = True  # the client went away (or the stream ended): free the rows
 

@@ -15,9 +15,14 @@
   async function loadStores() {
     try {
       const { stores } = await Lab.getJSON("/api/traces");
-      $("store").replaceChildren(...stores.map(s => new Option(s.name + " (" + s.items + " items)", s.name)));
-      if (stores.length) await loadItems(stores[0].name);
+      $("store").replaceChildren(...stores.map(s => new Option(storeLabel(s), s.name)));
+      const first = stores.find(s => !s.damaged);
+      if (first) { $("store").value = first.name; await loadItems(first.name); }
     } catch (e) { Lab.say(e.message, true); }
+  }
+  // A damaged store says so; one traced with another model names that model.
+  function storeLabel(s) {
+    return s.name + (s.damaged ? " (damaged)" : " (" + s.items + " items)") + (s.model ? " · traced with " + s.model : "");
   }
 
   async function loadItems(name) {
@@ -100,7 +105,7 @@
 
   $("tab-chat").addEventListener("click", () => show(false));
   $("tab-traces").addEventListener("click", () => show(true));
-  $("store").addEventListener("change", () => loadItems($("store").value));
+  $("store").addEventListener("change", () => loadItems($("store").value).then(() => Lab.say(""), e => Lab.say(e.message, true)));
   $("sort").addEventListener("change", renderItems);
   $("value").addEventListener("change", () => { if (T.tokens) renderTokens(); });
 })();
