@@ -10,12 +10,13 @@ from dataclasses import dataclass, field
 from importlib import resources
 
 from fastapi import Depends, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from pertoken.serve import protocol
 from pertoken.serve.engine import Delta, Engine, Finished, Job
-from pertoken.serve.middleware import CatchErrors, internal, log
+from pertoken.serve.middleware import CatchErrors, Guard, internal, log
 from pertoken.serve.protocol import ApiError
 from pertoken.serve.request import Limits, parse_json, parse_request
 from pertoken.serve.traces import TraceStores
@@ -40,6 +41,7 @@ class ServeConfig:
     max_body: int = 1 << 20  # bytes
     traces: TraceStores | None = None
     timeout: float = 600.0  # seconds a request may wait for its next event
+    allow_origins: list[str] = field(default_factory=list)  # web pages that may use the API
 
 
 def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
@@ -49,6 +51,14 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_middleware(CatchErrors)
+    if config.allow_origins:  # CORS answers for the named pages (preflights included)
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(config.allow_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
+    app.add_middleware(Guard, keyless=config.api_key is None, origins=config.allow_origins)
     guard = [Depends(key_check(config.api_key))]
     backend = engine.backend
 

@@ -293,3 +293,23 @@ def _recv(s: socket.socket) -> bytes:
     part = s.recv(65536)
     assert part, "the server closed the connection"
     return part
+
+
+BAD_OPTIONS = [
+    (["--max-batch", "0"], "--max-batch"),
+    (["--max-body", "-1"], "--max-body"),
+    (["--batch-window", "-5"], "--batch-window"),
+    (["--max-tokens", "0"], "--max-tokens"),
+    (["--timeout", "0"], "--timeout"),
+    (["--api-key", " ", "--host", "0.0.0.0"], "--api-key"),
+    (["--api-key", ""], "--api-key"),
+    (["--allow-origin", "evil.example"], "--allow-origin"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("args, name", BAD_OPTIONS, ids=[" ".join(a) for a, _ in BAD_OPTIONS])
+def test_options_are_checked_at_start_up(args, name, tmp_path):
+    # a model folder that does not exist: the options must be refused before it is looked at
+    r = CliRunner().invoke(main, ["serve", "--model", str(tmp_path / "none"), *args])
+    assert r.exit_code == 1, r.output
+    assert r.output.count("\n") == 1 and name in r.output and "Traceback" not in r.output
