@@ -86,6 +86,7 @@
     $("item-title").textContent = T.store + " · item " + T.item;
     box.replaceChildren();
     (f.token || []).forEach((piece, i) => {
+      if (f.turn && i > 0 && f.turn[i] !== f.turn[i - 1]) box.append(turnBreak(f, i));
       const span = Lab.el("span", "tok seg-" + (f.segment ? f.segment[i] : "answer"), piece);
       span.dataset.index = String(i);
       Lab.paint(span, values[i], scale);
@@ -94,6 +95,13 @@
       box.append(span);
     });
     Lab.legend(scale);
+  }
+
+  // A line between turns, naming the turn that starts.
+  function turnBreak(f, i) {
+    const sep = Lab.el("span", "turn-sep", "turn " + f.turn[i] + (f.role ? " · " + f.role[i] : ""));
+    sep.setAttribute("role", "separator");
+    return sep;
   }
 
   function tip(ev, i, col) {
