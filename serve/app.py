@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 
 from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
@@ -50,6 +51,7 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
     app.state.engine, app.state.config = engine, config
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _query_error)
     app.add_middleware(CatchErrors)
     if config.allow_origins:  # CORS answers for the named pages (preflights included)
         app.add_middleware(
@@ -294,6 +296,14 @@ def key_check(key: str | None):
 
 async def _api_error(_request: Request, e: ApiError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status)
+
+
+async def _query_error(_request: Request, e: RequestValidationError) -> JSONResponse:
+    """A missing or mistyped query parameter, as OpenAI's 400 rather than FastAPI's 422."""
+    first = (e.errors() or [{}])[0]
+    name = str((first.get("loc") or ["", "?"])[-1])
+    error = ApiError(400, f"{name}: {first.get('msg', 'invalid value')}", param=name)
+    return JSONResponse(error.body(), status_code=400)
 
 
 async def _http_error(_request: Request, e: HTTPException) -> JSONResponse:

@@ -72,7 +72,8 @@ class TraceStores:
 
         with _reading(self._store(name), "items.parquet") as path:
             table = pq.read_table(path)
-        page = table.slice(max(0, offset), max(0, min(limit, MAX_ITEMS)))
+        start = min(max(0, offset), table.num_rows)  # any integer, however large
+        page = table.slice(start, max(0, min(limit, MAX_ITEMS)))
         return {"columns": page.column_names, "rows": _rows(page), "total": table.num_rows}
 
     def tokens(self, name: str, item: str) -> dict:

@@ -84,3 +84,15 @@ def test_a_store_of_another_model_is_marked(tmp_path):
     assert "other" in line and "gemma-2-9b-it" in line and "tiny-llama" in line
     listing = {s["name"]: s for s in stores.listing()}
     assert listing["other"]["model"] == "gemma-2-9b-it" and "model" not in listing["mine"]
+
+
+def test_odd_query_values_are_openai_shaped_errors(llama_dir, tmp_path):
+    from pertoken.backends import load_backend
+
+    bk = load_backend(str(llama_dir), "torch", dtype="float32")
+    with serving(bk, traces=TraceStores([write_store(tmp_path / "s")])) as run:
+        for path in ("/api/traces/s/tokens", "/api/traces/s/items?offset=x"):
+            r = httpx.get(run.url + path)
+            assert r.status_code == 400 and r.json()["error"]["message"], path
+        far = httpx.get(run.url + f"/api/traces/s/items?offset={10**30}&limit={-(10**30)}")
+        assert far.status_code == 200 and far.json()["rows"] == []
