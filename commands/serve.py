@@ -55,7 +55,10 @@ def serve(
     max_batch, max_body, batch_window, timeout, allow_origins,
 ):  # fmt: skip
     """Serve the model over an OpenAI-compatible API with per-request steering, and a lab page."""
+    import warnings
+
     from pertoken.commands.steering import _named_vectors
+    from pertoken.errors import PertokenWarning
     from pertoken.rows import check_capture_rows, parse_layers
     from pertoken.serve.app import ServeConfig
     from pertoken.serve.request import Limits
@@ -72,7 +75,7 @@ def serve(
     for name, vec in loaded.items():
         vec.check_model(bk.n_layers, bk.hidden_size, files[name])
     for line in stores.check_model(bk.model_id) if stores else []:
-        click.echo(line)
+        warnings.warn(line, PertokenWarning, stacklevel=1)  # one yellow line each
     rows = parse_layers(layers) if layers else ([bk.n_layers // 2] if loaded else [])
     check_capture_rows(rows, bk.n_layers)
     config = ServeConfig(

@@ -96,3 +96,21 @@ def test_odd_query_values_are_openai_shaped_errors(llama_dir, tmp_path):
             assert r.status_code == 400 and r.json()["error"]["message"], path
         far = httpx.get(run.url + f"/api/traces/s/items?offset={10**30}&limit={-(10**30)}")
         assert far.status_code == 200 and far.json()["rows"] == []
+
+
+def test_serve_says_which_stores_are_of_another_model(llama_dir, tmp_path, monkeypatch):
+    import json
+
+    from click.testing import CliRunner
+
+    from pertoken.cli import main
+    from pertoken.serve import server
+
+    other = write_store(tmp_path / "runs" / "other")
+    (other / "trace.json").write_text(json.dumps({"model": "gemma-2-9b-it"}))
+    monkeypatch.setattr(server, "serve_forever", lambda *a, **kw: None)
+    args = ["serve", "--model", str(llama_dir), "--backend", "torch", "--traces", str(other)]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    (line,) = [x for x in r.output.splitlines() if "gemma-2-9b-it" in x]
+    assert line.startswith("warning: trace store other was traced with gemma-2-9b-it")
