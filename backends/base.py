@@ -89,6 +89,14 @@ class Sampling:
     repetition_penalty: float = 1.0  # > 1 discourages prompt and answer tokens already seen
 
 
+GREEDY_BELOW = 1e-30  # logits / t would overflow float32 below this: such a t is greedy
+
+
+def is_greedy(temperature: float) -> bool:
+    """Temperature 0, or one so small that dividing logits by it is not finite."""
+    return temperature < GREEDY_BELOW
+
+
 def check_projection_inputs(
     ids: list[list[int]], directions, rows: list[int], n_layers: int, hidden_size: int
 ) -> np.ndarray:

@@ -31,9 +31,13 @@ from pertoken.commands.options import generation_options, model_options, positio
     help="Items saved together; a rerun resumes after the last saved chunk.",
 )  # fmt: skip
 @click.option("--no-page", is_flag=True, help="Do not write trace.html.")
+@click.option(
+    "--allow-special-tokens", is_flag=True,
+    help="Message text such as <|eot_id|> is the template's control token (default: text).",
+)  # fmt: skip
 @generation_options(200)
 def trace(model, backend, dtype, device, vectors, layers, input_path, out, segments, steers,
-          positions, batch_size, chunk, no_page, **gen):  # fmt: skip
+          positions, batch_size, chunk, no_page, allow_special_tokens, **gen):  # fmt: skip
     """Project every token of a dataset's transcripts onto persona vectors, into a store."""
     from pertoken.commands.steering import _named_vectors
     from pertoken.pipeline.steer import build_steer, parse_steer_spec
@@ -48,6 +52,7 @@ def trace(model, backend, dtype, device, vectors, layers, input_path, out, segme
     segs = [parse_segment(s) for s in segments] or list(DEFAULT_SEGMENTS)
     rows = parse_layers(layers)
     bk = options.load_model(model, backend, dtype, device)
+    bk.special_tokens_in_content = allow_special_tokens  # inputs that hold real template tokens
     st = build_steer(bk, specs, positions=positions) if specs else None
     res = trace_dataset(
         bk, input=input_path, vectors=loaded, rows=rows, out_dir=out, segments=segs, steer=st,

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pertoken.backends.chat import as_text
 from pertoken.errors import PertokenError
 from pertoken.pipeline.trace_inputs import ROLES
 
@@ -120,6 +121,8 @@ def label_pair(backend, prompt: str, answer: str, specs, where: str, strict=True
     """A templated prompt and its answer: `prompt` tokens (turn 0, user), then `answer`
     tokens (turn 1, assistant) with tag spans; the prompt is len(encode(prompt)) tokens."""
     text = prompt + answer
+    if not getattr(backend, "special_tokens_in_content", False):  # the answer is text
+        text = as_text(text, [(len(prompt), len(text))])
     ids, spans = backend.encode_offsets(text)
     P = len(backend.encode(prompt))
     chars = _Chars(len(text), segment_names(specs))

@@ -31,7 +31,7 @@ class Finished:
     usage: dict
 
 
-@dataclass
+@dataclass(eq=False)  # jobs are compared by identity: their fields hold numpy arrays
 class Job:
     """One request on its way through the worker, with the event loop and queue of its handler."""
 
@@ -75,6 +75,17 @@ def _deliver(items: list[tuple[Job, object]]) -> None:
         job.queue.put_nowait(event)
 
 
+def failure(e: Exception) -> ApiError:
+    """A 500 in OpenAI's shape for an exception inside the engine (one line)."""
+    text = " ".join(f"{type(e).__name__}: {e}".split())
+    return ApiError(500, f"generation failed: {text}", code="server_error")
+
+
+def fail(jobs: list[Job], e: Exception) -> None:
+    """End `jobs` with the 500 for `e` (the engine itself goes on)."""
+    post([(job, failure(e)) for job in jobs])
+
+
 @dataclass
 class Monitor:
     rows: list[int]  # the server's --layers
@@ -93,6 +104,7 @@ class Engine:
         self.backend, self.monitor = backend, monitor
         self.max_rows, self.window = max_rows, window
         self.pending: list[Job] = []
+        self.held: list[Job] = []  # jobs taken from pending and not yet finished
         self.last_arrival = 0.0
         self.cond = threading.Condition()
         self.closed = False
@@ -117,14 +129,32 @@ class Engine:
 
     # ------------------------------------------------------------------ worker thread
     def _work(self) -> None:
-        while (jobs := self._take()) is not None:
-            jobs = [j for j in jobs if not j.cancelled and self._admit(j)]
-            if jobs:
-                self._run(jobs)
+        while True:
+            try:
+                if not self._cycle():
+                    break
+            except Exception as e:  # a bug or a backend failure: fail what it held, go on
+                fail(self._drop_held(), e)
         with self.cond:
             left, self.pending = self.pending, []
         for job in left:
             job.send(ApiError(503, "the server is shutting down", code="shutting_down"))
+
+    def _cycle(self) -> bool:
+        """Take a batch and decode it; False once the engine is closed."""
+        if (jobs := self._take()) is None:
+            return False
+        jobs = [j for j in jobs if not j.cancelled and self._admit(j)]
+        if jobs:
+            self._run(jobs)
+        self.held = []
+        return True
+
+    def _drop_held(self) -> list[Job]:
+        with self.cond:
+            held, self.held = self.held, []
+            self.pending = [j for j in self.pending if j not in held]
+        return held
 
     def _take(self) -> list[Job] | None:
         """The next batch: the oldest job and those like it, once requests have stopped coming
@@ -142,8 +172,10 @@ class Engine:
                 self.cond.wait(left)
             if self.closed:
                 return None
+            self.held = list(self.pending)  # until the batch is out of pending
             batch = self._fits()
             self.pending = [j for j in self.pending if j not in batch]
+            self.held = batch
             return batch
 
     def _fits(self) -> list[Job]:
@@ -200,8 +232,7 @@ class Engine:
                 stream=self._streaming(jobs, rows),
             )
         except Exception as e:
-            for job in jobs:
-                job.send(ApiError(500, f"generation failed: {type(e).__name__}: {e}"))
+            fail(jobs, e)
             return
         finally:
             self.stats["active_rows"] = 0

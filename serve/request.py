@@ -15,6 +15,7 @@ from pertoken.vectors import PersonaVector
 ROLES = ("system", "developer", "user", "assistant")
 MAX_TOP_LOGPROBS = 20
 MAX_STOP = 4
+MAX_SEED = 2**63 - 1  # a seed is an int64 that is not negative
 # Fields that would change the answer in ways this server does not implement.
 UNSUPPORTED = ("tools", "functions", "tool_choice", "response_format", "logit_bias", "audio")
 
@@ -52,6 +53,10 @@ def parse_json(raw: bytes) -> dict:
         raise ApiError(
             400, f"the request body is not valid JSON ({e}): send a JSON object", code="bad_json"
         ) from None
+    except RecursionError:
+        raise ApiError(
+            400, "the request body nests too deeply: send a flat JSON object", code="bad_json"
+        ) from None
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object", code="bad_json")
     return body
@@ -81,7 +86,7 @@ def parse_request(
     req.max_tokens_given = asked is not None
     req.temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
     req.top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
-    req.seed = _integer(body, "seed", None)
+    req.seed = _integer(body, "seed", None, 0, MAX_SEED)
     req.n = _integer(body, "n", 1, 1, limits.max_rows)
     req.stop = _stop(body.get("stop"))
     req.stream = _flag(body, "stream")
@@ -183,7 +188,7 @@ def _term(t, i: int, vectors: dict[str, PersonaVector], n_layers: int) -> SteerT
     if not isinstance(t, dict):
         raise ApiError(400, f'{where} must be {{"vector", "layer", "coef"}}', param="steer")
     name = t.get("vector")
-    if name not in vectors:
+    if not isinstance(name, str) or name not in vectors:
         have = ", ".join(vectors) or "none (start the server with --vector NAME=V.pt)"
         raise ApiError(
             400, f"{where}: unknown vector {name!r}; this server has {have}", param="steer",

@@ -67,7 +67,7 @@ def write_store(folder: Path) -> Path:
         "pos": list(range(n)) * 2,
         "token_id": list(range(n)) * 2,
         "token": STORE_TOKENS * 2,
-        "turn": [0] * (2 * n),
+        "turn": ([0] * 5 + [1] * 3) * 2,  # the prompt, then the answer
         "role": roles * 2,
         "segment": segments * 2,
         "proj.kind.L2": pa.array([float(i - 3) for i in range(n)] * 2, pa.float32()),

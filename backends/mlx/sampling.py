@@ -6,7 +6,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
-from pertoken.backends.base import Sampling
+from pertoken.backends.base import Sampling, is_greedy
 
 _NEG_INF = float("-inf")
 
@@ -63,7 +63,7 @@ def penalize(logits: mx.array, seen: mx.array, penalty: float) -> mx.array:
 
 def choose(logits: mx.array, s: Sampling, u: np.ndarray | None = None) -> mx.array:
     """logits [B, vocab] float32 -> token ids [B]; u [B] as in Sampler."""
-    if s.temperature <= 0:
+    if is_greedy(s.temperature):
         return mx.argmax(logits, axis=-1)
     logits = logits / s.temperature
     if s.top_k > 0:

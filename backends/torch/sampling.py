@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from pertoken.backends.base import Sampling
+from pertoken.backends.base import Sampling, is_greedy
 
 
 class Sampler:
@@ -45,7 +45,7 @@ def penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.
 
 def choose(logits: torch.Tensor, s: Sampling, gen=None, u=None) -> torch.Tensor:
     """logits [B, vocab] float32 -> token ids [B]; u [B] as in Sampler."""
-    if s.temperature <= 0:
+    if is_greedy(s.temperature):
         return logits.argmax(-1)
     logits = logits / s.temperature
     if s.top_k > 0:
