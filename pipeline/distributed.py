@@ -12,10 +12,12 @@ Ray is optional (`pip install "pertoken[ray]"`); nothing here imports it until i
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from pertoken.backends.chat import ChatText
 from pertoken.errors import PertokenError
 
 INSTALL = 'pip install "pertoken[ray]"'
@@ -109,9 +111,10 @@ class ModelSpec:
         return load_backend(self.model, self.backend, **kw)
 
 
-@dataclass(frozen=True)
-class ModelInfo:
-    """What a driver needs to know of a model it does not load (checks, settings records)."""
+@dataclass
+class ModelInfo(ChatText):
+    """A model the driver does not load, as its actors describe it: enough for the checks and
+    settings records, and its tokenizer for prompts and token counts (ChatText)."""
 
     model_id: str
     name: str
@@ -120,12 +123,23 @@ class ModelInfo:
     n_layers: int
     hidden_size: int
     generation_config: dict
+    tokenizer: object = None  # None when it cannot be sent (then prompts are the actors')
 
     @classmethod
     def of(cls, backend) -> ModelInfo:
         keys = ("model_id", "name", "dtype", "device", "n_layers", "hidden_size")
         info = {k: getattr(backend, k) for k in keys}
-        return cls(**info, generation_config=dict(getattr(backend, "generation_config", {}) or {}))
+        config = dict(getattr(backend, "generation_config", {}) or {})
+        return cls(**info, generation_config=config, tokenizer=_sendable(backend))
+
+
+def _sendable(backend):
+    tokenizer = getattr(backend, "tokenizer", None)
+    try:
+        pickle.dumps(tokenizer)
+    except Exception:  # a wrapper holding native handles
+        return None
+    return tokenizer
 
 
 class _ModelWorker:
@@ -151,6 +165,10 @@ class ModelPool:
         env = {"env_vars": worker_env()}
         cls = ray.remote(_ModelWorker).options(num_gpus=gpus, num_cpus=cpus, runtime_env=env)
         self.actors = [cls.remote(spec) for _ in range(workers)]
+
+    @property
+    def size(self) -> int:
+        return len(self.actors)
 
     def info(self) -> ModelInfo:
         return self._get(self.actors[0].info.remote())

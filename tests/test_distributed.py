@@ -82,3 +82,30 @@ def test_the_judge_limit_is_shared_across_processes(ray_local, monkeypatch):
         for t in threads:
             t.join()
     assert len(scores) == 12 and server.max_inflight == 2
+
+
+def test_generate_and_eval_on_two_workers_write_the_same_files(tmp_path, llama_dir, ray_local):
+    """Rows answered in shards and eval settings answered by two actors: the same CSVs."""
+    from tests.small_kit import write_kit
+
+    kit = write_kit(tmp_path, "evil", n_questions=3, n_instructions=2)
+    model = ["-m", llama_dir, "--backend", "torch", "--dtype", "float32", "--trait", kit,
+             "--max-new-tokens", "5", "--batch-size", "2"]  # fmt: skip
+    gen = [*model, "--n-per-question", "2", "--temperature", "0.8"]
+    ray = ["--ray", "local", "--workers", "2"]
+    with pertoken_cli(tmp_path / "cache") as cli, serve_fake_openai() as server:
+        cli("generate", *gen, "--out", tmp_path / "one.csv")
+        out = cli("generate", *gen, "--out", tmp_path / "ray.csv", *ray)
+        assert "12 rows (12 generated now" in out
+        assert (tmp_path / "ray.csv").read_bytes() == (tmp_path / "one.csv").read_bytes()
+
+        v = _vector(tmp_path)
+        ev = [*model, "--vector", v, "--layers", "1,3", "--coefs", "-4,0,4", "--n-per-question",
+              "2", "--judge-model", "judge-x", "--base-url", server.url]  # fmt: skip
+        cli("eval", *ev, "--out", tmp_path / "eval-one")
+        cli("eval", *ev, "--out", tmp_path / "eval-ray", *ray)
+        for name in ("answers.csv", "summary.csv"):
+            one, two = ((tmp_path / d / name).read_bytes() for d in ("eval-one", "eval-ray"))
+            assert one == two, name
+        rows = (tmp_path / "eval-ray" / "answers.csv").read_text().count("evil_")
+        assert rows == 2 * 3 * 3 * 2  # layers x coefs x questions x samples
