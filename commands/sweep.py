@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from pertoken.errors import PertokenError
+
 
 @click.command()
 @click.argument("plan_file", metavar="PLAN.toml", type=click.Path(dir_okay=False))
@@ -26,7 +28,10 @@ def sweep(plan_file, ray_address):
     results = run_sweep(plan, ray_address=ray_address, echo=click.echo)
     click.echo(format_table(results))
     failed = sum(r.state != "done" for r in results)
-    click.echo(f"{plan.out / 'sweep.csv'}: {len(results) - failed} done, {failed} failed")
+    summary = f"{plan.out / 'sweep.csv'}: {len(results) - failed} done, {failed} failed"
+    if failed:  # a nonzero exit for scripts; everything finished is saved
+        raise PertokenError(f"{summary}: fix them and rerun, finished stages are kept")
+    click.echo(summary)
 
 
 def _n(n: int, what: str) -> str:

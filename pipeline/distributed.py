@@ -21,6 +21,7 @@ from pertoken.backends.chat import ChatText
 from pertoken.errors import PertokenError
 
 INSTALL = 'pip install "pertoken[ray]"'
+DEPTH = 2  # shards queued per actor
 # Forwarded to every task and actor through Ray's runtime environment (never a file).
 WORKER_ENV = ("OPENAI_API_KEY", "OPENAI_BASE_URL", "PERTOKEN_CACHE_DIR", "HF_TOKEN",
               "HF_HUB_OFFLINE")  # fmt: skip
@@ -162,6 +163,13 @@ class ModelPool:
         ray = require_ray()
         if workers < 1:
             raise PertokenError(f"--workers must be at least 1, not {workers}")
+        have = ray.cluster_resources()
+        cpu, gpu = have.get("CPU", 0), have.get("GPU", 0)
+        if workers * cpus > cpu or workers * gpus > gpu:
+            raise PertokenError(
+                f"{workers} workers of {cpus:g} CPU and {gpus:g} GPUs each do not fit in this "
+                f"Ray cluster ({cpu:g} CPUs, {gpu:g} GPUs): give fewer --workers"
+            )
         env = {"env_vars": worker_env()}
         cls = ray.remote(_ModelWorker).options(num_gpus=gpus, num_cpus=cpus, runtime_env=env)
         self.actors = [cls.remote(spec) for _ in range(workers)]
@@ -174,21 +182,21 @@ class ModelPool:
         return self._get(self.actors[0].info.remote())
 
     def map(self, fn: Callable, shards: list) -> Iterator[tuple[int, object]]:
-        """(index, fn(backend, shard)) as each shard finishes on a free actor."""
-        from ray.util import ActorPool
-
+        """(index, fn(backend, shard)) as each shard finishes. Each actor has DEPTH shards
+        queued, so it starts the next while the driver writes the last one's results."""
         ray = require_ray()
         fn_ref = ray.put(fn)  # shipped once, not with every shard
-        pool = ActorPool(self.actors)
-        submit = lambda actor, job: actor.run.remote(fn_ref, *job)  # noqa: E731
-        results = pool.map_unordered(submit, list(enumerate(shards)))
-        while True:
-            try:
-                yield next(results)
-            except StopIteration:
-                return
-            except ray.exceptions.RayError as e:
-                raise unwrap(e) from None
+        todo = list(enumerate(shards))[::-1]
+        running = {}  # ObjectRef -> actor
+        for actor in self.actors * DEPTH:
+            if todo:
+                running[actor.run.remote(fn_ref, *todo.pop())] = actor
+        while running:
+            [ref], _ = ray.wait(list(running), num_returns=1)
+            actor = running.pop(ref)
+            if todo:
+                running[actor.run.remote(fn_ref, *todo.pop())] = actor
+            yield self._get(ref)
 
     def close(self) -> None:
         ray = require_ray()

@@ -50,6 +50,8 @@ def ray_local():
     from pertoken.pipeline.distributed import ray_runtime
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    # no worker killed for memory that the other processes of a shared machine use
+    os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
     small = dict(object_store_memory=100 * 2**20, log_to_driver=False)
     with ray_runtime("local", num_cpus=2, **small) as ray:
         yield ray

@@ -114,7 +114,10 @@ def test_a_killed_sweep_resumes_on_ray_and_matches_two_runs(tmp_path, llama_dir,
         before = {p: p.stat().st_mtime_ns for p in evil}
 
         with pertoken_cli(tmp_path / "cache") as cli:
-            out = cli("sweep", plan, "--ray", "local")
+            env = {"OPENAI_API_KEY": "sk-test-dummy", "PERTOKEN_CACHE_DIR": str(tmp_path / "cache")}
+            r = CliRunner().invoke(main, ["sweep", str(plan), "--ray", "local"], env=env)
+            out = r.output
+            assert r.exit_code == 1 and "2 done, 1 failed" in out.splitlines()[-1], out
             rows = _rows(tmp_path / "study" / "sweep.csv")
             assert rows["evil"]["state"] == "done" and rows["evil"]["ran"] == ""  # nothing redone
             assert {p: p.stat().st_mtime_ns for p in evil} == before
