@@ -23,7 +23,7 @@ def sweep(plan_file, ray_address):
     plan = read_plan(plan_file)
     where = "one after another" if ray_address is None else f"on Ray ({ray_address})"
     m, t = len(plan.models), len(plan.traits)
-    click.echo(f"sweep: {m * t} jobs ({_n(m, 'model')} x {_n(t, 'trait')}) {where}, "
+    click.echo(f"sweep: {_n(m * t, 'job')} ({_n(m, 'model')} x {_n(t, 'trait')}) {where}, "
                f"into {plan.out}")  # fmt: skip
     results = run_sweep(plan, ray_address=ray_address, echo=click.echo)
     click.echo(format_table(results))

@@ -23,6 +23,8 @@ from pertoken.errors import PertokenError
 from pertoken.lock import output_lock
 from pertoken.paths import inside, model_basename
 from pertoken.pipeline.csvio import write_csv_atomic
+from pertoken.pipeline.judge import DEFAULT_JUDGE
+from pertoken.pipeline.judge_openai import check_endpoint
 from pertoken.pipeline.sweep_plan import Job, Plan
 
 COLUMNS = ["model", "trait", "state", "pairs_kept", "pairs_total", "suggested_row",
@@ -224,6 +226,9 @@ def run_sweep(
     """Run (or resume) every job of `plan`, here one by one or as Ray tasks (`ray_address`:
     local, auto or an address); writes `plan.out/sweep.csv`, one row per job in plan order."""
     jobs = plan.jobs()
+    judge = plan.run.get("judge_model", DEFAULT_JUDGE)
+    if not judge.startswith("local:"):  # a missing key or a server down: before any job
+        check_endpoint(plan.run.get("base_url"))
     with output_lock(plan.out, folder=True):  # one sweep at a time in a folder
         if ray_address is None:
             results = []

@@ -53,6 +53,7 @@ def test_trace_on_two_workers_writes_the_same_store(tmp_path, llama_dir, ray_loc
         cli(*args, "--out", tmp_path / "one")
         out = cli(*args, "--out", tmp_path / "ray", "--ray", "local", "--workers", "2")
     assert "3 items (3 traced now" in out
+    assert {n["NodeManagerAddress"] for n in ray_local.nodes()} == {"127.0.0.1"}  # loopback only
     for name in ("tokens.parquet", "items.parquet", "trace.html"):
         assert (tmp_path / "ray" / name).read_bytes() == (tmp_path / "one" / name).read_bytes()
     answers = [sorted((tmp_path / d / "answers.jsonl").read_text().splitlines())

@@ -51,8 +51,9 @@ def _rows(path):
 def _one_line(tmp_path, text, needle):
     (tmp_path / "p.toml").write_text(text)
     r = CliRunner().invoke(main, ["sweep", str(tmp_path / "p.toml")])
-    lines = r.output.strip().splitlines()
-    assert r.exit_code == 1 and len(lines) == 1 and needle in lines[0], r.output
+    errors = [line for line in r.output.splitlines() if line.startswith("error: ")]
+    assert r.exit_code == 1 and len(errors) == 1 and needle in errors[0], r.output
+    assert "Traceback" not in r.output
 
 
 def test_bad_plans_are_one_line(tmp_path):
@@ -63,6 +64,13 @@ def test_bad_plans_are_one_line(tmp_path):
     _one_line(tmp_path, ok + "[run]\nn_samples = 3\n", "[run]: unknown key 'n_samples'")
     _one_line(tmp_path, ok + '[eval]\ncoefs = "all"\n', 'coefs must be a list of numbers or "auto"')
     _one_line(tmp_path, ok.replace('"a/m"', '"a/m", "b/m"'), "would write the same folder 'm'")
+    assert not (tmp_path / "o").exists()
+
+
+def test_the_judge_is_checked_before_any_job(tmp_path, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.chdir(tmp_path)  # no .env file to find
+    _one_line(tmp_path, 'models = ["a/m"]\ntraits = ["evil"]\nout = "o"\n', "no OPENAI_API_KEY")
     assert not (tmp_path / "o").exists()
 
 
