@@ -49,13 +49,13 @@ def ray_runtime(address: str, *, num_cpus: int | None = None, **local):
     test session) is used as it is."""
     if address == "local":
         for k, v in _LOCAL_ENV.items():
-            os.environ.setdefault(k, v)  # read when ray is imported
-    ray = require_ray()
+            os.environ.setdefault(k, v)  # read when ray is first imported
     if address == "auto" and not os.environ.get("RAY_ADDRESS"):
         raise PertokenError(
             "--ray auto joins the cluster at RAY_ADDRESS, which is not set: export the address "
             "`ray start --head` printed, give it as --ray ADDRESS, or use --ray local"
         )
+    ray = require_ray()
     if ray.is_initialized():
         yield ray
         return

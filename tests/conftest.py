@@ -46,7 +46,10 @@ def private_judge_cache(tmp_path, monkeypatch):
 def ray_local():
     """One local Ray runtime for the whole session (start-up takes seconds and memory): two
     CPUs, every port on loopback, a small object store, workers' output kept out of the log."""
-    pytest.importorskip("ray", reason="the ray extra is not installed")
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:  # not imported here: ray_runtime sets it up
+        pytest.skip("the ray extra is not installed")
     from pertoken.pipeline.distributed import ray_runtime
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")

@@ -32,9 +32,8 @@ def test_ray_missing_or_unreachable_is_one_line(tmp_path, monkeypatch):
     args = ["trace", "-m", "org/none", "--vector", f"v={v}", "--layers", "2", "--input",
             str(tmp_path / "x.jsonl"), "--out", str(tmp_path / "out")]  # fmt: skip
     _one_line(CliRunner().invoke(main, [*args, "--workers", "2"]), "--workers needs --ray")
-    if "ray" in sys.modules:
-        monkeypatch.delenv("RAY_ADDRESS", raising=False)
-        _one_line(CliRunner().invoke(main, [*args, "--ray", "auto"]), "RAY_ADDRESS")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    _one_line(CliRunner().invoke(main, [*args, "--ray", "auto"]), "RAY_ADDRESS")
     monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed
     _one_line(CliRunner().invoke(main, [*args, "--ray", "local"]), 'pip install "pertoken[ray]"')
     assert not (tmp_path / "out").exists()
