@@ -263,7 +263,8 @@ class _Job:
                    disable=not progress, dynamic_ncols=True)  # fmt: skip
         with bar:
             for i, res in map_shards(fn, shards, backend=self.backend, pool=self.pool):
-                new = [it for it in chunks[i] if it.index in res.answers and not answers.get(it)]
+                new = [it for it in chunks[i] if it.index in res.answers]
+                new = [it for it in new if answers.get(it) is None]  # not saved as it ended
                 answers.add(new, [res.answers[it.index] for it in new])
                 parts.write(res.tokens, res.items)
                 n_tokens += res.n_tokens
