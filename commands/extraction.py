@@ -13,6 +13,7 @@ from pertoken.commands.options import (
     judge_options,
     method_option,
     model_options,
+    ray_options,
     sampler_option,
     trait_option,
 )
@@ -66,6 +67,7 @@ def traits_show(name):
 @click.option("--seed", default=0, show_default=True)
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="CSV to write.")
 @compile_option
+@ray_options
 def generate(
     model,
     backend,
@@ -82,6 +84,8 @@ def generate(
     seed,
     out,
     compile_,
+    ray_address,
+    workers,
 ):
     """Answer a trait's questions under its positive or negative instructions."""
     from pertoken.lock import output_lock
@@ -93,8 +97,8 @@ def generate(
     if is_complete(out, specs):  # nothing to do: do not load the model
         return click.echo(f"{out}: all {len(specs)} rows are already there")
     batch_size = batch_size or _memory_batch(model, backend, dtype, max_new_tokens)
-    with output_lock(out):  # before the model loads: a second writer stops at once
-        bk = options.load_model(model, backend, dtype, device, compile_)
+    loaded = options.model_or_pool(model, backend, dtype, device, ray_address, workers, compile_)
+    with output_lock(out), loaded as (bk, pool):  # locked first: a second writer stops at once
         r = generate_csv(
             bk,
             trait=kit,
@@ -107,6 +111,7 @@ def generate(
             sampler=sampler,
             batch_size=batch_size,
             seed=seed,
+            pool=pool,
         )
     click.echo(f"{r.path}: {r.rows} rows ({r.generated} generated now, {r.seconds:.1f}s)")
     options.report_compile(bk)

@@ -67,6 +67,7 @@ def steer(model, backend, dtype, device, vectors, layers, coefs, positions, prom
 @click.option("--batch-size", default=16, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @options.compile_option
+@options.ray_options
 def eval_(
     model,
     backend,
@@ -92,6 +93,8 @@ def eval_(
     seed,
     min_coherence,
     compile_,
+    ray_address,
+    workers,
 ):
     """Sweep layers x coefficients on a trait's evaluation questions and judge the effect.
 
@@ -110,39 +113,42 @@ def eval_(
     vector = load_vector(vector_path)
     rows, coef_list = parse_layers(layers), [] if auto else parse_coefs(coefs)
     rubric = read_rubric(coherence_prompt) if coherence_prompt else None
-    b = options.load_model(model, backend, dtype, device, compile_)
-    vector.check_model(b.n_layers, b.hidden_size, vector_path)
-    judge = make_judge(
-        kit,
-        judge_model=judge_model,
-        base_url=base_url,
-        concurrency=concurrency,
-        max_consecutive_failures=max_consecutive_failures,
-        coherence_prompt=rubric,
-        cache=cache,
-        model=model,  # a `local:` judge of the steered model reuses it
-        backend=lambda: b,
-        backend_name=backend,
-    )
-    judge.check(reach=False)  # a missing key is an error before any generation
-    opts = dict(
-        trait=kit,
-        vector=vector,
-        layers=rows,
-        out_dir=out,
-        judge=judge,
-        n_per_question=n_per_question,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        sampler=sampler,
-        positions=positions,
-        batch_size=batch_size,
-        seed=seed,
-        vector_path=vector_path,
-    )
-    if auto:
-        return _search(b, kit, opts, min_coherence)
-    r = evaluate(b, coefs=coef_list, **opts)
+    if auto and ray_address:
+        raise PertokenError("--coefs auto runs in this process: drop --ray, or give --coefs")
+    loaded = options.model_or_pool(model, backend, dtype, device, ray_address, workers, compile_)
+    with loaded as (b, pool):
+        vector.check_model(b.n_layers, b.hidden_size, vector_path)
+        judge = make_judge(
+            kit,
+            judge_model=judge_model,
+            base_url=base_url,
+            concurrency=concurrency,
+            max_consecutive_failures=max_consecutive_failures,
+            coherence_prompt=rubric,
+            cache=cache,
+            model=model if pool is None else None,  # a `local:` judge of this model reuses it
+            backend=lambda: b,
+            backend_name=backend,
+        )
+        judge.check(reach=False)  # a missing key is an error before any generation
+        opts = dict(
+            trait=kit,
+            vector=vector,
+            layers=rows,
+            out_dir=out,
+            judge=judge,
+            n_per_question=n_per_question,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            sampler=sampler,
+            positions=positions,
+            batch_size=batch_size,
+            seed=seed,
+            vector_path=vector_path,
+        )
+        if auto:
+            return _search(b, kit, opts, min_coherence)
+        r = evaluate(b, coefs=coef_list, pool=pool, **opts)
     click.echo(format_table(kit.name, r.summary))
     options.report_compile(b)
     missing = sum(s.missing for s in r.summary)

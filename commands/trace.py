@@ -5,7 +5,12 @@ from __future__ import annotations
 import click
 
 from pertoken.commands import options
-from pertoken.commands.options import generation_options, model_options, positions_option
+from pertoken.commands.options import (
+    generation_options,
+    model_options,
+    positions_option,
+    ray_options,
+)
 
 
 @click.command()
@@ -36,8 +41,10 @@ from pertoken.commands.options import generation_options, model_options, positio
     help="Message text such as <|eot_id|> is the template's control token (default: text).",
 )  # fmt: skip
 @generation_options(200)
+@ray_options
 def trace(model, backend, dtype, device, vectors, layers, input_path, out, segments, steers,
-          positions, batch_size, chunk, no_page, allow_special_tokens, **gen):  # fmt: skip
+          positions, batch_size, chunk, no_page, allow_special_tokens, ray_address, workers,
+          **gen):  # fmt: skip
     """Project every token of a dataset's transcripts onto persona vectors, into a store."""
     from pertoken.commands.steering import _named_vectors
     from pertoken.pipeline.steer import build_steer, parse_steer_spec
@@ -51,14 +58,17 @@ def trace(model, backend, dtype, device, vectors, layers, input_path, out, segme
     specs = [parse_steer_spec(s) for s in steers]
     segs = [parse_segment(s) for s in segments] or list(DEFAULT_SEGMENTS)
     rows = parse_layers(layers)
-    bk = options.load_model(model, backend, dtype, device)
-    bk.special_tokens_in_content = allow_special_tokens  # inputs that hold real template tokens
-    st = build_steer(bk, specs, positions=positions) if specs else None
-    res = trace_dataset(
-        bk, input=input_path, vectors=loaded, rows=rows, out_dir=out, segments=segs, steer=st,
-        generation=Generation(**gen), batch_size=batch_size, chunk=chunk, vector_files=files,
-        page=not no_page,
-    )  # fmt: skip
+    if allow_special_tokens and ray_address:
+        raise click.UsageError("--allow-special-tokens runs in one process: drop --ray for it")
+    with options.model_or_pool(model, backend, dtype, device, ray_address, workers) as (bk, pool):
+        if allow_special_tokens:  # inputs that hold real template tokens
+            bk.special_tokens_in_content = True
+        st = build_steer(bk, specs, positions=positions) if specs else None
+        res = trace_dataset(
+            bk, input=input_path, vectors=loaded, rows=rows, out_dir=out, segments=segs,
+            steer=st, generation=Generation(**gen), batch_size=batch_size, chunk=chunk,
+            vector_files=files, page=not no_page, pool=pool,
+        )  # fmt: skip
     rate = f", {res.tokens / res.seconds:.0f} tok/s" if res.tokens else ""
     click.echo(
         f"{res.out_dir}: {res.items} items ({res.traced} traced now, {res.tokens} tokens"

@@ -8,6 +8,7 @@ have no score yet; then `summary.csv` and `sweep.png` are written from the judge
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import dataclass
@@ -78,13 +79,16 @@ def evaluate(
     seed: int = 0,
     vector_path: str | Path = "vector",
     progress: bool = True,
+    pool=None,
 ) -> EvalResult:
     """Run (or resume) the sweep into `out_dir`: answers.csv, summary.csv and sweep.png.
 
     temperature defaults to 1.0, or 0 (greedy) when n_per_question is 1; sampler `model` samples
     with the checkpoint's generation_config (pipeline.sampling); positions as Steer ("response"
     steers the answer's tokens, as upstream's evaluation does). judge: fills the score cells
-    (`judges.make_judge`); its identity goes into eval.json.
+    (`judges.make_judge`); its identity goes into eval.json. pool: a distributed.ModelPool
+    whose actors answer the settings (`backend` is then its ModelInfo); this process writes
+    answers.csv as each comes back and judges.
     """
     start = time.perf_counter()
     require_eval_questions(trait)
@@ -110,9 +114,8 @@ def evaluate(
         todo = [(L, c) for L in layers for c in coefs if not _has_setting(rows, L, c)]
         if todo:
             path = out / "answers.csv"
-            _generate(
-                backend, trait, vector, rows, todo, path, n_per_question, positions, gen, progress
-            )
+            run = _generate if pool is None else functools.partial(_pool_generate, pool)
+            run(backend, trait, vector, rows, todo, path, n_per_question, positions, gen, progress)
         summary = _judge_and_summarize(out, trait.name, rows, judge, layers, coefs)
     return EvalResult(out, summary, len(todo), time.perf_counter() - start)
 
@@ -218,6 +221,45 @@ def _generate(backend, trait, vector, rows, todo, path, n, positions, gen, progr
             steer = Steer.single(layer, vector.row(layer), coef, positions=positions)
             rows += _answer_setting(backend, trait, rows, layer, coef, steer, n, gen, bar)
             write_answers(path, trait.name, rows)
+
+
+def _pool_generate(pool, backend, trait, vector, rows, todo, path, n, positions, gen, progress):
+    """The missing settings answered by the pool's actors; answers.csv is rewritten, in the
+    grid's order, as each comes back. Coefficient 0 is answered once and reused."""
+    from tqdm import tqdm
+
+    from pertoken.pipeline.distributed import map_shards
+
+    has_zero = any(float(r["coef"]) == 0 for r in rows)
+    zeros = [s for s in todo if s[1] == 0]
+    sent = [s for s in todo if s[1] != 0 or (not has_zero and s == zeros[0])]
+    shards = [(L, c, Steer.single(L, vector.row(L), c, positions=positions)) for L, c in sent]
+    fn = functools.partial(answer_setting, trait, n, gen)
+    base, got = list(rows), {}
+    per_setting = n * len(trait.eval_questions)
+    bar = tqdm(total=len(todo) * per_setting, unit="answer", desc="eval", disable=not progress)
+    with bar:
+        for i, answers in map_shards(fn, shards, pool=pool):
+            got[sent[i]] = answers
+            rows[:] = base + [r for s in todo if s in got for r in got[s]]
+            write_answers(path, trait.name, rows)
+            bar.update(per_setting)
+        for s in todo:  # the other coefficient-0 settings reuse the unsteered answers
+            if s not in got:
+                got[s] = _answer_setting(None, trait, rows, *s, None, n, gen, bar)
+        rows[:] = base + [r for s in todo for r in got[s]]
+        write_answers(path, trait.name, rows)
+
+
+def answer_setting(trait, n, gen, backend, shard) -> list[dict]:
+    """A pool actor's work: the answers of one (layer, coef, steer) setting."""
+    layer, coef, steer = shard
+    return _answer_setting(backend, trait, [], layer, coef, steer, n, gen, _NoBar())
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
 
 
 def _answer_setting(backend, trait, rows, layer, coef, steer, n, gen, bar) -> list[dict]:
