@@ -7,6 +7,7 @@ statistics hold B - A), so trace-stats and the page read it as they read a trace
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +43,7 @@ def trace_diff(
     """Write the store of B - A into `out_dir`, and `moved.csv` (items ranked by how far their
     mean projection moved). Refuses stores of different items, tokens, vectors or rows."""
     a_dir, b_dir, out = Path(a_dir), Path(b_dir), Path(out_dir)
+    _check_out(out, a_dir, b_dir)
     sa, sb = store.read_settings(a_dir), store.read_settings(b_dir)
     _check_same(sa, sb, a_dir, b_dir)
     vectors, rows = list(sa["vectors"]), sa["rows"]
@@ -61,6 +63,18 @@ def trace_diff(
 
             write_store_page(out, title=f"pertoken trace diff: {settings['model']}")
     return DiffResult(out, len(items_a), moved)
+
+
+def _check_out(out: Path, *inputs: Path) -> None:
+    """The output folder is neither an input store nor inside one (it would overwrite it)."""
+    full = os.path.realpath(out)
+    for folder in inputs:
+        root = os.path.realpath(folder)
+        if os.path.commonpath([root, full]) == root:
+            raise PertokenError(
+                f"--out {out} is {'the store' if full == root else 'inside the store'} {folder}: "
+                "trace-diff would overwrite it; choose an --out outside both stores"
+            )
 
 
 def _check_same(sa: dict, sb: dict, a_dir: Path, b_dir: Path) -> None:

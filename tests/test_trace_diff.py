@@ -99,3 +99,16 @@ def test_stores_of_other_transcripts_are_refused(stores, llama_dir, tmp_path):
     trace_dataset(b, input=stores["chats"], rows=[1, 2], out_dir=tmp_path / "rows", **kw)
     with pytest.raises(PertokenError, match="different rows"):
         trace_diff(stores["base"], tmp_path / "rows", out_dir=tmp_path / "d3")
+
+
+def test_an_output_inside_an_input_store_is_refused(stores):
+    before = {p: p.read_bytes() for p in stores["base"].iterdir() if p.is_file()}
+    for out in (stores["base"], stores["tuned"], stores["base"] / "sub"):
+        res = CliRunner().invoke(
+            cli.main, ["trace-diff", str(stores["base"]), str(stores["tuned"]), "--out", str(out)]
+        )
+        assert res.exit_code != 0 and "choose an --out outside both stores" in res.output
+        assert "Traceback" not in res.output
+    assert {p: p.read_bytes() for p in stores["base"].iterdir() if p.is_file()} == before
+    assert not (stores["base"] / "sub").exists()
+
