@@ -78,6 +78,14 @@ def _check_out(out: Path, *inputs: Path) -> None:
 
 
 def _check_same(sa: dict, sb: dict, a_dir: Path, b_dir: Path) -> None:
+    for name in sa["vectors"]:
+        a, b = sa["vectors"][name], sb["vectors"].get(name)
+        if b is not None and a.get("sha256") != b.get("sha256"):
+            raise PertokenError(
+                f"{a_dir} and {b_dir} traced vector {name!r} from different files "
+                f"({a.get('file')} vs {b.get('file')}, sha256 differs): trace both with the "
+                "same vector file"
+            )
     for key in ("vectors", "rows", "segments"):
         a = list(sa[key]) if key == "vectors" else sa[key]
         b = list(sb[key]) if key == "vectors" else sb[key]

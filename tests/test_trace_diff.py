@@ -112,3 +112,12 @@ def test_an_output_inside_an_input_store_is_refused(stores):
     assert {p: p.read_bytes() for p in stores["base"].iterdir() if p.is_file()} == before
     assert not (stores["base"] / "sub").exists()
 
+
+def test_stores_traced_with_other_vector_files_are_refused(stores, llama_dir, tmp_path):
+    b = load_backend(str(llama_dir), "torch", dtype="float32", device="cpu")
+    other = PersonaVector(stores["vec"].data * 2)
+    trace_dataset(b, input=stores["chats"], vectors={"pat": other}, rows=ROWS,
+                  out_dir=tmp_path / "other", page=False, progress=False)  # fmt: skip
+    with pytest.raises(PertokenError, match="traced vector 'pat' from different files"):
+        trace_diff(stores["base"], tmp_path / "other", out_dir=tmp_path / "d")
+    assert not (tmp_path / "d").exists()
