@@ -34,7 +34,8 @@ _TOKEN_KEYS = ("item", "pos", "token_id", "token", "turn", "role", "segment")
 class DiffResult:
     out_dir: Path
     items: int
-    moved: list[dict]  # per vector x row: items by |mean difference|, largest first
+    moved: list[dict]  # per item: mean and max |B - A| per vector x row
+    scale: dict[int, float]  # row -> the largest |h| of A there (what "nothing moved" is against)
 
 
 def trace_diff(
@@ -52,7 +53,7 @@ def trace_diff(
     if items_a["item"].tolist() != items_b["item"].tolist():
         raise PertokenError(f"{a_dir} and {b_dir} hold different items: trace the same input")
     with output_lock(out, folder=True):
-        stats, moved = _diff_tokens(a_dir, b_dir, out, vectors, rows, segments)
+        stats, moved, scale = _diff_tokens(a_dir, b_dir, out, vectors, rows, segments)
         table = _items_table(items_a, items_b, stats, sa, vectors, rows, segments)
         store.write_table_atomic(table, out / store.ITEMS)
         settings = _settings(sa, sb, a_dir, b_dir)
@@ -62,7 +63,7 @@ def trace_diff(
             from pertoken.pipeline.store_page import write_store_page
 
             write_store_page(out, title=f"pertoken trace diff: {settings['model']}")
-    return DiffResult(out, len(items_a), moved)
+    return DiffResult(out, len(items_a), moved, scale)
 
 
 def _check_out(out: Path, *inputs: Path) -> None:
@@ -106,7 +107,7 @@ def _diff_tokens(a_dir, b_dir, out, vectors, rows, segments):
     """Stream both token tables item by item into out/tokens.parquet as B - A."""
     values = value_columns(vectors, rows)
     writer = store.RowGroupWriter(out / store.TOKENS, token_schema(vectors, rows))
-    stats, moved = {}, []
+    stats, moved, scale = {}, [], dict.fromkeys(rows, 0.0)
     pairs = zip(
         store.iter_item_tables(a_dir / store.TOKENS), store.iter_item_tables(b_dir / store.TOKENS)
     )
@@ -122,8 +123,10 @@ def _diff_tokens(a_dir, b_dir, out, vectors, rows, segments):
         writer.add(pa.table(cols | diff))
         stats[ia] = _stats(ta, diff, vectors, rows, segments)
         moved.append(_moved(ia, ta, diff, vectors, rows))
+        for r in rows:
+            scale[r] = max(scale[r], float(np.abs(ta[f"norm.L{r}"].to_numpy()).max(initial=0)))
     writer.close()
-    return stats, moved
+    return stats, moved, scale
 
 
 def _stats(ta, diff: dict, vectors, rows, segments) -> dict:
@@ -176,8 +179,36 @@ def _settings(sa: dict, sb: dict, a_dir: Path, b_dir: Path) -> dict:
     }
 
 
-def most_moved(moved: list[dict], vector: str, row: int, top: int = 5) -> list[dict]:
-    """The `top` items whose mean projection (non-template tokens) moved most, by |B - A|."""
-    key = f"mean.{vector}.L{row}"
-    ranked = [m for m in moved if np.isfinite(m[key])]
-    return sorted(ranked, key=lambda m: -abs(m[key]))[:top]
+# |B - A| below this share of |h| is float noise, not a move.
+NOISE = 1e-6
+
+
+@dataclass
+class Moved:
+    """How one vector x row moved: the statistic items are ranked by, and the top items."""
+
+    vector: str
+    row: int
+    stat: str | None  # "mean" (over non-template tokens), "max_abs", or None: nothing moved
+    peak: float  # the largest |B - A| of that statistic over items
+    top: list[dict]
+
+
+def most_moved(res: DiffResult, vector: str, row: int, top: int = 5) -> Moved:
+    """The `top` items that moved most at `vector` x `row`: by |mean B - A| when means moved,
+    else by max |B - A| of a token (a move the means average away); nothing when neither did."""
+    tol = NOISE * max(res.scale.get(row, 0.0), 1.0)
+    for stat in ("mean", "max_abs"):
+        key = f"{stat}.{vector}.L{row}"
+        ranked = [m for m in res.moved if np.isfinite(m[key])]
+        ranked.sort(key=lambda m: -abs(m[key]))
+        if ranked and abs(ranked[0][key]) > tol:
+            return Moved(vector, row, stat, abs(ranked[0][key]), ranked[:top])
+    return Moved(vector, row, None, 0.0, [])
+
+
+def moved_most(res: DiffResult, vectors, rows, top: int = 3) -> list[Moved]:
+    """most_moved of every vector x row, those that moved most first (means before maxima)."""
+    found = [most_moved(res, v, r, top) for v in vectors for r in rows]
+    order = {"mean": 0, "max_abs": 1, None: 2}
+    return sorted(found, key=lambda m: (order[m.stat], -m.peak / max(res.scale[m.row], 1e-12)))
