@@ -98,6 +98,7 @@ def trace_dataset(
     folder = Path(out_dir)
     with output_lock(folder, folder=True):
         _check_settings(folder, settings)
+        store.check_readable(folder)
         todo = _todo(folder, items)
         if todo or _unmerged(folder):
             store.write_json_atomic(folder / store.SETTINGS, {**settings, "complete": False})

@@ -98,9 +98,7 @@ def _check_same(sa: dict, sb: dict, a_dir: Path, b_dir: Path) -> None:
 
 
 def _items(folder: Path):
-    import pandas as pd
-
-    return pd.read_parquet(folder / store.ITEMS)
+    return store.read_items_table(folder)
 
 
 def _diff_tokens(a_dir, b_dir, out, vectors, rows, segments):
