@@ -19,6 +19,7 @@ import numpy as np
 
 from pertoken.backends.base import Steer, TokenTrace
 from pertoken.errors import PertokenError
+from pertoken.pipeline.csvio import utf8_text
 from pertoken.pipeline.live import LivePrinter
 from pertoken.pipeline.projection import project, project_rows
 from pertoken.rows import check_capture_rows
@@ -148,14 +149,18 @@ def read_prompts(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise PertokenError(f"prompts file {path} does not exist: check the path")
-    text = path.read_text()
-    if text.lstrip().startswith("["):
+    text = utf8_text(path, "prompts file")
+    if path.suffix.lower() == ".json" or text.lstrip().startswith("["):
         try:
             items = json.loads(text)
         except json.JSONDecodeError as e:
             raise PertokenError(f"{path} is not valid JSON ({e.msg}, line {e.lineno})") from None
-        if not all(isinstance(x, str) for x in items):
-            raise PertokenError(f"{path} must be a JSON list of strings")
+        if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
+            kind = "a JSON object" if isinstance(items, dict) else "not a list of strings"
+            raise PertokenError(
+                f"{path} is {kind}: give a JSON list of prompt strings (or chats as .jsonl, "
+                'one {"messages": [...]} a line)'
+            )
         prompts = [x for x in items if x.strip()]
     else:
         prompts = [line.strip() for line in text.splitlines() if line.strip()]
