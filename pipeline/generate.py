@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -204,7 +205,7 @@ def _run_rows(backend, todo, prompts, done, side, total, batch_size, opts, bar_o
     next row; each answer is saved (flushed and fsynced) as soon as it ends."""
     from tqdm import tqdm
 
-    n_tokens, t0 = 0, time.perf_counter()
+    n_tokens, t0, answered = 0, time.perf_counter(), []
     bar = tqdm(total=total, initial=total - len(todo), unit="row", dynamic_ncols=True, **bar_opts)
     with side.open("a", encoding="utf-8") as f, bar:
 
@@ -225,6 +226,10 @@ def _run_rows(backend, todo, prompts, done, side, total, batch_size, opts, bar_o
             n_tokens += len(backend.encode(answer))
             bar.update(1)
             bar.set_postfix_str(f"{n_tokens / (time.perf_counter() - t0):.1f} tok/s")
+            answered.append(k)
+            if len(answered) == min(batch_size or 16, len(todo)) and not bar.disable:
+                line = estimate(bar_opts["desc"], len(answered), len(todo), t0)
+                bar.write(line, file=sys.stderr)
 
         backend.generate(
             [prompts[s.key] for s in todo],
@@ -233,6 +238,17 @@ def _run_rows(backend, todo, prompts, done, side, total, batch_size, opts, bar_o
             on_answer=save,
             **opts,
         )
+
+
+def estimate(label: str, answered: int, todo: int, t0: float) -> str:
+    """One line: how long the `todo` rows of a stage will take, at the first answers' rate."""
+    from pertoken.pipeline.banner import duration
+
+    rate = answered / max(time.perf_counter() - t0, 1e-9)
+    return (
+        f"{label}: about {duration(todo / rate)} for {todo} rows ({rate:.2f} rows/s over the "
+        f"first {answered} answers)"
+    )
 
 
 def _write_final(out: Path, trait: str, specs, prompts, done) -> None:

@@ -232,7 +232,7 @@ class _Job:
         with bar:
             for at in range(0, len(todo), max(1, chunk)):
                 batch = todo[at : at + max(1, chunk)]
-                self._answer(batch, answers, batch_size)
+                self._answer(batch, answers, batch_size, progress)
                 labels = [self._labels(it, answers) for it in batch]
                 values = self.backend.token_projections(
                     [lab.ids for lab in labels], self.units, self.rows, steer=self.steer,
@@ -244,20 +244,29 @@ class _Job:
                 bar.set_postfix_str(f"{n_tokens / (time.perf_counter() - t0):.0f} tok/s")
         return n_tokens
 
-    def _answer(self, batch: list[Item], answers: _Answers, batch_size: int) -> None:
+    def _answer(self, batch: list[Item], answers: _Answers, batch_size: int, progress) -> None:
         """Generate the answers this chunk's prompt items still lack, each saved as it ends
         and sampled from its item's own seed (so not a matter of chunks or resumes)."""
+        from tqdm import tqdm
+
         need = [it for it in batch if it.user is not None and answers.get(it) is None]
         if not need:
             return
         g = self.generation
         prompts = [self.backend.chat_prompt(g.system, it.user) for it in need]
-        self.backend.generate(
-            prompts, max_new_tokens=g.max_new_tokens, temperature=g.temperature,
-            seeds=[sample_seed(g.seed, f"item {it.index}", 0) for it in need],
-            steer=self.steer, batch_size=batch_size,
-            on_answer=lambda k, text: answers.add([need[k]], [text]),
-        )  # fmt: skip
+        bar = tqdm(total=len(need), unit="answer", desc="generate", disable=not progress,
+                   dynamic_ncols=True, leave=False)  # fmt: skip
+
+        def save(k: int, text: str) -> None:
+            answers.add([need[k]], [text])
+            bar.update(1)
+
+        with bar:
+            self.backend.generate(
+                prompts, max_new_tokens=g.max_new_tokens, temperature=g.temperature,
+                seeds=[sample_seed(g.seed, f"item {it.index}", 0) for it in need],
+                steer=self.steer, batch_size=batch_size, on_answer=save,
+            )  # fmt: skip
 
     def _labels(self, it: Item, answers: _Answers):
         b, segs = self.backend, self.segments
