@@ -127,3 +127,13 @@ def test_ci_installs_cpu_torch_or_falls_back_to_the_plain_pin(tmp_path, reachabl
     calls = (tmp_path / "pip").read_text().splitlines()
     cpu = "install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
     assert calls == ([cpu] if reachable else ["install -q torch==2.13.0"])
+
+
+def test_readme_installs_the_cpu_torch_before_the_main_job_on_linux():
+    """Following the set-up in order on a CPU-only Linux box never installs the CUDA torch."""
+    setup = (ROOT / "README.md").read_text().split("## Set up", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```bash\n(.*?)\n```", setup, re.S)
+    cpu = "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
+    main_job = next(i for i, b in enumerate(blocks) if "pertoken run" in b)
+    assert any(b.startswith(cpu) for b in blocks[:main_job])
+    assert "Linux without a CUDA GPU" in setup.split(blocks[main_job])[0]
