@@ -263,6 +263,7 @@ def monitor(
         layers=rows,
         steer=st,
         out_dir=out,
+        live=True,
         compare_unsteered=compare_unsteered,
         settings=extra,
         on_trace=on_trace,

@@ -41,7 +41,7 @@ def monitor(
     temperature: float = 0.0,
     seed: int = 0,
     out_dir: str | Path | None = ".",
-    live: bool = True,
+    live: bool = False,
     compare_unsteered: bool = False,
     settings: dict | None = None,
     on_trace: TraceHook | None = None,
@@ -49,10 +49,11 @@ def monitor(
 ) -> list[dict]:
     """Generate an answer to each prompt and project each answer token onto `vectors`.
 
-    Prints tokens coloured by the first vector at the first layer while generating (`live`),
-    then writes trace.json and trace.html into `out_dir` (None: write nothing). With `steer`
-    and `compare_unsteered`, each prompt is also answered unsteered (same seed). `settings` is
-    merged into each record's settings; `on_trace(record, trace)` may add fields such as
+    With `live`, prints tokens coloured by the first vector at the first layer while generating
+    (off by default; the `monitor` command turns it on). Writes trace.json and trace.html into
+    `out_dir` (None: write nothing). With `steer` and `compare_unsteered`, each prompt is also
+    answered unsteered (same seed). `settings` is merged into each record's settings;
+    `on_trace(record, trace)` may add fields such as
     `features`. Defaults: greedy (temperature 0), 200 new tokens, seed 0.
     """
     names, directions = _directions(backend, vectors, layers)
