@@ -20,6 +20,7 @@ from pertoken.pipeline import trace_store as store
 from pertoken.pipeline.csvio import write_csv_atomic
 from pertoken.pipeline.trace_segments import TokenLabels
 from pertoken.pipeline.trace_tables import (
+    drop_empty_segments,
     item_schema,
     item_stats,
     proj_column,
@@ -55,7 +56,7 @@ def trace_diff(
     with output_lock(out, folder=True):
         stats, moved, scale = _diff_tokens(a_dir, b_dir, out, vectors, rows, segments)
         table = _items_table(items_a, items_b, stats, sa, vectors, rows, segments)
-        store.write_table_atomic(table, out / store.ITEMS)
+        store.write_table_atomic(drop_empty_segments(table), out / store.ITEMS)
         settings = _settings(sa, sb, a_dir, b_dir)
         store.write_json_atomic(out / store.SETTINGS, settings)
         write_csv_atomic(out / "moved.csv", list(moved[0]) if moved else [], moved)

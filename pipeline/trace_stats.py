@@ -86,6 +86,7 @@ def correlate(items, scores, vectors, rows, segments) -> list[dict]:
     for v in vectors:
         for r in rows:
             cols = [(s, seg, f"{s}.{v}.L{r}.{seg}") for seg in segments for s in STATS]
+            cols = [c for c in cols if c[2] in items.columns]  # no item has that segment
             cols.append(("prompt_last", "", f"prompt_last.{v}.L{r}"))
             for stat, seg, col in cols:
                 for score in scores:

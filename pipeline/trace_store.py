@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pertoken.errors import PertokenError
+from pertoken.pipeline.trace_tables import drop_empty_segments, stat_columns, value_columns
 
 TOKENS, ITEMS, SETTINGS = "tokens.parquet", "items.parquet", "trace.json"
 ROW_GROUP = 65536  # token rows per row group when merging
@@ -95,8 +96,6 @@ def check_readable(folder: Path) -> None:
 
 def _check_tables(folder: Path, settings: dict) -> None:
     """trace.json names vectors, rows and segments whose columns the tables hold."""
-    from pertoken.pipeline.trace_tables import stat_columns, value_columns
-
     vectors, rows, segs = (settings.get(k) for k in ("vectors", "rows", "segments"))
     ok = isinstance(vectors, dict) and isinstance(segs, dict) and isinstance(rows, list)
     if not ok or not all(isinstance(r, int) and not isinstance(r, bool) for r in rows):
@@ -104,7 +103,7 @@ def _check_tables(folder: Path, settings: dict) -> None:
             f"{folder / SETTINGS} is damaged (vectors, rows or segments unreadable): restore "
             "it, or remove the store and trace again"
         )
-    names = ["template", "prompt", "answer", *segs]
+    names = ["template", "prompt", "answer"]  # tag segments no item has are left out
     for name, want in ((TOKENS, value_columns(list(vectors), rows)),
                        (ITEMS, stat_columns(list(vectors), rows, names))):  # fmt: skip
         with reading(folder / name):
@@ -270,6 +269,6 @@ def merge(folder: Path, token_schema: pa.Schema, item_schema: pa.Schema) -> int:
             writer.add(table)
         last = item
     writer.close()
-    write_table_atomic(items, folder / ITEMS)
+    write_table_atomic(drop_empty_segments(items), folder / ITEMS)
     parts.remove()
     return items.num_rows
