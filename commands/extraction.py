@@ -310,11 +310,18 @@ def _run_banner(model, backend, dtype, device, trait, out, opts, why: dict) -> s
     """What `run` will use and where it writes, before any work starts."""
     from pertoken.backends import choose_settings
     from pertoken.pipeline.banner import banner, judge_endpoint
+    from pertoken.pipeline.generate import plan_rows
     from pertoken.pipeline.run import run_folder
     from pertoken.traits import load_trait
 
     name, device, dtype = choose_settings(model, backend, dtype=dtype, device=device)
-    judge = opts["judge_model"]
+    judge, kit, n = opts["judge_model"], load_trait(trait), opts["n_per_question"]
+    rows = len(plan_rows(kit, n_per_question=n))
+    plan = (
+        f"{rows} rows a side ({len(kit.questions)} questions x {len(kit.instructions)} "
+        f"instruction pairs x {n} samples), up to {opts['max_new_tokens']} new tokens each, "
+        "each judged for the trait and coherence; a time estimate follows the first answers"
+    )
     return banner(
         model=model,
         backend=name,
@@ -322,8 +329,9 @@ def _run_banner(model, backend, dtype, device, trait, out, opts, why: dict) -> s
         dtype=dtype,
         judge=judge,
         endpoint=judge_endpoint(judge, opts["base_url"]),
-        folder=run_folder(out, model, load_trait(trait).name),
+        folder=run_folder(out, model, kit.name),
         why=why,
+        plan=plan,
     )
 
 

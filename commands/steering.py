@@ -115,6 +115,9 @@ def eval_(
     rubric = read_rubric(coherence_prompt) if coherence_prompt else None
     if auto and ray_address:
         raise PertokenError("--coefs auto runs in this process: drop --ray, or give --coefs")
+    sizes = (len(kit.eval_questions), n_per_question, max_new_tokens)
+    plan = _eval_plan(rows, None if auto else coef_list, *sizes)
+    click.echo(_eval_banner(model, backend, dtype, device, judge_model, base_url, out, plan))
     loaded = options.model_or_pool(model, backend, dtype, device, ray_address, workers, compile_)
     with loaded as (b, pool):
         vector.check_model(b.n_layers, b.hidden_size, vector_path)
@@ -155,6 +158,31 @@ def eval_(
     if missing:
         click.echo(f"{missing} answers have no {kit.name} score (judge refusals or failures)")
     click.echo(f"{r.out_dir}: answers.csv, summary.csv, sweep.png ({r.seconds:.1f}s)")
+
+
+def _eval_plan(rows, coefs, n_questions: int, n: int, max_new_tokens: int) -> str:
+    """How many answers eval makes: the grid's, or the search's bound (coefs None)."""
+    from pertoken.pipeline.coef_search import search_plan
+
+    tokens = f"up to {max_new_tokens} new tokens each, each judged for the trait and coherence"
+    if coefs is None:
+        _, most = search_plan(n_questions, len(rows), n)
+        return f"coefficient search over layers {rows}: {most}; {tokens}"
+    settings = len(rows) * len([c for c in coefs if c != 0]) + 1
+    return (
+        f"{settings} settings (layers x coefficients, and unsteered) x {n_questions} questions "
+        f"x {n} samples = {settings * n_questions * n} answers, {tokens}"
+    )
+
+
+def _eval_banner(model, backend, dtype, device, judge_model, base_url, out, plan) -> str:
+    from pertoken.backends import choose_settings
+    from pertoken.pipeline.banner import banner, judge_endpoint
+
+    name, device, dtype = choose_settings(model, backend, dtype=dtype, device=device)
+    endpoint = judge_endpoint(judge_model, base_url)
+    return banner(model=model, backend=name, device=device, dtype=dtype, judge=judge_model,
+                  endpoint=endpoint, folder=out, plan=plan)  # fmt: skip
 
 
 def _search(backend, kit, opts: dict, min_coherence: float) -> None:
@@ -241,6 +269,7 @@ def monitor(
         layers=rows,
         steer=st,
         out_dir=out,
+        live=True,
         compare_unsteered=compare_unsteered,
         settings=extra,
         on_trace=on_trace,

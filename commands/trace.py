@@ -115,21 +115,26 @@ def _report(res, pair: tuple[str, int] | None = None) -> None:
 @_stats_options
 def trace_diff(a_dir, b_dir, out, span, top):
     """Per-token differences B - A between two stores of the same transcripts."""
-    from pertoken.pipeline.trace_diff import most_moved
+    from pertoken.pipeline.trace_diff import moved_most
     from pertoken.pipeline.trace_diff import trace_diff as run_diff
     from pertoken.pipeline.trace_stats import trace_stats as run_stats
     from pertoken.pipeline.trace_store import read_settings
 
     res = run_diff(a_dir, b_dir, out_dir=out)
     settings = read_settings(res.out_dir)
-    moved = {}  # (vector, row) -> the largest |mean B - A| of an item
-    for v in settings["vectors"]:
-        for row in settings["rows"]:
-            ranked = most_moved(res.moved, v, row, top=3)
-            moved[v, row] = abs(ranked[0][f"mean.{v}.L{row}"]) if ranked else 0.0
-            text = ", ".join(f"item {m['item']} {m[f'mean.{v}.L{row}']:+.3f}" for m in ranked)
-            click.echo(f"moved most ({v}, layer {row}, mean B - A): {text}")
-    _report(run_stats(out, span=span, top=top), max(moved, key=moved.get))
+    found = moved_most(res, settings["vectors"], settings["rows"])
+    for m in found:
+        where = f"{m.vector}, layer {m.row}"
+        if m.stat is None:
+            click.echo(f"moved most ({where}): nothing moved")
+            continue
+        key = f"{m.stat}.{m.vector}.L{m.row}"
+        what = "mean B - A" if m.stat == "mean" else "max |B - A| of a token"
+        text = ", ".join(f"item {t['item']} {t[key]:+.3g}" for t in m.top)
+        click.echo(f"moved most ({where}, {what}): {text}")
+    if found[0].stat is None:
+        click.echo("nothing moved: A and B agree at every vector and layer traced")
+    _report(run_stats(out, span=span, top=top), (found[0].vector, found[0].row))
     click.echo(f"{res.out_dir}: {res.items} items of B - A, moved.csv, trace.html")
 
 

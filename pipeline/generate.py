@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,7 +208,7 @@ def _read_side(path: Path) -> list[dict]:
 def _run_rows(backend, todo, prompts, done, side, total, batch_size, opts, bar_opts):
     """Generate every missing row in one call, so a slot freed by a short answer takes the
     next row; each answer is saved (flushed and fsynced) as soon as it ends."""
-    with _Saver(backend, todo, prompts, done, side, total, bar_opts) as save:
+    with _Saver(backend, todo, prompts, done, side, total, bar_opts, batch_size) as save:
         backend.generate(
             [prompts[s.key] for s in todo],
             batch_size=batch_size,
@@ -232,7 +233,7 @@ def _pool_rows(pool, backend, todo, prompts, done, side, total, batch_size, opts
         for a in starts
     ]  # fmt: skip
     fn = functools.partial(answer_shard, dict(opts, batch_size=batch_size))
-    with _Saver(backend, todo, prompts, done, side, total, bar_opts) as save:
+    with _Saver(backend, todo, prompts, done, side, total, bar_opts, batch_size) as save:
         for i, answers in map_shards(fn, shards, pool=pool):
             for k, answer in enumerate(answers):
                 save(starts[i] + k, answer)
@@ -247,14 +248,16 @@ def answer_shard(opts: dict, backend, shard) -> list[str]:
 class _Saver:
     """save(k, answer): row todo[k]'s answer onto the side file (flushed and fsynced)."""
 
-    def __init__(self, backend, todo, prompts, done, side, total, bar_opts):
+    def __init__(self, backend, todo, prompts, done, side, total, bar_opts, batch_size):
         from tqdm import tqdm
 
         self.backend, self.todo, self.prompts, self.done = backend, todo, prompts, done
         self.file = side.open("a", encoding="utf-8")
         self.bar = tqdm(total=total, initial=total - len(todo), unit="row", dynamic_ncols=True,
                         **bar_opts)  # fmt: skip
-        self.n_tokens, self.t0 = 0, time.perf_counter()
+        self.n_tokens, self.t0, self.answered = 0, time.perf_counter(), 0
+        # the time estimate comes once, after the first batch of answers
+        self.estimate_at = min(batch_size or 16, len(todo))
 
     def __enter__(self):
         return self
@@ -279,6 +282,21 @@ class _Saver:
         self.n_tokens += len(self.backend.encode(answer))
         self.bar.update(1)
         self.bar.set_postfix_str(f"{self.n_tokens / (time.perf_counter() - self.t0):.1f} tok/s")
+        self.answered += 1
+        if self.answered == self.estimate_at and not self.bar.disable:
+            line = estimate(self.bar.desc, self.answered, len(self.todo), self.t0)
+            self.bar.write(line, file=sys.stderr)
+
+
+def estimate(label: str, answered: int, todo: int, t0: float) -> str:
+    """One line: how long the `todo` rows of a stage will take, at the first answers' rate."""
+    from pertoken.pipeline.banner import duration
+
+    rate = answered / max(time.perf_counter() - t0, 1e-9)
+    return (
+        f"{label}: about {duration(todo / rate)} for {todo} rows ({rate:.2f} rows/s over the "
+        f"first {answered} answers)"
+    )
 
 
 def _write_final(out: Path, trait: str, specs, prompts, done) -> None:

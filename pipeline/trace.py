@@ -102,6 +102,7 @@ def trace_dataset(
     folder = Path(out_dir)
     with output_lock(folder, folder=True):
         _check_settings(folder, settings)
+        store.check_readable(folder)
         todo = _todo(folder, items)
         if todo or _unmerged(folder):
             store.write_json_atomic(folder / store.SETTINGS, {**settings, "complete": False})
@@ -257,15 +258,24 @@ class _Job:
         chunks = [todo[at : at + max(1, chunk)] for at in range(0, len(todo), max(1, chunk))]
         shards = [(batch, answers.known(batch)) for batch in chunks]
         fn = functools.partial(trace_chunk, self.work)
+        need = sum(1 for it in todo if it.user is not None and answers.get(it) is None)
+        gen_bar = tqdm(total=need, unit="answer", desc="generate", leave=False,
+                       disable=not progress or not need, dynamic_ncols=True)  # fmt: skip
         if self.pool is None:  # here, each answer is saved as it ends
-            fn = functools.partial(fn, on_answer=answers.add)
+
+            def save(items: list[Item], texts: list[str]) -> None:
+                answers.add(items, texts)
+                gen_bar.update(len(items))
+
+            fn = functools.partial(fn, on_answer=save)
         bar = tqdm(total=total, initial=total - len(todo), unit="item", desc="trace",
                    disable=not progress, dynamic_ncols=True)  # fmt: skip
-        with bar:
+        with bar, gen_bar:
             for i, res in map_shards(fn, shards, backend=self.backend, pool=self.pool):
                 new = [it for it in chunks[i] if it.index in res.answers]
                 new = [it for it in new if answers.get(it) is None]  # not saved as it ended
                 answers.add(new, [res.answers[it.index] for it in new])
+                gen_bar.update(len(new))
                 parts.write(res.tokens, res.items)
                 n_tokens += res.n_tokens
                 bar.update(len(chunks[i]))

@@ -36,6 +36,25 @@ def stat_columns(vectors: list[str], rows: list[int], segments: list[str]) -> li
     return out
 
 
+def drop_empty_segments(items: pa.Table) -> pa.Table:
+    """`items` without the statistics of tag segments (scratchpad, thinking) that no item has:
+    columns of NaN only. A rerun that adds items with such a span brings them back."""
+    from pertoken.pipeline.trace_segments import BUILTIN
+
+    by_segment: dict[str, list[str]] = {}
+    for name in items.column_names:
+        parts = name.split(".")
+        if parts[0] in STATS and len(parts) >= 4 and parts[-1] not in BUILTIN:
+            by_segment.setdefault(parts[-1], []).append(name)
+    empty = [
+        c
+        for cols in by_segment.values()
+        if all(np.isnan(items[c].to_numpy(zero_copy_only=False).astype(float)).all() for c in cols)
+        for c in cols
+    ]
+    return items.drop_columns(empty) if empty else items
+
+
 def token_schema(vectors: list[str], rows: list[int]) -> pa.Schema:
     fixed = [
         ("item", pa.int32()),

@@ -112,6 +112,7 @@ def test_live_output_is_coloured_on_a_tty_and_plain_otherwise(fake, vectors):
 
     tty, pipe = Tty(), io.StringIO()
     kw = dict(prompts=["hi"], vectors=vectors, layers=[1], out_dir=None, max_new_tokens=8)
+    kw["live"] = True
     rec = monitor(fake, stream=tty, **kw)[0]
     monitor(fake, stream=pipe, **kw)
     assert "\x1b[" not in pipe.getvalue() and pipe.getvalue().startswith(rec["text"])
@@ -371,3 +372,9 @@ def test_torch_cli_monitor_adds_sae_features(llama_dir, tmp_path):
         )
     assert any(feats for feats in rec["features"])
     assert "features" in (tmp_path / "trace.html").read_text()
+
+
+def test_monitor_from_python_is_quiet_by_default(fake, vectors, capsys):
+    rec = monitor(fake, prompts=["hi"], vectors=vectors, layers=[1], out_dir=None)[0]
+    captured = capsys.readouterr()
+    assert rec["tokens"] and captured.out == "" and captured.err == ""

@@ -226,8 +226,9 @@ class MLXBackend(ChatText):
         d = check_projection_inputs(ids, directions, rows, self.n_layers, self.hidden_size)
         batches = plan_batches(ids, self.pad_id, prompt_lens=prompt_lens, batch_size=batch_size)
         return token_projections(
-            self.model, d, [int(r) for r in rows], batches, plan=self._plan(steer)
-        )
+            self.model, d, [int(r) for r in rows], batches, plan=self._plan(steer),
+            chunk=self.prefill_chunk,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ helpers
     def _plan(self, steer: Steer | None) -> SteerPlan | None:
