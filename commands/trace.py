@@ -24,6 +24,7 @@ from pertoken.commands.options import generation_options, model_options, positio
     help="NAME=OPEN,CLOSE tag pair in assistant text (repeatable; default scratchpad and think).",
 )  # fmt: skip
 @click.option("--steer", "steers", multiple=True, help="Steer every pass: V.pt:LAYER:COEF.")
+@options.operator_options
 @positions_option
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1))
 @click.option(
@@ -33,10 +34,10 @@ from pertoken.commands.options import generation_options, model_options, positio
 @click.option("--no-page", is_flag=True, help="Do not write trace.html.")
 @generation_options(200)
 def trace(model, backend, dtype, device, vectors, layers, input_path, out, segments, steers,
-          positions, batch_size, chunk, no_page, **gen):  # fmt: skip
+          ablates, caps, positions, batch_size, chunk, no_page, **gen):  # fmt: skip
     """Project every token of a dataset's transcripts onto persona vectors, into a store."""
     from pertoken.commands.steering import _named_vectors
-    from pertoken.pipeline.steer import build_steer, parse_steer_spec
+    from pertoken.pipeline.steer import build_steer, parse_specs
     from pertoken.pipeline.trace import Generation, trace_dataset
     from pertoken.pipeline.trace_segments import DEFAULT_SEGMENTS, parse_segment
     from pertoken.rows import parse_layers
@@ -44,7 +45,7 @@ def trace(model, backend, dtype, device, vectors, layers, input_path, out, segme
 
     files = _named_vectors(vectors)
     loaded = {name: load_vector(path) for name, path in files.items()}
-    specs = [parse_steer_spec(s) for s in steers]
+    specs = parse_specs(steers, ablates, caps)
     segs = [parse_segment(s) for s in segments] or list(DEFAULT_SEGMENTS)
     rows = parse_layers(layers)
     bk = options.load_model(model, backend, dtype, device)
