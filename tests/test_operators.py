@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pertoken.backends import Steer, load_backend
-from pertoken.backends.base import Condition, Streaming, SteerTerm
+from pertoken.backends.base import Condition, SteerTerm, Streaming
 from pertoken.backends.conditions import decide
 from pertoken.backends.torch import TorchBackend
 from pertoken.errors import PertokenError
