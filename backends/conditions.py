@@ -9,6 +9,8 @@ holds only the terms that act, and records every decision in `Steer.decisions`.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from pertoken.backends.steer import Condition, Steer
@@ -54,7 +56,7 @@ def _resolved(plan: Steer, base, means: dict[int, float]) -> Steer:
         fired = t.when.holds(m)
         decisions.append(_record(t.op, t.name, t.row, t.when, m, fired))
         if fired:
-            terms.append(t)
+            terms.append(replace(t, when=None))
     return Steer(terms, plan.positions, decisions)
 
 

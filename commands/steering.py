@@ -66,6 +66,13 @@ def steer(
     help="Coefficients, or auto: search each row's best coefficient that keeps coherence.",
 )
 @click.option(
+    "--cap",
+    "cap_sweep",
+    is_flag=True,
+    help="Sweep cap thresholds instead: each --coefs value caps the projection from above "
+    "(in the units the monitor prints).",
+)
+@click.option(
     "--min-coherence",
     default=70.0,
     show_default=True,
@@ -107,6 +114,7 @@ def eval_(
     seed,
     min_coherence,
     compile_,
+    cap_sweep,
 ):
     """Sweep layers x coefficients on a trait's evaluation questions and judge the effect.
 
@@ -155,9 +163,11 @@ def eval_(
         seed=seed,
         vector_path=vector_path,
     )
+    if auto and cap_sweep:
+        raise PertokenError("--coefs auto searches coefficients: give cap thresholds with --cap")
     if auto:
         return _search(b, kit, opts, min_coherence)
-    r = evaluate(b, coefs=coef_list, **opts)
+    r = evaluate(b, coefs=coef_list, op="cap" if cap_sweep else "add", **opts)
     click.echo(format_table(kit.name, r.summary))
     options.report_compile(b)
     missing = sum(s.missing for s in r.summary)

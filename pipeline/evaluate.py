@@ -78,13 +78,16 @@ def evaluate(
     seed: int = 0,
     vector_path: str | Path = "vector",
     progress: bool = True,
+    op: str = "add",
 ) -> EvalResult:
     """Run (or resume) the sweep into `out_dir`: answers.csv, summary.csv and sweep.png.
 
     temperature defaults to 1.0, or 0 (greedy) when n_per_question is 1; sampler `model` samples
     with the checkpoint's generation_config (pipeline.sampling); positions as Steer ("response"
     steers the answer's tokens, as upstream's evaluation does). judge: fills the score cells
-    (`judges.make_judge`); its identity goes into eval.json.
+    (`judges.make_judge`); its identity goes into eval.json. op "cap" sweeps cap thresholds
+    instead of coefficients: each value in `coefs` caps the projection from above (the `coef`
+    column then holds the threshold, in the units the monitor prints).
     """
     start = time.perf_counter()
     require_eval_questions(trait)
@@ -104,6 +107,8 @@ def evaluate(
     )
     if sampler != "plain":  # a plain sweep keeps the identity it always had
         settings |= {"sampler": sampler, **sampling}
+    if op != "add":
+        settings |= {"op": _check_op(op)}
     gen = dict(max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, **sampling)
     with output_lock(out, folder=True):  # one sweep at a time in a folder
         rows = _resume(out, trait.name, settings, judge.identity)
@@ -111,8 +116,9 @@ def evaluate(
         if todo:
             path = out / "answers.csv"
             _generate(
-                backend, trait, vector, rows, todo, path, n_per_question, positions, gen, progress
-            )
+                backend, trait, vector, rows, todo, path, n_per_question, positions, gen, progress,
+                op,
+            )  # fmt: skip
         summary = _judge_and_summarize(out, trait.name, rows, judge, layers, coefs)
     return EvalResult(out, summary, len(todo), time.perf_counter() - start)
 
@@ -206,7 +212,21 @@ def _has_setting(rows: list[dict], layer: int, coef: float) -> bool:
     return any(int(r["layer"]) == layer and float(r["coef"]) == coef for r in rows)
 
 
-def _generate(backend, trait, vector, rows, todo, path, n, positions, gen, progress) -> None:
+def _check_op(op: str) -> str:
+    if op not in ("add", "cap"):
+        raise PertokenError(f"eval sweeps coefficients (add) or cap thresholds (cap), not {op!r}")
+    return op
+
+
+def setting_steer(op: str, layer: int, direction, value: float, positions: str) -> Steer | None:
+    """The Steer of one sweep setting: add `value` * v, or cap the projection at `value`;
+    None where the setting is unsteered (a coefficient of 0)."""
+    if op == "cap":
+        return Steer.cap(layer, direction, hi=value, positions=positions)
+    return None if value == 0 else Steer.single(layer, direction, value, positions=positions)
+
+
+def _generate(backend, trait, vector, rows, todo, path, n, positions, gen, progress, op="add"):
     """Answer each missing setting, saving answers.csv after each one."""
     from tqdm import tqdm
 
@@ -215,7 +235,7 @@ def _generate(backend, trait, vector, rows, todo, path, n, positions, gen, progr
     with bar:
         for layer, coef in todo:
             bar.set_postfix_str(f"layer {layer} coef {coef:g}")
-            steer = Steer.single(layer, vector.row(layer), coef, positions=positions)
+            steer = setting_steer(op, layer, vector.row(layer), coef, positions)
             rows += _answer_setting(backend, trait, rows, layer, coef, steer, n, gen, bar)
             write_answers(path, trait.name, rows)
 
@@ -223,7 +243,7 @@ def _generate(backend, trait, vector, rows, todo, path, n, positions, gen, progr
 def _answer_setting(backend, trait, rows, layer, coef, steer, n, gen, bar) -> list[dict]:
     """Rows of one setting; coef 0 reuses another layer's unsteered answers when it has them."""
     specs = [(i, q, j) for i, q in enumerate(trait.eval_questions) for j in range(n)]
-    old = [r for r in rows if float(r["coef"]) == 0] if coef == 0 else []
+    old = [r for r in rows if float(r["coef"]) == 0] if steer is None else []
     if old:
         first = int(old[0]["layer"])
         bar.update(len(specs))
@@ -234,7 +254,7 @@ def _answer_setting(backend, trait, rows, layer, coef, steer, n, gen, bar) -> li
     opts = {k: v for k, v in gen.items() if k != "seed"}
     seeds = [sample_seed(gen["seed"], f"{trait.name}_{i}", j) for i, _, j in specs]
     answers = backend.generate(
-        prompts, steer=None if coef == 0 else steer, seeds=seeds,
+        prompts, steer=steer, seeds=seeds,
         on_answer=lambda *_: bar.update(1), **opts,
     )  # fmt: skip
     return [

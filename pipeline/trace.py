@@ -31,6 +31,7 @@ from pertoken.pipeline.trace_segments import (
     segment_names,
     tag_spans,
 )
+from pertoken.pipeline.trace_steer import fired_columns, pre_columns, project, term_record
 from pertoken.pipeline.trace_tables import (
     item_schema,
     item_stats,
@@ -92,8 +93,8 @@ def trace_dataset(
     settings |= {"generation": vars(generation) if needs_answers else None}
     settings |= {"meta": meta_types(items)}
     schemas = (
-        token_schema(names, rows),
-        item_schema(settings["meta"], names, rows, segment_names(segments)),
+        token_schema(names, rows, pre_columns(names, steer, list(rows))),
+        item_schema(settings["meta"], names, rows, segment_names(segments), fired_columns(steer)),
     )
     folder = Path(out_dir)
     with output_lock(folder, folder=True):
@@ -151,7 +152,7 @@ def _settings(backend, input, names, vectors, files, rows, segments, steer) -> d
         "rows": [int(r) for r in rows],
         "segments": {s.name: [s.open, s.close] for s in segments},
         "steer": _steer_record(steer),
-        "columns": value_columns(names, list(rows)),
+        "columns": value_columns(names, list(rows)) + pre_columns(names, steer, list(rows)),
     }
 
 
@@ -165,6 +166,7 @@ def _steer_record(steer: Steer | None) -> dict | None:
         return None
     terms = [
         {"layer": t.row, "coef": t.coef, "sha256": hashlib.sha256(t.vector.tobytes()).hexdigest()}
+        | term_record(t)
         for t in steer.terms
     ]
     return {"positions": steer.positions, "terms": terms}
@@ -233,9 +235,9 @@ class _Job:
                 batch = todo[at : at + max(1, chunk)]
                 self._answer(batch, answers, batch_size)
                 labels = [self._labels(it, answers) for it in batch]
-                values = self.backend.token_projections(
-                    [lab.ids for lab in labels], self.units, self.rows, steer=self.steer,
-                    prompt_lens=[lab.prompt_len for lab in labels], batch_size=batch_size,
+                values = project(
+                    self.backend, [lab.ids for lab in labels], self.units, self.names,
+                    self.rows, self.steer, [lab.prompt_len for lab in labels], batch_size,
                 )  # fmt: skip
                 parts.write(*self._tables(batch, labels, values))
                 n_tokens += sum(len(lab.ids) for lab in labels)
@@ -276,14 +278,14 @@ class _Job:
         import pyarrow as pa
 
         tokens = pa.concat_tables(
-            [tokens_table(it.index, lab, v, self.names, self.rows)
+            [tokens_table(it.index, lab, v.values, self.names, self.rows, v.pre)
              for it, lab, v in zip(batch, labels, values)]
         )  # fmt: skip
         rows = []
         for it, lab, v in zip(batch, labels, values):
-            stats = item_stats(lab, v, self.names, self.rows, self.seg_names)
+            stats = item_stats(lab, v.values, self.names, self.rows, self.seg_names)
             head = {"item": it.index, **it.meta, "n_tokens": len(lab.ids)}
-            rows.append(head | {"input_sha256": it.sha256} | stats)
+            rows.append(head | {"input_sha256": it.sha256} | stats | v.fired)
         return tokens, pa.Table.from_pylist(rows, schema=self.items_schema)
 
 

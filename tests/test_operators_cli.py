@@ -1,5 +1,7 @@
 """--ablate and --cap on the command line, and exports that stay add-only."""
 
+import json
+
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -76,3 +78,19 @@ def test_exports_stay_add_only(tmp_path):
         with pytest.raises(PertokenError, match="can only add"):
             export_vector(bad, out=tmp_path / "x.gguf", n_layers=4)
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_eval_sweeps_cap_thresholds_like_coefficients(tmp_path):
+    from tests.test_evaluate import FakeBackend, FakeJudge, sweep
+
+    backend = FakeBackend()
+    result = sweep(backend, tmp_path, FakeJudge(), coefs=(0, 2.5), op="cap")
+    caps = [c[1] for c in backend.calls]
+    assert len(caps) == 4 and all(s is not None for s in caps)  # a cap at 0 still steers
+    assert {(s.terms[0].op, s.terms[0].row, s.terms[0].hi) for s in caps} == {
+        ("cap", L, hi) for L in (1, 3) for hi in (0.0, 2.5)
+    }
+    assert {(s.layer, s.coef) for s in result.summary} == {(L, c) for L in (1, 3) for c in (0, 2.5)}
+    assert json.loads((tmp_path / "eval.json").read_text())["op"] == "cap"
+    with pytest.raises(PertokenError, match="other"):  # an add sweep may not reuse the folder
+        sweep(FakeBackend(), tmp_path, FakeJudge(), coefs=(0, 2.5))
