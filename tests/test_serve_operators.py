@@ -106,3 +106,35 @@ def test_bad_terms_are_one_line_400s(served, name, term, words):
     assert r.status_code == 400, r.text
     message = r.json()["error"]["message"]
     assert words in message and "\n" not in message
+
+
+@pytest.mark.slow
+def test_lab_page_operator_picker_sends_each_operator(llama_dir, tmp_path, torch_one_thread):
+    from tests import cdp
+    from tests.test_serve_page import _send, _slider
+
+    binary = cdp.find_chromium()
+    if binary is None:
+        pytest.fail("chromium is not installed: apt-get install -y chromium (.ci/run does this)")
+    bk = load_backend(str(llama_dir), "torch", dtype="float32", device="cpu")
+    with serving(bk, max_tokens=16) as run, cdp.browser(binary, str(tmp_path / "p")) as b:
+        page = b.open_page(run.url + "/")
+        page.wait_for("document.body.dataset.ready === '1'")
+        page.eval("document.getElementById('max-tokens').value = '10'")
+        for op, value, words, term in [
+            ("cap", -1.6, "kind@2 cap \u2264 -1.60", {"op": "cap", "hi": -1.6}),  # on a step
+            ("ablate", 0, "kind@2 ablated", {"op": "ablate"}),
+        ]:
+            page.eval(
+                "(() => { const s = document.getElementById('op-0');"
+                f" s.value = '{op}'; s.dispatchEvent(new Event('change')); }})()"
+            )
+            _slider(page, value)
+            page.eval("document.getElementById('new-chat').click()")
+            got = _send(page, QUESTION)
+            assert words in page.eval("document.querySelector('.reply h3').textContent")
+            steer = [{"vector": "kind", "layer": 2, **term}]
+            body = {"model": bk.model_id, "messages": ask(QUESTION), "max_tokens": 10,
+                    "temperature": 0, "steer": steer}  # fmt: skip
+            want = httpx.post(run.url + "/v1/chat/completions", json=body, timeout=60).json()
+            assert got == want["choices"][0]["message"]["content"]

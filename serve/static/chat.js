@@ -35,13 +35,18 @@
       const row = Lab.el("select", "row");
       for (let L = 1; L <= p.n_layers; L++) row.append(new Option("layer " + L, L));
       row.value = String(p.layers[0] || Math.max(1, Math.floor(p.n_layers / 2)));
+      // the operator: add coef * v, project v out, or cap the projection at the slider's value
+      const op = Lab.el("select", "op");
+      for (const [v, label] of [["add", "add"], ["ablate", "ablate"], ["cap", "cap \u2264"]]) op.append(new Option(label, v));
       const coef = Lab.el("input", "coef");
       Object.assign(coef, { type: "range", value: "0" });
       const out = Lab.el("output", null, "0");
       coef.addEventListener("input", () => { out.textContent = Number(coef.value).toFixed(2); });
-      div.append(Lab.el("div", "name", name), row, coef, out);
+      op.addEventListener("change", () => { coef.disabled = op.value === "ablate"; });
+      div.append(Lab.el("div", "name", name), row, op, coef, out);
       box.append(div);
       coef.id = "coef-" + k;
+      op.id = "op-" + k;
     });
     setRange();
   }
@@ -53,9 +58,14 @@
   }
   function steerTerms() {
     return [...document.querySelectorAll("#sliders .vec")]
-      .map(d => ({ vector: d.dataset.vector, layer: Number(d.querySelector(".row").value),
-                   coef: Number(d.querySelector(".coef").value) }))
-      .filter(t => t.coef !== 0);
+      .map(d => steerTerm(d.dataset.vector, Number(d.querySelector(".row").value),
+                          d.querySelector(".op").value, Number(d.querySelector(".coef").value)))
+      .filter(t => t.op !== "add" || t.coef !== 0);
+  }
+  function steerTerm(vector, layer, op, value) {
+    if (op === "ablate") return { vector, layer, op };
+    if (op === "cap") return { vector, layer, op, hi: value };
+    return { vector, layer, op: "add", coef: value };
   }
   function buildColour(p) {
     $("colour-vector").replaceChildren(...p.vectors.map((n, k) => new Option(n, k)));
@@ -168,7 +178,12 @@
       box.append(wrap);
     });
   }
-  function describe(steer) { return steer.map(s => s.vector + "@" + s.layer + " " + (s.coef >= 0 ? "+" : "") + s.coef.toFixed(2)).join(", "); }
+  function describe(steer) { return steer.map(s => s.vector + "@" + s.layer + " " + describeOp(s)).join(", "); }
+  function describeOp(s) {
+    if (s.op === "ablate") return "ablated";
+    if (s.op === "cap") return "cap \u2264 " + s.hi.toFixed(2);
+    return (s.coef >= 0 ? "+" : "") + s.coef.toFixed(2);
+  }
   function actionButtons(list) {
     const span = Lab.el("span", "actions");
     for (const [label, fn] of list) {
