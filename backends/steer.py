@@ -29,6 +29,8 @@ OPS = ("add", "ablate", "cap")
 
 # The largest finite value of each model dtype; bfloat16 shares float32's exponent range.
 DTYPE_MAX = {"float16": 65504.0, "bfloat16": 3.3895e38, "float32": 3.4028e38}
+# No residual activation comes near float16's largest value; a term past it is a typo.
+ACTIVATION_MAX = DTYPE_MAX["float16"]
 
 
 def _number(x, what: str) -> float:
@@ -121,22 +123,27 @@ class SteerTerm:
         return Stage(None, unit, lo, hi)
 
     def check_range(self, dtype: str) -> None:
-        """Refuse a term whose numbers overflow the model's dtype (they would steer to inf)."""
+        """Refuse numbers that overflow the model's dtype (they would steer to inf) or lie past
+        float16's range, far beyond any residual activation."""
         top = DTYPE_MAX.get(dtype, DTYPE_MAX["float32"])
         size = float(np.max(np.abs(np.asarray(self.vector, np.float64)), initial=0.0))
-        if self.op == "add" and abs(self.coef) * size >= top:
+        if self.op == "add" and abs(self.coef) * size >= min(top, ACTIVATION_MAX):
+            why = f"overflows {dtype} (largest {top:.3g})" if abs(self.coef) * size >= top else (
+                f"is beyond float16's range ({ACTIVATION_MAX:g}), far past any activation"
+            )  # fmt: skip
             raise PertokenError(
                 f"coefficient {self.coef:g} times the vector at layer {self.row} (max |v| "
-                f"{size:.3g}) overflows {dtype} (largest {top:.3g}): sensible coefficients make "
-                "coef * |v| about 0.25 to 1 times the residual norm |h| at that layer, as "
-                "listed in the report card (pertoken vet)"
+                f"{size:.3g}) {why}: sensible coefficients make coef * |v| about 0.25 to 1 "
+                "times the residual norm |h| at that layer, as listed in the report card "
+                "(pertoken vet)"
             )
         for key in ("lo", "hi", "mean"):
             value = getattr(self, key)
-            if self.op != "add" and value is not None and abs(value) >= top:
+            if self.op != "add" and value is not None and abs(value) >= ACTIVATION_MAX:
                 raise PertokenError(
-                    f"{self.op} {key} {value:g} at layer {self.row} is beyond any {dtype} "
-                    "activation: read thresholds off a trace or the monitor (proj columns)"
+                    f"{self.op} {key} {value:g} at layer {self.row} is beyond any activation "
+                    f"(float16's range is {ACTIVATION_MAX:g}): read thresholds off a trace or "
+                    "the monitor (proj columns)"
                 )
 
 

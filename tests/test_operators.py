@@ -176,5 +176,41 @@ def test_a_coefficient_that_overflows_the_dtype_is_refused(llama_dir):
         bk.generate(["hi"], max_new_tokens=2, steer=steer)
     with pytest.raises(PertokenError, match="overflows float16"):
         Steer.add(ROW, rand(0), 1e5).validate(bk.n_layers, bk.hidden_size, "float16")
-    with pytest.raises(PertokenError, match="beyond any float32"):
+    with pytest.raises(PertokenError, match="beyond float16's range.*report card"):
+        Steer.add(ROW, rand(0), 1e5).validate(bk.n_layers, bk.hidden_size, "float32")
+    with pytest.raises(PertokenError, match="beyond any activation"):
         Steer.cap(ROW, rand(0), hi=1e39).validate(bk.n_layers, bk.hidden_size, "float32")
+    Steer.add(ROW, rand(0), 100.0).validate(bk.n_layers, bk.hidden_size, "float16")
+
+
+def test_a_trace_under_ablation_holds_no_projection(backend):
+    # on the compiled backend, trace decodes through the compiled step's buffers
+    steer = Steer.ablate(ROW, rand(0) * 2, positions="response")
+    tr = backend.trace(chat_prompts(backend)[0], max_new_tokens=NEW, rows=[ROW], steer=steer)
+    assert len(tr.hidden) > 2
+    assert np.abs(tr.hidden[:, 0] @ _unit(rand(0))).max() < 1e-4
+
+
+def test_the_compiled_step_applies_mixed_operators_as_the_eager_loop(llama_dir):
+    load = dict(dtype="float32", device="cpu")
+    eager = TorchBackend.load(str(llama_dir), **load)
+    compiled = TorchBackend.load(str(llama_dir), compile=True, **load)
+    v, w = rand(0), rand(1)
+    plans = [
+        Steer.add(ROW, w, 6.0, positions="response"),
+        Steer.ablate(1, w, positions="response"),
+        Steer.cap(ROW, v, hi=0.5, positions="response").then(
+            Steer.add(1, w, 4.0, positions="response")
+        ),
+        None,
+        Steer.ablate(ROW, v, mean=-1.0, positions="response").then(
+            Steer.add(ROW, w, 5.0, positions="response")
+        ),
+    ]
+    prompts = chat_prompts(eager) + [eager.chat_prompt(None, "more"), "hi there"]
+    kw = dict(max_new_tokens=NEW, temperature=0, schedule="static")
+    want = eager.generate(prompts, steer=plans, batch_size=5, **kw)
+    assert compiled.generate(prompts, steer=plans, batch_size=5, **kw) == want
+    assert compiled.compiled._step.shape.ops == ((1, 1), (ROW, 2))
+    alone = [compiled.generate([p], steer=[s], **kw)[0] for p, s in zip(prompts, plans)]
+    assert alone == want and len(set(want)) > 1

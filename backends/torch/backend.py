@@ -116,10 +116,14 @@ class TorchBackend(ChatText):
 
     def _row_state(self, plans: list[Steer | None]) -> tuple[TapState, list[str]]:
         """Steering for one batch whose prompts carry their own terms (one line each)."""
-        positions = [p.positions if p else "all" for p in plans]
-        # one choice for the whole batch when the rows agree (the compiled step takes only that)
+        positions = [p.positions if p else None for p in plans]
+        # one choice for the whole batch when the steered rows agree (the compiled step takes
+        # only that); an unsteered row's lines are zero, so any choice leaves it alone
+        given = {x for x in positions if x is not None}
         state = TapState(steer=steer_state(self.model, plans))
-        return state, positions[0] if len(set(positions)) == 1 else positions
+        if len(given) <= 1:
+            return state, given.pop() if given else "all"
+        return state, [x or "all" for x in positions]
 
     def _options(self, max_new_tokens, sampling: Sampling, steer, feed_last=False, positions=None):
         return DecodeOptions(
