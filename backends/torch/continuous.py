@@ -205,4 +205,3 @@ class _Draws:
         u = self.table[self.prompt[slots], self.count[slots].clamp(max=last)]
         self.count[slots] += 1
         return u
-
