@@ -138,3 +138,19 @@ def test_lab_page_operator_picker_sends_each_operator(llama_dir, tmp_path, torch
                     "temperature": 0, "steer": steer}  # fmt: skip
             want = httpx.post(run.url + "/v1/chat/completions", json=body, timeout=60).json()
             assert got == want["choices"][0]["message"]["content"]
+
+
+def test_the_trace_browser_offers_pre_columns(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pertoken.serve.traces import TraceStores
+    from tests.serve_helpers import write_store
+
+    folder = write_store(tmp_path / "capped")
+    table = pq.read_table(folder / "tokens.parquet")
+    pre = pa.array([float(i) for i in range(table.num_rows)], pa.float32())
+    pq.write_table(table.append_column("pre.kind.L2", pre), folder / "tokens.parquet")
+    got = TraceStores([folder]).tokens("capped", "0")
+    assert {"proj.kind.L2", "pre.kind.L2"} <= set(got["values"])
+    assert got["values"]["pre.kind.L2"][:3] == [0.0, 1.0, 2.0]
