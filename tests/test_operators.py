@@ -24,6 +24,13 @@ def backend(request, llama_dir):
     return load_backend(str(llama_dir), request.param, dtype="float32", device="cpu")
 
 
+@pytest.fixture(scope="module", params=[b for b in BACKENDS if b != "compiled"])
+def eager(request, llama_dir):
+    """The backends whose decode loops the compiled step does not replace (conditions are
+    decided before any loop, and the compiled step has its own batch test below)."""
+    return load_backend(str(llama_dir), request.param, dtype="float32", device="cpu")
+
+
 def _unit(v):
     return v / np.linalg.norm(v)
 
@@ -89,13 +96,13 @@ def _mixed(backend):
     ]
 
 
-def test_batch_of_mixed_operators_equals_each_prompt_alone(backend):
-    prompts = chat_prompts(backend) + [backend.chat_prompt(None, "more"), "hi there"]
-    plans = _mixed(backend)
+def test_batch_of_mixed_operators_equals_each_prompt_alone(eager):
+    prompts = chat_prompts(eager) + [eager.chat_prompt(None, "more"), "hi there"]
+    plans = _mixed(eager)
     kw = dict(max_new_tokens=NEW, temperature=0)
-    alone = [backend.generate([p], steer=[s], **kw)[0] for p, s in zip(prompts, plans)]
+    alone = [eager.generate([p], steer=[s], **kw)[0] for p, s in zip(prompts, plans)]
     for schedule in ("continuous", "static"):
-        got = backend.generate(prompts, steer=plans, batch_size=5, schedule=schedule, **kw)
+        got = eager.generate(prompts, steer=plans, batch_size=5, schedule=schedule, **kw)
         assert got == alone, schedule
     assert len(set(alone)) > 1
 
@@ -118,39 +125,37 @@ def _condition(backend, prompts):
     return Condition(1, rand(5), float(np.mean(means))), means
 
 
-def test_when_fires_above_the_threshold_and_not_below(backend):
-    prompts = chat_prompts(backend)[:2]
-    cond, means = _condition(backend, prompts)
+def test_when_fires_above_the_threshold_and_not_below(eager):
+    prompts = chat_prompts(eager)[:2]
+    cond, means = _condition(eager, prompts)
     assert means[0] != means[1]
     kw = dict(max_new_tokens=NEW, temperature=0)
     steer = Steer.add(ROW, rand(1), 8.0, positions="response", when=cond)
-    always = backend.generate(
-        prompts, steer=Steer.add(ROW, rand(1), 8.0, positions="response"), **kw
-    )
-    never = backend.generate(prompts, **kw)
-    got = backend.generate(prompts, steer=steer, **kw)
+    always = eager.generate(prompts, steer=Steer.add(ROW, rand(1), 8.0, positions="response"), **kw)
+    never = eager.generate(prompts, **kw)
+    got = eager.generate(prompts, steer=steer, **kw)
     above = [m > cond.threshold for m in means]
     assert got == [a if up else n for a, n, up in zip(always, never, above)]
     assert always != never
-    decided = decide(backend, [backend.encode(p) for p in prompts], [steer, steer])
+    decided = decide(eager, [eager.encode(p) for p in prompts], [steer, steer])
     assert [d.decisions[0]["fired"] for d in decided] == above
     assert [len(d.terms) for d in decided] == [int(a) for a in above]
     np.testing.assert_allclose([d.decisions[0]["projection"] for d in decided], means, atol=1e-4)
     below = Condition(1, rand(5), cond.threshold, above=False)
     flipped = decide(
-        backend,
-        [backend.encode(p) for p in prompts],
+        eager,
+        [eager.encode(p) for p in prompts],
         [Steer.add(ROW, rand(1), 1.0, when=below)] * 2,
     )
     assert [d.decisions[0]["fired"] for d in flipped] == [not a for a in above]
 
 
-def test_a_trace_records_whether_its_condition_fired(backend):
-    prompts = chat_prompts(backend)[:2]
-    cond, means = _condition(backend, prompts)
+def test_a_trace_records_whether_its_condition_fired(eager):
+    prompts = chat_prompts(eager)[:2]
+    cond, means = _condition(eager, prompts)
     steer = Steer.cap(ROW, rand(1), hi=0.0, positions="response", when=cond)
     for p, m in zip(prompts, means):
-        tr = backend.trace(p, max_new_tokens=3, rows=[ROW], steer=steer)
+        tr = eager.trace(p, max_new_tokens=3, rows=[ROW], steer=steer)
         assert tr.meta["conditions"][0]["fired"] == (m > cond.threshold)
 
 
