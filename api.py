@@ -13,6 +13,7 @@ EXPORTS = {
     "load_vector": "pertoken.vectors",
     "save_vector": "pertoken.vectors",
     "Steer": "pertoken.backends.base",
+    "Condition": "pertoken.backends.base",
     "extract_vectors": "pertoken.pipeline.extract",
     "monitor": "pertoken.pipeline.monitor",
     "load_traces": "pertoken.pipeline.monitor",

@@ -200,3 +200,21 @@ def generation_options(default_tokens: int, sampler: bool = False):
         )(f)
 
     return wrap
+
+
+def operator_options(f):
+    """--ablate and --cap beside --steer (applied after the --steer terms, in that order)."""
+    f = click.option(
+        "--cap",
+        "caps",
+        multiple=True,
+        help="Clamp the projection on a vector: V.pt:LAYER:LO:HI, either bound may be empty "
+        "(v.pt:12::4.5 caps from above); bounds in the units the monitor prints (repeatable).",
+    )(f)
+    return click.option(
+        "--ablate",
+        "ablates",
+        multiple=True,
+        help="Project a vector out: V.pt:LAYER, or V.pt:LAYER:MEAN to set the projection to "
+        "a stored mean (repeatable).",
+    )(f)

@@ -29,6 +29,7 @@ from pertoken.commands.options import (
     help="NAME=OPEN,CLOSE tag pair in assistant text (repeatable; default scratchpad and think).",
 )  # fmt: skip
 @click.option("--steer", "steers", multiple=True, help="Steer every pass: V.pt:LAYER:COEF.")
+@options.operator_options
 @positions_option
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1))
 @click.option(
@@ -43,11 +44,11 @@ from pertoken.commands.options import (
 @generation_options(200)
 @ray_options
 def trace(model, backend, dtype, device, vectors, layers, input_path, out, segments, steers,
-          positions, batch_size, chunk, no_page, allow_special_tokens, ray_address, workers,
-          **gen):  # fmt: skip
+          ablates, caps, positions, batch_size, chunk, no_page, allow_special_tokens,
+          ray_address, workers, **gen):  # fmt: skip
     """Project every token of a dataset's transcripts onto persona vectors, into a store."""
     from pertoken.commands.steering import _named_vectors
-    from pertoken.pipeline.steer import build_steer, parse_steer_spec
+    from pertoken.pipeline.steer import build_steer, parse_specs
     from pertoken.pipeline.trace import Generation, trace_dataset
     from pertoken.pipeline.trace_segments import DEFAULT_SEGMENTS, parse_segment
     from pertoken.rows import parse_layers
@@ -55,7 +56,7 @@ def trace(model, backend, dtype, device, vectors, layers, input_path, out, segme
 
     files = _named_vectors(vectors)
     loaded = {name: load_vector(path) for name, path in files.items()}
-    specs = [parse_steer_spec(s) for s in steers]
+    specs = parse_specs(steers, ablates, caps)
     segs = [parse_segment(s) for s in segments] or list(DEFAULT_SEGMENTS)
     rows = parse_layers(layers)
     if allow_special_tokens and ray_address:

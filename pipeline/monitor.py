@@ -22,6 +22,7 @@ from pertoken.errors import PertokenError
 from pertoken.pipeline.csvio import utf8_text
 from pertoken.pipeline.live import LivePrinter
 from pertoken.pipeline.projection import project, project_rows
+from pertoken.pipeline.trace_steer import monitor_extras, term_record
 from pertoken.rows import check_capture_rows
 from pertoken.vectors import PersonaVector
 
@@ -82,6 +83,7 @@ def monitor(
             rec = trace_record(trace, names=names, directions=directions, layers=layers)
             rec.update(label=label, prompt=user, system=system, chat_prompt=chat)
             rec["settings"] = {**base, **_steer_settings(run_steer)}
+            rec |= monitor_extras(backend, chat, trace, run_steer, names, directions, layers)
             if on_trace:
                 on_trace(rec, trace)
             records.append(rec)
@@ -212,7 +214,7 @@ def _steer_settings(steer: Steer | None) -> dict:
     if steer is None:
         return {"steer": None}
     terms = [
-        {"layer": t.row, "coef": t.coef, "norm": float(np.linalg.norm(t.vector))}
+        {"layer": t.row, "coef": t.coef, "norm": float(np.linalg.norm(t.vector))} | term_record(t)
         for t in steer.terms
     ]
     return {"steer": {"positions": steer.positions, "terms": terms}}

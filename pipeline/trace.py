@@ -32,6 +32,7 @@ from pertoken.pipeline.trace_segments import (
     segment_names,
     tag_spans,
 )
+from pertoken.pipeline.trace_steer import fired_columns, pre_columns, project, term_record
 from pertoken.pipeline.trace_tables import (
     item_schema,
     item_stats,
@@ -96,8 +97,8 @@ def trace_dataset(
     settings |= {"generation": vars(generation) if needs_answers else None}
     settings |= {"meta": meta_types(items)}
     schemas = (
-        token_schema(names, rows),
-        item_schema(settings["meta"], names, rows, segment_names(segments)),
+        token_schema(names, rows, pre_columns(names, steer, list(rows))),
+        item_schema(settings["meta"], names, rows, segment_names(segments), fired_columns(steer)),
     )
     folder = Path(out_dir)
     with output_lock(folder, folder=True):
@@ -157,7 +158,7 @@ def _settings(backend, input, names, vectors, files, rows, segments, steer) -> d
         "rows": [int(r) for r in rows],
         "segments": {s.name: [s.open, s.close] for s in segments},
         "steer": _steer_record(steer),
-        "columns": value_columns(names, list(rows)),
+        "columns": value_columns(names, list(rows)) + pre_columns(names, steer, list(rows)),
     }
 
 
@@ -171,6 +172,7 @@ def _steer_record(steer: Steer | None) -> dict | None:
         return None
     terms = [
         {"layer": t.row, "coef": t.coef, "sha256": hashlib.sha256(t.vector.tobytes()).hexdigest()}
+        | term_record(t)
         for t in steer.terms
     ]
     return {"positions": steer.positions, "terms": terms}
@@ -289,9 +291,9 @@ def trace_chunk(work: _Work, backend, shard, on_answer=None) -> _Chunk:
     batch, known = shard
     answers = dict(known) | _answer(backend, work, batch, known, on_answer)
     labels = [_labels(backend, work, it, answers.get(it.index)) for it in batch]
-    values = backend.token_projections(
-        [lab.ids for lab in labels], work.units, work.rows, steer=work.steer,
-        prompt_lens=[lab.prompt_len for lab in labels], batch_size=work.batch_size,
+    values = project(
+        backend, [lab.ids for lab in labels], work.units, work.names, work.rows, work.steer,
+        [lab.prompt_len for lab in labels], work.batch_size,
     )  # fmt: skip
     tokens, items = _tables(work, batch, labels, values)
     new = {k: v for k, v in answers.items() if k not in known}
@@ -340,13 +342,14 @@ def _tables(work: _Work, batch, labels, values):
 
     names, rows, seg_names = work.names, work.rows, segment_names(work.segments)
     tokens = pa.concat_tables(
-        [tokens_table(it.index, lab, v, names, rows) for it, lab, v in zip(batch, labels, values)]
-    )
+        [tokens_table(it.index, lab, v.values, names, rows, v.pre)
+         for it, lab, v in zip(batch, labels, values)]
+    )  # fmt: skip
     items = []
     for it, lab, v in zip(batch, labels, values):
-        stats = item_stats(lab, v, names, rows, seg_names)
+        stats = item_stats(lab, v.values, names, rows, seg_names)
         head = {"item": it.index, **it.meta, "n_tokens": len(lab.ids)}
-        items.append(head | {"input_sha256": it.sha256} | stats)
+        items.append(head | {"input_sha256": it.sha256} | stats | v.fired)
     return tokens, pa.Table.from_pylist(items, schema=work.items_schema)
 
 

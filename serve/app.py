@@ -78,6 +78,7 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
             vectors=config.vectors,
             n_layers=backend.n_layers,
             monitor_ok=engine.monitor is not None,
+            dtype=backend.dtype,
         )
         return await _complete(request, engine, req, config.names[0], config.timeout)
 

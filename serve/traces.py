@@ -87,7 +87,7 @@ class TraceStores:
         if table.num_rows == 0:
             raise ApiError(404, f"store {name!r} has no item {item!r}", code="not_found")
         fields = [f for f in TOKEN_FIELDS if f in table.column_names]
-        values = [c for c in table.column_names if c.startswith(("proj.", "cos.", "norm."))]
+        values = [c for c in table.column_names if c.startswith(("proj.", "pre.", "cos.", "norm."))]
         return {
             "fields": {f: _json_list(table.column(f).to_pylist()) for f in fields},
             "values": {c: _json_list(table.column(c).to_pylist()) for c in values},

@@ -23,6 +23,12 @@ from pertoken.backends.base import (
     steer_rows,
 )
 from pertoken.backends.chat import ChatText, stop_token_ids
+from pertoken.backends.conditions import (
+    conditional_projections,
+    decide,
+    decide_one,
+    trace_meta,
+)
 from pertoken.backends.memory import HEADROOM, MAX_BATCH, kv_bytes_per_token
 from pertoken.backends.mlx.batch import SteerPlan
 from pertoken.backends.mlx.continuous import Request, Slots
@@ -109,7 +115,8 @@ class MLXBackend(ChatText):
         answer ends; "static": length-sorted batches that run until their longest answer ends
         (also taken when streaming); both give the same answers."""
         seqs = encode_texts(self.encode, prompts)
-        plans = steer_rows(steer, len(seqs), self.n_layers, self.hidden_size)
+        plans = steer_rows(steer, len(seqs), self.n_layers, self.hidden_size, self.dtype)
+        plans = decide(self, seqs, plans)
         if stream is not None:
             check_capture_rows(stream.rows, self.n_layers)
         continuous = check_schedule(schedule) == "continuous" and stream is None
@@ -158,6 +165,7 @@ class MLXBackend(ChatText):
             raise PertokenError("no layers to trace: give at least one layer")
         check_capture_rows(rows, self.n_layers)
         (ids,) = encode_texts(self.encode, [prompt])
+        steer = decide_one(self, ids, steer)
         pieces = TokenPieces(self.decode)
 
         def on_hidden(b: int, i: int, token: int, h: np.ndarray, _lp) -> None:
@@ -177,6 +185,7 @@ class MLXBackend(ChatText):
             else np.zeros((0, len(rows), self.hidden_size), np.float32)
         )
         meta = {"backend": self.name, "model": self.model_id, "temperature": temperature}
+        meta |= trace_meta(steer)
         return TokenTrace(
             prompt, self.decode(answer.ids), token_pieces(self.decode, answer.ids), answer.ids,
             rows, hidden.astype(np.float32), meta,
@@ -197,6 +206,7 @@ class MLXBackend(ChatText):
         """[T, vocab] float32 logits of one text (no special tokens added)."""
         (ids,) = encode_texts(self.encode, [text])
         plen = len(ids) if prompt_len is None else int(prompt_len)
+        steer = decide_one(self, ids[:plen], steer)
         batch, plan = left_pad([ids], self.pad_id, prompt_lens=[plen]), self._plan(steer)
         kw = {}
         if plan is not None:
@@ -223,6 +233,10 @@ class MLXBackend(ChatText):
         """Per sequence float32 [T, len(rows), V + 1]: h . u per unit direction, then |h|."""
         from pertoken.backends.mlx.trace_batch import token_projections
 
+        if steer is not None and steer.conditional:
+            return conditional_projections(
+                self.token_projections, ids, directions, rows, steer, prompt_lens, batch_size
+            )
         d = check_projection_inputs(ids, directions, rows, self.n_layers, self.hidden_size)
         batches = plan_batches(ids, self.pad_id, prompt_lens=prompt_lens, batch_size=batch_size)
         return token_projections(
@@ -234,7 +248,7 @@ class MLXBackend(ChatText):
     def _plan(self, steer: Steer | None) -> SteerPlan | None:
         if steer is None:
             return None
-        steer.validate(self.n_layers, self.hidden_size)
+        steer.validate(self.n_layers, self.hidden_size, self.dtype)
         return SteerPlan.of(steer, self._mx_dtype)
 
     @property

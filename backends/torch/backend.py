@@ -22,6 +22,12 @@ from pertoken.backends.base import (
     steer_rows,
 )
 from pertoken.backends.chat import ChatText, stop_token_ids
+from pertoken.backends.conditions import (
+    conditional_projections,
+    decide,
+    decide_one,
+    trace_meta,
+)
 from pertoken.backends.plan import (
     PaddedBatch,
     TokenPieces,
@@ -44,9 +50,10 @@ from pertoken.backends.torch.hooks import (
 )
 from pertoken.backends.torch.load import load_model_and_tokenizer, pick_device, pick_dtype
 from pertoken.backends.torch.static_cache import ATTENTION
+from pertoken.backends.torch.steering import steer_state
 from pertoken.backends.torch.stream import RowStream
 from pertoken.errors import PertokenError
-from pertoken.rows import block_of_row, check_capture_rows
+from pertoken.rows import check_capture_rows
 
 
 class TorchBackend(ChatText):
@@ -104,25 +111,19 @@ class TorchBackend(ChatText):
     def _tap_state(self, steer: Steer | None) -> TapState:
         if steer is None:
             return TapState()
-        steer.validate(self.n_layers, self.hidden_size)
-        devices = block_devices(self.model)  # a sharded model's blocks sit on several
-        by_row = {
-            row: torch.from_numpy(vec).to(devices[block_of_row(row, self.n_layers)], torch.float32)
-            for row, vec in steer.by_row().items()
-        }
-        return TapState(steer=by_row)
+        steer.validate(self.n_layers, self.hidden_size, self.dtype)
+        return TapState(steer=steer_state(self.model, [steer]))
 
     def _row_state(self, plans: list[Steer | None]) -> tuple[TapState, list[str]]:
-        """Steering for one batch whose prompts carry their own terms: row -> [B, hidden]."""
-        steer: dict[int, torch.Tensor] = {}
-        for b, plan in enumerate(plans):
-            for row, vec in (plan.by_row() if plan else {}).items():
-                if row not in steer:
-                    steer[row] = torch.zeros(len(plans), self.hidden_size, device=self.device)
-                steer[row][b] = torch.from_numpy(vec)
-        positions = [p.positions if p else "all" for p in plans]
-        # one choice for the whole batch when the rows agree (the compiled step takes only that)
-        return TapState(steer=steer), positions[0] if len(set(positions)) == 1 else positions
+        """Steering for one batch whose prompts carry their own terms (one line each)."""
+        positions = [p.positions if p else None for p in plans]
+        # one choice for the whole batch when the steered rows agree (the compiled step takes
+        # only that); an unsteered row's lines are zero, so any choice leaves it alone
+        given = {x for x in positions if x is not None}
+        state = TapState(steer=steer_state(self.model, plans))
+        if len(given) <= 1:
+            return state, given.pop() if given else "all"
+        return state, [x or "all" for x in positions]
 
     def _options(self, max_new_tokens, sampling: Sampling, steer, feed_last=False, positions=None):
         return DecodeOptions(
@@ -163,7 +164,8 @@ class TorchBackend(ChatText):
         answer ends; "static": length-sorted batches that run until their longest answer ends
         (also taken when streaming or with the compiled step); both give the same answers."""
         seqs = encode_texts(self.encode, prompts)
-        plans = steer_rows(steer, len(seqs), self.n_layers, self.hidden_size)
+        plans = steer_rows(steer, len(seqs), self.n_layers, self.hidden_size, self.dtype)
+        plans = decide(self, seqs, plans)
         if stream is not None:
             check_capture_rows(stream.rows, self.n_layers)
         sampling = Sampling(temperature, top_p, top_k, repetition_penalty)
@@ -248,6 +250,7 @@ class TorchBackend(ChatText):
             raise PertokenError("no layers to trace: give at least one layer")
         check_capture_rows(rows, self.n_layers)
         (seq,) = encode_texts(self.encode, [prompt])
+        steer = decide_one(self, seq, steer)
         state = self._tap_state(steer)
         state.rows = frozenset(rows)
         opts = self._options(max_new_tokens, Sampling(temperature), steer, feed_last=True)
@@ -270,6 +273,7 @@ class TorchBackend(ChatText):
             token_ids=ids,
             rows=list(rows),
             hidden=hidden,
+            meta=trace_meta(steer),
         )
 
     # ------------------------------------------------------------------ teacher-forced passes
@@ -302,6 +306,7 @@ class TorchBackend(ChatText):
         """[T, vocab] float32 logits of one text; prompt_len places `prompt`/`response` steering."""
         (seq,) = encode_texts(self.encode, [text])
         batch = left_pad([seq], self.pad_id, prompt_lens=[prompt_len or len(seq)])
+        steer = decide_one(self, seq[: prompt_len or len(seq)], steer)
         state = self._tap_state(steer)
         if steer is not None:
             state.steer_mask = steer_tensor(batch, steer.positions, self.device)
@@ -335,6 +340,10 @@ class TorchBackend(ChatText):
         """Per sequence float32 [T, len(rows), V + 1]: h . u per unit direction, then |h|."""
         from pertoken.backends.torch.trace_batch import token_projections
 
+        if steer is not None and steer.conditional:
+            return conditional_projections(
+                self.token_projections, ids, directions, rows, steer, prompt_lens, batch_size
+            )
         return token_projections(
             self, ids, directions, rows, steer=steer, prompt_lens=prompt_lens, batch_size=batch_size
         )

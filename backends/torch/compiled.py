@@ -23,9 +23,10 @@ import torch
 
 from pertoken.backends.plan import PaddedBatch
 from pertoken.backends.torch.decode import DecodeOptions, batch_tensors, steer_tensor
-from pertoken.backends.torch.hooks import TapState, block_devices, input_device
+from pertoken.backends.torch.hooks import RowOps, TapState, block_devices, input_device
 from pertoken.backends.torch.sampling import Sampler
 from pertoken.backends.torch.static_cache import SlotCache, attention_masks, check_attention
+from pertoken.backends.torch.steering import ops_shape
 from pertoken.errors import PertokenWarning
 
 LENGTH_STEP = 256  # cache lengths round up to this, so calls of similar length share a capture
@@ -36,6 +37,7 @@ class Shape:
     batch: int
     length: int  # cache slots per row
     rows: tuple[int, ...]  # rows whose states each step captures
+    ops: tuple[tuple[int, int], ...] = ()  # (row, stages) of rows that ablate or cap
 
 
 class StaticStep:
@@ -52,9 +54,12 @@ class StaticStep:
         self.key_pos = torch.full((B, L), -1, dtype=torch.long, device=home)  # per slot
         self.steer_on = torch.zeros(B, 1, dtype=torch.bool, device=home)
         # one vector per steerable row and batch row, on its block's device: zero where
-        # nothing steers (block i writes row i + 1)
+        # nothing steers (block i writes row i + 1); RowOps where a row ablates or caps
+        ops = dict(shape.ops)
         self.steer = {
-            i + 1: torch.zeros(B, hidden, dtype=dtype, device=d)
+            i + 1: RowOps.empty(ops[i + 1], B, hidden, d)
+            if i + 1 in ops
+            else torch.zeros(B, hidden, dtype=dtype, device=d)
             for i, d in enumerate(block_devices(model))
         }
         self.captured = torch.zeros(B, len(shape.rows), hidden, device=home)  # float32
@@ -139,7 +144,8 @@ class CompiledDecoder:
         buffers; the caller's steering is copied into them and its rows are reported after
         each step from the states the step captured."""
         B, T0 = batch.ids.shape
-        step = self._ready(B, T0 + opts.max_new_tokens, tuple(sorted(state.rows)))
+        rows, ops = tuple(sorted(state.rows)), ops_shape(state.steer)
+        step = self._ready(B, T0 + opts.max_new_tokens, rows, ops)
         full = _pad_rows(batch, step.shape.batch, opts.pad_id)
         _load_steering(step, state, opts.positions, B)
         report = _Report(state.on_row, step, B)
@@ -162,17 +168,18 @@ class CompiledDecoder:
         self._graph.replay()
         return self._step.logits
 
-    def _ready(self, B: int, length: int, rows: tuple[int, ...]) -> StaticStep:
+    def _ready(self, B: int, length: int, rows: tuple[int, ...], ops=()) -> StaticStep:
         """The step for this call: the current one when it fits (fewer rows are padded: a
         decode step costs about the same for any batch up to the one captured), else a new one."""
         s = self._step
-        if s and s.shape.rows == rows and B <= s.shape.batch and length <= s.shape.length:
+        same = s and (s.shape.rows, s.shape.ops) == (rows, ops)
+        if same and B <= s.shape.batch and length <= s.shape.length:
             return s
         self._step = self._graph = None  # free the old buffers before allocating new ones
         if self.graphs:
             torch.cuda.empty_cache()
         L = -(-length // LENGTH_STEP) * LENGTH_STEP
-        self._step = StaticStep(self.model, Shape(B, L, rows), self.dtype)
+        self._step = StaticStep(self.model, Shape(B, L, rows, ops), self.dtype)
         return self._step
 
     def _capture(self) -> None:
@@ -214,6 +221,9 @@ def _load_steering(step: StaticStep, state: TapState, positions, B: int) -> None
     """Copies the caller's vectors ([hidden] or [B, hidden] per row) into the step's buffers;
     decode steps are steered unless a row steers its prompt only."""
     for row, buf in step.steer.items():
+        if isinstance(buf, RowOps):
+            buf.load(state.steer.get(row), B)
+            continue
         buf.zero_()
         if row in state.steer:
             buf[:B].copy_(state.steer[row].to(buf.device, buf.dtype).expand(B, -1))

@@ -21,9 +21,9 @@ from pertoken.backends.plan import left_pad
 from pertoken.backends.schedule import Queue, prefix_keys
 from pertoken.backends.torch.compiled import Shape, StaticStep
 from pertoken.backends.torch.decode import batch_tensors
-from pertoken.backends.torch.hooks import TapState, block_devices
+from pertoken.backends.torch.hooks import TapState
 from pertoken.backends.torch.sampling import choose, penalize
-from pertoken.rows import block_of_row
+from pertoken.backends.torch.steering import set_line, steer_buffers
 
 
 @dataclass
@@ -58,7 +58,7 @@ class Slots:
         length = max(map(len, req.seqs)) + req.max_new_tokens
         self.step = StaticStep(model, Shape(B, length, ()), self.dtype)
         self.home = self.step.tokens.device
-        self.vectors = _slot_vectors(model, req.plans, B)  # row -> [B, hidden] float32
+        self.vectors = steer_buffers(model, req.plans, B)  # row -> [B, hidden] or RowOps
         self.on = torch.zeros(B, 1, dtype=torch.bool, device=self.home)  # steered slots
         self.idle = torch.ones(B, 1, dtype=torch.bool, device=self.home)  # slots with no prompt
         self.rows: list[int | None] = [None] * B  # the prompt each slot decodes
@@ -110,9 +110,9 @@ class Slots:
         seqs, plans = [self.req.seqs[i] for i in idx], [self.req.plans[i] for i in idx]
         batch = left_pad(seqs, self.req.pad_id)
         one = StaticStep(self.model, Shape(*batch.ids.shape, ()), self.dtype)
-        self.state.steer, self.state.steer_mask = _slot_vectors(self.model, plans, len(plans)), None
+        self.state.steer, self.state.steer_mask = steer_buffers(self.model, plans, len(plans)), None
         for b, plan in enumerate(plans):
-            _set_line(self.state.steer, b, plan)
+            set_line(self.state.steer, b, plan)
         if self.state.steer:
             mask = batch.steer_mask([p.positions if p else "all" for p in plans])
             self.state.steer_mask = torch.from_numpy(mask).to(self.home)  # [k, T]
@@ -137,7 +137,7 @@ class Slots:
         s.key_pos[b, :T] = torch.arange(T, device=self.home)
         s.pos[b], s.slot[b] = T, T
         plan = self.req.plans[i]
-        _set_line(self.vectors, b, plan)
+        set_line(self.vectors, b, plan)
         self.on[b] = plan is not None and plan.positions != "prompt"
         if self.req.sampling.repetition_penalty != 1.0:
             if self.seen is None:
@@ -205,18 +205,3 @@ class _Draws:
         u = self.table[self.prompt[slots], self.count[slots].clamp(max=last)]
         self.count[slots] += 1
         return u
-
-
-def _slot_vectors(model, plans: list[Steer | None], B: int) -> dict[int, torch.Tensor]:
-    """A [B, hidden] float32 buffer per row that any plan steers, on its block's device."""
-    devices = block_devices(model)
-    rows = sorted({r for p in plans if p is not None for r in p.by_row()})
-    hidden = model.config.hidden_size
-    return {r: torch.zeros(B, hidden, device=devices[block_of_row(r, len(devices))]) for r in rows}
-
-
-def _set_line(vectors: dict[int, torch.Tensor], b: int, plan: Steer | None) -> None:
-    """Line b of each row's buffer takes the plan's vector for that row (zero if none)."""
-    by_row = plan.by_row() if plan is not None else {}
-    for row, vec in vectors.items():
-        vec[b] = torch.from_numpy(by_row[row]) if row in by_row else 0.0

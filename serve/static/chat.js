@@ -35,7 +35,10 @@
       const row = Lab.el("select", "row");
       for (let L = 1; L <= p.n_layers; L++) row.append(new Option("layer " + L, L));
       row.value = String(p.layers[0] || Math.max(1, Math.floor(p.n_layers / 2)));
-      // The slider moves the coefficient; the number box holds it exactly (any value).
+      // the operator: add coef * v, project v out, or cap the projection at the value
+      const op = Lab.el("select", "op");
+      for (const [v, label] of [["add", "add"], ["ablate", "ablate"], ["cap", "cap \u2264"]]) op.append(new Option(label, v));
+      // The slider moves the value; the number box holds it exactly (any value).
       const coef = Lab.el("input", "coef");
       Object.assign(coef, { type: "range", value: "0", id: "coef-" + k });
       const exact = Lab.el("input", "exact");
@@ -43,7 +46,9 @@
       exact.setAttribute("aria-label", name + " coefficient");
       coef.addEventListener("input", () => { exact.value = String(Number(coef.value)); });
       exact.addEventListener("input", () => { if (exact.value !== "") coef.value = exact.value; });
-      div.append(Lab.el("div", "name", name), row, coef, exact);
+      op.addEventListener("change", () => { coef.disabled = exact.disabled = op.value === "ablate"; });
+      op.id = "op-" + k;
+      div.append(Lab.el("div", "name", name), row, op, coef, exact);
       box.append(div);
     });
     setRange();
@@ -56,9 +61,14 @@
   }
   function steerTerms() {
     return [...document.querySelectorAll("#sliders .vec")]
-      .map(d => ({ vector: d.dataset.vector, layer: Number(d.querySelector(".row").value),
-                   coef: Number(d.querySelector(".exact").value) }))
-      .filter(t => Number.isFinite(t.coef) && t.coef !== 0);
+      .map(d => steerTerm(d.dataset.vector, Number(d.querySelector(".row").value),
+                          d.querySelector(".op").value, Number(d.querySelector(".exact").value)))
+      .filter(t => t.op === "ablate" || (Number.isFinite(t.coef ?? t.hi) && (t.op !== "add" || t.coef !== 0)));
+  }
+  function steerTerm(vector, layer, op, value) {
+    if (op === "ablate") return { vector, layer, op };
+    if (op === "cap") return { vector, layer, op, hi: value };
+    return { vector, layer, op: "add", coef: value };
   }
   function buildColour(p) {
     $("colour-vector").replaceChildren(...p.vectors.map((n, k) => new Option(n, k)));
@@ -171,7 +181,12 @@
       box.append(wrap);
     });
   }
-  function describe(steer) { return steer.map(s => s.vector + "@" + s.layer + " " + (s.coef >= 0 ? "+" : "") + s.coef).join(", "); }
+  function describe(steer) { return steer.map(s => s.vector + "@" + s.layer + " " + describeOp(s)).join(", "); }
+  function describeOp(s) {
+    if (s.op === "ablate") return "ablated";
+    if (s.op === "cap") return "cap \u2264 " + s.hi.toFixed(2);
+    return (s.coef >= 0 ? "+" : "") + s.coef;
+  }
   function actionButtons(list) {
     const span = Lab.el("span", "actions");
     for (const [label, fn] of list) {
