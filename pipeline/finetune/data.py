@@ -6,7 +6,7 @@ characters fall inside an assistant turn (its text and the template's end-of-tur
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +20,7 @@ from pertoken.pipeline.trace_inputs import read_jsonl_items
 class Chat:
     where: str  # "train.jsonl line 4", for messages
     messages: list[dict]  # [{"role", "content"}]
+    meta: dict = field(default_factory=dict)  # the line's other keys
 
 
 @dataclass
@@ -37,7 +38,7 @@ def read_chats(path: str | Path) -> list[Chat]:
         raise PertokenError(
             f'{path.name} is not a .jsonl file: write one {{"messages": [...]}} chat a line'
         )
-    chats = [Chat(it.where, it.messages) for it in read_jsonl_items(path)]
+    chats = [Chat(it.where, it.messages, it.meta) for it in read_jsonl_items(path)]
     if not chats:
         raise PertokenError(f'{path} holds no chats: write one {{"messages": [...]}} a line')
     for c in chats:
@@ -124,3 +125,10 @@ def batches_of_epoch(examples: list[Example], batch_size: int, seed: int, epoch:
     return [
         [examples[i] for i in order[s : s + batch_size]] for s in range(0, len(order), batch_size)
     ]
+
+
+def split_last_answer(backend, chat: Chat) -> tuple[str, str]:
+    """(the templated prompt before the chat's last assistant turn, that turn's text)."""
+    k = max(i for i, m in enumerate(chat.messages) if m["role"] == "assistant")
+    prompt = backend.chat_text(chat.messages[:k], add_generation_prompt=True)
+    return prompt, chat.messages[k]["content"]
