@@ -52,3 +52,49 @@ def write_mixed(path: Path, n: int, seed: int) -> Path:
     b = write_data(path.with_name("neg.tmp"), sm.ANTI_BANK, n, seed + 1, 0).read_text().splitlines()
     path.write_text("\n".join(x for pair in zip(a, b) for x in pair) + "\n")
     return path
+
+
+# The finetune settings of the tests and the benchmark: few steps on a 64-wide model.
+FINETUNE = ["--method", "lora", "--rank", 8, "--lr", 3e-3, "--epochs", 2, "--batch-size", 8]
+
+
+def workflow(root: Path, cli, judge_url: str, backend: str = "torch", n: int = 48) -> dict:
+    """Screen a mixed dataset, finetune on trait answers (plain and prevented) and on
+    anti-trait answers, then `shift --judge`: returns the screen summary, the finetune
+    records, the shift table {model: {(row, kind): shift}} and the judged scores."""
+    from pertoken.backends import load_backend
+    from pertoken.pipeline.csvio import parse_score, read_table
+
+    model = sm.semantic_model_dir()
+    vec = extract_vector(load_backend(str(model), backend), root / "v.pt")
+    kit = sm.write_kit(root / "kit")
+    mixed = write_mixed(root / "mixed.jsonl", 12, seed=3)
+    common = ["--model", model, "--backend", backend]
+    cli("screen", *common, "--vector", vec, "--layer", LAYER, "--data", mixed,
+        "--out", root / "screen.csv", "--label", "trait", "--max-new-tokens", 24)  # fmt: skip
+    data = {"trait": write_data(root / "trait.jsonl", sm.TRAIT_BANK, n, seed=1),
+            "anti": write_data(root / "anti.jsonl", sm.ANTI_BANK, n, seed=2)}  # fmt: skip
+    runs = {"trait": (data["trait"], []), "anti": (data["anti"], []),
+            "prevented": (data["trait"], ["--steer", f"{vec}:{LAYER}:{PREVENT_COEF}"])}  # fmt: skip
+    records = {}
+    for name, (path, extra) in runs.items():
+        cli("finetune", *common, "--data", path, "--out", root / name, *FINETUNE, *extra)
+        records[name] = json.loads((root / name / "finetune.json").read_text())
+    finetuned = [x for name in runs for x in ("--finetuned", root / name)]
+    printed = cli("shift", "--base", model, *finetuned, "--backend", backend, "--trait", kit,
+                  "--vector", vec, "--layers", LAYER, "--out", root / "shift", "--base-url",
+                  judge_url, "--n-per-question", 8, "--max-new-tokens", 24)  # fmt: skip
+    _, rows = read_table(root / "shift" / "shift.csv")
+    shifts: dict[str, dict] = {}
+    for r in rows:
+        shifts.setdefault(r["model"], {})[(int(r["row"]), r["kind"])] = float(r["shift"])
+    _, table = read_table(root / "shift" / "scores.csv")
+    return {
+        "screen": json.loads((root / "screen.json").read_text()),
+        "records": records,
+        "shifts": shifts,
+        "scores": {r["model"]: parse_score(r[sm.TRAIT]) for r in table},
+        "r": json.loads((root / "shift" / "shift.json").read_text())["r"],
+        "base": model.name,
+        "printed": printed,
+    }

@@ -10,12 +10,17 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from pertoken.backends import load_backend
+from pertoken.backends import is_installed, load_backend
 from pertoken.cli import main
 from pertoken.pipeline.finetune.screen import screen_dataset
 from pertoken.pipeline.finetune.shift import Load, shift_models
 from pertoken.traits import load_trait
 from pertoken.vectors import PersonaVector, save_vector
+
+BACKENDS = [
+    "torch",
+    pytest.param("mlx", marks=pytest.mark.skipif(not is_installed("mlx"), reason="needs mlx")),
+]
 
 
 @pytest.fixture(autouse=True)
@@ -26,9 +31,9 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-@pytest.fixture(scope="module")
-def backend(llama_dir):
-    return load_backend(str(llama_dir), "torch", dtype="float32")
+@pytest.fixture(scope="module", params=BACKENDS)
+def backend(request, llama_dir):
+    return load_backend(str(llama_dir), request.param, dtype="float32")
 
 
 @pytest.fixture(scope="module")
