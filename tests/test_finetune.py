@@ -178,3 +178,22 @@ def test_bad_input_is_one_line_each(llama_dir, data, vector, tmp_path):
     stranger.mkdir()
     (stranger / "notes.txt").write_text("mine")
     assert "holds no pertoken finetune" in _cli_error(*base, "--data", data, "--out", stranger)
+
+
+@pytest.mark.skipif(not is_installed("mlx"), reason="needs mlx")
+def test_lora_on_a_4bit_mlx_model_reloads_and_full_is_refused(llama_dir, data, tmp_path):
+    from mlx_lm import convert
+
+    from pertoken.errors import PertokenError
+
+    quantized = tmp_path / "llama-4bit"
+    convert(str(llama_dir), mlx_path=str(quantized), quantize=True, q_group_size=32, q_bits=4)
+    res = _run(quantized, data, tmp_path / "ft", "mlx", dtype=None)
+    assert res.record["epoch_loss"][-1] < 0.6 * res.record["epoch_loss"][0]
+    config = json.loads((tmp_path / "ft" / "config.json").read_text())
+    assert config["quantization"]["bits"] == 4  # the fused weights are quantized again
+    text = _probe(res.backend)
+    again = load_backend(str(tmp_path / "ft"), "mlx").logits(text)
+    np.testing.assert_allclose(again, res.backend.logits(text), atol=1e-5)
+    with pytest.raises(PertokenError, match="full finetuning needs unquantized weights"):
+        _run(quantized, data, tmp_path / "full", "mlx", dtype=None, method="full")
