@@ -53,7 +53,12 @@ def table(res: dict) -> str:
     diff = res["screen"]["means"]["v"]["proj_diff"]
     lines.append(f"\nscreen: AUROC of proj_diff (trait vs helpful answers) {auroc:.3f}, "
                  f"dataset mean proj_diff {diff:.3f}")  # fmt: skip
-    lines += [f"r(shift at {k}, judged trait) = {v:.3f}" for k, v in res["r"].items() if v]
+    lines += [f"r(shift at {k}, judged trait), all models = {v:.3f}"
+              for k, v in res["r"].items() if v is not None]  # fmt: skip
+    for row, kind in (key, avg):
+        r = fs.pearson_unsteered(res, (row, kind))
+        lines.append(f"r(shift at {row}/{kind}, judged trait), base + unsteered finetunes "
+                     f"= {r:.3f}")  # fmt: skip
     return "\n".join(lines)
 
 

@@ -14,8 +14,9 @@ from pertoken.vectors import PersonaVector, save_vector
 from tests import semantic_model as sm
 
 LAYER = 2  # the row the tests and the benchmark steer and measure at
-# Preventative steering: the README's advice is a coefficient that moves the unsteered model
-# about as far as the data would (found with `pertoken eval`); on this model that is 2-4.
+# Preventative steering as the README advises: from the coefficient at which the steered base
+# model is as paternalistic as the data (2 here: ~87 of 100), raised until the finetuned
+# model's judged trait stops rising (2 keeps most of the rise; 4 prevents it).
 PREVENT_COEF = 4.0
 
 
@@ -98,3 +99,11 @@ def workflow(root: Path, cli, judge_url: str, backend: str = "torch", n: int = 4
         "base": model.name,
         "printed": printed,
     }
+
+
+def pearson_unsteered(res: dict, key: tuple[int, str]) -> float:
+    """r between shift and judged trait over the base and the models finetuned without edits
+    (the paper's setting: models that differ only in their data)."""
+    names = [res["base"], "trait", "anti"]
+    x = [res["shifts"][n][key] for n in names]
+    return float(np.corrcoef(x, [res["scores"][n] for n in names])[0, 1])

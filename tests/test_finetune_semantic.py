@@ -51,5 +51,5 @@ def test_shift_is_positive_for_trait_finetuning_and_lower_for_helpful(res):
         assert s["trait"][kind] > 0, (kind, s)
         assert s["anti"][kind] < s["trait"][kind], (kind, s)
     assert s["prevented"][PROMPT_LAST] < s["trait"][PROMPT_LAST], s
-    # shift predicts the judged trait across the four models
-    assert res["r"][f"{fs.LAYER}/prompt_last"] > 0.7, res["printed"]
+    # across models that differ only in their data, the shift predicts the judged trait
+    assert fs.pearson_unsteered(res, PROMPT_LAST) > 0.9, res["printed"]
