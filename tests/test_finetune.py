@@ -197,3 +197,32 @@ def test_lora_on_a_4bit_mlx_model_reloads_and_full_is_refused(llama_dir, data, t
     np.testing.assert_allclose(again, res.backend.logits(text), atol=1e-5)
     with pytest.raises(PertokenError, match="full finetuning needs unquantized weights"):
         _run(quantized, data, tmp_path / "full", "mlx", dtype=None, method="full")
+
+
+@pytest.mark.parametrize("model", ["llama_dir", "gemma_dir"])
+def test_only_assistant_turns_are_targets(model, request):
+    from pertoken.pipeline.finetune.data import encode_chat
+
+    backend = load_backend(str(request.getfixturevalue(model)), "torch", dtype="float32")
+    chat = [{"role": "user", "content": "What is 1?"},
+            {"role": "assistant", "content": "One, the first number."},
+            {"role": "user", "content": "And 2?"},
+            {"role": "assistant", "content": "Two, after one."}]  # fmt: skip
+    ex = encode_chat(backend, chat, max_length=1024)
+    assert ex.ids == backend.encode(backend.chat_text(chat))
+    targets = backend.tokenizer.decode([t for t, y in zip(ex.ids, ex.targets) if y])
+    end = "<|eot_id|>" if model == "llama_dir" else "<end_of_turn>\n"
+    assert targets == f"One, the first number.{end}Two, after one.{end}"
+    short = encode_chat(backend, chat, max_length=7)
+    assert len(short.ids) == len(short.targets) == 7
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gemma_lora_reloads_on_both_backends(backend, gemma_dir, data, tmp_path):
+    res = _run(gemma_dir, data, tmp_path / "ft", backend, epochs=2)
+    assert res.record["epoch_loss"][-1] < res.record["epoch_loss"][0]
+    text = _probe(res.backend)  # longer than the 8-token sliding window
+    trained = res.backend.logits(text)
+    for other in ("torch", "mlx") if is_installed("mlx") else ("torch",):
+        again = load_backend(str(tmp_path / "ft"), other, dtype="float32").logits(text)
+        np.testing.assert_allclose(again, trained, atol=5e-5, err_msg=other)
