@@ -88,6 +88,9 @@ class TorchTrainer:
         self.opt.load_state_dict(state["optimizer"])
 
     def save_model(self, folder: Path) -> None:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # pertoken reports its own progress
         folder = Path(folder)
         if self.spec.method == "lora":
             self.net.save_pretrained(folder / ADAPTER)
