@@ -111,11 +111,8 @@ def make_batch(examples: list[Example], pad_id: int) -> Batch:
     targets = np.zeros((len(examples), T), dtype=bool)
     valid = np.zeros((len(examples), T), dtype=bool)
     for b, e in enumerate(examples):
-        ids[b, : len(e.ids)], targets[b, : len(e.ids)], valid[b, : len(e.ids)] = (
-            e.ids,
-            e.targets,
-            True,
-        )
+        n = len(e.ids)
+        ids[b, :n], targets[b, :n], valid[b, :n] = e.ids, e.targets, True
     return Batch(ids, targets, valid)
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from pertoken import __version__
 from pertoken.atomic import write_text_atomic
-from pertoken.backends.training import Edits, TrainSpec, make_trainer
+from pertoken.backends.training import METHODS, Edits, TrainSpec, make_trainer
 from pertoken.errors import PertokenError
 from pertoken.lock import output_lock
 from pertoken.pipeline.finetune.data import (
@@ -75,8 +75,7 @@ def finetune(opts: FinetuneOptions, *, on_step: Callable[[int, float], None] | N
     """Train `opts.model` on `opts.data` into the folder `opts.out` (see the module doc).
 
     on_step(step, loss) is called after every optimizer step."""
-    if opts.epochs < 1 or opts.batch_size < 1:
-        raise PertokenError("--epochs and --batch-size must be at least 1")
+    _check_options(opts)
     chats = read_chats(opts.data)
     settings = _settings(opts)
     folder = Path(opts.out)
@@ -95,6 +94,20 @@ def finetune(opts: FinetuneOptions, *, on_step: Callable[[int, float], None] | N
         job = _Job(backend, settings, examples, edits, opts.progress, on_step)
         record, resumed = job.run(folder)
         return FinetuneResult(folder, record, resumed, False, backend)
+
+
+def _check_options(opts: FinetuneOptions) -> None:
+    """Settings that cannot train, refused before the folder records anything."""
+    if opts.method not in METHODS:
+        raise PertokenError(f"--method must be one of {', '.join(METHODS)}, not {opts.method!r}")
+    minimum = {"--epochs": (opts.epochs, 1), "--batch-size": (opts.batch_size, 1),
+               "--rank": (opts.rank, 1), "--max-length": (opts.max_length, 2)}  # fmt: skip
+    for name, (value, least) in minimum.items():
+        if value < least:
+            raise PertokenError(f"{name} must be at least {least}, not {value}")
+    for name, value in (("--lr", opts.lr), ("--alpha", opts.alpha)):
+        if value is not None and not value > 0:
+            raise PertokenError(f"{name} must be positive, not {value}")
 
 
 def _settings(opts: FinetuneOptions) -> dict:
