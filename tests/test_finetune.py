@@ -143,6 +143,23 @@ def test_ctrl_c_then_a_rerun_equals_an_uninterrupted_run(backend, llama_dir, dat
     text = _probe(whole.backend)
     np.testing.assert_allclose(resumed.backend.logits(text), whole.backend.logits(text), atol=1e-6)
     assert not (tmp_path / "cut" / "checkpoint").exists()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_killed_run_resumes_from_the_last_epoch(backend, llama_dir, data, tmp_path):
+    whole = _run(llama_dir, data, tmp_path / "whole", backend)
+
+    def crash(step, _loss):
+        if step == 4:  # in the third epoch of two steps each
+            raise SystemExit("killed")
+
+    with pytest.raises(SystemExit):
+        _run(llama_dir, data, tmp_path / "cut", backend, on_step=crash)
+    resumed = _run(llama_dir, data, tmp_path / "cut", backend)
+    assert resumed.resumed_at == 4
+    assert resumed.record["loss"][4:] == pytest.approx(whole.record["loss"][4:], abs=1e-6)
+    text = _probe(whole.backend)
+    np.testing.assert_allclose(resumed.backend.logits(text), whole.backend.logits(text), atol=1e-6)
     again = _run(llama_dir, data, tmp_path / "cut", backend)
     assert again.done_before and again.record == resumed.record
 

@@ -201,9 +201,13 @@ class _Job:
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{self.tokens / self.seconds:.0f}")
                 if self.on_step is not None:
                     self.on_step(step, loss)
-                if stop.requested and step + 1 < self.total:
-                    bar.close()
+                if step + 1 == self.total:
+                    break
+                if stop.requested or (step + 1) % self.per_epoch == 0:
+                    # each epoch's end too, so a killed run loses at most one epoch
                     self._save_checkpoint(folder / CHECKPOINT, step + 1)
+                if stop.requested:
+                    bar.close()
                     raise KeyboardInterrupt
         bar.close()
         return self._finish(folder), start
