@@ -7,29 +7,19 @@ backend's trainer (backends/torch/train.py, backends/mlx/train.py) converts at i
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
+from pertoken.backends.steer import Steer
 from pertoken.errors import PertokenError
 
 METHODS = ("lora", "full")
 # The linear layers LoRA adapts in every decoder block (attention and MLP), on both backends.
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER = "adapter"  # the LoRA adapter's sub-folder of a finetuned model folder (peft format)
-
-
-@dataclass
-class Edits:
-    """What acts on the residual stream in every training forward, and is never saved.
-
-    steer: row -> [hidden] float32 added to block row-1's output (preventative steering);
-    ablate: row -> [k, hidden] float32 orthonormal directions projected out there (CAFT)."""
-
-    steer: dict[int, np.ndarray] = field(default_factory=dict)
-    ablate: dict[int, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -74,8 +64,10 @@ class Trainer(Protocol):
 _TRAINERS = {"torch": "pertoken.backends.torch.train", "mlx": "pertoken.backends.mlx.train"}
 
 
-def make_trainer(backend, spec: TrainSpec, edits: Edits | None = None) -> Trainer:
-    """A trainer over `backend`'s loaded model (the model is trained in place)."""
+def make_trainer(backend, spec: TrainSpec, steer: Steer | None = None) -> Trainer:
+    """A trainer over `backend`'s loaded model (the model is trained in place). `steer` acts
+    in every training forward through the backend's own steering (preventative steering,
+    CAFT ablation) and is never saved."""
     if spec.method not in METHODS:
         raise PertokenError(f"--method must be one of {', '.join(METHODS)}, not {spec.method!r}")
     if spec.rank < 1:
@@ -83,4 +75,4 @@ def make_trainer(backend, spec: TrainSpec, edits: Edits | None = None) -> Traine
     if not spec.lr > 0:
         raise PertokenError(f"--lr must be positive, not {spec.lr}")
     module = importlib.import_module(_TRAINERS[backend.name])
-    return module.make_trainer(backend, spec, edits or Edits())
+    return module.make_trainer(backend, spec, steer)

@@ -75,7 +75,8 @@ def finetune(model, backend, dtype, device, data, out, steers, ablates, **settin
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--batch-size", default=16, show_default=True, type=int)
 @click.option("--label", default=None, help="A 0/1 key of the JSONL lines: report the AUROC.")
-def screen(model, backend, dtype, device, vectors, **kw):
+@options.ray_options
+def screen(model, backend, dtype, device, vectors, ray_address, workers, **kw):
     """Projection difference per sample: the data's answers against the model's own.
 
     A high proj_diff flags data that pushes the model along the vector; a screen, not a
@@ -86,8 +87,8 @@ def screen(model, backend, dtype, device, vectors, **kw):
 
     files = _named_vectors(vectors)
     loaded = {name: load_vector(path) for name, path in files.items()}
-    bk = options.load_model(model, backend, dtype, device)
-    res = screen_dataset(bk, vectors=loaded, **kw)
+    with options.model_or_pool(model, backend, dtype, device, ray_address, workers) as (bk, pool):
+        res = screen_dataset(bk, vectors=loaded, pool=pool, **kw)
     for name, m in res.means.items():
         auroc = f", AUROC {res.auroc[name]:.3f} for {kw['label']}" if res.auroc else ""
         click.echo(

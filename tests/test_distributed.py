@@ -1,6 +1,6 @@
 """Ray for the data-parallel stages: a local runtime (the session's `ray_local`), model actors
-that trace chunks into the same store one process writes, the judge's shared limit, and the
-one-line errors when Ray is missing or not reachable."""
+that trace chunks into the same store one process writes and screen samples into the same CSV,
+the judge's shared limit, and the one-line errors when Ray is missing or not reachable."""
 
 import sys
 import threading
@@ -58,6 +58,36 @@ def test_trace_on_two_workers_writes_the_same_store(tmp_path, llama_dir, ray_loc
     answers = [sorted((tmp_path / d / "answers.jsonl").read_text().splitlines())
                for d in ("one", "ray")]  # fmt: skip
     assert answers[0] == answers[1] and len(answers[0]) == 3
+
+
+def test_screen_on_two_workers_writes_the_same_csv(tmp_path, llama_dir, ray_local):
+    """Shards of samples scored by two actors make the same CSV and summary, byte for byte,
+    as one process makes (two answers a prompt, sampled: the seeds follow the sample)."""
+    import csv
+    import json
+
+    data = tmp_path / "data.jsonl"
+    with open(data, "w") as f:
+        for i in range(6):
+            chat = [
+                {"role": "user", "content": PROMPTS[i % 3]},
+                {"role": "assistant", "content": f"Answer {i}: think it through first."},
+            ]
+            f.write(json.dumps({"messages": chat}) + "\n")  # fmt: skip
+    v = _vector(tmp_path)
+    args = ["screen", "-m", llama_dir, "--backend", "torch", "--dtype", "float32", "--vector",
+            f"pat={v}", "--layer", "2", "--data", data, "--n", "2", "--temperature", "0.7",
+            "--batch-size", "1", "--max-new-tokens", "5"]  # fmt: skip
+    with pertoken_cli(tmp_path / "cache") as cli:
+        cli(*args, "--out", tmp_path / "one.csv")
+        out = cli(*args, "--out", tmp_path / "ray.csv", "--ray", "local", "--workers", "2")
+    assert "6 samples" in out
+    for ext in (".csv", ".json"):
+        one, ray = ((tmp_path / f"{name}{ext}").read_bytes() for name in ("one", "ray"))
+        assert ray == one
+    with open(tmp_path / "one.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["row"] for r in rows] == [str(i) for i in range(6)]
 
 
 def test_the_judge_limit_is_shared_across_processes(ray_local, monkeypatch):

@@ -13,7 +13,9 @@ import torch
 from click.testing import CliRunner
 
 from pertoken.backends import is_installed, load_backend
+from pertoken.backends.training import Batch, TrainSpec, make_trainer
 from pertoken.cli import main
+from pertoken.pipeline.finetune.edits import training_steer
 from pertoken.pipeline.finetune.train import FinetuneOptions, finetune
 from pertoken.vectors import PersonaVector, save_vector
 
@@ -123,6 +125,85 @@ def test_training_edits_act_in_training_and_are_never_saved(
         v = np.asarray(torch.load(vector, weights_only=True))[2]
         steered = edited.backend.logits(text, steer=Steer.single(2, v, 4.0))
         assert np.abs(steered - again).max() > 1e-2  # the steering term is not in the weights
+
+
+@pytest.fixture(scope="module")
+def other_vector(tmp_path_factory):
+    rng = np.random.default_rng(1)
+    path = tmp_path_factory.mktemp("vec") / "w.pt"
+    save_vector(PersonaVector(rng.normal(size=(5, 64)).astype(np.float32)), path)
+    return path
+
+
+def _one_batch(backend, text: str) -> Batch:
+    ids = np.array([backend.encode(text)], np.int64)  # [1, T]
+    return Batch(ids, np.ones(ids.shape, bool), np.ones(ids.shape, bool))
+
+
+def _cross_entropy(logits: np.ndarray, ids: np.ndarray) -> float:
+    z = logits[:-1].astype(np.float64)  # [T-1, vocab] predicts ids[1:]
+    logp = z - z.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    return float(-logp[np.arange(len(z)), ids[1:]].mean())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_training_applies_the_steering_operators_of_inference(
+    backend, llama_dir, vector, other_vector
+):
+    model = load_backend(str(llama_dir), backend, dtype="float32")
+    ablates = [f"{vector}:2", f"{other_vector}:2"]  # two directions at one row: their span
+    steer = training_steer(model, [f"{vector}:3:4.0"], ablates)
+    assert [t.op for t in steer.terms] == ["ablate", "ablate", "add"]
+    text = _probe(model)
+    batch = _one_batch(model, text)
+    # the first step's loss (before its update; LoRA starts as the base model) is the loss of
+    # inference's logits under the same Steer
+    expected = _cross_entropy(model.logits(text, steer=steer), batch.ids[0])
+    trainer = make_trainer(model, TrainSpec(), steer)
+    assert trainer.step(batch) == pytest.approx(expected, abs=1e-4)
+
+
+def test_the_ablations_of_one_row_project_out_their_span(llama_dir, vector, other_vector):
+    from pertoken.backends.torch.steering import steer_state
+
+    model = load_backend(str(llama_dir), "torch", dtype="float32")
+    steer = training_steer(model, [], [f"{vector}:2", f"{other_vector}:2"])
+    ops = steer_state(model.model, [steer])[2]
+    h = torch.randn(2, 5, 64)  # [B, T, hidden]
+    out = ops.apply(h, None)
+    for path in (vector, other_vector):
+        v = torch.from_numpy(np.asarray(torch.load(path, weights_only=True))[2])
+        assert (out @ v).abs().max() < 1e-4 * (h @ v).abs().max()
+
+
+@pytest.mark.parametrize("ablate", [False, True])
+def test_gradients_flow_through_the_steering_hooks_in_training(ablate, llama_dir, vector):
+    from pertoken.backends.torch.hooks import decoder_parts
+
+    model = load_backend(str(llama_dir), "torch", dtype="float32")
+    steer = training_steer(model, [], [f"{vector}:2"]) if ablate else None
+    trainer = make_trainer(model, TrainSpec(method="full", lr=1e-3), steer)
+    block = decoder_parts(model.model)[0][1]  # writes row 2, before the steering hook reads it
+    before = [p.detach().clone() for p in block.parameters()]
+    grads = []
+
+    def keep_grad(_module, _args, output):
+        h = output[0] if isinstance(output, tuple) else output
+        h.register_hook(grads.append)  # d loss / d (the block's output before steering)
+
+    handle = block.register_forward_hook(keep_grad)
+    try:
+        trainer.step(_one_batch(model, _probe(model)))
+    finally:
+        handle.remove()
+    g = grads[0][0]  # [T, hidden]
+    u = torch.from_numpy(np.asarray(torch.load(vector, weights_only=True))[2])
+    u = u / u.norm()
+    along = (g @ u).abs().max() / g.norm(dim=-1).max()
+    # the projection is in the graph: the loss no longer depends on the ablated direction
+    assert along < 1e-5 if ablate else along > 1e-3
+    assert all(not torch.equal(a, p) for a, p in zip(before, block.parameters(), strict=True))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -113,6 +113,10 @@ def test_screen_and_shift_bad_input_is_one_line(llama_dir, data, tmp_path):
         "screen", *base, "--vector", other, "--data", data, "--out", tmp_path / "s.csv"
     )
     assert "another model" in out
+    screen = ["screen", *base, "--vector", other, "--data", data, "--out", tmp_path / "s.csv"]
+    assert "--batch-size must be at least 1" in _cli_error(*screen, "--batch-size", 0)
+    assert "--workers needs --ray" in _cli_error(*screen, "--workers", 2)
+    assert not (tmp_path / "s.csv").exists()
     out = _cli_error("shift", "--base", llama_dir, "--finetuned", llama_dir, "--backend", "torch",
                      "--trait", "paternalism", "--vector", other, "--layers", 2,
                      "--out", tmp_path / "sh")  # fmt: skip

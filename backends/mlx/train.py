@@ -1,10 +1,10 @@
 """Finetuning pertoken's own MLX models: LoRA layers (mlx-lm's, quantized bases included) or
-every weight; edits on the residual stream during training only (preventative steering, CAFT)."""
+every weight; steering (preventative adds, CAFT ablation) during training only, through the
+same Pass as inference."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
@@ -13,31 +13,18 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from pertoken.backends.mlx.batch import window_of
+from pertoken.backends.mlx.batch import SteerPlan, window_of
 from pertoken.backends.mlx.models.residual import Pass, attend_mask
-from pertoken.backends.training import ADAPTER, LORA_TARGETS, Batch, Edits, TrainSpec
+from pertoken.backends.steer import Steer
+from pertoken.backends.training import ADAPTER, LORA_TARGETS, Batch, TrainSpec
 from pertoken.errors import PertokenError
 
 
-@dataclass
-class TrainPass(Pass):
-    """A Pass that also projects directions out of the residual stream before steering."""
-
-    ablate: dict[int, mx.array] = field(default_factory=dict)  # row -> [k, hidden]
-
-    def steered(self, row: int, h: mx.array) -> mx.array:
-        u = self.ablate.get(row)
-        if u is not None:
-            h = h - (h @ u.T) @ u  # [B, L, hidden]
-        return super().steered(row, h)
-
-
 class MLXTrainer:
-    def __init__(self, backend, spec: TrainSpec, edits: Edits):
+    def __init__(self, backend, spec: TrainSpec, steer: Steer | None):
         self.backend, self.spec, self.model = backend, spec, backend.model
-        dtype = backend._mx_dtype
-        self.steer = {r: mx.array(v).astype(dtype) for r, v in edits.steer.items()}
-        self.ablate = {r: mx.array(u).astype(dtype) for r, u in edits.ablate.items()}
+        plan = SteerPlan.of(steer, backend._mx_dtype)  # every line alike, every position
+        self.steer = plan.vectors if plan is not None else {}
         mx.random.seed(spec.seed)
         self.model.freeze()
         if spec.method == "lora":
@@ -58,11 +45,10 @@ class MLXTrainer:
     def _loss(self, ids: mx.array, targets: mx.array, valid: mx.array) -> mx.array:
         T = ids.shape[1]
         window = window_of(self.model)
-        p = TrainPass(
+        p = Pass(
             mask=attend_mask(valid, T),
             window_mask=attend_mask(valid, T, window) if window else None,
             steer=self.steer,
-            ablate=self.ablate,
         )
         logits = self.model(ids, None, p)  # [B, T, vocab]
         nll = nn.losses.cross_entropy(logits[:, :-1].astype(mx.float32), ids[:, 1:])  # [B, T-1]
@@ -152,5 +138,5 @@ def _save_adapter(lora, spec: TrainSpec, base: str, folder: Path) -> None:
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
-def make_trainer(backend, spec: TrainSpec, edits: Edits) -> MLXTrainer:
-    return MLXTrainer(backend, spec, edits)
+def make_trainer(backend, spec: TrainSpec, steer: Steer | None) -> MLXTrainer:
+    return MLXTrainer(backend, spec, steer)

@@ -1,52 +1,26 @@
-"""Finetuning a transformers model: LoRA through peft, or every weight; edits on the residual
-stream during training only (preventative steering, CAFT ablation)."""
+"""Finetuning a transformers model: LoRA through peft, or every weight; steering (preventative
+adds, CAFT ablation) during training only, through the same hooks as inference."""
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from pertoken.backends.torch.hooks import decoder_parts
-from pertoken.backends.training import ADAPTER, LORA_TARGETS, Batch, Edits, TrainSpec
+from pertoken.backends.steer import Steer
+from pertoken.backends.torch.hooks import TapState, residual_taps
+from pertoken.backends.torch.steering import steer_state
+from pertoken.backends.training import ADAPTER, LORA_TARGETS, Batch, TrainSpec
 
 _STATE = "trainer.pt"
 
 
-@contextmanager
-def training_edits(model, edits: Edits, device):
-    """Hooks on the blocks' outputs for the duration of the block: ablate the directions of
-    `edits.ablate[row]` (h - (h U^T) U), then add `edits.steer[row]`; always removed."""
-    layers, _ = decoder_parts(model)
-    steer = {r: torch.from_numpy(v).to(device) for r, v in edits.steer.items()}  # [hidden]
-    ablate = {r: torch.from_numpy(u).to(device) for r, u in edits.ablate.items()}  # [k, hidden]
-
-    def hook(row: int):
-        def edit(_module, _args, output):
-            h = output[0] if isinstance(output, tuple) else output  # [B, T, hidden]
-            if row in ablate:
-                u = ablate[row].to(h.dtype)
-                h = h - (h @ u.T) @ u
-            if row in steer:
-                h = h + steer[row].to(h.dtype)
-            return (h, *output[1:]) if isinstance(output, tuple) else h
-
-        return edit
-
-    rows = sorted(set(steer) | set(ablate))
-    handles = [layers[r - 1].register_forward_hook(hook(r)) for r in rows]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
 class TorchTrainer:
-    def __init__(self, backend, spec: TrainSpec, edits: Edits):
-        self.backend, self.spec, self.edits = backend, spec, edits
+    def __init__(self, backend, spec: TrainSpec, steer: Steer | None):
+        self.backend, self.spec = backend, spec
         self.base = backend.model  # LoRA layers are injected into its modules in place
+        # one line of steering broadcast over every batch line, at every position
+        self.taps = TapState(steer=steer_state(self.base, [steer]) if steer else {})
         torch.manual_seed(spec.seed)
         if spec.method == "lora":
             self.net = _with_lora(self.base, spec)
@@ -62,7 +36,7 @@ class TorchTrainer:
         ids = torch.from_numpy(batch.ids).to(self.device)  # [B, T]
         valid = torch.from_numpy(batch.valid).to(self.device)
         targets = torch.from_numpy(batch.targets[:, 1:]).to(self.device)  # [B, T-1]
-        with torch.enable_grad(), training_edits(self.base, self.edits, self.device):
+        with torch.enable_grad(), residual_taps(self.base, self.taps):
             logits = self.net(input_ids=ids, attention_mask=valid.long(), use_cache=False).logits
             nll = torch.nn.functional.cross_entropy(
                 logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none"
@@ -116,5 +90,5 @@ def _with_lora(model, spec: TrainSpec):
     return get_peft_model(model, config)
 
 
-def make_trainer(backend, spec: TrainSpec, edits: Edits) -> TorchTrainer:
-    return TorchTrainer(backend, spec, edits)
+def make_trainer(backend, spec: TrainSpec, steer: Steer | None) -> TorchTrainer:
+    return TorchTrainer(backend, spec, steer)

@@ -6,6 +6,7 @@ the data pushes along the direction, not that training will express the trait.""
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from pertoken.backends.plan import encode_pairs
 from pertoken.errors import PertokenError
 from pertoken.lock import output_lock
 from pertoken.pipeline.csvio import write_csv_atomic
-from pertoken.pipeline.finetune.data import read_chats, split_last_answer
+from pertoken.pipeline.finetune.data import Chat, read_chats, split_last_answer
 from pertoken.pipeline.finetune.plots import diff_histogram
 from pertoken.vectors import PersonaVector
 
@@ -35,6 +36,9 @@ class ScreenResult:
     seconds: float
 
 
+SHARD_BATCHES = 4  # samples go out in shards of this many batches (the same with any pool)
+
+
 def screen_dataset(
     backend,
     *,
@@ -48,28 +52,39 @@ def screen_dataset(
     seed: int = 0,
     batch_size: int = 16,
     label: str | None = None,
+    pool=None,
 ) -> ScreenResult:
     """Score every chat of `data` (its last assistant turn against the model's own answers).
 
     n answers per prompt (greedy for n = 1, else temperature 1.0 unless given); label: a
     key of the JSONL lines holding 0/1, whose AUROC against proj_diff is reported. Writes the
-    CSV `out`, `out` with .json (means, settings) and .png (histograms)."""
+    CSV `out`, `out` with .json (means, settings) and .png (histograms). pool: a
+    distributed.ModelPool whose actors score the shards (`backend` is then its ModelInfo);
+    the shards are the same either way, so the files are too."""
+    from pertoken.pipeline.distributed import map_shards
+
     start = time.perf_counter()
     if n < 1:
         raise PertokenError(f"--n must be at least 1, not {n}")
+    if batch_size < 1:
+        raise PertokenError(f"--batch-size must be at least 1, not {batch_size}")
     chats = read_chats(data)
     labels = _labels(chats, label) if label else None
-    units = _units(backend, vectors, layer)  # [V, 1, hidden]
+    temp = (0.0 if n == 1 else 1.0) if temperature is None else temperature
+    work = _Work(_units(backend, vectors, layer), layer, n, temp, max_new_tokens, seed,
+                 len(chats), batch_size)  # fmt: skip
+    size = batch_size * SHARD_BATCHES
+    shards = [(i, [c.messages for c in chats[i : i + size]]) for i in range(0, len(chats), size)]
     out = Path(out)
     with output_lock(out):
-        pairs = [split_last_answer(backend, c) for c in chats]
-        prompts = [p for p, _ in pairs]
-        own = _model_answers(backend, prompts, n, temperature, max_new_tokens, seed, batch_size)
-        proj_data = _answer_means(backend, prompts, [a for _, a in pairs], units, layer, batch_size)
-        proj_model = _answer_means(backend, prompts * n, own, units, layer, batch_size)
-        proj_model = np.nanmean(proj_model.reshape(n, len(prompts), -1), axis=0)  # [N, V]
+        parts = [None] * len(shards)
+        for k, part in map_shards(work, shards, backend=backend, pool=pool):
+            parts[k] = part
+        proj_data = np.concatenate([p[0] for p in parts])  # [N, V]
+        proj_model = np.concatenate([p[1] for p in parts])  # [N, V]
+        own = [a for p in parts for a in p[2]]
         diff = proj_data - proj_model  # [N, V]
-        rows = _rows(chats, list(vectors), layer, proj_data, proj_model, own[: len(prompts)])
+        rows = _rows(chats, list(vectors), layer, proj_data, proj_model, own)
         write_csv_atomic(out, COLUMNS, rows)
         means = {name: {"proj_data": float(np.nanmean(proj_data[:, v])),
                         "proj_model": float(np.nanmean(proj_model[:, v])),
@@ -98,15 +113,38 @@ def _units(backend, vectors: dict[str, PersonaVector], layer: int) -> np.ndarray
     return np.stack(out)[:, None, :].astype(np.float32)  # [V, 1, hidden]
 
 
-def _model_answers(backend, prompts, n, temperature, max_new_tokens, seed, batch_size):
-    """n answers per prompt, sample k of every prompt first (prompts * n order)."""
-    temp = (0.0 if n == 1 else 1.0) if temperature is None else temperature
-    seeds = [seed * 1_000_003 + k * len(prompts) + i for k in range(n) for i in range(len(prompts))]
-    return backend.generate(prompts * n, max_new_tokens=max_new_tokens, temperature=temp,
-                            seeds=seeds, batch_size=batch_size)  # fmt: skip
+@dataclass(frozen=True)
+class _Work:
+    """One shard's scoring: what it needs besides the model; sent as it is to pool actors."""
+
+    units: np.ndarray  # [V, 1, hidden]
+    layer: int
+    n: int
+    temperature: float
+    max_new_tokens: int
+    seed: int
+    total: int  # samples in the whole dataset: the seeds do not depend on the shards
+    batch_size: int
+
+    def __call__(self, backend, shard) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """(proj_data [m, V], proj_model [m, V] over the n answers, the first answers)."""
+        first, messages = shard
+        pairs = [split_last_answer(backend, Chat("", m)) for m in messages]
+        prompts, m = [p for p, _ in pairs], len(pairs)
+        # n answers per prompt, sample k of every prompt first (prompts * n order)
+        seeds = [self.seed * 1_000_003 + k * self.total + first + i
+                 for k in range(self.n) for i in range(m)]  # fmt: skip
+        own = backend.generate(prompts * self.n, max_new_tokens=self.max_new_tokens,
+                               temperature=self.temperature, seeds=seeds,
+                               batch_size=self.batch_size)  # fmt: skip
+        means = functools.partial(_answer_means, backend, units=self.units, layer=self.layer,
+                                  batch_size=self.batch_size)  # fmt: skip
+        proj_data = means(prompts, [a for _, a in pairs])
+        proj_model = np.nanmean(means(prompts * self.n, own).reshape(self.n, m, -1), axis=0)
+        return proj_data, proj_model, own[:m]
 
 
-def _answer_means(backend, prompts, answers, units, layer, batch_size) -> np.ndarray:
+def _answer_means(backend, prompts, answers, *, units, layer, batch_size) -> np.ndarray:
     """[N, V] mean projection over each answer's tokens (NaN for an empty answer)."""
     ids, plens = encode_pairs(backend.encode, prompts, answers)
     per_token = backend.token_projections(ids, units, [layer], batch_size=batch_size)

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from pertoken import __version__
 from pertoken.atomic import write_text_atomic
-from pertoken.backends.training import METHODS, Edits, TrainSpec, make_trainer
+from pertoken.backends.steer import Steer
+from pertoken.backends.training import METHODS, TrainSpec, make_trainer
 from pertoken.errors import PertokenError
 from pertoken.lock import output_lock
 from pertoken.pipeline.finetune.data import (
@@ -29,7 +30,7 @@ from pertoken.pipeline.finetune.data import (
     make_batch,
     read_chats,
 )
-from pertoken.pipeline.finetune.edits import build_edits, edit_records
+from pertoken.pipeline.finetune.edits import edit_records, training_steer
 from pertoken.pipeline.finetune.interrupt import deferred_interrupt
 from pertoken.pipeline.finetune.plots import loss_plot
 
@@ -87,11 +88,11 @@ def finetune(opts: FinetuneOptions, *, on_step: Callable[[int, float], None] | N
         from pertoken.backends import load_backend
 
         backend = load_backend(opts.model, opts.backend, dtype=opts.dtype, device=opts.device)
-        edits = build_edits(backend, opts.steer, opts.ablate)
+        steer = training_steer(backend, opts.steer, opts.ablate)
         examples, skipped = encode_chats(backend, chats, opts.max_length)
         settings |= {"examples": len(examples), "skipped": skipped}
         write_text_atomic(folder / RECORD, json.dumps({**settings, "complete": False}, indent=2))
-        job = _Job(backend, settings, examples, edits, opts.progress, on_step)
+        job = _Job(backend, settings, examples, steer, opts.progress, on_step)
         record, resumed = job.run(folder)
         return FinetuneResult(folder, record, resumed, False, backend)
 
@@ -173,12 +174,12 @@ def _check_memory(opts: FinetuneOptions) -> None:
 class _Job:
     """The training loop over one run's steps, resumable from a checkpoint."""
 
-    def __init__(self, backend, settings, examples, edits: Edits, progress, on_step):
+    def __init__(self, backend, settings, examples, steer: Steer | None, progress, on_step):
         self.backend, self.settings, self.examples = backend, settings, examples
         self.progress, self.on_step = progress, on_step
         spec = TrainSpec(settings["method"], settings["rank"], settings["alpha"],
                          settings["lr"], settings["seed"])  # fmt: skip
-        self.trainer = make_trainer(backend, spec, edits)
+        self.trainer = make_trainer(backend, spec, steer)
         self.per_epoch = math.ceil(len(examples) / settings["batch_size"])
         self.total = self.per_epoch * settings["epochs"]
         self.losses: list[float] = []
