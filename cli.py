@@ -50,3 +50,7 @@ def main():
 for _module in (env, extraction, files, finetune, serve, steering, sweep, trace, vet):
     for _command in _module.COMMANDS:
         main.add_command(_command)
+
+
+if __name__ == "__main__":  # python -m pertoken.cli
+    main()
