@@ -21,6 +21,20 @@ from pertoken.commands.options import model_options
 @click.option("--holdout", default=0.3, show_default=True, help="Share of questions held out.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the held-out split.")
 @click.option("--batch-size", default=8, show_default=True)
+@click.option(
+    "--causal/--no-causal",
+    default=True,
+    show_default=True,
+    help="Rank rows by what steering does: per row, the teacher-forced gain of held-out trait "
+    "answers over their opposites and the cost on the model's own answers.",
+)
+@click.option(
+    "--max-cost",
+    type=click.FloatRange(min=0),
+    default=0.5,
+    show_default=True,
+    help="Largest cost (nats per token on the model's own answers) of the suggested setting.",
+)
 def vet(
     vector,
     model,
@@ -35,11 +49,13 @@ def vet(
     holdout,
     seed,
     batch_size,
+    causal,
+    max_cost,
 ):
     """Report card: per-layer norms, coefficients, held-out separation, warnings, best layer.
 
-    Reads the per-sample summaries beside VECTOR (written by extract); the model runs only
-    when they are missing."""
+    Reads the per-sample summaries beside VECTOR (written by extract); the model runs when
+    they are missing, and for the causal measure (--no-causal: separation only)."""
     from pertoken.pipeline.vet import vet_vector
     from pertoken.pipeline.vet_report import summary_lines
 
@@ -55,6 +71,8 @@ def vet(
         holdout=holdout,
         seed=seed,
         batch_size=batch_size,
+        causal=causal,
+        max_cost=max_cost,
     )
     for line in summary_lines(r):
         click.echo(line)
