@@ -207,45 +207,81 @@ def _has_setting(rows: list[dict], layer: int, coef: float) -> bool:
 
 
 def _generate(backend, trait, vector, rows, todo, path, n, positions, gen, progress) -> None:
-    """Answer each missing setting, saving answers.csv after each one."""
+    """Answer every missing setting in one generate call (each prompt carries its setting's
+    steer, so slots freed by short answers take the next prompts of any setting); a setting's
+    rows are saved to answers.csv as soon as its last answer ends. Coef 0 is answered once and
+    copied to every layer."""
+    specs = [(i, q, j) for i, q in enumerate(trait.eval_questions) for j in range(n)]
+    zeros = [L for L, c in todo if c == 0]
+    todo = [t for t in todo if t[1] != 0]
+    if zeros and not _copy_unsteered(rows, zeros):  # no unsteered answers yet: make one set
+        todo.insert(0, (zeros[0], 0.0))
+    if todo:
+        _answer_grid(backend, trait, vector, rows, todo, specs, path, positions, gen, progress)
+    _copy_unsteered(rows, zeros)
+    write_answers(path, trait.name, rows)
+
+
+def _answer_grid(backend, trait, vector, rows, todo, specs, path, positions, gen, progress):
     from tqdm import tqdm
 
-    per_setting = n * len(trait.eval_questions)
-    bar = tqdm(total=len(todo) * per_setting, unit="answer", desc="eval", disable=not progress)
-    with bar:
-        for layer, coef in todo:
-            bar.set_postfix_str(f"layer {layer} coef {coef:g}")
-            steer = Steer.single(layer, vector.row(layer), coef, positions=positions)
-            rows += _answer_setting(backend, trait, rows, layer, coef, steer, n, gen, bar)
-            write_answers(path, trait.name, rows)
-
-
-def _answer_setting(backend, trait, rows, layer, coef, steer, n, gen, bar) -> list[dict]:
-    """Rows of one setting; coef 0 reuses another layer's unsteered answers when it has them."""
-    specs = [(i, q, j) for i, q in enumerate(trait.eval_questions) for j in range(n)]
-    old = [r for r in rows if float(r["coef"]) == 0] if coef == 0 else []
-    if old:
-        first = int(old[0]["layer"])
-        bar.update(len(specs))
-        return [{**r, "layer": layer} for r in old if int(r["layer"]) == first]
-    prompts = [backend.chat_prompt(None, q) for _, q, _ in specs]
+    grid = [(L, c, spec) for L, c in todo for spec in specs]
+    steers = [
+        None if c == 0 else Steer.single(L, vector.row(L), c, positions=positions)
+        for L, c, _ in grid
+    ]
     # each (question, sample) has its own seed, the same in every setting, so settings differ
-    # only by the steering; one call, so slots freed by short answers take the next prompts
+    # only by the steering
+    seeds = [sample_seed(gen["seed"], f"{trait.name}_{i}", j) for _, _, (i, _, j) in grid]
+    prompts = [backend.chat_prompt(None, q) for _, _, (_, q, _) in grid]
     opts = {k: v for k, v in gen.items() if k != "seed"}
-    seeds = [sample_seed(gen["seed"], f"{trait.name}_{i}", j) for i, _, j in specs]
-    answers = backend.generate(
-        prompts, steer=None if coef == 0 else steer, seeds=seeds,
-        on_answer=lambda *_: bar.update(1), **opts,
-    )  # fmt: skip
+    answers: dict[int, str] = {}
+    saved: set[int] = set()
+    bar = tqdm(total=len(grid), unit="answer", desc="eval", disable=not progress)
+
+    def save(s: int) -> None:
+        block = [answers[i] for i in range(s * len(specs), (s + 1) * len(specs))]
+        rows.extend(_setting_rows(trait.name, *todo[s], specs, block))
+        saved.add(s)
+        write_answers(path, trait.name, rows)
+
+    def done(k: int, text: str) -> None:
+        answers[k] = text
+        bar.update(1)
+        s = k // len(specs)  # the setting of answer k; saved once all its answers are in
+        if all(i in answers for i in range(s * len(specs), (s + 1) * len(specs))):
+            save(s)
+
+    with bar:
+        out = backend.generate(prompts, steer=steers, seeds=seeds, on_answer=done, **opts)
+    answers |= dict(enumerate(out))
+    for s in range(len(todo)):
+        if s not in saved:
+            save(s)
+
+
+def _copy_unsteered(rows: list[dict], layers: list[int]) -> bool:
+    """Give each of `layers` the unsteered answers of another layer; False when none exist."""
+    old = [r for r in rows if float(r["coef"]) == 0]
+    if not old:
+        return False
+    first = int(old[0]["layer"])
+    for L in layers:
+        if not any(int(r["layer"]) == L for r in old):
+            rows += [{**r, "layer": L} for r in old if int(r["layer"]) == first]
+    return True
+
+
+def _setting_rows(trait: str, layer, coef, specs, answers: list[str]) -> list[dict]:
     return [
         {
             "layer": layer,
             "coef": coef,
             "question": q,
             "answer": a,
-            trait.name: "",
+            trait: "",
             "coherence": "",
-            "question_id": f"{trait.name}_{i}",
+            "question_id": f"{trait}_{i}",
             "sample": j,
         }
         for (i, q, j), a in zip(specs, answers, strict=True)
