@@ -37,3 +37,19 @@ def test_the_commands_do_not_import_the_cli():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_threads_sets_torch_threads_and_is_documented():
+    import torch
+    from click.testing import CliRunner
+
+    from pertoken.commands import options
+
+    n = torch.get_num_threads()
+    try:
+        options._set_threads(None, None, 1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(n)
+    out = CliRunner().invoke(main, ["eval", "--help"]).output
+    assert "--threads" in out and "share a" in out
