@@ -237,7 +237,7 @@ def _answer_grid(backend, trait, vector, rows, todo, specs, path, positions, gen
     opts = {k: v for k, v in gen.items() if k != "seed"}
     answers: dict[int, str] = {}
     saved: set[int] = set()
-    bar = tqdm(total=len(grid), unit="answer", desc="eval", disable=not progress)
+    bar = tqdm(total=len(grid), unit="answer", desc="eval", smoothing=0, disable=not progress)
 
     def save(s: int) -> None:
         block = [answers[i] for i in range(s * len(specs), (s + 1) * len(specs))]

@@ -205,7 +205,12 @@ def _run_rows(backend, todo, prompts, done, side, total, batch_size, opts, bar_o
     from tqdm import tqdm
 
     n_tokens, t0 = 0, time.perf_counter()
-    bar = tqdm(total=total, initial=total - len(todo), unit="row", dynamic_ncols=True, **bar_opts)
+    # smoothing 0: the ETA from the mean rate since the start; answers of one call end in
+    # bursts, and a recent-rate estimate swings by hours between them
+    bar = tqdm(
+        total=total, initial=total - len(todo), unit="row", dynamic_ncols=True, smoothing=0,
+        **bar_opts,
+    )  # fmt: skip
     with side.open("a", encoding="utf-8") as f, bar:
 
         def save(k: int, answer: str) -> None:
