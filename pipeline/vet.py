@@ -74,6 +74,7 @@ class VetReport:
     suggested_ratio: str | None = None  # "0.25" / "0.5" / "1" when the causal measure ran
     suggested_coef: float | None = None
     causal: dict | None = None  # pairs, questions, tokens, max_cost, within_cost
+    judged: list[dict] = field(default_factory=list)  # vet --judged: per setting, judged means
 
     def row(self, r: int) -> RowCard:
         return self.rows[r]
@@ -102,6 +103,8 @@ def vet_vector(
     causal_pairs: int = 4,
     causal_tokens: int = 32,
     causal_rows: list[int] | None = None,
+    judged: int = 0,
+    judge=None,
 ) -> VetReport:
     """Vet one vector against the pos/neg CSVs it came from; write the report and return it.
 
@@ -112,7 +115,9 @@ def vet_vector(
     causal: per candidate row (`causal_rows`, default all but rows 0, 1 and the last), the
     teacher-forced gain and cost (vet_causal) on up to `causal_pairs` held-out pairs with
     answers cut to `causal_tokens` tokens; the suggestion becomes the largest gain whose cost
-    is at most `max_cost` nats per token (default 0.5).
+    is at most `max_cost` nats per token (default 0.5). judged: that many top causal settings
+    (and the unsteered answers) answer the held-out questions in one generate call, scored by
+    `judge` (a Judge, judges.make_judge).
     """
     path = Path(vector_path)
     vec = load_vector(path)
@@ -132,6 +137,13 @@ def vet_vector(
         coefs = {k: [r.coef[k] for r in report.rows] for k in report.rows[0].coef}
         rows = causal_rows or candidate_rows(vec.n_layers)
         add_causal(report, measure(b, vec.data, texts, coefs, rows), max_cost)
+        if judged:
+            from pertoken.pipeline.vet_judged import judged_check
+
+            held = set(report.split["held_out_questions"])
+            questions = list(dict.fromkeys(r["question"] for r, k in zip(pairs.pos, pairs.keys)
+                                           if k[0] in held))  # fmt: skip
+            report.judged = judged_check(b, report, vec.data, questions, judge, n=judged)
     from pertoken.pipeline.vet_report import write_report
 
     write_report(report, report_paths(out_dir or path.parent, trait))

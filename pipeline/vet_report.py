@@ -58,6 +58,12 @@ def summary_lines(report: VetReport) -> list[str]:
             f"{_num(r.cohens_d, '.2f')}; coef {_num(c['0.25'])} / {_num(c['0.5'])} / "
             f"{_num(c['1'])} gives coef*|v|/|h| = 0.25 / 0.5 / 1"
         )
+    for j in report.judged:
+        where = "unsteered" if j["row"] is None else f"layer {j['row']} coef {_num(j['coef'])}"
+        lines.append(
+            f"judged {where}: {report.trait} {_num(j['trait'], '.1f')}, coherence "
+            f"{_num(j['coherence'], '.1f')} (n {j['n']})"
+        )
     return lines + [f"warning: {w}" for w in report.warnings]
 
 
@@ -85,7 +91,25 @@ def to_markdown(report: VetReport) -> str:
             f"| {_num(c['1'])} | {r.auroc:.3f} | {_num(r.cohens_d, '.2f')} "
             f"| {_num(r.cos_next, '.3f')} |"
         )
-    return "\n".join(out + _causal_table(report) + _other_table(report)) + "\n"
+    tables = _causal_table(report) + _judged_table(report) + _other_table(report)
+    return "\n".join(out + tables) + "\n"
+
+
+def _judged_table(report: VetReport) -> list[str]:
+    if not report.judged:
+        return []
+    out = ["", "Judged steering check (held-out questions, greedy, one generate call):", ""]
+    out += [
+        "| row | ratio | coef | trait | coherence | n |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for j in report.judged:
+        row = "unsteered" if j["row"] is None else j["row"]
+        out.append(
+            f"| {row} | {j['ratio'] or '-'} | {_num(j['coef'])} | {_num(j['trait'], '.1f')} "
+            f"| {_num(j['coherence'], '.1f')} | {j['n']} |"
+        )
+    return out
 
 
 def _causal_table(report: VetReport) -> list[str]:

@@ -71,3 +71,35 @@ def test_vet_causal_columns_in_json_md_and_the_suggestion(tmp_path):
     md = (tmp_path / "v" / "evil_report.md").read_text()
     assert "What steering does" in md and "| 2 |" in md.split("What steering does")[1]
     assert (tmp_path / "v" / "evil_report.png").stat().st_size > 0
+
+
+class LengthJudge:
+    """Trait = answer length mod 100; coherence 80."""
+
+    identity = None
+
+    def judge_rows(self, rows):
+        for r in rows:
+            r["evil"], r["coherence"] = repr(float(len(r["answer"]) % 100)), "80.0"
+        return rows
+
+
+def test_judged_check_answers_top_settings_and_unsteered_in_one_call(tmp_path):
+    fake, csvs, paths = make_run(tmp_path, backend=ScoringBackend())
+    calls = len(fake.generate_calls)
+    r = vet_vector(
+        paths["response_avg"], pos_csv=csvs["pos"], neg_csv=csvs["neg"], backend=fake,
+        causal=True, judged=2, judge=LengthJudge(),
+    )  # fmt: skip
+    # one generate call for the own answers (causal), one for the judged check
+    assert len(fake.generate_calls) == calls + 2
+    held = r.split["held_out_questions"]
+    assert [j["row"] for j in r.judged][0] is None and len(r.judged) == 3
+    assert all(j["n"] == len(held) and j["coherence"] == 80.0 for j in r.judged)
+    top = sorted(
+        ((x.row, k) for x in r.rows if x.gain for k in x.gain),
+        key=lambda s: (r.row(s[0]).cost[s[1]] > r.causal["max_cost"], -r.row(s[0]).gain[s[1]]),
+    )[:2]
+    assert [(j["row"], j["ratio"]) for j in r.judged[1:]] == top
+    md = (tmp_path / "v" / "evil_report.md").read_text()
+    assert "Judged steering check" in md and "| unsteered |" in md
