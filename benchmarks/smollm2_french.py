@@ -32,6 +32,7 @@ def main() -> None:
     ap.add_argument("--eval", type=int, default=10)
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--causal-pairs", type=int, default=3)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     gguf, why = fetch_smollm2()
@@ -44,7 +45,7 @@ def main() -> None:
     t1 = time.perf_counter()
     card = vet_vector(
         run["vectors"]["response_avg"], pos_csv=run["csvs"]["pos"], neg_csv=run["csvs"]["neg"],
-        backend=b, causal=True,
+        backend=b, causal=True, causal_pairs=args.causal_pairs,
     )  # fmt: skip
     t2 = time.perf_counter()
     vec = load_vector(run["vectors"]["response_avg"]).data

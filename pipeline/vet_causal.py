@@ -47,7 +47,9 @@ def candidate_rows(n_layers: int) -> list[int]:
 def held_out_texts(backend, pairs, held_out: set[int], *, max_pairs=4, max_tokens=32) -> Texts:
     """Held-out pairs under the bare question (no system prompt), and the model's own greedy
     answers to those questions (one generate call)."""
-    keep = [b for b, key in enumerate(pairs.keys) if key[0] in held_out][:max_pairs]
+    held = [b for b, key in enumerate(pairs.keys) if key[0] in held_out]
+    # (instruction, sample, question) order: the first pairs come from different questions
+    keep = sorted(held, key=lambda b: (*pairs.keys[b][1:], pairs.keys[b][0]))[:max_pairs]
     questions = list(dict.fromkeys(pairs.pos[b]["question"] for b in keep))
     prompts = {q: backend.chat_prompt(None, q) for q in questions}
     own = backend.generate(list(prompts.values()), max_new_tokens=max_tokens, temperature=0.0)
