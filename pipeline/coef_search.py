@@ -5,7 +5,8 @@ Each row starts where coef * |v| / |h| = 0.5 (|h|: the mean residual norm of the
 answers at that row), doubles the coefficient while coherence holds, then bisects between the
 last coefficient that held and the first that did not. These steps answer the first quarter of
 the evaluation questions, and more (doubling) while the 95% interval of a step's coherence
-still straddles the floor, up to every question; a decision still unclear then is reported.
+still straddles the floor, up to every question or until the search has judged half of what a
+5-coefficient sweep of its rows would; a decision still unclear then is reported.
 The best few settings are then answered on every question, and the best of those whose
 coherence holds on the full set is the pick. Answers go to `answers.csv`
 with eval's columns and are judged as they come, so a rerun resumes without generating or
@@ -41,6 +42,7 @@ MAX_GROW = 4  # growing steps after the first (ratio 0.5 -> 8)
 BISECT = 2  # bisection steps once coherence has fallen
 SUBSET = 0.25  # share of the questions answered while searching
 TOP = 2  # settings answered on every question at the end
+GROW_BUDGET = 0.5  # growing samples stops at this share of what a 5-coefficient sweep judges
 
 
 @dataclass
@@ -226,6 +228,7 @@ class _Search:
         self.subset = self.all[: max(1, math.ceil(q * SUBSET))]
         self.name = store.trait.name
         self.undecided: list[Point] = []
+        self.budget = GROW_BUDGET * self._grid_answers()
 
     def run(self) -> SearchResult:
         base = self.store.setting(self.layers[0], 0.0, self.all)
@@ -250,7 +253,7 @@ class _Search:
             best=best,
             points=self._points(),
             answers=len(self.store.touched),
-            grid_answers=(1 + 4 * len(self.layers)) * len(self.all) * self._n(),
+            grid_answers=self._grid_answers(),
             generated=self.store.generated,
             seconds=0.0,
             undecided=self.undecided,
@@ -258,6 +261,10 @@ class _Search:
 
     def _n(self) -> int:
         return self.store.sampling["n_per_question"]
+
+    def _grid_answers(self) -> int:
+        """What eval's 5-coefficient sweep over the same rows would judge."""
+        return (1 + 4 * len(self.layers)) * len(self.all) * self._n()
 
     def _held(self, p: Point) -> bool:
         """Scored, with mean coherence at or above the floor."""
@@ -271,13 +278,15 @@ class _Search:
 
     def _holds(self, layer: int, coef: float) -> bool:
         """Coherence at the floor, on the subset, or on more questions (doubling) while the
-        decision is unclear; unclear on every question is recorded in `undecided`."""
+        decision is unclear and the budget allows; still unclear goes to `undecided`."""
         questions = self.subset
         while True:
             p = point(layer, coef, self.store.setting(layer, coef, questions), self.name)
-            if self._clear(p) or len(questions) == len(self.all):
+            more = self.all[: 2 * len(questions)]
+            extra = (len(more) - len(questions)) * self._n()
+            if self._clear(p) or not extra or len(self.store.touched) + extra > self.budget:
                 break
-            questions = self.all[: 2 * len(questions)]
+            questions = more
         if not self._clear(p):
             self.undecided.append(p)
         return self._held(p)
@@ -393,8 +402,8 @@ def format_search(trait: str, result: SearchResult) -> str:
     for p in result.undecided:
         lines.append(
             f"undecided: layer {p.layer} coef {p.coef:g} has coherence {_f(p.coherence)} "
-            f"+- {_f(p.coherence_ci)} on all {p.n} answers, around the floor "
-            f"{result.floor:g}: raise --n-per-question for a clear decision"
+            f"+- {_f(p.coherence_ci)} on {p.n} answers, around the floor {result.floor:g} "
+            "(more would pass the search's budget): raise --n-per-question for a clear decision"
         )
     lines.append(
         f"judged {result.answers} answers ({result.generated} generated now); a "
