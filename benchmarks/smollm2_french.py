@@ -21,6 +21,7 @@ import torch
 from pertoken.backends.torch.backend import TorchBackend
 from pertoken.pipeline.vet import vet_vector
 from pertoken.vectors import load_vector
+from tests.french_judge import KeywordJudge
 from tests.french_run import extraction_run, french_kit, judged_settings
 from tests.real_model import fetch_smollm2
 
@@ -33,6 +34,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--causal-pairs", type=int, default=3)
+    ap.add_argument("--judged", type=int, default=4)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     gguf, why = fetch_smollm2()
@@ -45,7 +47,8 @@ def main() -> None:
     t1 = time.perf_counter()
     card = vet_vector(
         run["vectors"]["response_avg"], pos_csv=run["csvs"]["pos"], neg_csv=run["csvs"]["neg"],
-        backend=b, causal=True, causal_pairs=args.causal_pairs,
+        backend=b, causal=True, causal_pairs=args.causal_pairs, judged=args.judged,
+        judge=KeywordJudge(),
     )  # fmt: skip
     t2 = time.perf_counter()
     vec = load_vector(run["vectors"]["response_avg"]).data
@@ -59,6 +62,7 @@ def main() -> None:
         "suggested": {"row": card.suggested_row, "ratio": card.suggested_ratio,
                       "coef": card.suggested_coef},
         "warnings": card.warnings,
+        "card_judged": card.judged,
         "auroc": [round(r.auroc, 3) for r in card.rows],
         "gain": {r.row: r.gain for r in card.rows if r.gain},
         "cost": {r.row: r.cost for r in card.rows if r.cost},

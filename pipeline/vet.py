@@ -144,6 +144,7 @@ def vet_vector(
             questions = list(dict.fromkeys(r["question"] for r, k in zip(pairs.pos, pairs.keys)
                                            if k[0] in held))  # fmt: skip
             report.judged = judged_check(b, report, vec.data, questions, judge, n=judged)
+            _judged_suggestion(report)
     from pertoken.pipeline.vet_report import write_report
 
     write_report(report, report_paths(out_dir or path.parent, trait))
@@ -217,6 +218,21 @@ def add_causal(report: VetReport, c: Causal, max_cost: float = MAX_COST) -> None
             f"token: the suggestion (layer {row}, ratio {ratio}) is the cheapest; check "
             "coherence before trusting it"
         )
+
+
+def _judged_suggestion(report: VetReport) -> None:
+    from pertoken.pipeline.vet_judged import MIN_COHERENCE, judged_pick
+
+    pick = judged_pick(report.judged)
+    if pick is None:
+        report.warnings.append(
+            f"no judged setting kept coherence >= {MIN_COHERENCE:g}: the suggestion is the "
+            "causal one; try smaller coefficients or other rows with pertoken eval"
+        )
+        return
+    report.suggested_row, report.suggested_ratio = pick["row"], pick["ratio"]
+    report.suggested_coef = pick["coef"]
+    report.causal["judged_pick"] = True
 
 
 def _fits(s: SampleSummaries, keys, kinds, model: str | None) -> bool:

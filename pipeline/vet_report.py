@@ -45,10 +45,11 @@ def summary_lines(report: VetReport) -> list[str]:
     lines = []
     if report.suggested_ratio is not None:
         r, k = report.row(report.suggested_row), report.suggested_ratio
+        how = "judged best" if report.causal.get("judged_pick") else "best causal gain"
         lines.append(
-            f"suggested layer {r.row}, coef {_num(report.suggested_coef)} (coef*|v|/|h| = {k}): "
-            f"causal gain {r.gain[k]:+.3f}, cost {r.cost[k]:+.3f} nats/token on held-out "
-            f"answers (held-out AUROC {r.auroc:.3f})"
+            f"suggested layer {r.row}, coef {_num(report.suggested_coef)} (coef*|v|/|h| = {k}, "
+            f"{how}): causal gain {r.gain[k]:+.3f}, cost {r.cost[k]:+.3f} nats/token on "
+            f"held-out answers (held-out AUROC {r.auroc:.3f})"
         )
     elif report.suggested_row is not None:
         r = report.row(report.suggested_row)

@@ -94,12 +94,14 @@ def test_judged_check_answers_top_settings_and_unsteered_in_one_call(tmp_path):
     # one generate call for the own answers (causal), one for the judged check
     assert len(fake.generate_calls) == calls + 2
     held = r.split["held_out_questions"]
-    assert [j["row"] for j in r.judged][0] is None and len(r.judged) == 3
+    # the two rows of best gain (cost within WIDE_COST) at each of the three coefficients
+    assert r.judged[0]["row"] is None and len(r.judged) == 1 + 2 * 3
     assert all(j["n"] == len(held) and j["coherence"] == 80.0 for j in r.judged)
-    top = sorted(
-        ((x.row, k) for x in r.rows if x.gain for k in x.gain),
-        key=lambda s: (r.row(s[0]).cost[s[1]] > r.causal["max_cost"], -r.row(s[0]).gain[s[1]]),
-    )[:2]
-    assert [(j["row"], j["ratio"]) for j in r.judged[1:]] == top
+    steered = r.judged[1:]
+    assert len({j["row"] for j in steered}) == 2
+    # every setting kept coherence: the suggestion is the highest judged trait
+    best = max(steered, key=lambda j: (j["trait"], j["coherence"]))
+    assert (r.suggested_row, r.suggested_ratio) == (best["row"], best["ratio"])
+    assert r.suggested_coef == best["coef"] and r.causal["judged_pick"]
     md = (tmp_path / "v" / "evil_report.md").read_text()
     assert "Judged steering check" in md and "| unsteered |" in md
