@@ -38,7 +38,6 @@ from pertoken.pipeline.vet_causal import (
 )
 from pertoken.vectors import PersonaVector, load_vector
 
-JUDGED_QUESTIONS = 8  # questions the judged check asks per setting
 SATURATED = 0.9  # held-out AUROC on every candidate row at or above this cannot rank rows
 _NAME = re.compile(r"(?P<trait>.+)_(?P<kind>response_avg|prompt_avg|prompt_last)_(diff|probe)")
 
@@ -141,11 +140,9 @@ def vet_vector(
         if judged:
             from pertoken.pipeline.vet_judged import judged_check
 
-            # held-out questions first; more of the others when few are held out (these
-            # answers had an instruction, the check's have none)
             held = set(report.split["held_out_questions"])
-            ordered = sorted(zip(pairs.keys, pairs.pos), key=lambda kr: kr[0][0] not in held)
-            questions = list(dict.fromkeys(r["question"] for _, r in ordered))[:JUDGED_QUESTIONS]
+            questions = list(dict.fromkeys(r["question"] for r, k in zip(pairs.pos, pairs.keys)
+                                           if k[0] in held))  # fmt: skip
             report.judged = judged_check(b, report, vec.data, questions, judge, n=judged)
             _judged_suggestion(report)
     from pertoken.pipeline.vet_report import write_report

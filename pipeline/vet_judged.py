@@ -3,8 +3,7 @@
 Teacher forcing cannot see a model that loops ("la la la") on fluent-looking tokens, and for a
 trait that changes the whole answer (a language) the cost on the model's own answers moves with
 the gain. So the N rows with the largest causal gain at a cost of at most WIDE_COST, at each of
-the card's coefficients, answer up to 8 questions (the held-out ones first) with no instruction
-(greedy, 48 tokens), beside the
+the card's coefficients, answer the held-out questions with no instruction (greedy), beside the
 unsteered answers, all in one generate call; the judge scores trait and coherence, and the
 suggestion becomes the highest judged trait whose judged coherence is at least MIN_COHERENCE."""
 
@@ -37,7 +36,7 @@ def judged_pick(judged: list[dict]) -> dict | None:
     return max(ok, key=lambda j: (j["trait"], j["coherence"])) if ok else None
 
 
-def judged_check(backend, report, vector, questions, judge, *, n: int, max_new_tokens=48):
+def judged_check(backend, report, vector, questions, judge, *, n: int, max_new_tokens=64):
     """[{row, ratio, coef, trait, coherence, n}] with the unsteered answers first (row None)."""
     settings = [(None, None)] + top_settings(report, n)
     grid = [(s, q) for s in settings for q in questions]
