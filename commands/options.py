@@ -32,9 +32,18 @@ def model_options(default_model: str | None = None):
             "-m",
             default=default_model,
             required=default_model is None,
-            help="Hugging Face hub id or local folder.",
+            help="Hugging Face hub id, local folder, or a GGUF file (or a folder holding one).",
         )
         @backend_option()
+        @click.option(
+            "--threads",
+            type=click.IntRange(min=1),
+            default=None,
+            expose_value=False,
+            callback=_set_threads,
+            help="torch's CPU threads (default: all cores). When several runs share a "
+            "machine, give each a share (e.g. 1-2): oversubscribed threads stall.",
+        )
         @click.option("--dtype", default=None, help="float32, bfloat16 or float16 (auto).")
         @click.option(
             "--device",
@@ -48,6 +57,17 @@ def model_options(default_model: str | None = None):
         return inner
 
     return wrap
+
+
+def _set_threads(ctx, param, threads: int | None) -> None:
+    if threads is None:
+        return
+    import os
+
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # for libraries that read it later
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 def load_model(

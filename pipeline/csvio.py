@@ -128,5 +128,8 @@ def parse_score(value) -> float | None:
 
 
 def format_score(score: float | None) -> str:
-    """A score as a CSV cell: its repr, or "" when missing (None, NaN or infinite)."""
-    return "" if score is None or not math.isfinite(score) else repr(float(score))
+    """A score as a CSV cell, rounded to 4 decimals (the judge formula's 3e-15 is 0.0), or ""
+    when missing (None, NaN or infinite)."""
+    if score is None or not math.isfinite(score):
+        return ""
+    return repr(round(float(score), 4) + 0.0)  # + 0.0: no "-0.0"

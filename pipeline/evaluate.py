@@ -232,87 +232,134 @@ def setting_steer(op: str, layer: int, direction, value: float, positions: str) 
 
 
 def _generate(backend, trait, vector, rows, todo, path, n, positions, gen, progress, op="add"):
-    """Answer each missing setting, saving answers.csv after each one."""
+    """Answer every missing setting in one generate call (each prompt carries its setting's
+    steer, so slots freed by short answers take the next prompts of any setting); a setting's
+    rows are saved to answers.csv as soon as its last answer ends. The unsteered setting is
+    answered once and copied to every layer."""
+    specs = [(i, q, j) for i, q in enumerate(trait.eval_questions) for j in range(n)]
+    steers = {(L, c): setting_steer(op, L, vector.row(L), c, positions) for L, c in todo}
+    zeros = [L for L, c in todo if steers[L, c] is None]
+    todo = [t for t in todo if steers[t] is not None]
+    if zeros and not _copy_unsteered(rows, zeros):  # no unsteered answers yet: make one set
+        todo.insert(0, (zeros[0], 0.0))
+        steers[zeros[0], 0.0] = None
+    if todo:
+        grid = _Grid(trait, specs, todo, [steers[t] for t in todo])
+        _answer_grid(backend, grid, rows, path, gen, progress)
+    _copy_unsteered(rows, zeros)
+    write_answers(path, trait.name, rows)
+
+
+@dataclass
+class _Grid:
+    """The settings of one generate call: every (setting, question, sample) is one prompt."""
+
+    trait: object
+    specs: list[tuple]  # (question index, question, sample)
+    todo: list[tuple]  # (layer, coef) per setting
+    steers: list  # Steer | None per setting
+
+    def prompts(self, backend, gen) -> tuple[list[str], list, list[int]]:
+        grid = [(s, spec) for s in range(len(self.todo)) for spec in self.specs]
+        # each (question, sample) has its own seed, the same in every setting, so settings
+        # differ only by the steering
+        name = self.trait.name
+        seeds = [sample_seed(gen["seed"], f"{name}_{i}", j) for _, (i, _, j) in grid]
+        prompts = [backend.chat_prompt(None, q) for _, (_, q, _) in grid]
+        return prompts, [self.steers[s] for s, _ in grid], seeds
+
+
+def _answer_grid(backend, grid: _Grid, rows, path, gen, progress) -> None:
     from tqdm import tqdm
 
-    per_setting = n * len(trait.eval_questions)
-    bar = tqdm(total=len(todo) * per_setting, unit="answer", desc="eval", disable=not progress)
+    prompts, steers, seeds = grid.prompts(backend, gen)
+    opts = {k: v for k, v in gen.items() if k != "seed"}
+    per, name = len(grid.specs), grid.trait.name
+    answers: dict[int, str] = {}
+    saved: set[int] = set()
+    bar = tqdm(total=len(prompts), unit="answer", desc="eval", smoothing=0, disable=not progress)
+
+    def save(s: int) -> None:
+        block = [answers[i] for i in range(s * per, (s + 1) * per)]
+        rows.extend(_setting_rows(name, *grid.todo[s], grid.specs, block))
+        saved.add(s)
+        write_answers(path, name, rows)
+
+    def done(k: int, text: str) -> None:
+        answers[k] = text
+        bar.update(1)
+        s = k // per  # the setting of answer k; saved once all its answers are in
+        if all(i in answers for i in range(s * per, (s + 1) * per)):
+            save(s)
+
     with bar:
-        for layer, coef in todo:
-            bar.set_postfix_str(f"layer {layer} coef {coef:g}")
-            steer = setting_steer(op, layer, vector.row(layer), coef, positions)
-            rows += _answer_setting(backend, trait, rows, layer, coef, steer, n, gen, bar)
-            write_answers(path, trait.name, rows)
+        out = backend.generate(prompts, steer=steers, seeds=seeds, on_answer=done, **opts)
+    answers |= dict(enumerate(out))
+    for s in range(len(grid.todo)):
+        if s not in saved:
+            save(s)
 
 
 def _pool_generate(
     pool, backend, trait, vector, rows, todo, path, n, positions, gen, progress, op="add"
 ):
-    """The missing settings answered by the pool's actors; answers.csv is rewritten, in the
-    grid's order, as each comes back. Coefficient 0 is answered once and reused."""
+    """The missing settings answered by the pool's actors, one setting a shard; answers.csv
+    is rewritten, in the grid's order, as each comes back. The unsteered setting is answered
+    once and copied to every layer."""
     from tqdm import tqdm
 
     from pertoken.pipeline.distributed import map_shards
 
+    specs = [(i, q, j) for i, q in enumerate(trait.eval_questions) for j in range(n)]
     steers = {(L, c): setting_steer(op, L, vector.row(L), c, positions) for L, c in todo}
-    has_zero = op == "add" and any(float(r["coef"]) == 0 for r in rows)
     zeros = [s for s in todo if steers[s] is None]
+    has_zero = any(float(r["coef"]) == 0 for r in rows) and op == "add"
     sent = [s for s in todo if steers[s] is not None or (not has_zero and s == zeros[0])]
-    shards = [(L, c, steers[L, c]) for L, c in sent]
-    fn = functools.partial(answer_setting, trait, n, gen)
+    fn = functools.partial(answer_setting, trait, specs, gen)
     base, got = list(rows), {}
-    per_setting = n * len(trait.eval_questions)
-    bar = tqdm(total=len(todo) * per_setting, unit="answer", desc="eval", disable=not progress)
+    bar = tqdm(total=len(todo) * len(specs), unit="answer", desc="eval", disable=not progress)
     with bar:
-        for i, answers in map_shards(fn, shards, pool=pool):
+        for i, answers in map_shards(fn, [(*s, steers[s]) for s in sent], pool=pool):
             got[sent[i]] = answers
             rows[:] = base + [r for s in todo if s in got for r in got[s]]
             write_answers(path, trait.name, rows)
-            bar.update(per_setting)
-        for s in todo:  # the other coefficient-0 settings reuse the unsteered answers
-            if s not in got:
-                got[s] = _answer_setting(None, trait, rows, *s, None, n, gen, bar)
-        rows[:] = base + [r for s in todo for r in got[s]]
+            bar.update(len(specs))
+        rows[:] = base + [r for s in todo if s in got for r in got[s]]
+        _copy_unsteered(rows, [L for L, _ in zeros])  # the other layers' coefficient 0
         write_answers(path, trait.name, rows)
 
 
-def answer_setting(trait, n, gen, backend, shard) -> list[dict]:
-    """A pool actor's work: the answers of one (layer, coef, steer) setting."""
+def answer_setting(trait, specs, gen, backend, shard) -> list[dict]:
+    """A pool actor's work: the answer rows of one (layer, coef, steer) setting."""
     layer, coef, steer = shard
-    return _answer_setting(backend, trait, [], layer, coef, steer, n, gen, _NoBar())
-
-
-class _NoBar:
-    def update(self, n: int = 1) -> None:
-        pass
-
-
-def _answer_setting(backend, trait, rows, layer, coef, steer, n, gen, bar) -> list[dict]:
-    """Rows of one setting; coef 0 reuses another layer's unsteered answers when it has them."""
-    specs = [(i, q, j) for i, q in enumerate(trait.eval_questions) for j in range(n)]
-    old = [r for r in rows if float(r["coef"]) == 0] if steer is None else []
-    if old:
-        first = int(old[0]["layer"])
-        bar.update(len(specs))
-        return [{**r, "layer": layer} for r in old if int(r["layer"]) == first]
-    prompts = [backend.chat_prompt(None, q) for _, q, _ in specs]
-    # each (question, sample) has its own seed, the same in every setting, so settings differ
-    # only by the steering; one call, so slots freed by short answers take the next prompts
+    prompts, steers, seeds = _Grid(trait, specs, [(layer, coef)], [steer]).prompts(backend, gen)
     opts = {k: v for k, v in gen.items() if k != "seed"}
-    seeds = [sample_seed(gen["seed"], f"{trait.name}_{i}", j) for i, _, j in specs]
-    answers = backend.generate(
-        prompts, steer=steer, seeds=seeds,
-        on_answer=lambda *_: bar.update(1), **opts,
-    )  # fmt: skip
+    answers = backend.generate(prompts, steer=steer, seeds=seeds, **opts)
+    return _setting_rows(trait.name, layer, coef, specs, answers)
+
+
+def _copy_unsteered(rows: list[dict], layers: list[int]) -> bool:
+    """Give each of `layers` the unsteered answers of another layer; False when none exist."""
+    old = [r for r in rows if float(r["coef"]) == 0]
+    if not old:
+        return False
+    first = int(old[0]["layer"])
+    for L in layers:
+        if not any(int(r["layer"]) == L for r in old):
+            rows += [{**r, "layer": L} for r in old if int(r["layer"]) == first]
+    return True
+
+
+def _setting_rows(trait: str, layer, coef, specs, answers: list[str]) -> list[dict]:
     return [
         {
             "layer": layer,
             "coef": coef,
             "question": q,
             "answer": a,
-            trait.name: "",
+            trait: "",
             "coherence": "",
-            "question_id": f"{trait.name}_{i}",
+            "question_id": f"{trait}_{i}",
             "sample": j,
         }
         for (i, q, j), a in zip(specs, answers, strict=True)

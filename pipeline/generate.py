@@ -253,8 +253,10 @@ class _Saver:
 
         self.backend, self.todo, self.prompts, self.done = backend, todo, prompts, done
         self.file = side.open("a", encoding="utf-8")
+        # smoothing 0: the ETA from the mean rate since the start; answers of one call end in
+        # bursts, and a recent-rate estimate swings by hours between them
         self.bar = tqdm(total=total, initial=total - len(todo), unit="row", dynamic_ncols=True,
-                        **bar_opts)  # fmt: skip
+                        smoothing=0, **bar_opts)  # fmt: skip
         self.n_tokens, self.t0, self.answered = 0, time.perf_counter(), 0
         # the time estimate comes once, after the first batch of answers
         self.estimate_at = min(batch_size or 16, len(todo))

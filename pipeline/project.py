@@ -79,9 +79,10 @@ def _project_rows(backend, rows, v, layer, batch_size, chunk_rows) -> np.ndarray
     out = []
     for start in range(0, len(rows), chunk_rows):
         chunk = rows[start : start + chunk_rows]
-        s = backend.summaries(
-            [r["prompt"] for r in chunk], [r["answer"] for r in chunk], batch_size=batch_size
-        )
+        # eval's answers.csv has the question only: template it with no system prompt, as
+        # eval asked it
+        prompts = [r.get("prompt") or backend.chat_prompt(None, r["question"]) for r in chunk]
+        s = backend.summaries(prompts, [r["answer"] for r in chunk], batch_size=batch_size)
         resp, last = s.response_avg[:, layer], s.prompt_last[:, layer]  # [n, hidden] each
         out.append(np.stack([project(resp, v), project(last, v), cosine(resp, v)], axis=1))
     return np.concatenate(out) if out else np.zeros((0, 3))
@@ -128,9 +129,11 @@ def _read_rows(path) -> tuple[list[str], list[dict]]:
         raise PertokenError(f"CSV file {path} does not exist: check the path")
     header, rows = read_table(path)
     missing = [c for c in ("prompt", "answer") if c not in header]
+    if "question" in header and "answer" in header:  # eval's answers.csv
+        missing = []
     if missing:
         raise PertokenError(
             f"{path} has no {' or '.join(missing)} column: pass a generation CSV with "
-            f"columns {', '.join(BASE_COLUMNS)}, {{trait}}, coherence"
+            f"columns {', '.join(BASE_COLUMNS)}, {{trait}}, coherence, or eval's answers.csv"
         )
     return header, rows

@@ -96,11 +96,11 @@ def load_summaries(path: str | Path) -> SampleSummaries | None:
 
 def collect(backend, rows: list[dict], *, keep: tuple[str, ...], batch_size: int = 8, bar=None):
     """({kind: mean over rows [R, H] float64} for every kind, {kind: per-row [N, R, H] float16}
-    for the kinds in `keep`), in chunks so memory holds one chunk in float32; `bar` (tqdm)
-    counts the rows done."""
+    for the kinds in `keep`), a batch at a time so memory holds one batch in float32; `bar`
+    (tqdm) counts the rows as each batch is done."""
     sums = {k: 0.0 for k in KINDS}
     kept: dict[str, list[np.ndarray]] = {k: [] for k in keep}
-    chunk = max(batch_size, 1) * 8
+    chunk = max(batch_size, 1)  # one batch: the bar moves on slow backends too
     for b in range(0, len(rows), chunk):
         part = rows[b : b + chunk]
         s = backend.summaries(

@@ -28,8 +28,17 @@ from pertoken.pipeline.summaries import (
     save_summaries,
     summaries_path,
 )
+from pertoken.pipeline.vet_causal import (
+    MAX_COST,
+    Causal,
+    candidate_rows,
+    held_out_texts,
+    measure,
+    suggest,
+)
 from pertoken.vectors import PersonaVector, load_vector
 
+SATURATED = 0.9  # held-out AUROC on every candidate row at or above this cannot rank rows
 _NAME = re.compile(r"(?P<trait>.+)_(?P<kind>response_avg|prompt_avg|prompt_last)_(diff|probe)")
 
 
@@ -43,6 +52,8 @@ class RowCard:
     cohens_d: float
     cos_next: float | None  # cosine with row + 1
     massive: list[tuple[int, float]]  # (dim, share of |h|^2) when a few dims dominate
+    gain: dict[str, float] | None = None  # ratio -> causal gain (nats/token), vet_causal
+    cost: dict[str, float] | None = None  # ratio -> cost on the model's own answers
 
 
 @dataclass
@@ -60,6 +71,10 @@ class VetReport:
     warnings: list[str]
     other_vectors: dict[str, list[float | None]] = field(default_factory=dict)  # cos per row
     files: dict[str, str] = field(default_factory=dict)
+    suggested_ratio: str | None = None  # "0.25" / "0.5" / "1" when the causal measure ran
+    suggested_coef: float | None = None
+    causal: dict | None = None  # pairs, questions, tokens, max_cost, within_cost
+    judged: list[dict] = field(default_factory=list)  # vet --judged: per setting, judged means
 
     def row(self, r: int) -> RowCard:
         return self.rows[r]
@@ -83,13 +98,26 @@ def vet_vector(
     holdout: float = 0.3,
     seed: int = 0,
     batch_size: int = 8,
+    causal: bool = False,
+    max_cost: float = MAX_COST,
+    causal_pairs: int = 4,
+    causal_tokens: int = 32,
+    causal_rows: list[int] | None = None,
+    judged: int = 0,
+    judge=None,
 ) -> VetReport:
     """Vet one vector against the pos/neg CSVs it came from; write the report and return it.
 
-    backend: a loaded backend, or a function that loads one; used only when the summaries
-    beside the vector are missing, stale or of another model than `model`. trait and the
-    kept-pair threshold default to the vector's sidecar; out_dir to the vector's folder;
-    holdout (default 0.3) is the share of questions held out.
+    backend: a loaded backend, or a function that loads one; used when the summaries
+    beside the vector are missing, stale or of another model than `model`, and by the causal
+    measure. trait and the kept-pair threshold default to the vector's sidecar; out_dir to the
+    vector's folder; holdout (default 0.3) is the share of questions held out.
+    causal: per candidate row (`causal_rows`, default all but rows 0, 1 and the last), the
+    teacher-forced gain and cost (vet_causal) on up to `causal_pairs` held-out pairs with
+    answers cut to `causal_tokens` tokens; the suggestion becomes the largest gain whose cost
+    is at most `max_cost` nats per token (default 0.5). judged: that many top causal settings
+    (and the unsteered answers) answer the held-out questions in one generate call, scored by
+    `judge` (a Judge, judges.make_judge).
     """
     path = Path(vector_path)
     vec = load_vector(path)
@@ -100,6 +128,23 @@ def vet_vector(
     report = build_report(
         vec, samples, path=path, trait=trait, kind=kind, method=method, holdout=holdout, seed=seed
     )
+    if causal:
+        b = _backend(backend)
+        texts = held_out_texts(
+            b, pairs, set(report.split["held_out_questions"]), max_pairs=causal_pairs,
+            max_tokens=causal_tokens,
+        )  # fmt: skip
+        coefs = {k: [r.coef[k] for r in report.rows] for k in report.rows[0].coef}
+        rows = causal_rows or candidate_rows(vec.n_layers)
+        add_causal(report, measure(b, vec.data, texts, coefs, rows), max_cost)
+        if judged:
+            from pertoken.pipeline.vet_judged import judged_check
+
+            held = set(report.split["held_out_questions"])
+            questions = list(dict.fromkeys(r["question"] for r, k in zip(pairs.pos, pairs.keys)
+                                           if k[0] in held))  # fmt: skip
+            report.judged = judged_check(b, report, vec.data, questions, judge, n=judged)
+            _judged_suggestion(report)
     from pertoken.pipeline.vet_report import write_report
 
     write_report(report, report_paths(out_dir or path.parent, trait))
@@ -137,9 +182,7 @@ def _samples(vec, path, pairs, trait, kind, backend, model, threshold, batch_siz
                 "another model; vet it with that model's CSVs and folder"
             )
         return s
-    b = backend() if callable(backend) and not hasattr(backend, "summaries") else backend
-    if b is None:
-        raise PertokenError(f"{file} is missing or stale and no model is given: pass --model")
+    b = _backend(backend, f"{file} is missing or stale")
     vec.check_model(b.n_layers, b.hidden_size, path)
     _, pos = collect(b, pairs.pos, keep=kinds, batch_size=batch_size)
     _, neg = collect(b, pairs.neg, keep=kinds, batch_size=batch_size)
@@ -148,6 +191,48 @@ def _samples(vec, path, pairs, trait, kind, backend, model, threshold, batch_siz
     s = from_pairs(pairs.keys, pos, neg, meta)
     save_summaries(s, file)
     return s
+
+
+def _backend(backend, why: str = "the causal measure runs the model"):
+    b = backend() if callable(backend) and not hasattr(backend, "summaries") else backend
+    if b is None:
+        raise PertokenError(f"{why} and no model is given: pass --model")
+    return b
+
+
+def add_causal(report: VetReport, c: Causal, max_cost: float = MAX_COST) -> None:
+    """Put the causal gain and cost on the rows and suggest by them (vet_causal.suggest)."""
+    for r in report.rows:
+        r.gain, r.cost = c.gain.get(r.row), c.cost.get(r.row)
+    pick = suggest(c, max_cost)
+    report.causal = {"pairs": c.pairs, "questions": c.questions, "tokens": c.tokens}
+    report.causal |= {"max_cost": max_cost, "within_cost": bool(pick and pick[2])}
+    if pick is None:
+        return
+    row, ratio, within = pick
+    report.suggested_row, report.suggested_ratio = row, ratio
+    report.suggested_coef = report.rows[row].coef[ratio]
+    if not within:
+        report.warnings.append(
+            f"every setting costs the model's own answers more than {max_cost:g} nats per "
+            f"token: the suggestion (layer {row}, ratio {ratio}) is the cheapest; check "
+            "coherence before trusting it"
+        )
+
+
+def _judged_suggestion(report: VetReport) -> None:
+    from pertoken.pipeline.vet_judged import MIN_COHERENCE, judged_pick
+
+    pick = judged_pick(report.judged)
+    if pick is None:
+        report.warnings.append(
+            f"no judged setting kept coherence >= {MIN_COHERENCE:g}: the suggestion is the "
+            "causal one; try smaller coefficients or other rows with pertoken eval"
+        )
+        return
+    report.suggested_row, report.suggested_ratio = pick["row"], pick["ratio"]
+    report.suggested_coef = pick["coef"]
+    report.causal["judged_pick"] = True
 
 
 def _fits(s: SampleSummaries, keys, kinds, model: str | None) -> bool:
@@ -237,7 +322,8 @@ def _other_vectors(vec: PersonaVector, path: Path) -> dict[str, list[float | Non
 
 def warnings_for(report: VetReport) -> list[str]:
     """Shallow separation (rows 0-1 as good as the middle), weak separation, massive dims."""
-    out = [w for w in (_early_warning(report), _weak_warning(report)) if w]
+    checks = (_early_warning(report), _weak_warning(report), _saturated_warning(report))
+    out = [w for w in checks if w]
     massive = {r.row: r.massive for r in report.rows if r.massive}
     if massive:
         dims = sorted({d for dims in massive.values() for d, _ in dims})
@@ -285,6 +371,17 @@ def _weak_warning(report: VetReport) -> str | None:
     return (
         f"weak separation: held-out AUROC is at most {best:.2f} in the middle rows; the vector "
         "barely tells held-out answers apart: check the judged scores or use more samples"
+    )
+
+
+def _saturated_warning(report: VetReport) -> str | None:
+    auroc = [report.rows[r].auroc for r in candidate_rows(len(report.rows) - 1)]
+    if min(auroc) < SATURATED:
+        return None
+    return (
+        f"held-out AUROC is saturated ({min(auroc):.2f}-{max(auroc):.2f} on every candidate "
+        "row): separation cannot rank the rows; rank them by what steering does (the causal "
+        "gain and cost, vet --causal) or check steering at several rows"
     )
 
 

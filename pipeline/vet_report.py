@@ -43,13 +43,27 @@ def _num(x: float | None, fmt: str = ".3g") -> str:
 def summary_lines(report: VetReport) -> list[str]:
     """The suggestion and the warnings, one line each (printed by the CLI)."""
     lines = []
-    if report.suggested_row is not None:
+    if report.suggested_ratio is not None:
+        r, k = report.row(report.suggested_row), report.suggested_ratio
+        how = "judged best" if report.causal.get("judged_pick") else "best causal gain"
+        lines.append(
+            f"suggested layer {r.row}, coef {_num(report.suggested_coef)} (coef*|v|/|h| = {k}, "
+            f"{how}): causal gain {r.gain[k]:+.3f}, cost {r.cost[k]:+.3f} nats/token on "
+            f"held-out answers (held-out AUROC {r.auroc:.3f})"
+        )
+    elif report.suggested_row is not None:
         r = report.row(report.suggested_row)
         c = r.coef
         lines.append(
             f"suggested layer {r.row}: held-out AUROC {r.auroc:.3f}, Cohen's d "
             f"{_num(r.cohens_d, '.2f')}; coef {_num(c['0.25'])} / {_num(c['0.5'])} / "
             f"{_num(c['1'])} gives coef*|v|/|h| = 0.25 / 0.5 / 1"
+        )
+    for j in report.judged:
+        where = "unsteered" if j["row"] is None else f"layer {j['row']} coef {_num(j['coef'])}"
+        lines.append(
+            f"judged {where}: {report.trait} {_num(j['trait'], '.1f')}, coherence "
+            f"{_num(j['coherence'], '.1f')} (n {j['n']})"
         )
     return lines + [f"warning: {w}" for w in report.warnings]
 
@@ -78,7 +92,49 @@ def to_markdown(report: VetReport) -> str:
             f"| {_num(c['1'])} | {r.auroc:.3f} | {_num(r.cohens_d, '.2f')} "
             f"| {_num(r.cos_next, '.3f')} |"
         )
-    return "\n".join(out + _other_table(report)) + "\n"
+    tables = _causal_table(report) + _judged_table(report) + _other_table(report)
+    return "\n".join(out + tables) + "\n"
+
+
+def _judged_table(report: VetReport) -> list[str]:
+    if not report.judged:
+        return []
+    out = ["", "Judged steering check (held-out questions, greedy, one generate call):", ""]
+    out += [
+        "| row | ratio | coef | trait | coherence | n |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for j in report.judged:
+        row = "unsteered" if j["row"] is None else j["row"]
+        out.append(
+            f"| {row} | {j['ratio'] or '-'} | {_num(j['coef'])} | {_num(j['trait'], '.1f')} "
+            f"| {_num(j['coherence'], '.1f')} | {j['n']} |"
+        )
+    return out
+
+
+def _causal_table(report: VetReport) -> list[str]:
+    if not report.causal:
+        return []
+    c = report.causal
+    out = [
+        "",
+        f"What steering does (teacher-forced, {c['pairs']} held-out pairs and the model's own "
+        f"answers to {c['questions']} held-out questions, up to {c['tokens']} tokens each): "
+        "gain = rise of the trait answers' log-likelihood over their opposites', cost = loss "
+        f"on the model's own unsteered answers, nats per token; suggested: the largest gain "
+        f"with cost <= {c['max_cost']:g}.",
+        "",
+        "| row | gain @0.25 | gain @0.5 | gain @1 | cost @0.25 | cost @0.5 | cost @1 |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in report.rows:
+        if r.gain is None:
+            continue
+        g = [_num(r.gain.get(k), "+.3f") for k in ("0.25", "0.5", "1")]
+        k = [_num(r.cost.get(k), "+.3f") for k in ("0.25", "0.5", "1")]
+        out.append(f"| {r.row} | " + " | ".join(g + k) + " |")
+    return out
 
 
 def _other_table(report: VetReport) -> list[str]:
@@ -102,7 +158,8 @@ def plot_report(report: VetReport, path: Path) -> None:
     from matplotlib.ticker import MaxNLocator
 
     rows = [r.row for r in report.rows]
-    fig, ax = plt.subplots(2, 2, figsize=(11, 7), constrained_layout=True)
+    n = 3 if report.causal else 2
+    fig, ax = plt.subplots(n, 2, figsize=(11, 3.5 * n), constrained_layout=True)
     _plot_separation(ax[0, 0], report, rows)
     ax[0, 1].plot(rows, [r.v_norm for r in report.rows], marker="o", label="|v|")
     ax[0, 1].plot(rows, [r.h_norm for r in report.rows], marker="s", label="mean |h|")
@@ -113,6 +170,8 @@ def plot_report(report: VetReport, path: Path) -> None:
             ax[1, 0].plot(*zip(*pts), marker="o", label=f"coef*|v|/|h| = {ratio}")
     ax[1, 0].set(title="coefficient for a given coef*|v|/|h|", xlabel="layer (row)", yscale="log")
     _plot_cosines(ax[1, 1], report, rows)
+    if report.causal:
+        _plot_causal(ax[2, 0], ax[2, 1], report)
     for a in ax.flat:
         a.xaxis.set_major_locator(MaxNLocator(integer=True))
         a.grid(alpha=0.3)
@@ -134,6 +193,22 @@ def _plot_separation(ax, report: VetReport, rows: list[int]) -> None:
     twin = ax.twinx()
     twin.plot(rows, d, color="tab:green", marker=".", ls=":")
     twin.set_ylabel("Cohen's d (dotted)", color="tab:green")
+
+
+def _plot_causal(gain_ax, cost_ax, report: VetReport) -> None:
+    cards = [r for r in report.rows if r.gain is not None]
+    for ratio in ("0.25", "0.5", "1"):
+        pts = [(r.row, r.gain[ratio], r.cost[ratio]) for r in cards if ratio in r.gain]
+        if pts:
+            x, g, c = zip(*pts)
+            gain_ax.plot(x, g, marker="o", label=f"ratio {ratio}")
+            cost_ax.plot(x, c, marker="o", label=f"ratio {ratio}")
+    cost_ax.axhline(report.causal["max_cost"], color="0.5", ls=":", label="cost bound")
+    for a in (gain_ax, cost_ax):
+        if report.suggested_row is not None:
+            a.axvline(report.suggested_row, color="tab:red", ls="--", label="suggested")
+    gain_ax.set(title="causal gain (nats/token)", xlabel="layer (row)")
+    cost_ax.set(title="cost on own answers (nats/token)", xlabel="layer (row)")
 
 
 def _plot_cosines(ax, report: VetReport, rows: list[int]) -> None:

@@ -67,7 +67,8 @@ def _completion(body: dict, score: int) -> dict:
 class BankJudge:
     """Serve on 127.0.0.1 in a thread; `with BankJudge() as j: j.base_url`. Keeps every request."""
 
-    def __init__(self):
+    def __init__(self, score=score_message, port: int = 0):
+        """score: filled rubric -> 0-100 (default: the phrase banks of semantic_model)."""
         self.requests: list[dict] = []
         judge = self
 
@@ -81,7 +82,7 @@ class BankJudge:
                     m["content"] if isinstance(m["content"], str) else json.dumps(m["content"])
                     for m in body.get("messages", [])
                 )
-                self._send(200, _completion(body, score_message(text)))
+                self._send(200, _completion(body, score(text)))
 
             def _send(self, code: int, payload: dict):
                 data = json.dumps(payload).encode()
@@ -94,7 +95,7 @@ class BankJudge:
             def log_message(self, *args):
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.base_url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 

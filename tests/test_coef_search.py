@@ -33,12 +33,29 @@ class FakeBackend:
         return f"<u>{user}</u>"
 
     def generate(self, prompts, *, steer=None, **opts):
+        if isinstance(steer, list):  # eval's grid: one steer per prompt, answered per setting
+            return self._grid(prompts, steer, **opts)
         layer, coef = (0, 0.0) if steer is None else (steer.terms[0].row, steer.terms[0].coef)
         self.generated.append((layer, coef, len(prompts)))
         self.seeded.append(((layer, coef), set(zip(prompts, opts["seeds"], strict=True))))
         trait = 30.0 if coef == 0 else min(95.0, 50 + 5 * coef * self.gain[layer])
         coherence = 90.0 if coef <= self.collapse else 10.0
         return [f"trait={trait} coherence={coherence} to {p}" for p in prompts]
+
+    def _grid(self, prompts, steers, *, seeds, **opts):
+        def key(s):
+            return None if s is None else (s.terms[0].row, s.terms[0].coef)
+
+        out = [None] * len(prompts)
+        for k in dict.fromkeys(key(s) for s in steers):
+            idx = [i for i, s in enumerate(steers) if key(s) == k]
+            steer = next(steers[i] for i in idx)
+            got = self.generate(
+                [prompts[i] for i in idx], steer=steer, seeds=[seeds[i] for i in idx], **opts
+            )
+            for i, a in zip(idx, got, strict=True):
+                out[i] = a
+        return out
 
     def summaries(self, prompts, answers, *, batch_size=8):
         h = np.zeros((len(prompts), self.n_layers + 1, self.hidden_size), np.float32)
@@ -171,3 +188,32 @@ def test_bad_inputs_are_clear_errors(tmp_path):
     search(FakeBackend(), tmp_path, FakeJudge())
     with pytest.raises(PertokenError, match="other settings.*n_per_question"):
         search(FakeBackend(), tmp_path, FakeJudge(), n_per_question=3)
+
+
+class BorderlineBackend(FakeBackend):
+    """Coherence of layer 1 coef 2 alternates 50 / 90 by question: its mean sits on the floor."""
+
+    def generate(self, prompts, *, steer=None, **opts):
+        out = super().generate(prompts, steer=steer, **opts)
+        if isinstance(steer, list) or steer is None or steer.terms[0].coef != 2.0:
+            return out
+        odd = [int(re.search(r"question (\d+)", p)[1]) % 2 for p in prompts]
+        return [a.replace("coherence=90.0", f"coherence={50 + 40 * k}.0") for a, k in zip(out, odd)]
+
+
+def test_search_grows_the_sample_while_the_decision_is_unclear_and_says_so(tmp_path):
+    backend = BorderlineBackend()
+    r = search(backend, tmp_path, FakeJudge(), layers=[1])
+    asked = sum(n for lay, c, n in backend.generated if (lay, c) == (1, 2.0))
+    assert asked == 8 * 2  # grown from the 2-question subset to every question
+    assert [(p.layer, p.coef, p.n) for p in r.undecided] == [(1, 2.0, 16)]
+    assert asked_clear(backend) == 2 * 2  # coef 1 was clear on the subset: not grown
+    text = format_search("bossy", r)
+    assert "undecided: layer 1 coef 2" in text and "raise --n-per-question" in text
+    data = json.loads((tmp_path / "search.json").read_text())
+    assert data["unsteered"]["layer"] is None and data["unsteered"]["coef"] == 0.0
+    assert data["undecided"][0]["coef"] == 2.0
+
+
+def asked_clear(backend) -> int:
+    return sum(n for lay, c, n in backend.generated if (lay, c) == (1, 1.0))

@@ -24,10 +24,11 @@ class FakeBackend:
         return f"[{system}] {user}"
 
     def generate(self, prompts, *, steer=None, **opts):
-        self.calls.append((len(prompts), steer, opts))
-        coef = 0.0 if steer is None else steer.terms[0].coef
-        word = "bossy" if coef > 0 else "meek" if coef < 0 else "plain"
-        return [f"{word} answer to {p}" for p in prompts]
+        steers = steer if isinstance(steer, list) else [steer] * len(prompts)
+        self.calls.append((len(prompts), steers, opts))
+        coefs = [0.0 if s is None else s.terms[0].coef for s in steers]
+        words = ["bossy" if c > 0 else "meek" if c < 0 else "plain" for c in coefs]
+        return [f"{w} answer to {p}" for w, p in zip(words, prompts)]
 
 
 class FakeJudge:
@@ -68,10 +69,11 @@ def test_sweep_writes_answers_summary_and_plot(tmp_path):
     header, rows = read(tmp_path / "answers.csv")
     assert header[:6] == ["layer", "coef", "question", "answer", "bossy", "coherence"]
     assert len(rows) == 2 * 3 * 3 * 2  # layers x coefs x questions x samples
-    # coef 0 is generated once and shared by both layers; no steer is passed for it
-    assert len(backend.calls) == 2 * 2 + 1
-    assert sum(call[1] is None for call in backend.calls) == 1
-    steered = [c[1] for c in backend.calls if c[1] is not None]
+    # the whole grid in one call; coef 0 is generated once and shared by both layers, with
+    # no steer for its prompts
+    assert len(backend.calls) == 1 and backend.calls[0][0] == (2 * 2 + 1) * 3 * 2
+    assert sum(s is None for s in backend.calls[0][1]) == 3 * 2
+    steered = [s for s in backend.calls[0][1] if s is not None]
     assert {(s.terms[0].row, s.terms[0].coef) for s in steered} == {
         (1, -1),
         (1, 1),
@@ -101,7 +103,7 @@ def test_rerun_resumes_without_regenerating_or_rejudging(tmp_path):
     again = sweep(backend, tmp_path, judge)
     assert again.generated == 0 and len(backend.calls) == n_calls and len(judge.seen) == n_judged
     more = sweep(backend, tmp_path, judge, coefs=(-1, 0, 1, 2))
-    assert more.generated == 2 and len(backend.calls) == n_calls + 2
+    assert more.generated == 2 and len(backend.calls) == n_calls + 1  # both in one call
     assert len(judge.seen) == n_judged + 2 * 3 * 2
     assert {s.coef for s in more.summary} == {-1, 0, 1, 2}
     # a narrower rerun summarizes only the settings it asks for
@@ -179,14 +181,15 @@ def test_cli_vector_from_another_model_is_one_line_error(tmp_path, llama_dir):
 def test_every_setting_samples_each_question_from_the_same_seeds(tmp_path):
     backend = FakeBackend()
     sweep(backend, tmp_path, FakeJudge(), coefs=(-1, 1), batch_size=4, seed=7)
-    # one call of 6 prompts (3 questions x 2 samples) per setting, 4 decoding at once
-    assert [c[0] for c in backend.calls] == [6] * 4
+    # one call of 4 settings x 6 prompts (3 questions x 2 samples), 4 decoding at once
+    assert [c[0] for c in backend.calls] == [4 * 6]
     assert all(c[2]["batch_size"] == 4 and "seed" not in c[2] for c in backend.calls)
-    seeds = [c[2]["seeds"] for c in backend.calls]
+    every = backend.calls[0][2]["seeds"]
+    seeds = [every[k : k + 6] for k in range(0, 24, 6)]
     assert all(s == seeds[0] for s in seeds) and len(set(seeds[0])) == 6
     other = FakeBackend()
     sweep(other, tmp_path / "other", FakeJudge(), coefs=(-1, 1), batch_size=6, seed=7)
-    assert other.calls[0][2]["seeds"] == seeds[0]  # not a matter of batching
+    assert other.calls[0][2]["seeds"] == every  # not a matter of batching
     sweep(other, tmp_path / "seed8", FakeJudge(), coefs=(-1, 1), seed=8)
     assert not set(other.calls[-1][2]["seeds"]) & set(seeds[0])
 

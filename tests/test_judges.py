@@ -102,3 +102,12 @@ def test_an_api_judge_without_a_key_stops_at_the_check(kit, monkeypatch, tmp_pat
     with pytest.raises(PertokenError, match="no OPENAI_API_KEY"):
         judge.check(reach=False)
     make_judge(kit, judge_model="local:m").check()  # a local judge is checked when it loads
+
+
+def test_scores_are_written_rounded():
+    from pertoken.pipeline.csvio import format_score
+
+    assert format_score(3.157838e-15) == "0.0"  # the judge formula when all mass is on "0"
+    assert format_score(-1e-12) == "0.0"
+    assert format_score(73.253712345) == "73.2537"
+    assert format_score(None) == "" and format_score(float("nan")) == ""

@@ -57,3 +57,19 @@ def test_run_help_the_readme_and_generate_agree_on_the_cpu_batch_size():
     said = r"`--batch-size` of them decoding at once \(default: .*?, (\d+) on a CPU"
     documented = re.search(said, readme).group(1)
     assert helped == int(documented) == _default_slots(Cpu()) == 16
+
+
+def test_threads_sets_torch_threads_and_is_documented():
+    import torch
+    from click.testing import CliRunner
+
+    from pertoken.commands import options
+
+    n = torch.get_num_threads()
+    try:
+        options._set_threads(None, None, 1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(n)
+    out = CliRunner().invoke(main, ["eval", "--help"]).output
+    assert "--threads" in out and "share a" in out

@@ -182,3 +182,17 @@ def test_torch_project_matches_reference_hidden_states(model_dir, tmp_path):
         got = [float(r[c]) for c in res.columns]
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
     assert all(c.n == 3 and -1 <= c.r <= 1 for c in res.correlations)
+
+
+def test_project_reads_eval_answers_templating_the_question(fake, vec_file, tmp_path):
+    header = ["layer", "coef", "question", "answer", "evil", "coherence", "question_id", "sample"]
+    gen = _rows(fake)
+    evals = [["6", "2.0", q, a, score, "90", qid, "0"] for q, _, a, qid, score, _ in gen]
+    res = project_csv(
+        fake, _write(tmp_path / "answers.csv", evals, header), vector_path=vec_file, layer=2
+    )
+    same = project_csv(fake, _write(tmp_path / "gen.csv", gen), vector_path=vec_file, layer=2)
+    # the question templated with no system prompt, as eval asked it: the same projections
+    col = res.columns[0]
+    assert [r[col] for r in _read(res.out_path)] == [r[col] for r in _read(same.out_path)]
+    assert res.trait == "evil" and res.correlations[0].r is not None

@@ -7,7 +7,7 @@ from importlib.resources import files
 
 import pytest
 
-BUNDLED = ["paternalism", "deception", "manipulativeness", "corrigibility"]
+BUNDLED = ["paternalism", "deception", "manipulativeness", "corrigibility", "french"]
 KEYS = {
     "name",
     "adjective",
@@ -31,7 +31,7 @@ def _nonempty(text) -> bool:
     return isinstance(text, str) and text.strip() != ""
 
 
-def test_exactly_the_four_kits_are_bundled():
+def test_exactly_the_bundled_kits_are_shipped():
     shipped = {p.name for p in files("pertoken.traits").iterdir() if p.name.endswith(".json")}
     assert shipped == {f"{name}.json" for name in BUNDLED}
 

@@ -192,7 +192,8 @@ def test_cli_vet_prints_the_suggestion_and_one_line_errors(tmp_path, llama_dir):
     pos_neg = ["--pos", str(csvs["pos"]), "--neg", str(csvs["neg"])]
     out = ["--out", str(tmp_path / "rep")]
     args = ["vet", str(paths["response_avg"]), "--model", "org/fake-chat-1b", *pos_neg, *out]
-    r = CliRunner().invoke(main, args)  # the summaries exist: the model is never loaded
+    # separation only (--no-causal) and the summaries exist: the model is never loaded
+    r = CliRunner().invoke(main, [*args, "--no-causal"])
     assert r.exit_code == 0, r.output
     assert "suggested layer" in r.output and (tmp_path / "rep" / "evil_report.md").is_file()
     wrong = save_vector(PersonaVector(np.zeros((5, 32), np.float32)), tmp_path / "x.pt")

@@ -9,7 +9,8 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from pertoken.backends.mlx.models import check_supported, get_classes
+from pertoken.backends.gguf import find_gguf
+from pertoken.backends.mlx.models import SUPPORTED, check_supported, get_classes
 from pertoken.backends.source import cached_file, check_folder, hub_login, locate
 from pertoken.errors import PertokenError
 
@@ -92,6 +93,8 @@ def load(model: str, *, dtype: str | None = None, device: str | None = None) -> 
     """Load a supported checkpoint (HF folder, hub id or an mlx-community quantized repo)."""
     from mlx_lm.utils import load_model, load_tokenizer
 
+    if (gguf_path := find_gguf(model)) is not None:
+        return load_gguf(gguf_path, dtype=dtype, device=device)
     path = model_path(model)
     config = read_config(path)
     check_supported(config)
@@ -111,6 +114,33 @@ def load(model: str, *, dtype: str | None = None, device: str | None = None) -> 
         raise PertokenError(f"could not load the tokenizer in {path}: {first}") from None
     model_id = path.name if Path(model).expanduser().is_dir() else model
     return Loaded(net, tokenizer, config, path, model_id, dtype, device)
+
+
+def load_gguf(path: Path, *, dtype: str | None, device: str | None) -> Loaded:
+    """A GGUF Llama-family file: quantised layers where MLX reads the type, floats otherwise."""
+    from pertoken.backends import gguf
+    from pertoken.backends.mlx.gguf import hf_names, quantize_like, read_weights
+
+    config = gguf.load_config(path)
+    if SUPPORTED[check_supported(config)] != "llama":
+        raise PertokenError(
+            f"the mlx backend reads GGUF files of the Llama family, not {config['model_type']}: "
+            "use --backend torch for this file"
+        )
+    device = pick_device(device)
+    mx.set_default_device(mx.gpu if device == "gpu" else mx.cpu)
+    dtype = pick_dtype(dtype, config, device)
+    weights, quantised = read_weights(path)
+    weights = hf_names(weights, config)
+    model_cls, args_cls = get_classes(config)
+    net = model_cls(args_cls.from_dict(config))
+    if quantised:
+        quantize_like(net, weights)
+    net.load_weights(list(net.sanitize(weights).items()), strict=True)
+    net.set_dtype(DTYPES[dtype])
+    _materialise(net)
+    tokenizer = gguf.load_tokenizer(path)
+    return Loaded(net, tokenizer, config, path.parent, path.stem, dtype, device)
 
 
 def _materialise(net: nn.Module) -> None:

@@ -28,6 +28,7 @@ from pertoken.backends.conditions import (
     decide_one,
     trace_meta,
 )
+from pertoken.backends.gguf import model_id as gguf_model_id
 from pertoken.backends.plan import (
     PaddedBatch,
     TokenPieces,
@@ -97,7 +98,9 @@ class TorchBackend(ChatText):
         device = pick_device(device)
         dtype = pick_dtype(dtype, device)
         lm, tok = load_model_and_tokenizer(model, dtype, device)
-        model_id = Path(model).name if Path(model).expanduser().is_dir() else model
+        model_id = gguf_model_id(model) or (
+            Path(model).name if Path(model).expanduser().is_dir() else model
+        )
         device = str(input_device(lm)) if device == "auto" else device
         return cls(lm, tok, model_id=model_id, dtype=dtype, device=device, compile=compile)
 

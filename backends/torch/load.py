@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 
+from pertoken.backends.gguf import find_gguf
 from pertoken.backends.source import locate
 from pertoken.errors import PertokenError
 
@@ -45,6 +46,8 @@ def load_model_and_tokenizer(model: str, dtype: str, device: str):
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # pertoken reports its own progress
+    if (path := find_gguf(model)) is not None:
+        return _load_gguf(path, dtype, device)
     src = locate(model)
     kw = {"local_files_only": True} if src.cache_only else {}
     try:
@@ -63,6 +66,26 @@ def load_model_and_tokenizer(model: str, dtype: str, device: str):
         )
     except OSError as e:
         raise _load_error(model, e) from None
+    return (lm if placement else lm.to(device)).eval(), tok
+
+
+def _load_gguf(path, dtype: str, device: str):
+    """transformers' GGUF reader: weights dequantised to `dtype`, tokenizer from the file."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pertoken.backends import gguf
+
+    tok = gguf.load_tokenizer(path)
+    folder, kw = gguf.hf_kwargs(path)
+    placement = _placement(device)
+    try:
+        with gguf.quiet():
+            lm = AutoModelForCausalLM.from_pretrained(
+                folder, dtype=getattr(torch, dtype), **kw, **placement
+            )
+    except (ValueError, KeyError, OSError) as e:
+        raise gguf.unreadable(path, e) from None
     return (lm if placement else lm.to(device)).eval(), tok
 
 
