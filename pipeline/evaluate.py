@@ -239,15 +239,22 @@ def _generate(backend, trait, vector, rows, todo, path, n, positions, gen, progr
     specs = [(i, q, j) for i, q in enumerate(trait.eval_questions) for j in range(n)]
     steers = {(L, c): setting_steer(op, L, vector.row(L), c, positions) for L, c in todo}
     zeros = [L for L, c in todo if steers[L, c] is None]
-    todo = [t for t in todo if steers[t] is not None]
+    asked, kept = [t for t in todo if steers[t] is not None], len(rows)
     if zeros and not _copy_unsteered(rows, zeros):  # no unsteered answers yet: make one set
-        todo.insert(0, (zeros[0], 0.0))
+        asked.insert(0, (zeros[0], 0.0))
         steers[zeros[0], 0.0] = None
-    if todo:
-        grid = _Grid(trait, specs, todo, [steers[t] for t in todo])
+    if asked:
+        grid = _Grid(trait, specs, asked, [steers[t] for t in asked])
         _answer_grid(backend, grid, rows, path, gen, progress)
     _copy_unsteered(rows, zeros)
+    _grid_order(rows, kept, todo)
     write_answers(path, trait.name, rows)
+
+
+def _grid_order(rows: list[dict], kept: int, todo: list[tuple]) -> None:
+    """The rows after the first `kept` in the grid's order (settings end in any order)."""
+    at = {(int(L), float(c)): k for k, (L, c) in enumerate(todo)}
+    rows[kept:] = sorted(rows[kept:], key=lambda r: at[int(r["layer"]), float(r["coef"])])
 
 
 @dataclass
@@ -326,6 +333,7 @@ def _pool_generate(
             bar.update(len(specs))
         rows[:] = base + [r for s in todo if s in got for r in got[s]]
         _copy_unsteered(rows, [L for L, _ in zeros])  # the other layers' coefficient 0
+        _grid_order(rows, len(base), todo)
         write_answers(path, trait.name, rows)
 
 
