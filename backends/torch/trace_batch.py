@@ -10,7 +10,7 @@ import torch
 
 from pertoken.backends.base import Steer, check_projection_inputs
 from pertoken.backends.plan import plan_batches
-from pertoken.backends.torch.decode import batch_tensors, steer_tensor
+from pertoken.backends.torch.batch import batch_tensors, steer_tensor
 from pertoken.backends.torch.hooks import residual_taps
 
 
