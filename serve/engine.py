@@ -1,21 +1,22 @@
-"""The batching worker: one thread owns the backend and decodes requests together.
+"""The serving worker: one thread owns the backend and one long-lived slot loop.
 
-Requests that arrive together (until none has come for `window` seconds) and can share sampling
-settings go into one `generate` call, each row with its own steering; a per-token callback
-turns tokens into Deltas and hands them to each request's asyncio queue. A request whose client
-went away ends its rows at the next token, and a batch ends when its last row does."""
+A request's choices enter the loop as entries at the next step after it arrives (each with its
+own steering, sampling, seed, logit bias, monitor and logprobs) and leave it when they end; a
+per-token callback turns tokens into Deltas and hands them to each request's asyncio queue. A
+request whose client went away frees its slots at the next step."""
 
 from __future__ import annotations
 
 import asyncio
 import secrets
 import threading
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from pertoken.backends.base import Streaming, TokenStep
+from pertoken.backends.base import Sampling, TokenStep, row_uniforms
+from pertoken.backends.generation import Entry
+from pertoken.backends.schedule import prompt_seeds
 from pertoken.serve.choice import Choice, Delta
 from pertoken.serve.protocol import ApiError
 from pertoken.serve.request import ChatRequest
@@ -31,7 +32,7 @@ class Finished:
     usage: dict
 
 
-@dataclass
+@dataclass(eq=False)
 class Job:
     """One request on its way through the worker, with the event loop and queue of its handler."""
 
@@ -47,15 +48,8 @@ class Job:
         """Hand one event to the request's handler (from any thread)."""
         post([(self, event)])
 
-    @property
-    def key(self) -> tuple:
-        """Jobs with equal keys can share a batch (one sampler for the whole batch)."""
-        r = self.request
-        if r.temperature == 0:
-            return ("greedy",)
-        if r.seed is not None:  # a seeded sample is reproducible only alone
-            return ("seeded", id(self))
-        return ("sample", r.temperature, r.top_p)
+    left: int = 0  # choices still decoding
+    entries: list = field(default_factory=list)  # one per choice, in the slot loop
 
 
 def post(items: list[tuple[Job, object]]) -> None:
@@ -88,16 +82,20 @@ class Engine:
         *,
         monitor: Monitor | None = None,
         max_rows: int = 32,
-        window: float = 0.02,
+        window: float = 0.0,  # unused: requests enter the running loop at its next step
+        length: int = 4096,
     ):
-        self.backend, self.monitor = backend, monitor
-        self.max_rows, self.window = max_rows, window
+        self.backend, self.monitor, self.max_rows = backend, monitor, max_rows
+        context = getattr(backend, "context_length", None)
+        self.length = min(context, length) if context else length  # tokens a slot holds
         self.pending: list[Job] = []
-        self.last_arrival = 0.0
         self.cond = threading.Condition()
         self.closed = False
-        self.stats = {"batches": 0, "rows": 0, "tokens": 0, "active_rows": 0}
+        self.stats = {"batches": 0, "rows": 0, "tokens": 0, "active_rows": 0, "steps": 0}
         self._token_texts: dict[int, str] = {}
+        self.outbox: list[tuple[Job, object]] = []
+        self.held: set[Job] = set()  # jobs with entries in the loop
+        self.loop = None
         self.thread = threading.Thread(target=self._work, name="pertoken-engine", daemon=True)
         self.thread.start()
 
@@ -106,7 +104,6 @@ class Engine:
             if self.closed:
                 raise ApiError(503, "the server is shutting down", code="shutting_down")
             self.pending.append(job)
-            self.last_arrival = time.monotonic()
             self.cond.notify()
 
     def close(self) -> None:
@@ -118,41 +115,43 @@ class Engine:
     # ------------------------------------------------------------------ worker thread
     def _work(self) -> None:
         while (jobs := self._take()) is not None:
-            jobs = [j for j in jobs if not j.cancelled and self._admit(j)]
-            if jobs:
-                self._run(jobs)
+            for job in jobs:
+                if not job.cancelled and self._admit(job):
+                    self._insert(job)
+            if self.loop is not None and self.loop.busy:
+                self._step()
         with self.cond:
             left, self.pending = self.pending, []
-        for job in left:
+        for job in left + list(self.held):
             job.send(ApiError(503, "the server is shutting down", code="shutting_down"))
 
     def _take(self) -> list[Job] | None:
-        """The next batch: the oldest job and those like it, once requests have stopped coming
-        for `window` seconds (and at least `window` after the last batch, so its clients can
-        send their next requests into this one), or the batch is full; at most 10 windows."""
+        """The requests that arrived since the last step (waiting for one while idle)."""
         with self.cond:
-            while not self.pending and not self.closed:
+            idle = self.loop is None or not self.loop.busy
+            while idle and not self.pending and not self.closed:
                 self.cond.wait()
-            start = time.monotonic()
-            while not self.closed and _rows(self._fits()) < self.max_rows:
-                quiet = max(self.last_arrival, start) + self.window
-                left = min(quiet, start + 10 * self.window) - time.monotonic()
-                if left <= 0:
-                    break
-                self.cond.wait(left)
             if self.closed:
                 return None
-            batch = self._fits()
-            self.pending = [j for j in self.pending if j not in batch]
-            return batch
+            jobs, self.pending = self.pending, []
+            return jobs
 
-    def _fits(self) -> list[Job]:
-        key, batch, rows = self.pending[0].key, [], 0
-        for job in self.pending:
-            if job.key == key and rows + job.request.n <= self.max_rows:
-                batch.append(job)
-                rows += job.request.n
-        return batch
+    def _step(self) -> None:
+        """One step of the loop; an exception fails the requests it holds with a 500 and
+        the engine goes on with a fresh loop."""
+        self.stats["steps"] += 1
+        for job in self.held:
+            if job.cancelled:  # the client went away: its slots are freed at this step
+                for e in job.entries:
+                    e.cancelled = True
+        try:
+            self.loop.step()
+        except Exception as e:
+            for job in self.held:
+                job.send(ApiError(500, f"generation failed: {type(e).__name__}: {e}"))
+            self.held.clear()
+            self.loop, self.outbox = None, []
+        self.stats["active_rows"] = sum(j.left for j in self.held)
 
     def _admit(self, job: Job) -> bool:
         """Template and count the prompt; a prompt the model cannot hold is refused."""
@@ -182,52 +181,62 @@ class Engine:
             logprobs=r.logprobs,
         )
 
-    def _run(self, jobs: list[Job]) -> None:
-        rows = [(job, c) for job in jobs for c in job.choices]  # batch row -> (job, choice)
-        r = jobs[0].request
+    def _slots(self):
+        if self.loop is None:
+            rows = self.monitor.rows if self.monitor else []
+            self.loop = self.backend._slots(self.max_rows, rows, self.length, self._flush)
+        return self.loop
+
+    def _insert(self, job: Job) -> None:
+        """One entry per choice, each with its own seed's draws."""
+        r, loop = job.request, self._slots()
+        seed = r.seed if r.seed is not None else secrets.randbits(31)
+        sampling = Sampling(
+            r.temperature, r.top_p, seed=seed, logit_bias=getattr(r, "logit_bias", None)
+        )
+        ids = self.backend.encode(job.prompt)
+        seeds = prompt_seeds(seed, r.n)
+        draws = None if sampling.greedy else row_uniforms(seeds, r.max_tokens)
+        job.left = r.n
+        self.held.add(job)
         self.stats["batches"] += 1
-        self.stats["rows"] += len(rows)
-        self.stats["active_rows"] = len(rows)
-        try:
-            self.backend.generate(
-                [job.prompt for job, _ in rows],
-                max_new_tokens=max(j.request.max_tokens for j in jobs),
-                temperature=r.temperature,
-                top_p=r.top_p,
-                seed=r.seed if r.seed is not None else secrets.randbits(31),
-                steer=[job.request.steer for job, _ in rows],
-                batch_size=len(rows),
-                stream=self._streaming(jobs, rows),
-            )
-        except Exception as e:
-            for job in jobs:
-                job.send(ApiError(500, f"generation failed: {type(e).__name__}: {e}"))
-            return
-        finally:
-            self.stats["active_rows"] = 0
-        post([item for job in jobs for item in self._finish(job)])
+        self.stats["rows"] += r.n
+        for i, choice in enumerate(job.choices):
+            job.entries.append(
+                Entry(
+                    ids=ids, sampling=sampling, max_new_tokens=r.max_tokens,
+                    on_end=self._ended(job), plan=r.steer,
+                    uniforms=None if draws is None else draws[i], prompt=i,
+                    on_step=self._on_step(job, choice),
+                    hidden=bool(r.monitor and self.monitor), logprobs=r.logprobs,
+                    key=(tuple(ids), id(r.steer), id(job)),
+                )
+            )  # fmt: skip
+            loop.insert(job.entries[-1])
 
-    def _streaming(self, jobs: list[Job], rows: list[tuple[Job, Choice]]) -> Streaming:
-        """Per-token reports for the batch: states when any job monitors, the most logprobs
-        any job asked for; a row ends when its choice is finished or its client went away."""
-
-        outbox: list[tuple[Job, Delta]] = []
-
+    def _on_step(self, job: Job, choice: Choice):
         def on_step(step: TokenStep) -> bool:
-            job, choice = rows[step.prompt]
             self.stats["tokens"] += 1
             if job.cancelled:
                 return False
-            outbox.append((job, choice.add(step)))
+            self.outbox.append((job, choice.add(step)))
             return choice.finish is None
 
-        def on_flush() -> None:  # a step's tokens for every request, in one hand-over
-            post(outbox)
-            outbox.clear()
+        return on_step
 
-        capture = self.monitor.rows if any(j.request.monitor for j in jobs) else []
-        lps = [j.request.logprobs for j in jobs if j.request.logprobs is not None]
-        return Streaming(on_step, capture, max(lps, default=None), on_flush)
+    def _ended(self, job: Job):
+        def ended(entry: Entry) -> None:
+            job.left -= 1
+            if job.left == 0 and job in self.held:
+                self.held.discard(job)
+                self.outbox.extend(self._finish(job))
+
+        return ended
+
+    def _flush(self) -> None:
+        """A step's events for every request, in one hand-over per event loop."""
+        out, self.outbox = self.outbox, []
+        post(out)
 
     def _finish(self, job: Job) -> list[tuple[Job, object]]:
         """The last events of a job: each unfinished choice's end, then the usage."""
@@ -248,10 +257,6 @@ class Engine:
             )
             self._token_texts[token_id] = text
         return text
-
-
-def _rows(jobs: list[Job]) -> int:
-    return sum(j.request.n for j in jobs)
 
 
 def _check_length(job: Job, context: int | None) -> None:
