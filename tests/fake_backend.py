@@ -78,6 +78,7 @@ class FakeBackend(SlotBackend):
         self.out_ids = np.array([EOS] + [ord(c) for c in ALPHABET])
         self.unembed = rng.normal(size=(len(self.out_ids), hidden_size)).astype(np.float32)
         self.calls: list[dict] = []
+        self.tracing = False
 
     @classmethod
     def load(cls, model, *, dtype=None, device=None):
@@ -115,12 +116,17 @@ class FakeBackend(SlotBackend):
 
     def generate(self, prompts, **kw):
         sampling = self._sampling(kw.get("sampling"), {k: kw[k] for k in SHORTHAND if k in kw})
-        self.calls.append(dict(kind="generate", steer=kw.get("steer"), seed=sampling.seed))
+        if not self.tracing:
+            self.calls.append(dict(kind="generate", steer=kw.get("steer"), seed=sampling.seed))
         return super().generate(prompts, **kw)
 
     def trace(self, prompt, **kw):
         self.calls.append(dict(kind="trace", steer=kw.get("steer"), seed=kw.get("seed", 0)))
-        return super().trace(prompt, **kw)
+        self.tracing = True  # the trace's own generate call is not recorded again
+        try:
+            return super().trace(prompt, **kw)
+        finally:
+            self.tracing = False
 
     def _slots(self, batch, rows, length, on_flush=None):
         return FakeSlots(self, batch, rows, on_flush)
