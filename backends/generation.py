@@ -84,7 +84,8 @@ class SlotBackend:
     hidden_size: int
     generation_config: dict = {}
 
-    def _slots(self, batch: int, rows: list[int], length: int, on_flush=None) -> Slots:
+    def _slots(self, batch: int, rows: list[int], length: int, on_flush=None, prefix=None) -> Slots:
+        """The backend's slot loop; `prefix`: a PrefixCache its prefills read and fill."""
         raise NotImplementedError
 
     def _auto_batch(self, max_len: int) -> int:

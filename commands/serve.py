@@ -33,14 +33,15 @@ from pertoken.commands.options import model_options
     "--max-body", default=1 << 20, show_default=True, help="Cap on a request body (bytes)."
 )
 @click.option(
-    "--batch-window",
-    default=20.0,
+    "--prefix-cache-mb",
+    default=512.0,
     show_default=True,
-    help="Milliseconds to wait for more requests.",
+    help="Memory for the keys and values of earlier prompts, reused by prompts that start "
+    "with them (0: off).",
 )
 def serve(
     model, backend, dtype, device, vectors, layers, traces, host, port, api_key, max_tokens,
-    max_batch, max_body, batch_window,
+    max_batch, max_body, prefix_cache_mb,
 ):  # fmt: skip
     """Serve the model over an OpenAI-compatible API with per-request steering, and a lab page."""
     from pertoken.commands.steering import _named_vectors
@@ -68,6 +69,7 @@ def serve(
         api_key=api_key,
         max_body=max_body,
         traces=stores,
+        prefix_cache_mb=prefix_cache_mb,
     )
     where = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
     click.echo(f"serving {bk.model_id} ({bk.name}, {bk.dtype}) at {where}/v1; lab page at {where}/")
@@ -75,7 +77,7 @@ def serve(
         click.echo(f"vectors: {', '.join(loaded)}; monitored rows: {','.join(map(str, rows))}")
     if not is_loopback(host):
         click.echo(f"listening beyond this machine on {host}: clients must send the API key")
-    serve_forever(bk, config, host=host, port=port, window=batch_window / 1000)
+    serve_forever(bk, config, host=host, port=port)
 
 
 COMMANDS = [serve]

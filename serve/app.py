@@ -37,6 +37,7 @@ class ServeConfig:
     api_key: str | None = None
     max_body: int = 1 << 20  # bytes
     traces: TraceStores | None = None
+    prefix_cache_mb: float = 512.0  # keys and values of earlier prompts kept for reuse
 
 
 def create_app(engine: Engine, config: ServeConfig) -> FastAPI:

@@ -16,6 +16,7 @@ import numpy as np
 
 from pertoken.backends.base import Sampling, TokenStep, row_uniforms
 from pertoken.backends.generation import Entry
+from pertoken.backends.prefix_cache import PrefixCache
 from pertoken.backends.schedule import prompt_seeds
 from pertoken.serve.choice import Choice, Delta
 from pertoken.serve.protocol import ApiError
@@ -82,8 +83,8 @@ class Engine:
         *,
         monitor: Monitor | None = None,
         max_rows: int = 32,
-        window: float = 0.0,  # unused: requests enter the running loop at its next step
         length: int = 4096,
+        prefix_cache_mb: float = 0.0,
     ):
         self.backend, self.monitor, self.max_rows = backend, monitor, max_rows
         context = getattr(backend, "context_length", None)
@@ -91,11 +92,13 @@ class Engine:
         self.pending: list[Job] = []
         self.cond = threading.Condition()
         self.closed = False
-        self.stats = {"batches": 0, "rows": 0, "tokens": 0, "active_rows": 0, "steps": 0}
+        self.stats = {"batches": 0, "rows": 0, "tokens": 0, "active_rows": 0, "steps": 0,
+                      "prefilled_tokens": 0}  # fmt: skip
         self._token_texts: dict[int, str] = {}
         self.outbox: list[tuple[Job, object]] = []
         self.held: set[Job] = set()  # jobs with entries in the loop
         self.loop = None
+        self.prefix = PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb > 0 else None
         self.thread = threading.Thread(target=self._work, name="pertoken-engine", daemon=True)
         self.thread.start()
 
@@ -184,7 +187,9 @@ class Engine:
     def _slots(self):
         if self.loop is None:
             rows = self.monitor.rows if self.monitor else []
-            self.loop = self.backend._slots(self.max_rows, rows, self.length, self._flush)
+            self.loop = self.backend._slots(
+                self.max_rows, rows, self.length, self._flush, prefix=self.prefix
+            )
         return self.loop
 
     def _insert(self, job: Job) -> None:
@@ -226,6 +231,7 @@ class Engine:
 
     def _ended(self, job: Job):
         def ended(entry: Entry) -> None:
+            self.stats["prefilled_tokens"] += entry.prefilled
             job.left -= 1
             if job.left == 0 and job in self.held:
                 self.held.discard(job)
@@ -243,6 +249,9 @@ class Engine:
         ends = [(job, c.end()) for c in job.choices if c.finish is None]
         done = sum(c.count for c in job.choices)
         usage = {"prompt_tokens": job.prompt_tokens, "completion_tokens": done}
+        if job.entries:  # OpenAI's count of prompt tokens read from the prefix cache
+            cached = job.prompt_tokens - max(e.prefilled for e in job.entries)
+            usage["prompt_tokens_details"] = {"cached_tokens": cached}
         return ends + [(job, Finished(usage | {"total_tokens": job.prompt_tokens + done}))]
 
     def _token_text(self, token_id: int) -> str:

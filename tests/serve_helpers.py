@@ -38,8 +38,8 @@ def config(backend, **kw) -> ServeConfig:
 
 
 @contextmanager
-def serving(backend, *, window: float = 0.01, **kw):
-    run = start(backend, config(backend, **kw), window=window)
+def serving(backend, **kw):
+    run = start(backend, config(backend, **kw))
     try:
         yield run
     finally:

@@ -68,11 +68,11 @@ class MLXBackend(ChatText, SlotBackend):
         return device, pick_dtype(dtype, local_config(model), device)
 
     # ------------------------------------------------------------------ generation
-    def _slots(self, batch: int, rows: list[int], length: int, on_flush=None) -> Slots:
+    def _slots(self, batch: int, rows: list[int], length: int, on_flush=None, prefix=None):
         """The slot loop (see backends/generation.py)."""
         return Slots(
             self.model, batch, rows=rows, stop=self.stop, hidden_size=self.hidden_size,
-            dtype=self._mx_dtype, chunk=self.prefill_chunk, on_flush=on_flush,
+            dtype=self._mx_dtype, chunk=self.prefill_chunk, on_flush=on_flush, prefix=prefix,
         )  # fmt: skip
 
     # ------------------------------------------------------------------ forward-only

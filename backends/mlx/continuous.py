@@ -14,14 +14,16 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.models.cache import BatchKVCache
+from mlx_lm.models.cache import BatchKVCache, KVCache
 
 from pertoken.backends.base import TokenStep
 from pertoken.backends.generation import Entry
 from pertoken.backends.mlx.batch import SteerPlan, step_pass, window_of
+from pertoken.backends.mlx.models.residual import Pass, attend_mask
 from pertoken.backends.mlx.prefill import CHUNK, prefill
 from pertoken.backends.mlx.sampling import choose, penalize
 from pertoken.backends.plan import left_pad
+from pertoken.backends.prefix_cache import PrefixCache
 from pertoken.backends.schedule import Waiting
 
 
@@ -60,10 +62,10 @@ class Slots:
     """Up to `slots` rows decoding together: insert entries, step until none is busy."""
 
     def __init__(self, model, slots: int, *, rows, stop, hidden_size, dtype, chunk=CHUNK,
-                 on_flush=None):  # fmt: skip
+                 on_flush=None, prefix: PrefixCache | None = None):  # fmt: skip
         self.model, self.slots, self.capture = model, slots, list(rows)
         self.stop, self.hidden_size, self.dtype, self.chunk = set(stop), hidden_size, dtype, chunk
-        self.on_flush = on_flush
+        self.on_flush, self.prefix = on_flush, prefix
         self.window = window_of(model)
         self.cache: list[BatchKVCache] | None = None  # one per block, a row per entry
         self.rows: list[_Row] = []
@@ -110,6 +112,52 @@ class Slots:
             self._keep()
 
     def _prefill(self, entries: list[Entry]) -> list[Prefilled]:
+        """Each prompt's cache and last logits: those with a cached prefix compute only what
+        follows it, the others run in one left-padded batch; all are cached after."""
+        if self.prefix is None:
+            return self._prefill_batch(entries)
+        hits = {id(e): self.prefix.lookup(e.ids, e.plan) for e in entries}
+        rest = [e for e in entries if hits[id(e)][0] == 0]
+        out = dict(zip(map(id, rest), self._prefill_batch(rest) if rest else []))
+        for e in entries:
+            if hits[id(e)][0]:
+                out[id(e)] = self._prefill_after(e, *hits[id(e)])
+            kv = [
+                (c.keys[:, :, : c._idx - 1], c.values[:, :, : c._idx - 1]) for c in out[id(e)].cache
+            ]
+            nbytes = sum(k.nbytes + v.nbytes for k, v in kv)
+            self.prefix.store(e.ids[:-1], e.plan, kv, nbytes)
+        return [out[id(e)] for e in entries]
+
+    def _prefill_after(self, e: Entry, P: int, kv) -> Prefilled:
+        """One prompt whose first P tokens' keys and values are given: only the rest runs."""
+        T = len(e.ids)
+        cache = [KVCache() for _ in self.model.layers]
+        for c, (k, v) in zip(cache, kv, strict=True):
+            c.keys, c.values, c.offset = k[:, :, :P], v[:, :, :P], P
+        valid = mx.ones((1, T), dtype=mx.bool_)
+        kw = {}
+        sp = SteerPlan.per_row([e.plan], self.hidden_size, self.dtype)
+        if sp is not None:
+            on = left_pad([e.ids], 0).steer_mask([e.plan.positions], P, T - P)[..., None]
+            kw = {"steer": sp.vectors, "steer_on": mx.array(on).astype(self.dtype)}
+        window = self.window
+        p = Pass(
+            offset=mx.array([P]), mask=attend_mask(valid, T - P),
+            window_mask=attend_mask(valid, T - P, window) if window else None, head="last", **kw,
+        )  # fmt: skip
+        logits = self.model(mx.array([e.ids[P:]]), cache, p)  # [1, 1, vocab]
+        mx.eval(logits, [c.state for c in cache])
+        e.prefilled = T - P
+        rows = []
+        for c in cache:
+            one = BatchKVCache([0])
+            one.keys, one.values = c.keys[:, :, :T], c.values[:, :, :T]
+            one._idx, one.offset = T, mx.array([T])
+            rows.append(one)
+        return Prefilled(rows, logits[:, -1])
+
+    def _prefill_batch(self, entries: list[Entry]) -> list[Prefilled]:
         """These prompts in one left-padded batch, each with its own steering; each comes out
         with its own unpadded one-row cache."""
         seqs, plans = [e.ids for e in entries], [e.plan for e in entries]

@@ -101,7 +101,7 @@ class TorchBackend(ChatText, SlotBackend):
         return TapState(steer=by_row)
 
     # ------------------------------------------------------------------ generation
-    def _slots(self, batch: int, rows: list[int], length: int, on_flush=None) -> Slots:
+    def _slots(self, batch: int, rows: list[int], length: int, on_flush=None, prefix=None):
         """The slot loop (see backends/generation.py), its hooks installed while it lives."""
         impl = getattr(self.model.config, "_attn_implementation", None) or "eager"
         if impl not in ATTENTION:
@@ -109,7 +109,7 @@ class TorchBackend(ChatText, SlotBackend):
                 f"generation needs sdpa or eager attention, not {impl!r}: load the model with "
                 "attn_implementation='sdpa'"
             )
-        return _TapSlots(self, Shape(batch, length, tuple(sorted(set(rows)))), on_flush)
+        return _TapSlots(self, Shape(batch, length, tuple(sorted(set(rows)))), on_flush, prefix)
 
     def _auto_batch(self, max_len: int) -> int:
         """Rows whose KV cache fits in 70% of free GPU memory (8 on the CPU), at most 128; a
@@ -205,11 +205,12 @@ class _TapSlots:
     step, which a CUDA graph captures with them) and removed after it, so other forwards of
     the same model between steps run without them."""
 
-    def __init__(self, backend: TorchBackend, shape: Shape, on_flush):
+    def __init__(self, backend: TorchBackend, shape: Shape, on_flush, prefix):
         b, self.state, self.model = backend, TapState(), backend.model
         steps = b.compiled or eager_steps(b.model)
         with torch.inference_mode(), residual_taps(self.model, self.state):
-            self.slots = Slots(b.model, shape, self.state, b.stop_ids, b.pad_id, steps, on_flush)
+            self.slots = Slots(b.model, shape, self.state, b.stop_ids, b.pad_id, steps, on_flush,
+                               prefix)  # fmt: skip
 
     def insert(self, entry) -> None:
         self.slots.insert(entry)

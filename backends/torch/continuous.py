@@ -18,6 +18,7 @@ import torch
 from pertoken.backends.base import TokenStep
 from pertoken.backends.generation import Entry
 from pertoken.backends.plan import left_pad
+from pertoken.backends.prefix_cache import PrefixCache
 from pertoken.backends.schedule import Waiting
 from pertoken.backends.torch.batch import batch_tensors
 from pertoken.backends.torch.compiled import Shape, StaticStep
@@ -48,10 +49,10 @@ class Slots:
     `step_source(shape)` gives (StaticStep, run): the step and how to run one decode step
     (a graph replay, or the step itself); the caller holds `residual_taps(model, state)`."""
 
-    def __init__(
-        self, model, shape: Shape, state: TapState, stop_ids, pad_id, steps, on_flush=None
-    ):  # noqa: E501
+    def __init__(self, model, shape: Shape, state: TapState, stop_ids, pad_id, steps,
+                 on_flush=None, prefix: PrefixCache | None = None):  # fmt: skip
         self.model, self.state, self.pad_id, self.on_flush = model, state, pad_id, on_flush
+        self.prefix = prefix
         self.dtype = next(model.parameters()).dtype
         self.step_buf, self.run = steps(shape, state)
         self.home = self.step_buf.tokens.device
@@ -98,6 +99,48 @@ class Slots:
             self._draw(logits, barred, slots)
 
     def _prefill(self, entries: list[Entry]) -> list[Prefilled]:
+        """Each prompt's keys, values and last logits: those with a cached prefix compute only
+        what follows it, the others run in one left-padded batch; all are cached after."""
+        if self.prefix is None:
+            return self._prefill_batch(entries)
+        hits = {id(e): self.prefix.lookup(e.ids, e.plan) for e in entries}
+        rest = [e for e in entries if hits[id(e)][0] == 0]
+        out = dict(zip(map(id, rest), self._prefill_batch(rest) if rest else []))
+        for e in entries:
+            if hits[id(e)][0]:
+                out[id(e)] = self._prefill_after(e, *hits[id(e)])
+            kv = [(k[:, :, :-1].clone(), v[:, :, :-1].clone()) for k, v in out[id(e)].kv]
+            nbytes = sum(k.nbytes + v.nbytes for k, v in kv)
+            self.prefix.store(e.ids[:-1], e.plan, kv, nbytes)
+        return [out[id(e)] for e in entries]
+
+    def _prefill_after(self, e: Entry, P: int, kv) -> Prefilled:
+        """One prompt whose first P tokens' keys and values are given: only the rest runs."""
+        T = len(e.ids)
+        one = StaticStep(self.model, Shape(1, T, ()), self.dtype)
+        for layer, (k, v) in zip(one.cache.layers, kv, strict=True):
+            layer.lazy_initialization(k, v)
+            layer.keys[:, :, :P], layer.values[:, :, :P] = k[:, :, :P], v[:, :, :P]
+        pos = torch.arange(P, T, device=self.home)[None]  # [1, T - P]
+        one.key_pos[0, :T] = torch.arange(T, device=self.home)
+        batch = left_pad([e.ids], self.pad_id)
+        saved = self.state.steer, self.state.steer_mask, self.state.on_row
+        self.state.steer, self.state.steer_mask = _vectors(self.model, [e.plan]), None
+        self.state.on_row = None
+        if self.state.steer:
+            mask = batch.steer_mask([e.plan.positions], P, T - P)  # [1, T - P]
+            self.state.steer_mask = torch.from_numpy(mask).to(self.home)
+        try:
+            ids = torch.tensor([e.ids[P:]], device=self.home)
+            logits = one.forward(ids, pos, pos)  # [1, vocab]
+        finally:
+            self.state.steer, self.state.steer_mask, self.state.on_row = saved
+        e.prefilled = T - P
+        return Prefilled(
+            e.ids, logits, [(lay.keys[:, :, :T], lay.values[:, :, :T]) for lay in one.cache.layers]
+        )
+
+    def _prefill_batch(self, entries: list[Entry]) -> list[Prefilled]:
         """These prompts in one left-padded batch, each with its own steering; each comes out
         with its own unpadded keys and values."""
         seqs, plans = [e.ids for e in entries], [e.plan for e in entries]
