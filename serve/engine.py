@@ -83,12 +83,11 @@ class Engine:
         *,
         monitor: Monitor | None = None,
         max_rows: int = 32,
-        length: int = 4096,
+        length: int = 256,  # positions a slot holds at first (its cache grows as needed)
         prefix_cache_mb: float = 0.0,
     ):
         self.backend, self.monitor, self.max_rows = backend, monitor, max_rows
-        context = getattr(backend, "context_length", None)
-        self.length = min(context, length) if context else length  # tokens a slot holds
+        self.length = length
         self.pending: list[Job] = []
         self.cond = threading.Condition()
         self.closed = False

@@ -262,3 +262,24 @@ def test_waiting_entries_share_prefills_by_key():
     gone = entry("z", cancelled=True)
     q.add(gone)
     assert q.take(1, prefill) == [] and ended == [gone]  # a cancelled entry ends unprefilled
+
+
+def test_a_loop_started_short_grows_to_fit_and_answers_alike(backend, torch_one_thread):
+    """A long-lived loop (the server's) starts with a short cache and grows it as entries
+    need, carrying over the slots already decoding."""
+    from pertoken.backends.generation import Entry
+
+    ps, plans, caps = _prompts(backend), _plans()[:4], [2, 30, 60, 60]
+    want = [
+        backend.generate([p], steer=[s], max_new_tokens=n, temperature=0)[0]
+        for p, s, n in zip(ps, plans, caps)
+    ]
+    loop = backend._slots(2, [], 4)
+    ended = []
+    for p, plan, n in zip(ps, plans, caps):  # the third enters while the second decodes
+        loop.insert(Entry(backend.encode(p), Sampling(0), n, ended.append, plan=plan))
+    while loop.busy:
+        loop.step()
+    got = {id(e.plan): backend.decode(e.answer) for e in ended}
+    assert [got[id(plan)] for plan in plans] == want
+    assert len(backend.encode(want[2])) > 30  # it ran past what the first cache held

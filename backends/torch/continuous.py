@@ -17,7 +17,7 @@ import torch
 
 from pertoken.backends.base import TokenStep
 from pertoken.backends.generation import Entry
-from pertoken.backends.plan import left_pad
+from pertoken.backends.plan import left_pad, steer_mask
 from pertoken.backends.prefix_cache import PrefixCache
 from pertoken.backends.schedule import Waiting
 from pertoken.backends.torch.batch import batch_tensors
@@ -54,6 +54,7 @@ class Slots:
         self.model, self.state, self.pad_id, self.on_flush = model, state, pad_id, on_flush
         self.prefix = prefix
         self.dtype = next(model.parameters()).dtype
+        self.steps = steps
         self.step_buf, self.run = steps(shape, state)
         self.home = self.step_buf.tokens.device
         self.rows = list(shape.rows)
@@ -91,6 +92,7 @@ class Slots:
             if not taken:
                 return
             slots = free[: len(taken)]
+            self._fit(max(len(e.ids) + e.max_new_tokens + 1 for e, _ in taken))
             for b, (e, pre) in zip(slots, taken):
                 self._load(b, e, pre)
             logits = torch.cat([pre.logits for _, pre in taken])  # [n, vocab]
@@ -98,47 +100,88 @@ class Slots:
             barred = logits.index_fill(-1, stops, float("-inf"))  # an answer has a token
             self._draw(logits, barred, slots)
 
+    def _fit(self, need: int) -> None:
+        """Grow the step's cache (doubling) until it holds `need` positions per slot, the
+        slots' keys, values, positions, steering and draws carried over."""
+        old = self.step_buf
+        L = old.shape.length
+        if need <= L:
+            return
+        while L < need:
+            L *= 2
+        new, self.run = self.steps(Shape(old.shape.batch, L, old.shape.rows), self.state)
+        for a, b in zip(old.cache.layers, new.cache.layers, strict=True):
+            if a.is_initialized:
+                if not b.is_initialized:
+                    b.lazy_initialization(a.keys, a.values)
+                b.keys[:, :, : a.keys.shape[2]] = a.keys
+                b.values[:, :, : a.values.shape[2]] = a.values
+        new.key_pos.fill_(-1)
+        new.key_pos[:, : old.shape.length] = old.key_pos
+        for name in ("tokens", "pos", "slot", "steer_on"):
+            getattr(new, name).copy_(getattr(old, name))
+        for row, buf in new.steer.items():
+            buf.copy_(old.steer[row])
+        self.step_buf = new
+        self.sampler.grow(L)
+
     def _prefill(self, entries: list[Entry]) -> list[Prefilled]:
         """Each prompt's keys, values and last logits: those with a cached prefix compute only
         what follows it, the others run in one left-padded batch; all are cached after."""
         if self.prefix is None:
             return self._prefill_batch(entries)
-        hits = {id(e): self.prefix.lookup(e.ids, e.plan) for e in entries}
-        rest = [e for e in entries if hits[id(e)][0] == 0]
-        out = dict(zip(map(id, rest), self._prefill_batch(rest) if rest else []))
-        for e in entries:
-            if hits[id(e)][0]:
-                out[id(e)] = self._prefill_after(e, *hits[id(e)])
-            kv = [(k[:, :, :-1].clone(), v[:, :, :-1].clone()) for k, v in out[id(e)].kv]
+        hits = [self.prefix.lookup(e.ids, e.plan) for e in entries]
+        out = self._prefill_after(entries, hits)
+        for e, pre in zip(entries, out):
+            kv = [(k[:, :, :-1].clone(), v[:, :, :-1].clone()) for k, v in pre.kv]
             nbytes = sum(k.nbytes + v.nbytes for k, v in kv)
             self.prefix.store(e.ids[:-1], e.plan, kv, nbytes)
-        return [out[id(e)] for e in entries]
+        return out
 
-    def _prefill_after(self, e: Entry, P: int, kv) -> Prefilled:
-        """One prompt whose first P tokens' keys and values are given: only the rest runs."""
-        T = len(e.ids)
-        one = StaticStep(self.model, Shape(1, T, ()), self.dtype)
-        for layer, (k, v) in zip(one.cache.layers, kv, strict=True):
-            layer.lazy_initialization(k, v)
-            layer.keys[:, :, :P], layer.values[:, :, :P] = k[:, :, :P], v[:, :, :P]
-        pos = torch.arange(P, T, device=self.home)[None]  # [1, T - P]
-        one.key_pos[0, :T] = torch.arange(T, device=self.home)
-        batch = left_pad([e.ids], self.pad_id)
+    def _prefill_after(self, entries: list[Entry], hits: list[tuple[int, object]]):
+        """Prompts whose first P tokens' keys and values are given (P may be 0): only the
+        rest of each runs, in one left-padded batch whose padding writes a spare slot."""
+        k, T = len(entries), max(len(e.ids) for e in entries)
+        n = [len(e.ids) - P for e, (P, _) in zip(entries, hits)]  # tokens each computes
+        S = max(n)
+        one = StaticStep(self.model, Shape(k, T + 1, ()), self.dtype)  # slot T: padding
+        ids = torch.full((k, S), self.pad_id, dtype=torch.long)
+        pos, slots = torch.zeros(k, S, dtype=torch.long), torch.full((k, S), T)
+        mask = torch.zeros(k, S, dtype=torch.bool)
+        one.key_pos.fill_(-1)
+        for b, (e, (P, _)) in enumerate(zip(entries, hits)):
+            ids[b, S - n[b] :] = torch.tensor(e.ids[P:])
+            pos[b, S - n[b] :] = slots[b, S - n[b] :] = torch.arange(P, len(e.ids))
+            one.key_pos[b, : len(e.ids)] = torch.arange(len(e.ids))
+            if e.plan is not None:
+                rule = steer_mask(len(e.ids), len(e.ids), e.plan.positions)[P:]
+                mask[b, S - n[b] :] = torch.from_numpy(rule)
+        self._load_prefixes(one, hits)
         saved = self.state.steer, self.state.steer_mask, self.state.on_row
-        self.state.steer, self.state.steer_mask = _vectors(self.model, [e.plan]), None
-        self.state.on_row = None
-        if self.state.steer:
-            mask = batch.steer_mask([e.plan.positions], P, T - P)  # [1, T - P]
-            self.state.steer_mask = torch.from_numpy(mask).to(self.home)
+        self.state.steer = _vectors(self.model, [e.plan for e in entries])
+        self.state.steer_mask, self.state.on_row = mask.to(self.home), None
         try:
-            ids = torch.tensor([e.ids[P:]], device=self.home)
-            logits = one.forward(ids, pos, pos)  # [1, vocab]
+            logits = one.forward(*(x.to(self.home) for x in (ids, pos, slots)))  # [k, vocab]
         finally:
             self.state.steer, self.state.steer_mask, self.state.on_row = saved
-        e.prefilled = T - P
-        return Prefilled(
-            e.ids, logits, [(lay.keys[:, :, :T], lay.values[:, :, :T]) for lay in one.cache.layers]
-        )
+        out = []
+        for b, e in enumerate(entries):
+            e.prefilled = n[b]
+            kv = [(lay.keys[b : b + 1, :, : len(e.ids)], lay.values[b : b + 1, :, : len(e.ids)])
+                  for lay in one.cache.layers]  # fmt: skip
+            out.append(Prefilled(e.ids, logits[b : b + 1], kv))
+        return out
+
+    def _load_prefixes(self, one: StaticStep, hits) -> None:
+        """Copy each row's cached prefix into the prefill step's cache (allocating it)."""
+        B = one.shape.batch
+        for b, (P, kv) in enumerate(hits):
+            if not P:
+                continue
+            for layer, (k, v) in zip(one.cache.layers, kv, strict=True):
+                if not layer.is_initialized:
+                    layer.lazy_initialization(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1))
+                layer.keys[b, :, :P], layer.values[b, :, :P] = k[0, :, :P], v[0, :, :P]
 
     def _prefill_batch(self, entries: list[Entry]) -> list[Prefilled]:
         """These prompts in one left-padded batch, each with its own steering; each comes out

@@ -26,6 +26,12 @@ class RowSampler:
         self.bias: torch.Tensor | None = None  # [B, vocab] float32, once a slot has a bias
         self.entries: list[Entry | None] = [None] * B
 
+    def grow(self, length: int) -> None:
+        """Room for `length` draws per slot (those drawn so far kept)."""
+        u = torch.full((self.B, length), 0.5, dtype=self.u.dtype, device=self.home)
+        u[:, : self.u.shape[1]] = self.u
+        self.u = u
+
     def load(self, b: int, e: Entry, vocab: int) -> None:
         s, self.entries[b] = e.sampling, e
         self.greedy[b], self.temp[b] = s.greedy, 1.0 if s.greedy else s.temperature
