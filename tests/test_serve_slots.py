@@ -67,3 +67,30 @@ def test_seeded_samples_do_not_depend_on_what_runs_beside_them(llama_dir, torch_
         [t.start() for t in threads]
         [t.join(60) for t in threads]
     assert dict(got)[7] == alone
+
+
+def test_a_failing_step_fails_its_requests_and_the_server_goes_on(llama_dir, torch_one_thread):
+    import openai
+    import pytest
+
+    bk = load_backend(str(llama_dir), "torch", dtype="float32", device="cpu")
+    make, broken = type(bk)._slots, []
+
+    def slots(self, *a, **kw):
+        loop = make(self, *a, **kw)
+        if not broken:  # the first loop breaks at its first step
+            broken.append(loop)
+
+            def boom():
+                raise RuntimeError("out of memory")
+
+            loop.step = boom
+        return loop
+
+    bk._slots = slots.__get__(bk)
+    with serving(bk, max_tokens=4) as r:
+        c = client(r)
+        with pytest.raises(openai.InternalServerError, match="generation failed"):
+            c.chat.completions.create(model=bk.model_id, messages=ask("hi"), max_tokens=4)
+        ok = c.chat.completions.create(model=bk.model_id, messages=ask("hi"), max_tokens=4)
+    assert ok.usage.completion_tokens == 4
