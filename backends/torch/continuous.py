@@ -54,8 +54,8 @@ class Slots:
         self.model, self.state, self.pad_id, self.on_flush = model, state, pad_id, on_flush
         self.prefix = prefix
         self.dtype = next(model.parameters()).dtype
-        self.steps = steps
-        self.step_buf, self.run = steps(shape, state)
+        self.steps, self.most = steps, shape.batch  # slots grow up to `most` as entries wait
+        self.step_buf, self.run = steps(Shape(1, shape.length, shape.rows), state)
         self.home = self.step_buf.tokens.device
         self.rows = list(shape.rows)
         shape = self.step_buf.shape  # a compiled step may hold more slots than asked
@@ -79,6 +79,8 @@ class Slots:
         self._fill()
         if any(s is not None for s in self.slots):
             self._decode()
+        if not self.busy:
+            self._widen()
         if self.on_flush is not None:
             self.on_flush()
 
@@ -86,6 +88,7 @@ class Slots:
     def _fill(self) -> None:
         """Prefill waiting entries into free slots, together (one that ends at once frees
         its slot again)."""
+        self._widen()
         while self.waiting and None in self.slots:
             free = [b for b, s in enumerate(self.slots) if s is None]
             taken = self.waiting.take(len(free), self._prefill)
@@ -101,29 +104,50 @@ class Slots:
             self._draw(logits, barred, slots)
 
     def _fit(self, need: int) -> None:
-        """Grow the step's cache (doubling) until it holds `need` positions per slot, the
-        slots' keys, values, positions, steering and draws carried over."""
+        """Grow the step's cache (doubling) until it holds `need` positions per slot."""
+        L = self.step_buf.shape.length
+        if need > L:
+            while L < need:
+                L *= 2
+            self._resize(len(self.slots), L)
+
+    def _resize(self, B: int, L: int) -> None:
+        """A step of B slots and L positions (a compiled source may give more slots), the
+        busy slots (all among the first B) carried over: keys, values, positions, steering
+        and draws. A step costs as many rows as it has, busy or not."""
         old = self.step_buf
-        L = old.shape.length
-        if need <= L:
+        new, self.run = self.steps(Shape(B, L, old.shape.rows), self.state)
+        if new is old:  # a compiled source's kept step already holds these
             return
-        while L < need:
-            L *= 2
-        new, self.run = self.steps(Shape(old.shape.batch, L, old.shape.rows), self.state)
+        B = new.shape.batch
+        n, L0 = min(B, old.shape.batch), old.shape.length
         for a, b in zip(old.cache.layers, new.cache.layers, strict=True):
             if a.is_initialized:
                 if not b.is_initialized:
-                    b.lazy_initialization(a.keys, a.values)
-                b.keys[:, :, : a.keys.shape[2]] = a.keys
-                b.values[:, :, : a.values.shape[2]] = a.values
+                    b.lazy_initialization(a.keys[:1].expand(B, -1, -1, -1), a.values[:1])
+                b.keys[:n, :, :L0] = a.keys[:n]
+                b.values[:n, :, :L0] = a.values[:n]
         new.key_pos.fill_(-1)
-        new.key_pos[:, : old.shape.length] = old.key_pos
+        new.key_pos[:n, :L0] = old.key_pos[:n]
         for name in ("tokens", "pos", "slot", "steer_on"):
-            getattr(new, name).copy_(getattr(old, name))
+            getattr(new, name)[:n] = getattr(old, name)[:n]
         for row, buf in new.steer.items():
-            buf.copy_(old.steer[row])
+            buf[:n] = old.steer[row][:n]
         self.step_buf = new
-        self.sampler.grow(L)
+        self.slots = self.slots[:n] + [None] * (B - n)
+        idle = torch.ones(B, 1, dtype=torch.bool, device=self.home)
+        idle[:n] = self.idle[:n]
+        self.idle = idle
+        self.sampler.resize(B, new.shape.length)
+
+    def _widen(self) -> None:
+        """More slots when entries wait and every slot is busy (up to `most`); back to one
+        when the loop has emptied."""
+        busy = sum(x is not None for x in self.slots)
+        B = len(self.slots)
+        want = min(self.most, busy + len(self.waiting.order)) if self.waiting else 1
+        if want > B or (want == 1 and busy == 0 and B > 1):
+            self._resize(want, self.step_buf.shape.length)
 
     def _prefill(self, entries: list[Entry]) -> list[Prefilled]:
         """Each prompt's keys, values and last logits: those with a cached prefix compute only

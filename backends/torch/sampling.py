@@ -26,11 +26,23 @@ class RowSampler:
         self.bias: torch.Tensor | None = None  # [B, vocab] float32, once a slot has a bias
         self.entries: list[Entry | None] = [None] * B
 
-    def grow(self, length: int) -> None:
-        """Room for `length` draws per slot (those drawn so far kept)."""
-        u = torch.full((self.B, length), 0.5, dtype=self.u.dtype, device=self.home)
-        u[:, : self.u.shape[1]] = self.u
-        self.u = u
+    def resize(self, B: int, length: int) -> None:
+        """Settings and draws for B slots of `length` draws, the first ones kept."""
+        n = min(B, self.B)
+        for name in ("temp", "top_k", "top_p", "penalty", "greedy", "count", "u", "seen", "bias"):
+            old = getattr(self, name)
+            if old is None:
+                continue
+            fill = {"u": 0.5, "temp": 1, "top_p": 1, "penalty": 1, "greedy": True}.get(name, 0)
+            shape = (B, length) if name == "u" else (B, *old.shape[1:])
+            new = torch.full(shape, fill, dtype=old.dtype, device=self.home)
+            if old.ndim == 2:
+                new[:n, : old.shape[1]] = old[:n]
+            else:
+                new[:n] = old[:n]
+            setattr(self, name, new)
+        self.entries = self.entries[:n] + [None] * (B - n)
+        self.B = B
 
     def load(self, b: int, e: Entry, vocab: int) -> None:
         s, self.entries[b] = e.sampling, e
