@@ -101,8 +101,11 @@ class Server:
         t0 = time.monotonic()
         while time.monotonic() - t0 < timeout:
             try:
+                if self.model:  # named up front: any answer means it is up
+                    httpx.get(self.url + "/health", timeout=5)
+                    return True
                 data = httpx.get(self.url + "/v1/models", timeout=5).json()["data"]
-                self.model = self.model or (data[0]["id"] if data else "")
+                self.model = data[0]["id"] if data else ""
                 return True
             except (httpx.TransportError, ValueError, KeyError):
                 if self.proc.poll() is not None:
@@ -242,7 +245,7 @@ def main():
     model = args.model or str(
         random_chat_llama(*map(int, args.random.split("x")), Path(tempfile.mkdtemp()) / "m")
     )
-    up = [s for s in servers(args, model) if s.start()]
+    every, up = servers(args, model), []
     words = args.model is None
     loads = {
         "1 client": lambda s, r: clients(s, [questions(args.requests, words, r)], args.new_tokens),
@@ -257,6 +260,7 @@ def main():
           f"median of {args.reps}; torch servers at {args.threads} thread(s)")  # fmt: skip
     print("| load | server | tok/s | ratio | TTFT p50 ms | TTFT p95 ms |\n" + "| --- " * 6 + "|")
     try:
+        up = [s for s in every if s.start()]
         for s in up:  # a warm-up each (first requests load kernels, build caches)
             clients(s, [questions(1, words, 999)], 4)
         for name, run in loads.items():
@@ -274,7 +278,7 @@ def main():
                 print(f"| {name} | {s.name} | {tps:.1f} | {tps / base:.2f}x | {p50:.0f} | "
                       f"{p95:.0f} |", flush=True)  # fmt: skip
     finally:
-        for s in up:
+        for s in every:
             s.stop()
 
 
