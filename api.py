@@ -13,6 +13,7 @@ EXPORTS = {
     "load_vector": "pertoken.vectors",
     "save_vector": "pertoken.vectors",
     "Steer": "pertoken.backends.base",
+    "Condition": "pertoken.backends.base",
     "extract_vectors": "pertoken.pipeline.extract",
     "monitor": "pertoken.pipeline.monitor",
     "load_traces": "pertoken.pipeline.monitor",
@@ -20,8 +21,14 @@ EXPORTS = {
 }
 
 
+# submodules `import pertoken` reaches without importing them first (`pertoken.trace.load`)
+SUBMODULES = ("trace",)
+
+
 def export(name: str):
     """The object behind `pertoken.<name>`, imported now."""
+    if name in SUBMODULES:
+        return importlib.import_module(f"pertoken.{name}")
     if name not in EXPORTS:
         raise AttributeError(f"module 'pertoken' has no attribute {name!r}")
     return getattr(importlib.import_module(EXPORTS[name]), name)

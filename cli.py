@@ -11,7 +11,7 @@ import warnings
 import click
 
 from pertoken import __version__
-from pertoken.commands import env, extraction, files, serve, steering, trace, vet
+from pertoken.commands import env, extraction, files, finetune, serve, steering, sweep, trace, vet
 from pertoken.errors import PertokenError, PertokenWarning
 
 
@@ -47,6 +47,10 @@ def main():
     natively on Apple Silicon (MLX) and CUDA (PyTorch)."""
 
 
-for _module in (env, extraction, files, serve, steering, trace, vet):
+for _module in (env, extraction, files, finetune, serve, steering, sweep, trace, vet):
     for _command in _module.COMMANDS:
         main.add_command(_command)
+
+
+if __name__ == "__main__":  # python -m pertoken.cli
+    main()

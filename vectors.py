@@ -19,8 +19,14 @@ ROWS_FROM_FILE = "n_layers_from_file"
 
 @dataclass
 class PersonaVector:
+    """A persona vector: data [n_layers + 1, hidden] float32, finite (checked as load_vector
+    checks a file), and its sidecar's metadata."""
+
     data: np.ndarray  # [n_layers + 1, hidden] float32
     meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.data = checked_data(self.data, "PersonaVector")
 
     @property
     def n_layers(self) -> int:
@@ -49,7 +55,8 @@ class PersonaVector:
     def __mul__(self, coef: float) -> PersonaVector:
         if not isinstance(coef, numbers.Real):
             return NotImplemented
-        return PersonaVector((self.data * np.float32(coef)).astype(np.float32), dict(self.meta))
+        coef = check_coef(coef)
+        return self._result(self.data * np.float64(coef), f"v * {coef:g}")
 
     __rmul__ = __mul__
 
@@ -58,7 +65,8 @@ class PersonaVector:
             return NotImplemented
         if coef == 0:
             raise ZeroDivisionError("cannot divide a persona vector by zero")
-        return PersonaVector((self.data / np.float32(coef)).astype(np.float32), dict(self.meta))
+        coef = check_coef(coef)
+        return self._result(self.data / np.float64(coef), f"v / {coef:g}")
 
     def __neg__(self) -> PersonaVector:
         return self * -1
@@ -78,7 +86,18 @@ class PersonaVector:
                 f"{list(other.data.shape)}: use vectors extracted from the same model"
             )
         agreed = {k: v for k, v in self.meta.items() if k in other.meta and other.meta[k] == v}
-        return PersonaVector(op(self.data, other.data).astype(np.float32), agreed)
+        data = op(self.data.astype(np.float64), other.data)
+        return self._result(data, f"v {'+' if op is np.add else '-'} w", agreed)
+
+    def _result(self, data: np.ndarray, what: str, meta: dict | None = None) -> PersonaVector:
+        """A new vector of float64 `data`; a clear error when it does not fit in float32."""
+        with np.errstate(over="ignore"):
+            data = data.astype(np.float32)  # [n_layers + 1, hidden]
+        if not np.isfinite(data).all():
+            raise PertokenError(
+                f"{what} overflows float32 (|values| above 3.4e38): use a smaller coefficient"
+            )
+        return PersonaVector(data, dict(self.meta) if meta is None else meta)
 
     def check_model(self, n_layers: int, hidden_size: int, path: str | Path = "vector") -> None:
         """A clear error when the vector was made for another model.
@@ -173,6 +192,26 @@ def _check_tensor(t, path: Path) -> None:
         )
     if t.is_complex():
         raise PertokenError(f"{path} holds complex values: a persona vector is real (float32)")
+
+
+def checked_data(data, where: str) -> np.ndarray:
+    """`data` as float32 [n_layers + 1, hidden]: the checks load_vector makes of a file."""
+    arr = np.asarray(data)
+    if arr.ndim != 2 or arr.shape[0] < 2 or arr.shape[1] < 1:
+        raise PertokenError(
+            f"{where} data has shape {list(arr.shape)}, not [n_layers+1, hidden] with at least "
+            "two rows: give one row per layer row (row 0 the embeddings), e.g. "
+            "np.stack(rows), or load a file with load_vector"
+        )
+    if np.iscomplexobj(arr):
+        raise PertokenError(f"{where} holds complex values: a persona vector is real (float32)")
+    try:
+        with np.errstate(over="ignore"):
+            arr = arr.astype(np.float32, copy=False)
+    except (TypeError, ValueError):
+        raise PertokenError(f"{where} holds {arr.dtype} values, not numbers") from None
+    check_finite(arr, where)
+    return arr
 
 
 def check_finite(data: np.ndarray, where: str | Path = "vector") -> None:

@@ -7,65 +7,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Literal, NamedTuple, Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
 from pertoken.backends.plan import steer_mask as steer_mask  # one rule for Steer.positions
+from pertoken.backends.steer import Condition as Condition
+from pertoken.backends.steer import Positions as Positions
+from pertoken.backends.steer import Steer as Steer
+from pertoken.backends.steer import SteerTerm as SteerTerm
 from pertoken.errors import PertokenError
 from pertoken.names import POSITIONS as POSITIONS
-from pertoken.rows import check_capture_rows, check_steer_row
-from pertoken.vectors import check_coef, check_finite
-
-Positions = Literal["all", "prompt", "response"]
-
-
-@dataclass(frozen=True)
-class SteerTerm:
-    row: int  # row L: added to the output of block L-1
-    vector: np.ndarray  # [hidden] float32
-    coef: float
-
-    def __post_init__(self):
-        # a NaN coefficient or direction would steer every token into garbage
-        check_coef(self.coef)
-        check_finite(np.asarray(self.vector), f"the steering vector at layer {self.row}")
-
-
-@dataclass
-class Steer:
-    """Add `coef * vector` at one or more rows.
-
-    positions: `all` every position; `prompt` the prompt's tokens (prefill only);
-    `response` every position whose output predicts an answer token, i.e. the last prompt
-    token and every generated token (as the upstream persona-vector steerer does).
-    """
-
-    terms: list[SteerTerm]
-    positions: Positions = "all"
-
-    @classmethod
-    def single(cls, row: int, vector, coef: float, positions: Positions = "all") -> Steer:
-        return cls([SteerTerm(row, np.asarray(vector, dtype=np.float32), float(coef))], positions)
-
-    def by_row(self) -> dict[int, np.ndarray]:
-        """Sum of coef * vector per row, each [hidden] float32."""
-        out: dict[int, np.ndarray] = {}
-        for t in self.terms:
-            add = np.asarray(t.vector, dtype=np.float32) * np.float32(t.coef)
-            out[t.row] = out[t.row] + add if t.row in out else add
-        return out
-
-    def validate(self, n_layers: int, hidden_size: int) -> None:
-        if self.positions not in POSITIONS:
-            raise PertokenError(f"positions must be one of {POSITIONS}, not {self.positions!r}")
-        for t in self.terms:
-            check_steer_row(t.row, n_layers)
-            if np.shape(t.vector) != (hidden_size,):
-                raise PertokenError(
-                    f"steering vector has shape {tuple(np.shape(t.vector))} but this model's "
-                    f"hidden size is {hidden_size}: use a vector extracted from the same model"
-                )
+from pertoken.rows import check_capture_rows
 
 
 def row_uniforms(seeds: list[int], n_steps: int) -> np.ndarray:
@@ -143,7 +96,9 @@ def check_projection_inputs(
 RowSteers = Steer | list[Steer | None] | None
 
 
-def steer_rows(steer: RowSteers, n: int, n_layers: int, hidden_size: int) -> list[Steer | None]:
+def steer_rows(
+    steer: RowSteers, n: int, n_layers: int, hidden_size: int, dtype: str = "float32"
+) -> list[Steer | None]:
     """Validated per-prompt steering: `steer` repeated for each of n prompts, or its own list."""
     plans = list(steer) if isinstance(steer, (list, tuple)) else [steer] * n
     if len(plans) != n:
@@ -152,7 +107,7 @@ def steer_rows(steer: RowSteers, n: int, n_layers: int, hidden_size: int) -> lis
         )
     for plan in plans:
         if plan is not None:
-            plan.validate(n_layers, hidden_size)
+            plan.validate(n_layers, hidden_size, dtype)
     return plans
 
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import itertools
+import re
+
 END_OF_TURN = ("<end_of_turn>", "<|eot_id|>", "<|im_end|>", "<|end|>", "<|eom_id|>")
 
 
@@ -65,18 +69,98 @@ def _merge_system(messages: list[dict]) -> list[dict]:
     return out + ([{"role": "user", "content": "\n\n".join(pending)}] if pending else [])
 
 
-def encode_offsets(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-    """Token ids of `text` (no special tokens added) and each token's character span."""
+class Templated(str):
+    """A chat-templated text that knows the character spans of its messages' contents: the
+    special-token text inside them (`<|eot_id|>` typed by a user) is encoded as plain text,
+    as chat servers do, while the template's own special tokens stay special."""
+
+    content: tuple[tuple[int, int], ...] = ()
+
+
+def as_text(text: str, spans: list[tuple[int, int]]) -> Templated:
+    out = Templated(text)
+    out.content = tuple(spans)
+    return out
+
+
+@functools.lru_cache(maxsize=16)  # per tokenizer object (they hash by identity)
+def special_pattern(tokenizer) -> re.Pattern | None:
+    """A regex matching the text of any of the tokenizer's special tokens."""
+    decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    names = {t.content for t in decoder.values() if getattr(t, "special", False) and t.content}
+    names |= set(getattr(tokenizer, "all_special_tokens", []) or [])
+    if not names:
+        return None
+    return re.compile("|".join(map(re.escape, sorted(names, key=len, reverse=True))))
+
+
+def content_spans(tokenizer, messages: list[dict], text: str, gen: bool) -> list[tuple[int, int]]:
+    """Where each message's content sits in `text` (its render): the template rendered with
+    markers for contents gives the text between them; the contents fill the gaps, as given or
+    stripped (templates such as Gemma's trim them)."""
+    markers = [f"\u27e6pertoken-content-{k}\u27e7" for k in range(len(messages))]
+    skeleton = render_messages(
+        tokenizer,
+        [{**m, "content": mk} for m, mk in zip(messages, markers)],
+        add_generation_prompt=gen,
+    )
+    gaps, rest = [], skeleton
+    for mk in markers:
+        before, found, rest = rest.partition(mk)
+        gaps.append(before)
+    for shape in (lambda c: c, str.strip):
+        contents = [shape(m["content"]) for m in messages]
+        if found and "".join(g + c for g, c in zip(gaps, contents)) + rest == text:
+            starts = itertools.accumulate(len(g) + len(c) for g, c in zip(gaps, contents))
+            return [(end - len(c), end) for end, c in zip(starts, contents)]
     from pertoken.errors import PertokenError
 
-    try:
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    except NotImplementedError:
-        raise PertokenError(
-            "this model's tokenizer gives no character offsets: tracing needs a fast "
-            "(tokenizers-based) tokenizer, which transformers makes from tokenizer.json"
-        ) from None
-    return list(enc["input_ids"]), [(int(s), int(e)) for s, e in enc["offset_mapping"]]
+    raise PertokenError(
+        "a message holds special-token text, and this model's chat template rewrites message "
+        "text, so that text cannot be kept apart from the template's tokens: remove it"
+    )
+
+
+def _pieces(text: str, pattern) -> list[tuple[str, bool]]:
+    """`text` cut at the content spans that hold special-token text: (piece, as plain text)."""
+    content = getattr(text, "content", ()) if pattern is not None else ()
+    spans = [(a, b) for a, b in content if pattern.search(text, a, b)]
+    pieces, at = [], 0
+    for a, b in spans:
+        pieces += [(text[at:a], False), (text[a:b], True)]
+        at = b
+    return [(p, plain) for p, plain in [*pieces, (text[at:], False)] if p]
+
+
+def encode_offsets(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids of `text` (no special tokens added) and each token's character span; in a
+    Templated text, special-token text inside message contents is encoded as text."""
+    from pertoken.errors import PertokenError
+
+    ids, offsets, at = [], [], 0
+    pieces = _pieces(text, special_pattern(tokenizer)) if _marked(text) else [(text, False)]
+    for piece, plain in pieces:
+        try:
+            enc = tokenizer(
+                piece, add_special_tokens=False, return_offsets_mapping=True, **_split(plain)
+            )
+        except NotImplementedError:
+            raise PertokenError(
+                "this model's tokenizer gives no character offsets: tracing needs a fast "
+                "(tokenizers-based) tokenizer, which transformers makes from tokenizer.json"
+            ) from None
+        ids += enc["input_ids"]
+        offsets += [(int(s) + at, int(e) + at) for s, e in enc["offset_mapping"]]
+        at += len(piece)
+    return ids, offsets
+
+
+def _marked(text: str) -> bool:
+    return bool(getattr(text, "content", ()))
+
+
+def _split(plain: bool) -> dict:
+    return {"split_special_tokens": True} if plain else {}
 
 
 class ChatText:
@@ -94,13 +178,27 @@ class ChatText:
         return self.chat_text(messages, add_generation_prompt=True)
 
     def chat_text(self, messages: list[dict], *, add_generation_prompt: bool = False) -> str:
-        return render_messages(
-            self.tokenizer, messages, add_generation_prompt=add_generation_prompt
-        )
+        """The chat through the template. Special-token text inside a message's content stays
+        text when encoded (a Templated string), unless `special_tokens_in_content` is set."""
+        gen = add_generation_prompt
+        text = render_messages(self.tokenizer, messages, add_generation_prompt=gen)
+        pattern = special_pattern(self.tokenizer)
+        if getattr(self, "special_tokens_in_content", False) or not any(
+            pattern and pattern.search(m["content"]) for m in messages
+        ):
+            return text
+        return as_text(text, content_spans(self.tokenizer, messages, text, gen))
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of `text`, without adding special tokens."""
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
+        """Token ids of `text`, without adding special tokens; in a Templated text, special-token
+        text inside message contents is encoded as text."""
+        if not _marked(text):
+            return list(self.tokenizer.encode(text, add_special_tokens=False))
+        return [
+            i
+            for piece, plain in _pieces(text, special_pattern(self.tokenizer))
+            for i in self.tokenizer.encode(piece, add_special_tokens=False, **_split(plain))
+        ]
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)

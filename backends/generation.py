@@ -25,6 +25,7 @@ from pertoken.backends.base import (
     row_uniforms,
     steer_rows,
 )
+from pertoken.backends.conditions import decide, decide_one, trace_meta
 from pertoken.backends.plan import TokenPieces, encode_texts, token_pieces
 from pertoken.backends.schedule import check_slots, prompt_seeds
 from pertoken.errors import PertokenError
@@ -82,6 +83,7 @@ class SlotBackend:
 
     n_layers: int
     hidden_size: int
+    dtype: str = "float32"  # the weights' dtype: a steering coefficient must fit it
     generation_config: dict = {}
 
     def _slots(self, batch: int, rows: list[int], length: int, on_flush=None, prefix=None) -> Slots:
@@ -151,7 +153,8 @@ class SlotBackend:
 
     def _entries(self, seqs, sampling, max_new_tokens, steer, seeds, stream) -> list[Entry]:
         """One Entry per prompt: its steering plan, its seed's draws, its stream."""
-        plans = steer_rows(steer, len(seqs), self.n_layers, self.hidden_size)
+        plans = steer_rows(steer, len(seqs), self.n_layers, self.hidden_size, self.dtype)
+        plans = decide(self, seqs, plans)  # `when` terms kept or dropped per prompt
         if stream is not None:
             check_capture_rows(stream.rows, self.n_layers)
         seeds = prompt_seeds(sampling.seed, len(seqs)) if seeds is None else list(seeds)
@@ -187,6 +190,7 @@ class SlotBackend:
         if not rows:
             raise PertokenError("no layers to trace: give at least one layer")
         check_capture_rows(rows, self.n_layers)
+        steer = decide_one(self, encode_texts(self.encode, [prompt])[0], steer)
         ids, states, pieces = [], [], TokenPieces(self.decode)
 
         def on_step(s: TokenStep) -> None:
@@ -201,6 +205,7 @@ class SlotBackend:
         )  # fmt: skip
         hidden = np.stack(states) if states else np.zeros((0, len(rows), self.hidden_size))
         meta = {"backend": getattr(self, "name", ""), "model": getattr(self, "model_id", "")}
+        meta |= trace_meta(steer)
         return TokenTrace(
             prompt, self.decode(ids), token_pieces(self.decode, ids), ids, rows,
             hidden.astype(np.float32), meta | {"temperature": temperature},

@@ -35,6 +35,17 @@ def this_machine() -> Machine:
     return Machine(platform.system(), platform.machine())
 
 
+def may_have_cuda() -> bool:
+    """Whether torch could see a CUDA device here: never on macOS; on Linux only with NVIDIA's
+    driver loaded; elsewhere, maybe (ask torch). Lets reports skip importing torch."""
+    system = platform.system()
+    if system == "Darwin":
+        return False
+    if system == "Linux":
+        return os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/dev/nvidiactl")
+    return True
+
+
 def total_memory() -> int | None:
     """Bytes of RAM (unified memory on Apple Silicon), or None where the OS does not say."""
     try:
@@ -81,8 +92,8 @@ def mlx_budget() -> tuple[int | None, str]:
 
 
 def _mlx_device_info() -> dict:
-    if importlib.util.find_spec("mlx") is None:
-        return {}
+    if importlib.util.find_spec("mlx") is None or platform.system() != "Darwin":
+        return {}  # Metal's numbers exist only on a Mac
     import mlx.core as mx
 
     try:

@@ -40,8 +40,14 @@ class PrefixCache:
         """What steering the prompt's positions (all but its last) carry."""
         if plan is None or plan.positions == "response" or not plan.terms:
             return None
-        by_row = plan.by_row()
-        return tuple((r, hashlib.sha1(by_row[r].tobytes()).hexdigest()) for r in sorted(by_row))
+        digest = hashlib.sha1()
+        for row, stages in sorted(plan.stages().items()):  # adds, ablations and caps in order
+            digest.update(str(row).encode())
+            for st in stages:
+                for part in (st.add, st.unit):
+                    digest.update(b"-" if part is None else part.tobytes())
+                digest.update(f"{st.lo!r},{st.hi!r}".encode())
+        return digest.hexdigest()
 
     def lookup(self, ids: list[int], plan: Steer | None) -> tuple[int, object]:
         """(P, kv): the longest stored prefix shared with ids, at most len(ids) - 1 tokens

@@ -8,6 +8,8 @@ weights are read and without a minute of download retries.
 from __future__ import annotations
 
 import os
+import shutil
+import sys
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -121,4 +123,20 @@ def _looks_local(model: str) -> bool:
 
 
 def _download(model: str) -> str:
-    return f"huggingface-cli download {model} --local-dir {model.split('/')[-1]}"
+    return f"{hub_cli()} download {model} --local-dir {model.split('/')[-1]}"
+
+
+def hub_cli() -> str:
+    """huggingface_hub's command-line tool as installed: `hf` (0.34 on), else the older
+    `huggingface-cli`; `hf` where neither is on PATH (what `pip install -U huggingface_hub`
+    brings)."""
+    here = os.path.dirname(sys.executable)  # a venv's bin folder, even when not on PATH
+    for name in ("hf", "huggingface-cli"):
+        if shutil.which(name) or shutil.which(name, path=here):
+            return name
+    return "hf"
+
+
+def hub_login() -> str:
+    """The command that logs in to the hub with the installed tool."""
+    return "huggingface-cli login" if hub_cli() == "huggingface-cli" else "hf auth login"

@@ -60,10 +60,12 @@ def _version(package: str) -> str | None:
 
 def _device_and_dtype(backend: str) -> dict:
     """What the backend picks without --device and --dtype (MLX: for a half-precision repo)."""
-    if backend == "torch":
+    from pertoken.backends.machine import may_have_cuda
+
+    if backend == "torch":  # torch is imported only where it may see a CUDA device
         from pertoken.backends.torch.load import pick_device, pick_dtype
 
-        device = pick_device(None)
+        device = pick_device(None) if may_have_cuda() else "cpu"
         return {"device": device, "dtype": pick_dtype(None, device)}
     from pertoken.backends.mlx.load import pick_device, pick_dtype
 
@@ -87,7 +89,9 @@ def _memory() -> dict:
 
 def _cuda_memory() -> list[dict]:
     """Total and free memory per CUDA device (empty without torch or CUDA)."""
-    if _version("torch") is None:
+    from pertoken.backends.machine import may_have_cuda
+
+    if _version("torch") is None or not may_have_cuda():
         return []
     import torch
 

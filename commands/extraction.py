@@ -13,6 +13,7 @@ from pertoken.commands.options import (
     judge_options,
     method_option,
     model_options,
+    ray_options,
     sampler_option,
     trait_option,
 )
@@ -66,6 +67,7 @@ def traits_show(name):
 @click.option("--seed", default=0, show_default=True)
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="CSV to write.")
 @compile_option
+@ray_options
 def generate(
     model,
     backend,
@@ -82,6 +84,8 @@ def generate(
     seed,
     out,
     compile_,
+    ray_address,
+    workers,
 ):
     """Answer a trait's questions under its positive or negative instructions."""
     from pertoken.lock import output_lock
@@ -93,8 +97,8 @@ def generate(
     if is_complete(out, specs):  # nothing to do: do not load the model
         return click.echo(f"{out}: all {len(specs)} rows are already there")
     batch_size = batch_size or _memory_batch(model, backend, dtype, max_new_tokens)
-    with output_lock(out):  # before the model loads: a second writer stops at once
-        bk = options.load_model(model, backend, dtype, device, compile_)
+    loaded = options.model_or_pool(model, backend, dtype, device, ray_address, workers, compile_)
+    with output_lock(out), loaded as (bk, pool):  # locked first: a second writer stops at once
         r = generate_csv(
             bk,
             trait=kit,
@@ -107,6 +111,7 @@ def generate(
             sampler=sampler,
             batch_size=batch_size,
             seed=seed,
+            pool=pool,
         )
     click.echo(f"{r.path}: {r.rows} rows ({r.generated} generated now, {r.seconds:.1f}s)")
     options.report_compile(bk)
@@ -305,11 +310,18 @@ def _run_banner(model, backend, dtype, device, trait, out, opts, why: dict) -> s
     """What `run` will use and where it writes, before any work starts."""
     from pertoken.backends import choose_settings
     from pertoken.pipeline.banner import banner, judge_endpoint
+    from pertoken.pipeline.generate import plan_rows
     from pertoken.pipeline.run import run_folder
     from pertoken.traits import load_trait
 
     name, device, dtype = choose_settings(model, backend, dtype=dtype, device=device)
-    judge = opts["judge_model"]
+    judge, kit, n = opts["judge_model"], load_trait(trait), opts["n_per_question"]
+    rows = len(plan_rows(kit, n_per_question=n))
+    plan = (
+        f"{rows} rows a side ({len(kit.questions)} questions x {len(kit.instructions)} "
+        f"instruction pairs x {n} samples), up to {opts['max_new_tokens']} new tokens each, "
+        "each judged for the trait and coherence; a time estimate follows the first answers"
+    )
     return banner(
         model=model,
         backend=name,
@@ -317,8 +329,9 @@ def _run_banner(model, backend, dtype, device, trait, out, opts, why: dict) -> s
         dtype=dtype,
         judge=judge,
         endpoint=judge_endpoint(judge, opts["base_url"]),
-        folder=run_folder(out, model, load_trait(trait).name),
+        folder=run_folder(out, model, kit.name),
         why=why,
+        plan=plan,
     )
 
 

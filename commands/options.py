@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import click
 
+from pertoken.errors import PertokenError
 from pertoken.names import BACKENDS, METHODS, POSITIONS
 from pertoken.pipeline.judge import DEFAULT_JUDGE
 from pertoken.pipeline.sampling import SAMPLERS
@@ -54,6 +56,33 @@ def load_model(
     from pertoken.backends import load_backend
 
     return load_backend(model, backend, dtype=dtype, device=device, compile=compile)
+
+
+def ray_options(f):
+    """--ray and --workers: a stage's work spread over Ray actors, each loading the model."""
+    f = click.option(
+        "--workers", type=click.IntRange(min=1), default=None,
+        help="With --ray: model actors (default one per GPU of the cluster, else one).",
+    )(f)  # fmt: skip
+    return click.option(
+        "--ray", "ray_address", default=None, metavar="local|auto|ADDRESS",
+        help="Spread the work over Ray actors: local starts Ray here, auto joins RAY_ADDRESS.",
+    )(f)  # fmt: skip
+
+
+@contextlib.contextmanager
+def model_or_pool(model, backend, dtype, device, ray_address, workers, compile: bool = False):
+    """(backend, None) loaded here, or with --ray (ModelInfo, pool) of actors holding it."""
+    if ray_address is None:
+        if workers is not None:
+            raise PertokenError("--workers needs --ray: give --ray local, auto or ADDRESS")
+        yield load_model(model, backend, dtype, device, compile), None
+        return
+    from pertoken.pipeline.distributed import ModelSpec, model_pool, ray_runtime
+
+    spec = ModelSpec(model, backend, dtype, device, compile)
+    with ray_runtime(ray_address), model_pool(spec, workers) as pool:
+        yield pool.info(), pool
 
 
 def compile_option(f):
@@ -171,3 +200,21 @@ def generation_options(default_tokens: int, sampler: bool = False):
         )(f)
 
     return wrap
+
+
+def operator_options(f):
+    """--ablate and --cap beside --steer (applied after the --steer terms, in that order)."""
+    f = click.option(
+        "--cap",
+        "caps",
+        multiple=True,
+        help="Clamp the projection on a vector: V.pt:LAYER:LO:HI, either bound may be empty "
+        "(v.pt:12::4.5 caps from above); bounds in the units the monitor prints (repeatable).",
+    )(f)
+    return click.option(
+        "--ablate",
+        "ablates",
+        multiple=True,
+        help="Project a vector out: V.pt:LAYER, or V.pt:LAYER:MEAN to set the projection to "
+        "a stored mean (repeatable).",
+    )(f)

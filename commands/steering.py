@@ -19,19 +19,34 @@ from pertoken.errors import PertokenError
 
 @click.command()
 @model_options()
-@click.option("--vector", "vectors", multiple=True, required=True, help="Vector .pt (repeatable).")
-@click.option("--layer", "layers", multiple=True, required=True, type=int, help="Row to steer at.")
-@click.option("--coef", "coefs", multiple=True, required=True, type=float, help="Coefficient.")
+@click.option("--vector", "vectors", multiple=True, help="Vector .pt to add (repeatable).")
+@click.option("--layer", "layers", multiple=True, type=int, help="Row to steer at.")
+@click.option("--coef", "coefs", multiple=True, type=float, help="Coefficient.")
+@options.operator_options
 @positions_option
 @generation_options(200, sampler=True)
 @click.argument("prompt")
-def steer(model, backend, dtype, device, vectors, layers, coefs, positions, prompt, **gen):
+def steer(
+    model, backend, dtype, device, vectors, layers, coefs, ablates, caps, positions, prompt, **gen
+):
     """Print a steered answer beside the unsteered one (same seed).
 
-    Several --vector/--layer/--coef triples are paired in order and added together."""
-    from pertoken.pipeline.steer import build_steer, side_by_side, steer_compare, zip_specs
+    Several --vector/--layer/--coef triples are paired in order and added together; --ablate
+    and --cap terms follow them."""
+    from pertoken.pipeline.steer import (
+        build_steer,
+        parse_specs,
+        side_by_side,
+        steer_compare,
+        zip_specs,
+    )
 
-    specs = zip_specs(list(vectors), list(layers), list(coefs))
+    adds = zip_specs(list(vectors), list(layers), list(coefs)) if vectors or layers or coefs else []
+    specs = adds + parse_specs((), ablates, caps)
+    if not specs:
+        raise PertokenError(
+            "nothing to steer with: give --vector/--layer/--coef, --ablate or --cap"
+        )
     bk = options.load_model(model, backend, dtype, device)
     st = build_steer(bk, specs, positions=positions)
     res = steer_compare(bk, prompt, steer=st, **gen)
@@ -51,6 +66,13 @@ def steer(model, backend, dtype, device, vectors, layers, coefs, positions, prom
     help="Coefficients, or auto: search each row's best coefficient that keeps coherence.",
 )
 @click.option(
+    "--cap",
+    "cap_sweep",
+    is_flag=True,
+    help="Sweep cap thresholds instead: each --coefs value caps the projection from above "
+    "(in the units the monitor prints).",
+)
+@click.option(
     "--min-coherence",
     default=70.0,
     show_default=True,
@@ -67,6 +89,7 @@ def steer(model, backend, dtype, device, vectors, layers, coefs, positions, prom
 @click.option("--batch-size", default=16, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @options.compile_option
+@options.ray_options
 def eval_(
     model,
     backend,
@@ -92,6 +115,9 @@ def eval_(
     seed,
     min_coherence,
     compile_,
+    ray_address,
+    workers,
+    cap_sweep,
 ):
     """Sweep layers x coefficients on a trait's evaluation questions and judge the effect.
 
@@ -110,45 +136,78 @@ def eval_(
     vector = load_vector(vector_path)
     rows, coef_list = parse_layers(layers), [] if auto else parse_coefs(coefs)
     rubric = read_rubric(coherence_prompt) if coherence_prompt else None
-    b = options.load_model(model, backend, dtype, device, compile_)
-    vector.check_model(b.n_layers, b.hidden_size, vector_path)
-    judge = make_judge(
-        kit,
-        judge_model=judge_model,
-        base_url=base_url,
-        concurrency=concurrency,
-        max_consecutive_failures=max_consecutive_failures,
-        coherence_prompt=rubric,
-        cache=cache,
-        model=model,  # a `local:` judge of the steered model reuses it
-        backend=lambda: b,
-        backend_name=backend,
-    )
-    judge.check(reach=False)  # a missing key is an error before any generation
-    opts = dict(
-        trait=kit,
-        vector=vector,
-        layers=rows,
-        out_dir=out,
-        judge=judge,
-        n_per_question=n_per_question,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        sampler=sampler,
-        positions=positions,
-        batch_size=batch_size,
-        seed=seed,
-        vector_path=vector_path,
-    )
-    if auto:
-        return _search(b, kit, opts, min_coherence)
-    r = evaluate(b, coefs=coef_list, **opts)
+    if auto and cap_sweep:
+        raise PertokenError("--coefs auto searches coefficients: give cap thresholds with --cap")
+    if auto and ray_address:
+        raise PertokenError("--coefs auto runs in this process: drop --ray, or give --coefs")
+    sizes = (len(kit.eval_questions), n_per_question, max_new_tokens)
+    plan = _eval_plan(rows, None if auto else coef_list, *sizes)
+    click.echo(_eval_banner(model, backend, dtype, device, judge_model, base_url, out, plan))
+    loaded = options.model_or_pool(model, backend, dtype, device, ray_address, workers, compile_)
+    with loaded as (b, pool):
+        vector.check_model(b.n_layers, b.hidden_size, vector_path)
+        judge = make_judge(
+            kit,
+            judge_model=judge_model,
+            base_url=base_url,
+            concurrency=concurrency,
+            max_consecutive_failures=max_consecutive_failures,
+            coherence_prompt=rubric,
+            cache=cache,
+            model=model if pool is None else None,  # a `local:` judge of this model reuses it
+            backend=lambda: b,
+            backend_name=backend,
+        )
+        judge.check(reach=False)  # a missing key is an error before any generation
+        opts = dict(
+            trait=kit,
+            vector=vector,
+            layers=rows,
+            out_dir=out,
+            judge=judge,
+            n_per_question=n_per_question,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            sampler=sampler,
+            positions=positions,
+            batch_size=batch_size,
+            seed=seed,
+            vector_path=vector_path,
+        )
+        if auto:
+            return _search(b, kit, opts, min_coherence)
+        r = evaluate(b, coefs=coef_list, pool=pool, op="cap" if cap_sweep else "add", **opts)
     click.echo(format_table(kit.name, r.summary))
     options.report_compile(b)
     missing = sum(s.missing for s in r.summary)
     if missing:
         click.echo(f"{missing} answers have no {kit.name} score (judge refusals or failures)")
     click.echo(f"{r.out_dir}: answers.csv, summary.csv, sweep.png ({r.seconds:.1f}s)")
+
+
+def _eval_plan(rows, coefs, n_questions: int, n: int, max_new_tokens: int) -> str:
+    """How many answers eval makes: the grid's, or the search's bound (coefs None)."""
+    from pertoken.pipeline.coef_search import search_plan
+
+    tokens = f"up to {max_new_tokens} new tokens each, each judged for the trait and coherence"
+    if coefs is None:
+        _, most = search_plan(n_questions, len(rows), n)
+        return f"coefficient search over layers {rows}: {most}; {tokens}"
+    settings = len(rows) * len([c for c in coefs if c != 0]) + 1
+    return (
+        f"{settings} settings (layers x coefficients, and unsteered) x {n_questions} questions "
+        f"x {n} samples = {settings * n_questions * n} answers, {tokens}"
+    )
+
+
+def _eval_banner(model, backend, dtype, device, judge_model, base_url, out, plan) -> str:
+    from pertoken.backends import choose_settings
+    from pertoken.pipeline.banner import banner, judge_endpoint
+
+    name, device, dtype = choose_settings(model, backend, dtype=dtype, device=device)
+    endpoint = judge_endpoint(judge_model, base_url)
+    return banner(model=model, backend=name, device=device, dtype=dtype, judge=judge_model,
+                  endpoint=endpoint, folder=out, plan=plan)  # fmt: skip
 
 
 def _search(backend, kit, opts: dict, min_coherence: float) -> None:
@@ -170,6 +229,7 @@ def _search(backend, kit, opts: dict, min_coherence: float) -> None:
 )
 @click.option("--layers", required=True, help="Rows to project at, e.g. 16,20.")
 @click.option("--steer", "steers", multiple=True, help="Steer while generating: V.pt:LAYER:COEF.")
+@options.operator_options
 @positions_option
 @click.option(
     "--compare-unsteered", is_flag=True, help="With --steer, also trace the unsteered answer."
@@ -189,6 +249,8 @@ def monitor(
     vectors,
     layers,
     steers,
+    ablates,
+    caps,
     positions,
     compare_unsteered,
     prompts_file,
@@ -202,18 +264,18 @@ def monitor(
     """Project every generated token onto persona vectors, live and as an HTML page."""
     from pertoken.pipeline.monitor import monitor as run_monitor
     from pertoken.pipeline.monitor import read_prompts
-    from pertoken.pipeline.steer import build_steer, parse_steer_spec
+    from pertoken.pipeline.steer import build_steer, parse_specs
     from pertoken.rows import parse_layers
     from pertoken.vectors import load_vector
 
     prompts = ([prompt] if prompt else []) + (read_prompts(prompts_file) if prompts_file else [])
     if not prompts:
         raise PertokenError("no prompt: give a prompt argument or --prompts FILE")
-    if compare_unsteered and not steers:
-        raise PertokenError("--compare-unsteered needs --steer V.pt:LAYER:COEF")
+    if compare_unsteered and not (steers or ablates or caps):
+        raise PertokenError("--compare-unsteered needs --steer, --ablate or --cap")
     files = _named_vectors(vectors)
     loaded = {name: load_vector(path) for name, path in files.items()}
-    specs = [parse_steer_spec(s) for s in steers]
+    specs = parse_specs(steers, ablates, caps)
     bk = options.load_model(model, backend, dtype, device)
     for name, vec in loaded.items():
         vec.check_model(bk.n_layers, bk.hidden_size, files[name])
@@ -235,6 +297,7 @@ def monitor(
         layers=rows,
         steer=st,
         out_dir=out,
+        live=True,
         compare_unsteered=compare_unsteered,
         settings=extra,
         on_trace=on_trace,

@@ -5,7 +5,12 @@ from __future__ import annotations
 import click
 
 from pertoken.commands import options
-from pertoken.commands.options import generation_options, model_options, positions_option
+from pertoken.commands.options import (
+    generation_options,
+    model_options,
+    positions_option,
+    ray_options,
+)
 
 
 @click.command()
@@ -24,6 +29,7 @@ from pertoken.commands.options import generation_options, model_options, positio
     help="NAME=OPEN,CLOSE tag pair in assistant text (repeatable; default scratchpad and think).",
 )  # fmt: skip
 @click.option("--steer", "steers", multiple=True, help="Steer every pass: V.pt:LAYER:COEF.")
+@options.operator_options
 @positions_option
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1))
 @click.option(
@@ -31,12 +37,18 @@ from pertoken.commands.options import generation_options, model_options, positio
     help="Items saved together; a rerun resumes after the last saved chunk.",
 )  # fmt: skip
 @click.option("--no-page", is_flag=True, help="Do not write trace.html.")
+@click.option(
+    "--allow-special-tokens", is_flag=True,
+    help="Message text such as <|eot_id|> is the template's control token (default: text).",
+)  # fmt: skip
 @generation_options(200)
+@ray_options
 def trace(model, backend, dtype, device, vectors, layers, input_path, out, segments, steers,
-          positions, batch_size, chunk, no_page, **gen):  # fmt: skip
+          ablates, caps, positions, batch_size, chunk, no_page, allow_special_tokens,
+          ray_address, workers, **gen):  # fmt: skip
     """Project every token of a dataset's transcripts onto persona vectors, into a store."""
     from pertoken.commands.steering import _named_vectors
-    from pertoken.pipeline.steer import build_steer, parse_steer_spec
+    from pertoken.pipeline.steer import build_steer, parse_specs
     from pertoken.pipeline.trace import Generation, trace_dataset
     from pertoken.pipeline.trace_segments import DEFAULT_SEGMENTS, parse_segment
     from pertoken.rows import parse_layers
@@ -44,16 +56,20 @@ def trace(model, backend, dtype, device, vectors, layers, input_path, out, segme
 
     files = _named_vectors(vectors)
     loaded = {name: load_vector(path) for name, path in files.items()}
-    specs = [parse_steer_spec(s) for s in steers]
+    specs = parse_specs(steers, ablates, caps)
     segs = [parse_segment(s) for s in segments] or list(DEFAULT_SEGMENTS)
     rows = parse_layers(layers)
-    bk = options.load_model(model, backend, dtype, device)
-    st = build_steer(bk, specs, positions=positions) if specs else None
-    res = trace_dataset(
-        bk, input=input_path, vectors=loaded, rows=rows, out_dir=out, segments=segs, steer=st,
-        generation=Generation(**gen), batch_size=batch_size, chunk=chunk, vector_files=files,
-        page=not no_page,
-    )  # fmt: skip
+    if allow_special_tokens and ray_address:
+        raise click.UsageError("--allow-special-tokens runs in one process: drop --ray for it")
+    with options.model_or_pool(model, backend, dtype, device, ray_address, workers) as (bk, pool):
+        if allow_special_tokens:  # inputs that hold real template tokens
+            bk.special_tokens_in_content = True
+        st = build_steer(bk, specs, positions=positions) if specs else None
+        res = trace_dataset(
+            bk, input=input_path, vectors=loaded, rows=rows, out_dir=out, segments=segs,
+            steer=st, generation=Generation(**gen), batch_size=batch_size, chunk=chunk,
+            vector_files=files, page=not no_page, pool=pool,
+        )  # fmt: skip
     rate = f", {res.tokens / res.seconds:.0f} tok/s" if res.tokens else ""
     click.echo(
         f"{res.out_dir}: {res.items} items ({res.traced} traced now, {res.tokens} tokens"
@@ -100,21 +116,26 @@ def _report(res, pair: tuple[str, int] | None = None) -> None:
 @_stats_options
 def trace_diff(a_dir, b_dir, out, span, top):
     """Per-token differences B - A between two stores of the same transcripts."""
-    from pertoken.pipeline.trace_diff import most_moved
+    from pertoken.pipeline.trace_diff import moved_most
     from pertoken.pipeline.trace_diff import trace_diff as run_diff
     from pertoken.pipeline.trace_stats import trace_stats as run_stats
     from pertoken.pipeline.trace_store import read_settings
 
     res = run_diff(a_dir, b_dir, out_dir=out)
     settings = read_settings(res.out_dir)
-    moved = {}  # (vector, row) -> the largest |mean B - A| of an item
-    for v in settings["vectors"]:
-        for row in settings["rows"]:
-            ranked = most_moved(res.moved, v, row, top=3)
-            moved[v, row] = abs(ranked[0][f"mean.{v}.L{row}"]) if ranked else 0.0
-            text = ", ".join(f"item {m['item']} {m[f'mean.{v}.L{row}']:+.3f}" for m in ranked)
-            click.echo(f"moved most ({v}, layer {row}, mean B - A): {text}")
-    _report(run_stats(out, span=span, top=top), max(moved, key=moved.get))
+    found = moved_most(res, settings["vectors"], settings["rows"])
+    for m in found:
+        where = f"{m.vector}, layer {m.row}"
+        if m.stat is None:
+            click.echo(f"moved most ({where}): nothing moved")
+            continue
+        key = f"{m.stat}.{m.vector}.L{m.row}"
+        what = "mean B - A" if m.stat == "mean" else "max |B - A| of a token"
+        text = ", ".join(f"item {t['item']} {t[key]:+.3g}" for t in m.top)
+        click.echo(f"moved most ({where}, {what}): {text}")
+    if found[0].stat is None:
+        click.echo("nothing moved: A and B agree at every vector and layer traced")
+    _report(run_stats(out, span=span, top=top), (found[0].vector, found[0].row))
     click.echo(f"{res.out_dir}: {res.items} items of B - A, moved.csv, trace.html")
 
 

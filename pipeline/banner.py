@@ -18,8 +18,10 @@ def banner(
     endpoint: str,
     folder,
     why: dict[str, str] | None = None,
+    plan: str | None = None,
 ) -> str:
-    """Aligned `name  value` lines; `why` may add a reason to any of them (by name)."""
+    """Aligned `name  value` lines; `why` may add a reason to any of them (by name); `plan`
+    says how much work the command will do."""
     rows = {
         "model": model,
         "backend": backend,
@@ -27,7 +29,7 @@ def banner(
         "dtype": dtype,
         "judge": f"{judge} at {endpoint}",
         "output": str(folder),
-    }
+    } | ({"plan": plan} if plan else {})
     why = why or {}
     width = max(map(len, rows))
     return "\n".join(
@@ -48,3 +50,10 @@ def strip_userinfo(url: str) -> str:
     if "@" not in parts.netloc:
         return url
     return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+
+
+def duration(seconds: float) -> str:
+    """`42 s`, `17 min`, `3.4 h`."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"

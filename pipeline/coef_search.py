@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from pertoken.backends.base import Steer
 from pertoken.errors import PertokenError
 from pertoken.lock import output_lock
 from pertoken.pipeline import evaluate as ev
+from pertoken.pipeline.banner import duration
 from pertoken.pipeline.generate import sample_seed
 from pertoken.pipeline.judges import Judge
 from pertoken.pipeline.sampling import sampling_options
@@ -116,6 +118,18 @@ def search_coefs(
     return result
 
 
+def search_plan(n_questions: int, n_layers: int, n_per_question: int) -> tuple[int, str]:
+    """(the most answers a search can judge, a line saying how they add up)."""
+    sub = max(1, math.ceil(n_questions * SUBSET))
+    steps = MAX_GROW + 1 + BISECT
+    most = n_per_question * (n_questions + n_layers * steps * sub + TOP * (n_questions - sub))
+    text = (
+        f"at most {most} answers: {n_questions} questions x {n_per_question} samples unsteered, "
+        f"up to {steps} coefficients a layer on {sub} questions, the best {TOP} on all"
+    )
+    return most, text
+
+
 def _check_inputs(backend, vector, layers, n_per_question, vector_path) -> None:
     vector.check_model(backend.n_layers, backend.hidden_size, vector_path)
     if not layers:
@@ -140,6 +154,7 @@ class _Store:
         self.rows = ev.read_answers(path, trait.name)
         self.touched: set[tuple] = set()  # (layer or None for coef 0, coef, question_id, j)
         self.generated, self.progress = 0, progress
+        self.most, self.t0 = None, time.perf_counter()  # the plan's bound, for the overall line
 
     def setting(self, layer: int, coef: float, questions: list[int]) -> list[dict]:
         """The judged rows of one setting for these question indices (generated if missing)."""
@@ -161,6 +176,13 @@ class _Store:
         self.touched |= {
             (None if coef == 0 else layer, coef, r["question_id"], int(r["sample"])) for r in rows
         }
+        if self.progress and self.most:
+            elapsed = time.perf_counter() - self.t0
+            print(
+                f"search: {len(self.touched)} of at most {self.most} answers judged, "
+                f"{duration(elapsed)} so far (last: layer {layer}, coef {coef:g})",
+                file=sys.stderr,
+            )
         return rows
 
     def _home(self, layer: int, coef: float) -> int:
@@ -222,6 +244,7 @@ class _Search:
         self.all = list(range(q))
         self.subset = self.all[: max(1, math.ceil(q * SUBSET))]
         self.name = store.trait.name
+        store.most = search_plan(q, len(layers), store.sampling["n_per_question"])[0]
 
     def run(self) -> SearchResult:
         base = self.store.setting(self.layers[0], 0.0, self.all)

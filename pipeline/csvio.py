@@ -40,7 +40,7 @@ def read_table(path: str | Path) -> tuple[list[str], list[dict]]:
     cell that is not a whole number are one error naming the file and line; `sample` is
     normalised (a pandas round trip writes 0 as `0.0`)."""
     path = Path(path)
-    text = _utf8_text(path)
+    text = utf8_text(path)
     csv.field_size_limit(1 << 30)
     reader = csv.reader(io.StringIO(text, newline=""))
     header = next(reader, [])
@@ -52,7 +52,8 @@ def read_table(path: str | Path) -> tuple[list[str], list[dict]]:
     return header, rows
 
 
-def _utf8_text(path: Path) -> str:
+def utf8_text(path: Path, kind: str = "CSV") -> str:
+    """The file as text; bytes that are not UTF-8 are one error naming the file and line."""
     data = path.read_bytes()
     try:
         return data.decode("utf-8-sig")
@@ -60,7 +61,7 @@ def _utf8_text(path: Path) -> str:
         line = data.count(b"\n", 0, e.start) + 1
         raise PertokenError(
             f"{path} line {line} is not UTF-8 text (byte 0x{data[e.start]:02x}): "
-            "save the CSV as UTF-8"
+            f"save the {kind} as UTF-8"
         ) from None
 
 

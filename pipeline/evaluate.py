@@ -8,6 +8,7 @@ have no score yet; then `summary.csv` and `sweep.png` are written from the judge
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import dataclass
@@ -78,13 +79,19 @@ def evaluate(
     seed: int = 0,
     vector_path: str | Path = "vector",
     progress: bool = True,
+    pool=None,
+    op: str = "add",
 ) -> EvalResult:
     """Run (or resume) the sweep into `out_dir`: answers.csv, summary.csv and sweep.png.
 
     temperature defaults to 1.0, or 0 (greedy) when n_per_question is 1; sampler `model` samples
     with the checkpoint's generation_config (pipeline.sampling); positions as Steer ("response"
     steers the answer's tokens, as upstream's evaluation does). judge: fills the score cells
-    (`judges.make_judge`); its identity goes into eval.json.
+    (`judges.make_judge`); its identity goes into eval.json. pool: a distributed.ModelPool
+    whose actors answer the settings (`backend` is then its ModelInfo); this process writes
+    answers.csv as each comes back and judges. op "cap" sweeps cap thresholds instead of
+    coefficients: each value in `coefs` caps the projection from above (the `coef` column then
+    holds the threshold, in the units the monitor prints).
     """
     start = time.perf_counter()
     require_eval_questions(trait)
@@ -104,15 +111,19 @@ def evaluate(
     )
     if sampler != "plain":  # a plain sweep keeps the identity it always had
         settings |= {"sampler": sampler, **sampling}
+    if op != "add":
+        settings |= {"op": _check_op(op)}
     gen = dict(max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, **sampling)
     with output_lock(out, folder=True):  # one sweep at a time in a folder
         rows = _resume(out, trait.name, settings, judge.identity)
         todo = [(L, c) for L in layers for c in coefs if not _has_setting(rows, L, c)]
         if todo:
             path = out / "answers.csv"
-            _generate(
-                backend, trait, vector, rows, todo, path, n_per_question, positions, gen, progress
-            )
+            run = _generate if pool is None else functools.partial(_pool_generate, pool)
+            run(
+                backend, trait, vector, rows, todo, path, n_per_question, positions, gen, progress,
+                op,
+            )  # fmt: skip
         summary = _judge_and_summarize(out, trait.name, rows, judge, layers, coefs)
     return EvalResult(out, summary, len(todo), time.perf_counter() - start)
 
@@ -206,7 +217,21 @@ def _has_setting(rows: list[dict], layer: int, coef: float) -> bool:
     return any(int(r["layer"]) == layer and float(r["coef"]) == coef for r in rows)
 
 
-def _generate(backend, trait, vector, rows, todo, path, n, positions, gen, progress) -> None:
+def _check_op(op: str) -> str:
+    if op not in ("add", "cap"):
+        raise PertokenError(f"eval sweeps coefficients (add) or cap thresholds (cap), not {op!r}")
+    return op
+
+
+def setting_steer(op: str, layer: int, direction, value: float, positions: str) -> Steer | None:
+    """The Steer of one sweep setting: add `value` * v, or cap the projection at `value`;
+    None where the setting is unsteered (a coefficient of 0)."""
+    if op == "cap":
+        return Steer.cap(layer, direction, hi=value, positions=positions)
+    return None if value == 0 else Steer.single(layer, direction, value, positions=positions)
+
+
+def _generate(backend, trait, vector, rows, todo, path, n, positions, gen, progress, op="add"):
     """Answer each missing setting, saving answers.csv after each one."""
     from tqdm import tqdm
 
@@ -215,15 +240,57 @@ def _generate(backend, trait, vector, rows, todo, path, n, positions, gen, progr
     with bar:
         for layer, coef in todo:
             bar.set_postfix_str(f"layer {layer} coef {coef:g}")
-            steer = Steer.single(layer, vector.row(layer), coef, positions=positions)
+            steer = setting_steer(op, layer, vector.row(layer), coef, positions)
             rows += _answer_setting(backend, trait, rows, layer, coef, steer, n, gen, bar)
             write_answers(path, trait.name, rows)
+
+
+def _pool_generate(
+    pool, backend, trait, vector, rows, todo, path, n, positions, gen, progress, op="add"
+):
+    """The missing settings answered by the pool's actors; answers.csv is rewritten, in the
+    grid's order, as each comes back. Coefficient 0 is answered once and reused."""
+    from tqdm import tqdm
+
+    from pertoken.pipeline.distributed import map_shards
+
+    steers = {(L, c): setting_steer(op, L, vector.row(L), c, positions) for L, c in todo}
+    has_zero = op == "add" and any(float(r["coef"]) == 0 for r in rows)
+    zeros = [s for s in todo if steers[s] is None]
+    sent = [s for s in todo if steers[s] is not None or (not has_zero and s == zeros[0])]
+    shards = [(L, c, steers[L, c]) for L, c in sent]
+    fn = functools.partial(answer_setting, trait, n, gen)
+    base, got = list(rows), {}
+    per_setting = n * len(trait.eval_questions)
+    bar = tqdm(total=len(todo) * per_setting, unit="answer", desc="eval", disable=not progress)
+    with bar:
+        for i, answers in map_shards(fn, shards, pool=pool):
+            got[sent[i]] = answers
+            rows[:] = base + [r for s in todo if s in got for r in got[s]]
+            write_answers(path, trait.name, rows)
+            bar.update(per_setting)
+        for s in todo:  # the other coefficient-0 settings reuse the unsteered answers
+            if s not in got:
+                got[s] = _answer_setting(None, trait, rows, *s, None, n, gen, bar)
+        rows[:] = base + [r for s in todo for r in got[s]]
+        write_answers(path, trait.name, rows)
+
+
+def answer_setting(trait, n, gen, backend, shard) -> list[dict]:
+    """A pool actor's work: the answers of one (layer, coef, steer) setting."""
+    layer, coef, steer = shard
+    return _answer_setting(backend, trait, [], layer, coef, steer, n, gen, _NoBar())
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
 
 
 def _answer_setting(backend, trait, rows, layer, coef, steer, n, gen, bar) -> list[dict]:
     """Rows of one setting; coef 0 reuses another layer's unsteered answers when it has them."""
     specs = [(i, q, j) for i, q in enumerate(trait.eval_questions) for j in range(n)]
-    old = [r for r in rows if float(r["coef"]) == 0] if coef == 0 else []
+    old = [r for r in rows if float(r["coef"]) == 0] if steer is None else []
     if old:
         first = int(old[0]["layer"])
         bar.update(len(specs))
@@ -234,7 +301,7 @@ def _answer_setting(backend, trait, rows, layer, coef, steer, n, gen, bar) -> li
     opts = {k: v for k, v in gen.items() if k != "seed"}
     seeds = [sample_seed(gen["seed"], f"{trait.name}_{i}", j) for i, _, j in specs]
     answers = backend.generate(
-        prompts, steer=None if coef == 0 else steer, seeds=seeds,
+        prompts, steer=steer, seeds=seeds,
         on_answer=lambda *_: bar.update(1), **opts,
     )  # fmt: skip
     return [

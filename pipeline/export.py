@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pertoken.backends.steer import Steer
 from pertoken.errors import PertokenError
 from pertoken.names import FORMATS as FORMATS  # the CLI's choices, numpy-free
 from pertoken.rows import check_capture_rows
@@ -45,17 +46,21 @@ def format_of(path: str | Path, fmt: str | None = None) -> str:
 
 
 def export_vector(
-    vector: str | Path | PersonaVector,
+    vector: str | Path | PersonaVector | Steer,
     *,
     out: str | Path,
     fmt: str | None = None,
     layers: list[int] | None = None,
     model_hint: str | None = None,
+    n_layers: int | None = None,
 ) -> ExportResult:
     """Write `vector` to `out` as pt, safetensors or gguf (default: from the suffix).
 
     layers: rows to write (default all; for gguf 2..n_layers, since rows 0-1 cannot be held).
-    model_hint: the GGUF `controlvector.model_hint` (default: the model's config model_type)."""
+    model_hint: the GGUF `controlvector.model_hint` (default: the model's config model_type).
+    A Steer (with the model's n_layers) is written as the control vector it adds."""
+    if isinstance(vector, Steer):
+        vector = control_vector(vector, n_layers)
     vec = vector if isinstance(vector, PersonaVector) else load_vector(vector)
     fmt, out = format_of(out, fmt), Path(out)
     rows, left_out = _rows(vec, fmt, layers)
@@ -67,6 +72,26 @@ def export_vector(
     else:
         write_gguf(vec, rows, out, model_hint=model_hint or hint_of(vec.meta))
     return ExportResult(out, fmt, rows, left_out)
+
+
+def control_vector(steer: Steer, n_layers: int | None) -> PersonaVector:
+    """A Steer of add terms as one control vector, coef * v summed per row (what llama.cpp's
+    --control-vector and repeng add). Other operators have no control-vector form."""
+    for t in steer.terms:
+        if t.op != "add" or t.when is not None:
+            what = f"{t.op} with a condition" if t.when is not None else t.op
+            raise PertokenError(
+                f"a GGUF or repeng control vector can only add, so the {what} at layer {t.row} "
+                "cannot be exported: export the vector itself and apply the operator with "
+                "pertoken (steer, serve or the Python API)"
+            )
+    if n_layers is None:
+        raise PertokenError("exporting a Steer needs the model's n_layers")
+    hidden = len(steer.terms[0].vector) if steer.terms else 0
+    data = np.zeros((n_layers + 1, hidden), np.float32)
+    for row, v in steer.by_row().items():
+        data[row] = v
+    return PersonaVector(data, {})
 
 
 def import_vector(

@@ -8,9 +8,12 @@ order in one atomic rename and the side file is removed.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,6 +116,7 @@ def generate_csv(
     seed: int = 0,
     progress: bool = True,
     label: str | None = None,
+    pool=None,
 ) -> GenerateResult:
     """Write the generation CSV for one polarity (or the eval questions), resuming any earlier run.
 
@@ -121,7 +125,8 @@ def generate_csv(
     at once, each saved as it ends) defaults to what free memory holds on CUDA and Metal, else
     16. Each row samples from row_seed(seed, row), so the CSV does not depend on batching or on
     interruptions. label names the progress bar (default `generate pos`, `generate neg` or
-    `generate eval`).
+    `generate eval`). pool: a distributed.ModelPool whose actors answer shards of the rows
+    (`backend` is then its ModelInfo); this process saves each shard as it comes back.
     """
     start = time.perf_counter()
     out = Path(out)
@@ -138,7 +143,8 @@ def generate_csv(
         if todo:
             out.parent.mkdir(parents=True, exist_ok=True)
             side = side_file(out)
-            _run_rows(backend, todo, prompts, done, side, len(specs), batch_size, opts, bar)
+            run = _run_rows if pool is None else functools.partial(_pool_rows, pool)
+            run(backend, todo, prompts, done, side, len(specs), batch_size, opts, bar)
         if todo or not is_complete(out, specs):
             _write_final(out, trait.name, specs, prompts, done)
         side_file(out).unlink(missing_ok=True)  # also when killed after the final rename
@@ -202,30 +208,7 @@ def _read_side(path: Path) -> list[dict]:
 def _run_rows(backend, todo, prompts, done, side, total, batch_size, opts, bar_opts):
     """Generate every missing row in one call, so a slot freed by a short answer takes the
     next row; each answer is saved (flushed and fsynced) as soon as it ends."""
-    from tqdm import tqdm
-
-    n_tokens, t0 = 0, time.perf_counter()
-    bar = tqdm(total=total, initial=total - len(todo), unit="row", dynamic_ncols=True, **bar_opts)
-    with side.open("a", encoding="utf-8") as f, bar:
-
-        def save(k: int, answer: str) -> None:
-            nonlocal n_tokens
-            s = todo[k]
-            row = {
-                "question": s.question,
-                "prompt": prompts[s.key],
-                "answer": answer,
-                "question_id": s.question_id,
-                "sample": s.j,
-            }
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-            done[s.key] = row
-            n_tokens += len(backend.encode(answer))
-            bar.update(1)
-            bar.set_postfix_str(f"{n_tokens / (time.perf_counter() - t0):.1f} tok/s")
-
+    with _Saver(backend, todo, prompts, done, side, total, bar_opts, batch_size) as save:
         backend.generate(
             [prompts[s.key] for s in todo],
             batch_size=batch_size,
@@ -233,6 +216,87 @@ def _run_rows(backend, todo, prompts, done, side, total, batch_size, opts, bar_o
             on_answer=save,
             **opts,
         )
+
+
+SHARDS_PER_WORKER = 4  # a pool's rows go out in this many shards per actor, for balance
+
+
+def _pool_rows(pool, backend, todo, prompts, done, side, total, batch_size, opts, bar_opts):
+    """The missing rows in shards answered by the pool's actors, each saved as it returns."""
+    from pertoken.pipeline.distributed import map_shards
+
+    size = max(batch_size or 1, math.ceil(len(todo) / (SHARDS_PER_WORKER * pool.size)))
+    starts = list(range(0, len(todo), size))
+    shards = [
+        ([prompts[s.key] for s in todo[a : a + size]],
+         [row_seed(opts["seed"], s) for s in todo[a : a + size]])
+        for a in starts
+    ]  # fmt: skip
+    fn = functools.partial(answer_shard, dict(opts, batch_size=batch_size))
+    with _Saver(backend, todo, prompts, done, side, total, bar_opts, batch_size) as save:
+        for i, answers in map_shards(fn, shards, pool=pool):
+            for k, answer in enumerate(answers):
+                save(starts[i] + k, answer)
+
+
+def answer_shard(opts: dict, backend, shard) -> list[str]:
+    """A pool actor's work: answer (prompts, seeds) with generate's options."""
+    prompts, seeds = shard
+    return backend.generate(prompts, seeds=seeds, **{k: v for k, v in opts.items() if k != "seed"})
+
+
+class _Saver:
+    """save(k, answer): row todo[k]'s answer onto the side file (flushed and fsynced)."""
+
+    def __init__(self, backend, todo, prompts, done, side, total, bar_opts, batch_size):
+        from tqdm import tqdm
+
+        self.backend, self.todo, self.prompts, self.done = backend, todo, prompts, done
+        self.file = side.open("a", encoding="utf-8")
+        self.bar = tqdm(total=total, initial=total - len(todo), unit="row", dynamic_ncols=True,
+                        **bar_opts)  # fmt: skip
+        self.n_tokens, self.t0, self.answered = 0, time.perf_counter(), 0
+        # the time estimate comes once, after the first batch of answers
+        self.estimate_at = min(batch_size or 16, len(todo))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.close()
+        self.file.close()
+
+    def __call__(self, k: int, answer: str) -> None:
+        s = self.todo[k]
+        row = {
+            "question": s.question,
+            "prompt": self.prompts[s.key],
+            "answer": answer,
+            "question_id": s.question_id,
+            "sample": s.j,
+        }
+        self.file.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.done[s.key] = row
+        self.n_tokens += len(self.backend.encode(answer))
+        self.bar.update(1)
+        self.bar.set_postfix_str(f"{self.n_tokens / (time.perf_counter() - self.t0):.1f} tok/s")
+        self.answered += 1
+        if self.answered == self.estimate_at and not self.bar.disable:
+            line = estimate(self.bar.desc, self.answered, len(self.todo), self.t0)
+            self.bar.write(line, file=sys.stderr)
+
+
+def estimate(label: str, answered: int, todo: int, t0: float) -> str:
+    """One line: how long the `todo` rows of a stage will take, at the first answers' rate."""
+    from pertoken.pipeline.banner import duration
+
+    rate = answered / max(time.perf_counter() - t0, 1e-9)
+    return (
+        f"{label}: about {duration(todo / rate)} for {todo} rows ({rate:.2f} rows/s over the "
+        f"first {answered} answers)"
+    )
 
 
 def _write_final(out: Path, trait: str, specs, prompts, done) -> None:

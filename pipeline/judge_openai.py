@@ -12,6 +12,7 @@ not a refusal. The API key and any user:password in the base URL never leave mem
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import os
 import random
@@ -28,6 +29,7 @@ OFFLINE = (
     "or judge offline: --base-url URL (an OpenAI-compatible server such as vLLM, "
     "mlx_lm.server or Ollama) or --judge local:MODEL"
 )
+_shared_limit = None  # see shared_limit
 NOT_A_COMPLETION = (
     "is not a chat completion with logprobs (HTML, malformed JSON or empty top_logprobs): "
     "check that --base-url is the /v1 endpoint of an OpenAI-compatible server"
@@ -93,6 +95,18 @@ def check_endpoint(base_url: str | None, *, timeout: float = 10.0) -> None:
         client.close()
 
 
+@contextlib.contextmanager
+def shared_limit(limit):
+    """API judges made in this block also hold a slot of `limit` (an async context manager,
+    such as a sweep's SharedLimit) for each request: one limit across processes."""
+    global _shared_limit
+    old, _shared_limit = _shared_limit, limit
+    try:
+        yield
+    finally:
+        _shared_limit = old
+
+
 class _NoLogprobs(Exception):
     """The server ignores logprobs=True: no answer from it can be scored."""
 
@@ -129,6 +143,7 @@ class ApiJudge:
         self.where = endpoint(base_url)
         self.requests = 0
         self.no_answer = 0  # retries in a row that timed out or found no server
+        self.limit = _shared_limit or contextlib.nullcontext()
 
     def run(
         self,
@@ -166,7 +181,7 @@ class ApiJudge:
                     raise t.exception()
 
     async def _one(self, client, sem, key, text, on_done, on_fail):
-        async with sem:
+        async with sem, self.limit:
             for attempt in range(self.max_retries + 1):
                 score, reason, wait = await self._attempt(client, text, attempt)
                 if wait is None or attempt == self.max_retries:

@@ -19,8 +19,10 @@ import numpy as np
 
 from pertoken.backends.base import Steer, TokenTrace
 from pertoken.errors import PertokenError
+from pertoken.pipeline.csvio import utf8_text
 from pertoken.pipeline.live import LivePrinter
 from pertoken.pipeline.projection import project, project_rows
+from pertoken.pipeline.trace_steer import monitor_extras, term_record
 from pertoken.rows import check_capture_rows
 from pertoken.vectors import PersonaVector
 
@@ -40,7 +42,7 @@ def monitor(
     temperature: float = 0.0,
     seed: int = 0,
     out_dir: str | Path | None = ".",
-    live: bool = True,
+    live: bool = False,
     compare_unsteered: bool = False,
     settings: dict | None = None,
     on_trace: TraceHook | None = None,
@@ -48,10 +50,11 @@ def monitor(
 ) -> list[dict]:
     """Generate an answer to each prompt and project each answer token onto `vectors`.
 
-    Prints tokens coloured by the first vector at the first layer while generating (`live`),
-    then writes trace.json and trace.html into `out_dir` (None: write nothing). With `steer`
-    and `compare_unsteered`, each prompt is also answered unsteered (same seed). `settings` is
-    merged into each record's settings; `on_trace(record, trace)` may add fields such as
+    With `live`, prints tokens coloured by the first vector at the first layer while generating
+    (off by default; the `monitor` command turns it on). Writes trace.json and trace.html into
+    `out_dir` (None: write nothing). With `steer` and `compare_unsteered`, each prompt is also
+    answered unsteered (same seed). `settings` is merged into each record's settings;
+    `on_trace(record, trace)` may add fields such as
     `features`. Defaults: greedy (temperature 0), 200 new tokens, seed 0.
     """
     names, directions = _directions(backend, vectors, layers)
@@ -80,6 +83,7 @@ def monitor(
             rec = trace_record(trace, names=names, directions=directions, layers=layers)
             rec.update(label=label, prompt=user, system=system, chat_prompt=chat)
             rec["settings"] = {**base, **_steer_settings(run_steer)}
+            rec |= monitor_extras(backend, chat, trace, run_steer, names, directions, layers)
             if on_trace:
                 on_trace(rec, trace)
             records.append(rec)
@@ -148,14 +152,18 @@ def read_prompts(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise PertokenError(f"prompts file {path} does not exist: check the path")
-    text = path.read_text()
-    if text.lstrip().startswith("["):
+    text = utf8_text(path, "prompts file")
+    if path.suffix.lower() == ".json" or text.lstrip().startswith("["):
         try:
             items = json.loads(text)
         except json.JSONDecodeError as e:
             raise PertokenError(f"{path} is not valid JSON ({e.msg}, line {e.lineno})") from None
-        if not all(isinstance(x, str) for x in items):
-            raise PertokenError(f"{path} must be a JSON list of strings")
+        if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
+            kind = "a JSON object" if isinstance(items, dict) else "not a list of strings"
+            raise PertokenError(
+                f"{path} is {kind}: give a JSON list of prompt strings (or chats as .jsonl, "
+                'one {"messages": [...]} a line)'
+            )
         prompts = [x for x in items if x.strip()]
     else:
         prompts = [line.strip() for line in text.splitlines() if line.strip()]
@@ -206,7 +214,7 @@ def _steer_settings(steer: Steer | None) -> dict:
     if steer is None:
         return {"steer": None}
     terms = [
-        {"layer": t.row, "coef": t.coef, "norm": float(np.linalg.norm(t.vector))}
+        {"layer": t.row, "coef": t.coef, "norm": float(np.linalg.norm(t.vector))} | term_record(t)
         for t in steer.terms
     ]
     return {"steer": {"positions": steer.positions, "terms": terms}}

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pertoken.atomic import write_text_atomic
 from pertoken.backends import default_model as default_model  # `run` without --model
 from pertoken.errors import PertokenError
 from pertoken.lock import output_lock
@@ -138,7 +139,24 @@ class _Run:
 
     def run(self) -> RunReport:
         with output_lock(self.folder, folder=True):  # one process per run folder
+            self.check_backend()
             return self._run()
+
+    def check_backend(self) -> None:
+        """A folder holding another backend's run is refused (its answers and vectors are that
+        backend's); a fresh folder records which backend fills it, in run.json."""
+        from pertoken.backends import choose
+
+        name, record = choose(self.opts.backend).backend, self.folder / RUN_RECORD
+        held = recorded_backend(self.folder, self.paths["response_avg"], self.report)
+        if held is not None and held != name:
+            raise PertokenError(
+                f"{self.folder} holds a run made with the {held} backend, and this run uses "
+                f"{name}: pass --out elsewhere (e.g. --out runs-{name}) to keep both, or "
+                f"--backend {held} to resume that run"
+            )
+        if not record.is_file():
+            write_text_atomic(record, json.dumps({"backend": name, "model": self.opts.model}))
 
     def _run(self) -> RunReport:
         o, stages = self.opts, {}
@@ -235,6 +253,22 @@ class _Run:
 @dataclass
 class _Status:
     status: str
+
+
+RUN_RECORD = "run.json"  # {"backend", "model"} of the run that fills the folder
+
+
+def recorded_backend(folder: Path, vector: Path, report: Path) -> str | None:
+    """The backend recorded in run.json, else in the vector's or report card's sidecar."""
+    for path in (folder / RUN_RECORD, vector.with_suffix(".json"), report):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        data = data.get("meta", data) if isinstance(data, dict) else {}
+        if isinstance(data, dict) and isinstance(data.get("backend"), str):
+            return data["backend"]
+    return None
 
 
 def _stage(complete: bool, work, *args) -> tuple[str, float]:

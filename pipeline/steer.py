@@ -7,6 +7,8 @@ import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from pertoken.backends.base import POSITIONS, Positions, Steer, SteerTerm
 from pertoken.errors import PertokenError
 from pertoken.pipeline.sampling import sampling_options
@@ -16,14 +18,27 @@ from pertoken.vectors import check_coef, load_vector
 
 @dataclass(frozen=True)
 class SteerSpec:
-    """One steering term as the user wrote it: a vector file, a row and a coefficient."""
+    """One steering term as the user wrote it: a vector file, a row and what to do there."""
 
     path: str
     layer: int
-    coef: float
+    coef: float = 0.0  # add
+    op: str = "add"
+    lo: float | None = None  # cap
+    hi: float | None = None  # cap
+    mean: float = 0.0  # ablate
 
     def describe(self) -> str:
-        return f"{Path(self.path).name} layer {self.layer} coef {self.coef:g}"
+        where = f"{Path(self.path).name} layer {self.layer}"
+        if self.op == "ablate":
+            return f"ablate {where}" + (f" to {self.mean:g}" if self.mean else "")
+        if self.op == "cap":
+            return f"cap {where} to [{_bound(self.lo, '-inf')}, {_bound(self.hi, 'inf')}]"
+        return f"{where} coef {self.coef:g}"
+
+
+def _bound(x: float | None, none: str) -> str:
+    return none if x is None else f"{x:g}"
 
 
 def parse_steer_spec(text: str) -> SteerSpec:
@@ -39,6 +54,52 @@ def parse_steer_spec(text: str) -> SteerSpec:
         ) from None
     check_coef(spec.coef)
     return spec
+
+
+def parse_ablate_spec(text: str) -> SteerSpec:
+    """'V.pt:LAYER' (project the direction out) or 'V.pt:LAYER:MEAN' (set it to MEAN)."""
+    head, _, last = text.rpartition(":")
+    try:
+        if head.endswith(".pt") or head.endswith(".safetensors") or ":" not in head:
+            return _checked(SteerSpec(head, int(last), op="ablate"))
+        path, _, layer = head.rpartition(":")
+        return _checked(SteerSpec(path, int(layer), op="ablate", mean=float(last)))
+    except ValueError:
+        raise PertokenError(
+            f"could not read --ablate {text!r}: write it as VECTOR.pt:LAYER (or "
+            "VECTOR.pt:LAYER:MEAN to set the projection to a stored mean), e.g. v.pt:16"
+        ) from None
+
+
+def parse_cap_spec(text: str) -> SteerSpec:
+    """'V.pt:LAYER:LO:HI', either bound may be empty ('v.pt:12::4.5' caps from above)."""
+    parts = text.rsplit(":", 3)
+    try:
+        if len(parts) != 4 or not (parts[2] or parts[3]):
+            raise ValueError
+        lo, hi = (float(x) if x.strip() else None for x in parts[2:])
+        return _checked(SteerSpec(parts[0], int(parts[1]), op="cap", lo=lo, hi=hi))
+    except ValueError:
+        raise PertokenError(
+            f"could not read --cap {text!r}: write it as VECTOR.pt:LAYER:LO:HI with either "
+            "bound empty, e.g. v.pt:12::4.5 to keep the projection at most 4.5"
+        ) from None
+
+
+def _checked(spec: SteerSpec) -> SteerSpec:
+    """The spec, after the checks its term makes (finite bounds, hi >= lo)."""
+    SteerTerm(spec.layer, np.ones(1, np.float32), op=spec.op, lo=spec.lo, hi=spec.hi,
+              mean=spec.mean)  # fmt: skip
+    return spec
+
+
+def parse_specs(steers=(), ablates=(), caps=()) -> list[SteerSpec]:
+    """The command line's --steer, --ablate and --cap terms, applied in that order."""
+    return (
+        [parse_steer_spec(s) for s in steers]
+        + [parse_ablate_spec(s) for s in ablates]
+        + [parse_cap_spec(s) for s in caps]
+    )
 
 
 def zip_specs(vectors: list[str], layers: list[int], coefs: list[float]) -> list[SteerSpec]:
@@ -69,9 +130,12 @@ def build_steer(backend, specs: list[SteerSpec], *, positions: Positions = "resp
         direction = vec.row(spec.layer)  # [hidden]
         check_steer_row(spec.layer, backend.n_layers)
         vec.check_nonzero([spec.layer], spec.path)
-        terms.append(SteerTerm(spec.layer, direction, spec.coef))
+        terms.append(
+            SteerTerm(spec.layer, direction, spec.coef, op=spec.op, lo=spec.lo, hi=spec.hi,
+                      mean=spec.mean, name=Path(spec.path).stem)
+        )  # fmt: skip
     steer = Steer(terms, positions)
-    steer.validate(backend.n_layers, backend.hidden_size)
+    steer.validate(backend.n_layers, backend.hidden_size, backend.dtype)
     return steer
 
 

@@ -15,10 +15,14 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from pertoken.pipeline.trace_page import embed_json
-from pertoken.pipeline.trace_store import ITEMS, TOKENS, iter_item_tables, read_settings
+from pertoken.pipeline.trace_store import (
+    TOKENS,
+    iter_item_tables,
+    read_items_table,
+    read_settings,
+)
 
 _TEMPLATE = Path(__file__).with_name("store_page.html")
 BLOCK = 32  # items per data file
@@ -35,7 +39,7 @@ def write_store_page(folder: str | Path, *, title: str | None = None) -> Path:
     data_dir = folder / "trace_page"
     shutil.rmtree(data_dir, ignore_errors=True)
     data_dir.mkdir()
-    items = pq.read_table(folder / ITEMS).to_pandas()
+    items = read_items_table(folder)
     acc = _Scales(len(vectors), len(rows))
     blocks, block, previews = 0, {}, {}
     for item, table in iter_item_tables(folder / TOKENS):

@@ -8,6 +8,7 @@ generated first (saved in `answers.jsonl`) and then traced teacher-forced like a
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -31,6 +32,7 @@ from pertoken.pipeline.trace_segments import (
     segment_names,
     tag_spans,
 )
+from pertoken.pipeline.trace_steer import fired_columns, pre_columns, project, term_record
 from pertoken.pipeline.trace_tables import (
     item_schema,
     item_stats,
@@ -76,12 +78,15 @@ def trace_dataset(
     vector_files: dict[str, str] | None = None,
     page: bool = True,
     progress: bool = True,
+    pool=None,
 ) -> TraceResult:
     """Trace every item of `input` (.csv, .jsonl, .txt, .json) into the store `out_dir`.
 
     `rows` are layer rows; `segments` the tag pairs that name spans of assistant text;
     `steer` acts on every traced forward (and on generation). Sequences run `batch_size` at a
-    time; `chunk` items make one part on disk. Writes trace.html beside the tables (`page`)."""
+    time; `chunk` items make one part on disk. Writes trace.html beside the tables (`page`).
+    pool: a distributed.ModelPool whose actors trace the chunks (`backend` is then its
+    ModelInfo); this process writes the same store."""
     start = time.perf_counter()
     items = read_items(input)
     check_answers(items, segments)
@@ -92,17 +97,19 @@ def trace_dataset(
     settings |= {"generation": vars(generation) if needs_answers else None}
     settings |= {"meta": meta_types(items)}
     schemas = (
-        token_schema(names, rows),
-        item_schema(settings["meta"], names, rows, segment_names(segments)),
+        token_schema(names, rows, pre_columns(names, steer, list(rows))),
+        item_schema(settings["meta"], names, rows, segment_names(segments), fired_columns(steer)),
     )
     folder = Path(out_dir)
     with output_lock(folder, folder=True):
         _check_settings(folder, settings)
+        store.check_readable(folder)
         todo = _todo(folder, items)
         if todo or _unmerged(folder):
             store.write_json_atomic(folder / store.SETTINGS, {**settings, "complete": False})
-        job = _Job(backend, names, units, list(rows), segments, steer, generation, schemas[1])
-        n_tokens = job.run(folder, todo, batch_size, chunk, len(items), progress)
+        work = _Work(names, units, list(rows), list(segments), steer, generation, schemas[1],
+                     batch_size)  # fmt: skip
+        n_tokens = _Job(backend, work, pool).run(folder, todo, chunk, len(items), progress)
         n_items = store.merge(folder, *schemas) if todo or _unmerged(folder) else len(items)
         done = {**settings, "items": n_items, "complete": True}
         store.write_json_atomic(folder / store.SETTINGS, done)
@@ -151,7 +158,7 @@ def _settings(backend, input, names, vectors, files, rows, segments, steer) -> d
         "rows": [int(r) for r in rows],
         "segments": {s.name: [s.open, s.close] for s in segments},
         "steer": _steer_record(steer),
-        "columns": value_columns(names, list(rows)),
+        "columns": value_columns(names, list(rows)) + pre_columns(names, steer, list(rows)),
     }
 
 
@@ -165,6 +172,7 @@ def _steer_record(steer: Steer | None) -> dict | None:
         return None
     terms = [
         {"layer": t.row, "coef": t.coef, "sha256": hashlib.sha256(t.vector.tobytes()).hexdigest()}
+        | term_record(t)
         for t in steer.terms
     ]
     return {"positions": steer.positions, "terms": terms}
@@ -213,78 +221,136 @@ def _unmerged(folder: Path) -> bool:
     return not (folder / store.TOKENS).is_file() or bool(store.Parts(folder).names())
 
 
+@dataclass
+class _Work:
+    """What tracing a chunk needs besides the model; sent as it is to pool actors."""
+
+    names: list[str]
+    units: np.ndarray  # [V, R, hidden] unit directions
+    rows: list[int]
+    segments: list
+    steer: Steer | None
+    generation: Generation
+    items_schema: object  # pyarrow schema of items.parquet
+    batch_size: int
+
+
+@dataclass
+class _Chunk:
+    """A traced chunk: its two part tables, the answers it generated, its token count."""
+
+    tokens: object  # pyarrow Table
+    items: object
+    answers: dict[int, str]
+    n_tokens: int
+
+
 class _Job:
-    """Traces items chunk by chunk: answers, labels, projections, one part on disk each."""
+    """Traces items chunk by chunk (here, or on a pool's actors), one part on disk each."""
 
-    def __init__(self, backend, names, units, rows, segments, steer, generation, items_schema):
-        self.backend, self.names, self.units, self.rows = backend, names, units, rows
-        self.segments, self.steer, self.generation = segments, steer, generation
-        self.items_schema = items_schema
-        self.seg_names = segment_names(segments)
+    def __init__(self, backend, work: _Work, pool=None):
+        self.backend, self.work, self.pool = backend, work, pool
 
-    def run(self, folder: Path, todo: list[Item], batch_size, chunk, total, progress) -> int:
+    def run(self, folder: Path, todo: list[Item], chunk, total, progress) -> int:
         from tqdm import tqdm
 
+        from pertoken.pipeline.distributed import map_shards
+
         answers, parts, n_tokens, t0 = _Answers(folder), store.Parts(folder), 0, time.perf_counter()
+        chunks = [todo[at : at + max(1, chunk)] for at in range(0, len(todo), max(1, chunk))]
+        shards = [(batch, answers.known(batch)) for batch in chunks]
+        fn = functools.partial(trace_chunk, self.work)
+        need = sum(1 for it in todo if it.user is not None and answers.get(it) is None)
+        gen_bar = tqdm(total=need, unit="answer", desc="generate", leave=False,
+                       disable=not progress or not need, dynamic_ncols=True)  # fmt: skip
+        if self.pool is None:  # here, each answer is saved as it ends
+
+            def save(items: list[Item], texts: list[str]) -> None:
+                answers.add(items, texts)
+                gen_bar.update(len(items))
+
+            fn = functools.partial(fn, on_answer=save)
         bar = tqdm(total=total, initial=total - len(todo), unit="item", desc="trace",
                    disable=not progress, dynamic_ncols=True)  # fmt: skip
-        with bar:
-            for at in range(0, len(todo), max(1, chunk)):
-                batch = todo[at : at + max(1, chunk)]
-                self._answer(batch, answers, batch_size)
-                labels = [self._labels(it, answers) for it in batch]
-                values = self.backend.token_projections(
-                    [lab.ids for lab in labels], self.units, self.rows, steer=self.steer,
-                    prompt_lens=[lab.prompt_len for lab in labels], batch_size=batch_size,
-                )  # fmt: skip
-                parts.write(*self._tables(batch, labels, values))
-                n_tokens += sum(len(lab.ids) for lab in labels)
-                bar.update(len(batch))
+        with bar, gen_bar:
+            for i, res in map_shards(fn, shards, backend=self.backend, pool=self.pool):
+                new = [it for it in chunks[i] if it.index in res.answers]
+                new = [it for it in new if answers.get(it) is None]  # not saved as it ended
+                answers.add(new, [res.answers[it.index] for it in new])
+                gen_bar.update(len(new))
+                parts.write(res.tokens, res.items)
+                n_tokens += res.n_tokens
+                bar.update(len(chunks[i]))
                 bar.set_postfix_str(f"{n_tokens / (time.perf_counter() - t0):.0f} tok/s")
         return n_tokens
 
-    def _answer(self, batch: list[Item], answers: _Answers, batch_size: int) -> None:
-        """Generate the answers this chunk's prompt items still lack, each saved as it ends
-        and sampled from its item's own seed (so not a matter of chunks or resumes)."""
-        need = [it for it in batch if it.user is not None and answers.get(it) is None]
-        if not need:
-            return
-        g = self.generation
-        prompts = [self.backend.chat_prompt(g.system, it.user) for it in need]
-        self.backend.generate(
-            prompts, max_new_tokens=g.max_new_tokens, temperature=g.temperature,
-            seeds=[sample_seed(g.seed, f"item {it.index}", 0) for it in need],
-            steer=self.steer, batch_size=batch_size,
-            on_answer=lambda k, text: answers.add([need[k]], [text]),
-        )  # fmt: skip
 
-    def _labels(self, it: Item, answers: _Answers):
-        b, segs = self.backend, self.segments
-        if it.messages is not None:
-            labels = label_chat(b, it.messages, segs, it.where)
-        elif it.user is not None:
-            prompt = b.chat_prompt(self.generation.system, it.user)
-            labels = label_pair(b, prompt, answers.get(it), segs, it.where, strict=False)
-        else:
-            prompt = it.prompt if it.prompt is not None else b.chat_prompt(None, it.question)
-            labels = label_pair(b, prompt, it.answer, segs, it.where)
-        if not labels.ids:
-            raise PertokenError(f"{it.where} is empty: it has no text to trace")
-        return labels
+def trace_chunk(work: _Work, backend, shard, on_answer=None) -> _Chunk:
+    """Trace one chunk of items: (items, {item: answer already saved}) -> _Chunk.
+    on_answer(items, texts) saves each generated answer as it ends."""
+    batch, known = shard
+    answers = dict(known) | _answer(backend, work, batch, known, on_answer)
+    labels = [_labels(backend, work, it, answers.get(it.index)) for it in batch]
+    values = project(
+        backend, [lab.ids for lab in labels], work.units, work.names, work.rows, work.steer,
+        [lab.prompt_len for lab in labels], work.batch_size,
+    )  # fmt: skip
+    tokens, items = _tables(work, batch, labels, values)
+    new = {k: v for k, v in answers.items() if k not in known}
+    return _Chunk(tokens, items, new, sum(len(lab.ids) for lab in labels))
 
-    def _tables(self, batch, labels, values):
-        import pyarrow as pa
 
-        tokens = pa.concat_tables(
-            [tokens_table(it.index, lab, v, self.names, self.rows)
-             for it, lab, v in zip(batch, labels, values)]
-        )  # fmt: skip
-        rows = []
-        for it, lab, v in zip(batch, labels, values):
-            stats = item_stats(lab, v, self.names, self.rows, self.seg_names)
-            head = {"item": it.index, **it.meta, "n_tokens": len(lab.ids)}
-            rows.append(head | {"input_sha256": it.sha256} | stats)
-        return tokens, pa.Table.from_pylist(rows, schema=self.items_schema)
+def _answer(backend, work: _Work, batch: list[Item], known: dict, on_answer) -> dict[int, str]:
+    """Generate the answers this chunk's prompt items still lack, each sampled from its
+    item's own seed (so not a matter of chunks, workers or resumes)."""
+    need = [it for it in batch if it.user is not None and it.index not in known]
+    if not need:
+        return {}
+    g, out = work.generation, {}
+
+    def done(k: int, text: str) -> None:
+        out[need[k].index] = text
+        if on_answer is not None:
+            on_answer([need[k]], [text])
+
+    prompts = [backend.chat_prompt(g.system, it.user) for it in need]
+    backend.generate(
+        prompts, max_new_tokens=g.max_new_tokens, temperature=g.temperature,
+        seeds=[sample_seed(g.seed, f"item {it.index}", 0) for it in need],
+        steer=work.steer, batch_size=work.batch_size, on_answer=done,
+    )  # fmt: skip
+    return out
+
+
+def _labels(b, work: _Work, it: Item, answer: str | None):
+    segs = work.segments
+    if it.messages is not None:
+        labels = label_chat(b, it.messages, segs, it.where)
+    elif it.user is not None:
+        prompt = b.chat_prompt(work.generation.system, it.user)
+        labels = label_pair(b, prompt, answer, segs, it.where, strict=False)
+    else:
+        prompt = it.prompt if it.prompt is not None else b.chat_prompt(None, it.question)
+        labels = label_pair(b, prompt, it.answer, segs, it.where)
+    if not labels.ids:
+        raise PertokenError(f"{it.where} is empty: it has no text to trace")
+    return labels
+
+
+def _tables(work: _Work, batch, labels, values):
+    import pyarrow as pa
+
+    names, rows, seg_names = work.names, work.rows, segment_names(work.segments)
+    tokens = pa.concat_tables(
+        [tokens_table(it.index, lab, v.values, names, rows, v.pre)
+         for it, lab, v in zip(batch, labels, values)]
+    )  # fmt: skip
+    items = []
+    for it, lab, v in zip(batch, labels, values):
+        stats = item_stats(lab, v.values, names, rows, seg_names)
+        head = {"item": it.index, **it.meta, "n_tokens": len(lab.ids)}
+        items.append(head | {"input_sha256": it.sha256} | stats | v.fired)
+    return tokens, pa.Table.from_pylist(items, schema=work.items_schema)
 
 
 class _Answers:
@@ -304,6 +370,10 @@ class _Answers:
                     self.by_item[int(row["item"])] = (row["input_sha256"], row["answer"])
                 except (json.JSONDecodeError, KeyError, TypeError, ValueError):
                     continue
+
+    def known(self, items: list[Item]) -> dict[int, str]:
+        """{item: answer} of the saved answers to these items."""
+        return {it.index: a for it in items if (a := self.get(it)) is not None}
 
     def get(self, it: Item) -> str | None:
         sha, answer = self.by_item.get(it.index, (None, None))

@@ -7,6 +7,7 @@ statistics hold B - A), so trace-stats and the page read it as they read a trace
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from pertoken.pipeline import trace_store as store
 from pertoken.pipeline.csvio import write_csv_atomic
 from pertoken.pipeline.trace_segments import TokenLabels
 from pertoken.pipeline.trace_tables import (
+    drop_empty_segments,
     item_schema,
     item_stats,
     proj_column,
@@ -33,7 +35,8 @@ _TOKEN_KEYS = ("item", "pos", "token_id", "token", "turn", "role", "segment")
 class DiffResult:
     out_dir: Path
     items: int
-    moved: list[dict]  # per vector x row: items by |mean difference|, largest first
+    moved: list[dict]  # per item: mean and max |B - A| per vector x row
+    scale: dict[int, float]  # row -> the largest |h| of A there (what "nothing moved" is against)
 
 
 def trace_diff(
@@ -42,6 +45,7 @@ def trace_diff(
     """Write the store of B - A into `out_dir`, and `moved.csv` (items ranked by how far their
     mean projection moved). Refuses stores of different items, tokens, vectors or rows."""
     a_dir, b_dir, out = Path(a_dir), Path(b_dir), Path(out_dir)
+    _check_out(out, a_dir, b_dir)
     sa, sb = store.read_settings(a_dir), store.read_settings(b_dir)
     _check_same(sa, sb, a_dir, b_dir)
     vectors, rows = list(sa["vectors"]), sa["rows"]
@@ -50,9 +54,9 @@ def trace_diff(
     if items_a["item"].tolist() != items_b["item"].tolist():
         raise PertokenError(f"{a_dir} and {b_dir} hold different items: trace the same input")
     with output_lock(out, folder=True):
-        stats, moved = _diff_tokens(a_dir, b_dir, out, vectors, rows, segments)
+        stats, moved, scale = _diff_tokens(a_dir, b_dir, out, vectors, rows, segments)
         table = _items_table(items_a, items_b, stats, sa, vectors, rows, segments)
-        store.write_table_atomic(table, out / store.ITEMS)
+        store.write_table_atomic(drop_empty_segments(table), out / store.ITEMS)
         settings = _settings(sa, sb, a_dir, b_dir)
         store.write_json_atomic(out / store.SETTINGS, settings)
         write_csv_atomic(out / "moved.csv", list(moved[0]) if moved else [], moved)
@@ -60,10 +64,30 @@ def trace_diff(
             from pertoken.pipeline.store_page import write_store_page
 
             write_store_page(out, title=f"pertoken trace diff: {settings['model']}")
-    return DiffResult(out, len(items_a), moved)
+    return DiffResult(out, len(items_a), moved, scale)
+
+
+def _check_out(out: Path, *inputs: Path) -> None:
+    """The output folder is neither an input store nor inside one (it would overwrite it)."""
+    full = os.path.realpath(out)
+    for folder in inputs:
+        root = os.path.realpath(folder)
+        if os.path.commonpath([root, full]) == root:
+            raise PertokenError(
+                f"--out {out} is {'the store' if full == root else 'inside the store'} {folder}: "
+                "trace-diff would overwrite it; choose an --out outside both stores"
+            )
 
 
 def _check_same(sa: dict, sb: dict, a_dir: Path, b_dir: Path) -> None:
+    for name in sa["vectors"]:
+        a, b = sa["vectors"][name], sb["vectors"].get(name)
+        if b is not None and a.get("sha256") != b.get("sha256"):
+            raise PertokenError(
+                f"{a_dir} and {b_dir} traced vector {name!r} from different files "
+                f"({a.get('file')} vs {b.get('file')}, sha256 differs): trace both with the "
+                "same vector file"
+            )
     for key in ("vectors", "rows", "segments"):
         a = list(sa[key]) if key == "vectors" else sa[key]
         b = list(sb[key]) if key == "vectors" else sb[key]
@@ -75,16 +99,14 @@ def _check_same(sa: dict, sb: dict, a_dir: Path, b_dir: Path) -> None:
 
 
 def _items(folder: Path):
-    import pandas as pd
-
-    return pd.read_parquet(folder / store.ITEMS)
+    return store.read_items_table(folder)
 
 
 def _diff_tokens(a_dir, b_dir, out, vectors, rows, segments):
     """Stream both token tables item by item into out/tokens.parquet as B - A."""
     values = value_columns(vectors, rows)
     writer = store.RowGroupWriter(out / store.TOKENS, token_schema(vectors, rows))
-    stats, moved = {}, []
+    stats, moved, scale = {}, [], dict.fromkeys(rows, 0.0)
     pairs = zip(
         store.iter_item_tables(a_dir / store.TOKENS), store.iter_item_tables(b_dir / store.TOKENS)
     )
@@ -100,8 +122,10 @@ def _diff_tokens(a_dir, b_dir, out, vectors, rows, segments):
         writer.add(pa.table(cols | diff))
         stats[ia] = _stats(ta, diff, vectors, rows, segments)
         moved.append(_moved(ia, ta, diff, vectors, rows))
+        for r in rows:
+            scale[r] = max(scale[r], float(np.abs(ta[f"norm.L{r}"].to_numpy()).max(initial=0)))
     writer.close()
-    return stats, moved
+    return stats, moved, scale
 
 
 def _stats(ta, diff: dict, vectors, rows, segments) -> dict:
@@ -154,8 +178,36 @@ def _settings(sa: dict, sb: dict, a_dir: Path, b_dir: Path) -> dict:
     }
 
 
-def most_moved(moved: list[dict], vector: str, row: int, top: int = 5) -> list[dict]:
-    """The `top` items whose mean projection (non-template tokens) moved most, by |B - A|."""
-    key = f"mean.{vector}.L{row}"
-    ranked = [m for m in moved if np.isfinite(m[key])]
-    return sorted(ranked, key=lambda m: -abs(m[key]))[:top]
+# |B - A| below this share of |h| is float noise, not a move.
+NOISE = 1e-6
+
+
+@dataclass
+class Moved:
+    """How one vector x row moved: the statistic items are ranked by, and the top items."""
+
+    vector: str
+    row: int
+    stat: str | None  # "mean" (over non-template tokens), "max_abs", or None: nothing moved
+    peak: float  # the largest |B - A| of that statistic over items
+    top: list[dict]
+
+
+def most_moved(res: DiffResult, vector: str, row: int, top: int = 5) -> Moved:
+    """The `top` items that moved most at `vector` x `row`: by |mean B - A| when means moved,
+    else by max |B - A| of a token (a move the means average away); nothing when neither did."""
+    tol = NOISE * max(res.scale.get(row, 0.0), 1.0)
+    for stat in ("mean", "max_abs"):
+        key = f"{stat}.{vector}.L{row}"
+        ranked = [m for m in res.moved if np.isfinite(m[key])]
+        ranked.sort(key=lambda m: -abs(m[key]))
+        if ranked and abs(ranked[0][key]) > tol:
+            return Moved(vector, row, stat, abs(ranked[0][key]), ranked[:top])
+    return Moved(vector, row, None, 0.0, [])
+
+
+def moved_most(res: DiffResult, vectors, rows, top: int = 3) -> list[Moved]:
+    """most_moved of every vector x row, those that moved most first (means before maxima)."""
+    found = [most_moved(res, v, r, top) for v in vectors for r in rows]
+    order = {"mean": 0, "max_abs": 1, None: 2}
+    return sorted(found, key=lambda m: (order[m.stat], -m.peak / max(res.scale[m.row], 1e-12)))

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pertoken.errors import PertokenError
-from pertoken.pipeline.csvio import read_table
+from pertoken.pipeline.csvio import read_table, utf8_text
 
 ROLES = ("system", "user", "assistant")
 RESERVED = ("item", "n_tokens", "input_sha256")
@@ -88,10 +88,9 @@ def read_csv_items(path: Path) -> list[Item]:
 def read_jsonl_items(path: Path) -> list[Item]:
     """One `{"messages": [...], ...}` chat per line; other keys become metadata."""
     items = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if line.strip():
-                items.append(_chat_item(len(items), f"{path.name} line {n}", line))
+    for n, line in enumerate(utf8_text(path, "JSONL").split("\n"), start=1):
+        if line.strip():
+            items.append(_chat_item(len(items), f"{path.name} line {n}", line))
     return _typed_meta(items)
 
 

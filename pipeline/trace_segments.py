@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pertoken.backends.chat import as_text
 from pertoken.errors import PertokenError
 from pertoken.pipeline.trace_inputs import ROLES
 
@@ -53,23 +54,55 @@ def segment_names(specs) -> list[str]:
 
 
 def tag_spans(text: str, specs, where: str, strict: bool = True) -> list[tuple[int, int, str]]:
-    """(start, end, name) of each OPEN...CLOSE span in `text`, tags included.
+    """(start, end, name) of each OPEN...CLOSE span in `text`, tags included, outer spans
+    first (a span inside another is marked after it, so it keeps its own name).
 
-    strict: an unclosed tag is an error; otherwise (a generated answer cut off by the token
-    limit) the span runs to the end of the text."""
-    spans = []
-    for spec in specs:
-        at = text.find(spec.open)
-        while at >= 0:
-            end = text.find(spec.close, at + len(spec.open))
-            if end < 0 and strict:
+    Tags of one kind nest by depth: a span runs from an opening tag to the close that matches
+    it. strict (given text): an unclosed tag, a stray closing tag, or spans of two kinds that
+    overlap without one holding the other are errors naming `where` and the character offset;
+    otherwise (generated text, cut off by the token limit) an open span runs to the end, stray
+    closes are ignored and overlaps are kept."""
+    spans = [span for spec in specs for span in _spans_of(text, spec, where, strict)]
+    spans.sort(key=lambda s: (s[0], -s[1]))
+    if strict:
+        for (s0, e0, n0), (s1, e1, n1) in zip(spans, spans[1:]):
+            if s1 < e0 < e1:
                 raise PertokenError(
-                    f"{where}: {spec.open} is never closed by {spec.close}: close it, or "
-                    f"pass --segment to name other tags"
+                    f"{where}: the {n1} span at character {s1} starts inside the {n0} span "
+                    f"at character {s0} and ends after it: close one before the other ends"
                 )
-            end = len(text) if end < 0 else end + len(spec.close)
-            spans.append((at, end, spec.name))
-            at = text.find(spec.open, end)
+    return spans
+
+
+def _spans_of(text: str, spec: SegmentSpec, where: str, strict: bool) -> list[tuple]:
+    """The outermost OPEN...CLOSE spans of one tag pair, by nesting depth."""
+    spans, at, depth, start = [], 0, 0, 0
+    while True:
+        o, c = text.find(spec.open, at), text.find(spec.close, at)
+        if o < 0 and c < 0:
+            break
+        if c >= 0 and (o < 0 or c < o or (c == o and depth > 0)):  # a close comes first
+            at = c + len(spec.close)
+            if depth == 0:
+                if strict:
+                    raise PertokenError(
+                        f"{where}: {spec.close} at character {c} closes no {spec.open}: "
+                        "remove it, or pass --segment to name other tags"
+                    )
+                continue
+            depth -= 1
+            if depth == 0:
+                spans.append((start, at, spec.name))
+        else:
+            start = o if depth == 0 else start
+            depth, at = depth + 1, o + len(spec.open)
+    if depth > 0:
+        if strict:
+            raise PertokenError(
+                f"{where}: {spec.open} is never closed by {spec.close} (it opens at character "
+                f"{start}): close it, or pass --segment to name other tags"
+            )
+        spans.append((start, len(text), spec.name))
     return spans
 
 
@@ -120,6 +153,8 @@ def label_pair(backend, prompt: str, answer: str, specs, where: str, strict=True
     """A templated prompt and its answer: `prompt` tokens (turn 0, user), then `answer`
     tokens (turn 1, assistant) with tag spans; the prompt is len(encode(prompt)) tokens."""
     text = prompt + answer
+    if not getattr(backend, "special_tokens_in_content", False):  # the answer is text
+        text = as_text(text, [(len(prompt), len(text))])
     ids, spans = backend.encode_offsets(text)
     P = len(backend.encode(prompt))
     chars = _Chars(len(text), segment_names(specs))

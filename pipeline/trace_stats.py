@@ -20,7 +20,12 @@ import numpy as np
 
 from pertoken.errors import PertokenError
 from pertoken.pipeline.csvio import write_csv_atomic
-from pertoken.pipeline.trace_store import ITEMS, TOKENS, iter_item_tables, read_settings
+from pertoken.pipeline.trace_store import (
+    TOKENS,
+    iter_item_tables,
+    read_items_table,
+    read_settings,
+)
 from pertoken.pipeline.trace_tables import STATS, proj_column
 
 DECILES = 10
@@ -52,11 +57,10 @@ def trace_stats(
 ) -> StatsResult:
     """Correlations, decile curves and top spans of a store; writes CSVs and PNGs into
     `out_dir` (default `{folder}/stats`). scores: the score columns (default: numeric ones)."""
-    import pandas as pd
 
     folder = Path(folder)
     settings = read_settings(folder)
-    items = pd.read_parquet(folder / ITEMS)
+    items = read_items_table(folder)
     scores = list(scores) if scores else default_scores(settings, items.columns)
     missing = [s for s in scores if s not in items.columns]
     if missing:
@@ -82,6 +86,7 @@ def correlate(items, scores, vectors, rows, segments) -> list[dict]:
     for v in vectors:
         for r in rows:
             cols = [(s, seg, f"{s}.{v}.L{r}.{seg}") for seg in segments for s in STATS]
+            cols = [c for c in cols if c[2] in items.columns]  # no item has that segment
             cols.append(("prompt_last", "", f"prompt_last.{v}.L{r}"))
             for stat, seg, col in cols:
                 for score in scores:

@@ -14,6 +14,7 @@ import itertools
 import json
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pertoken.errors import PertokenError
+from pertoken.pipeline.trace_tables import drop_empty_segments, stat_columns, value_columns
 
 TOKENS, ITEMS, SETTINGS = "tokens.parquet", "items.parquet", "trace.json"
 ROW_GROUP = 65536  # token rows per row group when merging
@@ -28,8 +30,6 @@ ROW_GROUP = 65536  # token rows per row group when merging
 
 def load(folder: str | Path):
     """(tokens, items) of a trace store as pandas DataFrames."""
-    import pandas as pd
-
     folder = Path(folder)
     for name in (TOKENS, ITEMS):
         if not (folder / name).is_file():
@@ -37,22 +37,83 @@ def load(folder: str | Path):
                 f"{folder} has no {name}: give a folder written by `pertoken trace` (an "
                 "interrupted trace finishes when its command is run again)"
             )
-    return pd.read_parquet(folder / TOKENS), pd.read_parquet(folder / ITEMS)
+    with reading(folder / TOKENS):
+        tokens = pq.read_table(folder / TOKENS).to_pandas()
+    return tokens, read_items_table(folder)
+
+
+def read_items_table(folder: Path):
+    """The store's items table as a pandas DataFrame."""
+    with reading(folder / ITEMS):
+        return pq.read_table(folder / ITEMS).to_pandas()
+
+
+@contextmanager
+def reading(path: Path):
+    """Reads of the Parquet file `path`: a damaged file is one error naming it and the fix."""
+    try:
+        yield
+    except (pa.ArrowException, OSError) as e:
+        if path.parent.name == "parts":
+            fix = f"remove {path} (the rerun of `pertoken trace` traces its items again)"
+        else:
+            fix = (
+                f"remove {path.parent / TOKENS} and {path.parent / ITEMS}, then run the "
+                "`pertoken trace` command again (it rebuilds them)"
+            )
+        reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        raise PertokenError(f"{path} is damaged ({reason}): {fix}") from None
 
 
 def read_settings(folder: str | Path) -> dict:
-    """The store's trace.json; a clear error when the folder is not a finished store."""
+    """The store's trace.json, checked against its tables; a clear error when the folder is
+    not a finished store."""
     folder = Path(folder)
     try:
         settings = json.loads((folder / SETTINGS).read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         msg = f"{folder} is not a trace store: it has no readable {SETTINGS}"
         raise PertokenError(msg) from None
-    if not settings.get("complete") or not (folder / TOKENS).is_file():
+    if not isinstance(settings, dict) or not settings.get("complete"):
         raise PertokenError(
             f"{folder} holds an unfinished trace: run its `pertoken trace` command again"
         )
+    if not (folder / TOKENS).is_file() or not (folder / ITEMS).is_file():
+        raise PertokenError(
+            f"{folder} has no {TOKENS} or {ITEMS}: run its `pertoken trace` command again"
+        )
+    _check_tables(folder, settings)
     return settings
+
+
+def check_readable(folder: Path) -> None:
+    """The store's tables, where they exist, open as Parquet (their footers are whole)."""
+    for name in (TOKENS, ITEMS):
+        if (folder / name).is_file():
+            with reading(folder / name):
+                pq.read_schema(folder / name)
+
+
+def _check_tables(folder: Path, settings: dict) -> None:
+    """trace.json names vectors, rows and segments whose columns the tables hold."""
+    vectors, rows, segs = (settings.get(k) for k in ("vectors", "rows", "segments"))
+    ok = isinstance(vectors, dict) and isinstance(segs, dict) and isinstance(rows, list)
+    if not ok or not all(isinstance(r, int) and not isinstance(r, bool) for r in rows):
+        raise PertokenError(
+            f"{folder / SETTINGS} is damaged (vectors, rows or segments unreadable): restore "
+            "it, or remove the store and trace again"
+        )
+    names = ["template", "prompt", "answer"]  # tag segments no item has are left out
+    for name, want in ((TOKENS, value_columns(list(vectors), rows)),
+                       (ITEMS, stat_columns(list(vectors), rows, names))):  # fmt: skip
+        with reading(folder / name):
+            have = set(pq.read_schema(folder / name).names)
+        missing = [c for c in want if c not in have]
+        if missing:
+            raise PertokenError(
+                f"{folder / SETTINGS} does not match {name} (it has no column {missing[0]}): "
+                "restore trace.json, or remove the store and trace again"
+            )
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
@@ -106,7 +167,8 @@ def done_items(folder: Path) -> dict[int, str]:
     sources += [parts.path(n, "items") for n in parts.names()]
     done: dict[int, str] = {}
     for path in sources:
-        t = pq.read_table(path, columns=["item", "input_sha256"])
+        with reading(path):
+            t = pq.read_table(path, columns=["item", "input_sha256"])
         done.update(zip(t["item"].to_pylist(), t["input_sha256"].to_pylist()))
     return done
 
@@ -133,7 +195,13 @@ def iter_item_tables(
 ) -> Iterator[tuple[int, pa.Table]]:
     """(item, its token rows) in file order, reading one record batch at a time."""
     carry = None
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=ROW_GROUP, columns=columns):
+    with reading(path):
+        batches = pq.ParquetFile(path).iter_batches(batch_size=ROW_GROUP, columns=columns)
+    while True:
+        with reading(path):
+            batch = next(batches, None)
+        if batch is None:
+            break
         t = pa.Table.from_batches([batch])
         t = t if carry is None else pa.concat_tables([carry, t])
         item = t["item"].to_numpy()
@@ -170,6 +238,11 @@ class RowGroupWriter:
         os.replace(self.tmp, self.path)
 
 
+def _read(path: Path) -> pa.Table:
+    with reading(path):
+        return pq.read_table(path)
+
+
 def merge(folder: Path, token_schema: pa.Schema, item_schema: pa.Schema) -> int:
     """Fold the parts (and any earlier store) into tokens.parquet and items.parquet, in item
     order; returns the number of items. Memory: a few record batches of tokens, plus the items
@@ -185,7 +258,7 @@ def merge(folder: Path, token_schema: pa.Schema, item_schema: pa.Schema) -> int:
     if (folder / TOKENS).is_file() and (folder / ITEMS).is_file():
         streams.insert(0, iter_item_tables(folder / TOKENS))
         item_files.insert(0, folder / ITEMS)
-    items = pa.concat_tables([conform(pq.read_table(p), item_schema) for p in item_files])
+    items = pa.concat_tables([conform(_read(p), item_schema) for p in item_files])
     items = items.sort_by("item")
     # An item seen twice (a merge killed between its two renames) is kept once.
     ids = items["item"].to_numpy()
@@ -196,6 +269,6 @@ def merge(folder: Path, token_schema: pa.Schema, item_schema: pa.Schema) -> int:
             writer.add(table)
         last = item
     writer.close()
-    write_table_atomic(items, folder / ITEMS)
+    write_table_atomic(drop_empty_segments(items), folder / ITEMS)
     parts.remove()
     return items.num_rows

@@ -36,7 +36,27 @@ def stat_columns(vectors: list[str], rows: list[int], segments: list[str]) -> li
     return out
 
 
-def token_schema(vectors: list[str], rows: list[int]) -> pa.Schema:
+def drop_empty_segments(items: pa.Table) -> pa.Table:
+    """`items` without the statistics of tag segments (scratchpad, thinking) that no item has:
+    columns of NaN only. A rerun that adds items with such a span brings them back."""
+    from pertoken.pipeline.trace_segments import BUILTIN
+
+    by_segment: dict[str, list[str]] = {}
+    for name in items.column_names:
+        parts = name.split(".")
+        if parts[0] in STATS and len(parts) >= 4 and parts[-1] not in BUILTIN:
+            by_segment.setdefault(parts[-1], []).append(name)
+    empty = [
+        c
+        for cols in by_segment.values()
+        if all(np.isnan(items[c].to_numpy(zero_copy_only=False).astype(float)).all() for c in cols)
+        for c in cols
+    ]
+    return items.drop_columns(empty) if empty else items
+
+
+def token_schema(vectors: list[str], rows: list[int], pre: list[str] = ()) -> pa.Schema:
+    """The tokens table's columns; `pre` adds float32 `pre.{vector}.L{row}` columns."""
     fixed = [
         ("item", pa.int32()),
         ("pos", pa.int32()),
@@ -46,15 +66,18 @@ def token_schema(vectors: list[str], rows: list[int]) -> pa.Schema:
         ("role", pa.string()),
         ("segment", pa.string()),
     ]
-    return pa.schema(fixed + [(c, pa.float32()) for c in value_columns(vectors, rows)])
+    values = value_columns(vectors, rows) + list(pre)
+    return pa.schema(fixed + [(c, pa.float32()) for c in values])
 
 
-def item_schema(meta: dict[str, str], vectors, rows, segments) -> pa.Schema:
-    """`meta` maps each metadata column to `float` or `string`."""
+def item_schema(meta: dict[str, str], vectors, rows, segments, fired=()) -> pa.Schema:
+    """`meta` maps each metadata column to `float` or `string`; `fired` names a bool column
+    per conditional steering term."""
     kinds = {"float": pa.float64(), "string": pa.string()}
     fields = [("item", pa.int32())] + [(k, kinds[t]) for k, t in meta.items()]
     fields += [("n_tokens", pa.int32()), ("input_sha256", pa.string())]
-    return pa.schema(fields + [(c, pa.float32()) for c in stat_columns(vectors, rows, segments)])
+    fields += [(c, pa.float32()) for c in stat_columns(vectors, rows, segments)]
+    return pa.schema(fields + [(c, pa.bool_()) for c in fired])
 
 
 def split_values(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -64,8 +87,11 @@ def split_values(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return proj, cos, norm
 
 
-def tokens_table(item: int, labels: TokenLabels, values: np.ndarray, vectors, rows) -> pa.Table:
-    """One item's token rows; `values` is its [T, R, V + 1] from token_projections."""
+def tokens_table(
+    item: int, labels: TokenLabels, values: np.ndarray, vectors, rows, pre: dict | None = None
+) -> pa.Table:
+    """One item's token rows; `values` is its [T, R, V + 1] from token_projections, `pre`
+    its projections before steering, pre column -> [T]."""
     proj, cos, norm = split_values(values)
     T = len(labels.ids)
     cols = {
@@ -83,7 +109,8 @@ def tokens_table(item: int, labels: TokenLabels, values: np.ndarray, vectors, ro
                 cols[f"{kind}.{v}.L{r}"] = arr[:, j, k]
     for j, r in enumerate(rows):
         cols[f"norm.L{r}"] = norm[:, j]
-    return pa.Table.from_pydict(cols, schema=token_schema(vectors, rows))
+    cols |= pre or {}
+    return pa.Table.from_pydict(cols, schema=token_schema(vectors, rows, list(pre or {})))
 
 
 def item_stats(labels: TokenLabels, values: np.ndarray, vectors, rows, segments) -> dict:

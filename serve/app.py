@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import time
 from dataclasses import dataclass, field
 from importlib import resources
 
 from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from pertoken.serve import protocol
 from pertoken.serve.engine import Delta, Engine, Finished, Job
+from pertoken.serve.middleware import CatchErrors, Guard, internal, log
 from pertoken.serve.protocol import ApiError
 from pertoken.serve.request import Limits, parse_json, parse_request
 from pertoken.serve.traces import TraceStores
@@ -38,6 +42,8 @@ class ServeConfig:
     max_body: int = 1 << 20  # bytes
     traces: TraceStores | None = None
     prefix_cache_mb: float = 512.0  # keys and values of earlier prompts kept for reuse
+    timeout: float = 600.0  # seconds a request may wait for its next event
+    allow_origins: list[str] = field(default_factory=list)  # web pages that may use the API
 
 
 def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
@@ -46,6 +52,16 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
     app.state.engine, app.state.config = engine, config
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _query_error)
+    app.add_middleware(CatchErrors)
+    if config.allow_origins:  # CORS answers for the named pages (preflights included)
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(config.allow_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
+    app.add_middleware(Guard, keyless=config.api_key is None, origins=config.allow_origins)
     guard = [Depends(key_check(config.api_key))]
     backend = engine.backend
 
@@ -63,8 +79,9 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
             vectors=config.vectors,
             n_layers=backend.n_layers,
             monitor_ok=engine.monitor is not None,
+            dtype=backend.dtype,
         )
-        return await _complete(request, engine, req, config.names[0])
+        return await _complete(request, engine, req, config.names[0], config.timeout)
 
     @app.get("/api/info", dependencies=guard)
     async def info():
@@ -136,41 +153,56 @@ async def _read_body(request: Request, cap: int) -> bytes:
     return bytes(body)
 
 
-async def _complete(request: Request, engine: Engine, req, model: str):
+async def _complete(request: Request, engine: Engine, req, model: str, limit: float):
     queue: asyncio.Queue = asyncio.Queue()
     job = Job(req, asyncio.get_running_loop(), queue)
     engine.submit(job)
+    wait = functools.partial(_next, queue, request, job, limit)
     try:
-        first = await _next(queue, request, job)
+        first = await wait()
         if isinstance(first, ApiError):
             raise first
         if not req.stream:
-            return await _gather(queue, request, job, model)
+            return await _gather(wait, job, model)
     except ClientGone:
         return Response(status_code=499)  # nobody is listening
     finally:
         if not req.stream:
             job.cancelled = True  # a no-op once finished; frees the rows when anything failed
-    events = _chunks(queue, request, job, model)
+    events = _chunks(wait, job, model)
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     return StreamingResponse(events, media_type="text/event-stream", headers=headers)
 
 
-async def _next(queue: asyncio.Queue, request: Request, job: Job):
-    """The next event for `job`; a client that went away cancels the job."""
+async def _next(queue: asyncio.Queue, request: Request, job: Job, limit: float):
+    """The next event for `job`; a client that went away cancels the job, and so does a wait
+    longer than `limit` seconds (the event is then a timeout error)."""
+    until = time.monotonic() + limit
     while True:
         try:
-            return await asyncio.wait_for(queue.get(), DISCONNECT_POLL)
+            return await asyncio.wait_for(queue.get(), min(DISCONNECT_POLL, limit))
         except asyncio.TimeoutError:
             if await request.is_disconnected():
                 job.cancelled = True
                 raise ClientGone from None
+            if time.monotonic() >= until:
+                job.cancelled = True
+                return timed_out(limit)
 
 
-async def _gather(queue, request, job: Job, model: str) -> dict:
+def timed_out(limit: float) -> ApiError:
+    return ApiError(
+        503,
+        f"no answer from the model for {limit:g} s (the server is busy or a batch is stuck): "
+        "try again later, or start the server with a longer --timeout",
+        code="timeout",
+    )
+
+
+async def _gather(wait, job: Job, model: str) -> dict:
     cid, req = protocol.completion_id(), job.request
     parts = [_Parts() for _ in range(req.n)]
-    while not isinstance(event := await _next(queue, request, job), Finished):
+    while not isinstance(event := await wait(), Finished):
         if isinstance(event, ApiError):
             raise event
         parts[event.choice].add(event)
@@ -205,14 +237,14 @@ class _Parts:
         }
 
 
-async def _chunks(queue, request, job: Job, model: str):
+async def _chunks(wait, job: Job, model: str):
     """The SSE stream: a role chunk per choice, a chunk per token, the finish, [DONE]."""
     cid, created, req = protocol.completion_id(), int(time.time()), job.request
     try:
         for i in range(req.n):
             role = protocol.delta_choice(i, {"role": "assistant", "content": ""})
             yield protocol.sse(protocol.chunk(cid, model, created, role))
-        while not isinstance(event := await _next(queue, request, job), Finished):
+        while not isinstance(event := await wait(), Finished):
             if isinstance(event, ApiError):
                 yield protocol.sse(event.body())
                 return
@@ -224,6 +256,9 @@ async def _chunks(queue, request, job: Job, model: str):
         yield protocol.sse("[DONE]")
     except ClientGone:
         return
+    except Exception as e:  # the stream has started: the error is its last event
+        log.exception("a stream failed")
+        yield protocol.sse(internal(e).body())
     finally:
         job.cancelled = True  # the client went away (or the stream ended): free the rows
 
@@ -263,6 +298,14 @@ def key_check(key: str | None):
 
 async def _api_error(_request: Request, e: ApiError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status)
+
+
+async def _query_error(_request: Request, e: RequestValidationError) -> JSONResponse:
+    """A missing or mistyped query parameter, as OpenAI's 400 rather than FastAPI's 422."""
+    first = (e.errors() or [{}])[0]
+    name = str((first.get("loc") or ["", "?"])[-1])
+    error = ApiError(400, f"{name}: {first.get('msg', 'invalid value')}", param=name)
+    return JSONResponse(error.body(), status_code=400)
 
 
 async def _http_error(_request: Request, e: HTTPException) -> JSONResponse:

@@ -79,7 +79,7 @@ class Choice:
         delta = Delta(self.index, tokens=[piece])
         if self.directions is not None:
             proj, _ = project_rows(step.hidden[None], self.directions)  # [1, K, R]
-            delta.projections = proj.tolist()
+            delta.projections = np.where(np.isfinite(proj), proj, None).tolist()  # NaN: null
         if self.logprobs is not None:
             top = [(self.token_text(i), lp) for i, lp in (step.top or [])[: self.logprobs]]
             delta.logprobs = [logprob_entry(self.token_text(step.token_id), step.logprob, top)]

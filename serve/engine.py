@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pertoken.backends.base import Sampling, TokenStep, row_uniforms
+from pertoken.backends.conditions import decide_one
 from pertoken.backends.generation import Entry
 from pertoken.backends.prefix_cache import PrefixCache
 from pertoken.backends.schedule import prompt_seeds
@@ -33,7 +34,7 @@ class Finished:
     usage: dict
 
 
-@dataclass(eq=False)
+@dataclass(eq=False)  # jobs are compared by identity: their fields hold numpy arrays
 class Job:
     """One request on its way through the worker, with the event loop and queue of its handler."""
 
@@ -68,6 +69,17 @@ def post(items: list[tuple[Job, object]]) -> None:
 def _deliver(items: list[tuple[Job, object]]) -> None:
     for job, event in items:
         job.queue.put_nowait(event)
+
+
+def failure(e: Exception) -> ApiError:
+    """A 500 in OpenAI's shape for an exception inside the engine (one line)."""
+    text = " ".join(f"{type(e).__name__}: {e}".split())
+    return ApiError(500, f"generation failed: {text}", code="server_error")
+
+
+def fail(jobs, e: Exception) -> None:
+    """End `jobs` with the 500 for `e` (the engine itself goes on)."""
+    post([(job, failure(e)) for job in jobs])
 
 
 @dataclass
@@ -118,8 +130,12 @@ class Engine:
     def _work(self) -> None:
         while (jobs := self._take()) is not None:
             for job in jobs:
-                if not job.cancelled and self._admit(job):
-                    self._insert(job)
+                try:
+                    if not job.cancelled and self._admit(job):
+                        self._insert(job)
+                except Exception as e:  # a bug or a backend failure: this request fails
+                    self.held.discard(job)
+                    fail([job], e)
             if self.loop is not None and self.loop.busy:
                 self._step()
         with self.cond:
@@ -149,8 +165,7 @@ class Engine:
         try:
             self.loop.step()
         except Exception as e:
-            for job in self.held:
-                job.send(ApiError(500, f"generation failed: {type(e).__name__}: {e}"))
+            fail(list(self.held), e)
             self.held.clear()
             self.loop, self.outbox = None, []
         self.stats["active_rows"] = sum(j.left for j in self.held)
@@ -192,13 +207,15 @@ class Engine:
         return self.loop
 
     def _insert(self, job: Job) -> None:
-        """One entry per choice, each with its own seed's draws."""
+        """One entry per choice, each with its own seed's draws; `when` steering is decided
+        once on the prompt (one extra forward) before the entries go in."""
         r, loop = job.request, self._slots()
         seed = r.seed if r.seed is not None else secrets.randbits(31)
         sampling = Sampling(
             r.temperature, r.top_p, seed=seed, logit_bias=getattr(r, "logit_bias", None)
         )
         ids = self.backend.encode(job.prompt)
+        plan = decide_one(self.backend, ids, r.steer)
         seeds = prompt_seeds(seed, r.n)
         draws = None if sampling.greedy else row_uniforms(seeds, r.max_tokens)
         job.left = r.n
@@ -209,11 +226,11 @@ class Engine:
             job.entries.append(
                 Entry(
                     ids=ids, sampling=sampling, max_new_tokens=r.max_tokens,
-                    on_end=self._ended(job), plan=r.steer,
+                    on_end=self._ended(job), plan=plan,
                     uniforms=None if draws is None else draws[i], prompt=i,
                     on_step=self._on_step(job, choice),
                     hidden=bool(r.monitor and self.monitor), logprobs=r.logprobs,
-                    key=(tuple(ids), id(r.steer), id(job)),
+                    key=(tuple(ids), id(plan), id(job)),
                 )
             )  # fmt: skip
             loop.insert(job.entries[-1])

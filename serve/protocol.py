@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 
@@ -30,11 +31,21 @@ def completion_id() -> str:
     return f"chatcmpl-{uuid.uuid4().hex[:24]}"
 
 
+LOGPROB_FLOOR = -9999.0  # OpenAI's logprob for a token too unlikely to have a number
+
+
 def logprob_entry(token: str, logprob: float, top: list[tuple[str, float]] | None) -> dict:
     """One token of `choices[i].logprobs.content`."""
-    entry = {"token": token, "logprob": logprob, "bytes": _bytes(token)}
-    entry["top_logprobs"] = [{"token": t, "logprob": lp, "bytes": _bytes(t)} for t, lp in top or []]
+    entry = {"token": token, "logprob": _floor(logprob), "bytes": _bytes(token)}
+    entry["top_logprobs"] = [
+        {"token": t, "logprob": _floor(lp), "bytes": _bytes(t)} for t, lp in top or []
+    ]
     return entry
+
+
+def _floor(logprob: float) -> float:
+    """-inf and NaN (a model whose numbers broke) have no place in JSON: the floor instead."""
+    return max(float(logprob), LOGPROB_FLOOR) if math.isfinite(logprob) else LOGPROB_FLOOR
 
 
 def _bytes(token: str) -> list[int] | None:
@@ -74,5 +85,6 @@ def completion(cid: str, model: str, choices: list[dict], usage: dict) -> dict:
 
 def sse(data: dict | str) -> bytes:
     """One server-sent event (`data: ...` and a blank line)."""
-    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+    # allow_nan=False: a non-finite number is an error here, never bare NaN in an event
+    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, allow_nan=False)
     return f"data: {text}\n\n".encode()

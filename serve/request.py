@@ -8,13 +8,16 @@ import json
 import math
 from dataclasses import dataclass, field
 
-from pertoken.backends.base import POSITIONS, Steer, SteerTerm
+from pertoken.backends.base import POSITIONS, Condition, Steer, SteerTerm
+from pertoken.backends.steer import OPS
+from pertoken.errors import PertokenError
 from pertoken.serve.protocol import ApiError
 from pertoken.vectors import PersonaVector
 
 ROLES = ("system", "developer", "user", "assistant")
 MAX_TOP_LOGPROBS = 20
 MAX_STOP = 4
+MAX_SEED = 2**63 - 1  # a seed is an int64 that is not negative
 # Fields that would change the answer in ways this server does not implement.
 UNSUPPORTED = ("tools", "functions", "tool_choice", "response_format", "audio")
 
@@ -53,6 +56,10 @@ def parse_json(raw: bytes) -> dict:
         raise ApiError(
             400, f"the request body is not valid JSON ({e}): send a JSON object", code="bad_json"
         ) from None
+    except RecursionError:
+        raise ApiError(
+            400, "the request body nests too deeply: send a flat JSON object", code="bad_json"
+        ) from None
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object", code="bad_json")
     return body
@@ -65,6 +72,7 @@ def parse_request(
     vectors: dict[str, PersonaVector],
     n_layers: int,
     monitor_ok: bool,
+    dtype: str = "float32",
 ) -> ChatRequest:
     """A checked ChatRequest from a decoded JSON body."""
     for name in UNSUPPORTED:
@@ -82,7 +90,7 @@ def parse_request(
     req.max_tokens_given = asked is not None
     req.temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
     req.top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
-    req.seed = _integer(body, "seed", None)
+    req.seed = _integer(body, "seed", None, 0, MAX_SEED)
     req.n = _integer(body, "n", 1, 1, limits.max_rows)
     req.stop = _stop(body.get("stop"))
     req.stream = _flag(body, "stream")
@@ -90,7 +98,7 @@ def parse_request(
     req.include_usage = bool(isinstance(options, dict) and options.get("include_usage"))
     req.logprobs = _logprobs(body)
     req.logit_bias = _logit_bias(body.get("logit_bias"))
-    req.steer_terms, req.steer = _steer(body, vectors, n_layers)
+    req.steer_terms, req.steer = _steer(body, vectors, n_layers, dtype)
     req.monitor = _flag(body, "monitor")
     if req.monitor and not monitor_ok:
         raise ApiError(
@@ -187,26 +195,55 @@ def _stop(value) -> list[str]:
     return stops
 
 
-def _steer(body: dict, vectors: dict[str, PersonaVector], n_layers: int):
+def _steer(body: dict, vectors: dict[str, PersonaVector], n_layers: int, dtype: str):
     terms_in = body.get("steer") or []
     positions = body.get("positions", "response")
     if positions not in POSITIONS:
         raise ApiError(400, f"positions must be one of {', '.join(POSITIONS)}", param="positions")
     if not isinstance(terms_in, list):
-        raise ApiError(400, 'steer must be a list of {"vector", "layer", "coef"}', param="steer")
+        raise ApiError(400, f"steer must be a list of {TERM_SHAPE}", param="steer")
     terms = [_term(t, i, vectors, n_layers) for i, t in enumerate(terms_in)]
     if not terms:
         return [], None
-    written = [{"vector": t["vector"], "layer": t["layer"], "coef": t["coef"]} for t in terms_in]
-    return written, Steer(terms, positions)
+    steer = Steer(terms, positions)
+    try:
+        steer.validate(n_layers, len(terms[0].vector), dtype)
+    except PertokenError as e:
+        raise ApiError(400, f"steer: {e}", param="steer") from None
+    keys = ("vector", "layer", "op", "coef", "lo", "hi", "mean", "when")
+    return [{k: t[k] for k in keys if k in t} for t in terms_in], steer
+
+
+TERM_SHAPE = '{"vector", "layer", "op": "add|ablate|cap", "coef", "lo", "hi", "mean", "when"}'
 
 
 def _term(t, i: int, vectors: dict[str, PersonaVector], n_layers: int) -> SteerTerm:
     where = f"steer[{i}]"
     if not isinstance(t, dict):
-        raise ApiError(400, f'{where} must be {{"vector", "layer", "coef"}}', param="steer")
+        raise ApiError(400, f"{where} must be {TERM_SHAPE}", param="steer")
+    name, layer = _place(t, where, vectors, n_layers)
+    op = t.get("op", "add")
+    if op not in OPS:
+        raise ApiError(
+            400, f"{where}: unknown op {op!r}; use one of {', '.join(OPS)}", param="steer"
+        )
+    kw = {k: _number(t, k, None, where=where) for k in ("coef", "lo", "hi", "mean")}
+    if op == "add" and kw["coef"] is None:
+        raise ApiError(400, f"{where}: coef is missing", param="steer")
+    when = _when(t.get("when"), where, vectors, n_layers)
+    try:
+        return SteerTerm(
+            layer, vectors[name].row(layer), kw["coef"] or 0.0, op=op, lo=kw["lo"],
+            hi=kw["hi"], mean=kw["mean"] or 0.0, when=when, name=name,
+        )  # fmt: skip
+    except PertokenError as e:
+        raise ApiError(400, f"{where}: {e}", param="steer") from None
+
+
+def _place(t: dict, where: str, vectors: dict[str, PersonaVector], n_layers: int):
+    """(vector name, layer) of a term or condition, both checked."""
     name = t.get("vector")
-    if name not in vectors:
+    if not isinstance(name, str) or name not in vectors:
         have = ", ".join(vectors) or "none (start the server with --vector NAME=V.pt)"
         raise ApiError(
             400, f"{where}: unknown vector {name!r}; this server has {have}", param="steer",
@@ -218,10 +255,26 @@ def _term(t, i: int, vectors: dict[str, PersonaVector], n_layers: int) -> SteerT
             400, f"{where}: layer {layer} is outside 1..{n_layers} for this model", param="steer",
             code="layer_out_of_range",
         )  # fmt: skip
-    coef = _number(t, "coef", None, where=where)
-    if coef is None:
-        raise ApiError(400, f"{where}: coef is missing", param="steer")
-    return SteerTerm(layer, vectors[name].row(layer), coef)
+    return name, layer
+
+
+def _when(w, where: str, vectors: dict[str, PersonaVector], n_layers: int) -> Condition | None:
+    """{"vector", "layer", "above": T} or {..., "below": T} -> Condition."""
+    if w is None:
+        return None
+    where = f"{where}.when"
+    if not isinstance(w, dict) or ("above" in w) == ("below" in w):
+        raise ApiError(
+            400, f'{where} must be {{"vector", "layer", "above": T}} or {{..., "below": T}}',
+            param="steer",
+        )  # fmt: skip
+    name, layer = _place(w, where, vectors, n_layers)
+    side = "above" if "above" in w else "below"
+    threshold = _number(w, side, None, where=where)
+    try:
+        return Condition(layer, vectors[name].row(layer), threshold, side == "above", name)
+    except PertokenError as e:
+        raise ApiError(400, f"{where}: {e}", param="steer") from None
 
 
 def _flag(body: dict, name: str) -> bool:

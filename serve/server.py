@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 import threading
 from dataclasses import dataclass
@@ -12,21 +11,16 @@ import numpy as np
 from pertoken.errors import PertokenError
 from pertoken.serve.app import ServeConfig, create_app
 from pertoken.serve.engine import Engine, Monitor
-
-LOOPBACK_NAMES = ("localhost",)
-
-
-def is_loopback(host: str) -> bool:
-    if host in LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+from pertoken.serve.middleware import is_loopback
 
 
 def check_host(host: str, api_key: str | None) -> None:
-    """Anything but loopback reaches other machines, so it needs a key."""
+    """Anything but loopback reaches other machines, so it needs a key; a blank key is none."""
+    if api_key is not None and not api_key.strip():
+        raise PertokenError(
+            "--api-key is blank (or PERTOKEN_API_KEY is set to spaces): give a real key, or "
+            "leave it out on 127.0.0.1"
+        )
     if not is_loopback(host) and not api_key:
         raise PertokenError(
             f"--host {host} lets other machines use the model: add --api-key KEY (clients send "

@@ -6,7 +6,9 @@ of a request ever becomes a path."""
 
 from __future__ import annotations
 
+import json
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +23,7 @@ MAX_ITEMS = 5000  # rows of items.parquet sent per page
 class Store:
     name: str
     path: Path
+    model: str | None = None  # set when the store was traced with another model
 
 
 class TraceStores:
@@ -33,35 +36,58 @@ class TraceStores:
                 name = _unique(path.name, self.stores)
                 self.stores[name] = Store(name, path)
 
+    def check_model(self, model_id: str) -> list[str]:
+        """Marks the stores traced with another model; a line for each."""
+        lines = []
+        for s in self.stores.values():
+            traced = _traced_model(s.path)
+            if traced is not None and traced != model_id:
+                s.model = traced
+                lines.append(
+                    f"trace store {s.name} was traced with {traced}, not {model_id}: the lab "
+                    "page marks it (its projections are that model's)"
+                )
+        return lines
+
     def listing(self) -> list[dict]:
+        """Each store's name and item count; `damaged` (why) for one that cannot be read."""
         import pyarrow.parquet as pq
 
         out = []
         for s in self.stores.values():
-            meta = pq.read_metadata(s.path / "items.parquet")
-            out.append({"name": s.name, "items": meta.num_rows})
+            entry = {"name": s.name} | ({"model": s.model} if s.model else {})
+            try:
+                with _reading(s, "tokens.parquet") as path:
+                    pq.read_metadata(path)
+                with _reading(s, "items.parquet") as path:
+                    entry["items"] = pq.read_metadata(path).num_rows
+            except ApiError as e:
+                entry["damaged"] = e.message
+            out.append(entry)
         return out
 
     def items(self, name: str, offset: int = 0, limit: int = MAX_ITEMS) -> dict:
         """Columns and rows of items.parquet (JSON-safe: NaN becomes null)."""
         import pyarrow.parquet as pq
 
-        table = pq.read_table(self._store(name).path / "items.parquet")
-        page = table.slice(max(0, offset), max(0, min(limit, MAX_ITEMS)))
+        with _reading(self._store(name), "items.parquet") as path:
+            table = pq.read_table(path)
+        start = min(max(0, offset), table.num_rows)  # any integer, however large
+        page = table.slice(start, max(0, min(limit, MAX_ITEMS)))
         return {"columns": page.column_names, "rows": _rows(page), "total": table.num_rows}
 
     def tokens(self, name: str, item: str) -> dict:
         """One item's tokens: their text fields and every float column (proj, cos, norm)."""
         import pyarrow.parquet as pq
 
-        path = self._store(name).path / "tokens.parquet"
-        schema = pq.read_schema(path)
-        value = _item_value(item, schema.field("item").type)
-        table = pq.read_table(path, filters=[("item", "==", value)]).sort_by("pos")
+        with _reading(self._store(name), "tokens.parquet") as path:
+            schema = pq.read_schema(path)
+            value = _item_value(item, schema.field("item").type)
+            table = pq.read_table(path, filters=[("item", "==", value)]).sort_by("pos")
         if table.num_rows == 0:
             raise ApiError(404, f"store {name!r} has no item {item!r}", code="not_found")
         fields = [f for f in TOKEN_FIELDS if f in table.column_names]
-        values = [c for c in table.column_names if c.startswith(("proj.", "cos.", "norm."))]
+        values = [c for c in table.column_names if c.startswith(("proj.", "pre.", "cos.", "norm."))]
         return {
             "fields": {f: _json_list(table.column(f).to_pylist()) for f in fields},
             "values": {c: _json_list(table.column(c).to_pylist()) for c in values},
@@ -114,14 +140,45 @@ def _unique(name: str, taken: dict) -> str:
     return out
 
 
+@contextmanager
+def _reading(store: Store, file: str):
+    """The path of one of the store's files; a file pyarrow cannot read is a 409 that says
+    what to do."""
+    import pyarrow as pa
+
+    try:
+        yield store.path / file
+    except (OSError, pa.ArrowException, KeyError) as e:
+        why = " ".join(str(e).split())[:200]
+        raise ApiError(
+            409,
+            f"trace store {store.name!r} is damaged: {file} cannot be read ({why}); remove the "
+            "store, or rerun pertoken trace on its folder to rebuild it",
+            code="damaged_store",
+        ) from None
+
+
+def _traced_model(path: Path) -> str | None:
+    try:
+        model = json.loads((path / "trace.json").read_text(encoding="utf-8")).get("model")
+    except (OSError, ValueError, AttributeError):  # no settings to compare with
+        return None
+    return model if isinstance(model, str) else None
+
+
 def _item_value(item: str, kind):
+    import numpy as np
     import pyarrow as pa
 
     if pa.types.is_integer(kind):
         try:
-            return int(item)
+            value = int(item)
         except ValueError:
             raise ApiError(400, f"item {item!r} is not an integer", param="item") from None
+        bounds = np.iinfo(kind.to_pandas_dtype())
+        if not bounds.min <= value <= bounds.max:
+            raise ApiError(400, f"item {item} is out of range for this store", param="item")
+        return value
     return item
 
 

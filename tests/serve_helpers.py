@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -67,7 +68,7 @@ def write_store(folder: Path) -> Path:
         "pos": list(range(n)) * 2,
         "token_id": list(range(n)) * 2,
         "token": STORE_TOKENS * 2,
-        "turn": [0] * (2 * n),
+        "turn": ([0] * 5 + [1] * 3) * 2,  # the prompt, then the answer
         "role": roles * 2,
         "segment": segments * 2,
         "proj.kind.L2": pa.array([float(i - 3) for i in range(n)] * 2, pa.float32()),
@@ -83,3 +84,31 @@ def write_store(folder: Path) -> Path:
     }
     pq.write_table(pa.table(items), folder / "items.parquet")
     return folder
+
+
+@contextmanager
+def arriving_together(engine, n: int):
+    """The next n requests reach the engine's queue at once (so they enter the slot loop at
+    the same step); yields a dict whose "peak" is the most requests the loop held at a step."""
+    lock, held, seen = threading.Lock(), [], {"peak": 0}
+    step = engine._step
+
+    def gather(job) -> None:
+        with lock:
+            held.append(job)
+            if len(held) < n:
+                return
+            jobs = held[:]
+        with engine.cond:
+            engine.pending.extend(jobs)
+            engine.cond.notify()
+
+    def counted() -> None:
+        seen["peak"] = max(seen["peak"], len(engine.held))
+        step()
+
+    engine.submit, engine._step = gather, counted
+    try:
+        yield seen
+    finally:
+        del engine.submit, engine._step

@@ -80,3 +80,19 @@ def test_readme_example_runs(llama_dir, tmp_path, monkeypatch, capsys, torch_one
     assert len(records) == 1 and records[0]["layers"] == [2]
     assert records[0]["vectors"] == ["paternalism"] and records[0]["settings"]["steer"]
     assert str(records[0]["mean"]) in out and (tmp_path / "trace.html").is_file()
+
+
+def test_trace_load_works_after_a_plain_import(tmp_path):
+    """`import pertoken` then `pertoken.trace.load(DIR)`, as the README writes it, in a fresh
+    interpreter (here the suite may have imported pertoken.trace already)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import pertoken\n"
+        f"try:\n    pertoken.trace.load({str(tmp_path)!r})\n"
+        "except pertoken.PertokenError as e:\n    print('refused:', e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(f"refused: {tmp_path} has no tokens.parquet")

@@ -109,3 +109,26 @@ def test_judge_key_in_a_dotenv_file_is_found_not_shown_nor_loaded(clean, monkeyp
     assert r.exit_code == 0 and SECRET not in r.output
     assert json.loads(r.output)["judge_key"]["where"] == ".env"
     assert "OPENAI_API_KEY" not in os.environ
+
+
+def test_env_imports_no_framework_for_values_it_can_read_without_one():
+    """Versions come from package metadata; torch is imported only where a CUDA device may
+    exist, and neither transformers nor mlx-lm is ever needed."""
+    import subprocess
+    import sys
+
+    from pertoken.backends.machine import may_have_cuda
+
+    code = (
+        "import sys; from pertoken.cli import main; sys.argv = ['pertoken', 'env']\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "print('loaded', sorted({m.split('.')[0] for m in sys.modules} & "
+        "{'torch', 'transformers', 'mlx_lm'}))"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=300).stdout  # fmt: skip
+    loaded = out.strip().splitlines()[-1]
+    assert loaded == ("loaded ['torch']" if may_have_cuda() else "loaded []"), out
+    assert f"torch          {metadata.version('torch')}" in out
+    assert f"transformers   {metadata.version('transformers')}" in out

@@ -100,7 +100,7 @@ def test_compare_unsteered_adds_the_plain_answer_with_the_same_seed(fake, vector
     assert recs[0]["settings"]["steer"] is None
     assert recs[1]["settings"]["steer"]["terms"][0]["coef"] == 4.0
     assert recs[0]["text"] != recs[1]["text"]
-    assert [c["seed"] for c in fake.calls] == [3, 3]
+    assert [c["seed"] for c in fake.calls if c["kind"] == "trace"] == [3, 3]
     # Adding the paternalism direction raises the projection onto it.
     assert recs[1]["mean"][0][0] > recs[0]["mean"][0][0]
 
@@ -112,6 +112,7 @@ def test_live_output_is_coloured_on_a_tty_and_plain_otherwise(fake, vectors):
 
     tty, pipe = Tty(), io.StringIO()
     kw = dict(prompts=["hi"], vectors=vectors, layers=[1], out_dir=None, max_new_tokens=8)
+    kw["live"] = True
     rec = monitor(fake, stream=tty, **kw)[0]
     monitor(fake, stream=pipe, **kw)
     assert "\x1b[" not in pipe.getvalue() and pipe.getvalue().startswith(rec["text"])
@@ -371,3 +372,9 @@ def test_torch_cli_monitor_adds_sae_features(llama_dir, tmp_path):
         )
     assert any(feats for feats in rec["features"])
     assert "features" in (tmp_path / "trace.html").read_text()
+
+
+def test_monitor_from_python_is_quiet_by_default(fake, vectors, capsys):
+    rec = monitor(fake, prompts=["hi"], vectors=vectors, layers=[1], out_dir=None)[0]
+    captured = capsys.readouterr()
+    assert rec["tokens"] and captured.out == "" and captured.err == ""

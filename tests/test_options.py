@@ -37,3 +37,23 @@ def test_the_commands_do_not_import_the_cli():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_run_help_the_readme_and_generate_agree_on_the_cpu_batch_size():
+    import re
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    from pertoken.cli import main
+    from pertoken.pipeline.generate import _default_slots
+
+    class Cpu:
+        device = "cpu"
+
+    text = " ".join(CliRunner().invoke(main, ["run", "--help"]).output.split())
+    helped = int(re.search(r"--batch-size INTEGER .*?else (\d+)\)", text).group(1))
+    readme = " ".join((Path(__file__).parents[1] / "README.md").read_text().split())
+    said = r"`--batch-size` of them decoding at once \(default: .*?, (\d+) on a CPU"
+    documented = re.search(said, readme).group(1)
+    assert helped == int(documented) == _default_slots(Cpu()) == 16

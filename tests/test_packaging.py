@@ -106,7 +106,8 @@ def test_readme_test_command_installs_torch_as_ci_does():
     assert "TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu\n" in ci
     assert 'pip install -q torch==2.13.0 --index-url "$TORCH_CPU_INDEX"' in ci
     lines = ci.splitlines()
-    assert lines.index("export PERTOKEN_REQUIRE_BROWSER=1") < lines.index("python -m pytest -q")
+    pytest_line = next(i for i, x in enumerate(lines) if x.startswith("python -m pytest -q"))
+    assert lines.index("export PERTOKEN_REQUIRE_BROWSER=1") < pytest_line
 
 
 @pytest.mark.parametrize("reachable", [True, False])
@@ -126,3 +127,13 @@ def test_ci_installs_cpu_torch_or_falls_back_to_the_plain_pin(tmp_path, reachabl
     calls = (tmp_path / "pip").read_text().splitlines()
     cpu = "install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
     assert calls == ([cpu] if reachable else ["install -q torch==2.13.0"])
+
+
+def test_readme_installs_the_cpu_torch_before_the_main_job_on_linux():
+    """Following the set-up in order on a CPU-only Linux box never installs the CUDA torch."""
+    setup = (ROOT / "README.md").read_text().split("## Set up", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```bash\n(.*?)\n```", setup, re.S)
+    cpu = "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
+    main_job = next(i for i, b in enumerate(blocks) if "pertoken run" in b)
+    assert any(b.startswith(cpu) for b in blocks[:main_job])
+    assert "Linux without a CUDA GPU" in setup.split(blocks[main_job])[0]

@@ -229,3 +229,32 @@ def test_sampling_options_reach_the_generate_stage(tmp_path, monkeypatch):
         )  # fmt: skip
     assert (seen["temperature"], seen["seed"], seen["sampler"]) == (0.5, 7, "model")
     assert seen["label"] == "generate pos"
+
+
+def test_a_folder_of_another_backends_run_is_refused(tmp_path, monkeypatch):
+    """A torch run's folder is not silently reused by an MLX run: refused before any stage,
+    naming both backends and the fix; the folder's files stay as they were."""
+    monkeypatch.setattr(pertoken.backends, "load_backend", lambda *a, **kw: RecordingBackend())
+    kit = write_kit(tmp_path, "evil", n_questions=1, n_instructions=1)
+    with serve_fake_openai() as server:
+        args = ["run", "--model", "org/fake", "--trait", str(kit), "--out", str(tmp_path / "runs"),
+                "--n-per-question", "1", "--judge-model", "judge-x", "--base-url", server.url,
+                "--threshold", "30"]  # fmt: skip
+        r = CliRunner().invoke(main, [*args, "--backend", "torch"])
+        assert r.exit_code == 0, r.output
+        folder = tmp_path / "runs" / "fake" / "evil"
+        assert json.loads((folder / "run.json").read_text())["backend"] == "torch"
+        before = {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+        r = CliRunner().invoke(main, [*args, "--backend", "mlx"])
+        assert r.exit_code == 1 and "skipped" not in r.output
+        assert "holds a run made with the torch backend, and this run uses mlx: pass --out" in (
+            r.output
+        )
+        assert {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()} == before
+        (folder / "run.json").unlink()  # a folder from before run.json: the vector's sidecar
+        meta = folder / "vectors" / "evil_response_avg_diff.json"
+        meta.write_text(json.dumps(json.loads(meta.read_text()) | {"backend": "torch"}))
+        r = CliRunner().invoke(main, [*args, "--backend", "mlx"])
+        assert r.exit_code == 1 and "made with the torch backend" in r.output
+        r = CliRunner().invoke(main, [*args, "--backend", "mlx", "--out", str(tmp_path / "m")])
+        assert r.exit_code == 0, r.output

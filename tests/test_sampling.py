@@ -95,6 +95,15 @@ def test_top_k_one_is_greedy(backend):
     assert backend.generate(ps, max_new_tokens=10, temperature=2.0, seed=0) != greedy
 
 
+def test_a_temperature_that_underflows_is_greedy(backend):
+    ps = chat_prompts(backend)
+    greedy = backend.generate(ps, max_new_tokens=8, temperature=0)
+    for t in (1e-300, 1e-45, 1e-38):  # logits / t is not finite in float32
+        for seed in (0, 1):
+            got = backend.generate(ps, max_new_tokens=8, temperature=t, seed=seed)
+            assert got == greedy, t
+
+
 def test_each_setting_matches_transformers_processors(backend):
     rng = np.random.default_rng(0)
     logits = (rng.standard_normal((3, 50)) * 3).astype(np.float32)  # [B, vocab]

@@ -203,3 +203,114 @@ def test_the_serve_command_serves_until_interrupted(llama_dir, tmp_path):
         out = proc.communicate(timeout=30)[0].decode()
     assert proc.returncode == 0, out
     assert f"{url}/v1" in out
+
+
+# ---------------------------------------------------------------- no 500s, no tracebacks
+DEEP = b'{"model": "m", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+MORE_CASES = [
+    ("vector as a list", {"steer": [{"vector": ["kind"], "layer": 2, "coef": 1}]}, "steer"),
+    ("vector as a dict", {"steer": [{"vector": {"a": 1}, "layer": 2, "coef": 1}]}, "steer"),
+    ("seed -1", {"seed": -1}, "seed"),
+    ("seed past int64", {"seed": 10**30}, "seed"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name, change, param", MORE_CASES, ids=[c[0] for c in MORE_CASES])
+def test_odd_values_are_400s_on_a_connection_that_stays_open(run, backend, name, change, param):
+    body = change if isinstance(change, bytes) else json.dumps(_body(backend, **change)).encode()
+    with socket.create_connection(_address(run)) as s:
+        status, reply = _exchange(s, "POST", "/v1/chat/completions", body)
+        assert status == 400, reply
+        error = json.loads(reply)["error"]
+        assert error["type"] == "invalid_request_error" and "\n" not in error["message"]
+        if param:
+            assert error["param"] == param
+        ok = json.dumps(_body(backend)).encode()
+        assert _exchange(s, "POST", "/v1/chat/completions", ok)[0] == 200  # same connection
+
+
+def test_a_bug_is_a_json_500_and_the_connection_stays_open(backend, tmp_path, monkeypatch):
+    from pertoken.serve.traces import TraceStores
+    from tests.serve_helpers import write_store
+
+    stores = TraceStores([write_store(tmp_path / "s")])
+    monkeypatch.setattr(stores, "listing", lambda: 1 / 0)
+    with serving(backend, traces=stores) as r, socket.create_connection(_address(r)) as s:
+        status, reply = _exchange(s, "POST", "/v1/chat/completions", DEEP)  # 200 kB
+        assert status == 400 and json.loads(reply)["error"]["code"] == "bad_json"
+        status, reply = _exchange(s, "GET", "/api/traces")
+        assert status == 500 and "Traceback" not in reply
+        assert json.loads(reply)["error"]["type"] == "server_error"
+        assert _exchange(s, "GET", "/v1/models")[0] == 200
+
+
+def _strict(text: str):
+    def refuse(name):
+        raise AssertionError(f"{name} in the JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_non_finite_numbers_never_reach_json(llama_dir):
+    bk = load_backend(str(llama_dir), "torch", dtype="float32", device="cpu")
+    bk.model.model.norm.weight.data.fill_(float("nan"))  # the last row and the logits are NaN
+    body = _body(bk, monitor=True, logprobs=True, top_logprobs=2, temperature=0)
+    with serving(bk) as r:
+        whole = _post(r, body)
+        assert whole.status_code == 200, whole.text
+        choice = _strict(whole.text)["choices"][0]
+        projections = choice["message"]["pertoken"]["projections"]  # [token][vector][row]
+        assert projections[0][0][1] is None and isinstance(projections[0][0][0], float)
+        assert choice["logprobs"]["content"][0]["logprob"] == -9999.0
+        streamed = _post(r, body | {"stream": True})
+        events = [e[6:] for e in streamed.text.split("\n\n") if e.startswith("data: {")]
+        assert len(events) > 3 and all(_strict(e) for e in events)
+
+
+def _address(run) -> tuple[str, int]:
+    host, port = run.url.removeprefix("http://").rsplit(":", 1)
+    return host, int(port)
+
+
+def _exchange(s: socket.socket, method: str, path: str, body: bytes = b"") -> tuple[int, str]:
+    """One HTTP/1.1 request on an open connection and its whole (Content-Length) reply."""
+    head = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(body)}\r\n"
+    s.sendall(head.encode() + b"Content-Type: application/json\r\n\r\n" + body)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += _recv(s)
+    head, _, rest = data.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    fields = dict(line.lower().split(": ", 1) for line in lines[1:])
+    assert fields.get("connection") != "close", lines
+    while len(rest) < int(fields["content-length"]):
+        rest += _recv(s)
+    return int(lines[0].split()[1]), rest.decode()
+
+
+def _recv(s: socket.socket) -> bytes:
+    s.settimeout(60)
+    part = s.recv(65536)
+    assert part, "the server closed the connection"
+    return part
+
+
+BAD_OPTIONS = [
+    (["--max-batch", "0"], "--max-batch"),
+    (["--max-body", "-1"], "--max-body"),
+    (["--prefix-cache-mb", "-5"], "--prefix-cache-mb"),
+    (["--prefix-cache-mb", "nan"], "--prefix-cache-mb"),
+    (["--max-tokens", "0"], "--max-tokens"),
+    (["--timeout", "0"], "--timeout"),
+    (["--api-key", " ", "--host", "0.0.0.0"], "--api-key"),
+    (["--api-key", ""], "--api-key"),
+    (["--allow-origin", "evil.example"], "--allow-origin"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("args, name", BAD_OPTIONS, ids=[" ".join(a) for a, _ in BAD_OPTIONS])
+def test_options_are_checked_at_start_up(args, name, tmp_path):
+    # a model folder that does not exist: the options must be refused before it is looked at
+    r = CliRunner().invoke(main, ["serve", "--model", str(tmp_path / "none"), *args])
+    assert r.exit_code == 1, r.output
+    assert r.output.count("\n") == 1 and name in r.output and "Traceback" not in r.output

@@ -144,8 +144,8 @@ def _slider(page, value: float) -> None:
     )
 
 
-def _answer(run, bk, messages, steer) -> str:
-    body = {"model": bk.model_id, "messages": messages, "max_tokens": 16, "temperature": 0}
+def _answer(run, bk, messages, steer, max_tokens=16) -> str:
+    body = {"model": bk.model_id, "messages": messages, "max_tokens": max_tokens, "temperature": 0}
     r = httpx.post(run.url + "/v1/chat/completions", json=body | {"steer": steer}, timeout=60)
     return r.json()["choices"][0]["message"]["content"]
 
@@ -179,3 +179,59 @@ def _centre(page, selector: str) -> list[float]:
         f"(() => {{ const r = document.querySelector({selector!r}).getBoundingClientRect();"
         " return [r.x + r.width / 2, r.y + r.height / 2]; })()"
     )
+
+
+@pytest.mark.slow
+def test_lab_page_controls_in_headless_chromium(llama_dir, tmp_path, torch_one_thread):
+    """An exact coefficient typed in a number box, a visible busy indicator while a reply
+    streams, a colour key under the compare chart, separators between a trace item's turns."""
+    binary = cdp.find_chromium()
+    if binary is None:
+        pytest.fail("chromium is not installed: apt-get install -y chromium (.ci/run does this)")
+    bk = load_backend(str(llama_dir), "torch", dtype="float32", device="cpu")
+    stores = TraceStores([write_store(tmp_path / "stores" / "run")])
+    with (
+        serving(bk, max_tokens=64, traces=stores) as run,
+        cdp.browser(binary, str(tmp_path / "p")) as b,
+    ):
+        page = b.open_page(run.url + "/")
+        page.wait_for("document.body.dataset.ready === '1'")
+        page.eval("document.getElementById('max-tokens').value = '12'")
+        # every change of the busy flag records whether the indicator showed
+        page.eval(
+            "window.__busy = []; new MutationObserver(() => window.__busy.push(["
+            "document.body.dataset.busy, getComputedStyle(document.getElementById('busy'))"
+            ".display])).observe(document.body, {attributes: true})"
+        )
+        page.eval(
+            "(() => { const e = document.getElementById('exact-0'); e.value = '2.375';"
+            " e.dispatchEvent(new Event('input')); })()"
+        )
+        page.eval("document.getElementById('compare').checked = true")
+        _send(page, Q, replies=2)
+        shown = [[busy, display != "none"] for busy, display in page.eval("window.__busy")]
+        assert shown == [["1", True], ["0", False]]
+        head = page.eval("document.querySelector('.reply h3').textContent")
+        assert "kind@2 +2.375" in head
+        kind = [{"vector": "kind", "layer": 2, "coef": 2.375}]
+        messages = [{"role": "user", "content": Q}]
+        assert _texts(page, turn=0, reply=0) == _answer(run, bk, messages, kind, 12)
+        # the chart's key: one swatch per line, in the line's colour
+        keys = _each(page, "#chart-key .key", "e.textContent")
+        assert len(keys) == 2 and keys[0].startswith("steered") and keys[1] == "unsteered"
+        swatches = _each(page, "#chart-key .swatch", "getComputedStyle(e).backgroundColor")
+        strokes = _each(page, "#chart polyline", "getComputedStyle(e).stroke")
+        assert swatches == strokes and len(set(strokes)) == 2
+
+        page.eval("document.getElementById('tab-traces').click()")
+        page.wait_for("document.querySelectorAll('#items tr.item').length === 2")
+        page.eval("document.querySelector('#items tr.item').click()")
+        page.wait_for("document.querySelectorAll('#item-tokens .tok').length > 0")
+        seps = _each(page, "#item-tokens .turn-sep", "e.textContent")
+        assert seps == ["turn 1 · assistant"]
+        before = page.eval(
+            "[...document.getElementById('item-tokens').children]"
+            ".findIndex(e => e.classList.contains('turn-sep'))"
+        )
+        assert before == 5  # after the prompt's five tokens
+        assert _each(page, "#item-tokens .tok", "e.textContent") == STORE_TOKENS

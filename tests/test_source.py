@@ -109,3 +109,24 @@ def test_a_path_that_is_not_there_is_not_looked_up(tmp_path, no_downloads):
         locate(str(tmp_path / "missing"))
     with pytest.raises(PertokenError, match="no config.json"):
         locate(str(tmp_path))
+
+
+@pytest.mark.parametrize("offline", [True, False])
+def test_the_download_hint_names_a_command_that_is_installed(
+    hub_cache, no_downloads, monkeypatch, offline
+):
+    import os
+    import shlex
+    import sys
+
+    if offline:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    else:
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")
+    with pytest.raises(PertokenError) as e:
+        locate(NOT_CACHED)
+    hint = str(e.value).split("(", 1)[1].split(")")[0]
+    tool = shlex.split(hint)[0]
+    assert hint.startswith(f"{tool} download {NOT_CACHED} --local-dir")
+    here = os.path.dirname(sys.executable)
+    assert shutil.which(tool) or shutil.which(tool, path=here), f"{tool} is not installed"

@@ -3,6 +3,8 @@
 Checked per token (prompt and answer) against transformers' output_hidden_states, between
 batch sizes, and between the torch and MLX backends, on the tiny Llama and Gemma 2."""
 
+import functools
+
 import numpy as np
 import pytest
 
@@ -116,3 +118,63 @@ def test_torch_and_mlx_agree(model_dir):
         b = m.token_projections(ids, d, [0, 1, 4], batch_size=2, **kw)
         for x, y in zip(a, b, strict=True):
             np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-4)
+
+
+def _set_chunk(backend, monkeypatch, n: int) -> None:
+    if backend.name == "torch":
+        from pertoken.backends.torch import trace_batch
+
+        monkeypatch.setattr(trace_batch, "CHUNK", n)
+    else:
+        monkeypatch.setattr(backend, "prefill_chunk", n)
+
+
+def _spy_lengths(backend, monkeypatch) -> list[int]:
+    """Input tokens per forward of the decoder (torch) or the model (MLX)."""
+    lengths: list[int] = []
+    if backend.name == "torch":
+        decoder = backend.model.get_decoder()
+        forward = decoder.forward
+
+        @functools.wraps(forward)  # the signature says which cache keyword it takes
+        def spy(*a, **kw):
+            lengths.append(kw["input_ids"].shape[1])
+            return forward(*a, **kw)
+
+        monkeypatch.setattr(decoder, "forward", spy)
+    else:
+        model = backend.model
+
+        class Spy:
+            def __getattr__(self, name):
+                return getattr(model, name)
+
+            def __call__(self, ids, *rest):
+                lengths.append(ids.shape[1])
+                return model(ids, *rest)
+
+        monkeypatch.setattr(backend, "model", Spy())
+    return lengths
+
+
+def test_long_sequences_are_traced_in_chunks_with_the_same_values(backend, monkeypatch):
+    """A sequence longer than the chunk goes through the model a chunk at a time (attention
+    holds [chunk, T], not [T, T]), padded and steered alike, with the values of one forward."""
+    d = _directions(rows=[1, 4], seed=2)
+    words = " ".join(ANSWERS).split()
+    text = " ".join(words[i % len(words)] for i in range(260))
+    ids = [backend.encode(text), backend.encode(text[: len(text) // 2])]
+    vec = np.random.default_rng(3).normal(size=64).astype(np.float32)
+    steer = Steer.single(2, vec / np.linalg.norm(vec), 4.0, "response")
+    kw = dict(steer=steer, prompt_lens=[40, 25], batch_size=2)
+    _set_chunk(backend, monkeypatch, 4096)
+    whole = backend.token_projections(ids, d, [1, 4], **kw)
+    _set_chunk(backend, monkeypatch, 64)
+    lengths = _spy_lengths(backend, monkeypatch)
+    chunked = backend.token_projections(ids, d, [1, 4], **kw)
+    assert len(ids[0]) > 200 and max(lengths) == 64 and sum(lengths) == len(ids[0])
+    for w, c in zip(whole, chunked, strict=True):
+        assert w.shape == c.shape
+        np.testing.assert_allclose(c, w, rtol=1e-4, atol=1e-4)
+    unsteered = backend.token_projections(ids, d, [1, 4], prompt_lens=[40, 25], batch_size=2)
+    assert np.abs(unsteered[0][60:, 1, :2] - chunked[0][60:, 1, :2]).max() > 1e-2

@@ -99,3 +99,46 @@ def test_stores_of_other_transcripts_are_refused(stores, llama_dir, tmp_path):
     trace_dataset(b, input=stores["chats"], rows=[1, 2], out_dir=tmp_path / "rows", **kw)
     with pytest.raises(PertokenError, match="different rows"):
         trace_diff(stores["base"], tmp_path / "rows", out_dir=tmp_path / "d3")
+
+
+def test_an_output_inside_an_input_store_is_refused(stores):
+    before = {p: p.read_bytes() for p in stores["base"].iterdir() if p.is_file()}
+    for out in (stores["base"], stores["tuned"], stores["base"] / "sub"):
+        res = CliRunner().invoke(
+            cli.main, ["trace-diff", str(stores["base"]), str(stores["tuned"]), "--out", str(out)]
+        )
+        assert res.exit_code != 0 and "choose an --out outside both stores" in res.output
+        assert "Traceback" not in res.output
+    assert {p: p.read_bytes() for p in stores["base"].iterdir() if p.is_file()} == before
+    assert not (stores["base"] / "sub").exists()
+
+
+def test_stores_traced_with_other_vector_files_are_refused(stores, llama_dir, tmp_path):
+    b = load_backend(str(llama_dir), "torch", dtype="float32", device="cpu")
+    other = PersonaVector(stores["vec"].data * 2)
+    trace_dataset(b, input=stores["chats"], vectors={"pat": other}, rows=ROWS,
+                  out_dir=tmp_path / "other", page=False, progress=False)  # fmt: skip
+    with pytest.raises(PertokenError, match="traced vector 'pat' from different files"):
+        trace_diff(stores["base"], tmp_path / "other", out_dir=tmp_path / "d")
+    assert not (tmp_path / "d").exists()
+
+
+def test_the_report_ranks_by_the_layer_that_moved(stores, tmp_path):
+    res = CliRunner().invoke(
+        cli.main, ["trace-diff", str(stores["base"]), str(stores["tuned"]), "--out", str(tmp_path)]
+    )
+    assert res.exit_code == 0, res.output
+    lines = [x for x in res.output.splitlines() if x.startswith("moved most")]
+    assert re.match(r"moved most \(pat, layer [34], mean B - A\): item", lines[0])
+    assert "moved most (pat, layer 1): nothing moved" in lines
+    assert "moved most (pat, layer 2): nothing moved" in lines
+    assert "+0.000" not in res.output and re.search(r"top spans \(pat, layer [34]\)", res.output)
+
+
+def test_a_store_against_itself_moved_nowhere(stores, tmp_path):
+    res = CliRunner().invoke(
+        cli.main, ["trace-diff", str(stores["base"]), str(stores["base"]), "--out", str(tmp_path)]
+    )
+    assert res.exit_code == 0, res.output
+    assert "nothing moved: A and B agree at every vector and layer traced" in res.output
+    assert all(x.endswith("nothing moved") for x in res.output.splitlines() if "moved most" in x)

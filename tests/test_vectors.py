@@ -103,3 +103,30 @@ def test_scaling_the_vector_is_scaling_the_coefficient(backend, torch_one_thread
     norm = float(np.linalg.norm(v.row(L)))
     got = backend.logits(p, steer=Steer.single(L, unit.row(L), 3.0 * norm))
     np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_the_constructor_makes_load_vectors_checks():
+    for data, msg in [
+        (np.ones(128), r"shape \[128\], not \[n_layers\+1, hidden\]"),
+        (np.ones((1, 8)), r"shape \[1, 8\]"),
+        (np.full((3, 8), np.nan), "24 NaN or infinite values"),
+        (np.ones((3, 8)) * 1e39, "NaN or infinite"),  # overflows float32
+        (np.ones((3, 8), complex), "complex"),
+    ]:
+        with pytest.raises(PertokenError, match=msg):
+            PersonaVector(data)
+    v = PersonaVector(np.ones((3, 8), np.float64))
+    assert v.data.dtype == np.float32
+
+
+def test_arithmetic_that_is_not_finite_is_refused():
+    v = PersonaVector(np.ones((3, 8), np.float32))
+    for make in (lambda: v * float("nan"), lambda: float("inf") * v, lambda: v / float("nan")):
+        with pytest.raises(PertokenError, match="not a finite number"):
+            make()
+    with pytest.raises(PertokenError, match=r"v \* 1e\+39 overflows float32"):
+        v * 1e39
+    big = PersonaVector(np.full((3, 8), 3e38, np.float32))
+    with pytest.raises(PertokenError, match=r"v \+ w overflows float32"):
+        big + big
+    np.testing.assert_array_equal((v * 2 - v).data, v.data)

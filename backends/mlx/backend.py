@@ -14,6 +14,7 @@ from pertoken.backends.base import (
     check_projection_inputs,
 )
 from pertoken.backends.chat import ChatText, stop_token_ids
+from pertoken.backends.conditions import conditional_projections, decide_one
 from pertoken.backends.generation import SlotBackend
 from pertoken.backends.memory import HEADROOM, MAX_BATCH, kv_bytes_per_token
 from pertoken.backends.mlx.batch import SteerPlan
@@ -90,6 +91,7 @@ class MLXBackend(ChatText, SlotBackend):
         """[T, vocab] float32 logits of one text (no special tokens added)."""
         (ids,) = encode_texts(self.encode, [text])
         plen = len(ids) if prompt_len is None else int(prompt_len)
+        steer = decide_one(self, ids[:plen], steer)
         batch, plan = left_pad([ids], self.pad_id, prompt_lens=[plen]), self._plan(steer)
         kw = {}
         if plan is not None:
@@ -116,17 +118,22 @@ class MLXBackend(ChatText, SlotBackend):
         """Per sequence float32 [T, len(rows), V + 1]: h . u per unit direction, then |h|."""
         from pertoken.backends.mlx.trace_batch import token_projections
 
+        if steer is not None and steer.conditional:
+            return conditional_projections(
+                self.token_projections, ids, directions, rows, steer, prompt_lens, batch_size
+            )
         d = check_projection_inputs(ids, directions, rows, self.n_layers, self.hidden_size)
         batches = plan_batches(ids, self.pad_id, prompt_lens=prompt_lens, batch_size=batch_size)
         return token_projections(
-            self.model, d, [int(r) for r in rows], batches, plan=self._plan(steer)
-        )
+            self.model, d, [int(r) for r in rows], batches, plan=self._plan(steer),
+            chunk=self.prefill_chunk,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ helpers
     def _plan(self, steer: Steer | None) -> SteerPlan | None:
         if steer is None:
             return None
-        steer.validate(self.n_layers, self.hidden_size)
+        steer.validate(self.n_layers, self.hidden_size, self.dtype)
         return SteerPlan.of(steer, self._mx_dtype)
 
     @property

@@ -8,8 +8,9 @@ import mlx.core as mx
 import numpy as np
 
 from pertoken.backends.base import Steer
-from pertoken.backends.mlx.models.residual import Pass, attend_mask
+from pertoken.backends.mlx.models.residual import Pass, RowOps, attend_mask
 from pertoken.backends.plan import PaddedBatch
+from pertoken.backends.steer import Stage
 
 
 def ids_of(batch: PaddedBatch) -> mx.array:
@@ -27,33 +28,33 @@ def offset_of(batch: PaddedBatch) -> mx.array:
 
 @dataclass
 class SteerPlan:
-    """Validated steering as model-dtype arrays, plus where it acts.
+    """Validated steering as arrays, plus where it acts.
 
-    vectors: row -> [hidden] for one Steer on every row of the batch, or row -> [B, 1, hidden]
-    with each row's own sum (zeros where a row is not steered there); positions likewise one
-    choice or one per row."""
+    vectors: per row, the sum of adds ([hidden] for one Steer on every row of the batch,
+    [B, 1, hidden] with each row's own, zeros where a row is not steered there) in the model
+    dtype, or a RowOps where any plan ablates or caps; positions one choice or one per row."""
 
-    vectors: dict[int, mx.array]
+    vectors: dict[int, mx.array | RowOps]
     positions: str | list[str]
+    dtype: object = mx.float32
 
     @classmethod
     def of(cls, steer: Steer | None, dtype) -> SteerPlan | None:
         if steer is None or not steer.terms:
             return None
-        vectors = {r: mx.array(v).astype(dtype) for r, v in steer.by_row().items()}
-        return cls(vectors, steer.positions)
+        if steer.adds_only:
+            vectors = {r: mx.array(v).astype(dtype) for r, v in steer.by_row().items()}
+            return cls(vectors, steer.positions, dtype)
+        hidden = len(steer.terms[0].vector)
+        return cls(_row_steering([steer], hidden, dtype, single=True), steer.positions, dtype)
 
     @classmethod
     def per_row(cls, plans: list[Steer | None], hidden_size: int, dtype) -> SteerPlan | None:
         """One batch whose rows carry their own Steer (or None)."""
-        sums: dict[int, np.ndarray] = {}
-        for b, plan in enumerate(plans):
-            for row, vec in (plan.by_row() if plan else {}).items():
-                sums.setdefault(row, np.zeros((len(plans), 1, hidden_size), np.float32))[b, 0] = vec
-        if not sums:
+        vectors = _row_steering(plans, hidden_size, dtype)
+        if not vectors:
             return None
-        vectors = {r: mx.array(v).astype(dtype) for r, v in sums.items()}
-        return cls(vectors, [p.positions if p else "all" for p in plans])
+        return cls(vectors, [p.positions if p else "all" for p in plans], dtype)
 
     def _row_positions(self, B: int) -> list[str]:
         return [self.positions] * B if isinstance(self.positions, str) else self.positions
@@ -74,7 +75,40 @@ class SteerPlan:
 
     @property
     def _dtype(self):
-        return next(iter(self.vectors.values())).dtype
+        return self.dtype
+
+
+def _row_steering(plans: list[Steer | None], hidden: int, dtype, single: bool = False) -> dict:
+    """Row -> [B, 1, hidden] sums of adds where every plan only adds there (or [hidden] for a
+    single plan), else RowOps with as many stages as the longest plan there."""
+    staged = [p.stages() if p is not None else {} for p in plans]
+    rows = sorted({r for st in staged for r in st})
+    out = {}
+    for row in rows:
+        lines = [st.get(row, []) for st in staged]
+        K = max(len(x) for x in lines)
+        if all(s.unit is None for x in lines for s in x) and K == 1:
+            add = np.zeros((len(plans), 1, hidden), np.float32)
+            for b, x in enumerate(lines):
+                if x:
+                    add[b, 0] = x[0].add
+            out[row] = mx.array(add[0, 0] if single else add).astype(dtype)
+        else:
+            out[row] = _ops(lines, K, hidden, dtype)
+    return out
+
+
+def _ops(lines: list[list[Stage]], K: int, hidden: int, dtype) -> RowOps:
+    B = len(lines)
+    add, unit = np.zeros((2, K, B, 1, hidden), np.float32)
+    lo, hi = np.full((K, B, 1, 1), -np.inf, np.float32), np.full((K, B, 1, 1), np.inf, np.float32)
+    for b, stages in enumerate(lines):
+        for k, s in enumerate(stages):
+            if s.add is not None:
+                add[k, b, 0] = s.add
+            if s.unit is not None:
+                unit[k, b, 0], lo[k, b], hi[k, b] = s.unit, s.lo, s.hi
+    return RowOps(mx.array(add).astype(dtype), mx.array(unit), mx.array(lo), mx.array(hi))
 
 
 def window_of(model) -> int | None:

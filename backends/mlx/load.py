@@ -10,7 +10,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from pertoken.backends.mlx.models import check_supported, get_classes
-from pertoken.backends.source import cached_file, check_folder, locate
+from pertoken.backends.source import cached_file, check_folder, hub_login, locate
 from pertoken.errors import PertokenError
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
@@ -42,7 +42,7 @@ def model_path(model: str) -> Path:
     except Exception as e:
         raise PertokenError(
             f"could not find model {model!r} as a folder or on the Hugging Face hub "
-            f"({type(e).__name__}): check the name, your network and `huggingface-cli login`"
+            f"({type(e).__name__}): check the name, your network and `{hub_login()}`"
         ) from None
     check_folder(path)
     return path

@@ -13,6 +13,7 @@ from pertoken.backends.base import (
     Summaries,
 )
 from pertoken.backends.chat import ChatText, stop_token_ids
+from pertoken.backends.conditions import conditional_projections, decide_one
 from pertoken.backends.generation import SlotBackend
 from pertoken.backends.plan import (
     PaddedBatch,
@@ -33,8 +34,8 @@ from pertoken.backends.torch.hooks import (
 )
 from pertoken.backends.torch.load import load_model_and_tokenizer, pick_device, pick_dtype
 from pertoken.backends.torch.static_cache import ATTENTION
+from pertoken.backends.torch.steering import steer_state
 from pertoken.errors import PertokenError
-from pertoken.rows import block_of_row
 
 
 class TorchBackend(ChatText, SlotBackend):
@@ -92,13 +93,8 @@ class TorchBackend(ChatText, SlotBackend):
     def _tap_state(self, steer: Steer | None) -> TapState:
         if steer is None:
             return TapState()
-        steer.validate(self.n_layers, self.hidden_size)
-        devices = block_devices(self.model)  # a sharded model's blocks sit on several
-        by_row = {
-            row: torch.from_numpy(vec).to(devices[block_of_row(row, self.n_layers)], torch.float32)
-            for row, vec in steer.by_row().items()
-        }
-        return TapState(steer=by_row)
+        steer.validate(self.n_layers, self.hidden_size, self.dtype)
+        return TapState(steer=steer_state(self.model, [steer]))
 
     # ------------------------------------------------------------------ generation
     def _slots(self, batch: int, rows: list[int], length: int, on_flush=None, prefix=None):
@@ -155,6 +151,7 @@ class TorchBackend(ChatText, SlotBackend):
         """[T, vocab] float32 logits of one text; prompt_len places `prompt`/`response` steering."""
         (seq,) = encode_texts(self.encode, [text])
         batch = left_pad([seq], self.pad_id, prompt_lens=[prompt_len or len(seq)])
+        steer = decide_one(self, seq[: prompt_len or len(seq)], steer)
         state = self._tap_state(steer)
         if steer is not None:
             state.steer_mask = steer_tensor(batch, steer.positions, self.device)
@@ -188,6 +185,10 @@ class TorchBackend(ChatText, SlotBackend):
         """Per sequence float32 [T, len(rows), V + 1]: h . u per unit direction, then |h|."""
         from pertoken.backends.torch.trace_batch import token_projections
 
+        if steer is not None and steer.conditional:
+            return conditional_projections(
+                self.token_projections, ids, directions, rows, steer, prompt_lens, batch_size
+            )
         return token_projections(
             self, ids, directions, rows, steer=steer, prompt_lens=prompt_lens, batch_size=batch_size
         )

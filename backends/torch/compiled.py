@@ -6,8 +6,8 @@ The step reads everything that changes from one token or one call to the next (t
 position and cache slot, the positions each slot holds, every block's steering vector per row
 and whether this token is steered) from buffers that are copied into, never replaced, so a new
 prompt, vector, coefficient or layer needs no new capture. Only the batch size, the cache
-length and the captured rows decide a capture. Without CUDA (or on a sharded model) the same
-step runs as plain calls, which is what the tests compare with the eager decode loop.
+length, the captured rows and the rows that ablate or cap (their stages) decide a capture.
+Without CUDA (or on a sharded model) the same step runs as plain calls.
 """
 
 from __future__ import annotations
@@ -15,12 +15,13 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from pertoken.backends.torch.hooks import TapState, block_devices, input_device
+from pertoken.backends.torch.hooks import RowOps, TapState, block_devices, input_device
 from pertoken.backends.torch.static_cache import SlotCache, attention_masks, check_attention
+from pertoken.backends.torch.steering import ops_cover
 from pertoken.errors import PertokenWarning
 
 LENGTH_STEP = 256  # cache lengths round up to this, so calls of similar length share a capture
@@ -31,6 +32,7 @@ class Shape:
     batch: int
     length: int  # cache slots per row
     rows: tuple[int, ...]  # rows whose states each step captures
+    ops: tuple[tuple[int, int], ...] = ()  # (row, stages) of rows that ablate or cap
 
 
 class StaticStep:
@@ -47,9 +49,12 @@ class StaticStep:
         self.key_pos = torch.full((B, L), -1, dtype=torch.long, device=home)  # per slot
         self.steer_on = torch.zeros(B, 1, dtype=torch.bool, device=home)
         # one vector per steerable row and batch row, on its block's device: zero where
-        # nothing steers (block i writes row i + 1)
+        # nothing steers (block i writes row i + 1); RowOps where a row ablates or caps
+        ops = dict(shape.ops)
         self.steer = {
-            i + 1: torch.zeros(B, hidden, dtype=dtype, device=d)
+            i + 1: RowOps.empty(ops[i + 1], B, hidden, d)
+            if i + 1 in ops
+            else torch.zeros(B, hidden, dtype=dtype, device=d)
             for i, d in enumerate(block_devices(model))
         }
         self.captured = torch.zeros(B, len(shape.rows), hidden, device=home)  # float32
@@ -158,13 +163,13 @@ class CompiledSteps:
         else a new one, its length rounded up so loops of similar length share a capture."""
         s = self._step
         if s and s.shape.rows == shape.rows and shape.batch <= s.shape.batch:
-            if shape.length <= s.shape.length:
+            if shape.length <= s.shape.length and ops_cover(s.shape.ops, shape.ops):
                 return s
         self._step = self._graph = None  # free the old buffers before allocating new ones
         if self.graphs:
             torch.cuda.empty_cache()
         L = -(-shape.length // LENGTH_STEP) * LENGTH_STEP
-        self._step = StaticStep(self.model, Shape(shape.batch, L, shape.rows), self.dtype)
+        self._step = StaticStep(self.model, replace(shape, length=L), self.dtype)
         return self._step
 
     def _capture(self) -> None:

@@ -22,9 +22,9 @@ from pertoken.backends.prefix_cache import PrefixCache
 from pertoken.backends.schedule import Waiting
 from pertoken.backends.torch.batch import batch_tensors
 from pertoken.backends.torch.compiled import Shape, StaticStep
-from pertoken.backends.torch.hooks import TapState, block_devices
+from pertoken.backends.torch.hooks import TapState
 from pertoken.backends.torch.sampling import RowSampler
-from pertoken.rows import block_of_row
+from pertoken.backends.torch.steering import copy_lines, ops_with, set_line, steer_state
 
 
 @dataclass
@@ -55,7 +55,7 @@ class Slots:
         self.prefix = prefix
         self.dtype = next(model.parameters()).dtype
         self.steps, self.most = steps, shape.batch  # slots grow up to `most` as entries wait
-        self.step_buf, self.run = steps(Shape(1, shape.length, shape.rows), state)
+        self.step_buf, self.run = steps(Shape(1, shape.length, shape.rows, shape.ops), state)
         self.home = self.step_buf.tokens.device
         self.rows = list(shape.rows)
         shape = self.step_buf.shape  # a compiled step may hold more slots than asked
@@ -96,6 +96,7 @@ class Slots:
                 return
             slots = free[: len(taken)]
             self._fit(max(len(e.ids) + e.max_new_tokens + 1 for e, _ in taken))
+            self._fit_ops([e.plan for e, _ in taken])
             for b, (e, pre) in zip(slots, taken):
                 self._load(b, e, pre)
             logits = torch.cat([pre.logits for _, pre in taken])  # [n, vocab]
@@ -111,12 +112,20 @@ class Slots:
                 L *= 2
             self._resize(len(self.slots), L)
 
-    def _resize(self, B: int, L: int) -> None:
+    def _fit_ops(self, plans) -> None:
+        """Widen the step's steering buffers where these plans ablate or cap (operator
+        stages, as the step's shape); a loop keeps them once it has them."""
+        ops = ops_with(self.step_buf.shape.ops, plans)
+        if ops != self.step_buf.shape.ops:
+            self._resize(len(self.slots), self.step_buf.shape.length, ops)
+
+    def _resize(self, B: int, L: int, ops=None) -> None:
         """A step of B slots and L positions (a compiled source may give more slots), the
         busy slots (all among the first B) carried over: keys, values, positions, steering
         and draws. A step costs as many rows as it has, busy or not."""
         old = self.step_buf
-        new, self.run = self.steps(Shape(B, L, old.shape.rows), self.state)
+        ops = old.shape.ops if ops is None else ops
+        new, self.run = self.steps(Shape(B, L, old.shape.rows, ops), self.state)
         if new is old:  # a compiled source's kept step already holds these
             return
         B = new.shape.batch
@@ -132,7 +141,7 @@ class Slots:
         for name in ("tokens", "pos", "slot", "steer_on"):
             getattr(new, name)[:n] = getattr(old, name)[:n]
         for row, buf in new.steer.items():
-            buf[:n] = old.steer[row][:n]
+            copy_lines(buf, old.steer[row], n)
         self.step_buf = new
         self.slots = self.slots[:n] + [None] * (B - n)
         idle = torch.ones(B, 1, dtype=torch.bool, device=self.home)
@@ -182,7 +191,7 @@ class Slots:
                 mask[b, S - n[b] :] = torch.from_numpy(rule)
         self._load_prefixes(one, hits)
         saved = self.state.steer, self.state.steer_mask, self.state.on_row
-        self.state.steer = _vectors(self.model, [e.plan for e in entries])
+        self.state.steer = steer_state(self.model, [e.plan for e in entries])
         self.state.steer_mask, self.state.on_row = mask.to(self.home), None
         try:
             logits = one.forward(*(x.to(self.home) for x in (ids, pos, slots)))  # [k, vocab]
@@ -214,7 +223,7 @@ class Slots:
         batch = left_pad(seqs, self.pad_id)
         one = StaticStep(self.model, Shape(*batch.ids.shape, ()), self.dtype)
         saved = self.state.steer, self.state.steer_mask, self.state.on_row
-        self.state.steer, self.state.steer_mask = _vectors(self.model, plans), None
+        self.state.steer, self.state.steer_mask = steer_state(self.model, plans), None
         self.state.on_row = None
         if self.state.steer:
             mask = batch.steer_mask([p.positions if p else "all" for p in plans])
@@ -244,9 +253,7 @@ class Slots:
         s.key_pos[b] = -1
         s.key_pos[b, :T] = torch.arange(T, device=self.home)
         s.pos[b], s.slot[b] = T, T
-        by_row = e.plan.by_row() if e.plan is not None else {}
-        for row, buf in s.steer.items():
-            buf[b] = torch.from_numpy(by_row[row]).to(buf) if row in by_row else 0.0
+        set_line(s.steer, b, e.plan)
         s.steer_on[b] = e.plan is not None and e.plan.positions != "prompt"
         self.sampler.load(b, e, pre.logits.shape[-1])
         self.slots[b] = _Slot(e)
@@ -337,17 +344,3 @@ def _logprobs(raw: torch.Tensor, tokens: torch.Tensor, wants: list[int | None]):
         None if w is None else (chosen[j], list(zip(ids[j][:w], vals[j][:w])) if w else None)
         for j, w in enumerate(wants)
     ]
-
-
-def _vectors(model, plans) -> dict[int, torch.Tensor]:
-    """[k, hidden] float32 per row that any plan steers (zero where a plan does not), on
-    its block's device."""
-    devices = block_devices(model)
-    out: dict[int, torch.Tensor] = {}
-    for b, plan in enumerate(plans):
-        for row, vec in (plan.by_row() if plan else {}).items():
-            if row not in out:
-                d = devices[block_of_row(row, len(devices))]
-                out[row] = torch.zeros(len(plans), model.config.hidden_size, device=d)
-            out[row][b] = torch.from_numpy(vec)
-    return out

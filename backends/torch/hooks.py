@@ -18,10 +18,62 @@ RowCallback = Callable[[int, torch.Tensor], None]
 
 
 @dataclass
+class RowOps:
+    """One row's steering stages for a batch (backends/steer.py): per stage k, h + add[k],
+    then the projection p = h . unit[k] clamped to [lo[k], hi[k]]. A batch line whose stage
+    only adds has a zero unit and infinite bounds; B may be 1 (every line alike)."""
+
+    add: torch.Tensor  # [K, B, hidden] float32
+    unit: torch.Tensor  # [K, B, hidden] float32
+    lo: torch.Tensor  # [K, B, 1] float32
+    hi: torch.Tensor  # [K, B, 1] float32
+
+    @classmethod
+    def empty(cls, K: int, B: int, hidden: int, device) -> RowOps:
+        z = torch.zeros(K, B, hidden, device=device)
+        inf = torch.full((K, B, 1), float("inf"), device=device)
+        return cls(z, z.clone(), -inf, inf.clone())
+
+    def apply(self, h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        # h [B, t, hidden]; mask [B, t] or None. Adds in the model dtype (as `_add`); the
+        # clamp in float32, so a token already inside its bounds keeps its bits.
+        on = None if mask is None else mask.to(h.device).unsqueeze(-1)  # [B, t, 1]
+        for k in range(self.add.shape[0]):
+            h = _add(h, self.add[k], mask)
+            x, u = h.float(), self.unit[k][:, None]  # [B, t, hidden], [B, 1, hidden]
+            p = (x * u).sum(-1, keepdim=True)  # [B, t, 1]
+            shift = p.clamp(self.lo[k][:, None], self.hi[k][:, None]) - p
+            shift = shift if on is None else shift * on
+            h = (x + shift * u).to(h.dtype)
+        return h
+
+    def load(self, src, B: int) -> None:
+        """Copy steering for B lines in: None, a [hidden] or [B, hidden] sum of adds, or a
+        RowOps with at most as many stages; stages past the source's do nothing."""
+        self.add.zero_()
+        self.unit.zero_()
+        self.lo.fill_(-float("inf"))
+        self.hi.fill_(float("inf"))
+        if src is None:
+            return
+        if not isinstance(src, RowOps):
+            self.add[0, :B].copy_(src.to(self.add.device, torch.float32).expand(B, -1))
+            return
+        K = src.add.shape[0]
+        for mine, theirs in zip((self.add, self.unit, self.lo, self.hi), _fields(src)):
+            mine[:K, :B].copy_(theirs.to(mine.device).expand(K, B, -1))
+
+
+def _fields(ops: RowOps) -> tuple[torch.Tensor, ...]:
+    return ops.add, ops.unit, ops.lo, ops.hi
+
+
+@dataclass
 class TapState:
     """What the hooks need for the forward about to run; the decode loop updates it."""
 
-    steer: dict[int, torch.Tensor] = field(default_factory=dict)  # row -> [hidden] or [B, hidden]
+    # row -> [hidden] or [B, hidden] (a sum of adds), or RowOps (any operators)
+    steer: dict[int, torch.Tensor | RowOps] = field(default_factory=dict)
     steer_mask: torch.Tensor | None = None  # [B, t] bool, None = every position
     rows: frozenset[int] = frozenset()
     on_row: RowCallback | None = None
@@ -68,6 +120,10 @@ def _add(h: torch.Tensor, vec: torch.Tensor, mask: torch.Tensor | None) -> torch
     return h + mask.to(h.device).unsqueeze(-1).to(h.dtype) * vec
 
 
+def _steered(h: torch.Tensor, ops, mask: torch.Tensor | None) -> torch.Tensor:
+    return ops.apply(h, mask) if isinstance(ops, RowOps) else _add(h, ops, mask)
+
+
 @contextmanager
 def residual_taps(model, state: TapState):
     """Install steering and capture hooks for the duration of the block; always removed.
@@ -88,7 +144,7 @@ def residual_taps(model, state: TapState):
             h = output[0] if isinstance(output, tuple) else output
             row = i + 1  # block i writes row i + 1
             if row in state.steer:
-                h = _add(h, state.steer[row], state.steer_mask)
+                h = _steered(h, state.steer[row], state.steer_mask)
             if row < n:
                 emit(row, h)
             if isinstance(output, tuple):

@@ -1,7 +1,9 @@
 """Per-token projections of teacher-forced sequences, reduced inside the forward (torch).
 
 Each captured row [B, T, hidden] becomes [B, T, V + 1] (h . u for V unit directions, and |h|)
-on the device, so no [T, hidden] copy ever reaches the host."""
+on the device, so no [T, hidden] copy ever reaches the host. A batch longer than CHUNK tokens
+goes through the model a chunk at a time into a KV cache, so attention holds [chunk, T] scores
+(and masks), not [T, T]: a long transcript is traced in bounded memory."""
 
 from __future__ import annotations
 
@@ -10,8 +12,10 @@ import torch
 
 from pertoken.backends.base import Steer, check_projection_inputs
 from pertoken.backends.plan import plan_batches
-from pertoken.backends.torch.batch import batch_tensors, steer_tensor
+from pertoken.backends.torch.batch import batch_tensors, cache_kwarg, make_cache, steer_tensor
 from pertoken.backends.torch.hooks import residual_taps
+
+CHUNK = 512  # input tokens per forward (as MLX's prefill)
 
 
 @torch.inference_mode()
@@ -34,16 +38,31 @@ def token_projections(
     out: list[np.ndarray] = [np.zeros(0)] * len(ids)
     pad = backend.pad_id
     for batch in plan_batches(ids, pad, prompt_lens=prompt_lens, batch_size=batch_size):
-        tokens, attn, pos = batch_tensors(batch, backend.device)  # [B, T] each
-        if steer is not None:
-            state.steer_mask = steer_tensor(batch, steer.positions, backend.device)
-        reducer = _Reducer(units, list(rows))
-        state.on_row = reducer.on_row
+        on = None if steer is None else steer_tensor(batch, steer.positions, backend.device)
         with residual_taps(backend.model, state):
-            base(input_ids=tokens, attention_mask=attn, position_ids=pos, use_cache=False)
-        for i, got in zip(batch.index, batch.unpadded(reducer.result())):  # [T, R, V + 1]
+            res = _batch(backend, base, state, units, list(rows), batch, on)  # [B, T, R, V + 1]
+        for i, got in zip(batch.index, batch.unpadded(res)):
             out[i] = got.copy()
     return out
+
+
+def _batch(backend, base, state, units, rows, batch, on) -> np.ndarray:
+    """[B, T, R, V + 1] of one padded batch, CHUNK tokens per forward; `on` [B, T] is where
+    steering acts."""
+    tokens, attn, pos = batch_tensors(batch, backend.device)  # [B, T] each
+    T = tokens.shape[1]
+    # one forward when it fits in a chunk; else a KV cache carries the chunks before
+    cached = {cache_kwarg(base): make_cache(backend.model)} if T > CHUNK else {}
+    parts = []
+    for s in range(0, T, CHUNK):
+        e = min(s + CHUNK, T)
+        state.steer_mask = None if on is None else on[:, s:e]
+        reducer = _Reducer(units, rows)
+        state.on_row = reducer.on_row
+        base(input_ids=tokens[:, s:e], attention_mask=attn[:, :e], position_ids=pos[:, s:e],
+             use_cache=bool(cached), **cached)  # fmt: skip
+        parts.append(reducer.stacked())  # [B, e - s, R, V + 1]
+    return torch.cat(parts, dim=1).cpu().numpy()
 
 
 class _Reducer:
@@ -60,6 +79,5 @@ class _Reducer:
                 proj = h @ self.units[:, k].T  # [B, T, V]
                 self.got[k] = torch.cat([proj, h.norm(dim=-1, keepdim=True)], dim=-1)
 
-    def result(self) -> np.ndarray:
-        stacked = torch.stack([self.got[k] for k in range(len(self.rows))], dim=2)
-        return stacked.cpu().numpy()  # [B, T, R, V + 1]
+    def stacked(self) -> torch.Tensor:
+        return torch.stack([self.got[k] for k in range(len(self.rows))], dim=2)  # [B, T, R, V+1]

@@ -35,13 +35,21 @@
       const row = Lab.el("select", "row");
       for (let L = 1; L <= p.n_layers; L++) row.append(new Option("layer " + L, L));
       row.value = String(p.layers[0] || Math.max(1, Math.floor(p.n_layers / 2)));
+      // the operator: add coef * v, project v out, or cap the projection at the value
+      const op = Lab.el("select", "op");
+      for (const [v, label] of [["add", "add"], ["ablate", "ablate"], ["cap", "cap \u2264"]]) op.append(new Option(label, v));
+      // The slider moves the value; the number box holds it exactly (any value).
       const coef = Lab.el("input", "coef");
-      Object.assign(coef, { type: "range", value: "0" });
-      const out = Lab.el("output", null, "0");
-      coef.addEventListener("input", () => { out.textContent = Number(coef.value).toFixed(2); });
-      div.append(Lab.el("div", "name", name), row, coef, out);
+      Object.assign(coef, { type: "range", value: "0", id: "coef-" + k });
+      const exact = Lab.el("input", "exact");
+      Object.assign(exact, { type: "number", value: "0", step: "any", id: "exact-" + k });
+      exact.setAttribute("aria-label", name + " coefficient");
+      coef.addEventListener("input", () => { exact.value = String(Number(coef.value)); });
+      exact.addEventListener("input", () => { if (exact.value !== "") coef.value = exact.value; });
+      op.addEventListener("change", () => { coef.disabled = exact.disabled = op.value === "ablate"; });
+      op.id = "op-" + k;
+      div.append(Lab.el("div", "name", name), row, op, coef, exact);
       box.append(div);
-      coef.id = "coef-" + k;
     });
     setRange();
   }
@@ -53,9 +61,14 @@
   }
   function steerTerms() {
     return [...document.querySelectorAll("#sliders .vec")]
-      .map(d => ({ vector: d.dataset.vector, layer: Number(d.querySelector(".row").value),
-                   coef: Number(d.querySelector(".coef").value) }))
-      .filter(t => t.coef !== 0);
+      .map(d => steerTerm(d.dataset.vector, Number(d.querySelector(".row").value),
+                          d.querySelector(".op").value, Number(d.querySelector(".exact").value)))
+      .filter(t => t.op === "ablate" || (Number.isFinite(t.coef ?? t.hi) && (t.op !== "add" || t.coef !== 0)));
+  }
+  function steerTerm(vector, layer, op, value) {
+    if (op === "ablate") return { vector, layer, op };
+    if (op === "cap") return { vector, layer, op, hi: value };
+    return { vector, layer, op: "add", coef: value };
   }
   function buildColour(p) {
     $("colour-vector").replaceChildren(...p.vectors.map((n, k) => new Option(n, k)));
@@ -168,7 +181,12 @@
       box.append(wrap);
     });
   }
-  function describe(steer) { return steer.map(s => s.vector + "@" + s.layer + " " + (s.coef >= 0 ? "+" : "") + s.coef.toFixed(2)).join(", "); }
+  function describe(steer) { return steer.map(s => s.vector + "@" + s.layer + " " + describeOp(s)).join(", "); }
+  function describeOp(s) {
+    if (s.op === "ablate") return "ablated";
+    if (s.op === "cap") return "cap \u2264 " + s.hi.toFixed(2);
+    return (s.coef >= 0 ? "+" : "") + s.coef;
+  }
   function actionButtons(list) {
     const span = Lab.el("span", "actions");
     for (const [label, fn] of list) {
@@ -199,6 +217,7 @@
   function setBusy(on) {
     S.busy = on;
     $("send").disabled = on;
+    $("busy").hidden = !on;
     document.body.dataset.busy = on ? "1" : "0";
   }
 
@@ -215,13 +234,17 @@
       t.textContent = label;
       chart.append(t);
     }
-    const colours = ["#d6302a", "#777777", "#1b6ac9"];
+    const colours = ["#d6302a", "#777777", "#1b6ac9"], key = $("chart-key");
+    key.replaceChildren();
     replies.forEach((r, ri) => {
       const pts = r.proj.map((p, i) => p ? x(i).toFixed(1) + "," + y(value(p)).toFixed(1) : null).filter(Boolean);
       chart.append(Lab.svg("polyline", { points: pts.join(" "), fill: "none", stroke: colours[ri % 3], "stroke-width": 1.5 }));
-      const t = Lab.svg("text", { x: pad + 4 + 90 * ri, y: 12, fill: colours[ri % 3] });
-      t.textContent = r.label;
-      chart.append(t);
+      // The key: a swatch of each line's colour and what the line is.
+      const item = Lab.el("span", "key");
+      const swatch = Lab.el("span", "swatch");
+      swatch.style.background = colours[ri % 3];
+      item.append(swatch, Lab.el("span", null, r.label + (r.steer.length ? " (" + describe(r.steer) + ")" : "")));
+      key.append(item);
     });
     chart.onmousemove = ev => {
       const box = chart.getBoundingClientRect(), fx = (ev.clientX - box.left) / box.width * W;

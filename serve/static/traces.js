@@ -15,9 +15,14 @@
   async function loadStores() {
     try {
       const { stores } = await Lab.getJSON("/api/traces");
-      $("store").replaceChildren(...stores.map(s => new Option(s.name + " (" + s.items + " items)", s.name)));
-      if (stores.length) await loadItems(stores[0].name);
+      $("store").replaceChildren(...stores.map(s => new Option(storeLabel(s), s.name)));
+      const first = stores.find(s => !s.damaged);
+      if (first) { $("store").value = first.name; await loadItems(first.name); }
     } catch (e) { Lab.say(e.message, true); }
+  }
+  // A damaged store says so; one traced with another model names that model.
+  function storeLabel(s) {
+    return s.name + (s.damaged ? " (damaged)" : " (" + s.items + " items)") + (s.model ? " · traced with " + s.model : "");
   }
 
   async function loadItems(name) {
@@ -81,6 +86,7 @@
     $("item-title").textContent = T.store + " · item " + T.item;
     box.replaceChildren();
     (f.token || []).forEach((piece, i) => {
+      if (f.turn && i > 0 && f.turn[i] !== f.turn[i - 1]) box.append(turnBreak(f, i));
       const span = Lab.el("span", "tok seg-" + (f.segment ? f.segment[i] : "answer"), piece);
       span.dataset.index = String(i);
       Lab.paint(span, values[i], scale);
@@ -89,6 +95,13 @@
       box.append(span);
     });
     Lab.legend(scale);
+  }
+
+  // A line between turns, naming the turn that starts.
+  function turnBreak(f, i) {
+    const sep = Lab.el("span", "turn-sep", "turn " + f.turn[i] + (f.role ? " · " + f.role[i] : ""));
+    sep.setAttribute("role", "separator");
+    return sep;
   }
 
   function tip(ev, i, col) {
@@ -100,7 +113,7 @@
 
   $("tab-chat").addEventListener("click", () => show(false));
   $("tab-traces").addEventListener("click", () => show(true));
-  $("store").addEventListener("change", () => loadItems($("store").value));
+  $("store").addEventListener("change", () => loadItems($("store").value).then(() => Lab.say(""), e => Lab.say(e.message, true)));
   $("sort").addEventListener("change", renderItems);
   $("value").addEventListener("change", () => { if (T.tokens) renderTokens(); });
 })();

@@ -17,13 +17,38 @@ Observer = Callable[[int, mx.array], None]
 
 
 @dataclass
+class RowOps:
+    """One row's steering stages (backends/steer.py): per stage k, h + add[k], then the
+    projection p = h . unit[k] clamped to [lo[k], hi[k]]. A batch line whose stage only adds
+    has a zero unit and infinite bounds; B may be 1 (every line alike)."""
+
+    add: mx.array  # [K, B, 1, hidden] model dtype
+    unit: mx.array  # [K, B, 1, hidden] float32
+    lo: mx.array  # [K, B, 1, 1] float32
+    hi: mx.array  # [K, B, 1, 1] float32
+
+    def apply(self, h: mx.array, on: mx.array | None) -> mx.array:
+        # h [B, L, hidden]; on [B, L, 1] or None. Adds in the model dtype (as a plain add);
+        # the clamp in float32, so a token already inside its bounds keeps its bits.
+        for k in range(self.add.shape[0]):
+            h = h + self.add[k] if on is None else h + on * self.add[k]
+            x, u = h.astype(mx.float32), self.unit[k]
+            p = (x * u).sum(-1, keepdims=True)  # [B, L, 1]
+            shift = mx.clip(p, self.lo[k], self.hi[k]) - p
+            shift = shift if on is None else shift * on.astype(mx.float32)
+            h = (x + shift * u).astype(h.dtype)
+        return h
+
+
+@dataclass
 class Pass:
     """Everything one forward pass needs beyond the token ids."""
 
     offset: mx.array | int = 0  # [B] rope position of each row's first input token
     mask: mx.array | str | None = None  # [B, 1, L, S] bool: keys each query may see, or "causal"
     window_mask: mx.array | None = None  # the same for sliding-window layers
-    steer: dict[int, mx.array] = field(default_factory=dict)  # row -> [hidden], model dtype
+    # row -> [hidden] or [B, 1, hidden] model dtype (a sum of adds), or RowOps
+    steer: dict[int, mx.array | RowOps] = field(default_factory=dict)
     steer_on: mx.array | None = None  # [B, L, 1] model dtype: 1 where steering acts
     observe: Observer | None = None
     head: str = "all"  # "all" logits, "last" the last position only, "none" no logits
@@ -35,6 +60,8 @@ class Pass:
         vec = self.steer.get(row)
         if vec is None:
             return h
+        if isinstance(vec, RowOps):
+            return vec.apply(h, self.steer_on)
         return h + vec if self.steer_on is None else h + self.steer_on * vec
 
     def see(self, row: int, h: mx.array) -> None:
