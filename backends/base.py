@@ -6,7 +6,7 @@ torch and mlx tensors never cross this boundary; each backend converts at its ed
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple, Protocol
 
 import numpy as np
@@ -31,23 +31,47 @@ def row_uniforms(seeds: list[int], n_steps: int) -> np.ndarray:
     return np.stack([np.random.default_rng(int(s)).random(n_steps) for s in seeds])
 
 
+GREEDY_BELOW = 1e-4  # a temperature this small samples the argmax (and 1/t cannot overflow)
+
+
 @dataclass(frozen=True)
 class Sampling:
-    """How each next token is chosen, in transformers' order: repetition penalty, then
-    temperature, top-k and top-p. The first answer token is never a stop token."""
+    """How each next token is chosen, in transformers' order: logit bias, repetition penalty,
+    then temperature, top-k and top-p. The first answer token is never a stop token.
 
-    temperature: float = 1.0  # 0 is greedy
+    sampler: `plain` uses these fields as given; `model` takes top_k, top_p, the repetition
+    penalty (and, when `temperature` is None, the temperature) from the checkpoint's
+    generation_config, as transformers' `generate` does. seed: the call's seed (prompt i
+    samples from prompt_seeds(seed)[i]); logit_bias: token id -> added logit (OpenAI's
+    parameter, -100 bans a token); stop: strings that end an answer (cut before them)."""
+
+    temperature: float | None = 1.0  # 0 is greedy
     top_p: float = 1.0  # 1 keeps every token
     top_k: int = 0  # 0 keeps every token
     repetition_penalty: float = 1.0  # > 1 discourages prompt and answer tokens already seen
+    sampler: str = "plain"
+    seed: int = 0
+    logit_bias: dict[int, float] | None = None
+    stop: tuple[str, ...] = ()
 
+    @property
+    def greedy(self) -> bool:
+        return self.temperature is None or self.temperature < GREEDY_BELOW
 
-GREEDY_BELOW = 1e-30  # logits / t would overflow float32 below this: such a t is greedy
+    @property
+    def mode(self) -> str:
+        """`greedy` or `sample`: which rows of a batch draw."""
+        return "greedy" if self.greedy else "sample"
 
+    def for_model(self, generation_config: dict) -> Sampling:
+        """This Sampling with the `model` sampler resolved against a generation_config."""
+        if self.sampler == "plain":
+            return self if self.temperature is not None else replace(self, temperature=1.0)
+        from pertoken.pipeline.sampling import sampling_options  # numpy-only
 
-def is_greedy(temperature: float) -> bool:
-    """Temperature 0, or one so small that dividing logits by it is not finite."""
-    return temperature < GREEDY_BELOW
+        holder = type("Config", (), {"generation_config": generation_config})
+        opts = sampling_options(holder, "model", self.temperature)
+        return replace(self, sampler="plain", **opts)
 
 
 def check_projection_inputs(
@@ -200,26 +224,17 @@ class Backend(Protocol):
         prompts: list[str],
         *,
         max_new_tokens: int = 1000,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        repetition_penalty: float = 1.0,
-        seed: int = 0,
+        sampling: Sampling | None = None,
         steer: RowSteers = None,
+        stream: Streaming | None = None,
+        on_answer: AnswerCallback | None = None,
         batch_size: int | None = None,
         seeds: list[int] | None = None,
-        stream: Streaming | None = None,
-        schedule: str = "continuous",
-        on_answer: AnswerCallback | None = None,
+        **shorthand,
     ) -> list[str]:
-        """Answers to chat-templated prompts (temperature 0 is greedy; see Sampling).
-
-        steer: one Steer for every prompt, or a list with one Steer or None per prompt (each
-        row of a batch carries its own terms and positions); seeds: one per prompt, each prompt
-        then samples from its own stream (row_uniforms), whatever else is in its batch (without
-        them, prompt i's seed is prompt_seeds(seed)[i]); stream: per-token reports; schedule:
-        "continuous" (slots refilled as answers end) or "static" (length-sorted batches);
-        on_answer: called with each answer as it ends, in the order they end."""
+        """Answers to chat-templated prompts, decoded in `batch_size` refilled slots (see
+        backends/generation.py; temperature, top_p, top_k, repetition_penalty and seed may be
+        given as keywords instead of a Sampling)."""
         ...
 
     def summaries(

@@ -23,10 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pertoken.backends.base import Sampling, Steer
-from pertoken.backends.plan import encode_texts, left_pad
+from pertoken.backends.base import Sampling, Steer, Streaming
 from pertoken.backends.torch import TorchBackend
-from pertoken.backends.torch.hooks import residual_taps
 
 LLAMA_8B = dict(
     model_type="llama",
@@ -150,16 +148,12 @@ def compiled_backend(b: TorchBackend) -> TorchBackend:
 
 def compiled_generate(c: TorchBackend, prompts: list[str], new: int, steer, rows) -> None:
     """Sampled generation through the compiled step, steered, with the states of `rows` at
-    every answer token kept on the device (what a per-token monitor reads)."""
-    state = c._tap_state(steer)
+    every answer token reported (what a per-token monitor reads)."""
     kept = []
-    state.rows, state.on_row = frozenset(rows), lambda row, h: kept.append(h.clone())
-    opts = c._options(new, Sampling(temperature=1.0), steer)
-    gen = torch.Generator(device=c.device).manual_seed(0)
-    batch = left_pad(encode_texts(c.encode, prompts), c.pad_id)
-    with torch.inference_mode(), residual_taps(c.model, state):
-        c.compiled.decode(batch, state, opts, gen)
-    assert len(kept) == len(rows) * (new - 1)
+    stream = Streaming(kept.append, rows=list(rows))
+    c.generate(prompts, max_new_tokens=new, sampling=Sampling(1.0), steer=steer, stream=stream,
+               batch_size=len(prompts))  # fmt: skip
+    assert all(s.hidden is not None for s in kept)
 
 
 def one_at_a_time(b: TorchBackend, texts: list[str]):

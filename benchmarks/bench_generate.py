@@ -172,7 +172,7 @@ class Setup:
     cache: dict  # loaded models, by method
 
 
-def pertoken_torch(setup: Setup, w: Workload, compile=False, schedule="static") -> int:
+def pertoken_torch(setup: Setup, w: Workload, compile=False) -> int:
     from pertoken.backends.torch import TorchBackend
 
     key = f"torch-{compile}"
@@ -183,7 +183,7 @@ def pertoken_torch(setup: Setup, w: Workload, compile=False, schedule="static") 
     b = setup.cache[key]
     answers = b.generate(
         w.texts, max_new_tokens=w.max_new_tokens, temperature=1.0, seed=w.seed,
-        batch_size=w.batch_size, schedule=schedule,
+        batch_size=w.batch_size,
     )  # fmt: skip
     return sum(len(b.encode(a)) for a in answers)
 
@@ -192,11 +192,7 @@ def pertoken_torch_compiled(setup: Setup, w: Workload) -> int:
     return pertoken_torch(setup, w, compile=True)
 
 
-def pertoken_torch_continuous(setup: Setup, w: Workload) -> int:
-    return pertoken_torch(setup, w, schedule="continuous")
-
-
-def pertoken_mlx(setup: Setup, w: Workload, schedule="static") -> int:
+def pertoken_mlx(setup: Setup, w: Workload) -> int:
     from pertoken.backends.mlx import MLXBackend
 
     if "mlx" not in setup.cache:
@@ -206,13 +202,9 @@ def pertoken_mlx(setup: Setup, w: Workload, schedule="static") -> int:
     b = setup.cache["mlx"]
     answers = b.generate(
         w.texts, max_new_tokens=w.max_new_tokens, temperature=1.0, seed=w.seed,
-        batch_size=w.batch_size, schedule=schedule,
+        batch_size=w.batch_size,
     )  # fmt: skip
     return sum(len(b.encode(a)) for a in answers)
-
-
-def pertoken_mlx_continuous(setup: Setup, w: Workload) -> int:
-    return pertoken_mlx(setup, w, schedule="continuous")
 
 
 def mlx_lm_batch_generate(setup: Setup, w: Workload) -> int:
@@ -242,20 +234,17 @@ Method = Callable[[Setup, Workload], int]
 # backend -> (method name, function); the first of each backend is the baseline of its ratios
 METHODS: dict[str, list[tuple[str, Method]]] = {
     "torch": [
-        ("pertoken static batches", pertoken_torch),
-        ("pertoken static batches, compiled step", pertoken_torch_compiled),
-        ("pertoken continuous", pertoken_torch_continuous),
+        ("pertoken continuous", pertoken_torch),
+        ("pertoken continuous, compiled step", pertoken_torch_compiled),
     ],
     "mlx": [
-        ("pertoken static batches", pertoken_mlx),
         ("mlx-lm batch_generate", mlx_lm_batch_generate),
-        ("pertoken continuous", pertoken_mlx_continuous),
+        ("pertoken continuous", pertoken_mlx),
     ],
 }
 # (backend, method, reference): ratios printed under the table, from the same run
 COMPARE = [
-    ("torch", "pertoken continuous", "pertoken static batches"),
-    ("mlx", "pertoken continuous", "pertoken static batches"),
+    ("torch", "pertoken continuous, compiled step", "pertoken continuous"),
     ("mlx", "pertoken continuous", "mlx-lm batch_generate"),
 ]
 

@@ -21,10 +21,8 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from pertoken.backends.base import Sampling, Steer
+from pertoken.backends.base import Sampling, Steer, Streaming
 from pertoken.backends.mlx import MLXBackend
-from pertoken.backends.mlx.batch import SteerPlan
-from pertoken.backends.mlx.decode import decode
 from pertoken.backends.mlx.load import DTYPES
 from pertoken.backends.plan import left_pad
 
@@ -79,18 +77,16 @@ def prompt_ids(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]
 
 def pertoken_generate(b: MLXBackend, seqs, new: int, steer: Steer, rows: list[int]) -> int:
     """Steered generation with capture at `rows`; returns the number of answer tokens."""
-    plan = SteerPlan.of(steer, DTYPES[b.dtype])
-    answers = decode(
-        b.model,
-        left_pad(seqs, b.pad_id),
-        max_new_tokens=new,
-        sampling=Sampling(0.0),
-        stop=set(),  # random weights: always run to length
-        steer=plan,
-        rows=rows,
-    )
-    assert all(len(a.hidden) == len(a.ids) for a in answers)
-    return sum(len(a.ids) for a in answers)
+    kept = []
+    stream = Streaming(kept.append, rows=rows)
+    stop, b.stop = b.stop, set()  # random weights: always run to length
+    try:
+        b.generate([b.decode(s) for s in seqs], max_new_tokens=new, sampling=Sampling(0.0),
+                   steer=steer, stream=stream, batch_size=len(seqs))  # fmt: skip
+    finally:
+        b.stop = stop
+    assert all(s.hidden is not None for s in kept)
+    return len(kept)
 
 
 def mlx_lm_generate(model, tokenizer, seqs, new: int) -> int:

@@ -1,17 +1,25 @@
-"""`pertoken serve` under load against the backend's own batched `generate`, in one run.
+"""`pertoken serve` under arriving requests against other OpenAI-compatible servers, in one run.
 
-    python benchmarks/bench_serve.py                         # random Llama 512x8 on the CPU
-    python benchmarks/bench_serve.py --model M --backend mlx # a real chat model (a Mac, a GPU)
+    python benchmarks/bench_serve.py                                  # random Llama, torch
+    python benchmarks/bench_serve.py --model DIR --backend mlx        # a real chat model
+    python benchmarks/bench_serve.py --before a4b16a2                 # + the server of a commit
 
-C clients (1, 4, 16) each send --requests chat completions one after another to a `pertoken
-serve` subprocess (greedy, --new-tokens each, every other client steered by a vector), as JSON
-and as SSE streams with per-token projections. The baseline is `generate` on the same prompts
-with the same per-row steering, C rows per batch. Prints aggregate tokens/s and the ratio.
+Contenders, each a server subprocess started once and kept up, all on the same model and the
+same prompts (a shared system prompt, then a question of its own): `pertoken` (this tree: the
+running slot loop with its prefix cache), `pertoken@REV` (the package as it was at commit REV,
+for the batch-window server before the slot loop), `mlx_lm.server` (--backend mlx) and
+`transformers serve --continuous-batching` (--backend torch) where they start here.
+
+Workloads: 1 client and 16 clients each sending --requests streamed requests one after another,
+and --poisson requests arriving at --rate per second (Poisson arrivals, open loop). For each,
+contenders interleaved rep by rep: aggregate completion tokens/s (first send to last token) and
+time to first token p50/p95. Greedy, --new-tokens each; torch servers pinned to --threads.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import socket
@@ -21,16 +29,16 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import numpy as np
 
-from pertoken.backends import Steer, load_backend
-from pertoken.backends.base import Streaming
-from pertoken.vectors import PersonaVector, save_vector
-
-# Turns joined by spaces: every word of a chat stays a token of the word-level vocabulary.
+SYSTEM = (
+    "You are a helpful assistant. Answer the question in a few plain sentences, without lists, "
+    "and say so when you do not know. Keep a friendly and calm tone throughout the answer."
+)
 TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
 
 
@@ -61,162 +69,217 @@ def random_chat_llama(hidden: int, layers: int, folder: Path, vocab: int = 1024)
     return folder
 
 
-def questions(n: int, length: int, seed: int = 0) -> list[str]:
+def questions(n: int, random_words: bool, seed: int = 0) -> list[str]:
     rng = np.random.default_rng(seed)
-    return [" ".join(f"t{i}" for i in rng.integers(2, 1000, length)) for _ in range(n)]
+    if random_words:
+        return [" ".join(f"t{i}" for i in rng.integers(2, 1000, 16)) for _ in range(n)]
+    topics = ["rain", "bread", "magnets", "tides", "bees", "volcanoes", "clocks", "glass",
+              "maps", "salt", "ice", "sleep", "rivers", "coffee", "stars", "paper"]  # fmt: skip
+    asks = ["How does {} work?", "Why do people care about {}?", "What is a surprising fact "
+            "about {}?", "Explain {} to a child."]  # fmt: skip
+    return [
+        asks[rng.integers(len(asks))].format(topics[rng.integers(len(topics))]) for _ in range(n)
+    ]
 
 
-def baseline(backend, chats: list[str], steers: list, new: int, clients: int) -> float:
-    """Seconds of `generate` over every prompt, `clients` rows a batch."""
-    t0 = time.perf_counter()
-    backend.generate(chats, max_new_tokens=new, temperature=0, steer=steers, batch_size=clients)
-    return time.perf_counter() - t0
+# ---------------------------------------------------------------------- servers
+@dataclass
+class Server:
+    name: str
+    cmd: list[str]
+    env: dict = field(default_factory=dict)
+    proc: subprocess.Popen | None = None
+    url: str = ""
+    model: str = ""  # the name its API answers to
+
+    def start(self, timeout: float = 600) -> bool:
+        port = _free_port()
+        cmd = [c.replace("{port}", str(port)) for c in self.cmd]
+        log = open(Path(tempfile.gettempdir()) / f"bench_serve_{port}.log", "w")  # noqa: SIM115
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=os.environ | self.env)
+        self.url = f"http://127.0.0.1:{port}"
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            try:
+                if self.model:  # named up front: any answer means it is up
+                    httpx.get(self.url + "/health", timeout=5)
+                    return True
+                data = httpx.get(self.url + "/v1/models", timeout=5).json()["data"]
+                self.model = data[0]["id"] if data else ""
+                return True
+            except (httpx.TransportError, ValueError, KeyError):
+                if self.proc.poll() is not None:
+                    print(f"  ({self.name} did not start: see {log.name})")
+                    return False
+                time.sleep(1)
+        self.stop()
+        return False
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
 
 
-def answer_tokens(backend, chats: list[str], steers: list, new: int) -> int:
-    """How many tokens `generate` writes for these prompts (greedy: the same every run)."""
-    steps = []
-    backend.generate(chats, max_new_tokens=new, temperature=0, steer=steers,
-                     stream=Streaming(steps.append))  # fmt: skip
-    return len(steps)
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
-def load(http: list[httpx.Client], model: str, qs, new: int, *, stream: bool) -> tuple[float, int]:
-    """Seconds and completion tokens for every client sending its questions in turn, each on
-    its own open connection, all starting together."""
-    tokens = [0] * len(qs)
+def before_tree(rev: str) -> Path:
+    """The package as it was at commit `rev`, unpacked into a folder to put on PYTHONPATH."""
+    here = Path(__file__).resolve().parent.parent
+    out = Path(tempfile.mkdtemp()) / "src"
+    (out / "pertoken").mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(here), "archive", rev], capture_output=True,
+                             check=True).stdout  # fmt: skip
+    subprocess.run(["tar", "-x", "-C", str(out / "pertoken")], input=archive, check=True)
+    return out
+
+
+def servers(args, model: str) -> list[Server]:
+    threads = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    here = str(Path(__file__).resolve().parent.parent.parent)
+    pertoken = [sys.executable, "-c", "from pertoken.cli import main; main()", "serve",
+                "--model", model, "--backend", args.backend, "--port", "{port}",
+                "--max-batch", "32", "--max-tokens", str(args.new_tokens)]  # fmt: skip
+    out = [Server("pertoken", pertoken, threads | {"PYTHONPATH": here})]
+    if args.before:
+        src = str(before_tree(args.before))
+        out.append(Server(f"pertoken@{args.before}", pertoken + ["--batch-window", "20"],
+                          threads | {"PYTHONPATH": src}))  # fmt: skip
+    if args.backend == "mlx" and not args.no_others:
+        cmd = [sys.executable, "-m", "mlx_lm.server", "--model", model, "--port", "{port}"]
+        out.append(Server("mlx_lm.server", cmd, {}, model=model))
+    if args.backend == "torch" and not args.no_others:
+        cmd = [str(Path(sys.executable).parent / "transformers"), "serve", "--port", "{port}",
+               "--continuous-batching", "--dtype", "float32", model]  # fmt: skip
+        out.append(Server("transformers serve --continuous-batching", cmd, threads, model=model))
+    return out
+
+
+# ---------------------------------------------------------------------- load
+@dataclass
+class Result:
+    tokens: int
+    seconds: float
+    ttft: list[float]
+
+
+def one(http: httpx.Client, server: Server, q: str, new: int) -> tuple[int, float | None]:
+    """A streamed request: (completion tokens, seconds to its first content)."""
+    chat = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}]
+    body = {"model": server.model, "max_tokens": new, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}, "messages": chat}  # fmt: skip
+    t0, first, chunks, used = time.perf_counter(), None, 0, None
+    with http.stream("POST", server.url + "/v1/chat/completions", json=body) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            event = json.loads(line[6:])
+            if event.get("usage"):
+                used = event["usage"].get("completion_tokens")
+            for c in event.get("choices") or []:
+                if (c.get("delta") or {}).get("content"):
+                    first = first or time.perf_counter() - t0
+                    chunks += 1
+    return (used if used is not None else chunks), first
+
+
+def clients(server: Server, qs: list[list[str]], new: int) -> Result:
+    """len(qs) clients, each sending its questions one after another."""
+    got: list[tuple[int, float | None]] = []
     start = threading.Barrier(len(qs) + 1)
 
-    def client(c: int) -> None:
-        start.wait()
-        for q in qs[c]:
-            tokens[c] += _one(http[c], _body(model, q, new, c, stream))
+    def run(mine: list[str]) -> None:
+        with httpx.Client(timeout=900) as http:
+            start.wait()
+            for q in mine:
+                got.append(one(http, server, q, new))
 
-    threads = [threading.Thread(target=client, args=(c,)) for c in range(len(qs))]
+    threads = [threading.Thread(target=run, args=(m,)) for m in qs]
     [t.start() for t in threads]
     start.wait()
     t0 = time.perf_counter()
     [t.join() for t in threads]
-    return time.perf_counter() - t0, sum(tokens)
+    return Result(sum(n for n, _ in got), time.perf_counter() - t0, [f for _, f in got if f])
 
 
-def _body(model: str, q: str, new: int, c: int, stream: bool) -> dict:
-    body = {"model": model, "messages": [{"role": "user", "content": q}], "max_tokens": new,
-            "temperature": 0, "stream": stream, "steer": STEER if c % 2 else []}  # fmt: skip
-    if stream:
-        body |= {"monitor": True, "stream_options": {"include_usage": True}}
-    return body
+def poisson(server: Server, qs: list[str], rate: float, new: int, seed: int) -> Result:
+    """Requests sent at Poisson arrival times (rate per second), each on its own connection."""
+    gaps = np.random.default_rng(seed).exponential(1 / rate, len(qs))
+    got: list[tuple[int, float | None]] = []
 
+    def run(q: str) -> None:
+        with httpx.Client(timeout=900) as http:
+            got.append(one(http, server, q, new))
 
-def _one(http: httpx.Client, body: dict) -> int:
-    if not body["stream"]:
-        r = http.post("/v1/chat/completions", json=body)
-        r.raise_for_status()
-        return r.json()["usage"]["completion_tokens"]
-    import json
-
-    used = 0
-    with http.stream("POST", "/v1/chat/completions", json=body) as r:
-        r.raise_for_status()
-        for line in r.iter_lines():
-            if line.startswith("data: {"):
-                usage = json.loads(line[6:]).get("usage")
-                used = usage["completion_tokens"] if usage else used
-    return used
-
-
-STEER = [{"vector": "v", "layer": 2, "coef": 4.0}]
-
-
-def start_server(args, model: str, vector: Path) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-c", "from pertoken.cli import main; main()", "serve", "--model", model,
-           "--backend", args.backend, "--port", str(port), "--vector", f"v={vector}",
-           "--layers", "2", "--max-batch", "32", "--max-tokens", str(args.new_tokens),
-           "--batch-window", str(args.batch_window)]  # fmt: skip
-    env = os.environ | ({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    url = f"http://127.0.0.1:{port}"
-    while True:
-        try:
-            httpx.get(url + "/v1/models").raise_for_status()
-            return proc, url
-        except httpx.TransportError:
-            if proc.poll() is not None:
-                raise SystemExit(proc.stderr.read().decode()) from None
-            time.sleep(0.5)
+    t0, threads = time.perf_counter(), []
+    for q, gap in zip(qs, gaps):
+        time.sleep(gap)
+        threads.append(threading.Thread(target=run, args=(q,)))
+        threads[-1].start()
+    [t.join() for t in threads]
+    return Result(sum(n for n, _ in got), time.perf_counter() - t0, [f for _, f in got if f])
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=None, help="a chat model folder or hub id")
-    ap.add_argument("--random", default="512x8", help="random Llama HIDDENxLAYERS (no --model)")
+    ap.add_argument("--model", default=None, help="a chat model folder")
+    ap.add_argument("--random", default="256x4", help="random Llama HIDDENxLAYERS (no --model)")
     ap.add_argument("--backend", default="torch", choices=["torch", "mlx"])
-    ap.add_argument("--clients", default="1,4,16")
-    ap.add_argument("--requests", type=int, default=4, help="requests per client")
-    ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--prompt-len", type=int, default=32)
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--batch-window", type=float, default=20.0, help="the server's, in ms")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (both sides)")
+    ap.add_argument("--before", default=None, help="also serve the package of this commit")
+    ap.add_argument("--no-others", action="store_true", help="only pertoken servers")
+    ap.add_argument("--requests", type=int, default=2, help="requests per client")
+    ap.add_argument("--poisson", type=int, default=24, help="requests of the Poisson workload")
+    ap.add_argument("--rate", type=float, default=2.0, help="Poisson arrivals per second")
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of each server")
     args = ap.parse_args()
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    tmp = Path(tempfile.mkdtemp())
-    model = args.model or str(random_chat_llama(*map(int, args.random.split("x")), tmp / "m"))
-    bk = load_backend(model, args.backend)
-    vec = np.random.default_rng(0).standard_normal((bk.n_layers + 1, bk.hidden_size))
-    vector = save_vector(PersonaVector(vec.astype(np.float32)), tmp / "v.pt")
-    steer = Steer.single(2, vec[2].astype(np.float32), 4.0, "response")
-    proc, url = start_server(args, model, vector)
-    name = httpx.get(url + "/v1/models").json()["data"][0]["id"]
-    print(f"{bk.model_id} ({bk.name}, {bk.dtype}, {bk.device}), {args.new_tokens} new tokens, "
-          f"{args.requests} requests per client, median of {args.reps}")  # fmt: skip
-    head = (
-        "| clients | generate tok/s | serve JSON tok/s | ratio | serve SSE+monitor tok/s | ratio |"
+    model = args.model or str(
+        random_chat_llama(*map(int, args.random.split("x")), Path(tempfile.mkdtemp()) / "m")
     )
-    print(head + " rows per batch |\n" + "| --- " * 7 + "|")
+    every, up = servers(args, model), []
+    words = args.model is None
+    loads = {
+        "1 client": lambda s, r: clients(s, [questions(args.requests, words, r)], args.new_tokens),
+        "16 clients": lambda s, r: clients(
+            s, [questions(args.requests, words, 100 * r + c) for c in range(16)], args.new_tokens
+        ),
+        f"Poisson {args.rate}/s": lambda s, r: poisson(
+            s, questions(args.poisson, words, 7 + r), args.rate, args.new_tokens, r
+        ),
+    }
+    print(f"{Path(model).name} ({args.backend}), {args.new_tokens} new tokens, greedy, streamed, "
+          f"median of {args.reps}; torch servers at {args.threads} thread(s)")  # fmt: skip
+    print("| load | server | tok/s | ratio | TTFT p50 ms | TTFT p95 ms |\n" + "| --- " * 6 + "|")
     try:
-        for clients in map(int, args.clients.split(",")):
-            qs = [questions(args.requests, args.prompt_len, seed=c) for c in range(clients)]
-            order = [(c, q) for r in range(args.requests) for c, q in enumerate(x[r] for x in qs)]
-            chats = [bk.chat_messages([{"role": "user", "content": q}]) for _, q in order]
-            steers = [steer if c % 2 else None for c, _ in order]
-            http = [httpx.Client(base_url=url, timeout=600) for _ in range(clients)]
-            before = httpx.get(url + "/api/stats").json()
-            rates = _rates(args, bk, http, name, qs, chats, steers, clients)
-            after = httpx.get(url + "/api/stats").json()
-            [h.close() for h in http]
-            per_batch = (after["rows"] - before["rows"]) / (after["batches"] - before["batches"])
-            base, js, sse = (statistics.median(r) for r in rates)
-            print(f"| {clients} | {base:.0f} | {js:.0f} | {js / base:.2f}x | {sse:.0f} | "
-                  f"{sse / base:.2f}x | {per_batch:.1f} |")  # fmt: skip
+        up = [s for s in every if s.start()]
+        for s in up:  # a warm-up each (first requests load kernels, build caches)
+            clients(s, [questions(1, words, 999)], 4)
+        for name, run in loads.items():
+            results: dict[str, list[Result]] = {s.name: [] for s in up}
+            for r in range(args.reps):
+                for s in up:
+                    results[s.name].append(run(s, r))
+            base = None
+            for s in up:
+                rs = results[s.name]
+                tps = statistics.median(x.tokens / x.seconds for x in rs)
+                ttft = [t for x in rs for t in x.ttft] or [float("nan")]
+                base = base or tps
+                p50, p95 = np.percentile(ttft, [50, 95]) * 1000
+                print(f"| {name} | {s.name} | {tps:.1f} | {tps / base:.2f}x | {p50:.0f} | "
+                      f"{p95:.0f} |", flush=True)  # fmt: skip
     finally:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=60)
-
-
-def _rates(args, bk, http, name, qs, chats, steers, clients) -> list[list[float]]:
-    """tokens/s of (generate, serve JSON, serve SSE) per rep, interleaved, after a warm-up."""
-    n = answer_tokens(bk, chats, steers, args.new_tokens)
-    runs = [
-        lambda: (baseline(bk, chats, steers, args.new_tokens, clients), n),
-        lambda: load(http, name, qs, args.new_tokens, stream=False),
-        lambda: load(http, name, qs, args.new_tokens, stream=True),
-    ]
-    counts = [run()[1] for run in runs]  # the warm-up
-    if len(set(counts)) != 1:
-        print(f"  (token counts differ: generate {counts[0]}, JSON {counts[1]}, SSE {counts[2]})")
-    rates = [[], [], []]
-    for _ in range(args.reps):
-        for run, out in zip(runs, rates):
-            seconds, tokens = run()
-            out.append(tokens / seconds)
-    return rates
+        for s in every:
+            s.stop()
 
 
 if __name__ == "__main__":

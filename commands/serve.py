@@ -33,10 +33,11 @@ from pertoken.commands.options import model_options
     "--max-body", default=1 << 20, show_default=True, help="Cap on a request body (bytes)."
 )
 @click.option(
-    "--batch-window",
-    default=20.0,
+    "--prefix-cache-mb",
+    default=512.0,
     show_default=True,
-    help="Milliseconds to wait for more requests.",
+    help="Memory for the keys and values of earlier prompts, reused by prompts that start "
+    "with them (0: off).",
 )
 @click.option(
     "--timeout",
@@ -52,7 +53,7 @@ from pertoken.commands.options import model_options
 )
 def serve(
     model, backend, dtype, device, vectors, layers, traces, host, port, api_key, max_tokens,
-    max_batch, max_body, batch_window, timeout, allow_origins,
+    max_batch, max_body, prefix_cache_mb, timeout, allow_origins,
 ):  # fmt: skip
     """Serve the model over an OpenAI-compatible API with per-request steering, and a lab page."""
     import warnings
@@ -66,7 +67,7 @@ def serve(
     from pertoken.serve.traces import TraceStores
     from pertoken.vectors import load_vector
 
-    _check_options(max_tokens, max_batch, max_body, batch_window, timeout, allow_origins)
+    _check_options(max_tokens, max_batch, max_body, prefix_cache_mb, timeout, allow_origins)
     check_host(host, api_key)
     files = _named_vectors(vectors)
     loaded = {name: load_vector(path) for name, path in files.items()}
@@ -86,6 +87,7 @@ def serve(
         api_key=api_key,
         max_body=max_body,
         traces=stores,
+        prefix_cache_mb=prefix_cache_mb,
         timeout=timeout,
         allow_origins=list(allow_origins),
     )
@@ -95,10 +97,10 @@ def serve(
         click.echo(f"vectors: {', '.join(loaded)}; monitored rows: {','.join(map(str, rows))}")
     if not is_loopback(host):
         click.echo(f"listening beyond this machine on {host}: clients must send the API key")
-    serve_forever(bk, config, host=host, port=port, window=batch_window / 1000)
+    serve_forever(bk, config, host=host, port=port)
 
 
-def _check_options(max_tokens, max_batch, max_body, batch_window, timeout, origins) -> None:
+def _check_options(max_tokens, max_batch, max_body, prefix_mb, timeout, origins) -> None:
     """Values that would leave every request hanging or refused, caught before the model loads."""
     from urllib.parse import urlsplit
 
@@ -106,10 +108,14 @@ def _check_options(max_tokens, max_batch, max_body, batch_window, timeout, origi
 
     for name, value, least in [
         ("--max-tokens", max_tokens, 1), ("--max-batch", max_batch, 1),
-        ("--max-body", max_body, 1024), ("--batch-window", batch_window, 0),
+        ("--max-body", max_body, 1024),
     ]:  # fmt: skip
         if value < least:
             raise PertokenError(f"{name} {value} is below {least}: leave it out for the default")
+    if not 0 <= prefix_mb < float("inf"):
+        raise PertokenError(
+            f"--prefix-cache-mb {prefix_mb} must be a number of megabytes, 0 or more (0: off)"
+        )
     if not timeout > 0:
         raise PertokenError(f"--timeout {timeout} must be a positive number of seconds")
     for origin in origins:

@@ -1,21 +1,24 @@
-"""The batching worker: one thread owns the backend and decodes requests together.
+"""The serving worker: one thread owns the backend and one long-lived slot loop.
 
-Requests that arrive together (until none has come for `window` seconds) and can share sampling
-settings go into one `generate` call, each row with its own steering; a per-token callback
-turns tokens into Deltas and hands them to each request's asyncio queue. A request whose client
-went away ends its rows at the next token, and a batch ends when its last row does."""
+A request's choices enter the loop as entries at the next step after it arrives (each with its
+own steering, sampling, seed, logit bias, monitor and logprobs) and leave it when they end; a
+per-token callback turns tokens into Deltas and hands them to each request's asyncio queue. A
+request whose client went away frees its slots at the next step."""
 
 from __future__ import annotations
 
 import asyncio
 import secrets
 import threading
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from pertoken.backends.base import Streaming, TokenStep
+from pertoken.backends.base import Sampling, TokenStep, row_uniforms
+from pertoken.backends.conditions import decide_one
+from pertoken.backends.generation import Entry
+from pertoken.backends.prefix_cache import PrefixCache
+from pertoken.backends.schedule import prompt_seeds
 from pertoken.serve.choice import Choice, Delta
 from pertoken.serve.protocol import ApiError
 from pertoken.serve.request import ChatRequest
@@ -47,15 +50,8 @@ class Job:
         """Hand one event to the request's handler (from any thread)."""
         post([(self, event)])
 
-    @property
-    def key(self) -> tuple:
-        """Jobs with equal keys can share a batch (one sampler for the whole batch)."""
-        r = self.request
-        if r.temperature == 0:
-            return ("greedy",)
-        if r.seed is not None:  # a seeded sample is reproducible only alone
-            return ("seeded", id(self))
-        return ("sample", r.temperature, r.top_p)
+    left: int = 0  # choices still decoding
+    entries: list = field(default_factory=list)  # one per choice, in the slot loop
 
 
 def post(items: list[tuple[Job, object]]) -> None:
@@ -81,7 +77,7 @@ def failure(e: Exception) -> ApiError:
     return ApiError(500, f"generation failed: {text}", code="server_error")
 
 
-def fail(jobs: list[Job], e: Exception) -> None:
+def fail(jobs, e: Exception) -> None:
     """End `jobs` with the 500 for `e` (the engine itself goes on)."""
     post([(job, failure(e)) for job in jobs])
 
@@ -99,17 +95,21 @@ class Engine:
         *,
         monitor: Monitor | None = None,
         max_rows: int = 32,
-        window: float = 0.02,
+        length: int = 256,  # positions a slot holds at first (its cache grows as needed)
+        prefix_cache_mb: float = 0.0,
     ):
-        self.backend, self.monitor = backend, monitor
-        self.max_rows, self.window = max_rows, window
+        self.backend, self.monitor, self.max_rows = backend, monitor, max_rows
+        self.length = length
         self.pending: list[Job] = []
-        self.held: list[Job] = []  # jobs taken from pending and not yet finished
-        self.last_arrival = 0.0
         self.cond = threading.Condition()
         self.closed = False
-        self.stats = {"batches": 0, "rows": 0, "tokens": 0, "active_rows": 0}
+        self.stats = {"batches": 0, "rows": 0, "tokens": 0, "active_rows": 0, "steps": 0,
+                      "prefilled_tokens": 0}  # fmt: skip
         self._token_texts: dict[int, str] = {}
+        self.outbox: list[tuple[Job, object]] = []
+        self.held: set[Job] = set()  # jobs with entries in the loop
+        self.loop = None
+        self.prefix = PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb > 0 else None
         self.thread = threading.Thread(target=self._work, name="pertoken-engine", daemon=True)
         self.thread.start()
 
@@ -118,7 +118,6 @@ class Engine:
             if self.closed:
                 raise ApiError(503, "the server is shutting down", code="shutting_down")
             self.pending.append(job)
-            self.last_arrival = time.monotonic()
             self.cond.notify()
 
     def close(self) -> None:
@@ -129,62 +128,47 @@ class Engine:
 
     # ------------------------------------------------------------------ worker thread
     def _work(self) -> None:
-        while True:
-            try:
-                if not self._cycle():
-                    break
-            except Exception as e:  # a bug or a backend failure: fail what it held, go on
-                fail(self._drop_held(), e)
+        while (jobs := self._take()) is not None:
+            for job in jobs:
+                try:
+                    if not job.cancelled and self._admit(job):
+                        self._insert(job)
+                except Exception as e:  # a bug or a backend failure: this request fails
+                    self.held.discard(job)
+                    fail([job], e)
+            if self.loop is not None and self.loop.busy:
+                self._step()
         with self.cond:
             left, self.pending = self.pending, []
-        for job in left:
+        for job in left + list(self.held):
             job.send(ApiError(503, "the server is shutting down", code="shutting_down"))
 
-    def _cycle(self) -> bool:
-        """Take a batch and decode it; False once the engine is closed."""
-        if (jobs := self._take()) is None:
-            return False
-        jobs = [j for j in jobs if not j.cancelled and self._admit(j)]
-        if jobs:
-            self._run(jobs)
-        self.held = []
-        return True
-
-    def _drop_held(self) -> list[Job]:
-        with self.cond:
-            held, self.held = self.held, []
-            self.pending = [j for j in self.pending if j not in held]
-        return held
-
     def _take(self) -> list[Job] | None:
-        """The next batch: the oldest job and those like it, once requests have stopped coming
-        for `window` seconds (and at least `window` after the last batch, so its clients can
-        send their next requests into this one), or the batch is full; at most 10 windows."""
+        """The requests that arrived since the last step (waiting for one while idle)."""
         with self.cond:
-            while not self.pending and not self.closed:
+            idle = self.loop is None or not self.loop.busy
+            while idle and not self.pending and not self.closed:
                 self.cond.wait()
-            start = time.monotonic()
-            while not self.closed and _rows(self._fits()) < self.max_rows:
-                quiet = max(self.last_arrival, start) + self.window
-                left = min(quiet, start + 10 * self.window) - time.monotonic()
-                if left <= 0:
-                    break
-                self.cond.wait(left)
             if self.closed:
                 return None
-            self.held = list(self.pending)  # until the batch is out of pending
-            batch = self._fits()
-            self.pending = [j for j in self.pending if j not in batch]
-            self.held = batch
-            return batch
+            jobs, self.pending = self.pending, []
+            return jobs
 
-    def _fits(self) -> list[Job]:
-        key, batch, rows = self.pending[0].key, [], 0
-        for job in self.pending:
-            if job.key == key and rows + job.request.n <= self.max_rows:
-                batch.append(job)
-                rows += job.request.n
-        return batch
+    def _step(self) -> None:
+        """One step of the loop; an exception fails the requests it holds with a 500 and
+        the engine goes on with a fresh loop."""
+        self.stats["steps"] += 1
+        for job in self.held:
+            if job.cancelled:  # the client went away: its slots are freed at this step
+                for e in job.entries:
+                    e.cancelled = True
+        try:
+            self.loop.step()
+        except Exception as e:
+            fail(list(self.held), e)
+            self.held.clear()
+            self.loop, self.outbox = None, []
+        self.stats["active_rows"] = sum(j.left for j in self.held)
 
     def _admit(self, job: Job) -> bool:
         """Template and count the prompt; a prompt the model cannot hold is refused."""
@@ -214,57 +198,76 @@ class Engine:
             logprobs=r.logprobs,
         )
 
-    def _run(self, jobs: list[Job]) -> None:
-        rows = [(job, c) for job in jobs for c in job.choices]  # batch row -> (job, choice)
-        r = jobs[0].request
-        self.stats["batches"] += 1
-        self.stats["rows"] += len(rows)
-        self.stats["active_rows"] = len(rows)
-        try:
-            self.backend.generate(
-                [job.prompt for job, _ in rows],
-                max_new_tokens=max(j.request.max_tokens for j in jobs),
-                temperature=r.temperature,
-                top_p=r.top_p,
-                seed=r.seed if r.seed is not None else secrets.randbits(31),
-                steer=[job.request.steer for job, _ in rows],
-                batch_size=len(rows),
-                stream=self._streaming(jobs, rows),
+    def _slots(self):
+        if self.loop is None:
+            rows = self.monitor.rows if self.monitor else []
+            self.loop = self.backend._slots(
+                self.max_rows, rows, self.length, self._flush, prefix=self.prefix
             )
-        except Exception as e:
-            fail(jobs, e)
-            return
-        finally:
-            self.stats["active_rows"] = 0
-        post([item for job in jobs for item in self._finish(job)])
+        return self.loop
 
-    def _streaming(self, jobs: list[Job], rows: list[tuple[Job, Choice]]) -> Streaming:
-        """Per-token reports for the batch: states when any job monitors, the most logprobs
-        any job asked for; a row ends when its choice is finished or its client went away."""
+    def _insert(self, job: Job) -> None:
+        """One entry per choice, each with its own seed's draws; `when` steering is decided
+        once on the prompt (one extra forward) before the entries go in."""
+        r, loop = job.request, self._slots()
+        seed = r.seed if r.seed is not None else secrets.randbits(31)
+        sampling = Sampling(
+            r.temperature, r.top_p, seed=seed, logit_bias=getattr(r, "logit_bias", None)
+        )
+        ids = self.backend.encode(job.prompt)
+        plan = decide_one(self.backend, ids, r.steer)
+        seeds = prompt_seeds(seed, r.n)
+        draws = None if sampling.greedy else row_uniforms(seeds, r.max_tokens)
+        job.left = r.n
+        self.held.add(job)
+        self.stats["batches"] += 1
+        self.stats["rows"] += r.n
+        for i, choice in enumerate(job.choices):
+            job.entries.append(
+                Entry(
+                    ids=ids, sampling=sampling, max_new_tokens=r.max_tokens,
+                    on_end=self._ended(job), plan=plan,
+                    uniforms=None if draws is None else draws[i], prompt=i,
+                    on_step=self._on_step(job, choice),
+                    hidden=bool(r.monitor and self.monitor), logprobs=r.logprobs,
+                    key=(tuple(ids), id(plan), id(job)),
+                )
+            )  # fmt: skip
+            loop.insert(job.entries[-1])
 
-        outbox: list[tuple[Job, Delta]] = []
-
+    def _on_step(self, job: Job, choice: Choice):
         def on_step(step: TokenStep) -> bool:
-            job, choice = rows[step.prompt]
             self.stats["tokens"] += 1
             if job.cancelled:
                 return False
-            outbox.append((job, choice.add(step)))
+            self.outbox.append((job, choice.add(step)))
             return choice.finish is None
 
-        def on_flush() -> None:  # a step's tokens for every request, in one hand-over
-            post(outbox)
-            outbox.clear()
+        return on_step
 
-        capture = self.monitor.rows if any(j.request.monitor for j in jobs) else []
-        lps = [j.request.logprobs for j in jobs if j.request.logprobs is not None]
-        return Streaming(on_step, capture, max(lps, default=None), on_flush)
+    def _ended(self, job: Job):
+        def ended(entry: Entry) -> None:
+            self.stats["prefilled_tokens"] += entry.prefilled
+            job.left -= 1
+            if job.left == 0 and job in self.held:
+                self.held.discard(job)
+                self.outbox.extend(self._finish(job))
+
+        return ended
+
+    def _flush(self) -> None:
+        """A step's events for every request, in one hand-over per event loop."""
+        out, self.outbox = self.outbox, []
+        post(out)
 
     def _finish(self, job: Job) -> list[tuple[Job, object]]:
         """The last events of a job: each unfinished choice's end, then the usage."""
         ends = [(job, c.end()) for c in job.choices if c.finish is None]
         done = sum(c.count for c in job.choices)
         usage = {"prompt_tokens": job.prompt_tokens, "completion_tokens": done}
+        if job.entries:  # OpenAI's count of prompt tokens read from the prefix cache
+            cached = job.prompt_tokens - max(e.prefilled for e in job.entries)
+            usage["prompt_tokens_details"] = {"cached_tokens": cached}
         return ends + [(job, Finished(usage | {"total_tokens": job.prompt_tokens + done}))]
 
     def _token_text(self, token_id: int) -> str:
@@ -279,10 +282,6 @@ class Engine:
             )
             self._token_texts[token_id] = text
         return text
-
-
-def _rows(jobs: list[Job]) -> int:
-    return sum(j.request.n for j in jobs)
 
 
 def _check_length(job: Job, context: int | None) -> None:

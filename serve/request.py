@@ -19,7 +19,7 @@ MAX_TOP_LOGPROBS = 20
 MAX_STOP = 4
 MAX_SEED = 2**63 - 1  # a seed is an int64 that is not negative
 # Fields that would change the answer in ways this server does not implement.
-UNSUPPORTED = ("tools", "functions", "tool_choice", "response_format", "logit_bias", "audio")
+UNSUPPORTED = ("tools", "functions", "tool_choice", "response_format", "audio")
 
 
 @dataclass
@@ -46,6 +46,7 @@ class ChatRequest:
     steer: Steer | None = None
     steer_terms: list[dict] = field(default_factory=list)  # as the client wrote them
     monitor: bool = False
+    logit_bias: dict[int, float] | None = None  # token id -> added logit, -100..100
 
 
 def parse_json(raw: bytes) -> dict:
@@ -96,6 +97,7 @@ def parse_request(
     options = body.get("stream_options") or {}
     req.include_usage = bool(isinstance(options, dict) and options.get("include_usage"))
     req.logprobs = _logprobs(body)
+    req.logit_bias = _logit_bias(body.get("logit_bias"))
     req.steer_terms, req.steer = _steer(body, vectors, n_layers, dtype)
     req.monitor = _flag(body, "monitor")
     if req.monitor and not monitor_ok:
@@ -159,6 +161,27 @@ def _logprobs(body: dict) -> int | None:
             raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         return None
     return top or 0
+
+
+def _logit_bias(value) -> dict[int, float] | None:
+    """OpenAI's logit_bias: {"token id": bias in -100..100} (-100 bans the token)."""
+    if value is None:
+        return None
+    fix = 'give an object of token ids and biases in -100..100, e.g. {"50256": -100}'
+    if not isinstance(value, dict):
+        raise ApiError(400, f"logit_bias must be an object: {fix}", param="logit_bias")
+    out: dict[int, float] = {}
+    for k, b in value.items():
+        try:
+            token = int(k)
+        except (TypeError, ValueError):
+            raise ApiError(400, f"logit_bias key {k!r} is not a token id: {fix}",
+                           param="logit_bias") from None  # fmt: skip
+        number = isinstance(b, (int, float)) and not isinstance(b, bool)
+        if not number or not math.isfinite(b) or not -100 <= b <= 100:
+            raise ApiError(400, f"logit_bias of token {token} is {b!r}: {fix}", param="logit_bias")
+        out[token] = float(b)
+    return out or None
 
 
 def _stop(value) -> list[str]:

@@ -54,18 +54,18 @@ class Running:
         self.engine.close()
 
 
-def build(backend, config: ServeConfig, *, window: float = 0.02):
+def build(backend, config: ServeConfig):
     """The engine and the app for `backend`."""
     engine = Engine(backend, monitor=monitor_of(config), max_rows=config.limits.max_rows,
-                    window=window)  # fmt: skip
+                    prefix_cache_mb=config.prefix_cache_mb)  # fmt: skip
     return engine, create_app(engine, config)
 
 
-def start(backend, config: ServeConfig, *, host="127.0.0.1", port=0, window=0.02) -> Running:
+def start(backend, config: ServeConfig, *, host="127.0.0.1", port=0) -> Running:
     """Serve in a thread on `host`:`port` (0: any free port); returns once it accepts."""
     import uvicorn
 
-    engine, app = build(backend, config, window=window)
+    engine, app = build(backend, config)
     sock = _bind(host, port)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -79,12 +79,12 @@ def start(backend, config: ServeConfig, *, host="127.0.0.1", port=0, window=0.02
     return Running(f"http://{_url_host(name)}:{bound}", engine, server, thread)
 
 
-def serve_forever(backend, config: ServeConfig, *, host: str, port: int, window: float) -> None:
+def serve_forever(backend, config: ServeConfig, *, host: str, port: int) -> None:
     """Serve until Ctrl-C (which ends the server normally: it holds no unfinished work)."""
     import uvicorn
 
     check_host(host, config.api_key)
-    engine, app = build(backend, config, window=window)
+    engine, app = build(backend, config)
     sock = _bind(host, port)
     try:
         uvicorn.Server(uvicorn.Config(app, log_level="info", lifespan="off")).run(sockets=[sock])

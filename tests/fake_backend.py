@@ -12,16 +12,57 @@ import numpy as np
 from pertoken.backends.base import (
     Steer,
     Summaries,
-    TokenTrace,
+    TokenStep,
     check_projection_inputs,
     steer_mask,
 )
+from pertoken.backends.generation import SHORTHAND, SlotBackend
 
 ALPHABET = " abcdefghijklmnopqrstuvwxyz.<>/"
 EOS = 0
 
 
-class FakeBackend:
+class FakeSlots:
+    """The fake's slot loop: each step, every entry in a slot takes one token."""
+
+    def __init__(self, backend, slots, rows, on_flush):
+        self.b, self.slots, self.rows, self.on_flush = backend, slots, list(rows), on_flush
+        self.waiting, self.live = [], []
+
+    @property
+    def busy(self):
+        return bool(self.waiting or self.live)
+
+    def insert(self, entry):
+        self.waiting.append(entry)
+
+    def step(self):
+        while self.waiting and len(self.live) < self.slots:
+            self.live.append(self.waiting.pop(0))
+        for e in list(self.live):
+            if e.cancelled or not self._advance(e):
+                self.live.remove(e)
+                e.on_end(e)
+        if self.on_flush is not None:
+            self.on_flush()
+
+    def _advance(self, e) -> bool:
+        """One token of e; False when its answer has ended."""
+        tok = self.b.next_id(e, e.answer)
+        if tok == EOS:
+            return False
+        e.answer.append(tok)
+        if e.on_step is not None:
+            h = self.b.hidden(e.ids + e.answer, steer=e.plan, prompt_len=len(e.ids))
+            step = TokenStep(
+                e.prompt, len(e.answer) - 1, tok, h[-1, self.rows] if e.hidden else None
+            )
+            if e.on_step(step) is False:
+                return False
+        return len(e.answer) < e.max_new_tokens
+
+
+class FakeBackend(SlotBackend):
     name = "fake"
     model_type = "fake"
     dtype = "float32"
@@ -37,6 +78,7 @@ class FakeBackend:
         self.out_ids = np.array([EOS] + [ord(c) for c in ALPHABET])
         self.unembed = rng.normal(size=(len(self.out_ids), hidden_size)).astype(np.float32)
         self.calls: list[dict] = []
+        self.tracing = False
 
     @classmethod
     def load(cls, model, *, dtype=None, device=None):
@@ -72,50 +114,38 @@ class FakeBackend:
                 h[mask, row:] += add
         return h.astype(np.float32)
 
-    def _next(self, h_last, rng, temperature):
-        logits = self.unembed @ h_last  # [n_out]
-        if temperature == 0:
+    def generate(self, prompts, **kw):
+        sampling = self._sampling(kw.get("sampling"), {k: kw[k] for k in SHORTHAND if k in kw})
+        if not self.tracing:
+            self.calls.append(dict(kind="generate", steer=kw.get("steer"), seed=sampling.seed))
+        return super().generate(prompts, **kw)
+
+    def trace(self, prompt, **kw):
+        self.calls.append(dict(kind="trace", steer=kw.get("steer"), seed=kw.get("seed", 0)))
+        self.tracing = True  # the trace's own generate call is not recorded again
+        try:
+            return super().trace(prompt, **kw)
+        finally:
+            self.tracing = False
+
+    def _slots(self, batch, rows, length, on_flush=None):
+        return FakeSlots(self, batch, rows, on_flush)
+
+    def next_id(self, e, out: list[int]) -> int:
+        """The next token of entry e after `out`: greedy, or by inverse CDF at its draw."""
+        h = self.hidden(e.ids + out, steer=e.plan, prompt_len=len(e.ids))
+        logits = self.unembed @ h[-1, -1]  # [n_out]
+        if not out:
+            logits[self.out_ids == EOS] = -np.inf  # an answer has at least one token
+        if e.uniforms is None:
             return int(self.out_ids[int(np.argmax(logits))])
-        p = np.exp((logits - logits.max()) / temperature)
-        return int(rng.choice(self.out_ids, p=p / p.sum()))
-
-    def _generate_ids(self, prompt, max_new_tokens, temperature, seed, steer):
-        ids, rng = self.encode(prompt), np.random.default_rng(seed)
-        n_prompt, out = len(ids), []
-        for _ in range(max_new_tokens):
-            h = self.hidden(ids + out, steer=steer, prompt_len=n_prompt)
-            tok = self._next(h[-1, -1], rng, temperature)
-            if tok == EOS:
-                break
-            out.append(tok)
-        return out
-
-    def generate(
-        self,
-        prompts,
-        *,
-        max_new_tokens=1000,
-        temperature=1.0,
-        top_p=1.0,
-        top_k=0,
-        repetition_penalty=1.0,
-        seed=0,
-        steer=None,
-        batch_size=None,
-        seeds=None,
-        schedule="continuous",
-        on_answer=None,
-    ):
-        self.calls.append(dict(kind="generate", steer=steer, seed=seed))
-        seeds = seeds if seeds is not None else [seed] * len(prompts)
-        answers = []
-        for k, (p, s) in enumerate(zip(prompts, seeds, strict=True)):
-            answers.append(
-                self.decode(self._generate_ids(p, max_new_tokens, temperature, s, steer))
-            )
-            if on_answer is not None:
-                on_answer(k, answers[-1])
-        return answers
+        p = np.exp((logits - logits.max()) / e.sampling.temperature)
+        cdf = np.cumsum(p / p.sum())
+        return int(
+            self.out_ids[
+                min(int(np.searchsorted(cdf, e.uniforms[len(out)], "right")), len(cdf) - 1)
+            ]
+        )
 
     def summaries(self, prompts, answers, *, batch_size=8):
         pa, pl, ra = [], [], []
@@ -126,27 +156,6 @@ class FakeBackend:
             pl.append(h[n - 1])
             ra.append(h[n:].mean(0) if len(h) > n else np.zeros_like(h[0]))
         return Summaries(np.stack(pa), np.stack(pl), np.stack(ra))
-
-    def trace(
-        self,
-        prompt,
-        *,
-        max_new_tokens=200,
-        rows,
-        steer=None,
-        temperature=0.0,
-        seed=0,
-        on_token=None,
-    ):
-        self.calls.append(dict(kind="trace", steer=steer, seed=seed))
-        out = self._generate_ids(prompt, max_new_tokens, temperature, seed, steer)
-        p_ids = self.encode(prompt)
-        h = self.hidden(p_ids + out, steer=steer, prompt_len=len(p_ids))[len(p_ids) :][:, rows]
-        pieces = [chr(i) for i in out]
-        for i, piece in enumerate(pieces):
-            if on_token:
-                on_token(i, piece, h[i])
-        return TokenTrace(prompt, self.decode(out), pieces, out, list(rows), h)
 
     def logits(self, text, *, steer=None, prompt_len=None):
         h = self.hidden(self.encode(text), steer=steer, prompt_len=prompt_len)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -38,8 +39,8 @@ def config(backend, **kw) -> ServeConfig:
 
 
 @contextmanager
-def serving(backend, *, window: float = 0.01, **kw):
-    run = start(backend, config(backend, **kw), window=window)
+def serving(backend, **kw):
+    run = start(backend, config(backend, **kw))
     try:
         yield run
     finally:
@@ -83,3 +84,31 @@ def write_store(folder: Path) -> Path:
     }
     pq.write_table(pa.table(items), folder / "items.parquet")
     return folder
+
+
+@contextmanager
+def arriving_together(engine, n: int):
+    """The next n requests reach the engine's queue at once (so they enter the slot loop at
+    the same step); yields a dict whose "peak" is the most requests the loop held at a step."""
+    lock, held, seen = threading.Lock(), [], {"peak": 0}
+    step = engine._step
+
+    def gather(job) -> None:
+        with lock:
+            held.append(job)
+            if len(held) < n:
+                return
+            jobs = held[:]
+        with engine.cond:
+            engine.pending.extend(jobs)
+            engine.cond.notify()
+
+    def counted() -> None:
+        seen["peak"] = max(seen["peak"], len(engine.held))
+        step()
+
+    engine.submit, engine._step = gather, counted
+    try:
+        yield seen
+    finally:
+        del engine.submit, engine._step

@@ -26,5 +26,5 @@ def test_bench_generate_gives_every_method_its_forced_lengths():
     # the script fails unless each method writes exactly the drawn answer lengths
     out = _run("bench_generate.py", "--random", "64x2", "--prompts", "6", "--batch-size", "3",
                "--max-new-tokens", "12", "--median", "0.5", "--reps", "1")  # fmt: skip
-    assert "pertoken continuous / pertoken static batches" in out
+    assert "pertoken continuous, compiled step / pertoken continuous" in out
     assert "pertoken continuous / mlx-lm batch_generate" in out

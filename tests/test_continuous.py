@@ -1,4 +1,4 @@
-"""Continuous batching (refilled slots) against solo static runs, on both backends."""
+"""The slot loop (refilled slots) against solo runs, on both backends."""
 
 import copy
 import importlib
@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from pertoken.backends import Steer, load_backend
+from pertoken.backends.base import Sampling, Streaming
 from pertoken.backends.schedule import prompt_seeds
 from pertoken.errors import PertokenError
 from tests.reference import chat_prompts, rand
@@ -52,7 +53,7 @@ def _with_stop(backend, token: int):
 
 def _solo(backend, prompts, plans, seeds, **opts) -> list[str]:
     return [
-        backend.generate([p], steer=[s], seeds=[sd], schedule="static", **opts)[0]
+        backend.generate([p], steer=[s], seeds=[sd], batch_size=1, **opts)[0]
         for p, s, sd in zip(prompts, plans, seeds)
     ]
 
@@ -103,11 +104,11 @@ def test_batch_size_one_and_max_new_tokens(backend, torch_one_thread):
         assert a == backend.decode(backend.trace(p, rows=[1], max_new_tokens=1).token_ids)
 
 
-def test_seed_alone_gives_each_prompt_its_own_seed_on_either_schedule(backend, torch_one_thread):
+def test_seed_alone_gives_each_prompt_its_own_seed(backend, torch_one_thread):
     ps, opts = _prompts(backend), dict(max_new_tokens=NEW, temperature=1.0)
     got = backend.generate(ps, seed=3, batch_size=2, **opts)
     assert got == _solo(backend, ps, [None] * 4, prompt_seeds(3, 4), **opts)
-    assert got == backend.generate(ps, seed=3, batch_size=4, schedule="static", **opts)
+    assert got == backend.generate(ps, sampling=Sampling(1.0, seed=3), batch_size=4, **opts)
     assert backend.generate(ps, seed=4, batch_size=2, **opts) != got
 
 
@@ -116,10 +117,10 @@ def test_samples_of_one_prompt_share_one_prefill(backend, monkeypatch, torch_one
     slots = importlib.import_module(f"pertoken.backends.{backend.name}.continuous").Slots
     prefill, calls, batches = slots._prefill, [], []
 
-    def counted(self, idx):
-        calls.extend(idx)
-        batches.append(len(idx))
-        return prefill(self, idx)
+    def counted(self, entries):
+        calls.extend(e.prompt for e in entries)
+        batches.append(len(entries))
+        return prefill(self, entries)
 
     monkeypatch.setattr(slots, "_prefill", counted)
     p, q = _prompts(backend)[:2]
@@ -136,10 +137,8 @@ def test_samples_of_one_prompt_share_one_prefill(backend, monkeypatch, torch_one
     assert len(set(shared[i] for i in (0, 2, 4, 5))) > 1  # the samples differ
 
 
-def test_bad_schedule_and_batch_size(backend):
+def test_bad_batch_size_and_seeds(backend):
     ps = _prompts(backend)[:1]
-    with pytest.raises(PertokenError, match="schedule must be one of"):
-        backend.generate(ps, max_new_tokens=2, schedule="eager")
     with pytest.raises(PertokenError, match="batch size must be at least 1"):
         backend.generate(ps, max_new_tokens=2, batch_size=-1)
     with pytest.raises(PertokenError, match="seeds for 1 prompts"):
@@ -147,29 +146,56 @@ def test_bad_schedule_and_batch_size(backend):
     np.testing.assert_equal(prompt_seeds(0, 3)[:2], prompt_seeds(0, 2))
 
 
-@pytest.mark.parametrize("schedule", ["continuous", "static"])
-def test_each_answer_is_handed_over_as_it_ends(stopper, schedule, torch_one_thread):
+def test_each_answer_is_handed_over_as_it_ends(stopper, torch_one_thread):
     backend, j, _ = stopper
     ps, ended = _prompts(backend), []
     got = backend.generate(
-        ps, max_new_tokens=NEW, temperature=0, batch_size=2, schedule=schedule,
+        ps, max_new_tokens=NEW, temperature=0, batch_size=2,
         on_answer=lambda i, text: ended.append((i, text)),
     )  # fmt: skip
     assert sorted(ended) == list(enumerate(got))  # each prompt once, with its returned text
-    if schedule == "continuous":  # the answer cut by the stop token is out before the rest
-        assert [i for i, _ in ended].index(j) < len(ps) - 1
+    assert [i for i, _ in ended].index(j) < len(ps) - 1  # the one cut by the stop token first
+
+
+@pytest.mark.parametrize("temperature", [0, 1.0])
+def test_streamed_tokens_and_captures_equal_solo_runs(stopper, temperature, torch_one_thread):
+    """Each prompt's streamed steps (token, logprobs, hidden states at its own position) in
+    refilled slots equal its solo stream's, steered per row."""
+    backend, _, _ = stopper
+    ps, plans, seeds = _prompts(backend), _plans()[:4], [5, 6, 7, 8]
+
+    def streamed(prompts, steer, sd, batch_size):
+        got: dict[int, list] = {}
+
+        def on_step(s):
+            got.setdefault(s.prompt, []).append((s.index, s.token_id, s.logprob, s.top, s.hidden))
+
+        spec = Streaming(on_step, rows=[0, 2], logprobs=3)
+        texts = backend.generate(prompts, steer=steer, seeds=sd, stream=spec, max_new_tokens=NEW,
+                                 temperature=temperature, batch_size=batch_size)  # fmt: skip
+        return texts, [got.get(i, []) for i in range(len(prompts))]
+
+    texts, steps = streamed(ps, plans, seeds, 2)
+    for i in range(len(ps)):
+        (text,), (solo,) = streamed([ps[i]], [plans[i]], [seeds[i]], 1)
+        assert texts[i] == text and backend.decode([t for _, t, *_ in steps[i]]) == text
+        assert [s[:2] for s in steps[i]] == [s[:2] for s in solo]
+        for (_, _, lp, top, h), (_, _, lp1, top1, h1) in zip(steps[i], solo, strict=True):
+            np.testing.assert_allclose(lp, lp1, atol=1e-4)
+            assert [t for t, _ in top] == [t for t, _ in top1] and len(top) == 3
+            np.testing.assert_allclose(h, h1, atol=1e-4)
+            assert h.shape == (2, backend.hidden_size)
 
 
 def _slots_taken(backend, monkeypatch) -> list[int]:
     """The slot counts `generate` gives its continuous batches, recorded as they start."""
-    module = importlib.import_module(f"pertoken.backends.{backend.name}.continuous")
-    taken, make = [], module.Slots
+    taken, make = [], type(backend)._slots
 
-    def record(model, req, slots, *rest):
-        taken.append(slots)
-        return make(model, req, slots, *rest)
+    def record(self, batch, *rest):
+        taken.append(batch)
+        return make(self, batch, *rest)
 
-    monkeypatch.setattr(importlib.import_module(type(backend).__module__), "Slots", record)
+    monkeypatch.setattr(type(backend), "_slots", record)
     return taken
 
 
@@ -211,22 +237,49 @@ def test_without_batch_size_generate_takes_the_slots_memory_allows(backend, monk
     assert taken == [3, 2]
 
 
-def test_queue_groups_samples_and_prefills_new_keys_together():
-    from pertoken.backends.schedule import Queue
+def test_waiting_entries_share_prefills_by_key():
+    from types import SimpleNamespace
 
-    q, runs = Queue(["a", "b", "a", "c", "b", "a"]), []
+    from pertoken.backends.schedule import Waiting
 
-    def prefill(idx):
-        runs.append(idx)
-        return [f"pre{i}" for i in idx]
+    def entry(key, cancelled=False):
+        return SimpleNamespace(key=key, cancelled=cancelled, on_end=ended.append)
 
-    # the samples of a key queue together, keys in order of their first prompt
-    assert q.take(2, prefill) == [(0, "pre0"), (2, "pre0")]
-    assert q.take(3, prefill) == [(5, "pre0"), (1, "pre1"), (4, "pre1")]
-    assert q.take(5, prefill) == [(3, "pre3")] and not q
-    assert runs == [[0], [1], [3]] and q.prefills == 3 and not q.held  # nothing kept after
-    q = Queue(["a", "b", "c"])
-    assert q.take(3, prefill) == [(0, "pre0"), (1, "pre1"), (2, "pre2")]
-    assert runs[-1] == [0, 1, 2]  # keys entering together share one prefill batch
-    q = Queue(["a", "b", "a", "c"], sizes=[5, 9, 5, 2])  # shortest first, samples together
-    assert [i for i, _ in q.take(4, prefill)] == [3, 0, 2, 1] and runs[-1] == [3, 0, 1]
+    q, runs, ended = Waiting(), [], []
+    es = [entry(k) for k in "abacba"]
+    for e in es:
+        q.add(e)
+
+    def prefill(entries):
+        runs.append([es.index(e) for e in entries])
+        return [f"pre{es.index(e)}" for e in entries]
+
+    # entries of one key still waiting share the first one's prefill
+    assert q.take(2, prefill) == [(es[0], "pre0"), (es[1], "pre1")]
+    assert q.take(3, prefill) == [(es[2], "pre0"), (es[3], "pre3"), (es[4], "pre1")]
+    assert q.take(5, prefill) == [(es[5], "pre0")] and not q
+    assert runs == [[0, 1], [3]] and q.prefills == 3 and not q.held  # nothing kept after
+    gone = entry("z", cancelled=True)
+    q.add(gone)
+    assert q.take(1, prefill) == [] and ended == [gone]  # a cancelled entry ends unprefilled
+
+
+def test_a_loop_started_short_grows_to_fit_and_answers_alike(backend, torch_one_thread):
+    """A long-lived loop (the server's) starts with a short cache and grows it as entries
+    need, carrying over the slots already decoding."""
+    from pertoken.backends.generation import Entry
+
+    ps, plans, caps = _prompts(backend), _plans()[:4], [2, 30, 60, 60]
+    want = [
+        backend.generate([p], steer=[s], max_new_tokens=n, temperature=0)[0]
+        for p, s, n in zip(ps, plans, caps)
+    ]
+    loop = backend._slots(2, [], 4)
+    ended = []
+    for p, plan, n in zip(ps, plans, caps):  # the third enters while the second decodes
+        loop.insert(Entry(backend.encode(p), Sampling(0), n, ended.append, plan=plan))
+    while loop.busy:
+        loop.step()
+    got = {id(e.plan): backend.decode(e.answer) for e in ended}
+    assert [got[id(plan)] for plan in plans] == want
+    assert len(backend.encode(want[2])) > 30  # it ran past what the first cache held

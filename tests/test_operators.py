@@ -101,9 +101,9 @@ def test_batch_of_mixed_operators_equals_each_prompt_alone(eager):
     plans = _mixed(eager)
     kw = dict(max_new_tokens=NEW, temperature=0)
     alone = [eager.generate([p], steer=[s], **kw)[0] for p, s in zip(prompts, plans)]
-    for schedule in ("continuous", "static"):
-        got = eager.generate(prompts, steer=plans, batch_size=5, schedule=schedule, **kw)
-        assert got == alone, schedule
+    for batch_size in (2, 5):  # slots refilled as answers end, and all at once
+        got = eager.generate(prompts, steer=plans, batch_size=batch_size, **kw)
+        assert got == alone, batch_size
     assert len(set(alone)) > 1
 
 
@@ -213,9 +213,36 @@ def test_the_compiled_step_applies_mixed_operators_as_the_eager_loop(llama_dir):
         ),
     ]
     prompts = chat_prompts(eager) + [eager.chat_prompt(None, "more"), "hi there"]
-    kw = dict(max_new_tokens=NEW, temperature=0, schedule="static")
+    kw = dict(max_new_tokens=NEW, temperature=0)
     want = eager.generate(prompts, steer=plans, batch_size=5, **kw)
     assert compiled.generate(prompts, steer=plans, batch_size=5, **kw) == want
     assert compiled.compiled._step.shape.ops == ((1, 1), (ROW, 2))
     alone = [compiled.generate([p], steer=[s], **kw)[0] for p, s in zip(prompts, plans)]
     assert alone == want and len(set(want)) > 1
+
+
+def test_operators_that_enter_a_running_loop_leave_its_other_slots_alone(backend):
+    """A slot loop decoding an added vector takes a request that ablates and caps midway
+    (its buffers grow operator stages): each answer is still its solo run's."""
+    from pertoken.backends.base import Sampling
+    from pertoken.backends.generation import Entry
+
+    first, later = chat_prompts(backend)[:2]
+    plans = [
+        Steer.add(ROW, rand(1), 6.0, positions="response"),
+        Steer.ablate(1, rand(1), positions="all").then(Steer.cap(ROW, rand(0), hi=0.5)),
+    ]
+    kw = dict(max_new_tokens=NEW, temperature=0)
+    alone = [backend.generate([p], steer=[s], **kw)[0] for p, s in zip((first, later), plans)]
+    done = {}
+    loop = backend._slots(2, [], 64)
+    for i, (p, s) in enumerate(zip((first, later), plans)):
+        on_end = lambda e: done.__setitem__(e.prompt, backend.decode(e.answer))  # noqa: E731
+        entry = Entry(backend.encode(p), Sampling(0.0), NEW, on_end, plan=s, prompt=i)
+        loop.insert(entry)
+        for _ in range(3 if i == 0 else 0):
+            loop.step()  # the first answer is decoding when the second arrives
+        assert i == 1 or not done
+    while loop.busy:
+        loop.step()
+    assert [done[0], done[1]] == alone and alone[0] != alone[1]

@@ -1,6 +1,6 @@
-"""The server's worker keeps going whatever a batch does: identical-looking requests batch
-together, a failing batch fails its own requests with a 500, a request that waits too long
-fails with a timeout; every later request is served. Checked through HTTP only."""
+"""The server's worker keeps going whatever its slot loop does: identical-looking requests
+decode together, a failing step fails its own requests with a 500, a request that waits too
+long fails with a timeout; every later request is served. Checked through HTTP."""
 
 import threading
 
@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from pertoken.backends import load_backend
-from tests.serve_helpers import ask, serving
+from tests.serve_helpers import arriving_together, ask, serving
 
 
 @pytest.fixture(scope="module")
@@ -45,27 +45,39 @@ def _together(run, bodies) -> list:
     return out
 
 
-def test_same_messages_with_different_coefficients_share_a_batch(backend):
+def test_same_messages_with_different_coefficients_share_the_loop(backend):
     steer = lambda c: [{"vector": "kind", "layer": 2, "coef": c}]  # noqa: E731
     bodies = [_body(backend, temperature=0, steer=steer(c)) for c in (1.0, 2.0)]
-    with serving(backend, window=1.0) as run:
-        got = _together(run, bodies)
+    with serving(backend) as run:
+        with arriving_together(run.engine, 2) as loop:
+            got = _together(run, bodies)
         assert [r is not None and r.status_code for r in got] == [200, 200]
-        assert run.engine.stats["batches"] == 1 and run.engine.stats["rows"] == 2
+        assert loop["peak"] == 2 and run.engine.stats["rows"] == 2
         assert _post(run, _body(backend)).status_code == 200  # and the worker is still there
 
 
-def test_a_failing_batch_fails_its_requests_and_the_server_goes_on(backend, monkeypatch):
-    real = backend.generate
+def _patched_loop(monkeypatch, backend, step):
+    """The backend's slot loops run `step(real_step)` in place of each step."""
+    real = type(backend)._slots
+
+    def slots(self, *a, **kw):
+        loop = real(self, *a, **kw)
+        loop.step = (lambda s: lambda: step(s))(loop.step)
+        return loop
+
+    monkeypatch.setattr(backend, "_slots", slots.__get__(backend))
+
+
+def test_a_failing_step_fails_its_requests_and_the_server_goes_on(backend, monkeypatch):
     calls = []
 
-    def flaky(*args, **kw):
+    def flaky(real):
         calls.append(1)
         if len(calls) == 1:
             raise RuntimeError("the device\nfell over")
-        return real(*args, **kw)
+        return real()
 
-    monkeypatch.setattr(backend, "generate", flaky)
+    _patched_loop(monkeypatch, backend, flaky)
     with serving(backend) as run:
         r = _post(run, _body(backend))
         assert r.status_code == 500
@@ -76,20 +88,20 @@ def test_a_failing_batch_fails_its_requests_and_the_server_goes_on(backend, monk
 
 
 def test_a_request_that_waits_too_long_fails_with_a_timeout(backend, monkeypatch):
-    real, entered, gate = backend.generate, threading.Event(), threading.Event()
+    entered, gate = threading.Event(), threading.Event()
 
-    def stuck(*args, **kw):
+    def stuck(real):
         entered.set()
         gate.wait(30)
-        return real(*args, **kw)
+        return real()
 
-    monkeypatch.setattr(backend, "generate", stuck)
+    _patched_loop(monkeypatch, backend, stuck)
     with serving(backend, timeout=0.5) as run:
         out = []
         first = threading.Thread(target=lambda: out.append(_post(run, _body(backend))))
         first.start()
         try:
-            assert entered.wait(30)
+            assert entered.wait(30)  # the first request's step is stuck
             queued = _post(run, _body(backend, stream=True), timeout=30)
         finally:
             gate.set()
@@ -99,5 +111,4 @@ def test_a_request_that_waits_too_long_fails_with_a_timeout(backend, monkeypatch
         for r in (out[0], queued):
             assert r.status_code == 503 and r.json()["error"]["code"] == "timeout"
             assert "--timeout" in r.json()["error"]["message"]
-        monkeypatch.setattr(backend, "generate", real)
         assert _post(run, _body(backend)).status_code == 200

@@ -298,7 +298,8 @@ def _recv(s: socket.socket) -> bytes:
 BAD_OPTIONS = [
     (["--max-batch", "0"], "--max-batch"),
     (["--max-body", "-1"], "--max-body"),
-    (["--batch-window", "-5"], "--batch-window"),
+    (["--prefix-cache-mb", "-5"], "--prefix-cache-mb"),
+    (["--prefix-cache-mb", "nan"], "--prefix-cache-mb"),
     (["--max-tokens", "0"], "--max-tokens"),
     (["--timeout", "0"], "--timeout"),
     (["--api-key", " ", "--host", "0.0.0.0"], "--api-key"),

@@ -1,5 +1,5 @@
-"""The server's `steer` operators: add, ablate, cap and `when` mixed across requests in one
-batch, each request getting its solo tokens; bad terms are one-line 400s."""
+"""The server's `steer` operators: add, ablate, cap and `when` mixed across requests in the
+running slot loop, each request getting its solo tokens; bad terms are one-line 400s."""
 
 import importlib.util
 import json
@@ -10,7 +10,7 @@ import pytest
 
 from pertoken.backends import Steer, load_backend
 from pertoken.backends.base import Condition
-from tests.serve_helpers import ask, client, serving, vectors
+from tests.serve_helpers import arriving_together, ask, client, serving, vectors
 
 BACKENDS = ["torch"] + (["mlx"] if importlib.util.find_spec("mlx_lm") else [])
 QUESTION = "What should I do about money?"
@@ -61,8 +61,6 @@ def test_requests_mixing_operators_in_one_batch_get_their_solo_tokens(served):
     solo = [ref.generate([prompt], steer=_steer(t), **kw)[0] for t in SETTINGS]
     assert len(set(solo)) == len(SETTINGS)  # every setting changes the answer
     got = [None] * len(SETTINGS)
-    before = dict(run.engine.stats)
-    run.engine.window = 1.0  # all land in one batch
 
     def one(i):
         r = c.chat.completions.create(
@@ -71,14 +69,12 @@ def test_requests_mixing_operators_in_one_batch_get_their_solo_tokens(served):
         )  # fmt: skip
         got[i] = r.choices[0].message.content
 
-    try:
+    with arriving_together(run.engine, len(SETTINGS)) as loop:  # all in the loop at once
         threads = [threading.Thread(target=one, args=(i,)) for i in range(len(SETTINGS))]
         [t.start() for t in threads]
         [t.join(60) for t in threads]
-    finally:
-        run.engine.window = 0.01
     assert got == solo
-    assert run.engine.stats["batches"] - before["batches"] == 1
+    assert loop["peak"] == len(SETTINGS)
 
 
 def _add_when(when: dict) -> dict:

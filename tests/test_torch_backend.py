@@ -73,7 +73,7 @@ def _rows_with(backend, ids, steer_by_row, mask=None):
 def test_position_mask_steers_only_its_tokens(backend, positions):
     from pertoken.backends.base import steer_mask
     from pertoken.backends.plan import left_pad
-    from pertoken.backends.torch.decode import steer_tensor
+    from pertoken.backends.torch.batch import steer_tensor
 
     ids = backend.encode(prompts(backend)[0] + ANSWERS[0])
     P = len(backend.encode(prompts(backend)[0]))

@@ -9,30 +9,16 @@ import numpy as np
 
 from pertoken.backends import machine
 from pertoken.backends.base import (
-    AnswerCallback,
-    RowSteers,
-    Sampling,
     Steer,
-    Streaming,
     Summaries,
-    TokenCallback,
-    TokenStep,
-    TokenTrace,
     check_projection_inputs,
-    row_uniforms,
-    steer_rows,
 )
 from pertoken.backends.chat import ChatText, stop_token_ids
-from pertoken.backends.conditions import (
-    conditional_projections,
-    decide,
-    decide_one,
-    trace_meta,
-)
+from pertoken.backends.conditions import conditional_projections, decide_one
+from pertoken.backends.generation import SlotBackend
 from pertoken.backends.memory import HEADROOM, MAX_BATCH, kv_bytes_per_token
 from pertoken.backends.mlx.batch import SteerPlan
-from pertoken.backends.mlx.continuous import Request, Slots
-from pertoken.backends.mlx.decode import decode
+from pertoken.backends.mlx.continuous import Slots
 from pertoken.backends.mlx.load import (
     DTYPES,
     Loaded,
@@ -45,19 +31,14 @@ from pertoken.backends.mlx.load import (
 from pertoken.backends.mlx.prefill import CHUNK, prefill
 from pertoken.backends.mlx.summaries import summarize
 from pertoken.backends.plan import (
-    TokenPieces,
     encode_pairs,
     encode_texts,
     left_pad,
     plan_batches,
-    token_pieces,
 )
-from pertoken.backends.schedule import Answers, check_schedule, check_slots, prompt_seeds
-from pertoken.errors import PertokenError
-from pertoken.rows import check_capture_rows
 
 
-class MLXBackend(ChatText):
+class MLXBackend(ChatText, SlotBackend):
     name = "mlx"
 
     def __init__(self, loaded: Loaded):
@@ -88,107 +69,11 @@ class MLXBackend(ChatText):
         return device, pick_dtype(dtype, local_config(model), device)
 
     # ------------------------------------------------------------------ generation
-    def generate(
-        self,
-        prompts: list[str],
-        *,
-        max_new_tokens: int = 1000,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        repetition_penalty: float = 1.0,
-        seed: int = 0,
-        steer: RowSteers = None,
-        batch_size: int | None = None,
-        seeds: list[int] | None = None,
-        stream: Streaming | None = None,
-        schedule: str = "continuous",
-        on_answer: AnswerCallback | None = None,
-    ) -> list[str]:
-        """Answers to chat-templated prompts (temperature 0 is greedy).
-
-        steer: one Steer for all prompts or one (or None) per prompt; seeds (one per prompt):
-        each row samples from its own stream, whatever its batch; stream: per-token reports
-        (token, logprobs, hidden states at stream.rows), whose callback may end an answer.
-        Without seeds, each prompt's is derived from `seed` (prompt_seeds). schedule
-        "continuous" (default): `batch_size` slots, each refilled with the next prompt as its
-        answer ends; "static": length-sorted batches that run until their longest answer ends
-        (also taken when streaming); both give the same answers."""
-        seqs = encode_texts(self.encode, prompts)
-        plans = steer_rows(steer, len(seqs), self.n_layers, self.hidden_size, self.dtype)
-        plans = decide(self, seqs, plans)
-        if stream is not None:
-            check_capture_rows(stream.rows, self.n_layers)
-        continuous = check_schedule(schedule) == "continuous" and stream is None
-        if seeds is None:
-            seeds = prompt_seeds(seed, len(seqs))
-        if len(seeds) != len(seqs):
-            raise PertokenError(f"{len(seeds)} seeds for {len(seqs)} prompts: give one per prompt")
-        uniforms = row_uniforms(list(seeds), max_new_tokens)
-        sampling = Sampling(temperature, top_p, top_k, repetition_penalty)
-        answers = Answers(len(seqs), self.decode, on_answer)
-        batch_size = batch_size or self._auto_batch(max(map(len, seqs)) + max_new_tokens)
-        if continuous:
-            req = Request(seqs, plans, uniforms, sampling, max_new_tokens, self.stop,
-                          self.hidden_size, self._mx_dtype, self.prefill_chunk,
-                          answers.end)  # fmt: skip
-            Slots(self.model, req, check_slots(batch_size)).run()
-            return answers.texts
-        mx.random.seed(seed)
-        for batch in plan_batches(seqs, self.pad_id, batch_size=batch_size):
-            idx = batch.index
-            plan = SteerPlan.per_row([plans[i] for i in idx], self.hidden_size, self._mx_dtype)
-            out = decode(
-                self.model, batch, max_new_tokens=max_new_tokens, sampling=sampling,
-                stop=self.stop, steer=plan, chunk=self.prefill_chunk,
-                uniforms=None if uniforms is None else uniforms[idx],
-                **_stream_kw(stream, idx),
-            )  # fmt: skip
-            for i, a in zip(idx, out, strict=True):
-                answers.end(int(i), a.ids)
-        return answers.texts
-
-    def trace(
-        self,
-        prompt: str,
-        *,
-        max_new_tokens: int = 200,
-        rows: list[int],
-        steer: Steer | None = None,
-        temperature: float = 0.0,
-        seed: int = 0,
-        on_token: TokenCallback | None = None,
-    ) -> TokenTrace:
-        """One answer with each answer token's hidden state at `rows` ([T, len(rows), hidden])."""
-        rows = [int(r) for r in rows]
-        if not rows:
-            raise PertokenError("no layers to trace: give at least one layer")
-        check_capture_rows(rows, self.n_layers)
-        (ids,) = encode_texts(self.encode, [prompt])
-        steer = decide_one(self, ids, steer)
-        pieces = TokenPieces(self.decode)
-
-        def on_hidden(b: int, i: int, token: int, h: np.ndarray, _lp) -> None:
-            piece = pieces.add(token)
-            if on_token is not None:
-                on_token(i, piece, h)
-
-        mx.random.seed(seed)
-        (answer,) = decode(
-            self.model, left_pad([ids], self.pad_id), max_new_tokens=max_new_tokens,
-            sampling=Sampling(temperature), stop=self.stop, steer=self._plan(steer), rows=rows,
-            report=on_hidden, chunk=self.prefill_chunk,
-        )  # fmt: skip
-        hidden = (
-            np.stack(answer.hidden)
-            if answer.hidden
-            else np.zeros((0, len(rows), self.hidden_size), np.float32)
-        )
-        meta = {"backend": self.name, "model": self.model_id, "temperature": temperature}
-        meta |= trace_meta(steer)
-        return TokenTrace(
-            prompt, self.decode(answer.ids), token_pieces(self.decode, answer.ids), answer.ids,
-            rows, hidden.astype(np.float32), meta,
+    def _slots(self, batch: int, rows: list[int], length: int, on_flush=None, prefix=None):
+        """The slot loop (see backends/generation.py)."""
+        return Slots(
+            self.model, batch, rows=rows, stop=self.stop, hidden_size=self.hidden_size,
+            dtype=self._mx_dtype, chunk=self.prefill_chunk, on_flush=on_flush, prefix=prefix,
         )  # fmt: skip
 
     # ------------------------------------------------------------------ forward-only
@@ -266,22 +151,3 @@ class MLXBackend(ChatText):
             return 8
         free = budget * (1 - HEADROOM) - mx.get_active_memory()
         return int(max(1, min(MAX_BATCH, free // (per_token * max_len))))
-
-
-def _stream_kw(stream: Streaming | None, idx: np.ndarray) -> dict:
-    """decode() options that turn its per-row reports into TokenSteps for the prompts in idx."""
-    if stream is None:
-        return {}
-
-    def report(b: int, i: int, token: int, h, lp) -> bool | None:
-        step = TokenStep(int(idx[b]), i, token, h)
-        if lp is not None:
-            step.logprob, step.top = lp
-        return stream.on_step(step)
-
-    return {
-        "rows": list(stream.rows) or None,
-        "report": report,
-        "logprobs": stream.logprobs,
-        "flush": stream.on_flush,
-    }

@@ -1,44 +1,30 @@
-"""Continuous batching for pertoken's MLX models over mlx-lm's `BatchKVCache`: prompts entering
-free rows at the same time are prefilled in one left-padded batch; each one's unpadded cache is
-appended to the decoding batch by `extend` (left-padded so all rows end together); `filter`
-drops rows whose answers ended. The batch never holds more
-than `slots` rows, and every decode step advances all of them at once.
+"""The MLX slot loop over mlx-lm's `BatchKVCache`: entries entering free rows at the same time
+are prefilled in one left-padded batch; each one's unpadded cache is appended to the decoding
+batch by `extend` (left-padded so all rows end together); `filter` drops rows whose answers
+ended. The batch never holds more than `slots` rows, and every step advances all of them.
 
-Each row carries its prompt's steering, its count of answer tokens (which picks the prompt's
-own draw in `uniforms`) and its seen tokens, so a prompt's answer equals its solo run.
+Each row carries its entry's steering, sampling settings, count of answer tokens (which picks
+the entry's own draw) and seen tokens, so an entry's answer equals its solo run. A token whose
+hidden state is captured is reported after the step that feeds it (its own position).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.models.cache import BatchKVCache
+from mlx_lm.models.cache import BatchKVCache, KVCache
 
-from pertoken.backends.base import Sampling, Steer
+from pertoken.backends.base import TokenStep
+from pertoken.backends.generation import Entry
 from pertoken.backends.mlx.batch import SteerPlan, step_pass, window_of
+from pertoken.backends.mlx.models.residual import Pass, attend_mask
 from pertoken.backends.mlx.prefill import CHUNK, prefill
 from pertoken.backends.mlx.sampling import choose, penalize
 from pertoken.backends.plan import left_pad
-from pertoken.backends.schedule import Queue, prefix_keys
-
-
-@dataclass
-class Request:
-    """Everything one call asks of the slots."""
-
-    seqs: list[list[int]]
-    plans: list[Steer | None]
-    uniforms: np.ndarray | None  # [N, max_new_tokens] per-prompt draws; None when greedy
-    sampling: Sampling
-    max_new_tokens: int
-    stop: set[int]
-    hidden_size: int
-    dtype: mx.Dtype
-    chunk: int = CHUNK
-    on_answer: Callable[[int, list[int]], None] | None = None  # (prompt, its ids) as each ends
+from pertoken.backends.prefix_cache import PrefixCache
+from pertoken.backends.schedule import Waiting
 
 
 @dataclass
@@ -49,157 +35,303 @@ class Prefilled:
     logits: mx.array  # [1, vocab]
 
 
+@dataclass
+class _Row:
+    entry: Entry
+    token: int = 0  # what the row feeds next
+    pending: tuple | None = None  # (index, token, logprobs) waiting for its hidden state
+    draining: bool = False  # its last token is fed once more, for its hidden state
+    done: bool = False
+
+
+class Grab:
+    """Keeps the last position of chosen rows during one forward."""
+
+    def __init__(self, rows: list[int]):
+        self.rows, self.got = rows, {}
+
+    def __call__(self, row: int, h: mx.array) -> None:
+        if row in self.rows:
+            self.got[row] = h[:, -1].astype(mx.float32)  # [B, hidden]
+
+    def stacked(self) -> mx.array:
+        return mx.stack([self.got[r] for r in self.rows], axis=1)  # [B, R, hidden]
+
+
 class Slots:
-    """Up to `slots` rows decoding together; `run` answers a whole request.
+    """Up to `slots` rows decoding together: insert entries, step until none is busy."""
 
-    The host reads a step's tokens while the next step runs: that step is queued for every
-    row before anyone knows which rows end, and the rows that did end are dropped after it
-    (one wasted row-step each), as mlx-lm's batch generator does."""
-
-    def __init__(self, model, req: Request, slots: int):
-        self.model, self.req, self.slots = model, req, slots
+    def __init__(self, model, slots: int, *, rows, stop, hidden_size, dtype, chunk=CHUNK,
+                 on_flush=None, prefix: PrefixCache | None = None):  # fmt: skip
+        self.model, self.slots, self.capture = model, slots, list(rows)
+        self.stop, self.hidden_size, self.dtype, self.chunk = set(stop), hidden_size, dtype, chunk
+        self.on_flush, self.prefix = on_flush, prefix
         self.window = window_of(model)
-        self.cache: list[BatchKVCache] | None = None  # one per block, a row per prompt
-        self.rows: list[int] = []  # the prompt of each row
-        self.count: list[int] = []  # answer tokens of each row read so far
-        self.seen: mx.array | None = None  # [rows, vocab] bool, only with a penalty
+        self.cache: list[BatchKVCache] | None = None  # one per block, a row per entry
+        self.rows: list[_Row] = []
+        self.seen: mx.array | None = None  # [rows, vocab] bool, once a row has a penalty
+        self.bias: mx.array | None = None  # [rows, vocab] float32, once a row has a bias
         self.steer: dict = {}  # Pass fields for the rows as they stand
-        self.answers: list[list[int]] = [[] for _ in req.seqs]
-        self.queue: Queue[Prefilled] = Queue(
-            prefix_keys(req.seqs, req.plans), [len(q) for q in req.seqs]
-        )
+        self.waiting: Waiting[Prefilled] = Waiting()
 
-    def run(self) -> list[list[int]]:
-        tokens = self._fill(None)  # [rows] the tokens each row feeds next, not yet read
-        while self.rows:
-            ahead = self._draw(self._step(tokens), start=0, ahead=1)  # the step after
-            mx.async_eval(ahead)
-            keep = [self._take(r, t) for r, t in enumerate(tokens.tolist())]
-            tokens = self._fill(self._keep(keep, ahead))
-        return self.answers
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting) or bool(self.rows)
+
+    def insert(self, entry: Entry) -> None:
+        self.waiting.add(entry)
+
+    def step(self) -> None:
+        for r in self.rows:
+            if r.entry.cancelled:
+                self._end(r)
+        self._keep()
+        self._fill()
+        if self.rows:
+            self._decode()
+        if self.on_flush is not None:
+            self.on_flush()
 
     # ---------------------------------------------------------------- admission
-    def _fill(self, tokens: mx.array | None) -> mx.array | None:
-        """Admit waiting prompts into free rows, prefilled together; `tokens` [rows] gains
-        each new row's first token, drawn from its prefill's logits."""
-        added = False
-        while self.queue and len(self.rows) < self.slots:
-            taken = self.queue.take(self.slots - len(self.rows), self._prefill)
+    def _fill(self) -> None:
+        """Admit waiting entries into free rows, prefilled together; each new row draws its
+        first token from its prefill's logits (a stop token barred)."""
+        while self.waiting and len(self.rows) < self.slots:
+            taken = self.waiting.take(self.slots - len(self.rows), self._prefill)
+            if not taken:
+                return
             start = len(self.rows)
-            for i, pre in taken:
-                self._append(i, pre)
-            logits = mx.concatenate([pre.logits for _, pre in taken])  # [len(taken), vocab]
-            first = self._draw(logits, start=start, first=True)
-            tokens = first if tokens is None else mx.concatenate([tokens, first])
-            added = True
-        if added:
+            for e, pre in taken:
+                self._append(e, pre)
+            logits = mx.concatenate([pre.logits for _, pre in taken]).astype(mx.float32)
+            V = logits.shape[-1]
+            bar = np.zeros(V, dtype=bool)
+            bar[[t for t in self.stop if t < V]] = True
             self._steering()
-        return tokens
+            self._draw(logits, mx.where(mx.array(bar), float("-inf"), logits), start)
+            self._keep()
 
-    def _prefill(self, idx: list[int]) -> list[Prefilled]:
+    def _prefill(self, entries: list[Entry]) -> list[Prefilled]:
+        """Each prompt's cache and last logits: those with a cached prefix compute only what
+        follows it, the others run in one left-padded batch; all are cached after."""
+        if self.prefix is None:
+            return self._prefill_batch(entries)
+        hits = {id(e): self.prefix.lookup(e.ids, e.plan) for e in entries}
+        rest = [e for e in entries if hits[id(e)][0] == 0]
+        out = dict(zip(map(id, rest), self._prefill_batch(rest) if rest else []))
+        for e in entries:
+            if hits[id(e)][0]:
+                out[id(e)] = self._prefill_after(e, *hits[id(e)])
+            kv = [
+                (c.keys[:, :, : c._idx - 1], c.values[:, :, : c._idx - 1]) for c in out[id(e)].cache
+            ]
+            nbytes = sum(k.nbytes + v.nbytes for k, v in kv)
+            self.prefix.store(e.ids[:-1], e.plan, kv, nbytes)
+        return [out[id(e)] for e in entries]
+
+    def _prefill_after(self, e: Entry, P: int, kv) -> Prefilled:
+        """One prompt whose first P tokens' keys and values are given: only the rest runs."""
+        T = len(e.ids)
+        cache = [KVCache() for _ in self.model.layers]
+        for c, (k, v) in zip(cache, kv, strict=True):
+            c.keys, c.values, c.offset = k[:, :, :P], v[:, :, :P], P
+        valid = mx.ones((1, T), dtype=mx.bool_)
+        kw = {}
+        sp = SteerPlan.per_row([e.plan], self.hidden_size, self.dtype)
+        if sp is not None:
+            on = left_pad([e.ids], 0).steer_mask([e.plan.positions], P, T - P)[..., None]
+            kw = {"steer": sp.vectors, "steer_on": mx.array(on).astype(self.dtype)}
+        window = self.window
+        p = Pass(
+            offset=mx.array([P]), mask=attend_mask(valid, T - P),
+            window_mask=attend_mask(valid, T - P, window) if window else None, head="last", **kw,
+        )  # fmt: skip
+        logits = self.model(mx.array([e.ids[P:]]), cache, p)  # [1, 1, vocab]
+        mx.eval(logits, [c.state for c in cache])
+        e.prefilled = T - P
+        rows = []
+        for c in cache:
+            one = BatchKVCache([0])
+            one.keys, one.values = c.keys[:, :, :T], c.values[:, :, :T]
+            one._idx, one.offset = T, mx.array([T])
+            rows.append(one)
+        return Prefilled(rows, logits[:, -1])
+
+    def _prefill_batch(self, entries: list[Entry]) -> list[Prefilled]:
         """These prompts in one left-padded batch, each with its own steering; each comes out
         with its own unpadded one-row cache."""
-        seqs, plans = [self.req.seqs[i] for i in idx], [self.req.plans[i] for i in idx]
+        seqs, plans = [e.ids for e in entries], [e.plan for e in entries]
         batch = left_pad(seqs, 0)  # the pad id is never attended to
         kw = {}
-        sp = SteerPlan.per_row(plans, self.req.hidden_size, self.req.dtype)
+        sp = SteerPlan.per_row(plans, self.hidden_size, self.dtype)
         if sp is not None:
             kw = {"steer": sp.vectors, "steer_on": sp.prefill_on(batch)}
         pads = batch.pad.tolist()
         cache = [BatchKVCache(pads) for _ in self.model.layers]
-        logits = prefill(self.model, batch, chunk=self.req.chunk, cache=cache, head="last", **kw)
+        logits = prefill(self.model, batch, chunk=self.chunk, cache=cache, head="last", **kw)
         mx.eval(logits, [c.state for c in cache])
+        for e in entries:
+            e.prefilled = len(e.ids)
         return [
             Prefilled([_row(c, b, p) for c in cache], logits[b : b + 1, -1])
             for b, p in enumerate(pads)
         ]
 
-    def _append(self, i: int, pre: Prefilled) -> None:
+    def _append(self, e: Entry, pre: Prefilled) -> None:
         if self.cache is None:
             self.cache = [_empty() for _ in pre.cache]
         for mine, theirs in zip(self.cache, pre.cache, strict=True):
             mine.extend(theirs)  # new arrays: the prefill stays as it was for its siblings
-        self.rows.append(i)
-        self.count.append(0)
-        if self.req.sampling.repetition_penalty != 1.0:
-            V = pre.logits.shape[-1]
+        V, n = pre.logits.shape[-1], len(self.rows)
+        self.rows.append(_Row(e))
+        s = e.sampling
+        if s.repetition_penalty != 1.0 or self.seen is not None:
             row = np.zeros((1, V), dtype=bool)
-            row[0, self.req.seqs[i]] = True
-            new = mx.array(row)
-            self.seen = new if self.seen is None else mx.concatenate([self.seen, new])
+            if s.repetition_penalty != 1.0:
+                row[0, e.ids] = True
+            old = self.seen if self.seen is not None else mx.zeros((n, V), dtype=mx.bool_)
+            self.seen = mx.concatenate([old, mx.array(row)])
+        if s.logit_bias or self.bias is not None:
+            row = np.zeros((1, V), dtype=np.float32)
+            for t, v in e.bias().items():
+                if 0 <= t < V:
+                    row[0, t] = v
+            old = self.bias if self.bias is not None else mx.zeros((n, V))
+            self.bias = mx.concatenate([old, mx.array(row)])
 
     def _steering(self) -> None:
         """Each steered row's vector [rows, 1, hidden] and where it acts ([rows, 1, 1])."""
-        plans = [self.req.plans[i] for i in self.rows]
-        sp = SteerPlan.per_row(plans, self.req.hidden_size, self.req.dtype)
+        plans = [r.entry.plan for r in self.rows]
+        sp = SteerPlan.per_row(plans, self.hidden_size, self.dtype)
         self.steer = {}
         if sp is not None:
             on = np.array([p is not None and p.positions != "prompt" for p in plans], np.float32)
             self.steer = {"steer": sp.vectors, "steer_on": mx.array(on[:, None, None])}
-            self.steer["steer_on"] = self.steer["steer_on"].astype(self.req.dtype)
+            self.steer["steer_on"] = self.steer["steer_on"].astype(self.dtype)
 
     # ---------------------------------------------------------------- decoding
-    def _step(self, tokens: mx.array) -> mx.array:
-        """Each row feeds its token (tokens [rows]) -> logits [rows, vocab]."""
+    def _decode(self) -> None:
+        """One step: every row feeds its token; captured tokens are reported with their
+        states; then each row still going draws its next token."""
+        tokens = mx.array([r.token for r in self.rows])
         c = self.cache[0]
         S = c._idx + 1  # keys once this step's are written
         valid = mx.arange(S)[None] >= c.left_padding[:, None]  # [rows, S]
-        p = step_pass(valid, c.offset, self.window, head="last", **self.steer)
-        return self.model(tokens[:, None], self.cache, p)[:, -1]
+        grab = Grab(self.capture) if self.capture else None
+        p = step_pass(valid, c.offset, self.window, head="last", observe=grab, **self.steer)
+        logits = self.model(tokens[:, None], self.cache, p)[:, -1].astype(mx.float32)
+        if any(r.pending for r in self.rows):
+            hidden = np.array(grab.stacked())  # [rows, R, hidden]
+            for j, r in enumerate(self.rows):
+                if r.pending:
+                    self._report(r, *r.pending, hidden[j])
+                    if r.draining:
+                        self._end(r)
+        self._draw(logits, logits, 0)
+        self._keep()
 
-    def _draw(self, logits: mx.array, start: int, ahead: int = 0, first=False) -> mx.array:
-        """Tokens [n] of rows start.. (not read yet) from their logits [n, vocab]: each row's
-        draw `ahead` past the tokens read so far."""
-        rows = range(start, len(self.rows))
-        s, V = self.req.sampling, logits.shape[-1]
-        logits = logits.astype(mx.float32)
-        if first:  # an answer has at least one token
-            bar = np.zeros(V, dtype=bool)
-            bar[[t for t in self.req.stop if t < V]] = True
-            logits = mx.where(mx.array(bar), float("-inf"), logits)
-        if self.seen is not None:
-            logits = penalize(logits, self.seen[start:], s.repetition_penalty)
-        u = None
-        if self.req.uniforms is not None and s.temperature > 0:
-            u = np.array([self._u(r, ahead) for r in rows])
-        tokens = choose(logits, s, u)
-        if self.seen is not None:
-            self.seen[start:] = self.seen[start:] | (mx.arange(V)[None] == tokens[:, None])
-        return tokens
-
-    def _u(self, r: int, ahead: int) -> float:
-        k = self.count[r] + ahead  # a row ending before it never reads this draw
-        return self.req.uniforms[self.rows[r], k] if k < self.req.max_new_tokens else 0.5
-
-    def _take(self, r: int, token: int) -> bool:
-        """Row r drew `token`; False when its answer has ended (a stop, or the last token)."""
-        i = self.rows[r]
-        if token not in self.req.stop:
-            self.answers[i].append(token)
-            self.count[r] += 1
-            if self.count[r] < self.req.max_new_tokens:
-                return True
-        if self.req.on_answer is not None:
-            self.req.on_answer(i, self.answers[i])
-        return False
-
-    def _keep(self, keep: list[bool], tokens: mx.array) -> mx.array | None:
-        """Drop the rows whose answers ended, and their entries of `tokens` [rows]."""
-        if all(keep):
-            return tokens
-        idx = [r for r, k in enumerate(keep) if k]
-        self.rows, self.count = [self.rows[r] for r in idx], [self.count[r] for r in idx]
+    def _draw(self, raw: mx.array, logits: mx.array, start: int) -> None:
+        """Rows start.. (those not done) draw from logits [n, vocab] (raw: the model's own,
+        for logprobs) and take their tokens."""
+        idx = [j for j in range(start, len(self.rows)) if not self.rows[j].done]
         if not idx:
-            self.cache = self.seen = None
-            self.steer = {}
-            return None
+            return
         at = mx.array(idx)
+        local = mx.array([j - start for j in idx])
+        raw, logits = raw[local], logits[local]
+        es = [self.rows[j].entry for j in idx]
+        if self.bias is not None:
+            logits = logits + self.bias[at]
+        if self.seen is not None:
+            pen = np.array([e.sampling.repetition_penalty for e in es], np.float32)
+            logits = penalize(logits, self.seen[at], mx.array(pen)[:, None])
+        u = np.array([_u(e) for e in es])
+        tokens = choose(logits, [e.sampling for e in es], u)
+        if self.seen is not None:
+            hit = np.zeros(self.seen.shape, dtype=bool)
+            hit[idx, np.array(tokens)] = True
+            self.seen = self.seen | mx.array(hit)
+        lps = _logprobs(raw, tokens, [e.logprobs for e in es])
+        for k, (j, t) in enumerate(zip(idx, tokens.tolist())):
+            self._take(self.rows[j], t, None if lps is None else lps[k])
+
+    def _take(self, r: _Row, token: int, lp) -> None:
+        """Row r drew `token`: a stop or the last allowed token ends its answer."""
+        e = r.entry
+        if token in self.stop:
+            return self._end(r)
+        e.answer.append(token)
+        r.token = token
+        last = len(e.answer) >= e.max_new_tokens
+        if e.hidden and self.capture:
+            r.pending, r.draining = (len(e.answer) - 1, token, lp), last
+            return
+        self._report(r, len(e.answer) - 1, token, lp, None)
+        if last:
+            self._end(r)
+
+    def _report(self, r: _Row, index: int, token: int, lp, hidden) -> None:
+        r.pending = None
+        e = r.entry
+        if e.on_step is None or r.done:
+            return
+        step = TokenStep(e.prompt, index, token, hidden)
+        if lp is not None:
+            step.logprob, step.top = lp
+        if e.on_step(step) is False:
+            self._end(r)
+
+    def _end(self, r: _Row) -> None:
+        if not r.done:
+            r.done = True
+            r.entry.on_end(r.entry)
+
+    def _keep(self) -> None:
+        """Drop the rows whose answers ended."""
+        keep = [j for j, r in enumerate(self.rows) if not r.done]
+        if len(keep) == len(self.rows):
+            return
+        self.rows = [self.rows[j] for j in keep]
+        if not keep:
+            self.cache = self.seen = self.bias = None
+            self.steer = {}
+            return
+        at = mx.array(keep)
         for c in self.cache:
             c.filter(at)
         if self.seen is not None:
             self.seen = self.seen[at]
+        if self.bias is not None:
+            self.bias = self.bias[at]
         self._steering()
-        return tokens[at]
+
+
+def _u(e: Entry) -> float:
+    k = len(e.answer)  # the entry's next draw
+    return float(e.uniforms[k]) if e.uniforms is not None and k < len(e.uniforms) else 0.5
+
+
+def _logprobs(raw: mx.array, tokens: mx.array, wants: list[int | None]):
+    """Per row (logprob of its token, [(id, logprob)] best first or None), or None for all,
+    under the model's own distribution."""
+    if all(k is None for k in wants):
+        return None
+    lp = raw - mx.logsumexp(raw, axis=-1, keepdims=True)  # [n, vocab]
+    chosen = np.array(mx.take_along_axis(lp, tokens[:, None], axis=-1)[:, 0]).tolist()
+    k = max((w for w in wants if w), default=0)
+    out = []
+    if k:
+        top = mx.argpartition(-lp, kth=k - 1, axis=-1)[:, :k]  # [n, k], unordered
+        ids, vals = np.array(top), np.array(mx.take_along_axis(lp, top, axis=-1))
+        order = np.argsort(-vals, axis=-1, kind="stable")
+        ids, vals = np.take_along_axis(ids, order, -1), np.take_along_axis(vals, order, -1)
+    for j, w in enumerate(wants):
+        if w is None:
+            out.append(None)
+        else:
+            pairs = list(zip(ids[j][:w].tolist(), vals[j][:w].tolist())) if w else None
+            out.append((chosen[j], pairs))
+    return out
 
 
 def _row(c: BatchKVCache, b: int, pad: int) -> BatchKVCache:

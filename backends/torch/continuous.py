@@ -1,29 +1,30 @@
-"""Continuous batching for transformers models: a fixed number of slots over a per-slot KV
-cache (the compiled step's `StaticStep`, whose rows each keep their own position and cache
-slot). Prompts entering free slots at the same time are prefilled in one left-padded batch;
-each one's unpadded keys and values are copied into its slot and its first token drawn from
-the prefill's logits; every decode step then advances all slots at once.
+"""The torch slot loop: a fixed number of slots over a per-slot KV cache (`StaticStep`, whose
+rows each keep their own position and cache slot). Entries entering free slots at the same
+time are prefilled in one left-padded batch; each one's unpadded keys and values are copied
+into its slot and its first token drawn from the prefill's logits; every step then advances all
+slots at once, as plain calls or, under --compile on CUDA, as one replayed CUDA graph.
 
-Each slot carries its prompt's steering vector, its count of answer tokens (which picks the
-prompt's own draw in `uniforms`) and its seen tokens, so a prompt's answer equals its solo run.
+Each slot carries its entry's steering vector, sampling settings, count of answer tokens (which
+picks the entry's own draw) and seen tokens, so an entry's answer equals its solo run. A token
+whose hidden state is captured is reported after the step that feeds it (its own position).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from pertoken.backends.base import Sampling, Steer
-from pertoken.backends.plan import left_pad
-from pertoken.backends.schedule import Queue, prefix_keys
+from pertoken.backends.base import TokenStep
+from pertoken.backends.generation import Entry
+from pertoken.backends.plan import left_pad, steer_mask
+from pertoken.backends.prefix_cache import PrefixCache
+from pertoken.backends.schedule import Waiting
+from pertoken.backends.torch.batch import batch_tensors
 from pertoken.backends.torch.compiled import Shape, StaticStep
-from pertoken.backends.torch.decode import batch_tensors
 from pertoken.backends.torch.hooks import TapState
-from pertoken.backends.torch.sampling import choose, penalize
-from pertoken.backends.torch.steering import set_line, steer_buffers
+from pertoken.backends.torch.sampling import RowSampler
+from pertoken.backends.torch.steering import copy_lines, ops_with, set_line, steer_state
 
 
 @dataclass
@@ -36,87 +37,203 @@ class Prefilled:
 
 
 @dataclass
-class Request:
-    """Everything one call asks of the slots."""
-
-    seqs: list[list[int]]
-    plans: list[Steer | None]
-    uniforms: np.ndarray | None  # [N, max_new_tokens] per-prompt draws; None when greedy
-    sampling: Sampling
-    max_new_tokens: int
-    stop_ids: torch.Tensor  # [S]
-    pad_id: int
-    on_answer: Callable[[int, list[int]], None] | None = None  # (prompt, its ids) as each ends
+class _Slot:
+    entry: Entry
+    pending: tuple | None = None  # (index, token, logprobs) waiting for its hidden state
+    draining: bool = False  # its last token is fed once more, for its hidden state
 
 
 class Slots:
-    """B decode slots over one StaticStep; `run` answers a whole request."""
+    """B slots over one StaticStep: insert entries, step until none is busy.
 
-    def __init__(self, model, req: Request, B: int, state: TapState):
-        self.model, self.req, self.state = model, req, state
+    `step_source(shape)` gives (StaticStep, run): the step and how to run one decode step
+    (a graph replay, or the step itself); the caller holds `residual_taps(model, state)`."""
+
+    def __init__(self, model, shape: Shape, state: TapState, stop_ids, pad_id, steps,
+                 on_flush=None, prefix: PrefixCache | None = None):  # fmt: skip
+        self.model, self.state, self.pad_id, self.on_flush = model, state, pad_id, on_flush
+        self.prefix = prefix
         self.dtype = next(model.parameters()).dtype
-        length = max(map(len, req.seqs)) + req.max_new_tokens
-        self.step = StaticStep(model, Shape(B, length, ()), self.dtype)
-        self.home = self.step.tokens.device
-        self.vectors = steer_buffers(model, req.plans, B)  # row -> [B, hidden] or RowOps
-        self.on = torch.zeros(B, 1, dtype=torch.bool, device=self.home)  # steered slots
-        self.idle = torch.ones(B, 1, dtype=torch.bool, device=self.home)  # slots with no prompt
-        self.rows: list[int | None] = [None] * B  # the prompt each slot decodes
-        self.count = np.zeros(B, dtype=np.int64)  # answer tokens each slot has drawn
-        self.seen = None  # [B, vocab] bool, only with a repetition penalty
-        self.stops = set(req.stop_ids.tolist())
-        self.answers: list[list[int]] = [[] for _ in req.seqs]
-        self.queue: Queue[Prefilled] = Queue(
-            prefix_keys(req.seqs, req.plans), [len(q) for q in req.seqs]
-        )
-        self.draws = _Draws(req, B, self.home)
+        self.steps, self.most = steps, shape.batch  # slots grow up to `most` as entries wait
+        self.step_buf, self.run = steps(Shape(1, shape.length, shape.rows, shape.ops), state)
+        self.home = self.step_buf.tokens.device
+        self.rows = list(shape.rows)
+        shape = self.step_buf.shape  # a compiled step may hold more slots than asked
+        B = shape.batch
+        self.slots: list[_Slot | None] = [None] * B
+        self.idle = torch.ones(B, 1, dtype=torch.bool, device=self.home)
+        self.stop_ids = stop_ids.to(self.home)
+        self.stops = set(stop_ids.tolist())
+        self.sampler = RowSampler(B, shape.length, self.home)
+        self.waiting: Waiting[Prefilled] = Waiting()
 
-    def run(self) -> list[list[int]]:
-        every = torch.arange(len(self.rows), device=self.home)
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting) or any(s is not None for s in self.slots)
+
+    def insert(self, entry: Entry) -> None:
+        self.waiting.add(entry)
+
+    def step(self) -> None:
+        self._drop_cancelled()
         self._fill()
-        while any(i is not None for i in self.rows):
-            self._decode_mode()
-            logits = self.step.step()  # [B, vocab] float32
-            self.step.slot.masked_fill_(self.idle, 0)  # idle slots write slot 0, never read
-            self.step.pos.masked_fill_(self.idle, 0)
-            tokens = self._draw(logits, every, first=False)  # [B]
-            self.step.tokens.copy_(tokens[:, None])  # the next step's input, on the device
-            for b, t in enumerate(tokens.tolist()):
-                if self.rows[b] is not None:
-                    self._take(b, t)
-            self._fill()
-        return self.answers
+        if any(s is not None for s in self.slots):
+            self._decode()
+        if not self.busy:
+            self._widen()
+        if self.on_flush is not None:
+            self.on_flush()
 
     # ---------------------------------------------------------------- admission
     def _fill(self) -> None:
-        """Prefill waiting prompts into free slots, together (one that ends at once frees
+        """Prefill waiting entries into free slots, together (one that ends at once frees
         its slot again)."""
-        while self.queue and None in self.rows:
-            free = [b for b, i in enumerate(self.rows) if i is None]
-            taken = self.queue.take(len(free), self._prefill)
+        self._widen()
+        while self.waiting and None in self.slots:
+            free = [b for b, s in enumerate(self.slots) if s is None]
+            taken = self.waiting.take(len(free), self._prefill)
+            if not taken:
+                return
             slots = free[: len(taken)]
-            for b, (i, pre) in zip(slots, taken):
-                self._load(b, i, pre)
-            logits = torch.cat([pre.logits for _, pre in taken])  # [len(taken), vocab]
-            at = torch.tensor(slots, device=self.home)
-            tokens = self._draw(logits, at, first=True)  # [len(taken)]
-            self.step.tokens[at, 0] = tokens
-            for b, t in zip(slots, tokens.tolist()):
-                self._take(b, t)
+            self._fit(max(len(e.ids) + e.max_new_tokens + 1 for e, _ in taken))
+            self._fit_ops([e.plan for e, _ in taken])
+            for b, (e, pre) in zip(slots, taken):
+                self._load(b, e, pre)
+            logits = torch.cat([pre.logits for _, pre in taken])  # [n, vocab]
+            stops = self.stop_ids[self.stop_ids < logits.shape[-1]]
+            barred = logits.index_fill(-1, stops, float("-inf"))  # an answer has a token
+            self._draw(logits, barred, slots)
 
-    def _prefill(self, idx: list[int]) -> list[Prefilled]:
+    def _fit(self, need: int) -> None:
+        """Grow the step's cache (doubling) until it holds `need` positions per slot."""
+        L = self.step_buf.shape.length
+        if need > L:
+            while L < need:
+                L *= 2
+            self._resize(len(self.slots), L)
+
+    def _fit_ops(self, plans) -> None:
+        """Widen the step's steering buffers where these plans ablate or cap (operator
+        stages, as the step's shape); a loop keeps them once it has them."""
+        ops = ops_with(self.step_buf.shape.ops, plans)
+        if ops != self.step_buf.shape.ops:
+            self._resize(len(self.slots), self.step_buf.shape.length, ops)
+
+    def _resize(self, B: int, L: int, ops=None) -> None:
+        """A step of B slots and L positions (a compiled source may give more slots), the
+        busy slots (all among the first B) carried over: keys, values, positions, steering
+        and draws. A step costs as many rows as it has, busy or not."""
+        old = self.step_buf
+        ops = old.shape.ops if ops is None else ops
+        new, self.run = self.steps(Shape(B, L, old.shape.rows, ops), self.state)
+        if new is old:  # a compiled source's kept step already holds these
+            return
+        B = new.shape.batch
+        n, L0 = min(B, old.shape.batch), old.shape.length
+        for a, b in zip(old.cache.layers, new.cache.layers, strict=True):
+            if a.is_initialized:
+                if not b.is_initialized:
+                    b.lazy_initialization(a.keys[:1].expand(B, -1, -1, -1), a.values[:1])
+                b.keys[:n, :, :L0] = a.keys[:n]
+                b.values[:n, :, :L0] = a.values[:n]
+        new.key_pos.fill_(-1)
+        new.key_pos[:n, :L0] = old.key_pos[:n]
+        for name in ("tokens", "pos", "slot", "steer_on"):
+            getattr(new, name)[:n] = getattr(old, name)[:n]
+        for row, buf in new.steer.items():
+            copy_lines(buf, old.steer[row], n)
+        self.step_buf = new
+        self.slots = self.slots[:n] + [None] * (B - n)
+        idle = torch.ones(B, 1, dtype=torch.bool, device=self.home)
+        idle[:n] = self.idle[:n]
+        self.idle = idle
+        self.sampler.resize(B, new.shape.length)
+
+    def _widen(self) -> None:
+        """More slots when entries wait and every slot is busy (up to `most`); back to one
+        when the loop has emptied."""
+        busy = sum(x is not None for x in self.slots)
+        B = len(self.slots)
+        want = min(self.most, busy + len(self.waiting.order)) if self.waiting else 1
+        if want > B or (want == 1 and busy == 0 and B > 1):
+            self._resize(want, self.step_buf.shape.length)
+
+    def _prefill(self, entries: list[Entry]) -> list[Prefilled]:
+        """Each prompt's keys, values and last logits: those with a cached prefix compute only
+        what follows it, the others run in one left-padded batch; all are cached after."""
+        if self.prefix is None:
+            return self._prefill_batch(entries)
+        hits = [self.prefix.lookup(e.ids, e.plan) for e in entries]
+        out = self._prefill_after(entries, hits)
+        for e, pre in zip(entries, out):
+            kv = [(k[:, :, :-1].clone(), v[:, :, :-1].clone()) for k, v in pre.kv]
+            nbytes = sum(k.nbytes + v.nbytes for k, v in kv)
+            self.prefix.store(e.ids[:-1], e.plan, kv, nbytes)
+        return out
+
+    def _prefill_after(self, entries: list[Entry], hits: list[tuple[int, object]]):
+        """Prompts whose first P tokens' keys and values are given (P may be 0): only the
+        rest of each runs, in one left-padded batch whose padding writes a spare slot."""
+        k, T = len(entries), max(len(e.ids) for e in entries)
+        n = [len(e.ids) - P for e, (P, _) in zip(entries, hits)]  # tokens each computes
+        S = max(n)
+        one = StaticStep(self.model, Shape(k, T + 1, ()), self.dtype)  # slot T: padding
+        ids = torch.full((k, S), self.pad_id, dtype=torch.long)
+        pos, slots = torch.zeros(k, S, dtype=torch.long), torch.full((k, S), T)
+        mask = torch.zeros(k, S, dtype=torch.bool)
+        one.key_pos.fill_(-1)
+        for b, (e, (P, _)) in enumerate(zip(entries, hits)):
+            ids[b, S - n[b] :] = torch.tensor(e.ids[P:])
+            pos[b, S - n[b] :] = slots[b, S - n[b] :] = torch.arange(P, len(e.ids))
+            one.key_pos[b, : len(e.ids)] = torch.arange(len(e.ids))
+            if e.plan is not None:
+                rule = steer_mask(len(e.ids), len(e.ids), e.plan.positions)[P:]
+                mask[b, S - n[b] :] = torch.from_numpy(rule)
+        self._load_prefixes(one, hits)
+        saved = self.state.steer, self.state.steer_mask, self.state.on_row
+        self.state.steer = steer_state(self.model, [e.plan for e in entries])
+        self.state.steer_mask, self.state.on_row = mask.to(self.home), None
+        try:
+            logits = one.forward(*(x.to(self.home) for x in (ids, pos, slots)))  # [k, vocab]
+        finally:
+            self.state.steer, self.state.steer_mask, self.state.on_row = saved
+        out = []
+        for b, e in enumerate(entries):
+            e.prefilled = n[b]
+            kv = [(lay.keys[b : b + 1, :, : len(e.ids)], lay.values[b : b + 1, :, : len(e.ids)])
+                  for lay in one.cache.layers]  # fmt: skip
+            out.append(Prefilled(e.ids, logits[b : b + 1], kv))
+        return out
+
+    def _load_prefixes(self, one: StaticStep, hits) -> None:
+        """Copy each row's cached prefix into the prefill step's cache (allocating it)."""
+        B = one.shape.batch
+        for b, (P, kv) in enumerate(hits):
+            if not P:
+                continue
+            for layer, (k, v) in zip(one.cache.layers, kv, strict=True):
+                if not layer.is_initialized:
+                    layer.lazy_initialization(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1))
+                layer.keys[b, :, :P], layer.values[b, :, :P] = k[0, :, :P], v[0, :, :P]
+
+    def _prefill_batch(self, entries: list[Entry]) -> list[Prefilled]:
         """These prompts in one left-padded batch, each with its own steering; each comes out
         with its own unpadded keys and values."""
-        seqs, plans = [self.req.seqs[i] for i in idx], [self.req.plans[i] for i in idx]
-        batch = left_pad(seqs, self.req.pad_id)
+        seqs, plans = [e.ids for e in entries], [e.plan for e in entries]
+        batch = left_pad(seqs, self.pad_id)
         one = StaticStep(self.model, Shape(*batch.ids.shape, ()), self.dtype)
-        self.state.steer, self.state.steer_mask = steer_buffers(self.model, plans, len(plans)), None
-        for b, plan in enumerate(plans):
-            set_line(self.state.steer, b, plan)
+        saved = self.state.steer, self.state.steer_mask, self.state.on_row
+        self.state.steer, self.state.steer_mask = steer_state(self.model, plans), None
+        self.state.on_row = None
         if self.state.steer:
             mask = batch.steer_mask([p.positions if p else "all" for p in plans])
             self.state.steer_mask = torch.from_numpy(mask).to(self.home)  # [k, T]
-        logits = one.prefill(*batch_tensors(batch, self.home))  # [k, vocab]
+        try:
+            logits = one.prefill(*batch_tensors(batch, self.home))  # [k, vocab]
+        finally:
+            self.state.steer, self.state.steer_mask, self.state.on_row = saved
+        for e in entries:
+            e.prefilled = len(e.ids)
         kv = [(lay.keys, lay.values) for lay in one.cache.layers]  # [k, kv_heads, T, head_dim]
         return [
             Prefilled(
@@ -125,9 +242,9 @@ class Slots:
             for b, (s, p) in enumerate(zip(seqs, batch.pad.tolist()))
         ]
 
-    def _load(self, b: int, i: int, pre: Prefilled) -> None:
+    def _load(self, b: int, e: Entry, pre: Prefilled) -> None:
         """Copy a prefilled prompt into slot b and point the slot's buffers at it."""
-        T, s, B = len(pre.ids), self.step, len(self.rows)
+        T, s, B = len(pre.ids), self.step_buf, len(self.slots)
         for layer, (k, v) in zip(s.cache.layers, pre.kv, strict=True):
             if not layer.is_initialized:
                 layer.lazy_initialization(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1))
@@ -136,72 +253,94 @@ class Slots:
         s.key_pos[b] = -1
         s.key_pos[b, :T] = torch.arange(T, device=self.home)
         s.pos[b], s.slot[b] = T, T
-        plan = self.req.plans[i]
-        set_line(self.vectors, b, plan)
-        self.on[b] = plan is not None and plan.positions != "prompt"
-        if self.req.sampling.repetition_penalty != 1.0:
-            if self.seen is None:
-                self.seen = torch.zeros(B, pre.logits.shape[-1], dtype=torch.bool)
-                self.seen = self.seen.to(self.home)
-            self.seen[b] = False
-            self.seen[b, torch.tensor(pre.ids, device=self.home)] = True
-        self.rows[b], self.count[b] = i, 0
+        set_line(s.steer, b, e.plan)
+        s.steer_on[b] = e.plan is not None and e.plan.positions != "prompt"
+        self.sampler.load(b, e, pre.logits.shape[-1])
+        self.slots[b] = _Slot(e)
         self.idle[b] = False
-        self.draws.load(b, i)
 
     # ---------------------------------------------------------------- decoding
-    def _decode_mode(self) -> None:
-        self.state.steer, self.state.steer_mask = self.vectors, self.on
+    def _decode(self) -> None:
+        """One step: every slot feeds its token; captured tokens are reported with their
+        states; then each busy slot draws its next token."""
+        logits = self.run()  # [B, vocab] float32
+        s = self.step_buf
+        s.slot.masked_fill_(self.idle, 0)  # idle slots write slot 0, never read
+        s.pos.masked_fill_(self.idle, 0)
+        if any(x is not None and x.pending for x in self.slots):
+            hidden = s.captured.cpu().numpy().copy()  # [B, len(rows), hidden]; a copy
+            for b, x in enumerate(self.slots):
+                if x is not None and x.pending:
+                    self._report(b, *x.pending, hidden[b])
+                    if self.slots[b] is not None and self.slots[b].draining:
+                        self._end(b)
+        live = [b for b, x in enumerate(self.slots) if x is not None]
+        if live:
+            at = torch.tensor(live, device=self.home)
+            self._draw(logits[at], logits[at], live)
 
-    def _draw(self, logits: torch.Tensor, slots: torch.Tensor, first: bool) -> torch.Tensor:
-        """Tokens [n] from logits [n, vocab] of these slots [n], each slot at its own draw."""
-        s, req = self.req.sampling, self.req
-        if first:  # an answer has at least one token
-            stops = req.stop_ids[req.stop_ids < logits.shape[-1]]
-            logits = logits.index_fill(-1, stops, float("-inf"))
-        if self.seen is not None:
-            logits = penalize(logits, self.seen[slots], s.repetition_penalty)
-        tokens = choose(logits, s, None, self.draws.next(slots))
-        if self.seen is not None:
-            self.seen[slots, tokens] = True
-        return tokens
+    def _draw(self, raw: torch.Tensor, logits: torch.Tensor, slots: list[int]) -> None:
+        """Each of these slots draws from its logits [n, vocab] (raw: the model's own, for
+        logprobs) and takes its token."""
+        at = torch.tensor(slots, device=self.home)
+        tokens = self.sampler(logits, at, slots)  # [n]
+        self.step_buf.tokens[at, 0] = tokens  # the next step's input, on the device
+        lps = _logprobs(raw, tokens, [self.slots[b].entry.logprobs for b in slots])
+        for j, (b, t) in enumerate(zip(slots, tokens.tolist())):
+            self._take(b, t, None if lps is None else lps[j])
 
-    def _take(self, b: int, token: int) -> None:
+    def _take(self, b: int, token: int, lp) -> None:
         """Slot b drew `token`: a stop or the last allowed token ends its answer."""
-        i = self.rows[b]
-        if token not in self.stops:
-            self.answers[i].append(token)
-            self.count[b] += 1
-            if self.count[b] < self.req.max_new_tokens:
-                return
-        self.rows[b] = None
+        x = self.slots[b]
+        e = x.entry
+        if token in self.stops:
+            return self._end(b)
+        e.answer.append(token)
+        last = len(e.answer) >= e.max_new_tokens
+        if e.hidden and self.rows:
+            x.pending, x.draining = (len(e.answer) - 1, token, lp), last
+            return
+        self._report(b, len(e.answer) - 1, token, lp, None)
+        if last and self.slots[b] is not None:
+            self._end(b)
+
+    def _report(self, b: int, index: int, token: int, lp, hidden) -> None:
+        x = self.slots[b]
+        x.pending = None
+        e = x.entry
+        if e.on_step is None:
+            return
+        step = TokenStep(e.prompt, index, token, hidden)
+        if lp is not None:
+            step.logprob, step.top = lp
+        if e.on_step(step) is False:
+            self._end(b)
+
+    def _end(self, b: int) -> None:
+        e = self.slots[b].entry
+        self.slots[b] = None
         self.idle[b] = True
-        if self.req.on_answer is not None:
-            self.req.on_answer(i, self.answers[i])
+        self.sampler.free(b)
+        e.on_end(e)
+
+    def _drop_cancelled(self) -> None:
+        for b, x in enumerate(self.slots):
+            if x is not None and x.entry.cancelled:
+                self._end(b)
 
 
-class _Draws:
-    """Each slot's next uniform draw, on the device: its prompt's row of `uniforms` at the
-    slot's count of draws, so a step reads its draws without building them on the host."""
-
-    def __init__(self, req: Request, B: int, home: torch.device):
-        self.on = req.uniforms is not None and req.sampling.temperature > 0
-        if self.on:
-            wide = torch.float32 if home.type == "mps" else torch.float64  # no f64 on MPS
-            self.table = torch.from_numpy(req.uniforms).to(home, wide)  # [N, max_new_tokens]
-            self.prompt = torch.zeros(B, dtype=torch.long, device=home)
-            self.count = torch.zeros(B, dtype=torch.long, device=home)
-
-    def load(self, b: int, i: int) -> None:
-        if self.on:
-            self.prompt[b], self.count[b] = i, 0
-
-    def next(self, slots: torch.Tensor) -> torch.Tensor | None:
-        """The draws [n] of these slots, each slot's count then moving on by one (an idle
-        slot's draw is never read)."""
-        if not self.on:
-            return None
-        last = self.table.shape[1] - 1
-        u = self.table[self.prompt[slots], self.count[slots].clamp(max=last)]
-        self.count[slots] += 1
-        return u
+def _logprobs(raw: torch.Tensor, tokens: torch.Tensor, wants: list[int | None]):
+    """Per row (logprob of its token, [(id, logprob)] best first or None), or None for all,
+    under the model's own distribution."""
+    if all(k is None for k in wants):
+        return None
+    lp = torch.log_softmax(raw, -1)  # [n, vocab]
+    chosen = lp.gather(-1, tokens[:, None])[:, 0].tolist()
+    k = max((w for w in wants if w), default=0)
+    top = lp.topk(min(k, lp.shape[-1]), dim=-1) if k else None  # sorted, best first
+    ids = top.indices.tolist() if top is not None else None
+    vals = top.values.tolist() if top is not None else None
+    return [
+        None if w is None else (chosen[j], list(zip(ids[j][:w], vals[j][:w])) if w else None)
+        for j, w in enumerate(wants)
+    ]

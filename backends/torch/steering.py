@@ -21,8 +21,7 @@ def steer_buffers(model, plans: list[Steer | None], B: int) -> Buffers:
     buffer on its block's device."""
     stages: dict[int, int] = {}  # row -> stages, 0 where every plan only adds
     for plan in plans:
-        for row, st in (plan.stages() if plan is not None else {}).items():
-            K = len(st) if any(s.unit is not None for s in st) else 0
+        for row, K in _stage_counts(plan).items():
             stages[row] = max(stages.get(row, 0), K)
     devices, hidden = block_devices(model), model.config.hidden_size
     out: Buffers = {}
@@ -72,3 +71,43 @@ def _set_stages(buf: RowOps, b: int, stages: list[Stage]) -> None:
 def ops_shape(buffers: Buffers) -> tuple[tuple[int, int], ...]:
     """(row, stages) of each row that needs RowOps: what a compiled step must be built for."""
     return tuple((r, v.add.shape[0]) for r, v in sorted(buffers.items()) if isinstance(v, RowOps))
+
+
+def _stage_counts(plan: Steer | None) -> dict[int, int]:
+    """Per row the plan steers: its stages where it ablates or caps there, else 0."""
+    out = {}
+    for row, st in (plan.stages() if plan is not None else {}).items():
+        out[row] = len(st) if any(s.unit is not None for s in st) else 0
+    return out
+
+
+def ops_with(ops: tuple[tuple[int, int], ...], plans) -> tuple[tuple[int, int], ...]:
+    """`ops` (as ops_shape) widened to hold every plan's operators too."""
+    out = dict(ops)
+    for plan in plans:
+        for row, K in _stage_counts(plan).items():
+            if K:
+                out[row] = max(out.get(row, 0), K)
+    return tuple(sorted(out.items()))
+
+
+def ops_cover(have: tuple[tuple[int, int], ...], want: tuple[tuple[int, int], ...]) -> bool:
+    """Whether buffers shaped `have` can take steering shaped `want`."""
+    held = dict(have)
+    return all(held.get(row, 0) >= K for row, K in want)
+
+
+def copy_lines(dst: torch.Tensor | RowOps, src: torch.Tensor | RowOps, n: int) -> None:
+    """The first n lines of one row's steering into a buffer with as many stages or more."""
+    if not isinstance(dst, RowOps):
+        dst[:n] = src[:n]
+    elif not isinstance(src, RowOps):
+        dst.add[0, :n] = src[:n].to(dst.add)
+    else:
+        K = src.add.shape[0]
+        for mine, theirs in zip(_parts(dst), _parts(src)):
+            mine[:K, :n] = theirs[:, :n].to(mine)
+
+
+def _parts(ops: RowOps) -> tuple[torch.Tensor, ...]:
+    return ops.add, ops.unit, ops.lo, ops.hi

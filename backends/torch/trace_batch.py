@@ -12,7 +12,7 @@ import torch
 
 from pertoken.backends.base import Steer, check_projection_inputs
 from pertoken.backends.plan import plan_batches
-from pertoken.backends.torch.decode import _cache_kwarg, batch_tensors, make_cache, steer_tensor
+from pertoken.backends.torch.batch import batch_tensors, cache_kwarg, make_cache, steer_tensor
 from pertoken.backends.torch.hooks import residual_taps
 
 CHUNK = 512  # input tokens per forward (as MLX's prefill)
@@ -52,7 +52,7 @@ def _batch(backend, base, state, units, rows, batch, on) -> np.ndarray:
     tokens, attn, pos = batch_tensors(batch, backend.device)  # [B, T] each
     T = tokens.shape[1]
     # one forward when it fits in a chunk; else a KV cache carries the chunks before
-    cached = {_cache_kwarg(base): make_cache(backend.model)} if T > CHUNK else {}
+    cached = {cache_kwarg(base): make_cache(backend.model)} if T > CHUNK else {}
     parts = []
     for s in range(0, T, CHUNK):
         e = min(s + CHUNK, T)

@@ -1,0 +1,96 @@
+"""The server's running slot loop: requests enter at the next step and leave as they end."""
+
+import threading
+import time
+
+import torch
+
+from pertoken.backends import load_backend
+from tests.serve_helpers import ask, client, serving
+
+
+def test_a_short_request_finishes_while_a_long_stream_runs(llama_dir, torch_one_thread):
+    bk = load_backend(str(llama_dir), "torch", dtype="float32", device="cpu")
+    bk.stop_ids = torch.tensor([-1])  # answers run to max_tokens
+    done: dict[str, float] = {}
+    with serving(bk, max_rows=2, max_tokens=300) as r:
+        c = client(r)
+        stream = c.chat.completions.create(
+            model=bk.model_id, messages=ask("hi"), max_tokens=300, stream=True
+        )
+        chunks = iter(stream)
+        for _ in range(3):
+            next(chunks)  # the long answer is decoding
+
+        def rest():
+            n = sum(1 for _ in chunks)
+            done["long"] = time.monotonic()
+            done["n"] = n
+
+        t = threading.Thread(target=rest)
+        t.start()
+        short = c.chat.completions.create(model=bk.model_id, messages=ask("yo"), max_tokens=4)
+        done["short"] = time.monotonic()
+        t.join(120)
+    assert short.usage.completion_tokens == 4
+    assert done["short"] < done["long"] and done["n"] > 0
+
+
+def test_logit_bias_banning_the_stop_token_runs_to_max_tokens(llama_dir, torch_one_thread):
+    bk = load_backend(str(llama_dir), "torch", dtype="float32", device="cpu")
+    p = bk.chat_messages(ask("hi"))
+    ids = bk.trace(p, rows=[1], max_new_tokens=12).token_ids
+    k = next(k for k in range(1, 12) if ids[k] not in ids[:k])
+    bk.stop_ids = torch.tensor([ids[k]])  # the greedy answer now ends after k tokens
+    with serving(bk, max_tokens=12) as r:
+        c = client(r)
+        kw = dict(model=bk.model_id, messages=ask("hi"), max_tokens=12, temperature=0)
+        plain = c.chat.completions.create(**kw)
+        banned = c.chat.completions.create(**kw, logit_bias={str(ids[k]): -100})
+    assert plain.usage.completion_tokens == k and plain.choices[0].finish_reason == "stop"
+    assert banned.usage.completion_tokens == 12 and banned.choices[0].finish_reason == "length"
+
+
+def test_seeded_samples_do_not_depend_on_what_runs_beside_them(llama_dir, torch_one_thread):
+    bk = load_backend(str(llama_dir), "torch", dtype="float32", device="cpu")
+    with serving(bk, max_tokens=10) as r:
+        c = client(r)
+        kw = dict(model=bk.model_id, messages=ask("hi"), max_tokens=10, temperature=1.0, seed=7)
+        alone = c.chat.completions.create(**kw).choices[0].message.content
+        got = []
+
+        def one(seed):
+            out = c.chat.completions.create(**(kw | {"seed": seed}))
+            got.append((seed, out.choices[0].message.content))
+
+        threads = [threading.Thread(target=one, args=(s,)) for s in (7, 8, 9)]
+        [t.start() for t in threads]
+        [t.join(60) for t in threads]
+    assert dict(got)[7] == alone
+
+
+def test_a_failing_step_fails_its_requests_and_the_server_goes_on(llama_dir, torch_one_thread):
+    import openai
+    import pytest
+
+    bk = load_backend(str(llama_dir), "torch", dtype="float32", device="cpu")
+    make, broken = type(bk)._slots, []
+
+    def slots(self, *a, **kw):
+        loop = make(self, *a, **kw)
+        if not broken:  # the first loop breaks at its first step
+            broken.append(loop)
+
+            def boom():
+                raise RuntimeError("out of memory")
+
+            loop.step = boom
+        return loop
+
+    bk._slots = slots.__get__(bk)
+    with serving(bk, max_tokens=4) as r:
+        c = client(r)
+        with pytest.raises(openai.InternalServerError, match="generation failed"):
+            c.chat.completions.create(model=bk.model_id, messages=ask("hi"), max_tokens=4)
+        ok = c.chat.completions.create(model=bk.model_id, messages=ask("hi"), max_tokens=4)
+    assert ok.usage.completion_tokens == 4
