@@ -85,8 +85,9 @@ def test_eval_sweeps_cap_thresholds_like_coefficients(tmp_path):
 
     backend = FakeBackend()
     result = sweep(backend, tmp_path, FakeJudge(), coefs=(0, 2.5), op="cap")
-    caps = [c[1] for c in backend.calls]
-    assert len(caps) == 4 and all(s is not None for s in caps)  # a cap at 0 still steers
+    assert len(backend.calls) == 1  # the whole grid in one call, a steer per prompt
+    caps = backend.calls[0][1]
+    assert all(s is not None for s in caps)  # a cap at 0 still steers
     assert {(s.terms[0].op, s.terms[0].row, s.terms[0].hi) for s in caps} == {
         ("cap", L, hi) for L in (1, 3) for hi in (0.0, 2.5)
     }
