@@ -59,13 +59,7 @@ def finetune(model, backend, dtype, device, data, out, steers, ablates, **settin
 
 @click.command()
 @model_options()
-@click.option(
-    "--vector",
-    "vectors",
-    multiple=True,
-    required=True,
-    help="NAME=FILE.pt (repeatable; NAME defaults to the file name).",
-)
+@options.vectors_option()
 @click.option("--layer", required=True, type=int, help="Row to project at.")
 @click.option("--data", required=True, type=click.Path(dir_okay=False), help="Chat JSONL.")
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="Scores CSV.")

@@ -78,6 +78,13 @@ def load_model(
     return load_backend(model, backend, dtype=dtype, device=device, compile=compile)
 
 
+def vectors_option(
+    required: bool = True, help: str = "NAME=FILE.pt (repeatable; NAME defaults to the file name)."
+):
+    """`--vector NAME=FILE.pt`, repeatable, into the `vectors` argument."""
+    return click.option("--vector", "vectors", multiple=True, required=required, help=help)
+
+
 def ray_options(f):
     """--ray and --workers: a stage's work spread over Ray actors, each loading the model."""
     f = click.option(

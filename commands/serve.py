@@ -10,11 +10,8 @@ from pertoken.commands.options import model_options
 
 @click.command()
 @model_options()
-@click.option(
-    "--vector",
-    "vectors",
-    multiple=True,
-    help="NAME=FILE.pt a request may steer with and monitor (repeatable).",
+@options.vectors_option(
+    False, help="NAME=FILE.pt a request may steer with and monitor (repeatable)."
 )
 @click.option("--layers", default=None, help="Rows projected when monitoring, e.g. 12,16.")
 @click.option(

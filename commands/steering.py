@@ -220,13 +220,7 @@ def _search(backend, kit, opts: dict, min_coherence: float) -> None:
 
 @click.command()
 @model_options()
-@click.option(
-    "--vector",
-    "vectors",
-    multiple=True,
-    required=True,
-    help="NAME=FILE.pt (repeatable; NAME defaults to the file name).",
-)
+@options.vectors_option()
 @click.option("--layers", required=True, help="Rows to project at, e.g. 16,20.")
 @click.option("--steer", "steers", multiple=True, help="Steer while generating: V.pt:LAYER:COEF.")
 @options.operator_options

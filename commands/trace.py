@@ -15,9 +15,7 @@ from pertoken.commands.options import (
 
 @click.command()
 @model_options()
-@click.option(
-    "--vector", "vectors", multiple=True, required=True, help="NAME=FILE.pt (repeatable)."
-)
+@options.vectors_option(help="NAME=FILE.pt (repeatable).")
 @click.option("--layers", required=True, help="Rows to project at, e.g. 8,12,16.")
 @click.option(
     "--input", "input_path", required=True, type=click.Path(dir_okay=False),
