@@ -4,11 +4,10 @@ From Python: `backend = pertoken.load(model)`, then `PersonaVector`, `load_vecto
 `extract_vectors`, `monitor`, `evaluate` and `load_traces` (imported on first use).
 """
 
-__version__ = "0.1.0"
-
 from pertoken import api as _api
 from pertoken.api import load
 from pertoken.errors import PertokenError
+from pertoken.version import __version__
 
 __all__ = ["PertokenError", "__version__", "load", *_api.EXPORTS]
 

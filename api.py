@@ -17,7 +17,7 @@ EXPORTS = {
     "extract_vectors": "pertoken.pipeline.extract",
     "monitor": "pertoken.pipeline.monitor",
     "load_traces": "pertoken.pipeline.monitor",
-    "evaluate": "pertoken.pipeline.evaluate",
+    "evaluate": "pertoken.pipeline.sweep.grid",
 }
 
 

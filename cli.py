@@ -10,9 +10,9 @@ import warnings
 
 import click
 
-from pertoken import __version__
 from pertoken.commands import env, extraction, files, finetune, serve, steering, sweep, trace, vet
 from pertoken.errors import PertokenError, PertokenWarning
+from pertoken.version import __version__
 
 
 class _Group(click.Group):

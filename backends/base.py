@@ -12,6 +12,7 @@ from typing import NamedTuple, Protocol
 import numpy as np
 
 from pertoken.backends.plan import steer_mask as steer_mask  # one rule for Steer.positions
+from pertoken.backends.sampler import sampling_options
 from pertoken.backends.steer import Condition as Condition
 from pertoken.backends.steer import Positions as Positions
 from pertoken.backends.steer import Steer as Steer
@@ -67,8 +68,6 @@ class Sampling:
         """This Sampling with the `model` sampler resolved against a generation_config."""
         if self.sampler == "plain":
             return self if self.temperature is not None else replace(self, temperature=1.0)
-        from pertoken.pipeline.sampling import sampling_options  # numpy-only
-
         holder = type("Config", (), {"generation_config": generation_config})
         opts = sampling_options(holder, "model", self.temperature)
         return replace(self, sampler="plain", **opts)

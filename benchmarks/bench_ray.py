@@ -49,7 +49,7 @@ def main() -> None:
 
     from pertoken.backends import load_backend
     from pertoken.pipeline.distributed import ModelPool, ModelSpec, map_shards, ray_runtime
-    from pertoken.pipeline.trace import trace_dataset
+    from pertoken.pipeline.trace.dataset import trace_dataset
 
     torch.set_num_threads(1)
     work = Path(tempfile.mkdtemp(prefix="bench-ray-"))

@@ -105,8 +105,8 @@ def interleaved(fns: dict, reps: int) -> dict[str, float]:
 def throughput(args, folder: Path, work: Path) -> list[tuple[str, float]]:
     from pertoken.backends import load_backend
     from pertoken.pipeline.monitor import monitor
-    from pertoken.pipeline.trace import trace_dataset, unit_directions
-    from pertoken.pipeline.trace_inputs import read_items
+    from pertoken.pipeline.trace.dataset import trace_dataset, unit_directions
+    from pertoken.pipeline.trace.inputs import read_items
 
     b = load_backend(str(folder), args.backend, dtype="float32", device="cpu")
     data = write_items(work / "items.csv", args.items, args.tokens)
@@ -175,7 +175,7 @@ def rss_child(folder: str, data: str, out: str, backend: str, batch: int, thread
         import torch
 
         torch.set_num_threads(threads)
-    from pertoken.pipeline.trace import trace_dataset
+    from pertoken.pipeline.trace.dataset import trace_dataset
 
     b = load_backend(folder, backend, dtype="float32", device="cpu")
     vecs, rows = vectors(b.n_layers, b.hidden_size), rows_of(b.n_layers)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from pertoken.backends.torch.backend import TorchBackend
-from pertoken.pipeline.vet import vet_vector
+from pertoken.pipeline.vet.stage import vet_vector
 from pertoken.vectors import load_vector
 from tests.french_judge import KeywordJudge
 from tests.french_run import extraction_run, french_kit, judged_settings

@@ -133,7 +133,7 @@ def _judge_key() -> dict:
     """Whether the judge's key is set, and where; never the key itself."""
     from dotenv import dotenv_values, find_dotenv
 
-    from pertoken.pipeline.judge_openai import KEY_ENV
+    from pertoken.pipeline.judge.api import KEY_ENV
 
     where = None
     if os.environ.get(KEY_ENV, "").strip():

@@ -137,8 +137,9 @@ def judge(
     out,
 ):
     """Score a generation CSV for the trait and for coherence with an LLM judge."""
-    from pertoken.pipeline.judge import judge_csv, read_rubric
-    from pertoken.pipeline.judges import make_judge
+    from pertoken.pipeline.judge.judges import make_judge
+    from pertoken.pipeline.judge.rubrics import read_rubric
+    from pertoken.pipeline.judge.stage import judge_csv
     from pertoken.traits import load_trait
 
     kit = load_trait(trait)
@@ -253,7 +254,7 @@ def run(model, backend, dtype, device, trait, out, **opts):
     import time
 
     from pertoken.backends import check_memory, choose, default_model
-    from pertoken.pipeline.judge import read_rubric
+    from pertoken.pipeline.judge.rubrics import read_rubric
     from pertoken.pipeline.run import run_pipeline
 
     start = time.perf_counter()
@@ -296,8 +297,8 @@ def run(model, backend, dtype, device, trait, out, **opts):
 
 def _echo_report(path) -> None:
     """The report card's suggestion and warnings, then where it is."""
-    from pertoken.pipeline.vet import load_report
-    from pertoken.pipeline.vet_report import summary_lines
+    from pertoken.pipeline.vet.card import load_report
+    from pertoken.pipeline.vet.write import summary_lines
 
     if path is None:
         return

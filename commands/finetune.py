@@ -116,8 +116,8 @@ def shift(ctx, base, finetuned, backend, dtype, device, trait, vector_path, laye
     """Shift of each finetuned model along a persona vector; with --judge MODEL (or --base-url)
     also each model's judged trait score and the correlation between the two across models."""
     from pertoken.pipeline.finetune.shift import Load, format_shift, shift_models
-    from pertoken.pipeline.judge import read_rubric
-    from pertoken.pipeline.judges import make_judge
+    from pertoken.pipeline.judge.judges import make_judge
+    from pertoken.pipeline.judge.rubrics import read_rubric
     from pertoken.rows import parse_layers
     from pertoken.traits import load_trait
     from pertoken.vectors import load_vector

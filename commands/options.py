@@ -7,10 +7,10 @@ import functools
 
 import click
 
+from pertoken.backends.sampler import SAMPLERS
 from pertoken.errors import PertokenError
 from pertoken.names import BACKENDS, METHODS, POSITIONS
-from pertoken.pipeline.judge import DEFAULT_JUDGE
-from pertoken.pipeline.sampling import SAMPLERS
+from pertoken.pipeline.judge.rubrics import DEFAULT_JUDGE
 
 BATCH_HELP = (
     "Answers decoding at once (default: what free memory holds on CUDA and Metal, else 16)."

@@ -123,9 +123,9 @@ def eval_(
 
     --coefs auto searches instead: per layer, the largest trait score whose coherence stays
     at or above --min-coherence, and the best (layer, coefficient)."""
-    from pertoken.pipeline.evaluate import evaluate, format_table, parse_coefs
-    from pertoken.pipeline.judge import read_rubric
-    from pertoken.pipeline.judges import make_judge
+    from pertoken.pipeline.judge.judges import make_judge
+    from pertoken.pipeline.judge.rubrics import read_rubric
+    from pertoken.pipeline.sweep.grid import evaluate, format_table, parse_coefs
     from pertoken.rows import parse_layers
     from pertoken.traits import load_trait, require_eval_questions
     from pertoken.vectors import load_vector
@@ -187,7 +187,7 @@ def eval_(
 
 def _eval_plan(rows, coefs, n_questions: int, n: int, max_new_tokens: int) -> str:
     """How many answers eval makes: the grid's, or the search's bound (coefs None)."""
-    from pertoken.pipeline.coef_search import search_plan
+    from pertoken.pipeline.sweep.search import search_plan
 
     tokens = f"up to {max_new_tokens} new tokens each, each judged for the trait and coherence"
     if coefs is None:
@@ -211,7 +211,7 @@ def _eval_banner(model, backend, dtype, device, judge_model, base_url, out, plan
 
 
 def _search(backend, kit, opts: dict, min_coherence: float) -> None:
-    from pertoken.pipeline.coef_search import format_search, search_coefs
+    from pertoken.pipeline.sweep.search import format_search, search_coefs
 
     r = search_coefs(backend, min_coherence=min_coherence, **opts)
     click.echo(format_search(kit.name, r))

@@ -17,8 +17,8 @@ from pertoken.errors import PertokenError
 def sweep(plan_file, ray_address):
     """Run every (model, trait) job of a plan as `pertoken run` does, with its optional eval
     grid and traces; resumable; writes OUT/sweep.csv and prints one line per job."""
-    from pertoken.pipeline.sweep import format_table, run_sweep
-    from pertoken.pipeline.sweep_plan import read_plan
+    from pertoken.pipeline.sweep.jobs import format_table, run_sweep
+    from pertoken.pipeline.sweep.plan import read_plan
 
     plan = read_plan(plan_file)
     where = "one after another" if ray_address is None else f"on Ray ({ray_address})"

@@ -47,8 +47,8 @@ def trace(model, backend, dtype, device, vectors, layers, input_path, out, segme
     """Project every token of a dataset's transcripts onto persona vectors, into a store."""
     from pertoken.commands.steering import _named_vectors
     from pertoken.pipeline.steer import build_steer, parse_specs
-    from pertoken.pipeline.trace import Generation, trace_dataset
-    from pertoken.pipeline.trace_segments import DEFAULT_SEGMENTS, parse_segment
+    from pertoken.pipeline.trace.dataset import Generation, trace_dataset
+    from pertoken.pipeline.trace.segments import DEFAULT_SEGMENTS, parse_segment
     from pertoken.rows import parse_layers
     from pertoken.vectors import load_vector
 
@@ -89,14 +89,14 @@ def _stats_options(f):
 @click.option("--out", default=None, help="Folder for the CSVs and PNGs (default STORE/stats).")
 def trace_stats(store, scores, span, top, out):
     """Correlate per-item trace statistics with scores; decile curves; top spans."""
-    from pertoken.pipeline.trace_stats import trace_stats as run_stats
+    from pertoken.pipeline.trace.stats import trace_stats as run_stats
 
     _report(run_stats(store, scores=list(scores), span=span, top=top, out_dir=out))
 
 
 def _report(res, pair: tuple[str, int] | None = None) -> None:
     """Print trace-stats' tables; spans of `pair` (vector, row), else of the first pair."""
-    from pertoken.pipeline.trace_report import format_correlations, format_spans
+    from pertoken.pipeline.trace.report import format_correlations, format_spans
 
     if res.scores:
         click.echo(format_correlations(res))
@@ -114,10 +114,10 @@ def _report(res, pair: tuple[str, int] | None = None) -> None:
 @_stats_options
 def trace_diff(a_dir, b_dir, out, span, top):
     """Per-token differences B - A between two stores of the same transcripts."""
-    from pertoken.pipeline.trace_diff import moved_most
-    from pertoken.pipeline.trace_diff import trace_diff as run_diff
-    from pertoken.pipeline.trace_stats import trace_stats as run_stats
-    from pertoken.pipeline.trace_store import read_settings
+    from pertoken.pipeline.trace.diff import moved_most
+    from pertoken.pipeline.trace.diff import trace_diff as run_diff
+    from pertoken.pipeline.trace.stats import trace_stats as run_stats
+    from pertoken.pipeline.trace.store import read_settings
 
     res = run_diff(a_dir, b_dir, out_dir=out)
     settings = read_settings(res.out_dir)

@@ -73,8 +73,8 @@ def vet(
 
     Reads the per-sample summaries beside VECTOR (written by extract); the model runs when
     they are missing, and for the causal measure (--no-causal: separation only)."""
-    from pertoken.pipeline.vet import vet_vector
-    from pertoken.pipeline.vet_report import summary_lines
+    from pertoken.pipeline.vet.stage import vet_vector
+    from pertoken.pipeline.vet.write import summary_lines
 
     loader = functools.cache(lambda: options.load_model(model, backend, dtype, device))
     judge = None
@@ -105,8 +105,8 @@ def vet(
 
 def _judge(vector, trait, judge_model, base_url, concurrency, coherence_prompt, failures, cache,
            model, loader, backend_name):  # fmt: skip
-    from pertoken.pipeline.judge import read_rubric
-    from pertoken.pipeline.judges import make_judge
+    from pertoken.pipeline.judge.judges import make_judge
+    from pertoken.pipeline.judge.rubrics import read_rubric
     from pertoken.traits import load_trait
     from pertoken.vectors import load_vector
 

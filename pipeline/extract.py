@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 
-from pertoken import __version__
 from pertoken.errors import PertokenError
 from pertoken.lock import output_lock
 from pertoken.names import METHODS as METHODS  # the CLI's choices, numpy-free
@@ -24,6 +23,7 @@ from pertoken.paths import inside, path_name
 from pertoken.pipeline.csvio import parse_score, read_csv, sample_keys
 from pertoken.pipeline.summaries import KINDS, collect, from_pairs, save_summaries, summaries_path
 from pertoken.vectors import PersonaVector, save_vector
+from pertoken.version import __version__
 
 
 @dataclass
@@ -189,7 +189,7 @@ def _too_few(kept, total, pos, neg, trait, t) -> str:
 
 def _judged_by(csv_path, judge_model: str | None) -> dict:
     """The judge model, server and rubric digests the judge recorded beside `csv_path`."""
-    from pertoken.pipeline.judge import judge_sidecar
+    from pertoken.pipeline.judge.stage import judge_sidecar
 
     try:
         side = json.loads(judge_sidecar(csv_path).read_text())

@@ -18,10 +18,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pertoken.backends.sampler import sampling_options
 from pertoken.errors import PertokenError
 from pertoken.lock import output_lock
 from pertoken.pipeline.csvio import columns, read_csv, sample_keys, write_csv_atomic
-from pertoken.pipeline.sampling import sampling_options
 from pertoken.traits import Trait, require_eval_questions
 
 POLARITIES = ("pos", "neg")  # under the trait's instructions, or under the helpful ones
@@ -121,7 +121,7 @@ def generate_csv(
     """Write the generation CSV for one polarity (or the eval questions), resuming any earlier run.
 
     temperature defaults to 1.0, or 0 (greedy) when n_per_question is 1; sampler `model` samples
-    with the checkpoint's generation_config (pipeline.sampling). batch_size (answers decoding
+    with the checkpoint's generation_config (backends.sampler). batch_size (answers decoding
     at once, each saved as it ends) defaults to what free memory holds on CUDA and Metal, else
     16. Each row samples from row_seed(seed, row), so the CSV does not depend on batching or on
     interruptions. label names the progress bar (default `generate pos`, `generate neg` or

@@ -22,7 +22,7 @@ from pertoken.errors import PertokenError
 from pertoken.pipeline.csvio import utf8_text
 from pertoken.pipeline.live import LivePrinter
 from pertoken.pipeline.projection import project, project_rows
-from pertoken.pipeline.trace_steer import monitor_extras, term_record
+from pertoken.pipeline.trace.steer import monitor_extras, term_record
 from pertoken.rows import check_capture_rows
 from pertoken.vectors import PersonaVector
 
@@ -128,7 +128,7 @@ def _json_floats(a: np.ndarray) -> list:
 
 def write_outputs(records: list[dict], out_dir: str | Path) -> tuple[Path, Path]:
     """Write trace.json and trace.html into out_dir; returns their paths."""
-    from pertoken.pipeline.trace_page import write_page
+    from pertoken.pipeline.trace.monitor_page import write_page
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

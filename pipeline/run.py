@@ -19,9 +19,11 @@ from pertoken.lock import output_lock
 from pertoken.paths import inside, model_basename, path_name
 from pertoken.pipeline.extract import extract_vectors, probe_path, vector_paths
 from pertoken.pipeline.generate import POLARITIES, generate_csv, is_complete, plan_rows
-from pertoken.pipeline.judge import DEFAULT_JUDGE, judge_csv, judge_sidecar
-from pertoken.pipeline.judges import make_judge
-from pertoken.pipeline.vet import report_paths, vet_vector
+from pertoken.pipeline.judge.judges import make_judge
+from pertoken.pipeline.judge.rubrics import DEFAULT_JUDGE
+from pertoken.pipeline.judge.stage import judge_csv, judge_sidecar
+from pertoken.pipeline.vet.card import report_paths
+from pertoken.pipeline.vet.stage import vet_vector
 from pertoken.traits import load_trait
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from pertoken.backends.base import POSITIONS, Positions, Steer, SteerTerm
+from pertoken.backends.sampler import sampling_options
 from pertoken.errors import PertokenError
-from pertoken.pipeline.sampling import sampling_options
 from pertoken.rows import check_steer_row
 from pertoken.vectors import check_coef, load_vector
 

@@ -10,8 +10,8 @@ import pytest
 
 from pertoken.backends.base import Summaries
 from pertoken.errors import PertokenError
-from pertoken.pipeline.coef_search import format_search, search_coefs
-from pertoken.pipeline.evaluate import evaluate
+from pertoken.pipeline.sweep.grid import evaluate
+from pertoken.pipeline.sweep.search import format_search, search_coefs
 from pertoken.vectors import PersonaVector
 
 QUESTIONS = [f"question {i}?" for i in range(8)]

@@ -6,9 +6,9 @@ import pytest
 
 from pertoken.errors import PertokenError
 from pertoken.pipeline.csvio import parse_sample, parse_score, read_csv, read_table, sample_keys
-from pertoken.pipeline.evaluate import summarize
 from pertoken.pipeline.extract import pair_rows
 from pertoken.pipeline.generate import generate_csv, is_complete, plan_rows
+from pertoken.pipeline.sweep.grid import summarize
 from pertoken.traits import load_trait
 from tests.pipeline_fakes import RecordingBackend
 from tests.small_kit import write_kit

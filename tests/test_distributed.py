@@ -94,7 +94,7 @@ def test_the_judge_limit_is_shared_across_processes(ray_local, monkeypatch):
     """Two API judges, 4 requests in flight each, under one SharedLimit of 2: the server never
     sees more than 2 at once."""
     from pertoken.pipeline.distributed import SharedLimit
-    from pertoken.pipeline.judge_openai import ApiJudge, shared_limit
+    from pertoken.pipeline.judge.api import ApiJudge, shared_limit
 
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-dummy")
     with serve_fake_openai() as server:

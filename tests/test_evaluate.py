@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pertoken.errors import PertokenError
-from pertoken.pipeline.evaluate import answer_columns, evaluate, format_table, parse_coefs
+from pertoken.pipeline.sweep.grid import answer_columns, evaluate, format_table, parse_coefs
 from pertoken.vectors import PersonaVector
 
 TRAIT = SimpleNamespace(name="bossy", eval_questions=["q one?", "q two?", "q three?"])
@@ -288,7 +288,7 @@ def test_cli_eval_of_an_extraction_only_kit_says_how_to_add_questions(tmp_path):
 def test_another_judge_or_rubric_judges_every_answer_again(tmp_path):
     """eval.json records the judge (model, server, rubric digests); scores by another judge
     are not mixed into the sweep."""
-    from pertoken.pipeline.judges import make_judge
+    from pertoken.pipeline.judge.judges import make_judge
     from tests.fake_openai import serve_fake_openai
 
     trait = SimpleNamespace(**vars(TRAIT), eval_prompt="{question} {answer}")

@@ -14,10 +14,11 @@ from click.testing import CliRunner
 
 from pertoken.cli import main
 from pertoken.errors import PertokenError
-from pertoken.pipeline.judge import COHERENCE_PROMPT, judge_csv
-from pertoken.pipeline.judge_openai import ApiJudge
-from pertoken.pipeline.judges import make_judge
-from pertoken.pipeline.scoring import aggregate_score, number_probs
+from pertoken.pipeline.judge.api import ApiJudge
+from pertoken.pipeline.judge.judges import make_judge
+from pertoken.pipeline.judge.rubrics import COHERENCE_PROMPT
+from pertoken.pipeline.judge.scoring import aggregate_score, number_probs
+from pertoken.pipeline.judge.stage import judge_csv
 from pertoken.traits import load_trait
 from tests.fake_openai import default_reply, serve_fake_openai
 from tests.small_kit import kit_dict, write_kit

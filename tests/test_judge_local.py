@@ -8,8 +8,8 @@ from click.testing import CliRunner
 
 from pertoken.cli import main
 from pertoken.errors import PertokenError
-from pertoken.pipeline.judge_local import LocalJudge, _digit_numbers
-from pertoken.pipeline.scoring import aggregate_score
+from pertoken.pipeline.judge.local import LocalJudge, _digit_numbers
+from pertoken.pipeline.judge.scoring import aggregate_score
 from pertoken.traits import load_trait
 from tests.fake_backend import FakeBackend
 from tests.small_kit import write_kit

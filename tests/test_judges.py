@@ -5,7 +5,7 @@ import pytest
 
 import pertoken.backends
 from pertoken.errors import PertokenError
-from pertoken.pipeline.judges import make_judge
+from pertoken.pipeline.judge.judges import make_judge
 from pertoken.traits import load_trait
 from tests.small_kit import write_kit
 from tests.test_judge_local import WholeNumbers

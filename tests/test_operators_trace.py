@@ -10,7 +10,7 @@ import pytest
 from pertoken.backends import Steer, load_backend
 from pertoken.backends.base import Condition
 from pertoken.pipeline.monitor import monitor
-from pertoken.pipeline.trace import trace_dataset
+from pertoken.pipeline.trace.dataset import trace_dataset
 from pertoken.vectors import PersonaVector
 from tests.reference import rand
 

@@ -97,7 +97,7 @@ def _cache_folder(smollm2) -> object:
 def french(smollm2, smol_torch):
     """Extraction on the French kit (generations cached), then the causal report card with
     its judged check of the top three rows."""
-    from pertoken.pipeline.vet import vet_vector
+    from pertoken.pipeline.vet.stage import vet_vector
 
     run = extraction_run(
         smol_torch, _cache_folder(smollm2), n_questions=N_QUESTIONS, max_new_tokens=TOKENS
@@ -140,7 +140,7 @@ def test_trace_answer_mean_projection_tracks_the_judged_score(french, smol_torch
     import pyarrow.parquet as pq
 
     from pertoken.pipeline.csvio import read_csv, write_csv_atomic
-    from pertoken.pipeline.trace import trace_dataset
+    from pertoken.pipeline.trace.dataset import trace_dataset
     from pertoken.vectors import load_vector
 
     header, pos = read_csv(french["csvs"]["pos"])

@@ -7,7 +7,7 @@ from click.testing import CliRunner
 
 from pertoken.cli import main
 from pertoken.pipeline.generate import generate_csv
-from pertoken.pipeline.trace import trace_dataset
+from pertoken.pipeline.trace.dataset import trace_dataset
 from pertoken.traits import load_trait
 from pertoken.vectors import PersonaVector, save_vector
 from tests.fake_backend import FakeBackend

@@ -18,9 +18,9 @@ from transformers.generation.logits_process import (
 )
 
 from pertoken.backends import Steer, load_backend
+from pertoken.backends.sampler import sampling_options
 from pertoken.cli import main
 from pertoken.pipeline.generate import generate_csv
-from pertoken.pipeline.sampling import sampling_options
 from pertoken.pipeline.steer import steer_compare
 from pertoken.traits import load_trait
 from tests.pipeline_fakes import RecordingBackend

@@ -8,8 +8,8 @@ from click.testing import CliRunner
 
 from pertoken.backends import load_backend
 from pertoken.cli import main
-from pertoken.pipeline.judge import COHERENCE_PROMPT
-from pertoken.pipeline.scoring import aggregate_score, number_probs
+from pertoken.pipeline.judge.rubrics import COHERENCE_PROMPT
+from pertoken.pipeline.judge.scoring import aggregate_score, number_probs
 from pertoken.traits import fill_rubric, load_trait
 from tests.serve_helpers import serving
 from tests.small_kit import write_kit

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 import pertoken.trace
-from pertoken.pipeline import store_page
-from pertoken.pipeline.trace import trace_dataset
+from pertoken.pipeline.trace import page as store_page
+from pertoken.pipeline.trace.dataset import trace_dataset
 from pertoken.vectors import PersonaVector
 from tests import cdp
 from tests.fake_backend import FakeBackend

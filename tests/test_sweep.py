@@ -17,7 +17,7 @@ from click.testing import CliRunner
 import pertoken.backends.memory
 from pertoken.backends.memory import Weights
 from pertoken.cli import main
-from pertoken.pipeline.sweep import gpus_for
+from pertoken.pipeline.sweep.jobs import gpus_for
 from tests.cli_runner import pertoken_cli
 from tests.fake_openai import serve_fake_openai
 from tests.small_kit import write_kit

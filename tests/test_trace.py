@@ -19,7 +19,7 @@ from pertoken import cli
 from pertoken.backends import is_installed, load_backend
 from pertoken.commands import options
 from pertoken.errors import PertokenError
-from pertoken.pipeline.trace import Generation, trace_dataset
+from pertoken.pipeline.trace.dataset import Generation, trace_dataset
 from pertoken.vectors import PersonaVector, save_vector
 from tests.fake_backend import FakeBackend
 from tests.reference import hf_hidden
@@ -381,7 +381,7 @@ def test_trace_cli_keeps_special_token_text_as_text_unless_allowed(llama_dir, tm
 
 
 def test_items_carry_no_columns_of_segments_no_item_has(tmp_path):
-    from pertoken.pipeline.trace_stats import trace_stats
+    from pertoken.pipeline.trace.stats import trace_stats
 
     chats = [[{"role": "user", "content": f"q {i}"}, {"role": "assistant", "content": f"a {i}"}]
              for i in range(3)]  # fmt: skip

@@ -11,9 +11,9 @@ from click.testing import CliRunner
 import pertoken.trace
 from pertoken import cli
 from pertoken.errors import PertokenError
-from pertoken.pipeline.trace import trace_dataset
-from pertoken.pipeline.trace_diff import trace_diff
-from pertoken.pipeline.trace_stats import trace_stats
+from pertoken.pipeline.trace.dataset import trace_dataset
+from pertoken.pipeline.trace.diff import trace_diff
+from pertoken.pipeline.trace.stats import trace_stats
 from pertoken.vectors import PersonaVector
 from tests.fake_backend import FakeBackend
 

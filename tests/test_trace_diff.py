@@ -13,8 +13,8 @@ import pertoken.trace
 from pertoken import cli
 from pertoken.backends import load_backend
 from pertoken.errors import PertokenError
-from pertoken.pipeline.trace import trace_dataset
-from pertoken.pipeline.trace_diff import trace_diff
+from pertoken.pipeline.trace.dataset import trace_dataset
+from pertoken.pipeline.trace.diff import trace_diff
 from pertoken.vectors import PersonaVector
 
 CHATS = [

@@ -7,7 +7,7 @@ import pytest
 
 from pertoken.backends.base import TokenTrace
 from pertoken.pipeline.monitor import trace_record, write_outputs
-from pertoken.pipeline.trace_page import embed_json, render_page
+from pertoken.pipeline.trace.monitor_page import embed_json, render_page
 from tests import cdp
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"

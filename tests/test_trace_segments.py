@@ -6,7 +6,7 @@ import pytest
 
 from pertoken.backends import load_backend
 from pertoken.errors import PertokenError
-from pertoken.pipeline.trace_segments import (
+from pertoken.pipeline.trace.segments import (
     DEFAULT_SEGMENTS,
     SegmentSpec,
     label_chat,
@@ -196,7 +196,7 @@ def test_overlapping_kinds_and_stray_closes_are_errors_with_the_offset():
 
 
 def test_a_json_object_input_is_an_error(tmp_path):
-    from pertoken.pipeline.trace_inputs import read_items
+    from pertoken.pipeline.trace.inputs import read_items
 
     path = tmp_path / "prompts.json"
     path.write_text('{"prompt": "hello", "answer": "hi"}')

@@ -11,8 +11,8 @@ from scipy import stats
 import pertoken.trace
 from pertoken import cli
 from pertoken.errors import PertokenError
-from pertoken.pipeline.trace import trace_dataset
-from pertoken.pipeline.trace_stats import trace_stats
+from pertoken.pipeline.trace.dataset import trace_dataset
+from pertoken.pipeline.trace.stats import trace_stats
 from pertoken.vectors import PersonaVector
 from tests.fake_backend import FakeBackend
 

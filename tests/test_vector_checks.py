@@ -11,9 +11,9 @@ from pertoken import cli
 from pertoken.backends.base import Steer, SteerTerm
 from pertoken.commands import options
 from pertoken.errors import PertokenError
-from pertoken.pipeline.evaluate import parse_coefs
 from pertoken.pipeline.monitor import monitor
 from pertoken.pipeline.steer import SteerSpec, build_steer, parse_steer_spec, zip_specs
+from pertoken.pipeline.sweep.grid import parse_coefs
 from pertoken.vectors import PersonaVector, load_vector, save_vector
 from tests.fake_backend import FakeBackend
 from tests.small_kit import write_kit

@@ -9,11 +9,11 @@ from click.testing import CliRunner
 
 from pertoken.cli import main
 from pertoken.errors import PertokenError
-from pertoken.pipeline import vet_stats as st
 from pertoken.pipeline.extract import extract_vectors
 from pertoken.pipeline.generate import generate_csv
 from pertoken.pipeline.summaries import load_summaries
-from pertoken.pipeline.vet import vet_vector
+from pertoken.pipeline.vet import stats as st
+from pertoken.pipeline.vet.stage import vet_vector
 from pertoken.traits import load_trait
 from pertoken.vectors import PersonaVector, load_vector, save_vector
 from tests.pipeline_fakes import RecordingBackend
@@ -221,7 +221,7 @@ def _summaries(separated_rows, *, pairs=12, rows=5, hidden=16):
     [([1, 2, 3, 4], "carries the instruction text"), ([0, 1, 2, 3, 4], "wording"), ([2, 3], None)],
 )
 def test_early_rows_warning_tells_instruction_text_from_wording(tmp_path, shifted, says):
-    from pertoken.pipeline.vet import build_report
+    from pertoken.pipeline.vet.stage import build_report
 
     s = _summaries(shifted)
     x = s.states["response_avg"].astype(np.float64)

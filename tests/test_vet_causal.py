@@ -5,8 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from pertoken.pipeline.vet import load_report, vet_vector
-from pertoken.pipeline.vet_causal import Causal, answer_logprob, suggest
+from pertoken.pipeline.vet.card import load_report
+from pertoken.pipeline.vet.causal import Causal, answer_logprob, suggest
+from pertoken.pipeline.vet.stage import vet_vector
 from tests.pipeline_fakes import RecordingBackend
 from tests.test_vet import make_run
 

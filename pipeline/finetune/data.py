@@ -13,7 +13,7 @@ import numpy as np
 
 from pertoken.backends.training import Batch
 from pertoken.errors import PertokenError
-from pertoken.pipeline.trace_inputs import read_jsonl_items
+from pertoken.pipeline.trace.inputs import read_jsonl_items
 
 
 @dataclass

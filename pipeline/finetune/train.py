@@ -17,7 +17,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pertoken import __version__
 from pertoken.atomic import write_text_atomic
 from pertoken.backends.steer import Steer
 from pertoken.backends.training import METHODS, TrainSpec, make_trainer
@@ -33,6 +32,7 @@ from pertoken.pipeline.finetune.data import (
 from pertoken.pipeline.finetune.edits import edit_records, training_steer
 from pertoken.pipeline.finetune.interrupt import deferred_interrupt
 from pertoken.pipeline.finetune.plots import loss_plot
+from pertoken.version import __version__
 
 RECORD = "finetune.json"
 CHECKPOINT = "checkpoint"

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pertoken.errors import PertokenError
-from pertoken.pipeline.trace_tables import drop_empty_segments, stat_columns, value_columns
+from pertoken.pipeline.trace.tables import drop_empty_segments, stat_columns, value_columns
 
 TOKENS, ITEMS, SETTINGS = "tokens.parquet", "items.parquet", "trace.json"
 ROW_GROUP = 65536  # token rows per row group when merging

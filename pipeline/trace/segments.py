@@ -16,7 +16,7 @@ import numpy as np
 
 from pertoken.backends.chat import as_text
 from pertoken.errors import PertokenError
-from pertoken.pipeline.trace_inputs import ROLES
+from pertoken.pipeline.trace.inputs import ROLES
 
 BUILTIN = ("template", "prompt", "answer")
 

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from urllib.parse import urlsplit, urlunsplit
 
 from pertoken.errors import PertokenError
-from pertoken.pipeline.scoring import aggregate_score, number_probs
+from pertoken.pipeline.judge.scoring import aggregate_score, number_probs
 
 KEY_ENV = "OPENAI_API_KEY"
 OPENAI_URL = "https://api.openai.com/v1"

@@ -1,4 +1,4 @@
-"""Sweep: every (model, trait) job of a plan (sweep_plan.py) run as `pertoken run` runs it,
+"""Sweep: every (model, trait) job of a plan (plan.py) run as `pertoken run` runs it,
 then its optional eval grid and traces, into `OUT/{model}/{trait}/`; then `OUT/sweep.csv`.
 
 Without Ray the jobs run one after another here. With Ray each job is one task asking for
@@ -23,9 +23,9 @@ from pertoken.errors import PertokenError
 from pertoken.lock import output_lock
 from pertoken.paths import inside, model_basename
 from pertoken.pipeline.csvio import write_csv_atomic
-from pertoken.pipeline.judge import DEFAULT_JUDGE
-from pertoken.pipeline.judge_openai import check_endpoint
-from pertoken.pipeline.sweep_plan import Job, Plan
+from pertoken.pipeline.judge.api import check_endpoint
+from pertoken.pipeline.judge.rubrics import DEFAULT_JUDGE
+from pertoken.pipeline.sweep.plan import Job, Plan
 
 COLUMNS = ["model", "trait", "state", "pairs_kept", "pairs_total", "suggested_row",
            "heldout_auroc", "best_eval", "seconds", "ran", "folder"]  # fmt: skip
@@ -59,7 +59,7 @@ class JobResult:
 def run_job(job: Job, limit=None, echo: Callable[[str], None] = print) -> JobResult:
     """Run one job (resuming it); never raises for the job's own failure, which becomes its
     state. limit: a SharedLimit the API judge's requests also hold."""
-    from pertoken.pipeline.judge_openai import shared_limit
+    from pertoken.pipeline.judge.api import shared_limit
 
     start, ran = time.perf_counter(), []
     result = JobResult(job.model, Path(job.trait).stem, "done")
@@ -83,7 +83,7 @@ class _Steps:
 
     def run(self) -> None:
         from pertoken.pipeline.run import run_pipeline
-        from pertoken.pipeline.vet import load_report
+        from pertoken.pipeline.vet.card import load_report
 
         j, r = self.job, self.result
         opts = dict(j.run)
@@ -150,9 +150,9 @@ class _Steps:
         return [self.result.suggested_row]
 
     def eval(self, e: dict) -> str:
-        from pertoken.pipeline.coef_search import search_coefs
-        from pertoken.pipeline.evaluate import evaluate
-        from pertoken.pipeline.judges import make_judge
+        from pertoken.pipeline.judge.judges import make_judge
+        from pertoken.pipeline.sweep.grid import evaluate
+        from pertoken.pipeline.sweep.search import search_coefs
         from pertoken.traits import load_trait
         from pertoken.vectors import load_vector
 
@@ -176,7 +176,7 @@ class _Steps:
         return _setting(best and (best.layer, best.coef, best.trait_mean, best.coherence_mean))
 
     def trace(self, t: dict) -> str:
-        from pertoken.pipeline.trace import Generation, trace_dataset
+        from pertoken.pipeline.trace.dataset import Generation, trace_dataset
         from pertoken.vectors import load_vector
 
         gen = Generation(**{k: t[k] for k in ("system", "max_new_tokens", "temperature", "seed")})

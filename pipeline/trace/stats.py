@@ -20,13 +20,14 @@ import numpy as np
 
 from pertoken.errors import PertokenError
 from pertoken.pipeline.csvio import write_csv_atomic
-from pertoken.pipeline.trace_store import (
+from pertoken.pipeline.trace.plots import plot_correlations, plot_curves
+from pertoken.pipeline.trace.store import (
     TOKENS,
     iter_item_tables,
     read_items_table,
     read_settings,
 )
-from pertoken.pipeline.trace_tables import STATS, proj_column
+from pertoken.pipeline.trace.tables import STATS, proj_column
 
 DECILES = 10
 TERCILES = ("low", "mid", "high")
@@ -220,8 +221,6 @@ def tercile_curves(items, deciles: dict, scores, vectors, rows) -> list[dict]:
 
 
 def _write(out: Path, result: StatsResult, vectors, rows) -> list[Path]:
-    from pertoken.pipeline.trace_report import plot_correlations, plot_curves
-
     out.mkdir(parents=True, exist_ok=True)
     files = [
         _csv(out / "correlations.csv", result.correlations),

@@ -161,7 +161,7 @@ def _local(here: Path, name: str) -> str:
 
 
 def _run_options(table, here: Path, path: Path) -> dict:
-    from pertoken.pipeline.judge import read_rubric
+    from pertoken.pipeline.judge.rubrics import read_rubric
     from pertoken.pipeline.run import run_pipeline
 
     if not isinstance(table, dict):

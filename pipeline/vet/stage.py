@@ -10,15 +10,12 @@ summaries beside the vector; the model runs only when they are missing or stale.
 
 from __future__ import annotations
 
-import json
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from pertoken.errors import PertokenError
-from pertoken.pipeline import vet_stats as st
 from pertoken.pipeline.extract import pair_rows
 from pertoken.pipeline.summaries import (
     SampleSummaries,
@@ -28,7 +25,9 @@ from pertoken.pipeline.summaries import (
     save_summaries,
     summaries_path,
 )
-from pertoken.pipeline.vet_causal import (
+from pertoken.pipeline.vet import stats as st
+from pertoken.pipeline.vet.card import RowCard, VetReport, report_paths
+from pertoken.pipeline.vet.causal import (
     MAX_COST,
     Causal,
     candidate_rows,
@@ -36,53 +35,11 @@ from pertoken.pipeline.vet_causal import (
     measure,
     suggest,
 )
+from pertoken.pipeline.vet.write import write_report
 from pertoken.vectors import PersonaVector, load_vector
 
 SATURATED = 0.9  # held-out AUROC on every candidate row at or above this cannot rank rows
 _NAME = re.compile(r"(?P<trait>.+)_(?P<kind>response_avg|prompt_avg|prompt_last)_(diff|probe)")
-
-
-@dataclass
-class RowCard:
-    row: int
-    v_norm: float
-    h_norm: float
-    coef: dict[str, float | None]  # ratio ("0.25", "0.5", "1") -> coefficient
-    auroc: float
-    cohens_d: float
-    cos_next: float | None  # cosine with row + 1
-    massive: list[tuple[int, float]]  # (dim, share of |h|^2) when a few dims dominate
-    gain: dict[str, float] | None = None  # ratio -> causal gain (nats/token), vet_causal
-    cost: dict[str, float] | None = None  # ratio -> cost on the model's own answers
-
-
-@dataclass
-class VetReport:
-    vector: str
-    model: str
-    trait: str
-    kind: str
-    method: str
-    pairs: int
-    split: dict  # held-out and training questions, pair counts, holdout, seed
-    rows: list[RowCard]
-    middle_rows: list[int]
-    suggested_row: int | None
-    warnings: list[str]
-    other_vectors: dict[str, list[float | None]] = field(default_factory=dict)  # cos per row
-    files: dict[str, str] = field(default_factory=dict)
-    suggested_ratio: str | None = None  # "0.25" / "0.5" / "1" when the causal measure ran
-    suggested_coef: float | None = None
-    causal: dict | None = None  # pairs, questions, tokens, max_cost, within_cost
-    judged: list[dict] = field(default_factory=list)  # vet --judged: per setting, judged means
-
-    def row(self, r: int) -> RowCard:
-        return self.rows[r]
-
-
-def report_paths(out_dir: str | Path, trait: str) -> dict[str, Path]:
-    """{json, md, png}: out_dir/{trait}_report.{ext}."""
-    return {ext: Path(out_dir) / f"{trait}_report.{ext}" for ext in ("json", "md", "png")}
 
 
 def vet_vector(
@@ -113,7 +70,7 @@ def vet_vector(
     measure. trait and the kept-pair threshold default to the vector's sidecar; out_dir to the
     vector's folder; holdout (default 0.3) is the share of questions held out.
     causal: per candidate row (`causal_rows`, default all but rows 0, 1 and the last), the
-    teacher-forced gain and cost (vet_causal) on up to `causal_pairs` held-out pairs with
+    teacher-forced gain and cost (causal.py) on up to `causal_pairs` held-out pairs with
     answers cut to `causal_tokens` tokens; the suggestion becomes the largest gain whose cost
     is at most `max_cost` nats per token (default 0.5). judged: that many top causal settings
     (and the unsteered answers) answer the held-out questions in one generate call, scored by
@@ -138,24 +95,15 @@ def vet_vector(
         rows = causal_rows or candidate_rows(vec.n_layers)
         add_causal(report, measure(b, vec.data, texts, coefs, rows), max_cost)
         if judged:
-            from pertoken.pipeline.vet_judged import judged_check
+            from pertoken.pipeline.vet.judged import judged_check
 
             held = set(report.split["held_out_questions"])
             questions = list(dict.fromkeys(r["question"] for r, k in zip(pairs.pos, pairs.keys)
                                            if k[0] in held))  # fmt: skip
             report.judged = judged_check(b, report, vec.data, questions, judge, n=judged)
             _judged_suggestion(report)
-    from pertoken.pipeline.vet_report import write_report
-
     write_report(report, report_paths(out_dir or path.parent, trait))
     return report
-
-
-def load_report(path: str | Path) -> VetReport:
-    """A report written by vet_vector, from its JSON file."""
-    data = json.loads(Path(path).read_text())
-    rows = [RowCard(**{**r, "massive": [tuple(m) for m in r["massive"]]}) for r in data["rows"]]
-    return VetReport(**{**data, "rows": rows})
 
 
 def _identity(path: Path, vec: PersonaVector, trait: str | None) -> tuple[str, str, str]:
@@ -201,7 +149,7 @@ def _backend(backend, why: str = "the causal measure runs the model"):
 
 
 def add_causal(report: VetReport, c: Causal, max_cost: float = MAX_COST) -> None:
-    """Put the causal gain and cost on the rows and suggest by them (vet_causal.suggest)."""
+    """Put the causal gain and cost on the rows and suggest by them (causal.suggest)."""
     for r in report.rows:
         r.gain, r.cost = c.gain.get(r.row), c.cost.get(r.row)
     pick = suggest(c, max_cost)
@@ -221,7 +169,7 @@ def add_causal(report: VetReport, c: Causal, max_cost: float = MAX_COST) -> None
 
 
 def _judged_suggestion(report: VetReport) -> None:
-    from pertoken.pipeline.vet_judged import MIN_COHERENCE, judged_pick
+    from pertoken.pipeline.vet.judged import MIN_COHERENCE, judged_pick
 
     pick = judged_pick(report.judged)
     if pick is None:

@@ -1,10 +1,8 @@
-"""What trace-stats and trace-diff print and draw: text tables and matplotlib figures."""
+"""trace-stats' figures: correlations per segment, and projection curves per score tercile."""
 
 from __future__ import annotations
 
 from pathlib import Path
-
-from pertoken.pipeline.trace_stats import TERCILES, StatsResult
 
 
 def _pyplot():
@@ -49,7 +47,7 @@ def plot_curves(path: Path, rows: list[dict], score: str, vectors, layers) -> Pa
     fig, axes = plt.subplots(1, n, figsize=(3.4 * n + 1, 3.2), squeeze=False)
     panels = [(v, layer) for v in vectors for layer in layers]
     for ax, (v, layer) in zip(axes[0], panels):
-        for t in TERCILES:
+        for t in dict.fromkeys(r["tercile"] for r in rows):  # low, mid, high as written
             pts = [
                 r
                 for r in rows
@@ -71,50 +69,3 @@ def plot_curves(path: Path, rows: list[dict], score: str, vectors, layers) -> Pa
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-def format_correlations(result: StatsResult) -> str:
-    """Per score: Pearson / Spearman r of each segment's mean projection and of prompt_last."""
-    lines = []
-    for score in result.scores:
-        rows = [r for r in result.correlations if r["score"] == score]
-        rows = [
-            r for r in rows if r["stat"] in ("mean", "prompt_last") and r["pearson"] is not None
-        ]
-        if not rows:
-            lines.append(f"no defined correlation with {score}")
-            continue
-        names = list(dict.fromkeys(r["segment"] or "prompt_last" for r in rows))
-        lines.append(f"r with {score} (Pearson/Spearman) of the mean projection per segment:")
-        lines.append(f"{'vector':<16}{'layer':>6}" + "".join(f"{n:>16}" for n in names))
-        for v, layer in dict.fromkeys((r["vector"], r["layer"]) for r in rows):
-            cells = {
-                r["segment"] or "prompt_last": r
-                for r in rows
-                if (r["vector"], r["layer"]) == (v, layer)
-            }
-            text = [_pair(cells.get(n)) for n in names]
-            lines.append(f"{v:<16}{layer:>6}" + "".join(f"{t:>16}" for t in text))
-    return "\n".join(lines)
-
-
-def _pair(row) -> str:
-    if row is None:
-        return "-"
-    return f"{row['pearson']:+.2f}/{row['spearman']:+.2f}"
-
-
-def format_spans(spans: list[dict], *, per_list: int = 3) -> str:
-    """The top spans of the first vector x layer, highest and lowest."""
-    if not spans:
-        return "no answer spans to rank (the answers are shorter than --span)"
-    v, layer = spans[0]["vector"], spans[0]["layer"]
-    lines = [f"top spans ({v}, layer {layer}):"]
-    for kind in ("high", "low"):
-        for s in [s for s in spans if (s["vector"], s["layer"], s["kind"]) == (v, layer, kind)][
-            :per_list
-        ]:
-            lines.append(
-                f"  {kind:<4} {s['mean']:+8.3f}  item {s['item']} pos {s['pos']}: {s['text']!r}"
-            )
-    return "\n".join(lines)

@@ -16,8 +16,8 @@ from typing import Protocol
 
 from pertoken.errors import PertokenError
 from pertoken.pipeline.csvio import format_score
-from pertoken.pipeline.judge import DEFAULT_JUDGE, judge_identity, rubrics
-from pertoken.pipeline.judge_cache import JudgeCache, cache_key
+from pertoken.pipeline.judge.cache import JudgeCache, cache_key
+from pertoken.pipeline.judge.rubrics import DEFAULT_JUDGE, judge_identity, rubrics
 from pertoken.traits import Trait, fill_rubric
 
 
@@ -91,7 +91,7 @@ class CachedJudge:
         answers; a local judge is checked when it loads."""
         if self.judge_model.startswith("local:"):
             return
-        from pertoken.pipeline.judge_openai import api_key, check_endpoint
+        from pertoken.pipeline.judge.api import api_key, check_endpoint
 
         if reach:
             check_endpoint(self.base_url)
@@ -146,14 +146,14 @@ def make_judge(
 def _make_scorer(judge_model, base_url, concurrency, max_failures, backend, backend_name):
     """An ApiJudge, or a LocalJudge for `local:MODEL` (on `backend()` when given)."""
     if judge_model.startswith("local:"):
-        from pertoken.pipeline.judge_local import LocalJudge
+        from pertoken.pipeline.judge.local import LocalJudge
 
         if backend is None:
             from pertoken.backends import load_backend
 
             return LocalJudge(load_backend(judge_model.removeprefix("local:"), backend_name))
         return LocalJudge(backend())
-    from pertoken.pipeline.judge_openai import ApiJudge
+    from pertoken.pipeline.judge.api import ApiJudge
 
     return ApiJudge(
         judge_model,

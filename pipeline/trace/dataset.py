@@ -1,5 +1,5 @@
 """Per-token traces over whole datasets: every token of every transcript projected onto persona
-vectors at chosen rows, in batches, into a trace store (see trace_store.py).
+vectors at chosen rows, in batches, into a trace store (see store.py).
 
 Items are traced a chunk at a time; each finished chunk is on disk before the next starts, so a
 rerun of the same command traces only the items that are missing. Answers to prompt lists are
@@ -18,22 +18,21 @@ from pathlib import Path
 
 import numpy as np
 
-from pertoken import __version__
 from pertoken.backends.base import Steer
 from pertoken.errors import PertokenError
 from pertoken.lock import output_lock
-from pertoken.pipeline import trace_store as store
 from pertoken.pipeline.generate import sample_seed
-from pertoken.pipeline.trace_inputs import Item, meta_types, read_items
-from pertoken.pipeline.trace_segments import (
+from pertoken.pipeline.trace import store as store
+from pertoken.pipeline.trace.inputs import Item, meta_types, read_items
+from pertoken.pipeline.trace.segments import (
     DEFAULT_SEGMENTS,
     label_chat,
     label_pair,
     segment_names,
     tag_spans,
 )
-from pertoken.pipeline.trace_steer import fired_columns, pre_columns, project, term_record
-from pertoken.pipeline.trace_tables import (
+from pertoken.pipeline.trace.steer import fired_columns, pre_columns, project, term_record
+from pertoken.pipeline.trace.tables import (
     item_schema,
     item_stats,
     token_schema,
@@ -42,6 +41,7 @@ from pertoken.pipeline.trace_tables import (
 )
 from pertoken.rows import check_capture_rows
 from pertoken.vectors import PersonaVector
+from pertoken.version import __version__
 
 
 @dataclass
@@ -114,7 +114,7 @@ def trace_dataset(
         done = {**settings, "items": n_items, "complete": True}
         store.write_json_atomic(folder / store.SETTINGS, done)
         if page:
-            from pertoken.pipeline.store_page import write_store_page
+            from pertoken.pipeline.trace.page import write_store_page
 
             write_store_page(folder)
     return TraceResult(folder, n_items, len(todo), n_tokens, time.perf_counter() - start)

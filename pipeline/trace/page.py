@@ -16,15 +16,15 @@ from pathlib import Path
 
 import numpy as np
 
-from pertoken.pipeline.trace_page import embed_json
-from pertoken.pipeline.trace_store import (
+from pertoken.pipeline.trace.monitor_page import embed_json
+from pertoken.pipeline.trace.store import (
     TOKENS,
     iter_item_tables,
     read_items_table,
     read_settings,
 )
 
-_TEMPLATE = Path(__file__).with_name("store_page.html")
+_TEMPLATE = Path(__file__).with_name("page.html")
 BLOCK = 32  # items per data file
 DIGITS = 6  # significant digits kept for the page
 

@@ -11,7 +11,7 @@ import html
 import json
 from pathlib import Path
 
-_TEMPLATE = Path(__file__).with_name("trace_page.html")
+_TEMPLATE = Path(__file__).with_name("monitor_page.html")
 
 
 def embed_json(data) -> str:

@@ -16,12 +16,12 @@ from pathlib import Path
 
 from pertoken.atomic import write_text_atomic
 from pertoken.backends.base import Steer
+from pertoken.backends.sampler import sampling_options
 from pertoken.errors import PertokenError
 from pertoken.lock import output_lock
 from pertoken.pipeline.csvio import parse_score, read_table, write_csv_atomic
 from pertoken.pipeline.generate import sample_seed
-from pertoken.pipeline.judges import Judge
-from pertoken.pipeline.sampling import sampling_options
+from pertoken.pipeline.judge.judges import Judge
 from pertoken.rows import check_steer_row
 from pertoken.traits import require_eval_questions
 from pertoken.vectors import PersonaVector, check_coef
@@ -85,7 +85,7 @@ def evaluate(
     """Run (or resume) the sweep into `out_dir`: answers.csv, summary.csv and sweep.png.
 
     temperature defaults to 1.0, or 0 (greedy) when n_per_question is 1; sampler `model` samples
-    with the checkpoint's generation_config (pipeline.sampling); positions as Steer ("response"
+    with the checkpoint's generation_config (backends.sampler); positions as Steer ("response"
     steers the answer's tokens, as upstream's evaluation does). judge: fills the score cells
     (`judges.make_judge`); its identity goes into eval.json. pool: a distributed.ModelPool
     whose actors answer the settings (`backend` is then its ModelInfo); this process writes

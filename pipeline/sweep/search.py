@@ -27,14 +27,14 @@ import numpy as np
 
 from pertoken.atomic import write_text_atomic
 from pertoken.backends.base import Steer
+from pertoken.backends.sampler import sampling_options
 from pertoken.errors import PertokenError
 from pertoken.lock import output_lock
-from pertoken.pipeline import evaluate as ev
 from pertoken.pipeline.banner import duration
 from pertoken.pipeline.generate import sample_seed
-from pertoken.pipeline.judges import Judge
-from pertoken.pipeline.sampling import sampling_options
-from pertoken.pipeline.sweep_plot import Point, plot_points, point
+from pertoken.pipeline.judge.judges import Judge
+from pertoken.pipeline.sweep import grid as ev
+from pertoken.pipeline.sweep.plot import Point, plot_points, point
 from pertoken.rows import check_steer_row
 from pertoken.vectors import PersonaVector
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import numpy as np
 
 from pertoken.errors import PertokenError
-from pertoken.pipeline.scoring import aggregate_score
+from pertoken.pipeline.judge.scoring import aggregate_score
 
 DIGITS = [str(d) for d in range(10)]
 EPS = 1e-4  # a prefix less likely than this is scored as complete (error <= EPS per prefix)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from pertoken.pipeline.trace_segments import TokenLabels
+from pertoken.pipeline.trace.segments import TokenLabels
 
 STATS = ("mean", "max", "min")
 
@@ -39,7 +39,7 @@ def stat_columns(vectors: list[str], rows: list[int], segments: list[str]) -> li
 def drop_empty_segments(items: pa.Table) -> pa.Table:
     """`items` without the statistics of tag segments (scratchpad, thinking) that no item has:
     columns of NaN only. A rerun that adds items with such a span brings them back."""
-    from pertoken.pipeline.trace_segments import BUILTIN
+    from pertoken.pipeline.trace.segments import BUILTIN
 
     by_segment: dict[str, list[str]] = {}
     for name in items.column_names:

@@ -7,7 +7,7 @@ import json
 import math
 from pathlib import Path
 
-from pertoken.pipeline.vet import VetReport
+from pertoken.pipeline.vet.card import VetReport
 
 
 def write_report(report: VetReport, paths: dict[str, Path]) -> None:

@@ -16,10 +16,10 @@ import pyarrow as pa
 
 from pertoken.errors import PertokenError
 from pertoken.lock import output_lock
-from pertoken.pipeline import trace_store as store
 from pertoken.pipeline.csvio import write_csv_atomic
-from pertoken.pipeline.trace_segments import TokenLabels
-from pertoken.pipeline.trace_tables import (
+from pertoken.pipeline.trace import store as store
+from pertoken.pipeline.trace.segments import TokenLabels
+from pertoken.pipeline.trace.tables import (
     drop_empty_segments,
     item_schema,
     item_stats,
@@ -61,7 +61,7 @@ def trace_diff(
         store.write_json_atomic(out / store.SETTINGS, settings)
         write_csv_atomic(out / "moved.csv", list(moved[0]) if moved else [], moved)
         if page:
-            from pertoken.pipeline.store_page import write_store_page
+            from pertoken.pipeline.trace.page import write_store_page
 
             write_store_page(out, title=f"pertoken trace diff: {settings['model']}")
     return DiffResult(out, len(items_a), moved, scale)
