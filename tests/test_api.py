@@ -31,7 +31,7 @@ def test_import_pertoken_and_its_names_stay_light():
 
 def test_top_level_names_are_the_pipeline_objects():
     from pertoken.backends.base import Steer
-    from pertoken.pipeline.sweep import extract, monitor
+    from pertoken.pipeline import extract, monitor
     from pertoken.pipeline.sweep import grid as evaluate
 
     assert pertoken.PersonaVector is PersonaVector and pertoken.Steer is Steer
