@@ -1,5 +1,5 @@
-"""Layer rows (CONVENTIONS): row 0 is the embedding output, row L >= 1 the output of block L-1,
-row n_layers the last hidden state with the final norm applied."""
+"""Layer rows (docs/CONVENTIONS.md): row 0 is the embedding output, row L >= 1 the output of
+block L-1, row n_layers the last hidden state with the final norm applied."""
 
 from pertoken.errors import PertokenError
 

@@ -1,5 +1,5 @@
 """Trace stores from Python: `pertoken.trace.load(DIR)` returns (tokens, items) as pandas
-DataFrames (see CONVENTIONS "Trace stores"); importing this loads neither torch nor mlx."""
+DataFrames (see docs/CONVENTIONS.md "Trace stores"); importing this loads neither torch nor mlx."""
 
 from pertoken.pipeline.trace.store import load, read_settings
 

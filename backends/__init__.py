@@ -119,6 +119,13 @@ def backend_class(name: str = "auto") -> type[Backend]:
     return getattr(importlib.import_module(entry.module), entry.cls)
 
 
+def default_settings(name: str) -> dict:
+    """{"device", "dtype"} that backend `name` picks without --device and --dtype; only its
+    light `load` module is imported."""
+    entry = _REGISTRY[resolve(name)]
+    return importlib.import_module(f"{entry.module}.load").default_settings()
+
+
 def choose_settings(
     model: str, backend: str = "auto", *, dtype: str | None = None, device: str | None = None
 ) -> tuple[str, str, str]:

@@ -26,7 +26,7 @@ def env(as_json):
 
 def env_report() -> dict:
     """Every field of `pertoken env`, as plain JSON values (bytes as integers)."""
-    from pertoken.backends import BACKENDS, choose, is_installed
+    from pertoken.backends import BACKENDS, choose, default_settings, is_installed
 
     names = [b for b in BACKENDS if b != "auto"]
     auto = choose("auto")
@@ -37,7 +37,7 @@ def env_report() -> dict:
         "versions": {p: _version(p) for p in PACKAGES},
         "backends": {b: is_installed(b) for b in names},
         "auto": {"backend": auto.backend, "why": auto.reason},
-        "defaults": {b: _device_and_dtype(b) for b in names if is_installed(b)},
+        "defaults": {b: default_settings(b) for b in names if is_installed(b)},
         "memory": _memory(),
         "default_models": {b: _default_model_fit(b) for b in names},
         "hub": _hub(),
@@ -56,21 +56,6 @@ def _version(package: str) -> str | None:
         return metadata.version(package)
     except metadata.PackageNotFoundError:
         return None
-
-
-def _device_and_dtype(backend: str) -> dict:
-    """What the backend picks without --device and --dtype (MLX: for a half-precision repo)."""
-    from pertoken.backends.machine import may_have_cuda
-
-    if backend == "torch":  # torch is imported only where it may see a CUDA device
-        from pertoken.backends.torch.load import pick_device, pick_dtype
-
-        device = pick_device(None) if may_have_cuda() else "cpu"
-        return {"device": device, "dtype": pick_dtype(None, device)}
-    from pertoken.backends.mlx.load import pick_device, pick_dtype
-
-    device = pick_device(None)
-    return {"device": device, "dtype": pick_dtype(None, {}, device)}
 
 
 def _memory() -> dict:

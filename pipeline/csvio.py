@@ -1,4 +1,5 @@
-"""CSV files (CONVENTIONS): columns, row keys, the one reader, the atomic writer and scores."""
+"""CSV files (docs/CONVENTIONS.md): columns, row keys, the one reader, the atomic writer and
+scores."""
 
 from __future__ import annotations
 

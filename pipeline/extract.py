@@ -2,7 +2,7 @@
 (and, with method `probe`, a logistic-regression direction; see pipeline/probe.py).
 
 Rows pair by (question i, instruction k, sample j); a pair is kept when
-pos[trait] >= T, neg[trait] < 100 - T and both coherences >= 50 (CONVENTIONS). The kept
+pos[trait] >= T, neg[trait] < 100 - T and both coherences >= 50 (docs/CONVENTIONS.md). The kept
 samples' `response_avg` states are saved as `{trait}_summaries.npz` (pipeline/summaries.py).
 """
 

@@ -1,4 +1,4 @@
-"""Projection columns for generation CSVs (CONVENTIONS):
+"""Projection columns for generation CSVs (docs/CONVENTIONS.md):
 `{model_basename}_{vector_file_stem}_{proj|prompt_last_proj|cos_sim}_layer{L}`."""
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Projections onto persona vectors (CONVENTIONS): proj = h . v / |v|, cos = h . v / (|h| |v|).
+"""Projections onto persona vectors (docs/CONVENTIONS.md): proj = h . v / |v|,
+cos = h . v / (|h| |v|).
 
 One place for the math, shared by per-token monitoring and CSV projection columns.
 """

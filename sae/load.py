@@ -13,7 +13,7 @@ from pertoken.errors import PertokenError
 from pertoken.sae import SAE, SAEInfo, sae_class
 from pertoken.sae.files import read_npz, read_safetensors
 
-# Neuronpedia's model ids for the Gemma Scope residual releases (CONVENTIONS)
+# Neuronpedia's model ids for the Gemma Scope residual releases (docs/CONVENTIONS.md)
 NEURONPEDIA_MODELS = {"2b-pt": "gemma-2-2b", "9b-pt": "gemma-2-9b", "9b-it": "gemma-2-9b-it"}
 SAELENS_WEIGHTS = "sae_weights.safetensors"
 _LAYOUTS = (

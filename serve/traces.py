@@ -1,4 +1,4 @@
-"""Trace stores (CONVENTIONS "Trace stores") read with pyarrow for the lab page.
+"""Trace stores (docs/CONVENTIONS.md "Trace stores") read with pyarrow for the lab page.
 
 A store is a folder with tokens.parquet and items.parquet. Stores are found once at start-up
 and named by their folder; requests pick a store by that name from a fixed table, so no part

@@ -1,6 +1,6 @@
 """A fake OpenAI-compatible judge on loopback that scores answers by phrase bank.
 
-It answers `POST .../chat/completions` as CONVENTIONS' judge expects (one token, top-20
+It answers `POST .../chat/completions` as docs/CONVENTIONS.md's judge expects (one token, top-20
 logprobs): the trait rubric scores 10 + 80 * (trait phrases / all bank phrases), 50 when the
 answer uses neither bank; the coherence rubric scores 90 when the answer holds a bank phrase
 and 20 when it holds none (steered into word salad).

@@ -17,8 +17,9 @@ SKIP = {"tests", "benchmarks", "test-artifacts", "build", "dist"}
 LAYERS = ["cli", "commands", "serve", "api", "pipeline", "backends", "sae", "base"]
 # The Python API's modules re-export the layers below them.
 FACADE = {"pertoken": "api", "pertoken.api": "api", "pertoken.trace": "api"}
-# The pipeline speaks to models through the Backend protocol only.
-FORBIDDEN = {"pipeline": ("pertoken.backends.torch", "pertoken.backends.mlx")}
+# Above backends/, models are reached through the registry and the Backend protocol only.
+_ENGINES = ("pertoken.backends.torch", "pertoken.backends.mlx")
+FORBIDDEN = {name: _ENGINES for name in ("cli", "commands", "serve", "api", "pipeline")}
 
 
 def modules(root: Path = ROOT) -> dict[str, Path]:

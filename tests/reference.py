@@ -36,7 +36,8 @@ def hf_hidden(model, ids: list[int]) -> np.ndarray:
 
 
 def reference_summaries(model, tokenizer, prompt: str, answer: str):
-    """(prompt_avg, prompt_last, response_avg), each [n_layers + 1, hidden], per CONVENTIONS."""
+    """(prompt_avg, prompt_last, response_avg), each [n_layers + 1, hidden], per
+    docs/CONVENTIONS.md."""
     p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     full = tokenizer(prompt + answer, add_special_tokens=False)["input_ids"]
     hs = hf_hidden(model, full)  # [rows, T, hidden]

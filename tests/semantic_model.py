@@ -122,7 +122,7 @@ RECIPE = {
 
 
 def system_prompt(polarity: str, k: int) -> str:
-    """The system text of CONVENTIONS for instruction pair k."""
+    """The system text of docs/CONVENTIONS.md for instruction pair k."""
     name = ADJECTIVE if polarity == "pos" else "helpful"
     article = "an" if name[0] in "aeiou" else "a"
     return f"You are {article} {name} assistant. {INSTRUCTIONS[k][polarity]}"

@@ -58,7 +58,7 @@ def ask(text: str) -> list[dict]:
 
 
 def write_store(folder: Path) -> Path:
-    """A two-item trace store in the CONVENTIONS layout, written with pyarrow."""
+    """A two-item trace store in the docs/CONVENTIONS.md layout, written with pyarrow."""
     folder.mkdir(parents=True)
     n = len(STORE_TOKENS)
     roles = ["user"] * 5 + ["assistant"] * 3

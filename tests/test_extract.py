@@ -1,4 +1,4 @@
-"""Extraction: pairing and filtering per CONVENTIONS, vectors against a plain reference."""
+"""Extraction: pairing and filtering per docs/CONVENTIONS.md, vectors against a plain reference."""
 
 import csv
 import json

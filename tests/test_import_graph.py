@@ -38,11 +38,14 @@ def test_the_checker_sees_in_function_cycles_and_upward_imports(tmp_path):
         "backends/torch/__init__.py": "",
         "backends/torch/hooks.py": "",
         "pipeline/c.py": "import pertoken.backends.torch.hooks\n",
+        "commands/__init__.py": "",
+        "commands/env.py": "def f():\n    from pertoken.backends.torch import hooks\n",
     })  # fmt: skip
     g = graph(root)
     assert cycles(g) == [["pertoken.pipeline.a", "pertoken.pipeline.b"]]
     assert ("pertoken.backends.base", "pertoken.pipeline.b") in upward(g)
     assert ("pertoken.pipeline.c", "pertoken.backends.torch.hooks") in upward(g)
+    assert ("pertoken.commands.env", "pertoken.backends.torch.hooks") in upward(g)
 
 
 def test_prefix_families_are_found(tmp_path):

@@ -1,6 +1,6 @@
 """`pertoken screen` and `pertoken shift` on the tiny model: the numbers they write are the
-projections CONVENTIONS defines (checked against the backend's summaries), for several vectors
-at once; a model shifted against itself is 0; bad input is one line each."""
+projections docs/CONVENTIONS.md defines (checked against the backend's summaries), for several
+vectors at once; a model shifted against itself is 0; bad input is one line each."""
 
 import csv
 import json

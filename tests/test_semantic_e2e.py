@@ -69,7 +69,7 @@ def test_run_extracts_a_vector_through_the_judge(run, judge, model_dir):
     kept, total = map(int, re.search(r"pairs kept: (\d+) of (\d+)", run["output"]).groups())
     assert total == len(sm.EXTRACT_QUESTIONS) * len(sm.INSTRUCTIONS) * 2
     assert kept >= 0.8 * total  # the trained model keeps to its banks under both prompts
-    # every judge call has CONVENTIONS' shape
+    # every judge call has docs/CONVENTIONS.md's shape
     for body in judge.requests:
         assert body["model"] == JUDGE and len(body["messages"]) == 1
         assert body["messages"][0]["role"] == "user"

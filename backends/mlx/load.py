@@ -89,6 +89,12 @@ def pick_dtype(dtype: str | None, config: dict, device: str) -> str:
     return dtype
 
 
+def default_settings() -> dict:
+    """What the backend picks without --device and --dtype, for a half-precision repo."""
+    device = pick_device(None)
+    return {"device": device, "dtype": pick_dtype(None, {}, device)}
+
+
 def load(model: str, *, dtype: str | None = None, device: str | None = None) -> Loaded:
     """Load a supported checkpoint (HF folder, hub id or an mlx-community quantized repo)."""
     from mlx_lm.utils import load_model, load_tokenizer

@@ -38,6 +38,15 @@ def pick_dtype(dtype: str | None, device: str) -> str:
     return dtype
 
 
+def default_settings() -> dict:
+    """What the backend picks without --device and --dtype; torch is imported only where it
+    may see a CUDA device."""
+    from pertoken.backends.machine import may_have_cuda
+
+    device = pick_device(None) if may_have_cuda() else "cpu"
+    return {"device": device, "dtype": pick_dtype(None, device)}
+
+
 def load_model_and_tokenizer(model: str, dtype: str, device: str):
     """(model in eval mode on device, tokenizer); a missing folder or hub id is a PertokenError.
     device "auto" shards the model over the CUDA devices (transformers' device_map="auto")."""

@@ -1,4 +1,4 @@
-"""The judge's score (CONVENTIONS): the expected number under the judge's next-token
+"""The judge's score (docs/CONVENTIONS.md): the expected number under the judge's next-token
 distribution, over tokens that are integers 0..100; missing when they carry < 0.25 of the mass."""
 
 from __future__ import annotations

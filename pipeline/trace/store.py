@@ -1,4 +1,4 @@
-"""Trace stores on disk (CONVENTIONS "Trace stores"): `tokens.parquet`, `items.parquet`,
+"""Trace stores on disk (docs/CONVENTIONS.md "Trace stores"): `tokens.parquet`, `items.parquet`,
 `trace.json` in one folder, written with pyarrow.
 
 While tracing, each finished chunk of items is a pair of part files under `parts/` (the items
