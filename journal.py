@@ -45,6 +45,3 @@ class Journal:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-
-    def remove(self) -> None:
-        self.path.unlink(missing_ok=True)
