@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pertoken.atomic import atomic_path, write_text_atomic
 from pertoken.errors import PertokenError
 
 # meta key set on import when n_layers was read from the file, not given by the user
@@ -150,10 +151,10 @@ def save_vector(vector: PersonaVector, path: str | Path) -> Path:
     import torch
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(torch.from_numpy(np.ascontiguousarray(vector.data, dtype=np.float32)), path)
+    with atomic_path(path) as tmp:
+        torch.save(torch.from_numpy(np.ascontiguousarray(vector.data, dtype=np.float32)), tmp)
     if vector.meta:
-        path.with_suffix(".json").write_text(json.dumps(vector.meta, indent=2) + "\n")
+        write_text_atomic(path.with_suffix(".json"), json.dumps(vector.meta, indent=2) + "\n")
     return path
 
 

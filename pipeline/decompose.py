@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pertoken.atomic import write_text_atomic
 from pertoken.errors import PertokenError
 from pertoken.sae import SAE
 from pertoken.sae.load import load_sae
@@ -43,10 +44,7 @@ class Decomposition:
         return asdict(self)
 
     def save_json(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        return path
+        return write_text_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
 
 def decompose(

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pertoken.atomic import atomic_path
 from pertoken.backends.steer import Steer
 from pertoken.errors import PertokenError
 from pertoken.names import FORMATS as FORMATS  # the CLI's choices, numpy-free
@@ -183,7 +184,8 @@ def write_safetensors(vec: PersonaVector, rows: list[int], path: Path) -> None:
         "convention": "layer.L is HF output_hidden_states[L], the output of decoder block L-1",
         "meta": json.dumps(vec.meta),
     }
-    save_file(tensors, str(path), metadata=metadata)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
 
 
 def read_safetensors(path: Path, *, n_layers: int | None = None) -> PersonaVector:
@@ -221,7 +223,11 @@ def write_gguf(vec: PersonaVector, rows: list[int], path: Path, *, model_hint: s
     "controlvector", model_hint, layer_count, and 1-D F32 tensors `direction.{L-1}`."""
     import gguf
 
-    writer = gguf.GGUFWriter(str(path), GGUF_ARCH)
+    with atomic_path(path) as tmp:
+        _write_gguf(gguf.GGUFWriter(str(tmp), GGUF_ARCH), vec, rows, model_hint)
+
+
+def _write_gguf(writer, vec: PersonaVector, rows: list[int], model_hint: str) -> None:
     writer.add_string(f"{GGUF_ARCH}.model_hint", model_hint)
     # direction slots 1..n_layers-1, as repeng and llama.cpp's cvector-generator count them
     writer.add_uint32(f"{GGUF_ARCH}.layer_count", vec.n_layers - 1)

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -20,6 +18,7 @@ from pathlib import Path
 
 from pertoken.backends.sampler import sampling_options
 from pertoken.errors import PertokenError
+from pertoken.journal import Journal
 from pertoken.lock import output_lock
 from pertoken.pipeline.csvio import columns, read_csv, sample_keys, write_csv_atomic
 from pertoken.traits import Trait, require_eval_questions
@@ -187,22 +186,8 @@ def _finished_rows(out: Path, prompts: dict) -> dict[tuple[str, int], dict]:
 
 
 def _read_side(path: Path) -> list[dict]:
-    """Whole lines of the side file; a torn last line (killed mid-write) is cut off."""
-    if not path.is_file():
-        return []
-    data = path.read_bytes()
-    end = data.rfind(b"\n") + 1
-    if end < len(data):
-        os.truncate(path, end)
-    rows = []
-    for line in data[:end].splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line damaged by a crash is regenerated
-        if isinstance(row, dict) and _SIDE_KEYS <= row.keys():
-            rows.append(row)
-    return rows
+    """Whole rows of the side file; a torn last line (killed mid-write) is cut off."""
+    return [row for row in Journal(path).read() if _SIDE_KEYS <= row.keys()]
 
 
 def _run_rows(backend, todo, prompts, done, side, total, batch_size, opts, bar_opts):
@@ -252,7 +237,7 @@ class _Saver:
         from tqdm import tqdm
 
         self.backend, self.todo, self.prompts, self.done = backend, todo, prompts, done
-        self.file = side.open("a", encoding="utf-8")
+        self.journal = Journal(side)
         # smoothing 0: the ETA from the mean rate since the start; answers of one call end in
         # bursts, and a recent-rate estimate swings by hours between them
         self.bar = tqdm(total=total, initial=total - len(todo), unit="row", dynamic_ncols=True,
@@ -266,7 +251,6 @@ class _Saver:
 
     def __exit__(self, *exc):
         self.bar.close()
-        self.file.close()
 
     def __call__(self, k: int, answer: str) -> None:
         s = self.todo[k]
@@ -277,9 +261,7 @@ class _Saver:
             "question_id": s.question_id,
             "sample": s.j,
         }
-        self.file.write(json.dumps(row, ensure_ascii=False) + "\n")
-        self.file.flush()
-        os.fsync(self.file.fileno())
+        self.journal.append([row])
         self.done[s.key] = row
         self.n_tokens += len(self.backend.encode(answer))
         self.bar.update(1)

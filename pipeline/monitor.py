@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pertoken.atomic import write_text_atomic
 from pertoken.backends.base import Steer, TokenTrace
 from pertoken.errors import PertokenError
 from pertoken.pipeline.csvio import utf8_text
@@ -134,7 +135,7 @@ def write_outputs(records: list[dict], out_dir: str | Path) -> tuple[Path, Path]
     out.mkdir(parents=True, exist_ok=True)
     data = records[0] if len(records) == 1 else {"traces": records}
     json_path = out / "trace.json"
-    json_path.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n")
+    write_text_atomic(json_path, json.dumps(data, indent=1, ensure_ascii=False) + "\n")
     return json_path, write_page(records, out / "trace.html")
 
 

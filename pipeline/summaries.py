@@ -11,12 +11,13 @@ positive side of kept pair p, sample p + N/2 its negative side. `meta` holds a J
 from __future__ import annotations
 
 import json
-import os
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from pertoken.atomic import atomic_path
 
 KINDS = ("response_avg", "prompt_avg", "prompt_last")
 _KEYS = ("label", "question", "instruction", "sample")
@@ -71,12 +72,9 @@ def half(a: np.ndarray) -> np.ndarray:
 def save_summaries(s: SampleSummaries, path: str | Path) -> Path:
     """Write the npz beside and rename, so an interruption never leaves half a file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     arrays = {k: getattr(s, k) for k in _KEYS} | dict(s.states)
-    with tmp.open("wb") as f:
+    with atomic_path(path) as tmp, tmp.open("xb") as f:
         np.savez(f, meta=np.array(json.dumps(s.meta)), **arrays)
-    os.replace(tmp, path)
     return path
 
 

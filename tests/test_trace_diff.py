@@ -91,6 +91,7 @@ def test_stores_of_other_transcripts_are_refused(stores, llama_dir, tmp_path):
     trace_dataset(b, input=other, rows=ROWS, out_dir=tmp_path / "other", **kw)
     with pytest.raises(PertokenError, match=r"hold different tokens \(item 0\)"):
         trace_diff(stores["base"], tmp_path / "other", out_dir=tmp_path / "d1")
+    assert not [p for p in (tmp_path / "d1").rglob("*") if p.name.endswith(".tmp")]
     fewer = tmp_path / "fewer.jsonl"
     fewer.write_text("".join(json.dumps({"messages": m}) + "\n" for m in CHATS[:2]))
     trace_dataset(b, input=fewer, rows=ROWS, out_dir=tmp_path / "fewer", **kw)

@@ -13,6 +13,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
+from pertoken.atomic import write_text_atomic
 from pertoken.backends.mlx.batch import SteerPlan, window_of
 from pertoken.backends.mlx.models.residual import Pass, attend_mask
 from pertoken.backends.steer import Steer
@@ -92,10 +93,10 @@ class MLXTrainer:
         mx.eval(weights)
         mx.save_safetensors(str(folder / "model.safetensors"), weights, metadata={"format": "pt"})
         config = {**self.backend.config, "torch_dtype": self.backend.dtype}
-        (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        write_text_atomic(folder / "config.json", json.dumps(config, indent=2) + "\n")
         gen = self.backend.generation_config
         if gen:
-            (folder / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+            write_text_atomic(folder / "generation_config.json", json.dumps(gen, indent=2) + "\n")
         self.backend.tokenizer.save_pretrained(folder)
 
 
@@ -135,7 +136,7 @@ def _save_adapter(lora, spec: TrainSpec, base: str, folder: Path) -> None:
         "r": spec.rank, "lora_alpha": spec.alpha, "lora_dropout": 0.0, "bias": "none",
         "target_modules": list(LORA_TARGETS), "fan_in_fan_out": False,
     }  # fmt: skip
-    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    write_text_atomic(folder / "adapter_config.json", json.dumps(config, indent=2) + "\n")
 
 
 def make_trainer(backend, spec: TrainSpec, steer: Steer | None) -> MLXTrainer:

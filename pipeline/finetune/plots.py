@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pertoken.atomic import save_figure_atomic
+
 
 def _pyplot():
     import matplotlib
@@ -30,7 +32,7 @@ def loss_plot(losses: list[float], steps_per_epoch: int, path: str | Path) -> Pa
         ax.axvline(e + 0.5, color="grey", lw=0.5, ls=":")
     ax.set(xlabel="step", ylabel="loss (assistant tokens)", title="finetuning loss")
     ax.legend()
-    fig.savefig(path, dpi=120)
+    save_figure_atomic(fig, path, dpi=120)
     plt.close(fig)
     return Path(path)
 
@@ -47,7 +49,7 @@ def diff_histogram(diffs: dict[str, np.ndarray], layer: int, path: str | Path) -
         ax.axvline(0, color="black", lw=0.6)
         ax.set(xlabel="proj_diff (data - model)", ylabel="samples", title=f"{name} layer {layer}")
         ax.legend()
-    fig.savefig(path, dpi=120)
+    save_figure_atomic(fig, path, dpi=120)
     plt.close(fig)
     return Path(path)
 
@@ -61,6 +63,6 @@ def shift_plot(points: list[tuple[str, float, float]], trait: str, r, path: str 
         ax.annotate(name, (shift, score), textcoords="offset points", xytext=(4, 4), fontsize=8)
     title = f"r = {r:.2f}" if r is not None else "r: needs 3 models"
     ax.set(xlabel="shift along the persona vector", ylabel=f"judged {trait}", title=title)
-    fig.savefig(path, dpi=120)
+    save_figure_atomic(fig, path, dpi=120)
     plt.close(fig)
     return Path(path)

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pertoken.atomic import write_text_atomic
+from pertoken.atomic import atomic_folder, write_text_atomic
 from pertoken.backends.steer import Steer
 from pertoken.backends.training import METHODS, TrainSpec, make_trainer
 from pertoken.errors import PertokenError
@@ -231,14 +231,15 @@ class _Job:
 
     def _save_checkpoint(self, ckpt: Path, step: int) -> None:
         """Into a fresh folder renamed over the old one, so a checkpoint is whole or absent."""
-        tmp = ckpt.with_name(CHECKPOINT + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        self.trainer.save_checkpoint(tmp)
-        state = {"step": step, "loss": self.losses, "tokens": self.tokens, "seconds": self.seconds}
-        write_text_atomic(tmp / "state.json", json.dumps(state))
-        shutil.rmtree(ckpt, ignore_errors=True)
-        tmp.rename(ckpt)
+        with atomic_folder(ckpt) as tmp:
+            self.trainer.save_checkpoint(tmp)
+            state = {
+                "step": step,
+                "loss": self.losses,
+                "tokens": self.tokens,
+                "seconds": self.seconds,
+            }
+            write_text_atomic(tmp / "state.json", json.dumps(state))
 
     def _finish(self, folder: Path) -> dict:
         self.trainer.save_model(folder)

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pertoken.atomic import write_text_atomic
+from pertoken.atomic import save_figure_atomic, write_text_atomic
 from pertoken.backends.base import Steer
 from pertoken.backends.sampler import sampling_options
 from pertoken.errors import PertokenError
@@ -464,5 +464,5 @@ def plot_sweep(path: Path, trait: str, summary: list[SettingSummary]) -> None:
         ax.grid(alpha=0.3)
         if ax.lines:  # no line when every score of a panel is missing
             ax.legend()
-    fig.savefig(path, dpi=120)
+    save_figure_atomic(fig, path, dpi=120)
     plt.close(fig)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 
 from pertoken.backends.base import Steer
 from pertoken.errors import PertokenError
+from pertoken.journal import Journal
 from pertoken.lock import output_lock
 from pertoken.pipeline.generate import sample_seed
 from pertoken.pipeline.trace import store as store
@@ -357,19 +357,13 @@ class _Answers:
     """Generated answers, one JSON line each in `answers.jsonl`, fsynced as each is added."""
 
     def __init__(self, folder: Path):
-        self.path = folder / "answers.jsonl"
+        self.journal = Journal(folder / "answers.jsonl")
         self.by_item: dict[int, tuple[str, str]] = {}
-        if self.path.is_file():
-            data = self.path.read_bytes()
-            end = data.rfind(b"\n") + 1
-            if end < len(data):  # a line torn by a kill is cut off and generated again
-                os.truncate(self.path, end)
-            for line in data[:end].decode("utf-8").splitlines():
-                try:
-                    row = json.loads(line)
-                    self.by_item[int(row["item"])] = (row["input_sha256"], row["answer"])
-                except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-                    continue
+        for row in self.journal.read():  # a line torn by a kill is cut off and generated again
+            try:
+                self.by_item[int(row["item"])] = (row["input_sha256"], row["answer"])
+            except (KeyError, TypeError, ValueError):
+                continue
 
     def known(self, items: list[Item]) -> dict[int, str]:
         """{item: answer} of the saved answers to these items."""
@@ -380,10 +374,9 @@ class _Answers:
         return answer if sha == it.sha256 else None
 
     def add(self, items: list[Item], texts: list[str]) -> None:
-        with self.path.open("a", encoding="utf-8") as f:
-            for it, text in zip(items, texts, strict=True):
-                row = {"item": it.index, "input_sha256": it.sha256, "answer": text}
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-                self.by_item[it.index] = (it.sha256, text)
-            f.flush()
-            os.fsync(f.fileno())
+        rows = [
+            {"item": it.index, "input_sha256": it.sha256, "answer": text}
+            for it, text in zip(items, texts, strict=True)
+        ]
+        self.journal.append(rows)
+        self.by_item |= {r["item"]: (r["input_sha256"], r["answer"]) for r in rows}

@@ -105,26 +105,26 @@ def _items(folder: Path):
 def _diff_tokens(a_dir, b_dir, out, vectors, rows, segments):
     """Stream both token tables item by item into out/tokens.parquet as B - A."""
     values = value_columns(vectors, rows)
-    writer = store.RowGroupWriter(out / store.TOKENS, token_schema(vectors, rows))
     stats, moved, scale = {}, [], dict.fromkeys(rows, 0.0)
     pairs = zip(
         store.iter_item_tables(a_dir / store.TOKENS), store.iter_item_tables(b_dir / store.TOKENS)
     )
-    for (ia, ta), (ib, tb) in pairs:
-        same = ia == ib and np.array_equal(ta["token_id"].to_numpy(), tb["token_id"].to_numpy())
-        if not same:
-            raise PertokenError(
-                f"{a_dir} and {b_dir} hold different tokens (item {ia}): trace the same input "
-                "with models that share a tokenizer"
-            )
-        cols = {k: ta[k] for k in _TOKEN_KEYS}
-        diff = {c: pa.array(tb[c].to_numpy() - ta[c].to_numpy()) for c in values}
-        writer.add(pa.table(cols | diff))
-        stats[ia] = _stats(ta, diff, vectors, rows, segments)
-        moved.append(_moved(ia, ta, diff, vectors, rows))
-        for r in rows:
-            scale[r] = max(scale[r], float(np.abs(ta[f"norm.L{r}"].to_numpy()).max(initial=0)))
-    writer.close()
+    # a failure (tokens that differ) leaves no half-written table behind
+    with store.RowGroupWriter(out / store.TOKENS, token_schema(vectors, rows)) as writer:
+        for (ia, ta), (ib, tb) in pairs:
+            same = ia == ib and np.array_equal(ta["token_id"].to_numpy(), tb["token_id"].to_numpy())
+            if not same:
+                raise PertokenError(
+                    f"{a_dir} and {b_dir} hold different tokens (item {ia}): trace the same input "
+                    "with models that share a tokenizer"
+                )
+            cols = {k: ta[k] for k in _TOKEN_KEYS}
+            diff = {c: pa.array(tb[c].to_numpy() - ta[c].to_numpy()) for c in values}
+            writer.add(pa.table(cols | diff))
+            stats[ia] = _stats(ta, diff, vectors, rows, segments)
+            moved.append(_moved(ia, ta, diff, vectors, rows))
+            for r in rows:
+                scale[r] = max(scale[r], float(np.abs(ta[f"norm.L{r}"].to_numpy()).max(initial=0)))
     return stats, moved, scale
 
 

@@ -11,6 +11,8 @@ import html
 import json
 from pathlib import Path
 
+from pertoken.atomic import write_text_atomic
+
 _TEMPLATE = Path(__file__).with_name("monitor_page.html")
 
 
@@ -34,5 +36,5 @@ def write_page(records: list[dict], path: str | Path, *, title: str | None = Non
     if title is None:
         first = records[0].get("prompt") or "" if records else ""
         title = f"pertoken trace: {first[:60]}" if first else "pertoken trace"
-    path.write_text(render_page(records, title=title), encoding="utf-8")
+    write_text_atomic(path, render_page(records, title=title))
     return path

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pertoken.atomic import write_text_atomic
 from pertoken.pipeline.trace.monitor_page import embed_json
 from pertoken.pipeline.trace.store import (
     TOKENS,
@@ -54,7 +55,7 @@ def write_store_page(folder: str | Path, *, title: str | None = None) -> Path:
     head, tail = _TEMPLATE.read_text(encoding="utf-8").split("__DATA__")
     page = head.replace("__TITLE__", html.escape(title)) + embed_json(index) + tail
     path = folder / "trace.html"
-    path.write_text(page, encoding="utf-8")
+    write_text_atomic(path, page)
     return path
 
 
@@ -124,7 +125,7 @@ def _preview(cols: dict) -> str:
 
 
 def _write_block(path: Path, block: dict) -> None:
-    path.write_text(f"pertokenItems({embed_json(block)});\n", encoding="utf-8")
+    write_text_atomic(path, f"pertokenItems({embed_json(block)});\n")
 
 
 def _index(settings, items, previews, vectors, rows, segments, acc: _Scales) -> dict:

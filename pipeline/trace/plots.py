@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pertoken.atomic import save_figure_atomic
+
 
 def _pyplot():
     import matplotlib
@@ -34,7 +36,7 @@ def plot_correlations(path: Path, rows: list[dict], score: str, vectors, layers)
         ax.set(ylim=(-1, 1), ylabel=f"Pearson r with {score}", title=v)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure_atomic(fig, path, dpi=110)
     plt.close(fig)
     return path
 
@@ -66,6 +68,6 @@ def plot_curves(path: Path, rows: list[dict], score: str, vectors, layers) -> Pa
         if ax.lines:
             ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure_atomic(fig, path, dpi=110)
     plt.close(fig)
     return path

@@ -12,7 +12,6 @@ from __future__ import annotations
 import heapq
 import itertools
 import json
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pertoken.atomic import atomic_path, write_text_atomic
 from pertoken.errors import PertokenError
 from pertoken.pipeline.trace.tables import drop_empty_segments, stat_columns, value_columns
 
@@ -117,15 +117,12 @@ def _check_tables(folder: Path, settings: dict) -> None:
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=1, ensure_ascii=False) + "\n")
 
 
 def write_table_atomic(table: pa.Table, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
 
 
 class Parts:
@@ -214,11 +211,12 @@ def iter_item_tables(
 
 
 class RowGroupWriter:
-    """Streams per-item tables into one Parquet file, a row group per ~ROW_GROUP rows."""
+    """Streams per-item tables into one Parquet file, a row group per ~ROW_GROUP rows. The file
+    appears whole at close(); as a context manager, a failure leaves the old file as it was."""
 
     def __init__(self, path: Path, schema: pa.Schema):
-        self.path, self.tmp = path, path.with_name(f".{path.name}.tmp")
-        self.writer = pq.ParquetWriter(self.tmp, schema, compression="zstd")
+        self.file = atomic_path(path)  # the file appears whole at close(), or not at all
+        self.writer = pq.ParquetWriter(self.file.__enter__(), schema, compression="zstd")
         self.schema, self.buf, self.rows = schema, [], 0
 
     def add(self, table: pa.Table) -> None:
@@ -235,7 +233,17 @@ class RowGroupWriter:
     def close(self) -> None:
         self.flush()
         self.writer.close()
-        os.replace(self.tmp, self.path)
+        self.file.__exit__(None, None, None)
+
+    def __enter__(self) -> RowGroupWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if exc[0] is None:
+            self.close()
+        else:
+            self.writer.close()
+            self.file.__exit__(*exc)  # removes the temporary file
 
 
 def _read(path: Path) -> pa.Table:
@@ -263,12 +271,12 @@ def merge(folder: Path, token_schema: pa.Schema, item_schema: pa.Schema) -> int:
     # An item seen twice (a merge killed between its two renames) is kept once.
     ids = items["item"].to_numpy()
     items = items.filter(pa.array(np.r_[True, np.diff(ids) != 0])) if len(ids) else items
-    writer, last = RowGroupWriter(folder / TOKENS, token_schema), None
-    for item, table in heapq.merge(*streams, key=lambda pair: pair[0]):
-        if item != last:
-            writer.add(table)
-        last = item
-    writer.close()
+    with RowGroupWriter(folder / TOKENS, token_schema) as writer:
+        last = None
+        for item, table in heapq.merge(*streams, key=lambda pair: pair[0]):
+            if item != last:
+                writer.add(table)
+            last = item
     write_table_atomic(drop_empty_segments(items), folder / ITEMS)
     parts.remove()
     return items.num_rows

@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+from pertoken.atomic import save_figure_atomic, write_text_atomic
 from pertoken.pipeline.vet.card import VetReport
 
 
@@ -14,15 +15,11 @@ def write_report(report: VetReport, paths: dict[str, Path]) -> None:
     """Write json, md and png to paths[ext]; the paths are recorded in report.files."""
     report.files = {ext: str(p) for ext, p in paths.items()}
     paths["json"].parent.mkdir(parents=True, exist_ok=True)
-    _atomic(paths["json"], json.dumps(_finite(dataclasses.asdict(report)), indent=2) + "\n")
-    _atomic(paths["md"], to_markdown(report))
+    write_text_atomic(
+        paths["json"], json.dumps(_finite(dataclasses.asdict(report)), indent=2) + "\n"
+    )
+    write_text_atomic(paths["md"], to_markdown(report))
     plot_report(report, paths["png"])
-
-
-def _atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
 
 
 def _finite(x):
@@ -178,7 +175,7 @@ def plot_report(report: VetReport, path: Path) -> None:
         if a.lines:
             a.legend(fontsize=8)
     fig.suptitle(f"{Path(report.vector).name}: report card")
-    fig.savefig(path, dpi=110)
+    save_figure_atomic(fig, path, dpi=110)
     plt.close(fig)
 
 
