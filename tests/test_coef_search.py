@@ -85,10 +85,10 @@ def vector():
     return PersonaVector(data)
 
 
-def search(backend, out, judge, layers=(1, 3), samples=2):
+def search(backend, out, judge, layers=(1, 3), samples=2, progress=False):
     spec, generation = Sweep(TRAIT, vector(), list(layers)), Generation(samples=samples)
     return search_coefs(backend, spec, out_dir=out, judge=judge, generation=generation,
-                        min_coherence=70, progress=False)  # fmt: skip
+                        min_coherence=70, progress=progress)  # fmt: skip
 
 
 def test_search_grows_then_bisects_and_picks_the_best_coherent_setting(tmp_path):

@@ -30,7 +30,7 @@ from pertoken.lock import output_lock
 from pertoken.pipeline.banner import duration
 from pertoken.pipeline.judge.judges import Judge
 from pertoken.pipeline.options import Generation
-from pertoken.pipeline.sweep.plot import Point, plot_points, point, summarize, write_summary
+from pertoken.pipeline.sweep.plot import Point, plot_points, point, write_summary
 from pertoken.pipeline.sweep.store import AnswerStore, Sweep, check_sweep
 
 START_RATIO = 0.5  # first coef * |v| / |h| tried per row
@@ -90,7 +90,7 @@ def search_coefs(
         store = AnswerStore(backend, sweep, generation, out, progress=progress)
         store.claim(judge)
         result = _Search(store, min_coherence).run()
-        _write(out, store, result)
+        _write(out, store.name, result)
     result.out_dir, result.seconds = out, time.perf_counter() - start
     return result
 
@@ -141,8 +141,7 @@ class _Search:
 
     def setting(self, layer: int, coef: float, questions: list[int]) -> list[dict]:
         """The judged rows of one setting for these question indices (generated if missing)."""
-        self.store.desc = f"layer {layer} coef {coef:g}"
-        self.store.ask([(layer, coef)], questions)
+        self.store.ask([(layer, coef)], questions, f"layer {layer} coef {coef:g}")
         rows = self.store.judged(self.store.rows_of(layer, coef, questions))
         self.touched |= {
             (None if coef == 0 else layer, coef, r["question_id"], int(r["sample"])) for r in rows
@@ -237,10 +236,9 @@ class _Search:
     def _subset_points(self, layer: int) -> list[Point]:
         """The row's steered settings over the subset questions, coherence at the floor."""
         coefs = sorted({float(r["coef"]) for r in self.store.rows if int(r["layer"]) == layer})
-        rows = {c: self.store.rows_of(layer, c, self.subset) for c in coefs if c}
-        return [
-            p for p in (point(layer, c, rs, self.name) for c, rs in rows.items()) if self._held(p)
-        ]
+        rows = [(c, self.store.rows_of(layer, c, self.subset)) for c in coefs if c]
+        pts = [point(layer, c, rs, self.name) for c, rs in rows]
+        return [p for p in pts if self._held(p)]
 
     def _finals(self) -> list[RowResult]:
         """The TOP best subset settings across rows, answered on every question; those whose
@@ -286,11 +284,9 @@ def _ratio(coef: float | None, scale: float) -> float | None:
     return coef / scale
 
 
-def _write(out: Path, store: AnswerStore, result: SearchResult) -> None:
-    trait = store.name
+def _write(out: Path, trait: str, result: SearchResult) -> None:
     # every row's line starts at the unsteered answers, as in eval's summary
-    rows = [{**r, "layer": p.layer} for p in result.points for r in store.rows_of(p.layer, p.coef)]
-    write_summary(out / "summary.csv", trait, summarize(rows, trait))
+    write_summary(out / "summary.csv", trait, result.points)
     data = dataclasses.asdict(result) | {"out_dir": str(out)}
     data.pop("seconds")
     data["unsteered"] |= {"layer": None}  # no row is steered
