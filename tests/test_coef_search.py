@@ -155,6 +155,21 @@ def test_search_shares_answers_with_a_sweep_in_the_same_folder(tmp_path):
     assert r.best.coef == 6.0
 
 
+def test_a_sweep_after_a_search_reuses_its_answers(tmp_path):
+    backend, judge = FakeBackend(), FakeJudge()
+    search(backend, tmp_path, judge, layers=[1])
+    before = len(backend.generated)
+    spec, generation = Sweep(TRAIT, vector(), [1, 3], [0, 6.0]), Generation(samples=2)
+    r = evaluate(backend, spec, out_dir=tmp_path, judge=judge, generation=generation,
+                 progress=False)  # fmt: skip
+    # the unsteered answers and layer 1's coef 6 (a final, on every question) are the search's
+    assert backend.generated[before:] == [(3, 6.0, 8 * 2)]
+    assert r.generated == 2  # settings new to the grid: (3, 0) is a copy, (3, 6) is answered
+    assert {(s.layer, s.coef, s.n) for s in r.summary} == {
+        (L, c, 8 * 2) for L in (1, 3) for c in (0.0, 6.0)
+    }
+
+
 def test_search_samples_each_question_with_the_seeds_a_sweep_uses(tmp_path):
     swept, searched = FakeBackend(), FakeBackend()
     opts = dict(judge=FakeJudge(), generation=Generation(samples=2, seed=3), progress=False)
