@@ -125,7 +125,9 @@ def eval_(
     at or above --min-coherence, and the best (layer, coefficient)."""
     from pertoken.pipeline.judge.judges import make_judge
     from pertoken.pipeline.judge.rubrics import read_rubric
+    from pertoken.pipeline.options import Generation
     from pertoken.pipeline.sweep.grid import evaluate, format_table, parse_coefs
+    from pertoken.pipeline.sweep.store import Sweep
     from pertoken.rows import parse_layers
     from pertoken.traits import load_trait, require_eval_questions
     from pertoken.vectors import load_vector
@@ -135,6 +137,10 @@ def eval_(
     require_eval_questions(kit)
     vector = load_vector(vector_path)
     rows, coef_list = parse_layers(layers), [] if auto else parse_coefs(coefs)
+    op = "cap" if cap_sweep else "add"
+    sweep = Sweep(kit, vector, rows, coef_list, positions=positions, op=op, vector_path=vector_path)
+    gen = Generation(samples=n_per_question, max_tokens=max_new_tokens, temperature=temperature,
+                     sampler=sampler, seed=seed, batch_size=batch_size)  # fmt: skip
     rubric = read_rubric(coherence_prompt) if coherence_prompt else None
     if auto and cap_sweep:
         raise PertokenError("--coefs auto searches coefficients: give cap thresholds with --cap")
@@ -159,24 +165,10 @@ def eval_(
             backend_name=backend,
         )
         judge.check(reach=False)  # a missing key is an error before any generation
-        opts = dict(
-            trait=kit,
-            vector=vector,
-            layers=rows,
-            out_dir=out,
-            judge=judge,
-            n_per_question=n_per_question,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            sampler=sampler,
-            positions=positions,
-            batch_size=batch_size,
-            seed=seed,
-            vector_path=vector_path,
-        )
+        opts = dict(out_dir=out, judge=judge, generation=gen)
         if auto:
-            return _search(b, kit, opts, min_coherence)
-        r = evaluate(b, coefs=coef_list, pool=pool, op="cap" if cap_sweep else "add", **opts)
+            return _search(b, sweep, opts, min_coherence)
+        r = evaluate(b, sweep, pool=pool, **opts)
     click.echo(format_table(kit.name, r.summary))
     options.report_compile(b)
     missing = sum(s.missing for s in r.summary)
@@ -210,11 +202,11 @@ def _eval_banner(model, backend, dtype, device, judge_model, base_url, out, plan
                   endpoint=endpoint, folder=out, plan=plan)  # fmt: skip
 
 
-def _search(backend, kit, opts: dict, min_coherence: float) -> None:
+def _search(backend, sweep, opts: dict, min_coherence: float) -> None:
     from pertoken.pipeline.sweep.search import format_search, search_coefs
 
-    r = search_coefs(backend, min_coherence=min_coherence, **opts)
-    click.echo(format_search(kit.name, r))
+    r = search_coefs(backend, sweep, min_coherence=min_coherence, **opts)
+    click.echo(format_search(sweep.trait.name, r))
     click.echo(f"{r.out_dir}: answers.csv, summary.csv, search.json, sweep.png ({r.seconds:.1f}s)")
 
 

@@ -10,8 +10,10 @@ import pytest
 
 from pertoken.backends.base import Summaries
 from pertoken.errors import PertokenError
+from pertoken.pipeline.options import Generation
 from pertoken.pipeline.sweep.grid import evaluate
 from pertoken.pipeline.sweep.search import format_search, search_coefs
+from pertoken.pipeline.sweep.store import Sweep
 from pertoken.vectors import PersonaVector
 
 QUESTIONS = [f"question {i}?" for i in range(8)]
@@ -83,11 +85,10 @@ def vector():
     return PersonaVector(data)
 
 
-def search(backend, out, judge, **kw):
-    opts = dict(layers=[1, 3], n_per_question=2, progress=False, min_coherence=70)
-    return search_coefs(
-        backend, trait=TRAIT, vector=vector(), out_dir=out, judge=judge, **opts | kw
-    )
+def search(backend, out, judge, layers=(1, 3), samples=2, progress=False):
+    spec, generation = Sweep(TRAIT, vector(), list(layers)), Generation(samples=samples)
+    return search_coefs(backend, spec, out_dir=out, judge=judge, generation=generation,
+                        min_coherence=70, progress=progress)  # fmt: skip
 
 
 def test_search_grows_then_bisects_and_picks_the_best_coherent_setting(tmp_path):
@@ -146,19 +147,34 @@ def test_rerun_resumes_without_generating_or_judging(tmp_path):
 
 def test_search_shares_answers_with_a_sweep_in_the_same_folder(tmp_path):
     backend, judge = FakeBackend(), FakeJudge()
-    opts = dict(trait=TRAIT, vector=vector(), out_dir=tmp_path, judge=judge, progress=False)
-    evaluate(backend, layers=[1, 3], coefs=[0, 2], n_per_question=2, **opts)
+    opts = dict(out_dir=tmp_path, judge=judge, generation=Generation(samples=2), progress=False)
+    evaluate(backend, Sweep(TRAIT, vector(), [1, 3], [0, 2]), **opts)
     before = len(backend.generated)
-    r = search_coefs(backend, layers=[1, 3], n_per_question=2, **opts)
+    r = search_coefs(backend, Sweep(TRAIT, vector(), [1, 3]), **opts)
     assert all(c != 0 for _, c, _ in backend.generated[before:])  # the unsteered are reused
     assert r.best.coef == 6.0
 
 
+def test_a_sweep_after_a_search_reuses_its_answers(tmp_path):
+    backend, judge = FakeBackend(), FakeJudge()
+    search(backend, tmp_path, judge, layers=[1])
+    before = len(backend.generated)
+    spec, generation = Sweep(TRAIT, vector(), [1, 3], [0, 6.0]), Generation(samples=2)
+    r = evaluate(backend, spec, out_dir=tmp_path, judge=judge, generation=generation,
+                 progress=False)  # fmt: skip
+    # the unsteered answers and layer 1's coef 6 (a final, on every question) are the search's
+    assert backend.generated[before:] == [(3, 6.0, 8 * 2)]
+    assert r.generated == 2  # settings new to the grid: (3, 0) is a copy, (3, 6) is answered
+    assert {(s.layer, s.coef, s.n) for s in r.summary} == {
+        (L, c, 8 * 2) for L in (1, 3) for c in (0.0, 6.0)
+    }
+
+
 def test_search_samples_each_question_with_the_seeds_a_sweep_uses(tmp_path):
     swept, searched = FakeBackend(), FakeBackend()
-    opts = dict(trait=TRAIT, vector=vector(), judge=FakeJudge(), progress=False, seed=3)
-    evaluate(swept, layers=[1], coefs=[2.0], n_per_question=2, out_dir=tmp_path / "a", **opts)
-    search_coefs(searched, layers=[1], n_per_question=2, out_dir=tmp_path / "b", **opts)
+    opts = dict(judge=FakeJudge(), generation=Generation(samples=2, seed=3), progress=False)
+    evaluate(swept, Sweep(TRAIT, vector(), [1], [2.0]), out_dir=tmp_path / "a", **opts)
+    search_coefs(searched, Sweep(TRAIT, vector(), [1]), out_dir=tmp_path / "b", **opts)
     (sweep_pairs,) = [pairs for setting, pairs in swept.seeded if setting == (1, 2.0)]
     search_pairs = set().union(
         *(pairs for setting, pairs in searched.seeded if setting == (1, 2.0))
@@ -177,9 +193,7 @@ def test_bad_inputs_are_clear_errors(tmp_path):
     with pytest.raises(PertokenError, match=r"\[5, 8\].*another model"):
         search_coefs(
             FakeBackend(),
-            trait=TRAIT,
-            vector=PersonaVector(np.ones((5, 16))),
-            layers=[1],
+            Sweep(TRAIT, PersonaVector(np.ones((5, 16))), [1]),
             out_dir=tmp_path,
             judge=FakeJudge(),
         )
@@ -187,7 +201,7 @@ def test_bad_inputs_are_clear_errors(tmp_path):
         search(FakeBackend(), tmp_path, FakeJudge(), layers=[5])
     search(FakeBackend(), tmp_path, FakeJudge())
     with pytest.raises(PertokenError, match="other settings.*n_per_question"):
-        search(FakeBackend(), tmp_path, FakeJudge(), n_per_question=3)
+        search(FakeBackend(), tmp_path, FakeJudge(), samples=3)
 
 
 class BorderlineBackend(FakeBackend):

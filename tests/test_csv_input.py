@@ -8,7 +8,7 @@ from pertoken.errors import PertokenError
 from pertoken.pipeline.csvio import parse_sample, parse_score, read_csv, read_table, sample_keys
 from pertoken.pipeline.extract import pair_rows
 from pertoken.pipeline.generate import generate_csv, is_complete, plan_rows
-from pertoken.pipeline.sweep.grid import summarize
+from pertoken.pipeline.sweep.plot import summarize
 from pertoken.traits import load_trait
 from tests.pipeline_fakes import RecordingBackend
 from tests.small_kit import write_kit
@@ -118,4 +118,4 @@ def test_inf_and_nan_scores_are_missing(tmp_path):
     assert pairs.total == 5 and [r["answer"] for r in pairs.pos] == ["answer 0"]
     rows = [{"layer": "1", "coef": "1", "evil": s, "coherence": "inf"} for s in ("inf", "40")]
     (s,) = summarize(rows, "evil")
-    assert (s.trait_mean, s.coherence_mean, s.missing) == (40.0, None, 1)
+    assert (s.trait, s.coherence, s.missing) == (40.0, None, 1)

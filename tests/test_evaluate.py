@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from pertoken.errors import PertokenError
-from pertoken.pipeline.sweep.grid import answer_columns, evaluate, format_table, parse_coefs
+from pertoken.pipeline.options import Generation
+from pertoken.pipeline.sweep.grid import evaluate, format_table, parse_coefs
+from pertoken.pipeline.sweep.store import Sweep, answer_columns
 from pertoken.vectors import PersonaVector
 
 TRAIT = SimpleNamespace(name="bossy", eval_questions=["q one?", "q two?", "q three?"])
@@ -52,9 +54,10 @@ def vector(layers=4, hidden=8):
     return PersonaVector(np.ones((layers + 1, hidden), np.float32))
 
 
-def sweep(backend, out, judge, coefs=(-1, 0, 1), **kw):
-    opts = dict(layers=[1, 3], coefs=list(coefs), n_per_question=2, progress=False)
-    return evaluate(backend, trait=TRAIT, vector=vector(), out_dir=out, judge=judge, **opts | kw)
+def sweep(backend, out, judge, coefs=(-1, 0, 1), layers=(1, 3), op="add", **gen):
+    spec = Sweep(TRAIT, vector(), list(layers), list(coefs), op=op)
+    generation = Generation(**{"samples": 2} | gen)
+    return evaluate(backend, spec, out_dir=out, judge=judge, generation=generation, progress=False)
 
 
 def read(path):
@@ -83,7 +86,7 @@ def test_sweep_writes_answers_summary_and_plot(tmp_path):
     assert all(s.positions == "response" for s in steered)
     # n_per_question > 1 samples at temperature 1
     assert all(c[2]["temperature"] == 1.0 for c in backend.calls)
-    means = {(s.layer, s.coef): s.trait_mean for s in result.summary}
+    means = {(s.layer, s.coef): s.trait for s in result.summary}
     assert means == {(L, c): {-1: 10.0, 0: 50.0, 1: 90.0}[c] for L in (1, 3) for c in (-1, 0, 1)}
     _, summary = read(tmp_path / "summary.csv")
     assert [(r["layer"], r["coef"], r["bossy"]) for r in summary][:3] == [
@@ -119,19 +122,16 @@ def test_judge_failure_keeps_answers_and_rerun_judges_them(tmp_path):
     judge = FakeJudge()
     result = sweep(backend, tmp_path, judge)
     assert result.generated == 0 and len(judge.seen) == 36
-    assert all(s.trait_mean is not None for s in result.summary)
+    assert all(s.trait is not None for s in result.summary)
 
 
 def test_vector_from_another_model_is_a_clear_error(tmp_path):
     with pytest.raises(PertokenError, match=r"\[5, 8\].*another model"):
         evaluate(
             FakeBackend(),
-            trait=TRAIT,
-            vector=vector(hidden=16),
+            Sweep(TRAIT, vector(hidden=16), [1], [1]),
             out_dir=tmp_path,
             judge=FakeJudge(),
-            layers=[1],
-            coefs=[1],
             progress=False,
         )
 
@@ -144,7 +144,7 @@ def test_layer_outside_the_model_is_a_clear_error(tmp_path):
 def test_other_settings_in_the_same_folder_are_refused(tmp_path):
     sweep(FakeBackend(), tmp_path, FakeJudge())
     with pytest.raises(PertokenError, match="other settings.*max_new_tokens"):
-        sweep(FakeBackend(), tmp_path, FakeJudge(), max_new_tokens=5)
+        sweep(FakeBackend(), tmp_path, FakeJudge(), max_tokens=5)
 
 
 def test_foreign_answers_csv_is_refused(tmp_path):
@@ -202,8 +202,8 @@ def test_all_scores_missing_still_writes_summary_and_plot(tmp_path):
             return rows
 
     result = sweep(FakeBackend(), tmp_path, Refuse(), coefs=(0, 1))
-    assert all(s.trait_mean is None and s.missing == s.n == 6 for s in result.summary)
-    assert all(s.coherence_mean == 50.0 for s in result.summary)
+    assert all(s.trait is None and s.missing == s.n == 6 for s in result.summary)
+    assert all(s.coherence == 50.0 for s in result.summary)
     _, summary = read(tmp_path / "summary.csv")
     assert {r["bossy"] for r in summary} == {""}
     assert (tmp_path / "sweep.png").is_file()
@@ -263,8 +263,8 @@ def test_sweep_identity_includes_backend_and_dtype(tmp_path):
 def test_extraction_only_kit_is_refused_by_eval(tmp_path):
     kit = SimpleNamespace(name="bossy", eval_questions=[], source="bossy.json")
     with pytest.raises(PertokenError, match="bossy.json has no evaluation questions"):
-        evaluate(FakeBackend(), trait=kit, vector=vector(), out_dir=tmp_path, judge=FakeJudge(),
-                 layers=[1], coefs=[1], progress=False)  # fmt: skip
+        evaluate(FakeBackend(), Sweep(kit, vector(), [1], [1]), out_dir=tmp_path,
+                 judge=FakeJudge(), progress=False)  # fmt: skip
     assert not (tmp_path / "answers.csv").exists()
 
 
@@ -306,7 +306,7 @@ def test_another_judge_or_rubric_judges_every_answer_again(tmp_path):
         server.reply = lambda body, n: [("90", 1.0)]
         result = sweep(FakeBackend(), tmp_path, other, coefs=(1,))
     assert len(server.requests) == n + 3  # the trait scores are cached, coherence is new
-    assert [s.coherence_mean for s in result.summary] == [90.0, 90.0]
+    assert [s.coherence for s in result.summary] == [90.0, 90.0]
     saved = json.loads((tmp_path / "eval.json").read_text())["judge"]
     assert saved["rubric_sha256"]["coherence"] == other.identity["rubric_sha256"]["coherence"]
 

@@ -151,8 +151,10 @@ class _Steps:
 
     def eval(self, e: dict) -> str:
         from pertoken.pipeline.judge.judges import make_judge
+        from pertoken.pipeline.options import Generation
         from pertoken.pipeline.sweep.grid import evaluate
         from pertoken.pipeline.sweep.search import search_coefs
+        from pertoken.pipeline.sweep.store import Sweep
         from pertoken.traits import load_trait
         from pertoken.vectors import load_vector
 
@@ -161,19 +163,26 @@ class _Steps:
             kit, model=self.job.model, backend=lambda: b, backend_name=o.get("backend", "auto"),
             progress=False, **{k: o[k] for k in _JUDGE_KEYS if k in o},
         )  # fmt: skip
-        opts = dict(
-            trait=kit, vector=load_vector(self.vector), layers=self.layers(e, "eval"),
-            out_dir=inside(self.folder, "eval"), judge=judge, vector_path=self.vector,
-            progress=False, **{k: e[k] for k in _EVAL_GEN},
+        auto = e["coefs"] == "auto"
+        sweep = Sweep(
+            kit, load_vector(self.vector), self.layers(e, "eval"),
+            [] if auto else [float(c) for c in e["coefs"]], positions=e["positions"],
+            vector_path=self.vector,
         )  # fmt: skip
-        if e["coefs"] == "auto":
-            best = search_coefs(b, min_coherence=e["min_coherence"], **opts).best
-            return _setting(best and (best.layer, best.coef, best.trait, best.coherence))
-        summary = evaluate(b, coefs=[float(c) for c in e["coefs"]], **opts).summary
-        held = [s for s in summary if (s.coherence_mean or 0) >= e["min_coherence"]]
-        held = [s for s in held if s.coef != 0 and s.trait_mean is not None]
-        best = max(held, key=lambda s: s.trait_mean, default=None)
-        return _setting(best and (best.layer, best.coef, best.trait_mean, best.coherence_mean))
+        gen = Generation(samples=e["n_per_question"], max_tokens=e["max_new_tokens"],
+                         temperature=e["temperature"], seed=e["seed"],
+                         batch_size=e["batch_size"])  # fmt: skip
+        opts = dict(
+            out_dir=inside(self.folder, "eval"), judge=judge, generation=gen, progress=False
+        )
+        if auto:
+            best = search_coefs(b, sweep, min_coherence=e["min_coherence"], **opts).best
+        else:
+            summary = evaluate(b, sweep, **opts).summary
+            held = [s for s in summary if (s.coherence or 0) >= e["min_coherence"]]
+            held = [s for s in held if s.coef != 0 and s.trait is not None]
+            best = max(held, key=lambda s: s.trait, default=None)
+        return _setting(best and (best.layer, best.coef, best.trait, best.coherence))
 
     def trace(self, t: dict) -> str:
         from pertoken.pipeline.trace.dataset import Generation, trace_dataset
@@ -191,7 +200,6 @@ class _Steps:
 
 _JUDGE_KEYS = ("judge_model", "base_url", "concurrency", "max_consecutive_failures",
                "coherence_prompt", "cache")  # fmt: skip
-_EVAL_GEN = ("n_per_question", "max_new_tokens", "temperature", "positions", "batch_size", "seed")
 
 
 def _setting(best) -> str:

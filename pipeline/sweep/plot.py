@@ -1,5 +1,5 @@
-"""Per-setting means with 95% intervals, and the sweep plot that shows them with n and the
-coherence floor."""
+"""The summary of a sweep's settings (Point: means with 95% intervals, n, missing scores),
+summary.csv, and the plot that shows them with n, the coherence floor and the pick."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pertoken.atomic import save_figure_atomic
-from pertoken.pipeline.csvio import parse_score
+from pertoken.pipeline.csvio import parse_score, write_csv_atomic
 
 
 @dataclass
@@ -22,6 +22,7 @@ class Point:
     coherence: float | None
     coherence_ci: float | None
     n: int  # answers
+    missing: int  # answers without a trait score
 
 
 def interval(values: list[float]) -> tuple[float | None, float | None]:
@@ -42,7 +43,30 @@ def point(layer: int, coef: float, rows: list[dict], trait: str) -> Point:
     """The Point of one setting's rows (scores that are missing are left out)."""
     t = [x for x in (parse_score(r[trait]) for r in rows) if x is not None]
     c = [x for x in (parse_score(r["coherence"]) for r in rows) if x is not None]
-    return Point(layer, coef, *interval(t), *interval(c), len(rows))
+    return Point(layer, coef, *interval(t), *interval(c), len(rows), len(rows) - len(t))
+
+
+def summarize(rows: list[dict], trait: str) -> list[Point]:
+    """One Point per (layer, coef) of these rows, sorted by layer then coef."""
+    groups: dict[tuple[int, float], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((int(r["layer"]), float(r["coef"])), []).append(r)
+    return [point(layer, coef, group, trait) for (layer, coef), group in sorted(groups.items())]
+
+
+def write_summary(path: Path, trait: str, points: list[Point]) -> None:
+    """summary.csv: `layer, coef, {trait}, coherence, n, missing`, means to two decimals."""
+    header = ["layer", "coef", trait, "coherence", "n", "missing"]
+    rows = [
+        {"layer": p.layer, "coef": p.coef, trait: fmt(p.trait), "coherence": fmt(p.coherence),
+         "n": p.n, "missing": p.missing}
+        for p in points
+    ]  # fmt: skip
+    write_csv_atomic(path, header, rows)
+
+
+def fmt(x: float | None) -> str:
+    return "" if x is None else f"{x:.2f}"
 
 
 def plot_points(

@@ -26,17 +26,12 @@ from pathlib import Path
 import numpy as np
 
 from pertoken.atomic import write_text_atomic
-from pertoken.backends.base import Steer
-from pertoken.backends.sampler import sampling_options
-from pertoken.errors import PertokenError
 from pertoken.lock import output_lock
 from pertoken.pipeline.banner import duration
-from pertoken.pipeline.generate import sample_seed
 from pertoken.pipeline.judge.judges import Judge
-from pertoken.pipeline.sweep import grid as ev
-from pertoken.pipeline.sweep.plot import Point, plot_points, point
-from pertoken.rows import check_steer_row
-from pertoken.vectors import PersonaVector
+from pertoken.pipeline.options import Generation
+from pertoken.pipeline.sweep.plot import Point, plot_points, point, write_summary
+from pertoken.pipeline.sweep.store import AnswerStore, Sweep, check_sweep
 
 START_RATIO = 0.5  # first coef * |v| / |h| tried per row
 GROW = 2.0  # factor between growing steps
@@ -77,48 +72,25 @@ class SearchResult:
 
 def search_coefs(
     backend,
+    sweep: Sweep,
     *,
-    trait,
-    vector: PersonaVector,
-    layers: list[int],
     out_dir: str | Path,
     judge: Judge,
+    generation: Generation = Generation(),
     min_coherence: float = 70,
-    n_per_question: int = 10,
-    max_new_tokens: int = 1000,
-    temperature: float | None = None,
-    sampler: str = "plain",
-    positions: str = "response",
-    batch_size: int = 16,
-    seed: int = 0,
-    vector_path: str | Path = "vector",
     progress: bool = True,
 ) -> SearchResult:
-    """Search each row's coefficient into `out_dir` (answers.csv, summary.csv, search.json,
-    sweep.png) and return the result; sampling options as `evaluate`."""
+    """Search each of `sweep.layers`' coefficient into `out_dir` (answers.csv, summary.csv,
+    eval.json, search.json, sweep.png) and return the result; generation as `evaluate`."""
     start = time.perf_counter()
-    _check_inputs(backend, vector, layers, n_per_question, vector_path)
-    default = 1.0 if n_per_question > 1 else 0.0
-    draw = sampling_options(backend, sampler, temperature, default=default)
-    sampling = dict(
-        n_per_question=n_per_question,
-        max_new_tokens=max_new_tokens,
-        seed=seed,
-        positions=positions,
-        **draw,
-    )
+    check_sweep(backend, sweep, generation, "give at least one layer (--layers) to search")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    settings = ev.sweep_settings(backend, trait, vector_path=vector_path, **sampling)
-    if sampler != "plain":  # as evaluate: a plain sweep keeps the identity it always had
-        settings |= {"sampler": sampler, **draw}
     with output_lock(out, folder=True):  # one search or sweep at a time in a folder
-        ev.claim_folder(out, trait.name, settings, judge)
-        store = _Store(
-            backend, trait, vector, out / "answers.csv", judge, sampling, batch_size, progress
-        )
-        result = _Search(store, layers, min_coherence).run()
-        _write(out, trait.name, store, result)
+        store = AnswerStore(backend, sweep, generation, out, progress=progress)
+        store.claim(judge)
+        result = _Search(store, min_coherence).run()
+        _write(out, store.name, result)
     result.out_dir, result.seconds = out, time.perf_counter() - start
     return result
 
@@ -139,128 +111,54 @@ def search_plan(n_questions: int, n_layers: int, n_per_question: int) -> tuple[i
     return most, text
 
 
-def _check_inputs(backend, vector, layers, n_per_question, vector_path) -> None:
-    vector.check_model(backend.n_layers, backend.hidden_size, vector_path)
-    if not layers:
-        raise PertokenError("give at least one layer (--layers) to search")
-    for layer in layers:
-        check_steer_row(layer, backend.n_layers)
-    if n_per_question < 1:
-        raise PertokenError(f"--n-per-question must be at least 1, not {n_per_question}")
-
-
 def _round(coef: float) -> float:
     """Three significant digits, so a rerun asks for exactly the same settings."""
     return float(f"{coef:.3g}")
 
 
-class _Store:
-    """The judged answers of answers.csv, filled on demand per (layer, coef, questions)."""
+def residual_norms(backend, rows: list[dict]) -> np.ndarray:
+    """[n_layers + 1] mean |h| of these answers' response_avg states."""
+    rows = [r for r in rows if r["answer"]][:64]
+    if not rows:
+        return np.full(backend.n_layers + 1, np.nan)
+    prompts = [backend.chat_prompt(None, r["question"]) for r in rows]
+    s = backend.summaries(prompts, [r["answer"] for r in rows])
+    return np.nanmean(np.linalg.norm(np.asarray(s.response_avg), axis=2), axis=0)
 
-    def __init__(self, backend, trait, vector, path, judge, sampling, batch_size, progress):
-        self.backend, self.trait, self.vector, self.path = backend, trait, vector, path
-        self.judge, self.sampling, self.batch_size = judge, sampling, batch_size
-        self.rows = ev.read_answers(path, trait.name)
+
+class _Search:
+    def __init__(self, store: AnswerStore, floor: float):
+        self.store, self.layers, self.floor = store, store.sweep.layers, floor
+        q = len(store.sweep.trait.eval_questions)
+        self.all = list(range(q))
+        self.subset = self.all[: max(1, math.ceil(q * SUBSET))]
+        self.name = store.name
+        self.most = search_plan(q, len(self.layers), self._n())[0]
         self.touched: set[tuple] = set()  # (layer or None for coef 0, coef, question_id, j)
-        self.generated, self.progress = 0, progress
-        self.most, self.t0 = None, time.perf_counter()  # the plan's bound, for the overall line
+        self.undecided: list[Point] = []
+        self.budget = GROW_BUDGET * self._grid_answers()
+        self.t0 = time.perf_counter()
 
     def setting(self, layer: int, coef: float, questions: list[int]) -> list[dict]:
         """The judged rows of one setting for these question indices (generated if missing)."""
-        qids = {f"{self.trait.name}_{i}" for i in questions}
-        have = {(r["question_id"], int(r["sample"])) for r in self.rows_of(layer, coef)}
-        n = self.sampling["n_per_question"]
-        todo = [
-            (i, j) for i in questions for j in range(n) if (f"{self.trait.name}_{i}", j) not in have
-        ]
-        if todo:
-            self.rows += self._answer(self._home(layer, coef), coef, todo)
-            ev.write_answers(self.path, self.trait.name, self.rows)
-        rows = [r for r in self.rows_of(layer, coef) if r["question_id"] in qids]
-        # either score missing: a one-sided judge failure is asked again (refusals are cached)
-        unjudged = [r for r in rows if r[self.trait.name] == "" or r["coherence"] == ""]
-        if unjudged:
-            self.judge.judge_rows(unjudged)
-            ev.write_answers(self.path, self.trait.name, self.rows)
+        self.store.ask([(layer, coef)], questions, f"layer {layer} coef {coef:g}")
+        rows = self.store.judged(self.store.rows_of(layer, coef, questions))
         self.touched |= {
             (None if coef == 0 else layer, coef, r["question_id"], int(r["sample"])) for r in rows
         }
-        if self.progress and self.most:
-            elapsed = time.perf_counter() - self.t0
+        if self.store.progress:
             print(
                 f"search: {len(self.touched)} of at most {self.most} answers judged, "
-                f"{duration(elapsed)} so far (last: layer {layer}, coef {coef:g})",
+                f"{duration(time.perf_counter() - self.t0)} so far (last: layer {layer}, "
+                f"coef {coef:g})",
                 file=sys.stderr,
             )
         return rows
 
-    def _home(self, layer: int, coef: float) -> int:
-        """The layer a setting's rows are filed under: the unsteered answers are one setting,
-        kept under the first layer that has them (eval copies them to the others)."""
-        if coef != 0:
-            return layer
-        return min((int(r["layer"]) for r in self.rows if float(r["coef"]) == 0), default=layer)
-
-    def rows_of(self, layer: int, coef: float) -> list[dict]:
-        home = self._home(layer, coef)
-        return [r for r in self.rows if float(r["coef"]) == coef and int(r["layer"]) == home]
-
-    def _answer(self, layer, coef, todo) -> list[dict]:
-        from tqdm import tqdm
-
-        questions = self.trait.eval_questions
-        prompts = [self.backend.chat_prompt(None, questions[i]) for i, _ in todo]
-        steer = Steer.single(layer, self.vector.row(layer), coef, self.sampling["positions"])
-        skip = ("n_per_question", "seed", "positions")
-        gen = {k: v for k, v in self.sampling.items() if k not in skip}
-        name, seed = self.trait.name, self.sampling["seed"]
-        seeds = [sample_seed(seed, f"{name}_{i}", j) for i, j in todo]  # as eval's
-        bar = tqdm(total=len(todo), desc=f"layer {layer} coef {coef:g}", disable=not self.progress)
-        with bar:
-            answers = self.backend.generate(
-                prompts, steer=None if coef == 0 else steer, batch_size=self.batch_size,
-                seeds=seeds, on_answer=lambda *_: bar.update(1), **gen,
-            )  # fmt: skip
-        self.generated += len(answers)
-        return [
-            {
-                "layer": layer,
-                "coef": coef,
-                "question": questions[i],
-                "answer": a,
-                self.trait.name: "",
-                "coherence": "",
-                "question_id": f"{self.trait.name}_{i}",
-                "sample": j,
-            }
-            for (i, j), a in zip(todo, answers, strict=True)
-        ]
-
-    def residual_norms(self, rows: list[dict]) -> np.ndarray:
-        """[n_layers + 1] mean |h| of these answers' response_avg states."""
-        rows = [r for r in rows if r["answer"]][:64]
-        if not rows:
-            return np.full(self.backend.n_layers + 1, np.nan)
-        prompts = [self.backend.chat_prompt(None, r["question"]) for r in rows]
-        s = self.backend.summaries(prompts, [r["answer"] for r in rows])
-        return np.nanmean(np.linalg.norm(np.asarray(s.response_avg), axis=2), axis=0)
-
-
-class _Search:
-    def __init__(self, store: _Store, layers: list[int], floor: float):
-        self.store, self.layers, self.floor = store, layers, floor
-        q = len(store.trait.eval_questions)
-        self.all = list(range(q))
-        self.subset = self.all[: max(1, math.ceil(q * SUBSET))]
-        self.name = store.trait.name
-        store.most = search_plan(q, len(layers), store.sampling["n_per_question"])[0]
-        self.undecided: list[Point] = []
-        self.budget = GROW_BUDGET * self._grid_answers()
-
     def run(self) -> SearchResult:
-        base = self.store.setting(self.layers[0], 0.0, self.all)
-        h_norm = self.store.residual_norms(base)
-        v_norm = np.linalg.norm(self.store.vector.data, axis=1)
+        base = self.setting(self.layers[0], 0.0, self.all)
+        h_norm = residual_norms(self.store.backend, base)
+        v_norm = np.linalg.norm(self.store.sweep.vector.data, axis=1)
         scale = {
             L: float(h_norm[L] / v_norm[L]) if v_norm[L] > 0 else math.nan for L in self.layers
         }
@@ -279,7 +177,7 @@ class _Search:
             rows=rows,
             best=best,
             points=self._points(),
-            answers=len(self.store.touched),
+            answers=len(self.touched),
             grid_answers=self._grid_answers(),
             generated=self.store.generated,
             seconds=0.0,
@@ -287,7 +185,7 @@ class _Search:
         )
 
     def _n(self) -> int:
-        return self.store.sampling["n_per_question"]
+        return self.store.generation.samples
 
     def _grid_answers(self) -> int:
         """What eval's 5-coefficient sweep over the same rows would judge."""
@@ -308,10 +206,10 @@ class _Search:
         decision is unclear and the budget allows; still unclear goes to `undecided`."""
         questions = self.subset
         while True:
-            p = point(layer, coef, self.store.setting(layer, coef, questions), self.name)
+            p = point(layer, coef, self.setting(layer, coef, questions), self.name)
             more = self.all[: 2 * len(questions)]
             extra = (len(more) - len(questions)) * self._n()
-            if self._clear(p) or not extra or len(self.store.touched) + extra > self.budget:
+            if self._clear(p) or not extra or len(self.touched) + extra > self.budget:
                 break
             questions = more
         if not self._clear(p):
@@ -338,12 +236,9 @@ class _Search:
     def _subset_points(self, layer: int) -> list[Point]:
         """The row's steered settings over the subset questions, coherence at the floor."""
         coefs = sorted({float(r["coef"]) for r in self.store.rows if int(r["layer"]) == layer})
-        pts = [point(layer, c, self._rows(layer, c, self.subset), self.name) for c in coefs if c]
+        rows = [(c, self.store.rows_of(layer, c, self.subset)) for c in coefs if c]
+        pts = [point(layer, c, rs, self.name) for c, rs in rows]
         return [p for p in pts if self._held(p)]
-
-    def _rows(self, layer, coef, questions) -> list[dict]:
-        qids = {f"{self.name}_{i}" for i in questions}
-        return [r for r in self.store.rows_of(layer, coef) if r["question_id"] in qids]
 
     def _finals(self) -> list[RowResult]:
         """The TOP best subset settings across rows, answered on every question; those whose
@@ -353,7 +248,7 @@ class _Search:
         cands = sorted(cands, key=lambda p: (-p.trait, -p.coherence, -p.coef, p.layer))[:TOP]
         out = []
         for c in cands:
-            p = point(c.layer, c.coef, self.store.setting(c.layer, c.coef, self.all), self.name)
+            p = point(c.layer, c.coef, self.setting(c.layer, c.coef, self.all), self.name)
             if self._held(p):
                 out.append(RowResult(p.layer, p.coef, None, p.trait, p.coherence, p.n, True))
         return out
@@ -389,13 +284,14 @@ def _ratio(coef: float | None, scale: float) -> float | None:
     return coef / scale
 
 
-def _write(out: Path, trait: str, store: _Store, result: SearchResult) -> None:
+def _write(out: Path, trait: str, result: SearchResult) -> None:
     # every row's line starts at the unsteered answers, as in eval's summary
-    rows = [{**r, "layer": p.layer} for p in result.points for r in store.rows_of(p.layer, p.coef)]
-    ev.write_summary(out / "summary.csv", trait, ev.summarize(rows, trait))
+    write_summary(out / "summary.csv", trait, result.points)
     data = dataclasses.asdict(result) | {"out_dir": str(out)}
     data.pop("seconds")
     data["unsteered"] |= {"layer": None}  # no row is steered
+    for p in [data["unsteered"], *data["points"], *data["undecided"]]:
+        p.pop("missing")  # search.json keeps its keys: n and the intervals
     write_text_atomic(out / "search.json", json.dumps(data, indent=2) + "\n")
     plot_points(out / "sweep.png", trait, result.points, floor=result.floor, best=result.best)
 
