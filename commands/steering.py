@@ -257,8 +257,8 @@ def monitor(
 ):
     """Project every generated token onto persona vectors, live and as an HTML page."""
     from pertoken.pipeline.monitor import monitor as run_monitor
-    from pertoken.pipeline.monitor import read_prompts
     from pertoken.pipeline.steer import build_steer, parse_specs
+    from pertoken.pipeline.trace.inputs import read_prompts
     from pertoken.rows import parse_layers
     from pertoken.vectors import load_vector
 

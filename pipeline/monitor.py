@@ -19,7 +19,6 @@ import numpy as np
 
 from pertoken.backends.base import Steer, TokenTrace
 from pertoken.errors import PertokenError
-from pertoken.pipeline.csvio import utf8_text
 from pertoken.pipeline.live import LivePrinter
 from pertoken.pipeline.projection import project, project_rows
 from pertoken.pipeline.trace.steer import monitor_extras, term_record
@@ -145,31 +144,6 @@ def load_traces(path: str | Path) -> list[dict]:
     except (OSError, json.JSONDecodeError) as e:
         raise PertokenError(f"could not read traces from {path}: {e}") from None
     return data["traces"] if isinstance(data, dict) and "traces" in data else [data]
-
-
-def read_prompts(path: str | Path) -> list[str]:
-    """Prompts from a file: a JSON list of strings, or one prompt per non-empty line."""
-    path = Path(path)
-    if not path.is_file():
-        raise PertokenError(f"prompts file {path} does not exist: check the path")
-    text = utf8_text(path, "prompts file")
-    if path.suffix.lower() == ".json" or text.lstrip().startswith("["):
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise PertokenError(f"{path} is not valid JSON ({e.msg}, line {e.lineno})") from None
-        if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
-            kind = "a JSON object" if isinstance(items, dict) else "not a list of strings"
-            raise PertokenError(
-                f"{path} is {kind}: give a JSON list of prompt strings (or chats as .jsonl, "
-                'one {"messages": [...]} a line)'
-            )
-        prompts = [x for x in items if x.strip()]
-    else:
-        prompts = [line.strip() for line in text.splitlines() if line.strip()]
-    if not prompts:
-        raise PertokenError(f"{path} holds no prompts: write one per line or a JSON list")
-    return prompts
 
 
 def _directions(backend, vectors: dict[str, PersonaVector], layers: list[int]):

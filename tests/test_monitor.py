@@ -6,7 +6,8 @@ import pytest
 
 from pertoken.backends.base import Steer
 from pertoken.errors import PertokenError
-from pertoken.pipeline.monitor import load_traces, monitor, read_prompts
+from pertoken.pipeline.monitor import load_traces, monitor
+from pertoken.pipeline.trace.inputs import read_prompts
 from pertoken.vectors import PersonaVector
 from tests.fake_backend import FakeBackend
 

@@ -7,7 +7,8 @@ import pytest
 
 from pertoken.backends.base import TokenTrace
 from pertoken.pipeline.monitor import trace_record, write_outputs
-from pertoken.pipeline.trace.monitor_page import embed_json, render_page
+from pertoken.pipeline.trace.monitor_page import render_page
+from pertoken.pipeline.trace.page import embed_json
 from tests import cdp
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"

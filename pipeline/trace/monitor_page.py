@@ -8,18 +8,11 @@ textContent only, so a token like `<script>` shows as text and never runs.
 from __future__ import annotations
 
 import html
-import json
 from pathlib import Path
 
+from pertoken.pipeline.trace.page import embed_json
+
 _TEMPLATE = Path(__file__).with_name("monitor_page.html")
-
-
-def embed_json(data) -> str:
-    """JSON safe to place inside a <script> element."""
-    text = json.dumps(data, ensure_ascii=False, allow_nan=False)
-    for ch, esc in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026")):
-        text = text.replace(ch, esc)
-    return text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
 
 
 def render_page(records: list[dict], *, title: str = "pertoken trace") -> str:

@@ -11,12 +11,12 @@ out of the dataset mean and the colour scales.
 from __future__ import annotations
 
 import html
+import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 
-from pertoken.pipeline.trace.monitor_page import embed_json
 from pertoken.pipeline.trace.store import (
     TOKENS,
     iter_item_tables,
@@ -25,6 +25,7 @@ from pertoken.pipeline.trace.store import (
 )
 
 _TEMPLATE = Path(__file__).with_name("page.html")
+KIT_JS, KIT_CSS = Path(__file__).with_name("kit.js"), Path(__file__).with_name("kit.css")
 BLOCK = 32  # items per data file
 DIGITS = 6  # significant digits kept for the page
 
@@ -51,11 +52,27 @@ def write_store_page(folder: str | Path, *, title: str | None = None) -> Path:
         _write_block(data_dir / f"items-{blocks:05d}.js", block)
     index = _index(settings, items, previews, vectors, rows, segments, acc)
     title = title or f"pertoken trace: {settings.get('model')} on {Path(settings['input']).name}"
-    head, tail = _TEMPLATE.read_text(encoding="utf-8").split("__DATA__")
-    page = head.replace("__TITLE__", html.escape(title)) + embed_json(index) + tail
+    page = render(_TEMPLATE.read_text(encoding="utf-8"), title, embed_json(index))
     path = folder / "trace.html"
     path.write_text(page, encoding="utf-8")
     return path
+
+
+def embed_json(data) -> str:
+    """JSON safe to place inside a <script> element."""
+    text = json.dumps(data, ensure_ascii=False, allow_nan=False)
+    for ch, esc in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026")):
+        text = text.replace(ch, esc)
+    return text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+
+
+def render(template: str, title: str, data: str) -> str:
+    """A page template filled in: its title, its data, and the page kit inlined (so the page
+    opens from file:// with no network)."""
+    head, tail = template.split("__DATA__")
+    head = head.replace("__TITLE__", html.escape(title))
+    head = head.replace("__KIT_CSS__", KIT_CSS.read_text(encoding="utf-8"))
+    return head + data + tail.replace("__KIT_JS__", KIT_JS.read_text(encoding="utf-8"))
 
 
 def _round(a: np.ndarray) -> list:
