@@ -1,31 +1,35 @@
 """Per-token monitoring: generate answers and project every answer token onto persona vectors.
 
-A trace record is one answer as plain JSON-ready Python:
+The answers are written as a trace store (one item each; see pipeline/trace/monitored.py),
+read back with `pertoken.trace.load` and shown by the store's page, trace.html.
+monitor() also returns each answer as a record, plain JSON-ready Python:
     label, prompt (the user's message), system, chat_prompt, text, tokens, token_ids,
     vectors (names), layers (rows), projections [token][vector][layer] (h . v / |v|),
     cos_sim [token][vector][layer], mean [vector][layer] (mean projection over the answer),
     settings (model, backend, generation and steering options),
     and optionally features [token] -> [{"id": int, "act": float}, ...] (SAE features).
-trace.json holds the record itself for one answer, and {"traces": [record, ...]} for several.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 
 from pertoken.backends.base import Steer, TokenTrace
 from pertoken.errors import PertokenError
+from pertoken.lock import output_lock
 from pertoken.pipeline.live import LivePrinter
 from pertoken.pipeline.projection import project, project_rows
+from pertoken.pipeline.trace.monitored import Items, check_folder, store_settings
+from pertoken.pipeline.trace.page import write_store_page
 from pertoken.pipeline.trace.steer import monitor_extras, term_record
 from pertoken.rows import check_capture_rows
 from pertoken.vectors import PersonaVector
 
-# Called once per finished trace, before files are written, e.g. to add `features`.
+# Called once per finished answer, before files are written, e.g. to add `features`.
 TraceHook = Callable[[dict, TokenTrace], None]
 
 
@@ -50,10 +54,10 @@ def monitor(
     """Generate an answer to each prompt and project each answer token onto `vectors`.
 
     With `live`, prints tokens coloured by the first vector at the first layer while generating
-    (off by default; the `monitor` command turns it on). Writes trace.json and trace.html into
-    `out_dir` (None: write nothing). With `steer` and `compare_unsteered`, each prompt is also
-    answered unsteered (same seed). `settings` is merged into each record's settings;
-    `on_trace(record, trace)` may add fields such as
+    (off by default; the `monitor` command turns it on). Writes a trace store (an item per
+    answer) and its page trace.html into `out_dir` (None: write nothing). With `steer` and
+    `compare_unsteered`, each prompt is also answered unsteered (same seed). `settings` is
+    merged into each record's settings; `on_trace(record, trace)` may add fields such as
     `features`. Defaults: greedy (temperature 0), 200 new tokens, seed 0.
     """
     names, directions = _directions(backend, vectors, layers)
@@ -64,35 +68,45 @@ def monitor(
     )
     runs = _runs(prompts, steer, compare_unsteered)
     base = _settings(backend, max_new_tokens, temperature, seed, settings)
+    store = store_settings(backend, names, vectors, (settings or {}).get("vector_files") or {},
+                           layers, steer, _steer_settings(steer)["steer"])  # fmt: skip
+    store["generation"] = {"system": system, **{k: base[k] for k in _GENERATION}}
     records: list[dict] = []
-    try:
-        for label, user, run_steer in runs:
-            chat = backend.chat_prompt(system, user)
-            if printer and len(runs) > 1:
-                printer.line(f"\n== {label}")
-            trace = backend.trace(
-                chat,
-                rows=list(layers),
-                max_new_tokens=max_new_tokens,
-                steer=run_steer,
-                temperature=temperature,
-                seed=seed,
-                on_token=printer,
-            )
-            rec = trace_record(trace, names=names, directions=directions, layers=layers)
-            rec.update(label=label, prompt=user, system=system, chat_prompt=chat)
-            rec["settings"] = {**base, **_steer_settings(run_steer)}
-            rec |= monitor_extras(backend, chat, trace, run_steer, names, directions, layers)
-            if on_trace:
-                on_trace(rec, trace)
-            records.append(rec)
-            if printer:
-                printer.line()
-                printer.line(_mean_line(rec))
-    finally:
-        # An interrupted run still keeps the answers it finished.
-        if out_dir is not None and records:
-            write_outputs(records, out_dir)
+    items = Items(names, layers, steer)
+    with ExitStack() as stack:
+        if out_dir is not None:
+            check_folder(out_dir)
+            stack.enter_context(output_lock(out_dir, folder=True))
+        try:
+            for label, user, run_steer in runs:
+                chat = backend.chat_prompt(system, user)
+                if printer and len(runs) > 1:
+                    printer.line(f"\n== {label}")
+                trace = backend.trace(
+                    chat,
+                    rows=list(layers),
+                    max_new_tokens=max_new_tokens,
+                    steer=run_steer,
+                    temperature=temperature,
+                    seed=seed,
+                    on_token=printer,
+                )
+                rec = trace_record(trace, names=names, directions=directions, layers=layers)
+                rec.update(label=label, prompt=user, system=system, chat_prompt=chat)
+                rec["settings"] = {**base, **_steer_settings(run_steer)}
+                rec |= monitor_extras(backend, chat, trace, run_steer, names, directions, layers)
+                if on_trace:
+                    on_trace(rec, trace)
+                hidden = np.asarray(trace.hidden).reshape(len(trace.tokens), len(layers), -1)
+                items.add(rec, hidden, len(backend.encode(chat)))
+                records.append(rec)
+                if printer:
+                    printer.line()
+                    printer.line(_mean_line(rec))
+        finally:
+            # An interrupted run still keeps the answers it finished.
+            if out_dir is not None and records:
+                write_outputs(items, records, store, out_dir)
     return records
 
 
@@ -125,25 +139,14 @@ def _json_floats(a: np.ndarray) -> list:
     return np.where(np.isfinite(a), a, None).tolist()
 
 
-def write_outputs(records: list[dict], out_dir: str | Path) -> tuple[Path, Path]:
-    """Write trace.json and trace.html into out_dir; returns their paths."""
-    from pertoken.pipeline.trace.monitor_page import write_page
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    data = records[0] if len(records) == 1 else {"traces": records}
-    json_path = out / "trace.json"
-    json_path.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n")
-    return json_path, write_page(records, out / "trace.html")
-
-
-def load_traces(path: str | Path) -> list[dict]:
-    """The trace records of a trace.json, whether it holds one trace or several."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise PertokenError(f"could not read traces from {path}: {e}") from None
-    return data["traces"] if isinstance(data, dict) and "traces" in data else [data]
+def write_outputs(items: Items, records: list[dict], settings: dict, out_dir) -> Path:
+    """Write the store of `items` and its page into out_dir; returns the page's path."""
+    # what hooks and the command add to a record's settings (sae, steer_files, ...)
+    extra = {k: v for k, v in records[0]["settings"].items() if k not in _OWN_SETTINGS}
+    items.write(out_dir, settings | extra)
+    first = records[0]["prompt"] or ""
+    title = f"pertoken monitor: {first[:60]}" if first else "pertoken monitor"
+    return write_store_page(out_dir, title=title)
 
 
 def _directions(backend, vectors: dict[str, PersonaVector], layers: list[int]):
@@ -170,6 +173,10 @@ def _runs(prompts: list[str], steer: Steer | None, compare: bool) -> list[tuple]
         else:
             runs.append((name + (" (steered)" if steer is not None else ""), p, steer))
     return runs
+
+
+_GENERATION = ("max_new_tokens", "temperature", "seed")
+_OWN_SETTINGS = ("model", "backend", "dtype", "steer", "vector_files", *_GENERATION)
 
 
 def _settings(backend, max_new_tokens, temperature, seed, extra: dict | None) -> dict:

@@ -126,6 +126,11 @@ def _item_data(table, vectors, rows, segments, acc: _Scales) -> tuple[dict, str]
         "proj": _round(proj),
         "cos": _round(cos),
     }
+    if "features" in cols:  # a monitor run's SAE features: [token] -> [{id, act}]
+        data["features"] = [
+            [{"id": f["id"], "act": float(f"{f['act']:.6g}")} for f in feats or []]
+            for feats in cols["features"]
+        ]
     return data, _preview(cols)
 
 
