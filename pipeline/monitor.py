@@ -71,6 +71,7 @@ def monitor(
     store = store_settings(backend, names, vectors, (settings or {}).get("vector_files") or {},
                            layers, steer, _steer_settings(steer)["steer"])  # fmt: skip
     store["generation"] = {"system": system, **{k: base[k] for k in _GENERATION}}
+    one = _Answer(backend, names, directions, list(layers), system, base, on_trace)
     records: list[dict] = []
     items = Items(names, layers, steer)
     with ExitStack() as stack:
@@ -79,26 +80,10 @@ def monitor(
             stack.enter_context(output_lock(out_dir, folder=True))
         try:
             for label, user, run_steer in runs:
-                chat = backend.chat_prompt(system, user)
                 if printer and len(runs) > 1:
                     printer.line(f"\n== {label}")
-                trace = backend.trace(
-                    chat,
-                    rows=list(layers),
-                    max_new_tokens=max_new_tokens,
-                    steer=run_steer,
-                    temperature=temperature,
-                    seed=seed,
-                    on_token=printer,
-                )
-                rec = trace_record(trace, names=names, directions=directions, layers=layers)
-                rec.update(label=label, prompt=user, system=system, chat_prompt=chat)
-                rec["settings"] = {**base, **_steer_settings(run_steer)}
-                rec |= monitor_extras(backend, chat, trace, run_steer, names, directions, layers)
-                if on_trace:
-                    on_trace(rec, trace)
-                hidden = np.asarray(trace.hidden).reshape(len(trace.tokens), len(layers), -1)
-                items.add(rec, hidden, len(backend.encode(chat)))
+                rec = one(label, user, run_steer, printer)
+                items.add(rec, one.hidden, len(backend.encode(rec["chat_prompt"])))
                 records.append(rec)
                 if printer:
                     printer.line()
@@ -108,6 +93,29 @@ def monitor(
             if out_dir is not None and records:
                 write_outputs(items, records, store, out_dir)
     return records
+
+
+class _Answer:
+    """Generates and projects one answer; `hidden` keeps its captured states [T, R, hidden]."""
+
+    def __init__(self, backend, names, directions, layers, system, settings, on_trace):
+        self.backend, self.names, self.directions = backend, names, directions
+        self.layers, self.system, self.settings = layers, system, settings
+        self.on_trace, self.hidden = on_trace, None
+
+    def __call__(self, label: str, user: str, steer: Steer | None, printer) -> dict:
+        b, s = self.backend, self.settings
+        chat = b.chat_prompt(self.system, user)
+        trace = b.trace(chat, rows=self.layers, max_new_tokens=s["max_new_tokens"], steer=steer,
+                        temperature=s["temperature"], seed=s["seed"], on_token=printer)  # fmt: skip
+        rec = trace_record(trace, names=self.names, directions=self.directions, layers=self.layers)
+        rec.update(label=label, prompt=user, system=self.system, chat_prompt=chat)
+        rec["settings"] = {**s, **_steer_settings(steer)}
+        rec |= monitor_extras(b, chat, trace, steer, self.names, self.directions, self.layers)
+        if self.on_trace:
+            self.on_trace(rec, trace)
+        self.hidden = np.asarray(trace.hidden).reshape(len(trace.tokens), len(self.layers), -1)
+        return rec
 
 
 def trace_record(

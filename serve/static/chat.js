@@ -108,7 +108,7 @@
     } finally {
       S.abort = null;
       setBusy(false);
-      drawChart();
+      replyChart();
     }
   }
 
@@ -223,7 +223,7 @@
     document.body.dataset.busy = on ? "1" : "0";
   }
 
-  function drawChart() {
+  function replyChart() {
     const chart = $("chart"), last = S.turns[S.turns.length - 1];
     const replies = last ? last.replies.filter(r => r.proj.some(p => p)) : [];
     const n = Math.max(2, ...replies.map(r => r.proj.length));
@@ -260,13 +260,13 @@
     if (ev.key === "Enter" && !ev.shiftKey) { ev.preventDefault(); $("composer").requestSubmit(); }
   });
   $("range").addEventListener("change", setRange);
-  for (const id of ["colour-vector", "colour-row"]) $(id).addEventListener("change", () => { recolour(); drawChart(); });
+  for (const id of ["colour-vector", "colour-row"]) $(id).addEventListener("change", () => { recolour(); replyChart(); });
   $("new-chat").addEventListener("click", () => {
     if (S.abort) S.abort.abort();
     S.turns = [];
     S.scale = 0;
     renderTurns();
-    drawChart();
+    replyChart();
   });
   $("key-form").addEventListener("submit", ev => {
     ev.preventDefault();
