@@ -114,7 +114,8 @@ class _Answer:
         rec |= monitor_extras(b, chat, trace, steer, self.names, self.directions, self.layers)
         if self.on_trace:
             self.on_trace(rec, trace)
-        self.hidden = np.asarray(trace.hidden).reshape(len(trace.tokens), len(self.layers), -1)
+        shape = (len(trace.tokens), len(self.layers), self.directions.shape[-1])
+        self.hidden = np.asarray(trace.hidden).reshape(shape)
         return rec
 
 
@@ -124,7 +125,8 @@ def trace_record(
     """The JSON-ready projections of one TokenTrace; directions is [K, L, hidden]."""
     if list(trace.rows) != list(layers):
         raise PertokenError(f"backend returned rows {trace.rows}, asked for {layers}")
-    hidden = np.asarray(trace.hidden, np.float32).reshape(len(trace.tokens), len(layers), -1)
+    shape = (len(trace.tokens), len(layers), directions.shape[-1])  # [T, L, hidden]
+    hidden = np.asarray(trace.hidden, np.float32).reshape(shape)
     proj, cos = project_rows(hidden, directions)  # [T, K, L] each
     mean = proj.mean(axis=0) if len(proj) else np.zeros(directions.shape[:2])
     return {

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import pertoken.trace
 from pertoken.backends.base import TokenTrace
 from pertoken.pipeline.monitor import trace_record, write_outputs
 from pertoken.pipeline.trace import page as store_page
@@ -70,6 +71,32 @@ def test_embedded_json_cannot_close_its_script_block():
     assert "<title>&lt;/title&gt;&lt;script&gt;</title>" in page
     assert len(re.findall(r"<script\b", page)) == 2  # the data block and the page's own code
     assert "const Kit = " in page  # the page kit inlined: the page needs no network
+
+
+def test_an_answer_with_no_tokens_keeps_its_place(tmp_path):
+    """A monitored answer cut off at once is an item with no tokens: the page's data files
+    still hold every item at its place, so the next item loads its own tokens."""
+    (first, h), _ = _records()[0]
+    dirs = np.ones((2, 2, 8), np.float32)
+    empty = TokenTrace("p", "", [], [], LAYERS, np.zeros((0, 2, 8), np.float32))
+    none = trace_record(empty, names=NAMES, directions=dirs, layers=LAYERS)
+    none.update(label="empty", prompt="q", system=None, chat_prompt="p", settings={})
+    items = Items(NAMES, LAYERS, None)
+    for rec, hidden in ((first, h), (none, np.zeros((0, 2, 8))), (first, h)):
+        items.add(rec, hidden, prompt_len=3)
+    vecs = {n: PersonaVector(np.ones((10, 8), np.float32)) for n in NAMES}
+    settings = store_settings(Model(), NAMES, vecs, {}, LAYERS, None, None)
+    old, store_page.BLOCK = store_page.BLOCK, 2
+    try:
+        write_outputs(items, [first, none, first], settings, tmp_path)
+    finally:
+        store_page.BLOCK = old
+    blocks = sorted((tmp_path / "trace_page").glob("items-*.js"))
+    data = [json.loads(b.read_text()[len("pertokenItems(") : -len(");\n")]) for b in blocks]
+    assert [list(d) for d in data] == [["0", "1"], ["2"]]
+    assert data[0]["1"]["tokens"] == [] and data[0]["1"]["proj"] == [[[], []], [[], []]]
+    assert data[1]["2"]["tokens"] == TOKENS
+    assert pertoken.trace.load(tmp_path)[1]["n_tokens"].tolist() == [len(TOKENS), 0, len(TOKENS)]
 
 
 def test_missing_chromium_skips_with_a_reason_or_fails_when_required(tmp_path, monkeypatch):

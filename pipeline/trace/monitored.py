@@ -76,8 +76,8 @@ class Items:
     def add(self, rec: dict, hidden: np.ndarray, prompt_len: int) -> None:
         """One answer: its record (monitor's fields) and captured states [T, R, hidden]."""
         item, labels = len(self.items), answer_labels(rec["tokens"], rec["token_ids"])
-        proj = np.array(rec["projections"], dtype=np.float64).reshape(len(labels.ids), -1,
-                                                                      len(self.rows))  # fmt: skip
+        shape = (len(labels.ids), len(self.names), len(self.rows))
+        proj = np.array(rec["projections"], dtype=np.float64).reshape(shape)
         norm = np.linalg.norm(np.asarray(hidden, np.float64), axis=-1)  # [T, R]
         values = np.concatenate([proj.transpose(0, 2, 1), norm[..., None]], axis=-1)
         pre = {f"pre.{k}": np.asarray(v, np.float32) for k, v in rec.get("pre", {}).items()}

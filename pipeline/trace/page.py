@@ -42,14 +42,17 @@ def write_store_page(folder: str | Path, *, title: str | None = None) -> Path:
     data_dir.mkdir()
     items = read_items_table(folder)
     acc = _Scales(len(vectors), len(rows))
-    blocks, block, previews = 0, {}, {}
+    blocks = _Blocks(data_dir)
+    empty = _empty_item(len(vectors), len(rows))
+    ids, previews = iter(items["item"].astype(int).tolist()), {}
     for item, table in iter_item_tables(folder / TOKENS):
-        block[str(item)], previews[item] = _item_data(table, vectors, rows, segments, acc)
-        if len(block) == BLOCK:
-            _write_block(data_dir / f"items-{blocks:05d}.js", block)
-            blocks, block = blocks + 1, {}
-    if block:
-        _write_block(data_dir / f"items-{blocks:05d}.js", block)
+        while (gap := next(ids, item)) != item:
+            blocks.add(gap, empty)
+        data, previews[item] = _item_data(table, vectors, rows, segments, acc)
+        blocks.add(item, data)
+    for gap in ids:
+        blocks.add(gap, empty)
+    blocks.close()
     index = _index(settings, items, previews, vectors, rows, segments, acc)
     title = title or f"pertoken trace: {settings.get('model')} on {Path(settings['input']).name}"
     page = render(_TEMPLATE.read_text(encoding="utf-8"), title, embed_json(index))
@@ -134,6 +137,12 @@ def _item_data(table, vectors, rows, segments, acc: _Scales) -> tuple[dict, str]
     return data, _preview(cols)
 
 
+def _empty_item(V: int, R: int) -> dict:
+    """An item with no tokens (a monitored answer cut off at once): it keeps its place."""
+    none = [[[] for _ in range(R)] for _ in range(V)]
+    return {"tokens": [], "segment": [], "role": [], "turn": [], "proj": none, "cos": none}
+
+
 def _preview(cols: dict) -> str:
     """The first user text of an item (or its first text), for the item list."""
     picked = [
@@ -145,8 +154,22 @@ def _preview(cols: dict) -> str:
     return " ".join(text.split())[:80]
 
 
-def _write_block(path: Path, block: dict) -> None:
-    path.write_text(f"pertokenItems({embed_json(block)});\n", encoding="utf-8")
+class _Blocks:
+    """The page's data files: `items-NNNNN.js`, BLOCK items each, in item order."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.n, self.block = folder, 0, {}
+
+    def add(self, item: int, data: dict) -> None:
+        self.block[str(item)] = data
+        if len(self.block) == BLOCK:
+            self.close()
+
+    def close(self) -> None:
+        if self.block:
+            text = f"pertokenItems({embed_json(self.block)});\n"
+            (self.folder / f"items-{self.n:05d}.js").write_text(text, encoding="utf-8")
+            self.n, self.block = self.n + 1, {}
 
 
 def _index(settings, items, previews, vectors, rows, segments, acc: _Scales) -> dict:
