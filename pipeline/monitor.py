@@ -82,8 +82,8 @@ def monitor(
             for label, user, run_steer in runs:
                 if printer and len(runs) > 1:
                     printer.line(f"\n== {label}")
-                rec = one(label, user, run_steer, printer)
-                items.add(rec, one.hidden, len(backend.encode(rec["chat_prompt"])))
+                rec, hidden = one(label, user, run_steer, printer)
+                items.add(rec, hidden, len(backend.encode(rec["chat_prompt"])))
                 records.append(rec)
                 if printer:
                     printer.line()
@@ -96,14 +96,14 @@ def monitor(
 
 
 class _Answer:
-    """Generates and projects one answer; `hidden` keeps its captured states [T, R, hidden]."""
+    """Generates and projects one answer: its record and captured states [T, R, hidden]."""
 
     def __init__(self, backend, names, directions, layers, system, settings, on_trace):
         self.backend, self.names, self.directions = backend, names, directions
         self.layers, self.system, self.settings = layers, system, settings
-        self.on_trace, self.hidden = on_trace, None
+        self.on_trace = on_trace
 
-    def __call__(self, label: str, user: str, steer: Steer | None, printer) -> dict:
+    def __call__(self, label: str, user: str, steer: Steer | None, printer):
         b, s = self.backend, self.settings
         chat = b.chat_prompt(self.system, user)
         trace = b.trace(chat, rows=self.layers, max_new_tokens=s["max_new_tokens"], steer=steer,
@@ -115,8 +115,7 @@ class _Answer:
         if self.on_trace:
             self.on_trace(rec, trace)
         shape = (len(trace.tokens), len(self.layers), self.directions.shape[-1])
-        self.hidden = np.asarray(trace.hidden).reshape(shape)
-        return rec
+        return rec, np.asarray(trace.hidden).reshape(shape)
 
 
 def trace_record(
