@@ -1,7 +1,8 @@
 """pertoken: persona vectors, steering and per-token trait monitoring for chat LLMs.
 
 From Python: `backend = pertoken.load(model)`, then `PersonaVector`, `load_vector`, `Steer`,
-`extract_vectors`, `monitor`, `evaluate` and `load_traces` (imported on first use).
+`extract_vectors`, `monitor` and `evaluate` (imported on first use); `pertoken.trace.load`
+reads trace stores.
 """
 
 from pertoken import api as _api

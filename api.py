@@ -16,7 +16,6 @@ EXPORTS = {
     "Condition": "pertoken.backends.base",
     "extract_vectors": "pertoken.pipeline.extract",
     "monitor": "pertoken.pipeline.monitor",
-    "load_traces": "pertoken.pipeline.monitor",
     "evaluate": "pertoken.pipeline.sweep.grid",
 }
 

@@ -221,7 +221,9 @@ def _search(backend, sweep, opts: dict, min_coherence: float) -> None:
     "--compare-unsteered", is_flag=True, help="With --steer, also trace the unsteered answer."
 )
 @click.option("--prompts", "prompts_file", default=None, help="File: one prompt a line, or JSON.")
-@click.option("--out", default=".", show_default=True, help="Folder for trace.json/trace.html.")
+@click.option(
+    "--out", default=".", show_default=True, help="Folder for the trace store and its page."
+)
 @click.option("--sae", default=None, help="SAE spec: add each token's top SAE features.")
 @click.option("--sae-layer", type=int, default=None, help="Row the SAE reads (default: its own).")
 @click.option("--sae-top", type=int, default=5, show_default=True, help="Features per token.")
@@ -249,8 +251,8 @@ def monitor(
 ):
     """Project every generated token onto persona vectors, live and as an HTML page."""
     from pertoken.pipeline.monitor import monitor as run_monitor
-    from pertoken.pipeline.monitor import read_prompts
     from pertoken.pipeline.steer import build_steer, parse_specs
+    from pertoken.pipeline.trace.inputs import read_prompts
     from pertoken.rows import parse_layers
     from pertoken.vectors import load_vector
 
@@ -289,7 +291,10 @@ def monitor(
         on_trace=on_trace,
         **gen,
     )
-    click.echo(f"wrote {len(records)} trace(s) to {out}/trace.json and {out}/trace.html")
+    click.echo(
+        f"wrote {len(records)} answer(s) as a trace store in {out} (open {out}/trace.html; "
+        "pertoken.trace.load reads it)"
+    )
 
 
 def _named_vectors(items) -> dict[str, str]:

@@ -1,33 +1,35 @@
 """Per-token monitoring: generate answers and project every answer token onto persona vectors.
 
-A trace record is one answer as plain JSON-ready Python:
+The answers are written as a trace store (one item each; see pipeline/trace/monitored.py),
+read back with `pertoken.trace.load` and shown by the store's page, trace.html.
+monitor() also returns each answer as a record, plain JSON-ready Python:
     label, prompt (the user's message), system, chat_prompt, text, tokens, token_ids,
     vectors (names), layers (rows), projections [token][vector][layer] (h . v / |v|),
     cos_sim [token][vector][layer], mean [vector][layer] (mean projection over the answer),
     settings (model, backend, generation and steering options),
     and optionally features [token] -> [{"id": int, "act": float}, ...] (SAE features).
-trace.json holds the record itself for one answer, and {"traces": [record, ...]} for several.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 
-from pertoken.atomic import write_text_atomic
 from pertoken.backends.base import Steer, TokenTrace
 from pertoken.errors import PertokenError
-from pertoken.pipeline.csvio import utf8_text
+from pertoken.lock import output_lock
 from pertoken.pipeline.live import LivePrinter
 from pertoken.pipeline.projection import project, project_rows
+from pertoken.pipeline.trace.monitored import Items, check_folder, store_settings
+from pertoken.pipeline.trace.page import write_store_page
 from pertoken.pipeline.trace.steer import monitor_extras, term_record
 from pertoken.rows import check_capture_rows
 from pertoken.vectors import PersonaVector
 
-# Called once per finished trace, before files are written, e.g. to add `features`.
+# Called once per finished answer, before files are written, e.g. to add `features`.
 TraceHook = Callable[[dict, TokenTrace], None]
 
 
@@ -52,10 +54,10 @@ def monitor(
     """Generate an answer to each prompt and project each answer token onto `vectors`.
 
     With `live`, prints tokens coloured by the first vector at the first layer while generating
-    (off by default; the `monitor` command turns it on). Writes trace.json and trace.html into
-    `out_dir` (None: write nothing). With `steer` and `compare_unsteered`, each prompt is also
-    answered unsteered (same seed). `settings` is merged into each record's settings;
-    `on_trace(record, trace)` may add fields such as
+    (off by default; the `monitor` command turns it on). Writes a trace store (an item per
+    answer) and its page trace.html into `out_dir` (None: write nothing). With `steer` and
+    `compare_unsteered`, each prompt is also answered unsteered (same seed). `settings` is
+    merged into each record's settings; `on_trace(record, trace)` may add fields such as
     `features`. Defaults: greedy (temperature 0), 200 new tokens, seed 0.
     """
     names, directions = _directions(backend, vectors, layers)
@@ -66,36 +68,54 @@ def monitor(
     )
     runs = _runs(prompts, steer, compare_unsteered)
     base = _settings(backend, max_new_tokens, temperature, seed, settings)
+    store = store_settings(backend, names, vectors, (settings or {}).get("vector_files") or {},
+                           layers, steer, _steer_settings(steer)["steer"])  # fmt: skip
+    store["generation"] = {"system": system, **{k: base[k] for k in _GENERATION}}
+    one = _Answer(backend, names, directions, list(layers), system, base, on_trace)
     records: list[dict] = []
-    try:
-        for label, user, run_steer in runs:
-            chat = backend.chat_prompt(system, user)
-            if printer and len(runs) > 1:
-                printer.line(f"\n== {label}")
-            trace = backend.trace(
-                chat,
-                rows=list(layers),
-                max_new_tokens=max_new_tokens,
-                steer=run_steer,
-                temperature=temperature,
-                seed=seed,
-                on_token=printer,
-            )
-            rec = trace_record(trace, names=names, directions=directions, layers=layers)
-            rec.update(label=label, prompt=user, system=system, chat_prompt=chat)
-            rec["settings"] = {**base, **_steer_settings(run_steer)}
-            rec |= monitor_extras(backend, chat, trace, run_steer, names, directions, layers)
-            if on_trace:
-                on_trace(rec, trace)
-            records.append(rec)
-            if printer:
-                printer.line()
-                printer.line(_mean_line(rec))
-    finally:
-        # An interrupted run still keeps the answers it finished.
-        if out_dir is not None and records:
-            write_outputs(records, out_dir)
+    items = Items(names, layers, steer)
+    with ExitStack() as stack:
+        if out_dir is not None:
+            check_folder(out_dir)
+            stack.enter_context(output_lock(out_dir, folder=True))
+        try:
+            for label, user, run_steer in runs:
+                if printer and len(runs) > 1:
+                    printer.line(f"\n== {label}")
+                rec, hidden = one(label, user, run_steer, printer)
+                items.add(rec, hidden, len(backend.encode(rec["chat_prompt"])))
+                records.append(rec)
+                if printer:
+                    printer.line()
+                    printer.line(_mean_line(rec))
+        finally:
+            # An interrupted run still keeps the answers it finished.
+            if out_dir is not None and records:
+                write_outputs(items, records, store, out_dir)
     return records
+
+
+class _Answer:
+    """Generates and projects one answer: its record and captured states [T, R, hidden]."""
+
+    def __init__(self, backend, names, directions, layers, system, settings, on_trace):
+        self.backend, self.names, self.directions = backend, names, directions
+        self.layers, self.system, self.settings = layers, system, settings
+        self.on_trace = on_trace
+
+    def __call__(self, label: str, user: str, steer: Steer | None, printer):
+        b, s = self.backend, self.settings
+        chat = b.chat_prompt(self.system, user)
+        trace = b.trace(chat, rows=self.layers, max_new_tokens=s["max_new_tokens"], steer=steer,
+                        temperature=s["temperature"], seed=s["seed"], on_token=printer)  # fmt: skip
+        rec = trace_record(trace, names=self.names, directions=self.directions, layers=self.layers)
+        rec.update(label=label, prompt=user, system=self.system, chat_prompt=chat)
+        rec["settings"] = {**s, **_steer_settings(steer)}
+        rec |= monitor_extras(b, chat, trace, steer, self.names, self.directions, self.layers)
+        if self.on_trace:
+            self.on_trace(rec, trace)
+        shape = (len(trace.tokens), len(self.layers), self.directions.shape[-1])
+        return rec, np.asarray(trace.hidden).reshape(shape)
 
 
 def trace_record(
@@ -104,7 +124,8 @@ def trace_record(
     """The JSON-ready projections of one TokenTrace; directions is [K, L, hidden]."""
     if list(trace.rows) != list(layers):
         raise PertokenError(f"backend returned rows {trace.rows}, asked for {layers}")
-    hidden = np.asarray(trace.hidden, np.float32).reshape(len(trace.tokens), len(layers), -1)
+    shape = (len(trace.tokens), len(layers), directions.shape[-1])  # [T, L, hidden]
+    hidden = np.asarray(trace.hidden, np.float32).reshape(shape)
     proj, cos = project_rows(hidden, directions)  # [T, K, L] each
     mean = proj.mean(axis=0) if len(proj) else np.zeros(directions.shape[:2])
     return {
@@ -127,50 +148,14 @@ def _json_floats(a: np.ndarray) -> list:
     return np.where(np.isfinite(a), a, None).tolist()
 
 
-def write_outputs(records: list[dict], out_dir: str | Path) -> tuple[Path, Path]:
-    """Write trace.json and trace.html into out_dir; returns their paths."""
-    from pertoken.pipeline.trace.monitor_page import write_page
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    data = records[0] if len(records) == 1 else {"traces": records}
-    json_path = out / "trace.json"
-    write_text_atomic(json_path, json.dumps(data, indent=1, ensure_ascii=False) + "\n")
-    return json_path, write_page(records, out / "trace.html")
-
-
-def load_traces(path: str | Path) -> list[dict]:
-    """The trace records of a trace.json, whether it holds one trace or several."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise PertokenError(f"could not read traces from {path}: {e}") from None
-    return data["traces"] if isinstance(data, dict) and "traces" in data else [data]
-
-
-def read_prompts(path: str | Path) -> list[str]:
-    """Prompts from a file: a JSON list of strings, or one prompt per non-empty line."""
-    path = Path(path)
-    if not path.is_file():
-        raise PertokenError(f"prompts file {path} does not exist: check the path")
-    text = utf8_text(path, "prompts file")
-    if path.suffix.lower() == ".json" or text.lstrip().startswith("["):
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise PertokenError(f"{path} is not valid JSON ({e.msg}, line {e.lineno})") from None
-        if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
-            kind = "a JSON object" if isinstance(items, dict) else "not a list of strings"
-            raise PertokenError(
-                f"{path} is {kind}: give a JSON list of prompt strings (or chats as .jsonl, "
-                'one {"messages": [...]} a line)'
-            )
-        prompts = [x for x in items if x.strip()]
-    else:
-        prompts = [line.strip() for line in text.splitlines() if line.strip()]
-    if not prompts:
-        raise PertokenError(f"{path} holds no prompts: write one per line or a JSON list")
-    return prompts
+def write_outputs(items: Items, records: list[dict], settings: dict, out_dir) -> Path:
+    """Write the store of `items` and its page into out_dir; returns the page's path."""
+    # what hooks and the command add to a record's settings (sae, steer_files, ...)
+    extra = {k: v for k, v in records[0]["settings"].items() if k not in _OWN_SETTINGS}
+    items.write(out_dir, settings | extra)
+    first = records[0]["prompt"] or ""
+    title = f"pertoken monitor: {first[:60]}" if first else "pertoken monitor"
+    return write_store_page(out_dir, title=title)
 
 
 def _directions(backend, vectors: dict[str, PersonaVector], layers: list[int]):
@@ -197,6 +182,10 @@ def _runs(prompts: list[str], steer: Steer | None, compare: bool) -> list[tuple]
         else:
             runs.append((name + (" (steered)" if steer is not None else ""), p, steer))
     return runs
+
+
+_GENERATION = ("max_new_tokens", "temperature", "seed")
+_OWN_SETTINGS = ("model", "backend", "dtype", "steer", "vector_files", *_GENERATION)
 
 
 def _settings(backend, max_new_tokens, temperature, seed, extra: dict | None) -> dict:

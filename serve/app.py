@@ -24,7 +24,9 @@ from pertoken.serve.traces import TraceStores
 from pertoken.vectors import PersonaVector
 
 STATIC = resources.files("pertoken.serve") / "static"
-STATIC_FILES = ("lab.css", "common.js", "chat.js", "traces.js")
+KIT = resources.files("pertoken.pipeline.trace")  # the page kit, shared with the store page
+STATIC_FILES = {"lab.css": STATIC, "common.js": STATIC, "chat.js": STATIC, "traces.js": STATIC,
+                "kit.js": KIT, "kit.css": KIT}  # fmt: skip
 DISCONNECT_POLL = 0.25  # seconds between checks that a waiting client is still there
 
 
@@ -103,7 +105,7 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
         if name not in STATIC_FILES:  # a fixed list: no part of a request reaches the disk
             raise ApiError(404, f"no static file {name!r}", code="not_found")
         kind = "text/javascript" if name.endswith(".js") else "text/css"
-        return Response((STATIC / name).read_bytes(), media_type=kind)
+        return Response((STATIC_FILES[name] / name).read_bytes(), media_type=kind)
 
     return app
 

@@ -19,7 +19,7 @@ NAMES = ["PersonaVector", "load_vector", "Steer", "extract_vectors", "monitor", 
 def test_import_pertoken_and_its_names_stay_light():
     code = (
         "import sys, pertoken;"
-        f"objs = [getattr(pertoken, n) for n in {[*NAMES, 'load_traces', 'load']!r}];"
+        f"objs = [getattr(pertoken, n) for n in {[*NAMES, 'load']!r}] + [pertoken.trace.load];"
         "heavy = [m for m in ('torch', 'mlx', 'transformers') if m in sys.modules];"
         "assert not heavy, heavy;"
         "print(len(objs))"
@@ -36,7 +36,7 @@ def test_top_level_names_are_the_pipeline_objects():
 
     assert pertoken.PersonaVector is PersonaVector and pertoken.Steer is Steer
     assert pertoken.extract_vectors is extract.extract_vectors
-    assert pertoken.monitor is monitor.monitor and pertoken.load_traces is monitor.load_traces
+    assert pertoken.monitor is monitor.monitor and not hasattr(pertoken, "load_traces")
     assert pertoken.evaluate is evaluate.evaluate
     assert set(NAMES) <= set(dir(pertoken)) and set(NAMES) <= set(pertoken.__all__)
     with pytest.raises(AttributeError, match="no attribute 'steer'"):
@@ -77,10 +77,13 @@ def test_readme_example_runs(llama_dir, tmp_path, monkeypatch, capsys, torch_one
     backend, chat, steer = ns["backend"], ns["chat"], ns["steer"]
     answer = backend.generate([chat], max_new_tokens=80, temperature=0, steer=steer)[0]
     assert answer in out and answer != backend.generate([chat], max_new_tokens=80, temperature=0)[0]
-    records = pertoken.load_traces(tmp_path / "trace.json")
-    assert len(records) == 1 and records[0]["layers"] == [2]
-    assert records[0]["vectors"] == ["paternalism"] and records[0]["settings"]["steer"]
-    assert str(records[0]["mean"]) in out and (tmp_path / "trace.html").is_file()
+    _, items = pertoken.trace.load(tmp_path)
+    settings = pertoken.trace.read_settings(tmp_path)
+    assert len(items) == 1 and settings["rows"] == [2]
+    assert list(settings["vectors"]) == ["paternalism"] and settings["steer"]
+    mean = ns["records"][0]["mean"]
+    assert items["mean.paternalism.L2.answer"][0] == pytest.approx(mean[0][0], rel=1e-5)
+    assert str(mean) in out and (tmp_path / "trace.html").is_file()
 
 
 def test_trace_load_works_after_a_plain_import(tmp_path):

@@ -4,9 +4,11 @@ import json
 import numpy as np
 import pytest
 
+import pertoken.trace
 from pertoken.backends.base import Steer
 from pertoken.errors import PertokenError
-from pertoken.pipeline.monitor import load_traces, monitor, read_prompts
+from pertoken.pipeline.monitor import monitor
+from pertoken.pipeline.trace.inputs import read_prompts
 from pertoken.vectors import PersonaVector
 from tests.fake_backend import FakeBackend
 
@@ -23,6 +25,39 @@ def fake():
 @pytest.fixture
 def vectors():
     return {"paternalism": _vec(1), "deception": _vec(2)}
+
+
+def load_store(folder):
+    """(tokens, items, settings) of the trace store a monitor run wrote."""
+    return (*pertoken.trace.load(folder), pertoken.trace.read_settings(folder))
+
+
+def item_tokens(tokens, item: int):
+    return tokens[tokens["item"] == item]
+
+
+def stored_projections(tokens, item, vectors, layers, kind="proj"):
+    """[token][vector][layer] of one item, read from its columns."""
+    rows = item_tokens(tokens, item)
+    return np.stack([[rows[f"{kind}.{v}.L{r}"].to_numpy() for r in layers] for v in vectors]
+                    ).transpose(2, 0, 1)  # fmt: skip
+
+
+def assert_stored(tokens, items, recs):
+    """The store holds each returned record: its tokens, ids and values, its label and mean."""
+    assert items["item"].tolist() == list(range(len(recs)))
+    for i, rec in enumerate(recs):
+        rows = item_tokens(tokens, i)
+        assert rows["token"].tolist() == rec["tokens"]
+        assert rows["token_id"].tolist() == rec["token_ids"]
+        assert items["label"][i] == rec["label"] and items["question"][i] == rec["prompt"]
+        for kind, field in (("proj", "projections"), ("cos", "cos_sim")):
+            got = stored_projections(tokens, i, rec["vectors"], rec["layers"], kind)
+            np.testing.assert_allclose(got, rec[field], rtol=1e-5, atol=1e-5)
+        for k, v in enumerate(rec["vectors"]):
+            for j, r in enumerate(rec["layers"]):
+                want = rec["mean"][k][j]
+                assert items[f"mean.{v}.L{r}.answer"][i] == pytest.approx(want, rel=1e-5)
 
 
 def per_token_hidden(backend, chat, token_ids, row):
@@ -43,28 +78,34 @@ def test_trace_json_layout_and_projections_match_summaries(fake, vectors, tmp_pa
         max_new_tokens=12,
         live=False,
     )
-    data = json.loads((tmp_path / "trace.json").read_text())
-    assert data == json.loads(json.dumps(rec))
-    assert data["vectors"] == ["paternalism", "deception"] and data["layers"] == [1, 3]
-    assert data["prompt"] == "how are you" and data["system"] is None
-    assert data["settings"]["model"] == fake.model_id and data["settings"]["max_new_tokens"] == 12
-    T = len(data["tokens"])
-    assert T == 12 and "".join(data["tokens"]) == data["text"]
-    assert np.array(data["projections"]).shape == (T, 2, 2)
+    tokens, items, settings = load_store(tmp_path)
+    assert_stored(tokens, items, [rec])
+    assert list(settings["vectors"]) == ["paternalism", "deception"] and settings["rows"] == [1, 3]
+    assert items["question"][0] == "how are you" and settings["generation"]["system"] is None
+    assert settings["model"] == fake.model_id and settings["generation"]["max_new_tokens"] == 12
+    T = len(tokens)
+    assert T == 12 and "".join(tokens["token"]) == rec["text"]
     chat = fake.chat_prompt(None, "how are you")
-    for k, name in enumerate(data["vectors"]):
-        for j, row in enumerate(data["layers"]):
+    # positions count from the chat's first token; the answer is the assistant's, turn 1
+    assert tokens["pos"].tolist() == list(range(len(fake.encode(chat)), len(fake.encode(chat)) + T))
+    assert set(tokens["role"]) == {"assistant"} and set(tokens["segment"]) == {"answer"}
+    proj = stored_projections(tokens, 0, ["paternalism", "deception"], [1, 3])
+    assert proj.shape == (T, 2, 2)
+    for k, name in enumerate(["paternalism", "deception"]):
+        for j, row in enumerate([1, 3]):
             v = vectors[name].data[row].astype(np.float64)
-            h = per_token_hidden(fake, chat, data["token_ids"], row)
+            h = per_token_hidden(fake, chat, tokens["token_id"].tolist(), row)
             want = h @ v / np.sqrt(v @ v)
-            got = np.array(data["projections"])[:, k, j]
-            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
-            whole = fake.summaries([chat], [data["text"]]).response_avg[0, row] @ v
-            assert data["mean"][k][j] == pytest.approx(whole / np.sqrt(v @ v), rel=1e-5)
+            np.testing.assert_allclose(proj[:, k, j], want, rtol=1e-4, atol=1e-4)
+            np.testing.assert_allclose(tokens[f"norm.L{row}"], np.linalg.norm(h, axis=-1),
+                                       rtol=1e-4)  # fmt: skip
+            whole = fake.summaries([chat], [rec["text"]]).response_avg[0, row] @ v
+            mean = items[f"mean.{name}.L{row}.answer"][0]
+            assert mean == pytest.approx(whole / np.sqrt(v @ v), rel=1e-5)
     assert (tmp_path / "trace.html").is_file()
 
 
-def test_several_prompts_go_under_traces(fake, vectors, tmp_path):
+def test_several_prompts_are_items_of_one_store(fake, vectors, tmp_path):
     recs = monitor(
         fake,
         prompts=["one", "two", "three"],
@@ -75,10 +116,10 @@ def test_several_prompts_go_under_traces(fake, vectors, tmp_path):
         max_new_tokens=5,
         live=False,
     )
-    data = json.loads((tmp_path / "trace.json").read_text())
-    assert [t["prompt"] for t in data["traces"]] == ["one", "two", "three"]
-    assert all(t["system"] == "be brief" for t in data["traces"])
-    assert load_traces(tmp_path / "trace.json") == json.loads(json.dumps(recs))
+    tokens, items, settings = load_store(tmp_path)
+    assert items["question"].tolist() == ["one", "two", "three"]
+    assert settings["generation"]["system"] == "be brief"
+    assert_stored(tokens, items, recs)
     assert [t["label"] for t in recs] == ["prompt 1", "prompt 2", "prompt 3"]
 
 
@@ -135,7 +176,9 @@ def test_on_trace_hook_can_add_features(fake, vectors, tmp_path):
         on_trace=add,
     )
     assert len(rec["features"]) == len(rec["tokens"])
-    assert json.loads((tmp_path / "trace.json").read_text())["features"][0][0]["id"] == 7
+    tokens, _ = pertoken.trace.load(tmp_path)
+    assert [list(f) for f in tokens["features"]] == rec["features"]
+    assert tokens["features"][0][0]["id"] == 7
 
 
 def test_interrupted_run_keeps_finished_traces(fake, vectors, tmp_path):
@@ -154,7 +197,7 @@ def test_interrupted_run_keeps_finished_traces(fake, vectors, tmp_path):
             live=False,
             on_trace=stop_on_second,
         )
-    assert load_traces(tmp_path / "trace.json")[0]["prompt"] == "one"
+    assert pertoken.trace.load(tmp_path)[1]["question"].tolist() == ["one"]
 
 
 def test_bad_vectors_and_layers_are_clear_errors(fake, tmp_path):
@@ -167,6 +210,17 @@ def test_bad_vectors_and_layers_are_clear_errors(fake, tmp_path):
     with pytest.raises(PertokenError, match="all zeros"):
         monitor(fake, vectors={"x": zero}, layers=[1], **kw)
     assert not (tmp_path / "trace.json").exists()
+
+
+def test_monitor_refuses_a_folder_holding_a_dataset_trace(fake, vectors, tmp_path):
+    (tmp_path / "trace.json").write_text(json.dumps({"model": "m", "complete": True}))
+    with pytest.raises(PertokenError, match="store of `pertoken trace`.*another --out"):
+        monitor(fake, prompts=["hi"], vectors=vectors, layers=[1], out_dir=tmp_path)
+    assert fake.calls == [] or all(c["kind"] != "trace" for c in fake.calls)
+    kw = dict(prompts=["hi"], vectors=vectors, layers=[1], out_dir=tmp_path / "m", max_new_tokens=3)
+    monitor(fake, **kw)
+    monitor(fake, **kw | {"prompts": ["again"]})  # a monitor run replaces its own store
+    assert pertoken.trace.load(tmp_path / "m")[1]["question"].tolist() == ["again"]
 
 
 def test_read_prompts_lines_and_json(tmp_path):
@@ -217,10 +271,12 @@ def test_cli_monitor_writes_one_page_for_a_prompt_file(tmp_path, monkeypatch):
     ]
     res = CliRunner().invoke(cli.main, args)
     assert res.exit_code == 0, res.output
-    traces = load_traces(out / "trace.json")
-    assert [t["prompt"] for t in traces] == ["zero", "zero", "one", "one", "two", "two"]
-    assert traces[0]["vectors"] == ["paternalism", "dec"]
-    assert traces[1]["settings"]["steer_files"] == ["pat.pt layer 2 coef 3"]
+    tokens, items, settings = load_store(out)
+    assert items["question"].tolist() == ["zero", "zero", "one", "one", "two", "two"]
+    assert items["label"].tolist()[:2] == ["prompt 1 (unsteered)", "prompt 1 (steered)"]
+    assert list(settings["vectors"]) == ["paternalism", "dec"]
+    assert settings["vectors"]["paternalism"]["file"] == str(v1)
+    assert settings["steer_files"] == ["pat.pt layer 2 coef 3"]
     html = (out / "trace.html").read_text()
     assert html.count('<script type="application/json"') == 1
     res = CliRunner().invoke(
@@ -273,7 +329,8 @@ def test_torch_projections_match_hidden_states_and_summaries(tiny, tmp_path):
                     assert rec["mean"][k][j] == pytest.approx(s @ v / np.linalg.norm(v), abs=1e-4)
                     checked_summaries += 1
     assert checked_summaries > 0
-    assert load_traces(tmp_path / "trace.json")[0]["token_ids"] == recs[0]["token_ids"]
+    tokens, items = pertoken.trace.load(tmp_path)
+    assert_stored(tokens, items, recs)
 
 
 def test_torch_steered_monitor_moves_projection_along_the_vector(tiny):
@@ -329,9 +386,9 @@ def test_torch_cli_monitor(llama_dir, tmp_path):
         ],
     )
     assert res.exit_code == 0, res.output
-    rec = load_traces(tmp_path / "trace.json")[0]
-    assert rec["settings"]["backend"] == "torch" and len(rec["tokens"]) == 5
-    assert np.array(rec["projections"]).shape == (5, 1, 2)
+    tokens, items, settings = load_store(tmp_path)
+    assert settings["backend"] == "torch" and len(tokens) == 5 and items["n_tokens"][0] == 5
+    assert stored_projections(tokens, 0, ["trait"], [2, 3]).shape == (5, 1, 2)
     bad = save_vector(_vec(3, (9, 64)), tmp_path / "other.pt")
     res = CliRunner().invoke(
         cli.main, ["monitor", "-m", str(llama_dir), "--vector", str(bad), "--layers", "2", "hello"]
@@ -358,20 +415,22 @@ def test_torch_cli_monitor_adds_sae_features(llama_dir, tmp_path):
     assert res.exit_code == 1 and "add 2 to --layers" in res.output
     res = CliRunner().invoke(cli.main, [*args, "--layers", "2,3", "--sae-top", "3"])
     assert res.exit_code == 0, res.output
-    rec = load_traces(tmp_path / "trace.json")[0]
-    assert rec["settings"]["sae_layer"] == 2 and len(rec["features"]) == len(rec["tokens"])
+    tokens, _, settings = load_store(tmp_path)
+    features = [list(f) for f in tokens["features"]]
+    assert settings["sae_layer"] == 2 and len(features) == len(tokens) > 0
     # The features are the SAE's strongest activations on each token's row-2 state.
     tiny = load_backend(str(llama_dir), "torch")
-    p_ids = tiny.encode(rec["chat_prompt"])
-    hs = hf_hidden(tiny.model, p_ids + rec["token_ids"])[2, len(p_ids) :]  # [T, hidden]
+    p_ids = tiny.encode(tiny.chat_prompt(None, "hello"))
+    assert tokens["pos"][0] == len(p_ids)
+    hs = hf_hidden(tiny.model, p_ids + tokens["token_id"].tolist())[2, len(p_ids) :]  # [T, hidden]
     acts = load_sae(str(sae_dir)).encode(hs)  # [T, d_sae]
-    for feats, a in zip(rec["features"], acts):
+    for feats, a in zip(features, acts):
         assert [f["id"] for f in feats] == [int(i) for i in np.argsort(-a)[:3] if a[i] > 0]
         np.testing.assert_allclose(
             [f["act"] for f in feats], np.sort(a)[::-1][: len(feats)], rtol=1e-3, atol=1e-4
         )
-    assert any(feats for feats in rec["features"])
-    assert "features" in (tmp_path / "trace.html").read_text()
+    assert any(feats for feats in features)
+    assert '"features"' in (tmp_path / "trace_page" / "items-00000.js").read_text()
 
 
 def test_monitor_from_python_is_quiet_by_default(fake, vectors, capsys):

@@ -102,7 +102,9 @@ def test_lab_page_in_headless_chromium(llama_dir, tmp_path, torch_one_thread):
         assert evil == EVIL
         assert page.eval("typeof window.__pwned") == "undefined"
         assert page.eval("document.querySelectorAll('#turns img, #turns script').length") == 0
-        assert page.eval("document.scripts.length") == 3
+        # the page's own scripts (the page kit, then the lab's three), nothing more
+        srcs = page.eval("[...document.scripts].map(s => new URL(s.src).pathname)")
+        assert srcs == [f"/static/{n}.js" for n in ("kit", "common", "chat", "traces")]
 
         ARTIFACTS.mkdir(exist_ok=True)
         page.eval("document.getElementById('new-chat').click()")

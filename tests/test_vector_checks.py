@@ -182,4 +182,4 @@ def test_positions_default_to_response_everywhere(fake, vec_file, tmp_path):
     )
     assert code == 0, out
     trace = json.loads((tmp_path / "trace.json").read_text())
-    assert trace["settings"]["steer"]["positions"] == "response"
+    assert trace["steer"]["positions"] == "response"

@@ -128,12 +128,35 @@ def _message(where: str, k: int, m) -> dict:
 
 def read_prompt_items(path: Path) -> list[Item]:
     """User prompts (one a line, or a JSON list of strings) whose answers are generated."""
-    from pertoken.pipeline.monitor import read_prompts
-
     return [
         Item(i, f"{path.name} prompt {i + 1}", {"question": p}, user=p)
         for i, p in enumerate(read_prompts(path))
     ]
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """Prompts from a file: a JSON list of strings, or one prompt per non-empty line."""
+    path = Path(path)
+    if not path.is_file():
+        raise PertokenError(f"prompts file {path} does not exist: check the path")
+    text = utf8_text(path, "prompts file")
+    if path.suffix.lower() == ".json" or text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise PertokenError(f"{path} is not valid JSON ({e.msg}, line {e.lineno})") from None
+        if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
+            kind = "a JSON object" if isinstance(items, dict) else "not a list of strings"
+            raise PertokenError(
+                f"{path} is {kind}: give a JSON list of prompt strings (or chats as .jsonl, "
+                'one {"messages": [...]} a line)'
+            )
+        prompts = [x for x in items if x.strip()]
+    else:
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise PertokenError(f"{path} holds no prompts: write one per line or a JSON list")
+    return prompts
 
 
 def _typed_meta(items: list[Item]) -> list[Item]:

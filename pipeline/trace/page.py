@@ -11,13 +11,13 @@ out of the dataset mean and the colour scales.
 from __future__ import annotations
 
 import html
+import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 
 from pertoken.atomic import write_text_atomic
-from pertoken.pipeline.trace.monitor_page import embed_json
 from pertoken.pipeline.trace.store import (
     TOKENS,
     iter_item_tables,
@@ -26,6 +26,7 @@ from pertoken.pipeline.trace.store import (
 )
 
 _TEMPLATE = Path(__file__).with_name("page.html")
+KIT_JS, KIT_CSS = Path(__file__).with_name("kit.js"), Path(__file__).with_name("kit.css")
 BLOCK = 32  # items per data file
 DIGITS = 6  # significant digits kept for the page
 
@@ -42,21 +43,40 @@ def write_store_page(folder: str | Path, *, title: str | None = None) -> Path:
     data_dir.mkdir()
     items = read_items_table(folder)
     acc = _Scales(len(vectors), len(rows))
-    blocks, block, previews = 0, {}, {}
+    blocks = _Blocks(data_dir)
+    empty = _empty_item(len(vectors), len(rows))
+    ids, previews = iter(items["item"].astype(int).tolist()), {}
     for item, table in iter_item_tables(folder / TOKENS):
-        block[str(item)], previews[item] = _item_data(table, vectors, rows, segments, acc)
-        if len(block) == BLOCK:
-            _write_block(data_dir / f"items-{blocks:05d}.js", block)
-            blocks, block = blocks + 1, {}
-    if block:
-        _write_block(data_dir / f"items-{blocks:05d}.js", block)
+        while (gap := next(ids, item)) != item:
+            blocks.add(gap, empty)
+        data, previews[item] = _item_data(table, vectors, rows, segments, acc)
+        blocks.add(item, data)
+    for gap in ids:
+        blocks.add(gap, empty)
+    blocks.close()
     index = _index(settings, items, previews, vectors, rows, segments, acc)
     title = title or f"pertoken trace: {settings.get('model')} on {Path(settings['input']).name}"
-    head, tail = _TEMPLATE.read_text(encoding="utf-8").split("__DATA__")
-    page = head.replace("__TITLE__", html.escape(title)) + embed_json(index) + tail
+    page = render(_TEMPLATE.read_text(encoding="utf-8"), title, embed_json(index))
     path = folder / "trace.html"
     write_text_atomic(path, page)
     return path
+
+
+def embed_json(data) -> str:
+    """JSON safe to place inside a <script> element."""
+    text = json.dumps(data, ensure_ascii=False, allow_nan=False)
+    for ch, esc in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026")):
+        text = text.replace(ch, esc)
+    return text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+
+
+def render(template: str, title: str, data: str) -> str:
+    """A page template filled in: its title, its data, and the page kit inlined (so the page
+    opens from file:// with no network)."""
+    head, tail = template.split("__DATA__")
+    head = head.replace("__TITLE__", html.escape(title))
+    head = head.replace("__KIT_CSS__", KIT_CSS.read_text(encoding="utf-8"))
+    return head + data + tail.replace("__KIT_JS__", KIT_JS.read_text(encoding="utf-8"))
 
 
 def _round(a: np.ndarray) -> list:
@@ -110,7 +130,18 @@ def _item_data(table, vectors, rows, segments, acc: _Scales) -> tuple[dict, str]
         "proj": _round(proj),
         "cos": _round(cos),
     }
+    if "features" in cols:  # a monitor run's SAE features: [token] -> [{id, act}]
+        data["features"] = [
+            [{"id": f["id"], "act": float(f"{f['act']:.6g}")} for f in feats or []]
+            for feats in cols["features"]
+        ]
     return data, _preview(cols)
+
+
+def _empty_item(V: int, R: int) -> dict:
+    """An item with no tokens (a monitored answer cut off at once): it keeps its place."""
+    none = [[[] for _ in range(R)] for _ in range(V)]
+    return {"tokens": [], "segment": [], "role": [], "turn": [], "proj": none, "cos": none}
 
 
 def _preview(cols: dict) -> str:
@@ -124,8 +155,22 @@ def _preview(cols: dict) -> str:
     return " ".join(text.split())[:80]
 
 
-def _write_block(path: Path, block: dict) -> None:
-    write_text_atomic(path, f"pertokenItems({embed_json(block)});\n")
+class _Blocks:
+    """The page's data files: `items-NNNNN.js`, BLOCK items each, in item order."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.n, self.block = folder, 0, {}
+
+    def add(self, item: int, data: dict) -> None:
+        self.block[str(item)] = data
+        if len(self.block) == BLOCK:
+            self.close()
+
+    def close(self) -> None:
+        if self.block:
+            text = f"pertokenItems({embed_json(self.block)});\n"
+            write_text_atomic(self.folder / f"items-{self.n:05d}.js", text)
+            self.n, self.block = self.n + 1, {}
 
 
 def _index(settings, items, previews, vectors, rows, segments, acc: _Scales) -> dict:

@@ -30,25 +30,25 @@
     const box = $("sliders");
     box.replaceChildren();
     p.vectors.forEach((name, k) => {
-      const div = Lab.el("div", "vec");
+      const div = Kit.el("div", "vec");
       div.dataset.vector = name;
-      const row = Lab.el("select", "row");
+      const row = Kit.el("select", "row");
       for (let L = 1; L <= p.n_layers; L++) row.append(new Option("layer " + L, L));
       row.value = String(p.layers[0] || Math.max(1, Math.floor(p.n_layers / 2)));
       // the operator: add coef * v, project v out, or cap the projection at the value
-      const op = Lab.el("select", "op");
+      const op = Kit.el("select", "op");
       for (const [v, label] of [["add", "add"], ["ablate", "ablate"], ["cap", "cap \u2264"]]) op.append(new Option(label, v));
       // The slider moves the value; the number box holds it exactly (any value).
-      const coef = Lab.el("input", "coef");
+      const coef = Kit.el("input", "coef");
       Object.assign(coef, { type: "range", value: "0", id: "coef-" + k });
-      const exact = Lab.el("input", "exact");
+      const exact = Kit.el("input", "exact");
       Object.assign(exact, { type: "number", value: "0", step: "any", id: "exact-" + k });
       exact.setAttribute("aria-label", name + " coefficient");
       coef.addEventListener("input", () => { exact.value = String(Number(coef.value)); });
       exact.addEventListener("input", () => { if (exact.value !== "") coef.value = exact.value; });
       op.addEventListener("change", () => { coef.disabled = exact.disabled = op.value === "ablate"; });
       op.id = "op-" + k;
-      div.append(Lab.el("div", "name", name), row, op, coef, exact);
+      div.append(Kit.el("div", "name", name), row, op, coef, exact);
       box.append(div);
     });
     setRange();
@@ -108,7 +108,7 @@
     } finally {
       S.abort = null;
       setBusy(false);
-      drawChart();
+      replyChart();
     }
   }
 
@@ -133,30 +133,32 @@
     const i = reply.tokens.length;
     reply.tokens.push(piece);
     reply.proj.push(proj);
-    const span = Lab.el("span", "tok", piece);
+    const span = Kit.el("span", "tok", piece);
     span.dataset.index = String(i);
     span.addEventListener("mousemove", ev => tokenTip(ev, reply, i));
-    span.addEventListener("mouseleave", Lab.hideTip);
+    span.addEventListener("mouseleave", Kit.hideTip);
     reply.spans.push(span);
     reply.box.append(span);
     const v = value(proj);
     if (v !== null && Math.abs(v) > S.scale) recolour();
-    else Lab.paint(span, v, S.scale);
+    else Kit.paint(span, v, S.scale);
   }
   function value(proj) { const [k, j] = sel(); return proj ? proj[k][j] : null; }
 
   function recolour() {
     S.scale = 0;
     for (const r of allReplies()) for (const p of r.proj) { const v = value(p); if (v !== null) S.scale = Math.max(S.scale, Math.abs(v)); }
-    for (const r of allReplies()) r.spans.forEach((s, i) => Lab.paint(s, value(r.proj[i]), S.scale));
-    Lab.legend(S.scale || 1);
+    for (const r of allReplies()) r.spans.forEach((s, i) => Kit.paint(s, value(r.proj[i]), S.scale));
+    Kit.legend(S.scale || 1, 2);
   }
+  // A tooltip row, every cell marked when it is the coloured one.
+  function mark(cells, on) { return on ? cells.map(c => [c, "sel"]) : cells; }
   function allReplies() { return S.turns.flatMap(t => t.replies || []); }
 
   function tokenTip(ev, reply, i) {
     const p = S.info.pertoken, proj = reply.proj[i], [k0, j0] = sel(), rows = [];
-    if (proj) p.vectors.forEach((n, k) => p.layers.forEach((L, j) => rows.push([n + " @ layer " + L, proj[k][j], k === k0 && j === j0])));
-    Lab.showTip(ev, reply.label + " · token " + i, reply.tokens[i], rows);
+    if (proj) p.vectors.forEach((n, k) => p.layers.forEach((L, j) => rows.push(mark([n + " @ layer " + L, proj[k][j]], k === k0 && j === j0))));
+    Kit.showTip(ev, reply.label + " · token " + i, reply.tokens[i], Kit.table(null, rows));
   }
 
   // ---------------------------------------------------------------- rendering
@@ -164,15 +166,15 @@
     const box = $("turns");
     box.replaceChildren();
     S.turns.forEach((turn, t) => {
-      const wrap = Lab.el("div", "turn");
+      const wrap = Kit.el("div", "turn");
       wrap.append(userCard(turn, t));
-      const replies = Lab.el("div", "replies");
+      const replies = Kit.el("div", "replies");
       for (const r of turn.replies || []) {
-        const card = Lab.el("div", "card reply");
+        const card = Kit.el("div", "card reply");
         card.dataset.label = r.label;
-        const head = Lab.el("h3", null, r.label + (r.steer.length ? ": " + describe(r.steer) : ""));
+        const head = Kit.el("h3", null, r.label + (r.steer.length ? ": " + describe(r.steer) : ""));
         if (r === turn.replies[0]) head.prepend(actionButtons([["Regenerate", () => runTurn(t)]]));
-        r.box = Lab.el("div", "tokens");
+        r.box = Kit.el("div", "tokens");
         r.box.append(...r.spans);
         card.append(head, r.box);
         replies.append(card);
@@ -188,9 +190,9 @@
     return (s.coef >= 0 ? "+" : "") + s.coef;
   }
   function actionButtons(list) {
-    const span = Lab.el("span", "actions");
+    const span = Kit.el("span", "actions");
     for (const [label, fn] of list) {
-      const b = Lab.el("button", null, label);
+      const b = Kit.el("button", null, label);
       b.type = "button";
       b.addEventListener("click", fn);
       span.append(b);
@@ -198,14 +200,14 @@
     return span;
   }
   function userCard(turn, t) {
-    const card = Lab.el("div", "card user");
-    const text = Lab.el("div", "text", turn.user);
+    const card = Kit.el("div", "card user");
+    const text = Kit.el("div", "text", turn.user);
     card.append(actionButtons([["Edit", () => editTurn(card, turn, t)]]), text);
     return card;
   }
   function editTurn(card, turn, t) {
     if (S.busy) return;
-    const area = Lab.el("textarea");
+    const area = Kit.el("textarea");
     area.value = turn.user;
     area.rows = 3;
     card.replaceChildren(area, actionButtons([
@@ -221,38 +223,28 @@
     document.body.dataset.busy = on ? "1" : "0";
   }
 
-  function drawChart() {
+  function replyChart() {
     const chart = $("chart"), last = S.turns[S.turns.length - 1];
-    chart.replaceChildren();
     const replies = last ? last.replies.filter(r => r.proj.some(p => p)) : [];
-    const n = Math.max(2, ...replies.map(r => r.proj.length)), scale = S.scale || 1;
-    const W = 800, H = 170, pad = 30;
-    const x = i => pad + (W - 2 * pad) * i / (n - 1), y = v => H / 2 - (H / 2 - 12) * v / scale;
-    chart.append(Lab.svg("line", { x1: pad, x2: W - pad, y1: H / 2, y2: H / 2, class: "zero" }));
-    for (const [v, label] of [[scale, "+" + scale.toFixed(1)], [-scale, "-" + scale.toFixed(1)], [0, "0"]]) {
-      const t = Lab.svg("text", { x: W - 1, y: y(v) + 4, "text-anchor": "end" });
-      t.textContent = label;
-      chart.append(t);
-    }
+    const n = Math.max(2, ...replies.map(r => r.proj.length));
     const colours = ["#d6302a", "#777777", "#1b6ac9"], key = $("chart-key");
+    const lines = replies.map((r, ri) => ({ values: r.proj.map(p => p ? value(p) : null), colour: colours[ri % 3] }));
+    const index = Kit.drawChart(chart, lines, { scale: S.scale || 1, n });
     key.replaceChildren();
     replies.forEach((r, ri) => {
-      const pts = r.proj.map((p, i) => p ? x(i).toFixed(1) + "," + y(value(p)).toFixed(1) : null).filter(Boolean);
-      chart.append(Lab.svg("polyline", { points: pts.join(" "), fill: "none", stroke: colours[ri % 3], "stroke-width": 1.5 }));
       // The key: a swatch of each line's colour and what the line is.
-      const item = Lab.el("span", "key");
-      const swatch = Lab.el("span", "swatch");
+      const item = Kit.el("span", "key");
+      const swatch = Kit.el("span", "swatch");
       swatch.style.background = colours[ri % 3];
-      item.append(swatch, Lab.el("span", null, r.label + (r.steer.length ? " (" + describe(r.steer) + ")" : "")));
+      item.append(swatch, Kit.el("span", null, r.label + (r.steer.length ? " (" + describe(r.steer) + ")" : "")));
       key.append(item);
     });
     chart.onmousemove = ev => {
-      const box = chart.getBoundingClientRect(), fx = (ev.clientX - box.left) / box.width * W;
-      const idx = Math.max(0, Math.min(n - 1, Math.round((fx - pad) / (W - 2 * pad) * (n - 1))));
+      const idx = index(ev);
       document.querySelectorAll(".tok.hl").forEach(s => s.classList.remove("hl"));
       for (const r of replies) if (r.spans[idx]) { r.spans[idx].classList.add("hl"); tokenTip(ev, r, idx); }
     };
-    chart.onmouseleave = () => { Lab.hideTip(); document.querySelectorAll(".tok.hl").forEach(s => s.classList.remove("hl")); };
+    chart.onmouseleave = () => { Kit.hideTip(); document.querySelectorAll(".tok.hl").forEach(s => s.classList.remove("hl")); };
   }
 
   // ---------------------------------------------------------------- wiring
@@ -268,13 +260,13 @@
     if (ev.key === "Enter" && !ev.shiftKey) { ev.preventDefault(); $("composer").requestSubmit(); }
   });
   $("range").addEventListener("change", setRange);
-  for (const id of ["colour-vector", "colour-row"]) $(id).addEventListener("change", () => { recolour(); drawChart(); });
+  for (const id of ["colour-vector", "colour-row"]) $(id).addEventListener("change", () => { recolour(); replyChart(); });
   $("new-chat").addEventListener("click", () => {
     if (S.abort) S.abort.abort();
     S.turns = [];
     S.scale = 0;
     renderTurns();
-    drawChart();
+    replyChart();
   });
   $("key-form").addEventListener("submit", ev => {
     ev.preventDefault();

@@ -1,60 +1,8 @@
 "use strict";
-// Shared by the chat and the trace browser: elements, colours, the tooltip, API calls.
-// Model text only ever reaches the page through textContent, so it never becomes markup.
+// Shared by the chat and the trace browser: the status line and API calls (elements, colours,
+// the tooltip and the chart come from the page kit, kit.js).
 const Lab = (function () {
-  const SVGNS = "http://www.w3.org/2000/svg";
-  const tip = document.getElementById("tip");
   const status = document.getElementById("status");
-
-  function el(tag, cls, text) {
-    const e = document.createElement(tag);
-    if (cls) e.className = cls;
-    if (text !== undefined) e.textContent = text;
-    return e;
-  }
-  function svg(tag, attrs) {
-    const e = document.createElementNS(SVGNS, tag);
-    for (const k in attrs) e.setAttribute(k, attrs[k]);
-    return e;
-  }
-  function fmt(x) { return x === null || x === undefined ? "n/a" : (x >= 0 ? "+" : "") + x.toFixed(4); }
-
-  // Symmetric around 0: white at 0, blue below, red above.
-  function colour(v, scale) {
-    if (v === null || v === undefined) return "";
-    const x = Math.max(-1, Math.min(1, scale > 0 ? v / scale : 0));
-    const end = x > 0 ? [214, 48, 39] : [49, 99, 206], a = Math.abs(x);
-    return "rgb(" + end.map(e => Math.round(255 + (e - 255) * a)).join(",") + ")";
-  }
-  function paint(span, v, scale) {
-    span.style.background = colour(v, scale);
-    span.style.color = scale > 0 && Math.abs(v / scale) > 0.6 ? "#fff" : "#111";
-    span.dataset.value = v === null || v === undefined ? "" : String(v);
-  }
-  function legend(scale) {
-    document.getElementById("scale-lo").textContent = "-" + scale.toFixed(2);
-    document.getElementById("scale-hi").textContent = "+" + scale.toFixed(2);
-  }
-
-  // rows: [[label, value, selected], ...] under a heading and the token's text.
-  function showTip(ev, heading, text, rows) {
-    tip.replaceChildren(el("div", null, heading), el("div", "toktext", JSON.stringify(text)));
-    const table = el("table");
-    for (const [label, value, sel] of rows) {
-      const tr = el("tr", sel ? "sel" : "");
-      tr.append(el("td", null, label), el("td", null, typeof value === "number" ? fmt(value) : String(value)));
-      table.append(tr);
-    }
-    tip.append(table);
-    tip.style.display = "block";
-    moveTip(ev);
-  }
-  function moveTip(ev) {
-    const pad = 14, w = tip.offsetWidth, h = tip.offsetHeight;
-    tip.style.left = Math.min(ev.clientX + pad, window.innerWidth - w - 4) + "px";
-    tip.style.top = (ev.clientY + pad + h > window.innerHeight ? ev.clientY - h - pad : ev.clientY + pad) + "px";
-  }
-  function hideTip() { tip.style.display = "none"; }
 
   function say(text, isError) {
     status.textContent = text || "";
@@ -106,5 +54,5 @@ const Lab = (function () {
     }
   }
 
-  return { el, svg, fmt, colour, paint, legend, showTip, moveTip, hideTip, say, getJSON, stream, ApiError };
+  return { say, getJSON, stream, ApiError };
 })();

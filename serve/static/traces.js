@@ -48,18 +48,18 @@
       const j = all.indexOf(sort);
       rows.sort((a, b) => (b[j] ?? -Infinity) - (a[j] ?? -Infinity));
     }
-    const head = Lab.el("tr");
-    cols.forEach(c => head.append(Lab.el("th", null, c)));
+    const head = Kit.el("tr");
+    cols.forEach(c => head.append(Kit.el("th", null, c)));
     const table = $("items");
     table.replaceChildren(head);
     const itemCol = all.indexOf("item");
     for (const r of rows) {
-      const tr = Lab.el("tr", "item");
+      const tr = Kit.el("tr", "item");
       const id = itemCol >= 0 ? r[itemCol] : rows.indexOf(r);
       tr.dataset.item = String(id);
       for (const c of cols) {
         const v = r[all.indexOf(c)];
-        tr.append(Lab.el("td", null, typeof v === "number" && !Number.isInteger(v) ? v.toFixed(3) : String(v ?? "")));
+        tr.append(Kit.el("td", null, typeof v === "number" && !Number.isInteger(v) ? v.toFixed(3) : String(v ?? "")));
       }
       tr.addEventListener("click", () => loadTokens(String(id), tr));
       table.append(tr);
@@ -87,28 +87,28 @@
     box.replaceChildren();
     (f.token || []).forEach((piece, i) => {
       if (f.turn && i > 0 && f.turn[i] !== f.turn[i - 1]) box.append(turnBreak(f, i));
-      const span = Lab.el("span", "tok seg-" + (f.segment ? f.segment[i] : "answer"), piece);
+      const span = Kit.el("span", "tok seg-" + (f.segment ? f.segment[i] : "answer"), piece);
       span.dataset.index = String(i);
-      Lab.paint(span, values[i], scale);
+      Kit.paint(span, values[i], scale);
       span.addEventListener("mousemove", ev => tip(ev, i, col));
-      span.addEventListener("mouseleave", Lab.hideTip);
+      span.addEventListener("mouseleave", Kit.hideTip);
       box.append(span);
     });
-    Lab.legend(scale);
+    Kit.legend(scale, 2);
   }
 
   // A line between turns, naming the turn that starts.
   function turnBreak(f, i) {
-    const sep = Lab.el("span", "turn-sep", "turn " + f.turn[i] + (f.role ? " · " + f.role[i] : ""));
+    const sep = Kit.el("span", "turn-sep", "turn " + f.turn[i] + (f.role ? " · " + f.role[i] : ""));
     sep.setAttribute("role", "separator");
     return sep;
   }
 
   function tip(ev, i, col) {
     const f = T.tokens.fields, rows = [];
-    for (const k of ["role", "segment", "turn", "pos"]) if (f[k]) rows.push([k, f[k][i], false]);
-    for (const [name, vals] of Object.entries(T.tokens.values)) rows.push([name, vals[i], name === col]);
-    Lab.showTip(ev, "token " + i, f.token[i], rows);
+    for (const k of ["role", "segment", "turn", "pos"]) if (f[k]) rows.push([k, String(f[k][i])]);
+    for (const [name, vals] of Object.entries(T.tokens.values)) rows.push(name === col ? [[name, "sel"], [vals[i], "sel"]] : [name, vals[i]]);
+    Kit.showTip(ev, "token " + i, f.token[i], Kit.table(null, rows));
   }
 
   $("tab-chat").addEventListener("click", () => show(false));
