@@ -4,3 +4,4 @@ BACKENDS = ("auto", "torch", "mlx")  # `auto`, then the registry's backends
 POSITIONS = ("all", "prompt", "response")  # where a Steer acts
 METHODS = ("mean_diff", "probe")  # how `extract` finds a direction
 FORMATS = ("pt", "safetensors", "gguf")  # what `export` writes
+SAMPLERS = ("plain", "model")  # plain: the given temperature; model: generation_config

@@ -5,8 +5,7 @@ for replicating runs made with plain `model.generate(...)`."""
 from __future__ import annotations
 
 from pertoken.errors import PertokenError
-
-SAMPLERS = ("plain", "model")
+from pertoken.names import SAMPLERS as SAMPLERS
 
 # transformers' values for what a generation_config leaves unset
 HF_DEFAULTS = {

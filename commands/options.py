@@ -7,9 +7,8 @@ import functools
 
 import click
 
-from pertoken.backends.sampler import SAMPLERS
 from pertoken.errors import PertokenError
-from pertoken.names import BACKENDS, METHODS, POSITIONS
+from pertoken.names import BACKENDS, METHODS, POSITIONS, SAMPLERS
 from pertoken.pipeline.judge.rubrics import DEFAULT_JUDGE
 
 BATCH_HELP = (
