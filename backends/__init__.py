@@ -6,11 +6,14 @@ import importlib
 import importlib.util
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from pertoken.backends import machine as probe
-from pertoken.backends.base import Backend, Steer, SteerTerm, Summaries, TokenTrace
 from pertoken.errors import PertokenError, PertokenWarning
 from pertoken.names import BACKENDS
+
+if TYPE_CHECKING:
+    from pertoken.backends.base import Backend
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,16 @@ _REGISTRY = {
 _warned: set[str] = set()  # warnings already shown in this process
 
 __all__ = ["BACKENDS", "Backend", "Steer", "SteerTerm", "Summaries", "TokenTrace"]
+_BASE = ("Backend", "Steer", "SteerTerm", "Summaries", "TokenTrace")
+
+
+def __getattr__(name: str):
+    # base.py imports numpy; the registry alone must not, so `pertoken --help` stays light
+    if name in _BASE:
+        from pertoken.backends import base
+
+        return getattr(base, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
