@@ -22,14 +22,17 @@ from pertoken.names import POSITIONS as POSITIONS
 from pertoken.rows import check_capture_rows
 
 
-def row_uniforms(seeds: list[int], n_steps: int) -> np.ndarray:
-    """[len(seeds), n_steps] float64 draws in [0, 1), one stream per row from its own seed.
+def slot_uniforms(seeds: list[int], n_steps: int) -> np.ndarray:
+    """[len(seeds), n_steps] float64 draws in [0, 1), one stream per slot from its own seed.
 
-    Sampling step t of row b by inverse CDF at u[b, t] makes a seeded row's answer independent
-    of which rows share its batch (a resumed run then repeats an uninterrupted one)."""
+    Sampling step t of slot b by inverse CDF at u[b, t] makes a seeded slot's answer independent
+    of which slots share its batch (a resumed run then repeats an uninterrupted one)."""
     if not seeds:
         return np.zeros((0, n_steps))
     return np.stack([np.random.default_rng(int(s)).random(n_steps) for s in seeds])
+
+
+row_uniforms = slot_uniforms  # the former name, until its last callers move to slot_uniforms
 
 
 GREEDY_BELOW = 1e-4  # a temperature this small samples the argmax (and 1/t cannot overflow)
@@ -61,7 +64,7 @@ class Sampling:
 
     @property
     def mode(self) -> str:
-        """`greedy` or `sample`: which rows of a batch draw."""
+        """`greedy` or `sample`: which slots of a batch draw."""
         return "greedy" if self.greedy else "sample"
 
     def for_model(self, generation_config: dict) -> Sampling:
@@ -92,11 +95,12 @@ def check_projection_inputs(
 
 
 # One Steer for every prompt, or a list with one Steer (or None: unsteered) per prompt.
-RowSteers = Steer | list[Steer | None] | None
+SlotSteers = Steer | list[Steer | None] | None
+RowSteers = SlotSteers  # the former name, until its last callers move to SlotSteers
 
 
 def steer_rows(
-    steer: RowSteers, n: int, n_layers: int, hidden_size: int, dtype: str = "float32"
+    steer: SlotSteers, n: int, n_layers: int, hidden_size: int, dtype: str = "float32"
 ) -> list[Steer | None]:
     """Validated per-prompt steering: `steer` repeated for each of n prompts, or its own list."""
     plans = list(steer) if isinstance(steer, (list, tuple)) else [steer] * n
@@ -156,7 +160,7 @@ class TokenStep:
 StepCallback = Callable[[TokenStep], bool | None]
 
 # Called as each answer of `generate` ends: (index into the prompts, the answer's text), so a
-# caller can save finished rows while the others are still decoding.
+# caller can save finished answers while the others are still decoding.
 AnswerCallback = Callable[[int, str], None]
 
 
@@ -224,7 +228,7 @@ class Backend(Protocol):
         *,
         max_new_tokens: int = 1000,
         sampling: Sampling | None = None,
-        steer: RowSteers = None,
+        steer: SlotSteers = None,
         stream: Streaming | None = None,
         on_answer: AnswerCallback | None = None,
         batch_size: int | None = None,

@@ -21,7 +21,7 @@ from pertoken.errors import PertokenError
 PROMPT_TOKENS = 256  # a chat-templated question with its system instruction, generously
 HEADROOM = 0.1  # share of the budget kept for activations, logits and the framework
 MAX_BATCH = 16  # the non-CUDA default: memory only ever lowers it
-VARIANT_BATCH = 4  # a variant is suggested only when it leaves room for this many rows
+VARIANT_BATCH = 4  # a variant is suggested only when it leaves room for this many slots
 VARIANT_BITS = (8, 4)  # the mlx-community quantizations, largest first
 DTYPE_BITS = {"float32": 32, "bfloat16": 16, "float16": 16}
 _SUFFIX = re.compile(r"-(\d+bit|bf16|fp16|fp32|bfloat16|float16|float32)$", re.IGNORECASE)
@@ -41,7 +41,7 @@ class Fit:
     weights: Weights | None  # None when neither files nor config could be read
     budget: int | None  # bytes the backend may use
     budget_source: str
-    per_row: int | None  # KV-cache bytes of one batch row at full length
+    per_slot: int | None  # KV-cache bytes of one batch slot at full length
 
     @property
     def usable(self) -> int | None:
@@ -52,14 +52,14 @@ class Fit:
         """None when the weights' size or the budget is unknown."""
         if self.weights is None or self.usable is None:
             return None
-        return self.weights.bytes + (self.per_row or 0) <= self.usable
+        return self.weights.bytes + (self.per_slot or 0) <= self.usable
 
     @property
     def batch_size(self) -> int | None:
-        """Rows per batch whose KV cache fits in what the weights leave, at most MAX_BATCH."""
-        if not self.fits or not self.per_row:
+        """Slots per batch whose KV cache fits in what the weights leave, at most MAX_BATCH."""
+        if not self.fits or not self.per_slot:
             return None
-        return max(1, min(MAX_BATCH, (self.usable - self.weights.bytes) // self.per_row))
+        return max(1, min(MAX_BATCH, (self.usable - self.weights.bytes) // self.per_slot))
 
     def summary(self) -> str:
         if self.fits is None:
@@ -215,8 +215,8 @@ def check_fit(
     cfg = (config or repo_config)(model)  # read once: on the hub it may be a download
     weights = estimate_weights(model, dtype=dtype, files=files, config=lambda _: cfg)
     per_token = kv_bytes_per_token(cfg, dtype)
-    per_row = per_token * (PROMPT_TOKENS + max_new_tokens) if per_token else None
-    return Fit(model, weights, limit, where, per_row)
+    per_slot = per_token * (PROMPT_TOKENS + max_new_tokens) if per_token else None
+    return Fit(model, weights, limit, where, per_slot)
 
 
 def require_fit(model: str, **options) -> Fit:
@@ -230,7 +230,7 @@ def require_fit(model: str, **options) -> Fit:
 def too_big_message(fit: Fit) -> str:
     w = fit.weights
     head = (
-        f"{fit.model} needs ~{gb(w.bytes)} for its weights and ~{gb(fit.per_row)} per answer "
+        f"{fit.model} needs ~{gb(w.bytes)} for its weights and ~{gb(fit.per_slot)} per answer "
         f"in the KV cache, more than the ~{gb(fit.usable)} MLX may use here "
         f"({fit.budget_source}, less {HEADROOM:.0%} headroom)"
     )
@@ -243,13 +243,13 @@ def too_big_message(fit: Fit) -> str:
 
 def smaller_variant(fit: Fit) -> tuple[str, int] | None:
     """(mlx-community repo, bytes) of the largest quantization of `fit.model` that fits with
-    a batch of VARIANT_BATCH rows."""
+    a batch of VARIANT_BATCH slots."""
     w = fit.weights
     if w is None or w.params is None or fit.usable is None:
         return None
     base = _SUFFIX.sub("", Path(fit.model.rstrip("/")).name)
     for bits in VARIANT_BITS:
         size = int(w.params * (bits + 0.5) / 8)  # 0.5: a 16-bit scale and bias per 64 weights
-        if bits + 0.5 < w.bits and size + VARIANT_BATCH * (fit.per_row or 0) <= fit.usable:
+        if bits + 0.5 < w.bits and size + VARIANT_BATCH * (fit.per_slot or 0) <= fit.usable:
             return f"mlx-community/{base}-{bits}bit", size
     return None

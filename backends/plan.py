@@ -62,17 +62,17 @@ def encode_pairs(
 def length_chunks(
     lengths: Sequence[int], *, batch_size: int | None = None, token_budget: int | None = None
 ) -> list[np.ndarray]:
-    """Indices sorted by length (stable), cut into batches of at most `batch_size` rows whose
-    padded size (rows x longest) stays within `token_budget`; a row over the budget goes alone."""
+    """Indices sorted by length (stable), cut into batches of at most `batch_size` slots whose
+    padded size (slots x longest) stays within `token_budget`; a slot over the budget goes alone."""
     for name, value in (("batch size", batch_size), ("token budget", token_budget)):
         if value is not None and value < 1:
             raise PertokenError(f"{name} must be at least 1, not {value}")
     chunks: list[list[int]] = [[]]
     for i in np.argsort(np.asarray(lengths), kind="stable"):
-        rows, width = len(chunks[-1]), int(lengths[i])  # ascending: row i is the longest yet
-        full = batch_size is not None and rows >= batch_size
-        over = token_budget is not None and (rows + 1) * width > token_budget
-        if rows and (full or over):
+        slots, width = len(chunks[-1]), int(lengths[i])  # ascending: sequence i is the longest yet
+        full = batch_size is not None and slots >= batch_size
+        over = token_budget is not None and (slots + 1) * width > token_budget
+        if slots and (full or over):
             chunks.append([])
         chunks[-1].append(int(i))
     return [np.array(c, dtype=np.int64) for c in chunks if c]
@@ -80,35 +80,36 @@ def length_chunks(
 
 @dataclass
 class PaddedBatch:
-    """Sequences padded on the left so they end together; `index` maps rows back to the input."""
+    """Sequences padded on the left so they end together; `index` maps slots back to the input."""
 
-    index: np.ndarray  # [B] int64 position of each row in the caller's list
+    index: np.ndarray  # [B] int64 position of each slot in the caller's list
     ids: np.ndarray  # [B, T] int32 token ids
     mask: np.ndarray  # [B, T] bool: real tokens (the attention mask)
-    prompt_lens: np.ndarray  # [B] int64: how many leading real tokens of each row are prompt
+    prompt_lens: np.ndarray  # [B] int64: how many leading real tokens of each slot are prompt
 
     @property
     def lens(self) -> np.ndarray:
-        return self.mask.sum(axis=1)  # [B] real tokens per row
+        return self.mask.sum(axis=1)  # [B] real tokens per slot
 
     @property
     def pad(self) -> np.ndarray:
-        return self.ids.shape[1] - self.lens  # [B] left padding per row
+        return self.ids.shape[1] - self.lens  # [B] left padding per slot
 
     @property
     def positions(self) -> np.ndarray:
-        """[B, T] int64 position ids counted from each row's first real token (0 on padding)."""
+        """[B, T] int64 position ids counted from each slot's first real token (0 on padding)."""
         return np.maximum(self._token_index(0, self.ids.shape[1]), 0)
 
     def _token_index(self, start: int, t: int) -> np.ndarray:
-        # [B, t] index of padded positions start..start+t-1 within each row; < 0 on padding
+        # [B, t] index of padded positions start..start+t-1 within each slot; < 0 on padding
         return np.arange(start, start + t)[None] - self.pad[:, None]
 
     def steer_mask(
         self, positions: str | Sequence[str], start: int = 0, t: int | None = None
     ) -> np.ndarray:
         """[B, t] bool: where a Steer acts among padded positions start..start+t-1 (positions
-        past T are generated tokens), one choice for every row or one per row; never on padding."""
+        past T are generated tokens), one choice for every slot or one per slot; never on
+        padding."""
         t = self.ids.shape[1] - start if t is None else t
         idx, P = self._token_index(start, t), self.prompt_lens[:, None]  # [B, t], [B, 1]
         if isinstance(positions, str):
@@ -116,7 +117,7 @@ class PaddedBatch:
         return np.stack([_steer_rule(idx[b], P[b], p) for b, p in enumerate(positions)])
 
     def unpadded(self, out: np.ndarray) -> list[np.ndarray]:
-        """Each row's real positions of a per-position result [B, T, ...] (padding dropped)."""
+        """Each slot's real positions of a per-position result [B, T, ...] (padding dropped)."""
         return [out[b, p:] for b, p in enumerate(self.pad)]
 
     def summary_weights(self) -> np.ndarray:
@@ -145,8 +146,8 @@ def left_pad(
         ids[b, T - len(s) :] = s
     mask = np.arange(T)[None] >= (T - lens)[:, None]
     prompt = lens if prompt_lens is None else np.asarray(prompt_lens, dtype=np.int64)
-    rows = np.arange(len(seqs)) if index is None else np.asarray(index, dtype=np.int64)
-    return PaddedBatch(rows, ids, mask, prompt)
+    source = np.arange(len(seqs)) if index is None else np.asarray(index, dtype=np.int64)
+    return PaddedBatch(source, ids, mask, prompt)
 
 
 def plan_batches(

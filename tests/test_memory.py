@@ -116,15 +116,15 @@ def test_batch_size_is_what_the_left_memory_holds(budget):
         "mlx-community/gemma-2-9b-it-4bit", budget=budget, **probes(quantized(GEMMA_9B, 4))
     )
     n, left = fit.batch_size, fit.usable - fit.weights.bytes
-    assert 1 <= n <= memory.MAX_BATCH and n * fit.per_row <= left
-    assert n == memory.MAX_BATCH or (n + 1) * fit.per_row > left
+    assert 1 <= n <= memory.MAX_BATCH and n * fit.per_slot <= left
+    assert n == memory.MAX_BATCH or (n + 1) * fit.per_slot > left
     longer = check_fit(
         "mlx-community/gemma-2-9b-it-4bit",
         budget=budget,
         max_new_tokens=4000,
         **probes(quantized(GEMMA_9B, 4)),
     )
-    assert longer.per_row > fit.per_row and longer.batch_size <= n
+    assert longer.per_slot > fit.per_slot and longer.batch_size <= n
 
 
 def test_offline_hub_is_not_asked(monkeypatch):

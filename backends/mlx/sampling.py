@@ -1,6 +1,6 @@
-"""Choosing next tokens from logits as transformers' `generate` does, each row with its own
+"""Choosing next tokens from logits as transformers' `generate` does, each slot with its own
 settings: logit bias, repetition penalty, then temperature, top-k and top-p, then a draw by
-inverse CDF at the row's own uniform (argmax for greedy rows); all in float32."""
+inverse CDF at the slot's own uniform (argmax for greedy slots); all in float32."""
 
 from __future__ import annotations
 
@@ -12,13 +12,13 @@ _NEG_INF = float("-inf")
 
 def penalize(logits: mx.array, seen: mx.array, penalty: mx.array) -> mx.array:
     """transformers' RepetitionPenaltyLogitsProcessor: a seen token's logit is divided by the
-    penalty, or multiplied when negative (penalty [n, 1], one per row)."""
+    penalty, or multiplied when negative (penalty [n, 1], one per slot)."""
     hit = mx.where(logits < 0, logits * penalty, logits / penalty)
     return mx.where(seen, hit, logits)
 
 
 def choose(logits: mx.array, samplings: list, u: np.ndarray) -> mx.array:
-    """logits [n, vocab] float32 -> token ids [n]: row j by samplings[j] at its draw u[j]."""
+    """logits [n, vocab] float32 -> token ids [n]: slot j by samplings[j] at its draw u[j]."""
     greedy = np.array([s.greedy for s in samplings])
     best = mx.argmax(logits, axis=-1)
     if greedy.all():
@@ -38,7 +38,7 @@ def choose(logits: mx.array, samplings: list, u: np.ndarray) -> mx.array:
 
 
 def top_k(logits: mx.array, k: np.ndarray) -> mx.array:
-    """Keep each row's k most likely tokens (and any tied with the k-th), as
+    """Keep each slot's k most likely tokens (and any tied with the k-th), as
     TopKLogitsWarper; k [n], 0 keeps every token."""
     V = logits.shape[-1]
     ranked = -mx.sort(-logits, axis=-1)  # [n, vocab] descending
@@ -49,7 +49,7 @@ def top_k(logits: mx.array, k: np.ndarray) -> mx.array:
 
 
 def top_p(logits: mx.array, p: np.ndarray) -> mx.array:
-    """Drop each row's least likely tokens whose total probability is at most 1 - p (the most
+    """Drop each slot's least likely tokens whose total probability is at most 1 - p (the most
     likely token always stays), as transformers' TopPLogitsWarper; p [n]."""
     order = mx.argsort(logits, axis=-1)  # ascending
     cum = mx.cumsum(mx.softmax(mx.take_along_axis(logits, order, axis=-1), axis=-1), axis=-1)

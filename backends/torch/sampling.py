@@ -9,7 +9,7 @@ import torch
 from pertoken.backends.generation import Entry
 
 
-class RowSampler:
+class SlotSampler:
     """Each slot's sampling settings, seen tokens and draws, on the device."""
 
     def __init__(self, B: int, length: int, home: torch.device):
@@ -96,9 +96,12 @@ class RowSampler:
         return torch.where(self.greedy[at], logits.argmax(-1), drawn)
 
 
+RowSampler = SlotSampler  # the former name, until its last callers move to SlotSampler
+
+
 def penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
     """transformers' RepetitionPenaltyLogitsProcessor: a seen token's logit is divided by the
-    penalty, or multiplied when negative (penalty [n, 1], one per row)."""
+    penalty, or multiplied when negative (penalty [n, 1], one per slot)."""
     hit = torch.where(logits < 0, logits * penalty, logits / penalty)
     return torch.where(seen, hit, logits)
 
@@ -111,7 +114,7 @@ def draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 
 def top_k(logits: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Keep each row's k most likely tokens (and any tied with the k-th), as
+    """Keep each slot's k most likely tokens (and any tied with the k-th), as
     TopKLogitsWarper; k [n], 0 keeps every token."""
     V = logits.shape[-1]
     ranked = logits.sort(-1, descending=True).values  # [n, vocab]
@@ -121,7 +124,7 @@ def top_k(logits: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 
 
 def top_p(logits: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """Drop each row's least likely tokens whose total probability is at most 1 - p (the most
+    """Drop each slot's least likely tokens whose total probability is at most 1 - p (the most
     likely token always stays), as transformers' TopPLogitsWarper; p [n]."""
     sorted_logits, order = torch.sort(logits, descending=False)
     cum = sorted_logits.softmax(-1).cumsum(-1)  # [n, vocab], ascending
