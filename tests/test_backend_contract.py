@@ -180,7 +180,7 @@ def test_greedy_generate_batch_one_equals_batch_n(backend, positions):
         assert all(len(a) > 0 for a in many)
 
 
-def test_each_row_stops_at_its_own_stop_token(backend):
+def test_each_slot_stops_at_its_own_stop_token(backend):
     ps = prompts(backend)
     traces = [backend.trace(p, rows=[1], max_new_tokens=10).token_ids for p in ps]
     # a stop token never comes first, so pick a later one that no answer starts with

@@ -67,18 +67,18 @@ def test_seeded_samples_equal_eager(pair, torch_one_thread):
     assert compiled.generate(ps, batch_size=3, **kw) == eager.generate(ps, batch_size=3, **kw)
 
 
-def test_smaller_batches_reuse_the_step_with_padding_rows(pair, torch_one_thread):
+def test_smaller_batches_reuse_the_step_with_padding_slots(pair, torch_one_thread):
     eager, compiled = pair
     ps = _prompts(eager) + _prompts(eager)[:2]  # batches of 3 and 2
     want = eager.generate(ps, max_new_tokens=NEW, temperature=0, batch_size=3)
     got = compiled.generate(ps, max_new_tokens=NEW, temperature=0, batch_size=3)
     step = compiled.compiled._step
     assert got == want
-    p = ps[1]  # one prompt through the 3-row step
+    p = ps[1]  # one prompt through the 3-slot step
     assert compiled.generate([p], max_new_tokens=NEW, temperature=0) == eager.generate(
         [p], max_new_tokens=NEW, temperature=0
     )
-    kw = dict(max_new_tokens=NEW, temperature=1.0, seed=2)  # padding rows draw nothing
+    kw = dict(max_new_tokens=NEW, temperature=1.0, seed=2)  # padding slots draw nothing
     assert compiled.generate([p], **kw) == eager.generate([p], **kw)
     assert compiled.compiled._step is step and step.shape.batch == 3
 

@@ -84,7 +84,7 @@ def test_each_prompt_gets_its_solo_answer(stopper, opts, torch_one_thread):
     got = backend.generate(ps, steer=plans, seeds=seeds, batch_size=2, max_new_tokens=NEW, **opts)
     assert got == _solo(backend, ps, plans, seeds, max_new_tokens=NEW, **opts)
     lengths = {len(backend.encode(a)) for a in got}
-    assert len(lengths) > 1  # rows ended at different steps
+    assert len(lengths) > 1  # slots ended at different steps
     if opts["temperature"] == 0:
         plain = backend.generate(ps, max_new_tokens=NEW, temperature=0, batch_size=2)
         assert plain[j] == backend.decode(cut)  # ended by the stop token, others go on
@@ -160,7 +160,7 @@ def test_each_answer_is_handed_over_as_it_ends(stopper, torch_one_thread):
 @pytest.mark.parametrize("temperature", [0, 1.0])
 def test_streamed_tokens_and_captures_equal_solo_runs(stopper, temperature, torch_one_thread):
     """Each prompt's streamed steps (token, logprobs, hidden states at its own position) in
-    refilled slots equal its solo stream's, steered per row."""
+    refilled slots equal its solo stream's, steered per slot."""
     backend, _, _ = stopper
     ps, plans, seeds = _prompts(backend), _plans()[:4], [5, 6, 7, 8]
 
@@ -199,21 +199,21 @@ def _slots_taken(backend, monkeypatch) -> list[int]:
     return taken
 
 
-@pytest.mark.parametrize("rows", [1, 5])
-def test_the_slots_memory_allows(backend, monkeypatch, rows, torch_one_thread):
-    """On an accelerator, as many rows as have their full-length KV cache fit in what is free:
+@pytest.mark.parametrize("slots", [1, 5])
+def test_the_slots_memory_allows(backend, monkeypatch, slots, torch_one_thread):
+    """On an accelerator, as many slots as have their full-length KV cache fit in what is free:
     70% of CUDA's free memory, or 90% of Metal's working set less what MLX already holds."""
     from pertoken.backends.memory import kv_bytes_per_token
 
     ps, new = _prompts(backend)[:1], 3
     longest = len(backend.encode(ps[0])) + new
     config = backend.config if backend.name == "mlx" else backend.model.config.to_dict()
-    per_row = kv_bytes_per_token(config, "float32") * longest
+    per_slot = kv_bytes_per_token(config, "float32") * longest
     if backend.name == "torch":
         import torch
 
         monkeypatch.setattr(backend, "device", "cuda:0")
-        free = int((rows + 0.5) * per_row / 0.7)
+        free = int((slots + 0.5) * per_slot / 0.7)
         monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d: (free, 2 * free))
     else:
         import mlx.core as mx
@@ -221,11 +221,11 @@ def test_the_slots_memory_allows(backend, monkeypatch, rows, torch_one_thread):
         from pertoken.backends import machine
 
         held = 10**6
-        budget = int(((rows + 0.5) * per_row + held) / 0.9)
+        budget = int(((slots + 0.5) * per_slot + held) / 0.9)
         monkeypatch.setattr(mx.metal, "is_available", lambda: True)
         monkeypatch.setattr(mx, "get_active_memory", lambda: held)
         monkeypatch.setattr(machine, "mlx_budget", lambda: (budget, "Metal"))
-    assert backend._auto_batch(longest) == rows
+    assert backend._auto_batch(longest) == slots
 
 
 def test_without_batch_size_generate_takes_the_slots_memory_allows(backend, monkeypatch):

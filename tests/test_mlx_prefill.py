@@ -63,7 +63,7 @@ def test_logits_equal_one_pass(backend, chunk):
 
 def test_summaries_equal_one_pass(backend):
     ps = chat_prompts(backend)
-    got = chunked(backend, 5).summaries(ps, ANSWERS, batch_size=3)  # padded rows
+    got = chunked(backend, 5).summaries(ps, ANSWERS, batch_size=3)  # padded slots
     want = chunked(backend, WHOLE).summaries(ps, ANSWERS, batch_size=3)
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)

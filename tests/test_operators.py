@@ -81,7 +81,7 @@ def test_add_through_the_new_api_is_todays_add(backend):
 
 
 def _mixed(backend):
-    """Plans mixing operators per row: add, ablate, cap then add, None, mean-ablate + add."""
+    """Plans mixing operators per slot: add, ablate, cap then add, None, mean-ablate + add."""
     v, w = rand(0), rand(1)
     cap_add = Steer.cap(ROW, v, hi=0.5, positions="response").then(
         Steer.add(1, w, 4.0, positions="response")

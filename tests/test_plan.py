@@ -104,7 +104,7 @@ def test_length_chunks_keep_a_token_budget():
         length_chunks(lengths, token_budget=0)
 
 
-def test_left_pad_ends_every_row_together(tb):
+def test_left_pad_ends_every_slot_together(tb):
     seqs, prompt_lens = texts(tb)
     got = left_pad(seqs, tb.pad_id, prompt_lens=prompt_lens)
     T = max(map(len, seqs))
@@ -126,31 +126,31 @@ def test_plan_batches_cover_every_sequence_once(tb):
         [len(s) for s in seqs], batch_size=2
     )]  # fmt: skip
     for b in batches:
-        for row, i in enumerate(b.index):
-            assert b.ids[row, b.pad[row] :].tolist() == seqs[i]
-            assert b.prompt_lens[row] == prompt_lens[i]
+        for slot, i in enumerate(b.index):
+            assert b.ids[slot, b.pad[slot] :].tolist() == seqs[i]
+            assert b.prompt_lens[slot] == prompt_lens[i]
 
 
 # ---------------------------------------------------------------------- steering positions
 @pytest.mark.parametrize("positions", ["all", "prompt", "response"])
-def test_steer_mask_is_the_one_sequence_rule_per_row(tb, positions):
+def test_steer_mask_is_the_one_sequence_rule_per_slot(tb, positions):
     seqs, prompt_lens = texts(tb)
     got = left_pad(seqs, tb.pad_id, prompt_lens=prompt_lens)
     T = got.ids.shape[1]
     full = got.steer_mask(positions, 0, T + 5)  # the prompts and 5 generated tokens
-    for row, s in enumerate(seqs):
-        assert not full[row, : got.pad[row]].any()  # never on padding
-        one = steer_mask(prompt_lens[row], len(s) + 5, positions)
-        np.testing.assert_array_equal(full[row, got.pad[row] :], one)
+    for slot, s in enumerate(seqs):
+        assert not full[slot, : got.pad[slot]].any()  # never on padding
+        one = steer_mask(prompt_lens[slot], len(s) + 5, positions)
+        np.testing.assert_array_equal(full[slot, got.pad[slot] :], one)
     for start, t in ((0, T), (2, 3), (T, 1), (T + 4, 1)):  # prefill, a window, decode steps
         np.testing.assert_array_equal(
             got.steer_mask(positions, start, t), full[:, start : start + t]
         )
     np.testing.assert_array_equal(got.steer_mask(positions), full[:, :T])
-    per_row = [positions, "prompt", "all"]  # one choice per row
-    mixed = got.steer_mask(per_row)
-    for row, p in enumerate(per_row):
-        np.testing.assert_array_equal(mixed[row], got.steer_mask(p)[row])
+    per_slot = [positions, "prompt", "all"]  # one choice per slot
+    mixed = got.steer_mask(per_slot)
+    for slot, p in enumerate(per_slot):
+        np.testing.assert_array_equal(mixed[slot], got.steer_mask(p)[slot])
 
 
 def test_mlx_steering_mask_is_the_plans(tb):
@@ -165,8 +165,8 @@ def test_mlx_steering_mask_is_the_plans(tb):
     one = SteerPlan.of(plans[1], mx.float32)
     on = np.array(one.prefill_on(batch))[..., 0]
     np.testing.assert_array_equal(on, batch.steer_mask("response"))
-    per_row = SteerPlan.per_row([plans[0], None, plans[1]], tb.hidden_size, mx.float32)
-    on = np.array(per_row.prefill_on(batch))[..., 0]
+    mixed = SteerPlan.per_slot([plans[0], None, plans[1]], tb.hidden_size, mx.float32)
+    on = np.array(mixed.prefill_on(batch))[..., 0]
     np.testing.assert_array_equal(on, batch.steer_mask(["prompt", "all", "response"]))
 
 
@@ -200,7 +200,7 @@ def test_summary_weights_are_the_means_of_each_part(tb):
     np.testing.assert_allclose(w, loop_weights(left_pad(seqs, 0), prompt_lens), rtol=1e-6)
     assert np.isnan(w[1, 2]).all() and not np.isnan(np.delete(w.reshape(9, -1), 5, 0)).any()
     np.testing.assert_allclose(np.nansum(w, axis=2), np.where(np.isnan(w[..., 0]), 0, 1), rtol=1e-6)
-    # row 0's prompt outgrows its sequence: it ends at the last token, the answer is empty
+    # slot 0's prompt outgrows its sequence: it ends at the last token, the answer is empty
     prompt_lens[0] = len(seqs[0]) + 3
     w = left_pad(seqs, tb.pad_id, prompt_lens=prompt_lens).summary_weights()
     np.testing.assert_allclose(w, loop_weights(left_pad(seqs, 0), prompt_lens), rtol=1e-6)

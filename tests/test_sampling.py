@@ -67,7 +67,7 @@ def on_numpy(backend, name: str):
     from pertoken.backends.mlx import sampling
 
     def run(x, *args):
-        if name == "penalize":  # top_k and top_p take their per-row settings in numpy
+        if name == "penalize":  # top_k and top_p take their per-slot settings in numpy
             args = [mx.array(a) if isinstance(a, np.ndarray) else a for a in args]
         return np.array(getattr(sampling, name)(mx.array(x), *args))
 

@@ -141,7 +141,7 @@ class MLXBackend(ChatText, SlotBackend):
         return DTYPES[self.dtype]
 
     def _auto_batch(self, max_len: int) -> int:
-        """Rows whose KV cache fits in what Metal may still use (its recommended working set
+        """Slots whose KV cache fits in what Metal may still use (its recommended working set
         less what MLX holds, the weights first), at most MAX_BATCH; 8 without Metal."""
         if not mx.metal.is_available():
             return 8

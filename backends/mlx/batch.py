@@ -22,7 +22,7 @@ def valid_of(batch: PaddedBatch) -> mx.array:
 
 
 def offset_of(batch: PaddedBatch) -> mx.array:
-    # Rope positions count from each row's first real token.
+    # Rope positions count from each slot's first real token.
     return mx.array(-batch.pad.astype(np.int32))  # [B]
 
 
@@ -30,9 +30,9 @@ def offset_of(batch: PaddedBatch) -> mx.array:
 class SteerPlan:
     """Validated steering as arrays, plus where it acts.
 
-    vectors: per row, the sum of adds ([hidden] for one Steer on every row of the batch,
-    [B, 1, hidden] with each row's own, zeros where a row is not steered there) in the model
-    dtype, or a RowOps where any plan ablates or caps; positions one choice or one per row."""
+    vectors: per row, the sum of adds ([hidden] for one Steer on every slot of the batch,
+    [B, 1, hidden] with each slot's own, zeros where a slot is not steered there) in the model
+    dtype, or a RowOps where any plan ablates or caps; positions one choice or one per slot."""
 
     vectors: dict[int, mx.array | RowOps]
     positions: str | list[str]
@@ -49,14 +49,16 @@ class SteerPlan:
         return cls(_row_steering([steer], hidden, dtype, single=True), steer.positions, dtype)
 
     @classmethod
-    def per_row(cls, plans: list[Steer | None], hidden_size: int, dtype) -> SteerPlan | None:
-        """One batch whose rows carry their own Steer (or None)."""
+    def per_slot(cls, plans: list[Steer | None], hidden_size: int, dtype) -> SteerPlan | None:
+        """One batch whose slots carry their own Steer (or None)."""
         vectors = _row_steering(plans, hidden_size, dtype)
         if not vectors:
             return None
         return cls(vectors, [p.positions if p else "all" for p in plans], dtype)
 
-    def _row_positions(self, B: int) -> list[str]:
+    per_row = per_slot  # the former name, until its last callers move to per_slot
+
+    def _slot_positions(self, B: int) -> list[str]:
         return [self.positions] * B if isinstance(self.positions, str) else self.positions
 
     def prefill_on(self, batch: PaddedBatch) -> mx.array:
@@ -64,13 +66,13 @@ class SteerPlan:
         return mx.array(batch.steer_mask(self.positions)[..., None]).astype(self._dtype)
 
     def step_kw(self, B: int) -> dict:
-        """Pass fields for a decode step: every row steers there except `prompt` rows."""
-        rows = self._row_positions(B)
-        if all(p == "prompt" for p in rows):
+        """Pass fields for a decode step: every slot steers there except `prompt` slots."""
+        positions = self._slot_positions(B)
+        if all(p == "prompt" for p in positions):
             return {}
-        if all(p != "prompt" for p in rows):
+        if all(p != "prompt" for p in positions):
             return {"steer": self.vectors}
-        on = np.array([p != "prompt" for p in rows], np.float32)[:, None, None]  # [B, 1, 1]
+        on = np.array([p != "prompt" for p in positions], np.float32)[:, None, None]  # [B, 1, 1]
         return {"steer": self.vectors, "steer_on": mx.array(on).astype(self._dtype)}
 
     @property

@@ -1,6 +1,6 @@
 """Prefill in chunks: an input goes through the model `chunk` tokens at a time into a KV cache,
 so attention never holds more than [chunk, T] scores or mask entries, whatever T is. When no
-row is padded, full-attention layers use the fused kernel's causal mode and get no mask array."""
+slot is padded, full-attention layers use the fused kernel's causal mode and get no mask array."""
 
 from __future__ import annotations
 

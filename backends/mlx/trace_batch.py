@@ -48,8 +48,8 @@ def _batch(
         model, batch, chunk=chunk, head="none", observe=lambda start: observe,
         hold=lambda: [a for parts in got.values() for a in parts], **kw,
     )  # fmt: skip
-    per_row = [mx.concatenate(got[k], axis=1) for k in range(len(rows))]
-    return np.array(mx.stack(per_row, axis=2))
+    by_row = [mx.concatenate(got[k], axis=1) for k in range(len(rows))]
+    return np.array(mx.stack(by_row, axis=2))
 
 
 def _reducer(units: mx.array, rows: list[int], got: dict[int, list[mx.array]]):

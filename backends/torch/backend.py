@@ -111,18 +111,18 @@ class TorchBackend(ChatText, SlotBackend):
         return _TapSlots(self, Shape(batch, length, tuple(sorted(set(rows)))), on_flush, prefix)
 
     def _auto_batch(self, max_len: int) -> int:
-        """Rows whose KV cache fits in 70% of free GPU memory (8 on the CPU), at most 128; a
+        """Slots whose KV cache fits in 70% of free GPU memory (8 on the CPU), at most 128; a
         sharded model's cache is split like its blocks, so the fullest device decides."""
         if not self.device.startswith("cuda"):
             return 8
         c = self.model.config
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-        per_block = 2 * kv_heads * head_dim * max_len * self.model.dtype.itemsize  # one row
+        per_block = 2 * kv_heads * head_dim * max_len * self.model.dtype.itemsize  # one slot
         blocks = Counter(block_devices(self.model))
         free = {d: torch.cuda.mem_get_info(d)[0] for d in blocks}
-        rows = min(0.7 * free[d] // (n * per_block) for d, n in blocks.items())
-        return int(max(1, min(128, rows)))
+        slots = min(0.7 * free[d] // (n * per_block) for d, n in blocks.items())
+        return int(max(1, min(128, slots)))
 
     # ------------------------------------------------------------------ teacher-forced passes
     @torch.inference_mode()

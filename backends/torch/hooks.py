@@ -111,7 +111,7 @@ def input_device(model) -> torch.device:
 
 
 def _add(h: torch.Tensor, vec: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    # h [B, t, hidden]; vec [hidden], or [B, hidden] with one vector per row; mask [B, t]
+    # h [B, t, hidden]; vec [hidden], or [B, hidden] with one vector per slot; mask [B, t]
     vec = vec.to(h.device, h.dtype)  # a no-op when placed on the block's device beforehand
     if vec.ndim == 2:
         vec = vec[:, None, :]  # [B, 1, hidden]

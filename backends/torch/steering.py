@@ -1,4 +1,4 @@
-"""Steering plans (backends/steer.py) as the hooks' per-row state, one line per batch row.
+"""Steering plans (backends/steer.py) as the hooks' per-row state, one line per slot.
 
 A row where every plan only adds keeps the sum of its adds, a [B, hidden] vector (the fast
 path, and bit for bit what adding always did); a row where any plan ablates or caps gets a

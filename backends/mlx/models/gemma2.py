@@ -90,7 +90,7 @@ class Attention(nn.Module):
         scores = softcap(q @ mx.expand_dims(k, 2).swapaxes(-1, -2), self.softcap)
         if isinstance(mask, str):  # "causal": the softcap rules out the fused kernel
             mask = causal_mask(L, k.shape[2])
-        if mask is not None:  # [B, 1, L, S] -> [B, 1, 1, L, S], one mask per batch row
+        if mask is not None:  # [B, 1, L, S] -> [B, 1, 1, L, S], one mask per slot
             low = mx.array(mx.finfo(scores.dtype).min, scores.dtype)
             scores = mx.where(mx.expand_dims(mask, 2), scores, low)
         weights = mx.softmax(scores, axis=-1, precise=True)

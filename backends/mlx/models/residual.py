@@ -44,7 +44,7 @@ class RowOps:
 class Pass:
     """Everything one forward pass needs beyond the token ids."""
 
-    offset: mx.array | int = 0  # [B] rope position of each row's first input token
+    offset: mx.array | int = 0  # [B] rope position of each slot's first input token
     mask: mx.array | str | None = None  # [B, 1, L, S] bool: keys each query may see, or "causal"
     window_mask: mx.array | None = None  # the same for sliding-window layers
     # row -> [hidden] or [B, 1, hidden] model dtype (a sum of adds), or RowOps
@@ -87,7 +87,7 @@ def attend_mask(valid: mx.array, n_queries: int, window: int | None = None) -> m
     """[B, 1, L, S] bool from `valid` [B, S] (real keys) for the last L of S positions.
 
     Causal, optionally windowed (query - key < window), padding keys hidden. Every query
-    sees itself, so padding rows stay finite instead of softmaxing over nothing."""
+    sees itself, so padding queries stay finite instead of softmaxing over nothing."""
     S = valid.shape[1]
     q = mx.arange(S - n_queries, S)[:, None]  # [L, 1]
     k = mx.arange(S)[None]  # [1, S]

@@ -1,4 +1,4 @@
-"""Per-row steering plans and per-token streaming in `generate`, on both backends."""
+"""Per-slot steering plans and per-token streaming in `generate`, on both backends."""
 
 import importlib.util
 
@@ -23,7 +23,7 @@ def _vec(seed):
 
 
 def _plans():
-    """Four rows: response, unsteered, all (two terms), prompt."""
+    """Four slots: response, unsteered, all (two terms), prompt."""
     two = Steer.single(3, _vec(1), -5.0, "all")
     two.terms += Steer.single(1, _vec(2), 3.0).terms
     return [
@@ -38,7 +38,7 @@ def _prompts(backend):
     return chat_prompts(backend) + [backend.chat_prompt(None, "tell me more")]
 
 
-def test_mixed_batch_gives_each_row_its_solo_tokens(backend, torch_one_thread):
+def test_mixed_batch_gives_each_slot_its_solo_tokens(backend, torch_one_thread):
     ps, plans = _prompts(backend), _plans()
     mixed = backend.generate(ps, max_new_tokens=12, temperature=0, steer=plans, batch_size=4)
     solo = [
@@ -50,11 +50,11 @@ def test_mixed_batch_gives_each_row_its_solo_tokens(backend, torch_one_thread):
     assert [m != u for m, u in zip(mixed, plain)] == [True, False, True, True]
 
 
-def test_one_steer_equals_the_same_steer_per_row(backend, torch_one_thread):
+def test_one_steer_equals_the_same_steer_per_slot(backend, torch_one_thread):
     ps, st = _prompts(backend), Steer.single(2, _vec(5), 4.0, "response")
     one = backend.generate(ps, max_new_tokens=8, temperature=0, steer=st, batch_size=4)
-    rows = backend.generate(ps, max_new_tokens=8, temperature=0, steer=[st] * 4, batch_size=4)
-    assert one == rows
+    each = backend.generate(ps, max_new_tokens=8, temperature=0, steer=[st] * 4, batch_size=4)
+    assert one == each
 
 
 def test_stream_reports_tokens_logprobs_and_states(backend, torch_one_thread):
@@ -80,7 +80,7 @@ def test_stream_reports_tokens_logprobs_and_states(backend, torch_one_thread):
         assert s.top[0][0] == s.token_id and s.logprob == pytest.approx(s.top[0][1])
 
 
-def test_callback_ends_its_row_only(backend, torch_one_thread):
+def test_callback_ends_its_slot_only(backend, torch_one_thread):
     ps = _prompts(backend)
     seen = []
 
