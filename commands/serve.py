@@ -80,7 +80,7 @@ def serve(
         names=[bk.model_id] + ([model] if model != bk.model_id else []),
         vectors=loaded,
         layers=rows,
-        limits=Limits(max_tokens=max_tokens, max_rows=max_batch),
+        limits=Limits(max_tokens=max_tokens, max_slots=max_batch),
         api_key=api_key,
         max_body=max_body,
         traces=stores,

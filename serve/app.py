@@ -170,7 +170,7 @@ async def _complete(request: Request, engine: Engine, req, model: str, limit: fl
         return Response(status_code=499)  # nobody is listening
     finally:
         if not req.stream:
-            job.cancelled = True  # a no-op once finished; frees the rows when anything failed
+            job.cancelled = True  # a no-op once finished; frees the slots when anything failed
     events = _chunks(wait, job, model)
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     return StreamingResponse(events, media_type="text/event-stream", headers=headers)
@@ -262,7 +262,7 @@ async def _chunks(wait, job: Job, model: str):
         log.exception("a stream failed")
         yield protocol.sse(internal(e).body())
     finally:
-        job.cancelled = True  # the client went away (or the stream ended): free the rows
+        job.cancelled = True  # the client went away (or the stream ended): free the slots
 
 
 def _delta_chunks(d: Delta, req, cid: str, model: str, created: int):

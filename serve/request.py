@@ -27,7 +27,7 @@ class Limits:
     """The server's caps on a request."""
 
     max_tokens: int = 1024  # per choice
-    max_rows: int = 32  # rows per batch: n may not exceed it
+    max_slots: int = 32  # slots per batch: n may not exceed it
 
 
 @dataclass
@@ -91,7 +91,7 @@ def parse_request(
     req.temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
     req.top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
     req.seed = _integer(body, "seed", None, 0, MAX_SEED)
-    req.n = _integer(body, "n", 1, 1, limits.max_rows)
+    req.n = _integer(body, "n", 1, 1, limits.max_slots)
     req.stop = _stop(body.get("stop"))
     req.stream = _flag(body, "stream")
     options = body.get("stream_options") or {}

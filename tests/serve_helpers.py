@@ -33,7 +33,7 @@ def vector_files(folder: Path) -> dict[str, Path]:
 
 
 def config(backend, **kw) -> ServeConfig:
-    limits = Limits(max_tokens=kw.pop("max_tokens", 64), max_rows=kw.pop("max_rows", 16))
+    limits = Limits(max_tokens=kw.pop("max_tokens", 64), max_slots=kw.pop("max_slots", 16))
     defaults = dict(names=[backend.model_id], vectors=vectors(), layers=list(LAYERS))
     return ServeConfig(limits=limits, **(defaults | kw))
 

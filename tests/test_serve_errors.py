@@ -144,10 +144,10 @@ def test_other_hosts_need_a_key(llama_dir):
 
 def test_a_client_that_disconnects_frees_its_slot(llama_dir):
     # A model that never ends on its own and a single slot: the second request can only run
-    # once the first client's rows end.
+    # once the first client's slots end.
     bk = load_backend(str(llama_dir), "torch", dtype="float32", device="cpu")
     bk.stop_ids = torch.tensor([-1])
-    with serving(bk, max_rows=1, max_tokens=400) as r:
+    with serving(bk, max_slots=1, max_tokens=400) as r:
         c = client(r)
         stream = c.chat.completions.create(
             model=bk.model_id, messages=ask("hi"), max_tokens=400, stream=True

@@ -13,7 +13,7 @@ def test_a_short_request_finishes_while_a_long_stream_runs(llama_dir, torch_one_
     bk = load_backend(str(llama_dir), "torch", dtype="float32", device="cpu")
     bk.stop_ids = torch.tensor([-1])  # answers run to max_tokens
     done: dict[str, float] = {}
-    with serving(bk, max_rows=2, max_tokens=300) as r:
+    with serving(bk, max_slots=2, max_tokens=300) as r:
         c = client(r)
         stream = c.chat.completions.create(
             model=bk.model_id, messages=ask("hi"), max_tokens=300, stream=True
