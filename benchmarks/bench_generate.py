@@ -7,7 +7,7 @@ Sampled answers (temperature 1) run from a few tokens to the max_new_tokens cap,
 makes a static batch idle: every batch runs until its longest answer ends. Here a random model
 is made to end each answer at a length drawn per prompt from a log-normal distribution capped at
 max_new_tokens: stop tokens are suppressed before that step and forced at it, by a hook on the
-model's logits that knows each row's prompt from the tokens it feeds, in any batch or slot
+model's logits that knows each slot's prompt from the tokens it feeds, in any batch or slot
 (pertoken), or by mlx-lm's per-prompt `max_tokens` (mlx-lm, which never sees a stop token
 here). Every method therefore writes the same number of tokens per prompt, and the table
 reports useful tokens/s (answer tokens over wall time, median of --reps after a warm-up,
@@ -79,7 +79,7 @@ class Workload:
         return [" ".join(map(word, s)) for s in self.ids]
 
     def static_efficiency(self) -> float:
-        """Useful tokens over the rows x steps of static batches (sorted by prompt length, as
+        """Useful tokens over the slots x steps of static batches (sorted by prompt length, as
         pertoken batches them): the share of decode work a static batch does not waste."""
         order = np.argsort([len(s) for s in self.ids], kind="stable")
         lens, B = self.lengths[order], self.batch_size
@@ -105,7 +105,7 @@ def torch_forced(model, w: Workload):
     """A forward hook on a transformers model that ends each prompt's answer at its drawn
     length, whatever batching or slot the prompt runs in. Prompt i's answer tokens are drawn
     (at temperature 1) from its own class of token ids, those congruent to 2 + i modulo the
-    number of prompts, so each row's identity is its tag token (the first non-pad one) at
+    number of prompts, so each slot's prompt is its tag token (the first non-pad one) at
     prefill and the token it feeds while decoding; its position says how many answer tokens it
     has drawn. The stop token is suppressed before the drawn length and forced at it."""
     import torch
@@ -118,11 +118,11 @@ def torch_forced(model, w: Workload):
     def hook(_module, _args, kwargs, out):
         ids, pos = kwargs["input_ids"], kwargs["position_ids"]  # [B, T]
         first = ids.gather(1, (ids != PAD).float().argmax(1, keepdim=True))[:, 0]
-        row = ((first if ids.shape[1] > 1 else ids[:, 0]) - 2) % M  # [B] prompt of each row
-        drawn = pos[:, -1] - plen[row] + 1  # [B] answer tokens drawn before this one
+        prompt = ((first if ids.shape[1] > 1 else ids[:, 0]) - 2) % M  # [B] prompt of each slot
+        drawn = pos[:, -1] - plen[prompt] + 1  # [B] answer tokens drawn before this one
         last = out.logits[:, -1]  # [B, vocab], edited in place
-        last.masked_fill_(other[row], -1e9)
-        last[:, EOS] = torch.where(drawn == target[row], 1e9, -1e9)
+        last.masked_fill_(other[prompt], -1e9)
+        last[:, EOS] = torch.where(drawn == target[prompt], 1e9, -1e9)
         return out
 
     return model.register_forward_hook(hook, with_kwargs=True)
@@ -156,11 +156,11 @@ class MLXForced:
         first = (
             mx.take_along_axis(ids, lead[:, None], axis=1)[:, 0] if ids.shape[1] > 1 else ids[:, 0]
         )
-        row = (first - 2) % self.M  # [B] prompt of each row
+        prompt = (first - 2) % self.M  # [B] prompt of each slot
         pos = mx.array(p.offset) + ids.shape[1] - 1  # [B] position of the last input
-        drawn = pos - self.plen[row] + 1  # [B] answer tokens drawn before this one
-        last = mx.where(self.other[row], -1e9, logits[:, -1].astype(mx.float32))  # [B, vocab]
-        eos = mx.where(drawn == self.target[row], 1e9, -1e9)[:, None]
+        drawn = pos - self.plen[prompt] + 1  # [B] answer tokens drawn before this one
+        last = mx.where(self.other[prompt], -1e9, logits[:, -1].astype(mx.float32))  # [B, vocab]
+        eos = mx.where(drawn == self.target[prompt], 1e9, -1e9)[:, None]
         last = mx.where(mx.arange(last.shape[-1])[None] == EOS, eos, last)
         return mx.concatenate([logits[:, :-1], last[:, None].astype(logits.dtype)], axis=1)
 
