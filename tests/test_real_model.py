@@ -12,6 +12,7 @@ import os
 import numpy as np
 import pytest
 
+from pertoken.pipeline.trace.dataset import Tracing
 from tests import real_model
 from tests.french_judge import KeywordJudge, french_score
 from tests.french_run import extraction_run, french_kit, judged_settings
@@ -149,9 +150,13 @@ def test_trace_answer_mean_projection_tracks_the_judged_score(french, smol_torch
     row = french["card"].suggested_row
     vec = load_vector(french["vectors"]["response_avg"])
     trace_dataset(
-        smol_torch, input=both, vectors={"french": vec}, rows=[row], out_dir=tmp_path / "t",
-        page=False, progress=False,
-    )  # fmt: skip
+        smol_torch,
+        input=both,
+        vectors={"french": vec},
+        rows=[row],
+        out_dir=tmp_path / "t",
+        tracing=Tracing(page=False, progress=False),
+    )
     items = pq.read_table(tmp_path / "t" / "items.parquet").to_pandas()
     col = next(c for c in items.columns if "french" in c and "answer" in c and "mean" in c)
     judged = [french_score(r["answer"]) for r in pos + read_csv(french["csvs"]["neg"])[1]]

@@ -17,7 +17,8 @@ from typing import Protocol
 from pertoken.errors import PertokenError
 from pertoken.pipeline.csvio import format_score
 from pertoken.pipeline.judge.cache import JudgeCache, cache_key
-from pertoken.pipeline.judge.rubrics import DEFAULT_JUDGE, judge_identity, rubrics
+from pertoken.pipeline.judge.rubrics import judge_identity, rubrics
+from pertoken.pipeline.options import JudgeSettings, ModelChoice
 from pertoken.traits import Trait, fill_rubric
 
 
@@ -114,33 +115,28 @@ class CachedJudge:
 
 def make_judge(
     trait: Trait,
+    settings: JudgeSettings = JudgeSettings(),
     *,
-    judge_model: str = DEFAULT_JUDGE,
-    base_url: str | None = None,
-    concurrency: int = 32,
-    max_consecutive_failures: int = 8,
-    coherence_prompt: str | None = None,
-    cache: str | Path | None = None,
     progress: bool = True,
-    model: str | None = None,
+    model: ModelChoice | None = None,
     backend: Callable | None = None,
-    backend_name: str = "auto",
     scorer: Scorer | None = None,
 ) -> CachedJudge:
-    """The judge of `trait`: judge_model through an OpenAI-compatible API (base_url, default
-    OpenAI's), or `local:MODEL` in-process with a pertoken backend (backend_name).
+    """The judge of `trait`: settings.judge_model through an OpenAI-compatible API (base_url,
+    default OpenAI's), or `local:MODEL` in-process with a pertoken backend (model.backend).
 
-    model, backend: the model already loaded and a function returning its backend; a
+    model, backend: the model already chosen and a function returning its loaded backend; a
     `local:` judge of that same model reuses it. scorer: a ready ApiJudge or LocalJudge to use
-    instead (base_url then defaults to its own). cache: the sqlite score cache (default
-    ~/.cache/pertoken/judge.sqlite); coherence_prompt: the coherence rubric (default: the
-    kit's, else COHERENCE_PROMPT)."""
-    base_url = base_url or getattr(scorer, "base_url", None)
-    same = backend if model and judge_model == f"local:{model}" else None
-    args = (judge_model, base_url, concurrency, max_consecutive_failures, same, backend_name)
+    instead (base_url then defaults to its own). settings.cache: the sqlite score cache
+    (default ~/.cache/pertoken/judge.sqlite); coherence_prompt: the coherence rubric (default:
+    the kit's, else COHERENCE_PROMPT)."""
+    s, model = settings, model or ModelChoice("")
+    base_url = s.base_url or getattr(scorer, "base_url", None)
+    same = backend if model.model and s.judge_model == f"local:{model.model}" else None
+    args = (s.judge_model, base_url, s.concurrency, s.max_failures, same, model.backend)
     make = (lambda: scorer) if scorer else functools.partial(_make_scorer, *args)
-    opts = dict(cache=cache, coherence_prompt=coherence_prompt, progress=progress)
-    return CachedJudge(trait, judge_model=judge_model, base_url=base_url, scorer=make, **opts)
+    opts = dict(cache=s.cache, coherence_prompt=s.coherence_prompt, progress=progress)
+    return CachedJudge(trait, judge_model=s.judge_model, base_url=base_url, scorer=make, **opts)
 
 
 def _make_scorer(judge_model, base_url, concurrency, max_failures, backend, backend_name):
