@@ -53,7 +53,7 @@ def vet(vector, choice, pos_csv, neg_csv, trait, out, threshold, holdout, seed, 
 
     Reads the per-sample summaries beside VECTOR (written by extract); the model runs when
     they are missing, and for the causal measure (--no-causal: separation only)."""
-    from pertoken.pipeline.vet.stage import vet_vector
+    from pertoken.pipeline.vet.stage import CausalCheck, Vetting, vet_vector
     from pertoken.pipeline.vet.write import summary_lines
 
     loader = functools.cache(lambda: options.load_model(choice))
@@ -64,16 +64,8 @@ def vet(vector, choice, pos_csv, neg_csv, trait, out, threshold, holdout, seed, 
         neg_csv=neg_csv,
         backend=loader,
         model=choice.model,
-        trait=trait,
-        out_dir=out,
-        threshold=threshold,
-        holdout=holdout,
-        seed=seed,
-        batch_size=batch_size,
-        causal=causal or bool(judged),
-        max_cost=max_cost,
-        judged=judged,
-        judge=judge,
+        vetting=Vetting(trait, out, threshold, holdout, seed, batch_size),
+        causal=CausalCheck(max_cost, judged=judged, judge=judge) if causal or judged else None,
     )
     for line in summary_lines(r):
         click.echo(line)

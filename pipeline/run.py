@@ -23,7 +23,7 @@ from pertoken.pipeline.judge.judges import make_judge
 from pertoken.pipeline.judge.stage import judge_csv, judge_sidecar
 from pertoken.pipeline.options import Extraction, Generation, JudgeSettings, ModelChoice
 from pertoken.pipeline.vet.card import report_paths
-from pertoken.pipeline.vet.stage import vet_vector
+from pertoken.pipeline.vet.stage import Vetting, vet_vector
 from pertoken.traits import load_trait
 
 
@@ -179,7 +179,7 @@ class _Run:
                 neg_csv=self.csvs["neg"],
                 backend=self.backend,
                 model=self.choice.model,
-                trait=self.kit.name,
+                vetting=Vetting(trait=self.kit.name),
             )
         except PertokenError as e:
             return _Status(f"no report: {e}")

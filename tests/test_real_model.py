@@ -98,15 +98,15 @@ def _cache_folder(smollm2) -> object:
 def french(smollm2, smol_torch):
     """Extraction on the French kit (generations cached), then the causal report card with
     its judged check of the top three rows."""
-    from pertoken.pipeline.vet.stage import vet_vector
+    from pertoken.pipeline.vet.stage import CausalCheck, vet_vector
 
     run = extraction_run(
         smol_torch, _cache_folder(smollm2), n_questions=N_QUESTIONS, max_new_tokens=TOKENS
     )
     run["card"] = vet_vector(
         run["vectors"]["response_avg"], pos_csv=run["csvs"]["pos"], neg_csv=run["csvs"]["neg"],
-        backend=smol_torch, causal=True, causal_pairs=2, causal_tokens=24,
-        causal_rows=CAUSAL_ROWS, judged=3, judge=KeywordJudge(),
+        backend=smol_torch, causal=CausalCheck(pairs=2, tokens=24, rows=CAUSAL_ROWS, judged=3,
+                                               judge=KeywordJudge()),
     )  # fmt: skip
     return run
 
