@@ -1,7 +1,8 @@
 """pertoken: persona vectors, steering and per-token trait monitoring for chat LLMs.
 
 From Python: `backend = pertoken.load(model)`, then `PersonaVector`, `load_vector`, `Steer`,
-`extract_vectors`, `monitor`, `evaluate` and `load_traces` (imported on first use).
+`extract_vectors`, `monitor`, `evaluate`, `load_traces`, `run_pipeline` and the option objects
+`ModelChoice`, `Generation`, `JudgeSettings`, `Extraction` (imported on first use).
 """
 
 from pertoken import api as _api
