@@ -10,8 +10,7 @@ from __future__ import annotations
 import functools
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from pertoken.errors import PertokenError
@@ -52,20 +51,13 @@ class CachedJudge:
     """A Judge whose scores go through the disk cache; `scorer()` is called on first need."""
 
     def __init__(
-        self,
-        trait: Trait,
-        *,
-        judge_model: str,
-        base_url: str | None,
-        scorer: Callable[[], Scorer],
-        cache: str | Path | None = None,
-        coherence_prompt: str | None = None,
-        progress: bool = True,
+        self, trait: Trait, settings: JudgeSettings, scorer: Callable[[], Scorer], progress=True
     ):
-        self.trait, self.judge_model, self.base_url = trait, judge_model, base_url
-        self.scorer, self.cache, self.progress = functools.cache(scorer), cache, progress
-        self.rubrics = rubrics(trait, coherence_prompt)
-        self.identity = judge_identity(trait, judge_model, base_url, coherence_prompt)
+        s = settings
+        self.trait, self.judge_model, self.base_url = trait, s.judge_model, s.base_url
+        self.scorer, self.cache, self.progress = functools.cache(scorer), s.cache, progress
+        self.rubrics = rubrics(trait, s.coherence_prompt)
+        self.identity = judge_identity(trait, s.judge_model, s.base_url, s.coherence_prompt)
 
     def judge_rows(self, rows: list[dict]) -> list[dict]:
         self.tally(rows)
@@ -130,32 +122,31 @@ def make_judge(
     instead (base_url then defaults to its own). settings.cache: the sqlite score cache
     (default ~/.cache/pertoken/judge.sqlite); coherence_prompt: the coherence rubric (default:
     the kit's, else COHERENCE_PROMPT)."""
-    s, model = settings, model or ModelChoice("")
-    base_url = s.base_url or getattr(scorer, "base_url", None)
+    model = model or ModelChoice("")
+    s = replace(settings, base_url=settings.base_url or getattr(scorer, "base_url", None))
     same = backend if model.model and s.judge_model == f"local:{model.model}" else None
-    args = (s.judge_model, base_url, s.concurrency, s.max_failures, same, model.backend)
-    make = (lambda: scorer) if scorer else functools.partial(_make_scorer, *args)
-    opts = dict(cache=s.cache, coherence_prompt=s.coherence_prompt, progress=progress)
-    return CachedJudge(trait, judge_model=s.judge_model, base_url=base_url, scorer=make, **opts)
+    make = (lambda: scorer) if scorer else functools.partial(_make_scorer, s, same, model.backend)
+    return CachedJudge(trait, s, make, progress)
 
 
-def _make_scorer(judge_model, base_url, concurrency, max_failures, backend, backend_name):
+def _make_scorer(settings: JudgeSettings, backend, backend_name: str):
     """An ApiJudge, or a LocalJudge for `local:MODEL` (on `backend()` when given)."""
-    if judge_model.startswith("local:"):
+    s = settings
+    if s.judge_model.startswith("local:"):
         from pertoken.pipeline.judge.local import LocalJudge
 
         if backend is None:
-            from pertoken.backends import load_backend
-
-            return LocalJudge(load_backend(judge_model.removeprefix("local:"), backend_name))
+            return LocalJudge(
+                ModelChoice(s.judge_model.removeprefix("local:"), backend_name).load()
+            )
         return LocalJudge(backend())
     from pertoken.pipeline.judge.api import ApiJudge
 
     return ApiJudge(
-        judge_model,
-        base_url=base_url,
-        concurrency=concurrency,
-        max_consecutive_failures=max_failures,
+        s.judge_model,
+        base_url=s.base_url,
+        concurrency=s.concurrency,
+        max_consecutive_failures=s.max_failures,
     )
 
 
