@@ -116,5 +116,5 @@ def from_flat(kind: type, options: dict, **given):
 
 
 def flat_names() -> list[str]:
-    """Every flat option name, in the order `pertoken run` documents them."""
+    """Every flat option name of the four objects."""
     return [name for names in FLAT_NAMES.values() for name in names]
