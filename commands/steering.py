@@ -150,11 +150,8 @@ def eval_(
         judging = JudgeSettings(
             judge_model, base_url, concurrency, cache, rubric, max_consecutive_failures
         )
-        # a `local:` judge of this model reuses it
-        judge = make_judge(
-            kit, judging, model=ModelChoice(model if pool is None else "", backend),
-            backend=lambda: b,
-        )  # fmt: skip
+        same = ModelChoice(model if pool is None else "", backend)  # a `local:` judge reuses it
+        judge = make_judge(kit, judging, model=same, backend=lambda: b)
         judge.check(reach=False)  # a missing key is an error before any generation
         opts = dict(
             trait=kit,
