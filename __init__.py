@@ -1,8 +1,9 @@
 """pertoken: persona vectors, steering and per-token trait monitoring for chat LLMs.
 
 From Python: `backend = pertoken.load(model)`, then `PersonaVector`, `load_vector`, `Steer`,
-`extract_vectors`, `monitor` and `evaluate` (imported on first use); `pertoken.trace.load`
-reads trace stores.
+`extract_vectors`, `monitor`, `evaluate`, `run_pipeline` and the option objects `ModelChoice`,
+`Generation`, `JudgeSettings`, `Extraction` (imported on first use); `pertoken.trace.load` reads
+trace stores.
 """
 
 from pertoken import api as _api

@@ -17,6 +17,12 @@ EXPORTS = {
     "extract_vectors": "pertoken.pipeline.extract",
     "monitor": "pertoken.pipeline.monitor",
     "evaluate": "pertoken.pipeline.sweep.grid",
+    "run_pipeline": "pertoken.pipeline.run",
+    # the option objects every stage takes (pipeline/options.py)
+    "ModelChoice": "pertoken.pipeline.options",
+    "Generation": "pertoken.pipeline.options",
+    "JudgeSettings": "pertoken.pipeline.options",
+    "Extraction": "pertoken.pipeline.options",
 }
 
 
@@ -38,6 +44,6 @@ def load(model: str, backend: str = "auto", dtype: str | None = None, device: st
 
     backend: `auto` (MLX on Apple Silicon when installed, else torch), `torch` or `mlx`;
     dtype and device: None picks them as the CLI does (float32 on a CPU)."""
-    from pertoken.backends import load_backend
+    from pertoken.pipeline.options import ModelChoice
 
-    return load_backend(model, backend, dtype=dtype, device=device)
+    return ModelChoice(model, backend, dtype, device).load()

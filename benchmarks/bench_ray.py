@@ -48,22 +48,24 @@ def main() -> None:
     import torch
 
     from pertoken.backends import load_backend
-    from pertoken.pipeline.distributed import ModelPool, ModelSpec, map_shards, ray_runtime
-    from pertoken.pipeline.trace.dataset import trace_dataset
+    from pertoken.pipeline.distributed import ModelPool, map_shards, ray_runtime
+    from pertoken.pipeline.options import ModelChoice
+    from pertoken.pipeline.trace.dataset import Tracing, trace_dataset
 
     torch.set_num_threads(1)
     work = Path(tempfile.mkdtemp(prefix="bench-ray-"))
     folder = random_llama(work / "model", args.hidden, args.layers)
     data = write_items(work / "items.csv", args.items, args.tokens)
-    spec = ModelSpec(str(folder), "torch", "float32", "cpu")
+    spec = ModelChoice(str(folder), "torch", "float32", "cpu")
     plain = load_backend(str(folder), "torch", dtype="float32", device="cpu")
     vecs, rows = vectors(plain.n_layers, plain.hidden_size), rows_of(plain.n_layers)
     runs = iter(range(10_000))
 
     def stage(backend, pool=None, name="plain"):
         out = work / f"{name}-{next(runs)}"
-        opts = dict(page=False, progress=False, batch_size=args.batch, chunk=args.chunk)
-        trace_dataset(backend, input=data, vectors=vecs, rows=rows, out_dir=out, pool=pool, **opts)
+        t = Tracing(page=False, progress=False, batch_size=args.batch, chunk=args.chunk)
+        trace_dataset(backend, input=data, vectors=vecs, rows=rows, out_dir=out, tracing=t,
+                      pool=pool)  # fmt: skip
         return out
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")

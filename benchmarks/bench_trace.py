@@ -105,7 +105,7 @@ def interleaved(fns: dict, reps: int) -> dict[str, float]:
 def throughput(args, folder: Path, work: Path) -> list[tuple[str, float]]:
     from pertoken.backends import load_backend
     from pertoken.pipeline.monitor import monitor
-    from pertoken.pipeline.trace.dataset import trace_dataset, unit_directions
+    from pertoken.pipeline.trace.dataset import Tracing, trace_dataset, unit_directions
     from pertoken.pipeline.trace.inputs import read_items
 
     b = load_backend(str(folder), args.backend, dtype="float32", device="cpu")
@@ -120,8 +120,8 @@ def throughput(args, folder: Path, work: Path) -> list[tuple[str, float]]:
 
     def stage():
         out = work / f"store-{next(runs)}"
-        trace_dataset(b, input=data, vectors=vecs, rows=rows, out_dir=out, page=False,
-                      progress=False, batch_size=args.batch)  # fmt: skip
+        t = Tracing(page=False, progress=False, batch_size=args.batch)
+        trace_dataset(b, input=data, vectors=vecs, rows=rows, out_dir=out, tracing=t)
 
     n_mon = []
 
@@ -175,12 +175,12 @@ def rss_child(folder: str, data: str, out: str, backend: str, batch: int, thread
         import torch
 
         torch.set_num_threads(threads)
-    from pertoken.pipeline.trace.dataset import trace_dataset
+    from pertoken.pipeline.trace.dataset import Tracing, trace_dataset
 
     b = load_backend(folder, backend, dtype="float32", device="cpu")
     vecs, rows = vectors(b.n_layers, b.hidden_size), rows_of(b.n_layers)
-    trace_dataset(b, input=data, vectors=vecs, rows=rows, out_dir=out, page=False,
-                  progress=False, batch_size=batch, chunk=64)  # fmt: skip
+    t = Tracing(page=False, progress=False, batch_size=batch, chunk=64)
+    trace_dataset(b, input=data, vectors=vecs, rows=rows, out_dir=out, tracing=t)
     print(json.dumps({"rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from pertoken.backends.torch.backend import TorchBackend
-from pertoken.pipeline.vet.stage import vet_vector
+from pertoken.pipeline.vet.stage import CausalCheck, vet_vector
 from pertoken.vectors import load_vector
 from tests.french_judge import KeywordJudge
 from tests.french_run import extraction_run, french_kit, judged_settings
@@ -47,8 +47,8 @@ def main() -> None:
     t1 = time.perf_counter()
     card = vet_vector(
         run["vectors"]["response_avg"], pos_csv=run["csvs"]["pos"], neg_csv=run["csvs"]["neg"],
-        backend=b, causal=True, causal_pairs=args.causal_pairs, judged=args.judged,
-        judge=KeywordJudge(),
+        backend=b, causal=CausalCheck(pairs=args.causal_pairs, judged=args.judged,
+                                      judge=KeywordJudge()),
     )  # fmt: skip
     t2 = time.perf_counter()
     vec = load_vector(run["vectors"]["response_avg"]).data

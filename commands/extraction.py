@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import click
 
 from pertoken.commands import options
@@ -10,6 +12,7 @@ from pertoken.commands.options import (
     backend_option,
     cache_option,
     compile_option,
+    gather,
     judge_options,
     method_option,
     model_options,
@@ -19,6 +22,7 @@ from pertoken.commands.options import (
 )
 from pertoken.errors import PertokenError
 from pertoken.pipeline.generate import POLARITIES
+from pertoken.pipeline.options import Extraction, Generation, JudgeSettings, ModelChoice
 
 
 @click.group()
@@ -68,51 +72,23 @@ def traits_show(name):
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="CSV to write.")
 @compile_option
 @ray_options
-def generate(
-    model,
-    backend,
-    dtype,
-    device,
-    trait,
-    polarity,
-    eval_,
-    n_per_question,
-    max_new_tokens,
-    temperature,
-    sampler,
-    batch_size,
-    seed,
-    out,
-    compile_,
-    ray_address,
-    workers,
-):
+@gather(choice=ModelChoice, generation=Generation)
+def generate(choice, generation, trait, polarity, eval_, out, ray_address, workers):
     """Answer a trait's questions under its positive or negative instructions."""
     from pertoken.lock import output_lock
     from pertoken.pipeline.generate import generate_csv, is_complete, plan_rows
     from pertoken.traits import load_trait
 
     kit = load_trait(trait)
-    specs = plan_rows(kit, polarity=polarity, eval=eval_, n_per_question=n_per_question)
+    specs = plan_rows(kit, polarity=polarity, eval=eval_, n_per_question=generation.samples)
     if is_complete(out, specs):  # nothing to do: do not load the model
         return click.echo(f"{out}: all {len(specs)} rows are already there")
-    batch_size = batch_size or _memory_batch(model, backend, dtype, max_new_tokens)
-    loaded = options.model_or_pool(model, backend, dtype, device, ray_address, workers, compile_)
+    batch_size = generation.batch_size or _memory_batch(choice, generation.max_tokens)
+    generation = replace(generation, batch_size=batch_size)
+    loaded = options.model_or_pool(choice, ray_address, workers)
     with output_lock(out), loaded as (bk, pool):  # locked first: a second writer stops at once
-        r = generate_csv(
-            bk,
-            trait=kit,
-            out=out,
-            polarity=polarity,
-            eval=eval_,
-            n_per_question=n_per_question,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            sampler=sampler,
-            batch_size=batch_size,
-            seed=seed,
-            pool=pool,
-        )
+        polarity = "eval" if eval_ else polarity
+        r = generate_csv(bk, kit, out, generation, polarity=polarity, pool=pool)
     click.echo(f"{r.path}: {r.rows} rows ({r.generated} generated now, {r.seconds:.1f}s)")
     options.report_compile(bk)
 
@@ -124,35 +100,15 @@ def generate(
 @backend_option(help="Backend of a local:MODEL judge.")
 @cache_option
 @click.option("--out", "-o", default=None, help="Write here instead of in place.")
-def judge(
-    csv_file,
-    trait,
-    judge_model,
-    base_url,
-    concurrency,
-    coherence_prompt,
-    max_consecutive_failures,
-    backend,
-    cache,
-    out,
-):
+@gather(judging=JudgeSettings)
+def judge(csv_file, trait, judging, backend, out):
     """Score a generation CSV for the trait and for coherence with an LLM judge."""
     from pertoken.pipeline.judge.judges import make_judge
-    from pertoken.pipeline.judge.rubrics import read_rubric
     from pertoken.pipeline.judge.stage import judge_csv
     from pertoken.traits import load_trait
 
     kit = load_trait(trait)
-    judge = make_judge(
-        kit,
-        judge_model=judge_model,
-        base_url=base_url,
-        concurrency=concurrency,
-        max_consecutive_failures=max_consecutive_failures,
-        coherence_prompt=read_rubric(coherence_prompt) if coherence_prompt else None,
-        cache=cache,
-        backend_name=backend,
-    )
+    judge = make_judge(kit, judging, model=ModelChoice("", backend))
     r = judge_csv(csv_file, judge, out=out)
     click.echo(
         f"{r.path}: {r.rows} rows judged by {r.judge_model} "
@@ -176,20 +132,8 @@ def judge(
 @click.option("--batch-size", default=8, show_default=True)
 @click.option("--min-pairs", default=1, show_default=True, help="Fewest kept pairs accepted.")
 @method_option
-def extract(
-    model,
-    backend,
-    dtype,
-    device,
-    pos_csv,
-    neg_csv,
-    trait,
-    threshold,
-    save_dir,
-    batch_size,
-    min_pairs,
-    method,
-):
+@gather(choice=ModelChoice)
+def extract(choice, pos_csv, neg_csv, trait, threshold, save_dir, batch_size, min_pairs, method):
     """Average the residual stream of judged pairs into persona vectors."""
     from pertoken.pipeline.extract import extract_vectors, pair_rows, vector_paths
 
@@ -197,25 +141,19 @@ def extract(
     vector_paths(save_dir, name)  # a trait name that would leave --save-dir stops here
     pair_rows(pos_csv, neg_csv, trait=name, threshold=threshold, min_pairs=min_pairs)
     paths = extract_vectors(
-        options.load_model(model, backend, dtype, device),
-        pos_csv=pos_csv,
-        neg_csv=neg_csv,
-        trait=name,
-        threshold=threshold,
-        save_dir=save_dir,
-        batch_size=batch_size,
-        min_pairs=min_pairs,
-        method=method,
-    )
+        options.load_model(choice), pos_csv=pos_csv, neg_csv=neg_csv, trait=name, save_dir=save_dir,
+        extraction=Extraction(threshold, method, batch_size, min_pairs),
+    )  # fmt: skip
     for p in paths.values():
         click.echo(str(p))
 
 
-def _memory_batch(model: str, backend: str, dtype: str | None, max_new_tokens: int):
+def _memory_batch(choice: ModelChoice, max_new_tokens: int):
     """On MLX: fail now if the model will not fit, else the batch its memory holds."""
     from pertoken.backends import check_memory
 
-    fit = check_memory(model, backend, dtype=dtype, max_new_tokens=max_new_tokens)
+    c = choice
+    fit = check_memory(c.model, c.backend, dtype=c.dtype, max_new_tokens=max_new_tokens)
     if fit is None:
         return None
     click.echo(f"memory: {fit.summary()}")
@@ -249,43 +187,36 @@ def _trait_name(trait: str) -> str:
 )
 @method_option
 @compile_option
-def run(model, backend, dtype, device, trait, out, **opts):
+@gather(choice=ModelChoice, generation=Generation, judging=JudgeSettings, extraction=Extraction)
+def run(choice, trait, out, generation, judging, extraction):
     """Generate, judge, extract and vet in one resumable run (model auto: Gemma 2 9B-it)."""
     import time
 
     from pertoken.backends import check_memory, choose, default_model
-    from pertoken.pipeline.judge.rubrics import read_rubric
-    from pertoken.pipeline.run import run_pipeline
+    from pertoken.pipeline.run import Watch, run_pipeline
 
-    start = time.perf_counter()
-    given = model != "auto"
-    model = model if given else default_model(backend)
-    choice = choose(backend)
-    reason = f"--backend auto: {choice.reason}" if backend == "auto" else choice.reason
-    why = {"backend": reason} | ({} if given else {"model": f"the {choice.backend} default"})
+    start, backend = time.perf_counter(), choice.backend
+    given = choice.model != "auto"
+    choice = choice if given else replace(choice, model=default_model(backend))
+    chosen = choose(backend)
+    reason = f"--backend auto: {chosen.reason}" if backend == "auto" else chosen.reason
+    why = {"backend": reason} | ({} if given else {"model": f"the {chosen.backend} default"})
     # a model too big for MLX's memory fails here, in seconds, before anything is imported
-    fit = check_memory(model, backend, dtype=dtype, max_new_tokens=opts["max_new_tokens"])
-    click.echo(_run_banner(model, backend, dtype, device, trait, out, opts, why))
+    fit = check_memory(
+        choice.model, backend, dtype=choice.dtype, max_new_tokens=generation.max_tokens
+    )
+    click.echo(_run_banner(choice, trait, out, generation, judging, why))
     if fit is not None:
         click.echo(f"memory: {fit.summary()}")
-        opts["batch_size"] = opts["batch_size"] or fit.batch_size
-    rubric = opts["coherence_prompt"]
-    opts["coherence_prompt"] = read_rubric(rubric) if rubric else None
-    opts["compile"] = opts.pop("compile_")
+        generation = replace(generation, batch_size=generation.batch_size or fit.batch_size)
 
     def stage_done(stage: str, status: str, seconds: float) -> None:
         click.echo(f"{stage:12s} {seconds:7.1f}s  {status}")
 
     r = run_pipeline(
-        model=model,
-        trait=trait,
-        backend=backend,
-        out=out,
-        dtype=dtype,
-        device=device,
-        on_stage=stage_done,
-        **opts,
-    )
+        choice, trait, out=out, generation=generation, judging=judging, extraction=extraction,
+        watch=Watch(on_stage=stage_done),
+    )  # fmt: skip
     click.echo(f"pairs kept: {r.pairs_kept} of {r.pairs_total}")
     if r.backend is not None:
         options.report_compile(r.backend)
@@ -307,33 +238,26 @@ def _echo_report(path) -> None:
     click.echo(f"report: {path.with_suffix('.md')}")
 
 
-def _run_banner(model, backend, dtype, device, trait, out, opts, why: dict) -> str:
+def _run_banner(choice, trait, out, generation, judging, why: dict) -> str:
     """What `run` will use and where it writes, before any work starts."""
     from pertoken.backends import choose_settings
-    from pertoken.pipeline.banner import banner, judge_endpoint
+    from pertoken.pipeline.banner import banner
     from pertoken.pipeline.generate import plan_rows
     from pertoken.pipeline.run import run_folder
     from pertoken.traits import load_trait
 
-    name, device, dtype = choose_settings(model, backend, dtype=dtype, device=device)
-    judge, kit, n = opts["judge_model"], load_trait(trait), opts["n_per_question"]
+    c = choice
+    name, device, dtype = choose_settings(c.model, c.backend, dtype=c.dtype, device=c.device)
+    kit, n = load_trait(trait), generation.samples
     rows = len(plan_rows(kit, n_per_question=n))
     plan = (
         f"{rows} rows a side ({len(kit.questions)} questions x {len(kit.instructions)} "
-        f"instruction pairs x {n} samples), up to {opts['max_new_tokens']} new tokens each, "
+        f"instruction pairs x {n} samples), up to {generation.max_tokens} new tokens each, "
         "each judged for the trait and coherence; a time estimate follows the first answers"
     )
-    return banner(
-        model=model,
-        backend=name,
-        device=device,
-        dtype=dtype,
-        judge=judge,
-        endpoint=judge_endpoint(judge, opts["base_url"]),
-        folder=run_folder(out, model, kit.name),
-        why=why,
-        plan=plan,
-    )
+    chosen = replace(choice, backend=name, device=device, dtype=dtype)
+    folder = run_folder(out, choice.model, kit.name)
+    return banner(chosen, judging, folder, why=why, plan=plan)
 
 
 COMMANDS = [traits, generate, judge, extract, run]

@@ -5,7 +5,14 @@ from __future__ import annotations
 import click
 
 from pertoken.commands import options
-from pertoken.commands.options import backend_option, cache_option, judge_options, model_options
+from pertoken.commands.options import (
+    backend_option,
+    cache_option,
+    gather,
+    judge_options,
+    model_options,
+)
+from pertoken.pipeline.options import Generation, JudgeSettings, ModelChoice
 
 
 @click.command()
@@ -70,23 +77,33 @@ def finetune(model, backend, dtype, device, data, out, steers, ablates, **settin
 @click.option("--batch-size", default=16, show_default=True, type=int)
 @click.option("--label", default=None, help="A 0/1 key of the JSONL lines: report the AUROC.")
 @options.ray_options
-def screen(model, backend, dtype, device, vectors, ray_address, workers, **kw):
+@gather(choice=ModelChoice)
+def screen(choice, vectors, layer, data, out, n, temperature, max_new_tokens, seed, batch_size,
+           label, ray_address, workers):  # fmt: skip
     """Projection difference per sample: the data's answers against the model's own.
 
     A high proj_diff flags data that pushes the model along the vector; a screen, not a
     verdict."""
     from pertoken.commands.steering import _named_vectors
-    from pertoken.pipeline.finetune.screen import screen_dataset
+    from pertoken.pipeline.finetune.screen import (
+        check_generation,
+        screen_dataset,
+        screen_directions,
+    )
     from pertoken.vectors import load_vector
 
     files = _named_vectors(vectors)
     loaded = {name: load_vector(path) for name, path in files.items()}
-    with options.model_or_pool(model, backend, dtype, device, ray_address, workers) as (bk, pool):
-        res = screen_dataset(bk, vectors=loaded, pool=pool, **kw)
+    generation = Generation(n, max_new_tokens, temperature, seed=seed, batch_size=batch_size)
+    check_generation(generation)
+    with options.model_or_pool(choice, ray_address, workers) as (bk, pool):
+        d = screen_directions(bk, loaded, layer)
+        res = screen_dataset(bk, generation, data=data, directions=d, out=out, label=label,
+                             pool=pool)  # fmt: skip
     for name, m in res.means.items():
-        auroc = f", AUROC {res.auroc[name]:.3f} for {kw['label']}" if res.auroc else ""
+        auroc = f", AUROC {res.auroc[name]:.3f} for {label}" if res.auroc else ""
         click.echo(
-            f"{name} layer {kw['layer']}: mean proj_data {m['proj_data']:.4g}, proj_model "
+            f"{name} layer {layer}: mean proj_data {m['proj_data']:.4g}, proj_model "
             f"{m['proj_model']:.4g}, proj_diff {m['proj_diff']:.4g}{auroc}"
         )
     stem = res.out_path.with_suffix("")
@@ -110,14 +127,13 @@ def screen(model, backend, dtype, device, vectors, ray_address, workers, **kw):
 @click.option("--max-new-tokens", default=200, show_default=True)
 @click.option("--temperature", type=float, default=None, help="Default 1.0 (0 when n is 1).")
 @click.option("--seed", default=0, show_default=True)
+@gather(judging=JudgeSettings, generation=Generation)
 def shift(ctx, base, finetuned, backend, dtype, device, trait, vector_path, layers, out,
-          judge_model, base_url, concurrency, coherence_prompt, max_consecutive_failures, cache,
-          **gen):  # fmt: skip
+          judging, generation):  # fmt: skip
     """Shift of each finetuned model along a persona vector; with --judge MODEL (or --base-url)
     also each model's judged trait score and the correlation between the two across models."""
-    from pertoken.pipeline.finetune.shift import Load, format_shift, shift_models
+    from pertoken.pipeline.finetune.shift import format_shift, shift_models
     from pertoken.pipeline.judge.judges import make_judge
-    from pertoken.pipeline.judge.rubrics import read_rubric
     from pertoken.rows import parse_layers
     from pertoken.traits import load_trait
     from pertoken.vectors import load_vector
@@ -126,16 +142,11 @@ def shift(ctx, base, finetuned, backend, dtype, device, trait, vector_path, laye
     judge = None
     given = [ctx.get_parameter_source(p) for p in ("judge_model", "base_url")]
     if any(g is not click.core.ParameterSource.DEFAULT for g in given):
-        rubric = read_rubric(coherence_prompt) if coherence_prompt else None
-        judge = make_judge(kit, judge_model=judge_model, base_url=base_url,
-                           concurrency=concurrency, coherence_prompt=rubric, cache=cache,
-                           max_consecutive_failures=max_consecutive_failures,
-                           backend_name=backend)  # fmt: skip
+        judge = make_judge(kit, judging, model=ModelChoice("", backend))
         judge.check(reach=False)
     rows = parse_layers(layers)
-    res = shift_models(base=base, finetuned=list(finetuned), vector=load_vector(vector_path),
-                       layers=rows, trait=kit, out=out, load=Load(backend, dtype, device),
-                       judge=judge, **gen)  # fmt: skip
+    models = [ModelChoice(m, backend, dtype, device) for m in (base, *finetuned)]
+    res = shift_models(models, load_vector(vector_path), rows, kit, out, generation, judge)
     click.echo(format_shift(res, rows, kit.name))
     files = "shift.csv" + (", scores.csv, answers.csv, shift.json, shift.png" if judge else "")
     click.echo(f"{out}: {files} ({res.seconds:.1f}s)")

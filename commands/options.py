@@ -10,6 +10,7 @@ import click
 from pertoken.errors import PertokenError
 from pertoken.names import BACKENDS, METHODS, POSITIONS, SAMPLERS
 from pertoken.pipeline.judge.rubrics import DEFAULT_JUDGE
+from pertoken.pipeline.options import FLAT_NAMES, JudgeSettings, ModelChoice, from_flat
 
 BATCH_HELP = (
     "Answers decoding at once (default: what free memory holds on CUDA and Metal, else 16)."
@@ -69,12 +70,38 @@ def _set_threads(ctx, param, threads: int | None) -> None:
     torch.set_num_threads(threads)
 
 
-def load_model(
-    model: str, backend: str, dtype: str | None, device: str | None, compile: bool = False
-):
-    from pertoken.backends import load_backend
+def load_model(choice: ModelChoice):
+    """The chosen model, loaded (one place a command loads a model, for tests to replace)."""
+    return choice.load()
 
-    return load_backend(model, backend, dtype=dtype, device=device, compile=compile)
+
+def gather(**objects):
+    """Hand the command ready option objects: each `name=Kind` (ModelChoice, Generation,
+    JudgeSettings, Extraction) takes the command's flat options of that kind
+    (`--n-per-question`, `--judge-model`, ...) and gives one frozen Kind as `name`."""
+
+    def wrap(f):
+        @functools.wraps(f)
+        def inner(*args, **kwargs):
+            for name, kind in objects.items():
+                kwargs[name] = _build(kind, kwargs)
+            return f(*args, **kwargs)
+
+        return inner
+
+    return wrap
+
+
+def _build(kind, kwargs: dict):
+    """One option object from the flat options it takes out of `kwargs`."""
+    flat = {k: kwargs.pop(k) for k in FLAT_NAMES[kind] if k in kwargs}
+    if kind is ModelChoice and "compile_" in kwargs:
+        flat["compile"] = kwargs.pop("compile_")
+    if kind is JudgeSettings and flat.get("coherence_prompt"):
+        from pertoken.pipeline.judge.rubrics import read_rubric
+
+        flat["coherence_prompt"] = read_rubric(flat["coherence_prompt"])
+    return from_flat(kind, flat)
 
 
 def vectors_option(
@@ -97,17 +124,16 @@ def ray_options(f):
 
 
 @contextlib.contextmanager
-def model_or_pool(model, backend, dtype, device, ray_address, workers, compile: bool = False):
+def model_or_pool(choice: ModelChoice, ray_address, workers):
     """(backend, None) loaded here, or with --ray (ModelInfo, pool) of actors holding it."""
     if ray_address is None:
         if workers is not None:
             raise PertokenError("--workers needs --ray: give --ray local, auto or ADDRESS")
-        yield load_model(model, backend, dtype, device, compile), None
+        yield load_model(choice), None
         return
-    from pertoken.pipeline.distributed import ModelSpec, model_pool, ray_runtime
+    from pertoken.pipeline.distributed import model_pool, ray_runtime
 
-    spec = ModelSpec(model, backend, dtype, device, compile)
-    with ray_runtime(ray_address), model_pool(spec, workers) as pool:
+    with ray_runtime(ray_address), model_pool(choice, workers) as pool:
         yield pool.info(), pool
 
 

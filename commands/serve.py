@@ -6,6 +6,7 @@ import click
 
 from pertoken.commands import options
 from pertoken.commands.options import model_options
+from pertoken.pipeline.options import ModelChoice
 
 
 @click.command()
@@ -69,7 +70,7 @@ def serve(
     files = _named_vectors(vectors)
     loaded = {name: load_vector(path) for name, path in files.items()}
     stores = TraceStores(list(traces)) if traces else None
-    bk = options.load_model(model, backend, dtype, device)
+    bk = options.load_model(ModelChoice(model, backend, dtype, device))
     for name, vec in loaded.items():
         vec.check_model(bk.n_layers, bk.hidden_size, files[name])
     for line in stores.check_model(bk.model_id) if stores else []:

@@ -7,6 +7,7 @@ import click
 from pertoken.commands import options
 from pertoken.commands.options import (
     cache_option,
+    gather,
     generation_options,
     judge_options,
     model_options,
@@ -15,6 +16,7 @@ from pertoken.commands.options import (
     trait_option,
 )
 from pertoken.errors import PertokenError
+from pertoken.pipeline.options import Generation, JudgeSettings, ModelChoice
 
 
 @click.command()
@@ -26,9 +28,8 @@ from pertoken.errors import PertokenError
 @positions_option
 @generation_options(200, sampler=True)
 @click.argument("prompt")
-def steer(
-    model, backend, dtype, device, vectors, layers, coefs, ablates, caps, positions, prompt, **gen
-):
+@gather(choice=ModelChoice, generation=Generation)
+def steer(choice, generation, vectors, layers, coefs, ablates, caps, positions, prompt, system):
     """Print a steered answer beside the unsteered one (same seed).
 
     Several --vector/--layer/--coef triples are paired in order and added together; --ablate
@@ -47,9 +48,9 @@ def steer(
         raise PertokenError(
             "nothing to steer with: give --vector/--layer/--coef, --ablate or --cap"
         )
-    bk = options.load_model(model, backend, dtype, device)
+    bk = options.load_model(choice)
     st = build_steer(bk, specs, positions=positions)
-    res = steer_compare(bk, prompt, steer=st, **gen)
+    res = steer_compare(bk, prompt, st, generation, system=system)
     click.echo("steering: " + "; ".join(s.describe() for s in specs) + f" (positions {positions})")
     click.echo(side_by_side(res.unsteered, res.steered))
 
@@ -149,21 +150,14 @@ def eval_(
     sizes = (len(kit.eval_questions), n_per_question, max_new_tokens)
     plan = _eval_plan(rows, None if auto else coef_list, *sizes)
     click.echo(_eval_banner(model, backend, dtype, device, judge_model, base_url, out, plan))
-    loaded = options.model_or_pool(model, backend, dtype, device, ray_address, workers, compile_)
-    with loaded as (b, pool):
+    choice = ModelChoice(model, backend, dtype, device, compile_)
+    with options.model_or_pool(choice, ray_address, workers) as (b, pool):
         vector.check_model(b.n_layers, b.hidden_size, vector_path)
-        judge = make_judge(
-            kit,
-            judge_model=judge_model,
-            base_url=base_url,
-            concurrency=concurrency,
-            max_consecutive_failures=max_consecutive_failures,
-            coherence_prompt=rubric,
-            cache=cache,
-            model=model if pool is None else None,  # a `local:` judge of this model reuses it
-            backend=lambda: b,
-            backend_name=backend,
+        judging = JudgeSettings(
+            judge_model, base_url, concurrency, cache, rubric, max_consecutive_failures
         )
+        same = ModelChoice(model if pool is None else "", backend)  # a `local:` judge reuses it
+        judge = make_judge(kit, judging, model=same, backend=lambda: b)
         judge.check(reach=False)  # a missing key is an error before any generation
         opts = dict(out_dir=out, judge=judge, generation=gen)
         if auto:
@@ -194,12 +188,11 @@ def _eval_plan(rows, coefs, n_questions: int, n: int, max_new_tokens: int) -> st
 
 def _eval_banner(model, backend, dtype, device, judge_model, base_url, out, plan) -> str:
     from pertoken.backends import choose_settings
-    from pertoken.pipeline.banner import banner, judge_endpoint
+    from pertoken.pipeline.banner import banner
 
     name, device, dtype = choose_settings(model, backend, dtype=dtype, device=device)
-    endpoint = judge_endpoint(judge_model, base_url)
-    return banner(model=model, backend=name, device=device, dtype=dtype, judge=judge_model,
-                  endpoint=endpoint, folder=out, plan=plan)  # fmt: skip
+    chosen, judging = ModelChoice(model, name, dtype, device), JudgeSettings(judge_model, base_url)
+    return banner(chosen, judging, out, plan=plan)
 
 
 def _search(backend, sweep, opts: dict, min_coherence: float) -> None:
@@ -264,7 +257,7 @@ def monitor(
     files = _named_vectors(vectors)
     loaded = {name: load_vector(path) for name, path in files.items()}
     specs = parse_specs(steers, ablates, caps)
-    bk = options.load_model(model, backend, dtype, device)
+    bk = options.load_model(ModelChoice(model, backend, dtype, device))
     for name, vec in loaded.items():
         vec.check_model(bk.n_layers, bk.hidden_size, files[name])
     st = build_steer(bk, specs, positions=positions) if specs else None
@@ -321,11 +314,12 @@ def _named_vectors(items) -> dict[str, str]:
 @click.option("--layer", required=True, type=int, help="Row to project at.")
 @click.option("--out", default=None, help="Output CSV (default: add the columns in place).")
 @click.option("--batch-size", default=8, show_default=True, type=int)
-def project(model, backend, dtype, device, csv_file, vector, layer, out, batch_size):
+@gather(choice=ModelChoice)
+def project(choice, csv_file, vector, layer, out, batch_size):
     """Add projection columns to a generation CSV and print r against the trait score."""
     from pertoken.pipeline.project import describe_correlations, project_csv
 
-    bk = options.load_model(model, backend, dtype, device)
+    bk = options.load_model(choice)
     res = project_csv(
         bk, csv_file, vector_path=vector, layer=layer, out_path=out, batch_size=batch_size
     )

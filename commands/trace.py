@@ -6,11 +6,13 @@ import click
 
 from pertoken.commands import options
 from pertoken.commands.options import (
+    gather,
     generation_options,
     model_options,
     positions_option,
     ray_options,
 )
+from pertoken.pipeline.options import Generation, ModelChoice
 
 
 @click.command()
@@ -41,13 +43,14 @@ from pertoken.commands.options import (
 )  # fmt: skip
 @generation_options(200)
 @ray_options
-def trace(model, backend, dtype, device, vectors, layers, input_path, out, segments, steers,
-          ablates, caps, positions, batch_size, chunk, no_page, allow_special_tokens,
-          ray_address, workers, **gen):  # fmt: skip
+@gather(choice=ModelChoice, generation=Generation)
+def trace(choice, vectors, layers, input_path, out, segments, steers, ablates, caps, positions,
+          chunk, no_page, allow_special_tokens, ray_address, workers, generation,
+          system):  # fmt: skip
     """Project every token of a dataset's transcripts onto persona vectors, into a store."""
     from pertoken.commands.steering import _named_vectors
     from pertoken.pipeline.steer import build_steer, parse_specs
-    from pertoken.pipeline.trace.dataset import Generation, trace_dataset
+    from pertoken.pipeline.trace.dataset import Tracing, trace_dataset
     from pertoken.pipeline.trace.segments import DEFAULT_SEGMENTS, parse_segment
     from pertoken.rows import parse_layers
     from pertoken.vectors import load_vector
@@ -55,18 +58,20 @@ def trace(model, backend, dtype, device, vectors, layers, input_path, out, segme
     files = _named_vectors(vectors)
     loaded = {name: load_vector(path) for name, path in files.items()}
     specs = parse_specs(steers, ablates, caps)
-    segs = [parse_segment(s) for s in segments] or list(DEFAULT_SEGMENTS)
+    segs = tuple(parse_segment(s) for s in segments) or DEFAULT_SEGMENTS
     rows = parse_layers(layers)
     if allow_special_tokens and ray_address:
         raise click.UsageError("--allow-special-tokens runs in one process: drop --ray for it")
-    with options.model_or_pool(model, backend, dtype, device, ray_address, workers) as (bk, pool):
+    with options.model_or_pool(choice, ray_address, workers) as (bk, pool):
         if allow_special_tokens:  # inputs that hold real template tokens
             bk.special_tokens_in_content = True
         st = build_steer(bk, specs, positions=positions) if specs else None
+        # --batch-size: sequences traced (and answers generated) at once
+        g = generation.with_samples(1)
+        tracing = Tracing(segs, st, g, system, g.batch_size, chunk, files, not no_page)
         res = trace_dataset(
-            bk, input=input_path, vectors=loaded, rows=rows, out_dir=out, segments=segs,
-            steer=st, generation=Generation(**gen), batch_size=batch_size, chunk=chunk,
-            vector_files=files, page=not no_page, pool=pool,
+            bk, input=input_path, out_dir=out, vectors=loaded, rows=rows, tracing=tracing,
+            pool=pool,
         )  # fmt: skip
     rate = f", {res.tokens / res.seconds:.0f} tok/s" if res.tokens else ""
     click.echo(

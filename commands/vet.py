@@ -7,7 +7,8 @@ import functools
 import click
 
 from pertoken.commands import options
-from pertoken.commands.options import model_options
+from pertoken.commands.options import gather, model_options
+from pertoken.pipeline.options import JudgeSettings, ModelChoice
 
 
 @click.command()
@@ -45,84 +46,39 @@ from pertoken.commands.options import model_options
 )
 @options.judge_options
 @options.cache_option
-def vet(
-    vector,
-    model,
-    backend,
-    dtype,
-    device,
-    pos_csv,
-    neg_csv,
-    trait,
-    out,
-    threshold,
-    holdout,
-    seed,
-    batch_size,
-    causal,
-    max_cost,
-    judged,
-    judge_model,
-    base_url,
-    concurrency,
-    coherence_prompt,
-    max_consecutive_failures,
-    cache,
-):
+@gather(choice=ModelChoice, judging=JudgeSettings)
+def vet(vector, choice, pos_csv, neg_csv, trait, out, threshold, holdout, seed, batch_size,
+        causal, max_cost, judged, judging):  # fmt: skip
     """Report card: per-layer norms, coefficients, held-out separation, warnings, best layer.
 
     Reads the per-sample summaries beside VECTOR (written by extract); the model runs when
     they are missing, and for the causal measure (--no-causal: separation only)."""
-    from pertoken.pipeline.vet.stage import vet_vector
+    from pertoken.pipeline.vet.stage import CausalCheck, Vetting, vet_vector
     from pertoken.pipeline.vet.write import summary_lines
 
-    loader = functools.cache(lambda: options.load_model(model, backend, dtype, device))
-    judge = None
-    if judged:
-        judge = _judge(vector, trait, judge_model, base_url, concurrency, coherence_prompt,
-                       max_consecutive_failures, cache, model, loader, backend)  # fmt: skip
+    loader = functools.cache(lambda: options.load_model(choice))
+    judge = _judge(vector, trait, judging, choice, loader) if judged else None
     r = vet_vector(
         vector,
         pos_csv=pos_csv,
         neg_csv=neg_csv,
         backend=loader,
-        model=model,
-        trait=trait,
-        out_dir=out,
-        threshold=threshold,
-        holdout=holdout,
-        seed=seed,
-        batch_size=batch_size,
-        causal=causal or bool(judged),
-        max_cost=max_cost,
-        judged=judged,
-        judge=judge,
+        model=choice.model,
+        vetting=Vetting(trait, out, threshold, holdout, seed, batch_size),
+        causal=CausalCheck(max_cost, judged=judged, judge=judge) if causal or judged else None,
     )
     for line in summary_lines(r):
         click.echo(line)
     click.echo(", ".join(r.files.values()))
 
 
-def _judge(vector, trait, judge_model, base_url, concurrency, coherence_prompt, failures, cache,
-           model, loader, backend_name):  # fmt: skip
+def _judge(vector, trait, judging: JudgeSettings, choice: ModelChoice, loader):
     from pertoken.pipeline.judge.judges import make_judge
-    from pertoken.pipeline.judge.rubrics import read_rubric
     from pertoken.traits import load_trait
     from pertoken.vectors import load_vector
 
     kit = load_trait(trait or load_vector(vector).meta.get("trait") or "")
-    return make_judge(
-        kit,
-        judge_model=judge_model,
-        base_url=base_url,
-        concurrency=concurrency,
-        max_consecutive_failures=failures,
-        coherence_prompt=read_rubric(coherence_prompt) if coherence_prompt else None,
-        cache=cache,
-        model=model,
-        backend=loader,
-        backend_name=backend_name,
-    )
+    return make_judge(kit, judging, model=choice, backend=loader)
 
 
 COMMANDS = [vet]

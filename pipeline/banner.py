@@ -3,31 +3,33 @@
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
+
+if TYPE_CHECKING:
+    from pertoken.pipeline.options import JudgeSettings, ModelChoice
 
 OPENAI_URL = "https://api.openai.com/v1"
 
 
 def banner(
-    *,
-    model: str,
-    backend: str,
-    device: str,
-    dtype: str,
-    judge: str,
-    endpoint: str,
+    model: ModelChoice,
+    judging: JudgeSettings,
     folder,
+    *,
     why: dict[str, str] | None = None,
     plan: str | None = None,
 ) -> str:
-    """Aligned `name  value` lines; `why` may add a reason to any of them (by name); `plan`
+    """Aligned `name  value` lines for a model whose backend, device and dtype are chosen,
+    its judge and output folder; `why` may add a reason to any of them (by name); `plan`
     says how much work the command will do."""
+    endpoint = judge_endpoint(judging.judge_model, judging.base_url)
     rows = {
-        "model": model,
-        "backend": backend,
-        "device": device,
-        "dtype": dtype,
-        "judge": f"{judge} at {endpoint}",
+        "model": model.model,
+        "backend": model.backend,
+        "device": model.device,
+        "dtype": model.dtype,
+        "judge": f"{judging.judge_model} at {endpoint}",
         "output": str(folder),
     } | ({"plan": plan} if plan else {})
     why = why or {}

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from pertoken.backends.chat import ChatText
 from pertoken.errors import PertokenError
+from pertoken.pipeline.options import ModelChoice
 
 INSTALL = 'pip install "pertoken[ray]"'
 DEPTH = 2  # shards queued per actor
@@ -95,23 +96,6 @@ def unwrap(e: Exception) -> Exception:
     return PertokenError(f"a Ray worker was lost ({type(e).__name__}): rerun to resume")
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    """How an actor loads its model (load_backend's arguments)."""
-
-    model: str
-    backend: str = "auto"
-    dtype: str | None = None
-    device: str | None = None
-    compile: bool = False
-
-    def load(self):
-        from pertoken.backends import load_backend
-
-        kw = dict(dtype=self.dtype, device=self.device, compile=self.compile)
-        return load_backend(self.model, self.backend, **kw)
-
-
 @dataclass
 class ModelInfo(ChatText):
     """A model the driver does not load, as its actors describe it: enough for the checks and
@@ -146,7 +130,7 @@ def _sendable(backend):
 class _ModelWorker:
     """One Ray actor: loads the model once, then runs shards on it."""
 
-    def __init__(self, spec: ModelSpec):
+    def __init__(self, spec: ModelChoice):
         self.backend = spec.load()
 
     def info(self) -> ModelInfo:
@@ -159,7 +143,7 @@ class _ModelWorker:
 class ModelPool:
     """`workers` Ray actors holding `spec`'s model, each asking for `gpus` GPUs (0: CPU)."""
 
-    def __init__(self, spec: ModelSpec, workers: int, *, gpus: float = 0, cpus: float = 1):
+    def __init__(self, spec: ModelChoice, workers: int, *, gpus: float = 0, cpus: float = 1):
         ray = require_ray()
         if workers < 1:
             raise PertokenError(f"--workers must be at least 1, not {workers}")
@@ -212,7 +196,7 @@ class ModelPool:
 
 
 @contextmanager
-def model_pool(spec: ModelSpec, workers: int | None, *, gpus: float | None = None):
+def model_pool(spec: ModelChoice, workers: int | None, *, gpus: float | None = None):
     """A ModelPool for this block: `workers` actors (default: one per GPU of the cluster, or
     one), each with `gpus` GPUs (default one when the cluster has GPUs)."""
     have = cluster_gpus()

@@ -21,6 +21,7 @@ from pertoken.lock import output_lock
 from pertoken.names import METHODS as METHODS  # the CLI's choices, numpy-free
 from pertoken.paths import inside, path_name
 from pertoken.pipeline.csvio import parse_score, read_csv, sample_keys
+from pertoken.pipeline.options import Extraction
 from pertoken.pipeline.summaries import KINDS, collect, from_pairs, save_summaries, summaries_path
 from pertoken.vectors import PersonaVector, save_vector
 from pertoken.version import __version__
@@ -52,24 +53,23 @@ def extract_vectors(
     pos_csv: str | Path,
     neg_csv: str | Path,
     trait: str,
-    threshold: float = 50,
     save_dir: str | Path,
-    batch_size: int = 8,
-    min_pairs: int = 1,
-    judge_model: str | None = None,
-    method: str = "mean_diff",
+    extraction: Extraction = Extraction(),
     progress: bool = True,
 ) -> dict[str, Path]:
     """Write the three `{trait}_{kind}_diff.pt` vectors (+ JSON sidecars), the per-sample
     `{trait}_summaries.npz`, and with method "probe" `{trait}_response_avg_probe.pt`; return
     the vector paths ({kind: path}, plus "probe").
 
-    threshold T (default 50) filters pairs; fewer than min_pairs kept pairs is an error.
-    judge_model for the sidecar defaults to the one the judge recorded beside pos_csv.
+    extraction: the threshold T (default 50) that filters pairs, fewer than min_pairs kept
+    pairs being an error; the method; pairs read at once. The sidecar names the judge
+    recorded beside pos_csv.
     """
     from tqdm import tqdm
 
     trait = getattr(trait, "name", trait)
+    threshold, method, batch_size = extraction.threshold, extraction.method, extraction.batch_size
+    min_pairs = extraction.min_pairs
     if method not in METHODS:
         raise PertokenError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
     paths = vector_paths(save_dir, trait)
@@ -79,7 +79,7 @@ def extract_vectors(
         with tqdm(total=total, unit="row", desc="extract", disable=not progress) as bar:
             pos, pos_states = collect(backend, pairs.pos, keep=keep, batch_size=batch_size, bar=bar)
             neg, neg_states = collect(backend, pairs.neg, keep=keep, batch_size=batch_size, bar=bar)
-        meta = _meta(backend, trait, threshold, pairs, _judged_by(pos_csv, judge_model))
+        meta = _meta(backend, trait, threshold, pairs, _judged_by(pos_csv))
         samples = from_pairs(pairs.keys, pos_states, neg_states, _summary_meta(meta))
         save_summaries(samples, summaries_path(save_dir, trait))
         for kind, path in paths.items():
@@ -187,7 +187,7 @@ def _too_few(kept, total, pos, neg, trait, t) -> str:
     )
 
 
-def _judged_by(csv_path, judge_model: str | None) -> dict:
+def _judged_by(csv_path) -> dict:
     """The judge model, server and rubric digests the judge recorded beside `csv_path`."""
     from pertoken.pipeline.judge.stage import judge_sidecar
 
@@ -196,4 +196,4 @@ def _judged_by(csv_path, judge_model: str | None) -> dict:
     except (OSError, json.JSONDecodeError):
         side = {}
     keys = ("judge_model", "judge_base_url", "rubric_sha256")
-    return {k: side.get(k) for k in keys} | ({"judge_model": judge_model} if judge_model else {})
+    return {k: side.get(k) for k in keys}

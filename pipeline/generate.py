@@ -16,11 +16,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pertoken.backends.sampler import sampling_options
 from pertoken.errors import PertokenError
 from pertoken.journal import Journal
 from pertoken.lock import output_lock
 from pertoken.pipeline.csvio import columns, read_csv, sample_keys, write_csv_atomic
+from pertoken.pipeline.options import Generation
 from pertoken.traits import Trait, require_eval_questions
 
 POLARITIES = ("pos", "neg")  # under the trait's instructions, or under the helpful ones
@@ -102,52 +102,52 @@ def side_file(path: Path) -> Path:
 
 def generate_csv(
     backend,
-    *,
     trait: Trait,
     out: str | Path,
+    generation: Generation = Generation(),
+    *,
     polarity: str = "pos",
-    eval: bool = False,
-    n_per_question: int = 10,
-    max_new_tokens: int = 1000,
-    temperature: float | None = None,
-    sampler: str = "plain",
-    batch_size: int | None = None,
-    seed: int = 0,
     progress: bool = True,
-    label: str | None = None,
     pool=None,
 ) -> GenerateResult:
-    """Write the generation CSV for one polarity (or the eval questions), resuming any earlier run.
+    """Write the generation CSV for one polarity (`pos`, `neg`, or `eval`: the eval
+    questions), resuming any earlier run.
 
-    temperature defaults to 1.0, or 0 (greedy) when n_per_question is 1; sampler `model` samples
-    with the checkpoint's generation_config (backends.sampler). batch_size (answers decoding
-    at once, each saved as it ends) defaults to what free memory holds on CUDA and Metal, else
-    16. Each row samples from row_seed(seed, row), so the CSV does not depend on batching or on
-    interruptions. label names the progress bar (default `generate pos`, `generate neg` or
-    `generate eval`). pool: a distributed.ModelPool whose actors answer shards of the rows
+    generation: samples per question, new tokens, the sampling (temperature 1.0, or greedy
+    with one sample; sampler `model` samples with the checkpoint's generation_config) and
+    batch_size (answers decoding at once, each saved as it ends; default what free memory
+    holds on CUDA and Metal, else 16). Each row samples from row_seed(seed, row), so the CSV
+    does not depend on batching or on interruptions. The progress bar is `generate
+    {polarity}`. pool: a distributed.ModelPool whose actors answer shards of the rows
     (`backend` is then its ModelInfo); this process saves each shard as it comes back.
     """
-    start = time.perf_counter()
-    out = Path(out)
-    specs = plan_rows(trait, polarity=polarity, eval=eval, n_per_question=n_per_question)
-    default = 1.0 if n_per_question > 1 else 0.0
-    sampling = sampling_options(backend, sampler, temperature, default=default)
-    batch_size = batch_size or _default_slots(backend)
+    start, out, eval = time.perf_counter(), Path(out), polarity == "eval"
+    specs = plan_rows(trait, polarity=polarity, eval=eval, n_per_question=generation.samples)
     prompts = _prompts(backend, specs)
-    opts = dict(max_new_tokens=max_new_tokens, seed=seed, **sampling)
-    bar = dict(disable=not progress, desc=label or f"generate {'eval' if eval else polarity}")
+    batch = _Batch(generation.keywords(backend), generation.batch_size or _default_slots(backend))
+    bar = dict(disable=not progress, desc=f"generate {polarity}")
     with output_lock(out):  # a second writer would append to the same side file
         done = _finished_rows(out, prompts)
         todo = [s for s in specs if s.key not in done]
         if todo:
             out.parent.mkdir(parents=True, exist_ok=True)
-            side = side_file(out)
-            run = _run_rows if pool is None else functools.partial(_pool_rows, pool)
-            run(backend, todo, prompts, done, side, len(specs), batch_size, opts, bar)
+            saver = _Saver(backend, todo, prompts, done, side_file(out), bar, batch.size)
+            with saver as save:
+                (_run_rows if pool is None else functools.partial(_pool_rows, pool))(
+                    backend, batch, save
+                )
         if todo or not is_complete(out, specs):
             _write_final(out, trait.name, specs, prompts, done)
         side_file(out).unlink(missing_ok=True)  # also when killed after the final rename
     return GenerateResult(out, len(specs), len(todo), time.perf_counter() - start)
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """backend.generate's keywords (Generation.keywords) and the answers decoding at once."""
+
+    opts: dict
+    size: int | None
 
 
 def _default_slots(backend) -> int | None:
@@ -190,38 +190,38 @@ def _read_side(path: Path) -> list[dict]:
     return [row for row in Journal(path).read() if _SIDE_KEYS <= row.keys()]
 
 
-def _run_rows(backend, todo, prompts, done, side, total, batch_size, opts, bar_opts):
+def _run_rows(backend, batch: _Batch, save: _Saver) -> None:
     """Generate every missing row in one call, so a slot freed by a short answer takes the
     next row; each answer is saved (flushed and fsynced) as soon as it ends."""
-    with _Saver(backend, todo, prompts, done, side, total, bar_opts, batch_size) as save:
-        backend.generate(
-            [prompts[s.key] for s in todo],
-            batch_size=batch_size,
-            seeds=[row_seed(opts["seed"], s) for s in todo],
-            on_answer=save,
-            **opts,
-        )
+    todo, seed = save.todo, batch.opts["seed"]
+    backend.generate(
+        [save.prompts[s.key] for s in todo],
+        batch_size=batch.size,
+        seeds=[row_seed(seed, s) for s in todo],
+        on_answer=save,
+        **batch.opts,
+    )
 
 
 SHARDS_PER_WORKER = 4  # a pool's rows go out in this many shards per actor, for balance
 
 
-def _pool_rows(pool, backend, todo, prompts, done, side, total, batch_size, opts, bar_opts):
+def _pool_rows(pool, backend, batch: _Batch, save: _Saver) -> None:
     """The missing rows in shards answered by the pool's actors, each saved as it returns."""
     from pertoken.pipeline.distributed import map_shards
 
-    size = max(batch_size or 1, math.ceil(len(todo) / (SHARDS_PER_WORKER * pool.size)))
+    todo, prompts, seed = save.todo, save.prompts, batch.opts["seed"]
+    size = max(batch.size or 1, math.ceil(len(todo) / (SHARDS_PER_WORKER * pool.size)))
     starts = list(range(0, len(todo), size))
     shards = [
         ([prompts[s.key] for s in todo[a : a + size]],
-         [row_seed(opts["seed"], s) for s in todo[a : a + size]])
+         [row_seed(seed, s) for s in todo[a : a + size]])
         for a in starts
     ]  # fmt: skip
-    fn = functools.partial(answer_shard, dict(opts, batch_size=batch_size))
-    with _Saver(backend, todo, prompts, done, side, total, bar_opts, batch_size) as save:
-        for i, answers in map_shards(fn, shards, pool=pool):
-            for k, answer in enumerate(answers):
-                save(starts[i] + k, answer)
+    fn = functools.partial(answer_shard, dict(batch.opts, batch_size=batch.size))
+    for i, answers in map_shards(fn, shards, pool=pool):
+        for k, answer in enumerate(answers):
+            save(starts[i] + k, answer)
 
 
 def answer_shard(opts: dict, backend, shard) -> list[str]:
@@ -233,13 +233,14 @@ def answer_shard(opts: dict, backend, shard) -> list[str]:
 class _Saver:
     """save(k, answer): row todo[k]'s answer onto the side file (flushed and fsynced)."""
 
-    def __init__(self, backend, todo, prompts, done, side, total, bar_opts, batch_size):
+    def __init__(self, backend, todo, prompts, done, side, bar_opts, batch_size):
         from tqdm import tqdm
 
         self.backend, self.todo, self.prompts, self.done = backend, todo, prompts, done
         self.journal = Journal(side)
         # smoothing 0: the ETA from the mean rate since the start; answers of one call end in
         # bursts, and a recent-rate estimate swings by hours between them
+        total = len(prompts)
         self.bar = tqdm(total=total, initial=total - len(todo), unit="row", dynamic_ncols=True,
                         smoothing=0, **bar_opts)  # fmt: skip
         self.n_tokens, self.t0, self.answered = 0, time.perf_counter(), 0

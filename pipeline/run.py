@@ -20,10 +20,10 @@ from pertoken.paths import inside, model_basename, path_name
 from pertoken.pipeline.extract import extract_vectors, probe_path, vector_paths
 from pertoken.pipeline.generate import POLARITIES, generate_csv, is_complete, plan_rows
 from pertoken.pipeline.judge.judges import make_judge
-from pertoken.pipeline.judge.rubrics import DEFAULT_JUDGE
 from pertoken.pipeline.judge.stage import judge_csv, judge_sidecar
+from pertoken.pipeline.options import Extraction, Generation, JudgeSettings, ModelChoice
 from pertoken.pipeline.vet.card import report_paths
-from pertoken.pipeline.vet.stage import vet_vector
+from pertoken.pipeline.vet.stage import Vetting, vet_vector
 from pertoken.traits import load_trait
 
 
@@ -43,100 +43,56 @@ def run_folder(out: str | Path, model: str, trait: str) -> Path:
     return inside(out, model_basename(model), path_name(trait, "trait name"))
 
 
-@dataclass
-class RunOptions:
-    """run_pipeline's options, as it documents them."""
+StageHook = Callable[[str, str, float], None]  # (stage, status, seconds)
 
-    model: str
-    trait: str
-    backend: str
-    out: str | Path
-    n_per_question: int
-    max_new_tokens: int
-    temperature: float | None  # 1.0, or 0 when n_per_question is 1
-    sampler: str
-    seed: int
-    judge_model: str
-    base_url: str | None
-    threshold: float
-    concurrency: int
-    batch_size: int | None
-    cache: str | Path | None
-    dtype: str | None
-    device: str | None
-    compile: bool  # torch: the compiled decode step
-    progress: bool
-    method: str
-    coherence_prompt: str | None
-    max_consecutive_failures: int
-    on_stage: Callable[[str, str, float], None] | None  # (stage, status, seconds)
+
+@dataclass(frozen=True)
+class Watch:
+    """What a run shows as it goes: progress bars, and on_stage(stage, status, seconds) as
+    each stage ends."""
+
+    progress: bool = True
+    on_stage: StageHook | None = None
 
 
 def run_pipeline(
-    *,
-    model: str,
+    model: ModelChoice,
     trait: str,
-    backend: str = "auto",
+    *,
     out: str | Path = "runs",
-    n_per_question: int = 10,
-    max_new_tokens: int = 1000,
-    temperature: float | None = None,
-    sampler: str = "plain",
-    seed: int = 0,
-    judge_model: str = DEFAULT_JUDGE,
-    base_url: str | None = None,
-    threshold: float = 50,
-    concurrency: int = 32,
-    batch_size: int | None = None,
-    cache: str | Path | None = None,
-    dtype: str | None = None,
-    device: str | None = None,
-    compile: bool = False,
-    progress: bool = True,
-    method: str = "mean_diff",
-    coherence_prompt: str | None = None,
-    max_consecutive_failures: int = 8,
-    on_stage: Callable[[str, str, float], None] | None = None,
+    generation: Generation = Generation(),
+    judging: JudgeSettings = JudgeSettings(),
+    extraction: Extraction = Extraction(),
+    watch: Watch = Watch(),
 ) -> RunReport:
     """Generate, judge and extract one trait for one model, resuming whatever is done.
 
-    model: hub id or folder; trait: kit name or file; out: root of the run folders. Defaults:
-    10 samples per question, 1000 new tokens, temperature 1 (plain sampler, seed 0), the
-    default judge (judge_model, base_url, concurrency, max_consecutive_failures, cache,
-    coherence_prompt: rubric text, default the kit's or the judge's own), threshold 50, method
-    mean_diff (probe adds `{trait}_response_avg_probe.pt`, which is then vetted). compile: the
-    torch backend's compiled decode step. on_stage(stage, status, seconds) is called as each
-    stage ends.
+    model: which model and how it loads; trait: kit name or file; out: root of the run
+    folders. Defaults: 10 samples per question, 1000 new tokens, temperature 1 (plain
+    sampler, seed 0; greedy with one sample), the default judge, threshold 50, method
+    mean_diff (probe adds `{trait}_response_avg_probe.pt`, which is then vetted).
     """
-    return _Run(RunOptions(**locals())).run()
+    return _Run(model, trait, out, (generation, judging, extraction), watch).run()
 
 
 class _Run:
     """One run folder; the model and the judge are loaded only when a stage needs them."""
 
-    def __init__(self, opts: RunOptions):
-        self.opts, self.kit = opts, load_trait(opts.trait)
-        self.folder = run_folder(opts.out, opts.model, self.kit.name)
+    def __init__(self, model: ModelChoice, trait: str, out, settings, watch: Watch):
+        self.choice, self.kit, self.watch = model, load_trait(trait), watch
+        self.generation, judging, self.extraction = settings
+        self.folder = run_folder(out, model.model, self.kit.name)
         self.csvs = {
             p: inside(self.folder, f"{self.kit.name}_{p}_instruct.csv") for p in POLARITIES
         }
         self.paths = vector_paths(self.folder / "vectors", self.kit.name)
-        if opts.method == "probe":
+        if self.extraction.method == "probe":
             self.paths["probe"] = probe_path(self.folder / "vectors", self.kit.name)
         self.report = report_paths(self.folder / "vectors", self.kit.name)["json"]
         self._backend = None
+        # a `local:` judge of the same model reuses it
         self.judge = make_judge(
-            self.kit,
-            judge_model=opts.judge_model,
-            base_url=opts.base_url,
-            concurrency=opts.concurrency,
-            max_consecutive_failures=opts.max_consecutive_failures,
-            coherence_prompt=opts.coherence_prompt,
-            cache=opts.cache,
-            progress=opts.progress,
-            model=opts.model,  # a `local:` judge of the same model reuses it
-            backend=self.backend,
-            backend_name=opts.backend,
+            self.kit, judging, progress=watch.progress, model=model, backend=self.backend
         )
 
     def run(self) -> RunReport:
@@ -149,7 +105,7 @@ class _Run:
         backend's); a fresh folder records which backend fills it, in run.json."""
         from pertoken.backends import choose
 
-        name, record = choose(self.opts.backend).backend, self.folder / RUN_RECORD
+        name, record = choose(self.choice.backend).backend, self.folder / RUN_RECORD
         held = recorded_backend(self.folder, self.paths["response_avg"], self.report)
         if held is not None and held != name:
             raise PertokenError(
@@ -158,24 +114,24 @@ class _Run:
                 f"--backend {held} to resume that run"
             )
         if not record.is_file():
-            write_text_atomic(record, json.dumps({"backend": name, "model": self.opts.model}))
+            write_text_atomic(record, json.dumps({"backend": name, "model": self.choice.model}))
 
     def _run(self) -> RunReport:
-        o, stages = self.opts, {}
+        on_stage, threshold, stages = self.watch.on_stage, self.extraction.threshold, {}
         generated = {pol: self.generated(pol) for pol in POLARITIES}
         if not all(generated.values()) or not all(map(self.judged, POLARITIES)):
             self.judge.check()  # before the model loads, not hours later
 
         def stage(name: str, complete: bool, work, *args) -> None:
             stages[name] = _stage(complete, work, *args)
-            if o.on_stage is not None:
-                o.on_stage(name, *stages[name])
+            if on_stage is not None:
+                on_stage(name, *stages[name])
 
         for pol in POLARITIES:
             stage(f"generate {pol}", generated[pol], self.generate, pol)
         for pol in POLARITIES:
             stage(f"judge {pol}", self.judged(pol), self.judge_file, pol)
-        stage("extract", _extracted(self.paths, self.csvs, o.threshold), self.extract)
+        stage("extract", _extracted(self.paths, self.csvs, threshold), self.extract)
         stage("vet", _vetted(self.report, self.vetted_vector()), self.vet)
         meta = json.loads(self.paths["response_avg"].with_suffix(".json").read_text())
         report = self.report if _vetted(self.report, self.vetted_vector()) else None
@@ -186,7 +142,7 @@ class _Run:
         return self.paths.get("probe", self.paths["response_avg"])
 
     def generated(self, pol: str) -> bool:
-        specs = plan_rows(self.kit, polarity=pol, n_per_question=self.opts.n_per_question)
+        specs = plan_rows(self.kit, polarity=pol, n_per_question=self.generation.samples)
         return is_complete(self.csvs[pol], specs)
 
     def judged(self, pol: str) -> bool:
@@ -194,47 +150,24 @@ class _Run:
 
     def backend(self):
         if self._backend is None:
-            from pertoken.backends import load_backend
-
-            o = self.opts
-            self._backend = load_backend(
-                o.model, o.backend, dtype=o.dtype, device=o.device, compile=o.compile
-            )
+            self._backend = self.choice.load()
         return self._backend
 
     def generate(self, pol: str):
-        o = self.opts
         return generate_csv(
-            self.backend(),
-            trait=self.kit,
-            out=self.csvs[pol],
-            polarity=pol,
-            n_per_question=o.n_per_question,
-            max_new_tokens=o.max_new_tokens,
-            temperature=o.temperature,
-            sampler=o.sampler,
-            batch_size=o.batch_size,
-            seed=o.seed,
-            progress=o.progress,
-            label=f"generate {pol}",
-        )
+            self.backend(), self.kit, self.csvs[pol], self.generation,
+            polarity=pol, progress=self.watch.progress,
+        )  # fmt: skip
 
     def judge_file(self, pol: str):
         return judge_csv(self.csvs[pol], self.judge, label=f"judge {pol}")
 
     def extract(self):
-        o = self.opts
         return extract_vectors(
-            self.backend(),
-            pos_csv=self.csvs["pos"],
-            neg_csv=self.csvs["neg"],
-            trait=self.kit.name,
-            threshold=o.threshold,
-            save_dir=self.paths["prompt_avg"].parent,
-            judge_model=o.judge_model,
-            method=o.method,
-            progress=o.progress,
-        )
+            self.backend(), pos_csv=self.csvs["pos"], neg_csv=self.csvs["neg"],
+            trait=self.kit.name, save_dir=self.paths["prompt_avg"].parent,
+            extraction=self.extraction, progress=self.watch.progress,
+        )  # fmt: skip
 
     def vet(self):
         """The report card; a vet that cannot be made is a stage status, not an error, since
@@ -245,8 +178,8 @@ class _Run:
                 pos_csv=self.csvs["pos"],
                 neg_csv=self.csvs["neg"],
                 backend=self.backend,
-                model=self.opts.model,
-                trait=self.kit.name,
+                model=self.choice.model,
+                vetting=Vetting(trait=self.kit.name),
             )
         except PertokenError as e:
             return _Status(f"no report: {e}")

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from pertoken.backends.base import POSITIONS, Positions, Steer, SteerTerm
-from pertoken.backends.sampler import sampling_options
 from pertoken.errors import PertokenError
+from pertoken.pipeline.options import Generation
 from pertoken.rows import check_steer_row
 from pertoken.vectors import check_coef, load_vector
 
@@ -148,23 +148,14 @@ class SteerComparison:
 
 
 def steer_compare(
-    backend,
-    prompt: str,
-    *,
-    steer: Steer,
-    system: str | None = None,
-    max_new_tokens: int = 200,
-    temperature: float | None = None,
-    sampler: str = "plain",
-    seed: int = 0,
+    backend, prompt: str, steer: Steer, generation: Generation, *, system: str | None = None
 ) -> SteerComparison:
     """Answer `prompt` without and with `steer`, same seed, and return both answers.
 
-    temperature defaults to 0 (greedy); sampler `model` samples with the checkpoint's
-    generation_config, and its temperature when none is given; max_new_tokens defaults to 200."""
+    generation: one sample, greedy unless a temperature is given; sampler `model` samples
+    with the checkpoint's generation_config, and its temperature when none is given."""
     chat = backend.chat_prompt(system, prompt)
-    sampling = sampling_options(backend, sampler, temperature, default=0.0)
-    opts = dict(max_new_tokens=max_new_tokens, seed=seed, **sampling)
+    opts = generation.with_samples(1).keywords(backend, default=0.0)
     plain = backend.generate([chat], **opts)[0]
     steered = backend.generate([chat], steer=steer, **opts)[0]
     return SteerComparison(prompt, chat, plain, steered)

@@ -13,6 +13,7 @@ from pertoken.backends.base import Steer
 from pertoken.pipeline.csvio import read_csv, write_csv_atomic
 from pertoken.pipeline.extract import extract_vectors
 from pertoken.pipeline.generate import generate_csv
+from pertoken.pipeline.options import Generation
 from pertoken.traits import load_trait
 from tests.french_judge import KeywordJudge, coherence_score, french_score
 
@@ -36,9 +37,13 @@ def extraction_run(backend, folder: Path, *, n_questions: int, max_new_tokens: i
     csvs = {p: folder / f"french_{p}.csv" for p in ("pos", "neg")}
     for pol, path in csvs.items():
         generate_csv(
-            backend, trait=kit, out=path, polarity=pol, n_per_question=1,
-            max_new_tokens=max_new_tokens, progress=False,
-        )  # fmt: skip
+            backend,
+            kit,
+            path,
+            Generation(samples=1, max_tokens=max_new_tokens),
+            polarity=pol,
+            progress=False,
+        )
         judge_file(path)
     paths = extract_vectors(
         backend, pos_csv=csvs["pos"], neg_csv=csvs["neg"], trait="french",

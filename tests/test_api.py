@@ -43,6 +43,18 @@ def test_top_level_names_are_the_pipeline_objects():
         pertoken.steer  # noqa: B018
 
 
+def test_the_option_objects_and_the_run_are_top_level_names():
+    from pertoken.pipeline import options, run
+
+    assert pertoken.run_pipeline is run.run_pipeline
+    for name in ("ModelChoice", "Generation", "JudgeSettings", "Extraction"):
+        assert getattr(pertoken, name) is getattr(options, name) and name in pertoken.__all__
+    code = "import sys, pertoken; pertoken.Generation; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
 def test_load_returns_the_backend(llama_dir):
     b = pertoken.load(str(llama_dir), dtype="float32", device="cpu")
     assert (b.name, b.n_layers, b.hidden_size, b.dtype) == ("torch", 4, 64, "float32")

@@ -105,8 +105,8 @@ def fake_run(monkeypatch, tmp_path):
     """Replace run_pipeline by one that records its options."""
     seen = {}
 
-    def run_pipeline(**options):
-        seen.update(options)
+    def run_pipeline(model, trait, *, generation, **options):
+        seen.update(options, model=model.model, trait=trait, batch_size=generation.batch_size)
         return RunReport(tmp_path, {}, 0, 0, {})
 
     monkeypatch.setattr(pertoken.pipeline.run, "run_pipeline", run_pipeline)

@@ -4,17 +4,14 @@ import pytest
 
 from pertoken.backends import choose_settings
 from pertoken.pipeline.banner import banner, judge_endpoint
+from pertoken.pipeline.options import JudgeSettings, ModelChoice
 
 
 def test_banner_lines_align_and_take_reasons():
     text = banner(
-        model="org/m",
-        backend="torch",
-        device="cpu",
-        dtype="float32",
-        judge="gpt-x",
-        endpoint="http://host/v1",
-        folder="runs/m/evil",
+        ModelChoice("org/m", "torch", dtype="float32", device="cpu"),
+        JudgeSettings("gpt-x", base_url="http://host/v1"),
+        "runs/m/evil",
         why={"device": "no CUDA device"},
     )
     assert text.splitlines() == [

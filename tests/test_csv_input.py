@@ -8,6 +8,7 @@ from pertoken.errors import PertokenError
 from pertoken.pipeline.csvio import parse_sample, parse_score, read_csv, read_table, sample_keys
 from pertoken.pipeline.extract import pair_rows
 from pertoken.pipeline.generate import generate_csv, is_complete, plan_rows
+from pertoken.pipeline.options import Generation
 from pertoken.pipeline.sweep.plot import summarize
 from pertoken.traits import load_trait
 from tests.pipeline_fakes import RecordingBackend
@@ -51,14 +52,14 @@ def test_a_pandas_round_trip_does_not_regenerate(tmp_path):
     pd = pytest.importorskip("pandas")
     kit = load_trait(write_kit(tmp_path, "evil"))
     fake, out = RecordingBackend(), tmp_path / "pos.csv"
-    generate_csv(fake, trait=kit, out=out, n_per_question=2, progress=False)
+    generate_csv(fake, kit, out, Generation(samples=2), progress=False)
     df = pd.read_csv(out, keep_default_na=False)
     df["sample"] = df["sample"].astype(float)
     df.to_csv(out, index=False)
     assert "0.0" in out.read_text()
     specs = plan_rows(kit, polarity="pos", n_per_question=2)
     assert is_complete(out, specs)
-    res = generate_csv(fake, trait=kit, out=out, n_per_question=2, progress=False)
+    res = generate_csv(fake, kit, out, Generation(samples=2), progress=False)
     assert res.generated == 0
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pertoken.errors import PertokenError
-from pertoken.pipeline.options import Generation
+from pertoken.pipeline.options import Generation, JudgeSettings
 from pertoken.pipeline.sweep.grid import evaluate, format_table, parse_coefs
 from pertoken.pipeline.sweep.store import Sweep, answer_columns
 from pertoken.vectors import PersonaVector
@@ -294,15 +294,19 @@ def test_another_judge_or_rubric_judges_every_answer_again(tmp_path):
     trait = SimpleNamespace(**vars(TRAIT), eval_prompt="{question} {answer}")
     with serve_fake_openai() as server:
         server.reply = lambda body, n: [("40", 1.0)]
-        judge = make_judge(trait, judge_model="judge-x", base_url=server.url, progress=False)
+        judge = make_judge(
+            trait, JudgeSettings(judge_model="judge-x", base_url=server.url), progress=False
+        )
         sweep(FakeBackend(), tmp_path, judge, coefs=(1,))
         saved = json.loads((tmp_path / "eval.json").read_text())["judge"]
         assert saved["judge_model"] == "judge-x" and saved["judge_base_url"] == server.url
         n = len(server.requests)
         sweep(FakeBackend(), tmp_path, judge, coefs=(1,))
         assert len(server.requests) == n  # same judge: nothing to do
-        other = make_judge(trait, judge_model="judge-x", base_url=server.url, progress=False,
-                           coherence_prompt="Coherent? {question} {answer}")  # fmt: skip
+        rubric = "Coherent? {question} {answer}"
+        other = make_judge(
+            trait, JudgeSettings("judge-x", server.url, coherence_prompt=rubric), progress=False
+        )
         server.reply = lambda body, n: [("90", 1.0)]
         result = sweep(FakeBackend(), tmp_path, other, coefs=(1,))
     assert len(server.requests) == n + 3  # the trait scores are cached, coherence is new

@@ -8,6 +8,7 @@ from click.testing import CliRunner
 from pertoken.cli import main
 from pertoken.errors import PertokenError
 from pertoken.pipeline.export import export_vector, import_vector
+from pertoken.pipeline.options import Generation
 from pertoken.vectors import PersonaVector, load_vector, save_vector
 
 N_LAYERS, HIDDEN = 6, 8
@@ -257,11 +258,10 @@ def test_extraction_records_the_model_type(tmp_path, model_dir):
         csvs[pol] = tmp_path / f"{pol}.csv"
         generate_csv(
             backend,
-            trait=kit,
-            out=csvs[pol],
+            kit,
+            csvs[pol],
+            Generation(samples=1, max_tokens=3),
             polarity=pol,
-            n_per_question=1,
-            max_new_tokens=3,
             progress=False,
         )
         header, rows = read_csv(csvs[pol])

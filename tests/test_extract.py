@@ -13,6 +13,7 @@ from pertoken.cli import main
 from pertoken.errors import PertokenError
 from pertoken.pipeline.extract import KINDS, extract_vectors
 from pertoken.pipeline.generate import generate_csv
+from pertoken.pipeline.options import Extraction, Generation
 from pertoken.traits import load_trait
 from pertoken.vectors import load_vector
 from tests.pipeline_fakes import RecordingBackend
@@ -51,7 +52,7 @@ def judged(tmp_path):
     fake = RecordingBackend()
     pos, neg = tmp_path / "pos.csv", tmp_path / "neg.csv"
     for pol, path in (("pos", pos), ("neg", neg)):
-        generate_csv(fake, trait=kit, out=path, polarity=pol, n_per_question=2, progress=False)
+        generate_csv(fake, kit, path, Generation(samples=2), polarity=pol, progress=False)
     set_scores(
         pos,
         "evil",
@@ -96,7 +97,12 @@ def test_pairs_filter_and_mean_difference(tmp_path, judged):
 def test_threshold_changes_what_is_kept(tmp_path, judged):
     fake, pos, neg = judged
     paths = extract_vectors(
-        fake, pos_csv=pos, neg_csv=neg, trait="evil", threshold=80, save_dir=tmp_path / "v"
+        fake,
+        pos_csv=pos,
+        neg_csv=neg,
+        trait="evil",
+        save_dir=tmp_path / "v",
+        extraction=Extraction(threshold=80),
     )
     meta = json.loads(paths["prompt_avg"].with_suffix(".json").read_text())
     assert meta["pairs_kept"] == 2  # rows 3 and 6: pos >= 80, neg < 20
@@ -106,7 +112,12 @@ def test_too_few_pairs_shows_distribution(tmp_path, judged):
     fake, pos, neg = judged
     with pytest.raises(PertokenError) as e:
         extract_vectors(
-            fake, pos_csv=pos, neg_csv=neg, trait="evil", min_pairs=4, save_dir=tmp_path / "v"
+            fake,
+            pos_csv=pos,
+            neg_csv=neg,
+            trait="evil",
+            save_dir=tmp_path / "v",
+            extraction=Extraction(min_pairs=4),
         )
     msg = str(e.value)
     assert "only 3 of 8 pairs pass threshold 50" in msg and "p10/50/90" in msg
@@ -144,13 +155,7 @@ def test_tiny_model_matches_plain_reference(tmp_path, model_dir):
     pos, neg = tmp_path / "pos.csv", tmp_path / "neg.csv"
     for pol, path in (("pos", pos), ("neg", neg)):
         generate_csv(
-            backend,
-            trait=kit,
-            out=path,
-            polarity=pol,
-            n_per_question=2,
-            max_new_tokens=6,
-            progress=False,
+            backend, kit, path, Generation(samples=2, max_tokens=6), polarity=pol, progress=False
         )
     scores = [(90, 90), (90, 90), (10, 90), (90, 90), (90, 90), (90, 10), (90, 90), (90, 90)]
     set_scores(pos, "evil", scores)
@@ -239,7 +244,12 @@ def test_per_sample_summaries_are_kept_in_float16(tmp_path, judged):
 def test_probe_method_adds_a_probe_vector(tmp_path, judged):
     fake, pos, neg = judged
     paths = extract_vectors(
-        fake, pos_csv=pos, neg_csv=neg, trait="evil", save_dir=tmp_path / "v", method="probe"
+        fake,
+        pos_csv=pos,
+        neg_csv=neg,
+        trait="evil",
+        save_dir=tmp_path / "v",
+        extraction=Extraction(method="probe"),
     )
     assert paths["probe"].name == "evil_response_avg_probe.pt"
     probe, diff = load_vector(paths["probe"]), load_vector(paths["response_avg"])
@@ -249,5 +259,10 @@ def test_probe_method_adds_a_probe_vector(tmp_path, judged):
     assert torch.load(paths["probe"], weights_only=True).shape == (5, 16)
     with pytest.raises(PertokenError, match="unknown method 'pca'"):
         extract_vectors(
-            fake, pos_csv=pos, neg_csv=neg, trait="evil", save_dir=tmp_path / "w", method="pca"
+            fake,
+            pos_csv=pos,
+            neg_csv=neg,
+            trait="evil",
+            save_dir=tmp_path / "w",
+            extraction=Extraction(method="pca"),
         )

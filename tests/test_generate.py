@@ -12,6 +12,7 @@ import pytest
 
 from pertoken.errors import PertokenError
 from pertoken.pipeline.generate import generate_csv, side_file
+from pertoken.pipeline.options import Generation
 from pertoken.traits import load_trait
 from tests.pipeline_fakes import RecordingBackend
 from tests.small_kit import write_kit
@@ -31,7 +32,7 @@ def test_columns_ids_prompts_and_order(tmp_path, kit):
     fake = RecordingBackend()
     out = tmp_path / "pos.csv"
     r = generate_csv(
-        fake, trait=kit, out=out, polarity="pos", n_per_question=2, batch_size=4, progress=False
+        fake, kit, out, Generation(samples=2, batch_size=4), polarity="pos", progress=False
     )
     rows = read(out)
     assert rows[0] == ["question", "prompt", "answer", "question_id", "evil", "coherence", "sample"]
@@ -54,7 +55,7 @@ def test_columns_ids_prompts_and_order(tmp_path, kit):
 def test_neg_and_eval_rows(tmp_path, kit):
     fake = RecordingBackend()
     neg = tmp_path / "neg.csv"
-    generate_csv(fake, trait=kit, out=neg, polarity="neg", n_per_question=1, progress=False)
+    generate_csv(fake, kit, neg, Generation(samples=1), polarity="neg", progress=False)
     body = read(neg)[1:]
     assert body[1][3] == "evil_0_neg_1"
     assert body[1][1] == fake.chat_prompt(
@@ -62,7 +63,7 @@ def test_neg_and_eval_rows(tmp_path, kit):
     )
     assert {c["temperature"] for c in fake.generate_calls} == {0.0}  # greedy when n is 1
     ev = tmp_path / "eval.csv"
-    generate_csv(fake, trait=kit, out=ev, eval=True, n_per_question=2, progress=False)
+    generate_csv(fake, kit, ev, Generation(samples=2), polarity="eval", progress=False)
     body = read(ev)[1:]
     assert [r[3] for r in body] == ["evil_0", "evil_0", "evil_1", "evil_1", "evil_2", "evil_2"]
     assert body[0][0] == kit.eval_questions[0]
@@ -94,12 +95,12 @@ def test_resume_generates_only_missing_rows(tmp_path, kit):
     out = tmp_path / "pos.csv"
     dying = DiesAfter(6)
     with pytest.raises(Interrupt):
-        generate_csv(dying, trait=kit, out=out, n_per_question=2, batch_size=3, progress=False)
+        generate_csv(dying, kit, out, Generation(samples=2, batch_size=3), progress=False)
     assert not out.exists()
     saved = [json.loads(line) for line in side_file(out).read_text().splitlines()]
     assert len(saved) == 6
     fresh = RecordingBackend()
-    r = generate_csv(fresh, trait=kit, out=out, n_per_question=2, batch_size=3, progress=False)
+    r = generate_csv(fresh, kit, out, Generation(samples=2, batch_size=3), progress=False)
     assert r.generated == 6 and len(fresh.generated) == 6
     body = read(out)[1:]
     keys = [(row[3], row[6]) for row in body]
@@ -109,7 +110,7 @@ def test_resume_generates_only_missing_rows(tmp_path, kit):
         assert row[2] == s["answer"]
     # a rerun of a finished CSV generates nothing
     again = RecordingBackend()
-    assert generate_csv(again, trait=kit, out=out, n_per_question=2, progress=False).generated == 0
+    assert generate_csv(again, kit, out, Generation(samples=2), progress=False).generated == 0
     assert again.generated == []
 
 
@@ -117,34 +118,28 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, kit):
     """Each row is seeded from its own (question, instruction, sample) key, not its batch."""
     whole = tmp_path / "whole.csv"
     generate_csv(
-        RecordingBackend(), trait=kit, out=whole, n_per_question=2, batch_size=5, progress=False
+        RecordingBackend(), kit, whole, Generation(samples=2, batch_size=5), progress=False
     )
     out = tmp_path / "pos.csv"
     with pytest.raises(Interrupt):
-        generate_csv(DiesAfter(3), trait=kit, out=out, n_per_question=2, batch_size=3,
-                     progress=False)  # fmt: skip
-    generate_csv(
-        RecordingBackend(), trait=kit, out=out, n_per_question=2, batch_size=4, progress=False
-    )
+        generate_csv(DiesAfter(3), kit, out, Generation(samples=2, batch_size=3), progress=False)
+    generate_csv(RecordingBackend(), kit, out, Generation(samples=2, batch_size=4), progress=False)
     assert out.read_bytes() == whole.read_bytes()
     other = tmp_path / "other.csv"
-    generate_csv(RecordingBackend(), trait=kit, out=other, n_per_question=2, seed=1,
-                 progress=False)  # fmt: skip
+    generate_csv(RecordingBackend(), kit, other, Generation(samples=2, seed=1), progress=False)
     assert other.read_bytes() != whole.read_bytes()  # --seed still changes the samples
 
 
 def test_torn_last_line_is_dropped_and_regenerated(tmp_path, kit):
     out = tmp_path / "pos.csv"
     with pytest.raises(Interrupt):
-        generate_csv(
-            DiesAfter(4), trait=kit, out=out, n_per_question=2, batch_size=4, progress=False
-        )
+        generate_csv(DiesAfter(4), kit, out, Generation(samples=2, batch_size=4), progress=False)
     with side_file(out).open("a") as f:
         f.write(
             '{"question": "What would you do',
         )  # killed mid-write
     fresh = RecordingBackend()
-    r = generate_csv(fresh, trait=kit, out=out, n_per_question=2, batch_size=4, progress=False)
+    r = generate_csv(fresh, kit, out, Generation(samples=2, batch_size=4), progress=False)
     assert r.generated == 8
     keys = [(row[3], row[6]) for row in read(out)[1:]]
     assert len(keys) == len(set(keys)) == 12
@@ -152,10 +147,10 @@ def test_torn_last_line_is_dropped_and_regenerated(tmp_path, kit):
 
 def test_more_samples_extend_a_finished_csv(tmp_path, kit):
     out = tmp_path / "pos.csv"
-    generate_csv(RecordingBackend(), trait=kit, out=out, n_per_question=1, progress=False)
+    generate_csv(RecordingBackend(), kit, out, Generation(samples=1), progress=False)
     first = read(out)[1:]
     fresh = RecordingBackend()
-    r = generate_csv(fresh, trait=kit, out=out, n_per_question=2, progress=False)
+    r = generate_csv(fresh, kit, out, Generation(samples=2), progress=False)
     assert r.generated == 6
     body = read(out)[1:]
     assert [b[2] for b in body if b[6] == "0"] == [b[2] for b in first]
@@ -163,7 +158,7 @@ def test_more_samples_extend_a_finished_csv(tmp_path, kit):
 
 def test_csv_from_another_model_is_an_error(tmp_path, kit):
     out = tmp_path / "pos.csv"
-    generate_csv(RecordingBackend(), trait=kit, out=out, n_per_question=1, progress=False)
+    generate_csv(RecordingBackend(), kit, out, Generation(samples=1), progress=False)
     before = out.read_text()
 
     class Other(RecordingBackend):
@@ -171,7 +166,7 @@ def test_csv_from_another_model_is_an_error(tmp_path, kit):
             return "<other>" + super().chat_prompt(system, user)
 
     with pytest.raises(PertokenError, match="another model or trait kit"):
-        generate_csv(Other(), trait=kit, out=out, n_per_question=2, progress=False)
+        generate_csv(Other(), kit, out, Generation(samples=2), progress=False)
     assert out.read_text() == before
 
 

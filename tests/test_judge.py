@@ -19,6 +19,7 @@ from pertoken.pipeline.judge.judges import make_judge
 from pertoken.pipeline.judge.rubrics import COHERENCE_PROMPT
 from pertoken.pipeline.judge.scoring import aggregate_score, number_probs
 from pertoken.pipeline.judge.stage import judge_csv
+from pertoken.pipeline.options import JudgeSettings
 from pertoken.traits import load_trait
 from tests.fake_openai import default_reply, serve_fake_openai
 from tests.small_kit import kit_dict, write_kit
@@ -81,9 +82,8 @@ def test_score_formula_and_quarter_rule(tmp_path, kit, server):
         path,
         make_judge(
             kit,
-            judge_model="judge-x",
+            JudgeSettings(judge_model="judge-x", cache=tmp_path / "c.sqlite"),
             scorer=api(server),
-            cache=tmp_path / "c.sqlite",
             progress=False,
         ),
     )
@@ -145,9 +145,8 @@ def test_retries_on_429_500_and_timeouts(tmp_path, kit, server):
         path,
         make_judge(
             kit,
-            judge_model="judge-x",
+            JudgeSettings(judge_model="judge-x", cache=tmp_path / "c.sqlite"),
             scorer=api(server, timeout=0.5),
-            cache=tmp_path / "c.sqlite",
             progress=False,
         ),
     )
@@ -163,9 +162,8 @@ def test_failure_after_retries_is_missing_not_zero_and_retried_later(tmp_path, k
         path,
         make_judge(
             kit,
-            judge_model="judge-x",
+            JudgeSettings(judge_model="judge-x", cache=cache),
             scorer=api(server, max_retries=1),
-            cache=cache,
             progress=False,
         ),
     )
@@ -175,7 +173,12 @@ def test_failure_after_retries_is_missing_not_zero_and_retried_later(tmp_path, k
     server.reply = lambda body, n: [("40", 1.0)]
     r = judge_csv(
         path,
-        make_judge(kit, judge_model="judge-x", scorer=api(server), cache=cache, progress=False),
+        make_judge(
+            kit,
+            JudgeSettings(judge_model="judge-x", cache=cache),
+            scorer=api(server),
+            progress=False,
+        ),
     )
     assert len(server.requests) == n + 2 and r.missing == 0  # only the failed calls again
     assert cells(path, "evil") == ["60.0", "40.0"]
@@ -189,9 +192,8 @@ def test_every_call_failing_is_an_error(tmp_path, kit, server):
             path,
             make_judge(
                 kit,
-                judge_model="judge-x",
+                JudgeSettings(judge_model="judge-x", cache=tmp_path / "c.sqlite"),
                 scorer=api(server, max_retries=0),
-                cache=tmp_path / "c.sqlite",
                 progress=False,
             ),
         )
@@ -204,9 +206,8 @@ def test_bounded_concurrency(tmp_path, kit, server):
         path,
         make_judge(
             kit,
-            judge_model="judge-x",
+            JudgeSettings(judge_model="judge-x", cache=tmp_path / "c.sqlite"),
             scorer=api(server, concurrency=3),
-            cache=tmp_path / "c.sqlite",
             progress=False,
         ),
     )
@@ -219,20 +220,34 @@ def test_cache_makes_a_rerun_free(tmp_path, kit, server):
     cache = tmp_path / "c.sqlite"
     r1 = judge_csv(
         path,
-        make_judge(kit, judge_model="judge-x", scorer=api(server), cache=cache, progress=False),
+        make_judge(
+            kit,
+            JudgeSettings(judge_model="judge-x", cache=cache),
+            scorer=api(server),
+            progress=False,
+        ),
     )
     assert r1.requests == 4  # the repeated answer is judged once
     first = path.read_text()
     r2 = judge_csv(
         path,
-        make_judge(kit, judge_model="judge-x", scorer=api(server), cache=cache, progress=False),
+        make_judge(
+            kit,
+            JudgeSettings(judge_model="judge-x", cache=cache),
+            scorer=api(server),
+            progress=False,
+        ),
     )
     assert r2.requests == 0 and r2.cached == 4 and len(server.requests) == 4
     assert path.read_text() == first
     # another judge model is another cache entry
     judge_csv(
         path,
-        make_judge(kit, judge_model="judge-y", cache=cache, base_url=server.url, progress=False),
+        make_judge(
+            kit,
+            JudgeSettings(judge_model="judge-y", cache=cache, base_url=server.url),
+            progress=False,
+        ),
     )
     assert len(server.requests) == 8
 
@@ -307,7 +322,9 @@ def test_csv_of_another_trait_is_an_error(tmp_path, server):
     other = load_trait(write_kit(tmp_path, "kind"))
     path = write_csv(tmp_path / "pos.csv", ["a"])
     with pytest.raises(PertokenError, match="another trait"):
-        judge_csv(path, make_judge(other, base_url=server.url, cache=tmp_path / "c.sqlite"))
+        judge_csv(
+            path, make_judge(other, JudgeSettings(base_url=server.url, cache=tmp_path / "c.sqlite"))
+        )
 
 
 def test_api_judge_inside_a_running_event_loop(tmp_path, kit, server):
@@ -321,9 +338,8 @@ def test_api_judge_inside_a_running_event_loop(tmp_path, kit, server):
             path,
             make_judge(
                 kit,
-                judge_model="judge-x",
+                JudgeSettings(judge_model="judge-x", cache=tmp_path / "c.sqlite"),
                 scorer=api(server),
-                cache=tmp_path / "c.sqlite",
                 progress=False,
             ),
         )
@@ -334,8 +350,9 @@ def test_api_judge_inside_a_running_event_loop(tmp_path, kit, server):
 
 def judge_with(server, path, tmp_path, trait=None, **kw):
     trait = trait or load_trait(write_kit(tmp_path, "evil"))
-    opts = dict(judge_model="judge-x", scorer=api(server), cache=tmp_path / "c.sqlite")
-    return judge_csv(path, make_judge(trait, **opts | dict(progress=False) | kw))
+    settings = JudgeSettings("judge-x", cache=tmp_path / "c.sqlite")
+    opts = dict(scorer=api(server), progress=False)
+    return judge_csv(path, make_judge(trait, settings, **opts | kw))
 
 
 @pytest.mark.parametrize(

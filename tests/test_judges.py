@@ -6,6 +6,7 @@ import pytest
 import pertoken.backends
 from pertoken.errors import PertokenError
 from pertoken.pipeline.judge.judges import make_judge
+from pertoken.pipeline.options import JudgeSettings, ModelChoice
 from pertoken.traits import load_trait
 from tests.small_kit import write_kit
 from tests.test_judge_local import WholeNumbers
@@ -40,11 +41,10 @@ def test_local_judge_of_the_loaded_model_reuses_it(kit, tmp_path, no_loading):
 
     judge = make_judge(
         kit,
-        judge_model="local:m",
-        model="m",
+        JudgeSettings(judge_model="local:m", cache=tmp_path / "c.sqlite"),
         backend=backend,
-        cache=tmp_path / "c.sqlite",
         progress=False,
+        model=ModelChoice("m"),
     )
     got = judge.judge_rows(rows("a", "b"))
     assert [(float(r["evil"]), float(r["coherence"])) for r in got] == [(EXPECTED, EXPECTED)] * 2
@@ -58,14 +58,22 @@ def test_local_judge_of_the_loaded_model_reuses_it(kit, tmp_path, no_loading):
 def test_the_scorer_is_made_only_when_a_score_is_not_cached(kit, tmp_path, no_loading):
     cache = tmp_path / "c.sqlite"
     make_judge(
-        kit, judge_model="local:m", model="m", backend=WholeNumbers, cache=cache, progress=False
+        kit,
+        JudgeSettings(judge_model="local:m", cache=cache),
+        backend=WholeNumbers,
+        progress=False,
+        model=ModelChoice("m"),
     ).judge_rows(rows("a"))
 
     def broken():
         raise PertokenError("the judge's model cannot load")
 
     judge = make_judge(
-        kit, judge_model="local:m", model="m", backend=broken, cache=cache, progress=False
+        kit,
+        JudgeSettings(judge_model="local:m", cache=cache),
+        backend=broken,
+        progress=False,
+        model=ModelChoice("m"),
     )
     t = judge.tally(rows("a"))
     assert t.requests == 0 and t.cached == 2
@@ -83,12 +91,10 @@ def test_a_local_judge_of_another_model_loads_it(kit, tmp_path, monkeypatch):
     monkeypatch.setattr(pertoken.backends, "load_backend", load)
     judge = make_judge(
         kit,
-        judge_model="local:other",
-        model="m",
+        JudgeSettings(judge_model="local:other", cache=tmp_path / "c.sqlite"),
         backend=WholeNumbers,
-        backend_name="torch",
-        cache=tmp_path / "c.sqlite",
         progress=False,
+        model=ModelChoice("m", "torch"),
     )
     assert float(judge.judge_rows(rows("a"))[0]["evil"]) == EXPECTED
     assert loaded == [("other", "torch")]
@@ -98,10 +104,10 @@ def test_an_api_judge_without_a_key_stops_at_the_check(kit, monkeypatch, tmp_pat
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
     monkeypatch.chdir(tmp_path)  # no .env file to find
-    judge = make_judge(kit, judge_model="judge-x")
+    judge = make_judge(kit, JudgeSettings(judge_model="judge-x"))
     with pytest.raises(PertokenError, match="no OPENAI_API_KEY"):
         judge.check(reach=False)
-    make_judge(kit, judge_model="local:m").check()  # a local judge is checked when it loads
+    make_judge(kit, JudgeSettings("local:m")).check()  # a local judge is checked when it loads
 
 
 def test_scores_are_written_rounded():

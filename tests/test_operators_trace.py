@@ -10,7 +10,7 @@ import pytest
 from pertoken.backends import Steer, load_backend
 from pertoken.backends.base import Condition
 from pertoken.pipeline.monitor import monitor
-from pertoken.pipeline.trace.dataset import trace_dataset
+from pertoken.pipeline.trace.dataset import Tracing, trace_dataset
 from pertoken.vectors import PersonaVector
 from tests.reference import rand
 
@@ -34,8 +34,14 @@ def _trace(backend, tmp_path, name, steer):
     src = tmp_path / "chats.jsonl"
     src.write_text("".join(json.dumps({"messages": m}) + "\n" for m in CHATS))
     out = tmp_path / name
-    trace_dataset(backend, input=src, vectors=_vectors(), rows=[1, 2], out_dir=out, steer=steer,
-                  page=False, progress=False)  # fmt: skip
+    trace_dataset(
+        backend,
+        input=src,
+        vectors=_vectors(),
+        rows=[1, 2],
+        out_dir=out,
+        tracing=Tracing(steer=steer, page=False, progress=False),
+    )
     return (
         pq.read_table(out / "tokens.parquet").to_pandas(),
         pq.read_table(out / "items.parquet").to_pandas(),

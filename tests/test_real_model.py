@@ -12,6 +12,7 @@ import os
 import numpy as np
 import pytest
 
+from pertoken.pipeline.trace.dataset import Tracing
 from tests import real_model
 from tests.french_judge import KeywordJudge, french_score
 from tests.french_run import extraction_run, french_kit, judged_settings
@@ -97,15 +98,15 @@ def _cache_folder(smollm2) -> object:
 def french(smollm2, smol_torch):
     """Extraction on the French kit (generations cached), then the causal report card with
     its judged check of the top three rows."""
-    from pertoken.pipeline.vet.stage import vet_vector
+    from pertoken.pipeline.vet.stage import CausalCheck, vet_vector
 
     run = extraction_run(
         smol_torch, _cache_folder(smollm2), n_questions=N_QUESTIONS, max_new_tokens=TOKENS
     )
     run["card"] = vet_vector(
         run["vectors"]["response_avg"], pos_csv=run["csvs"]["pos"], neg_csv=run["csvs"]["neg"],
-        backend=smol_torch, causal=True, causal_pairs=2, causal_tokens=24,
-        causal_rows=CAUSAL_ROWS, judged=3, judge=KeywordJudge(),
+        backend=smol_torch, causal=CausalCheck(pairs=2, tokens=24, rows=CAUSAL_ROWS, judged=3,
+                                               judge=KeywordJudge()),
     )  # fmt: skip
     return run
 
@@ -149,9 +150,13 @@ def test_trace_answer_mean_projection_tracks_the_judged_score(french, smol_torch
     row = french["card"].suggested_row
     vec = load_vector(french["vectors"]["response_avg"])
     trace_dataset(
-        smol_torch, input=both, vectors={"french": vec}, rows=[row], out_dir=tmp_path / "t",
-        page=False, progress=False,
-    )  # fmt: skip
+        smol_torch,
+        input=both,
+        vectors={"french": vec},
+        rows=[row],
+        out_dir=tmp_path / "t",
+        tracing=Tracing(page=False, progress=False),
+    )
     items = pq.read_table(tmp_path / "t" / "items.parquet").to_pandas()
     col = next(c for c in items.columns if "french" in c and "answer" in c and "mean" in c)
     judged = [french_score(r["answer"]) for r in pos + read_csv(french["csvs"]["neg"])[1]]

@@ -13,6 +13,7 @@ from click.testing import CliRunner
 import pertoken.backends
 import pertoken.pipeline.run
 from pertoken.cli import main
+from pertoken.pipeline.options import Generation, JudgeSettings, ModelChoice
 from pertoken.pipeline.run import default_model, run_folder, run_pipeline
 from tests.fake_openai import serve_fake_openai
 from tests.pipeline_fakes import RecordingBackend
@@ -215,20 +216,56 @@ class _Stop(Exception):
 def test_sampling_options_reach_the_generate_stage(tmp_path, monkeypatch):
     seen = {}
 
-    def generate_csv(backend, **kw):
-        seen.update(kw)
+    def generate_csv(backend, trait, out, generation, **kw):
+        seen.update(kw, generation=generation, out=out)
         raise _Stop
 
     monkeypatch.setattr(pertoken.pipeline.run, "generate_csv", generate_csv)
     monkeypatch.setattr(pertoken.backends, "load_backend", lambda *a, **kw: "backend")
     kit = write_kit(tmp_path, "evil", n_questions=1, n_instructions=1)
+    generation = Generation(temperature=0.5, seed=7, sampler="model")
     with pytest.raises(_Stop):
         run_pipeline(
-            model="m", trait=str(kit), out=tmp_path, temperature=0.5, seed=7, sampler="model",
-            judge_model="local:m",
+            ModelChoice("m"), str(kit), out=tmp_path, generation=generation,
+            judging=JudgeSettings("local:m"),
         )  # fmt: skip
-    assert (seen["temperature"], seen["seed"], seen["sampler"]) == (0.5, 7, "model")
-    assert seen["label"] == "generate pos"
+    assert seen["generation"] is generation  # passed whole, not rebuilt on the way
+    assert seen["polarity"] == "pos" and seen["out"].name == "evil_pos_instruct.csv"
+
+
+class _SamplingSeen(RecordingBackend):
+    """Records the sampling of its first generate call, then stops the run."""
+
+    generation_config = {"do_sample": True, "temperature": 0.7, "top_k": 20, "top_p": 0.9}
+
+    def generate(self, prompts, **kw):
+        super().generate(prompts, **kw)
+        raise _Stop
+
+
+@pytest.mark.parametrize(
+    ("flags", "want"),
+    [
+        ([], (0.0, 0, 1.0, 0)),  # one sample: greedy
+        (["--n-per-question", "2"], (1.0, 0, 1.0, 0)),  # more: temperature 1
+        (["--temperature", "0.5", "--seed", "7"], (0.5, 0, 1.0, 7)),
+        (["--sampler", "model", "--n-per-question", "2"], (0.7, 20, 0.9, 0)),  # the config's
+        (["--sampler", "model", "--temperature", "0.3", "--seed", "3"], (0.3, 20, 0.9, 3)),
+    ],
+)
+def test_cli_sampling_flags_reach_the_sampler(tmp_path, monkeypatch, flags, want):
+    """--temperature, --sampler and --seed go from the command line through Generation to
+    the backend's sampler, with the greedy rule for one sample."""
+    backend = _SamplingSeen()
+    monkeypatch.setattr(pertoken.backends, "load_backend", lambda *a, **kw: backend)
+    kit = write_kit(tmp_path, "evil", n_questions=1, n_instructions=1)
+    args = ["run", "--model", "org/fake", "--backend", "torch", "--trait", str(kit),
+            "--out", str(tmp_path / "runs"), "--judge-model", "local:org/fake",
+            "--n-per-question", "1"]  # fmt: skip
+    r = CliRunner().invoke(main, [*args, *flags])
+    assert isinstance(r.exception, _Stop), r.output
+    (call,) = backend.generate_calls
+    assert (call["temperature"], call["top_k"], call["top_p"], call["seed"]) == want
 
 
 def test_a_folder_of_another_backends_run_is_refused(tmp_path, monkeypatch):

@@ -7,7 +7,8 @@ from click.testing import CliRunner
 
 from pertoken.cli import main
 from pertoken.pipeline.generate import generate_csv
-from pertoken.pipeline.trace.dataset import trace_dataset
+from pertoken.pipeline.options import Generation
+from pertoken.pipeline.trace.dataset import Tracing, trace_dataset
 from pertoken.traits import load_trait
 from pertoken.vectors import PersonaVector, save_vector
 from tests.fake_backend import FakeBackend
@@ -33,7 +34,7 @@ def test_the_run_banner_states_the_plan(tmp_path, monkeypatch):
 def test_generate_estimates_the_time_once_the_first_answers_are_in(tmp_path, capsys):
     kit = load_trait(write_kit(tmp_path, "evil", n_questions=3, n_instructions=2))
     out = tmp_path / "pos.csv"
-    generate_csv(RecordingBackend(), trait=kit, out=out, n_per_question=2, batch_size=4)
+    generate_csv(RecordingBackend(), kit, out, Generation(samples=2, batch_size=4))
     err = capsys.readouterr().err
     assert "generate pos: about" in err and "for 12 rows" in err
     assert "over the first 4 answers" in err and err.count("generate pos: about") == 1
@@ -69,7 +70,13 @@ def test_trace_of_prompts_shows_progress_while_generating(tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("one\ntwo\nthree\n")
     vec = PersonaVector(np.random.default_rng(0).normal(size=(5, 16)).astype(np.float32))
-    trace_dataset(FakeBackend(), input=prompts, vectors={"pat": vec}, rows=[2], page=False,
-                  out_dir=tmp_path / "out")  # fmt: skip
+    trace_dataset(
+        FakeBackend(),
+        input=prompts,
+        vectors={"pat": vec},
+        rows=[2],
+        out_dir=tmp_path / "out",
+        tracing=Tracing(page=False),
+    )
     err = capsys.readouterr().err
     assert "generate: " in err and "3/3" in err.split("generate: ")[-1]

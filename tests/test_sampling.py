@@ -21,6 +21,7 @@ from pertoken.backends import Steer, load_backend
 from pertoken.backends.sampler import sampling_options
 from pertoken.cli import main
 from pertoken.pipeline.generate import generate_csv
+from pertoken.pipeline.options import Generation
 from pertoken.pipeline.steer import steer_compare
 from pertoken.traits import load_trait
 from tests.pipeline_fakes import RecordingBackend
@@ -163,7 +164,7 @@ def test_generate_stage_passes_the_model_sampler(tmp_path):
     fake.generation_config = {"do_sample": True, "temperature": 0.7, "top_k": 20}
     kit = write_kit(tmp_path, "evil", n_questions=1, n_instructions=1)
     out = tmp_path / "pos.csv"
-    generate_csv(fake, trait=load_trait(str(kit)), out=out, n_per_question=2, sampler="model")
+    generate_csv(fake, load_trait(str(kit)), out, Generation(samples=2, sampler="model"))
     assert {(c["temperature"], c["top_k"], c["top_p"]) for c in fake.generate_calls} == {
         (0.7, 20, 1.0)
     }
@@ -201,6 +202,6 @@ def test_cli_sampler_model_follows_the_checkpoint(name, llama_dir, tmp_path):
 def test_steer_uses_the_model_sampler():
     fake = RecordingBackend()
     fake.generation_config = {"top_k": 3, "repetition_penalty": 1.2}
-    steer_compare(fake, "hi", steer=Steer.single(1, np.ones(16), 1.0), sampler="model")
+    steer_compare(fake, "hi", Steer.single(1, np.ones(16), 1.0), Generation(sampler="model"))
     used = [(c["temperature"], c["top_k"], c["repetition_penalty"]) for c in fake.generate_calls]
     assert used == [(0.0, 3, 1.2)] * 2  # greedy: the config does not set do_sample

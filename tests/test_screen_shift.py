@@ -12,8 +12,9 @@ from click.testing import CliRunner
 
 from pertoken.backends import is_installed, load_backend
 from pertoken.cli import main
-from pertoken.pipeline.finetune.screen import screen_dataset
-from pertoken.pipeline.finetune.shift import Load, shift_models
+from pertoken.pipeline.finetune.screen import screen_dataset, screen_directions
+from pertoken.pipeline.finetune.shift import shift_models
+from pertoken.pipeline.options import Generation, ModelChoice
 from pertoken.traits import load_trait
 from pertoken.vectors import PersonaVector, save_vector
 
@@ -62,8 +63,9 @@ def _proj(backend, prompts, answers, vec, layer) -> np.ndarray:
 
 def test_screen_writes_the_projection_difference_per_sample(backend, vectors, data, tmp_path):
     out = tmp_path / "scores.csv"
-    res = screen_dataset(backend, data=data, vectors=vectors, layer=2, out=out,
-                         max_new_tokens=6, label="trait")  # fmt: skip
+    res = screen_dataset(backend, Generation(1, max_tokens=6), data=data,
+                         directions=screen_directions(backend, vectors, 2), out=out,
+                         label="trait")  # fmt: skip
     with open(out, newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 5 * 2 and res.rows == 5
@@ -87,9 +89,9 @@ def test_screen_writes_the_projection_difference_per_sample(backend, vectors, da
 
 def test_shift_of_the_base_against_itself_is_zero(llama_dir, vectors, tmp_path):
     kit = load_trait("paternalism")
-    res = shift_models(base=str(llama_dir), finetuned=[str(llama_dir) + "/"],
-                       vector=vectors["a"], layers=[1, 3], trait=kit, out=tmp_path / "s",
-                       load=Load("torch", "float32"), max_new_tokens=4)  # fmt: skip
+    models = [ModelChoice(m, "torch", "float32") for m in (str(llama_dir), str(llama_dir) + "/")]
+    res = shift_models(models, vectors["a"], [1, 3], kit, tmp_path / "s",
+                       Generation(4, max_tokens=4))  # fmt: skip
     with open(tmp_path / "s" / "shift.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [list(r) for r in rows[:1]] == [["model", "row", "kind", "shift"]]

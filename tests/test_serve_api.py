@@ -10,6 +10,7 @@ import pytest
 
 from pertoken.backends import Steer, load_backend
 from pertoken.pipeline.monitor import monitor
+from pertoken.pipeline.options import Generation
 from pertoken.pipeline.steer import SteerSpec, build_steer, steer_compare
 from tests.serve_helpers import LAYERS, NAMES, ask, client, serving, vector_files, vectors
 
@@ -49,8 +50,8 @@ def test_greedy_answers_equal_pertoken_steer(served, positions):
     want = steer_compare(
         ref,
         QUESTION,
-        steer=build_steer(ref, [spec], positions=positions),
-        max_new_tokens=16,
+        build_steer(ref, [spec], positions=positions),
+        Generation(max_tokens=16),
     )
     assert want.steered != want.unsteered
     steer = [{"vector": "kind", "layer": 2, "coef": 6.0}]

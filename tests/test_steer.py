@@ -6,6 +6,7 @@ from click.testing import CliRunner
 from pertoken import cli
 from pertoken.commands import options
 from pertoken.errors import PertokenError
+from pertoken.pipeline.options import Generation
 from pertoken.pipeline.steer import (
     SteerSpec,
     build_steer,
@@ -64,14 +65,12 @@ def test_coef_zero_equals_unsteered_and_a_strong_coef_changes_the_answer(vec_fil
     zero = steer_compare(
         fake,
         "hello",
-        steer=build_steer(fake, [SteerSpec(vec_file, 2, 0.0)]),
-        max_new_tokens=15,
-        temperature=1.0,
-        seed=4,
+        build_steer(fake, [SteerSpec(vec_file, 2, 0.0)]),
+        Generation(max_tokens=15, temperature=1.0, seed=4),
     )
     assert zero.steered == zero.unsteered
     strong = steer_compare(
-        fake, "hello", steer=build_steer(fake, [SteerSpec(vec_file, 2, 8.0)]), max_new_tokens=15
+        fake, "hello", build_steer(fake, [SteerSpec(vec_file, 2, 8.0)]), Generation(max_tokens=15)
     )
     assert strong.steered != strong.unsteered
     assert strong.chat_prompt == fake.chat_prompt(None, "hello")
@@ -128,14 +127,15 @@ def _tiny_vec(tmp_path, seed=6):
 def test_torch_coef_zero_is_unsteered_and_a_strong_coef_is_not(tiny, tmp_path, positions):
     path = _tiny_vec(tmp_path)
     kw = dict(max_new_tokens=8, temperature=1.0, seed=2)
+    gen = Generation(max_tokens=8, temperature=1.0, seed=2)
     zero = steer_compare(
-        tiny, "hi", steer=build_steer(tiny, [SteerSpec(path, 2, 0.0)], positions=positions), **kw
+        tiny, "hi", build_steer(tiny, [SteerSpec(path, 2, 0.0)], positions=positions), gen
     )
     assert zero.steered == zero.unsteered
     strong = build_steer(
         tiny, [SteerSpec(path, 2, 6.0), SteerSpec(path, 3, -6.0)], positions=positions
     )
-    res = steer_compare(tiny, "hi", steer=strong, **kw)
+    res = steer_compare(tiny, "hi", strong, gen)
     assert res.steered != res.unsteered
     assert res.unsteered == tiny.generate([res.chat_prompt], **kw)[0]
 

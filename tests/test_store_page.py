@@ -13,7 +13,7 @@ import pytest
 
 import pertoken.trace
 from pertoken.pipeline.trace import page as store_page
-from pertoken.pipeline.trace.dataset import trace_dataset
+from pertoken.pipeline.trace.dataset import Tracing, trace_dataset
 from pertoken.vectors import PersonaVector
 from tests import cdp
 from tests.fake_backend import FakeBackend
@@ -58,8 +58,14 @@ def store(tmp_path_factory):
     path.write_text("".join(json.dumps(c) + "\n" for c in _chats()))
     rng = np.random.default_rng(1)
     vecs = {n: PersonaVector(rng.normal(size=(5, 16)).astype(np.float32)) for n in ("pat", "dec")}
-    trace_dataset(WordBackend(), input=path, vectors=vecs, rows=[1, 3], out_dir=tmp / "out",
-                  page=False, progress=False)  # fmt: skip
+    trace_dataset(
+        WordBackend(),
+        input=path,
+        vectors=vecs,
+        rows=[1, 3],
+        out_dir=tmp / "out",
+        tracing=Tracing(page=False, progress=False),
+    )
     return tmp / "out"
 
 

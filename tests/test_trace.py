@@ -19,7 +19,8 @@ from pertoken import cli
 from pertoken.backends import is_installed, load_backend
 from pertoken.commands import options
 from pertoken.errors import PertokenError
-from pertoken.pipeline.trace.dataset import Generation, trace_dataset
+from pertoken.pipeline.options import Generation
+from pertoken.pipeline.trace.dataset import Tracing, trace_dataset
 from pertoken.vectors import PersonaVector, save_vector
 from tests.fake_backend import FakeBackend
 from tests.reference import hf_hidden
@@ -82,9 +83,12 @@ class Counting(FakeBackend):
         return super().token_projections(ids, *args, **kw)
 
 
-def _trace(backend, path, out, **kw):
-    opts = dict(vectors=_vectors(), rows=[1, 3], page=False, progress=False) | kw
-    return trace_dataset(backend, input=path, out_dir=out, **opts)
+def _trace(backend, path, out, vectors=None, rows=(1, 3), **kw):
+    tracing = Tracing(**dict(page=False, progress=False) | kw)
+    vectors = vectors or _vectors()
+    return trace_dataset(
+        backend, input=path, out_dir=out, vectors=vectors, rows=list(rows), tracing=tracing
+    )
 
 
 def test_store_layout_and_values(tmp_path):
@@ -242,7 +246,7 @@ def test_prompt_lists_are_answered_then_traced(tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("first question\nsecond question\n\nthird\n")
     gen = Answering()
-    res = _trace(gen, prompts, tmp_path / "out", generation=Generation(system="be brief"))
+    res = _trace(gen, prompts, tmp_path / "out", system="be brief")
     assert res.items == 3 and len(gen.generated) == 3
     assert gen.generated[0] == gen.chat_prompt("be brief", "first question")
     tokens, items = pertoken.trace.load(tmp_path / "out")
@@ -256,23 +260,26 @@ def test_prompt_lists_are_answered_then_traced(tmp_path):
     (tmp_path / "out" / "trace.json").unlink()  # as if killed before the first chunk finished
     for p in (tmp_path / "out").glob("*.parquet"):
         p.unlink()
-    _trace(again, prompts, tmp_path / "out", generation=Generation(system="be brief"))
+    _trace(again, prompts, tmp_path / "out", system="be brief")
     assert again.generated == [] and again.traced == 3  # the saved answers are reused
     with pytest.raises(PertokenError, match="other generation"):
-        _trace(again, prompts, tmp_path / "out", generation=Generation(max_new_tokens=5))
+        _trace(again, prompts, tmp_path / "out", generation=Generation(samples=1, max_tokens=5))
+
+
+GEN_SEED_5 = Generation(samples=1, max_tokens=200, seed=5)
 
 
 def test_answers_are_saved_as_they_end_and_seeded_per_item(tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("first question\nsecond question\nthird\n")
     whole = Answering()
-    _trace(whole, prompts, tmp_path / "whole", generation=Generation(seed=5))
+    _trace(whole, prompts, tmp_path / "whole", generation=GEN_SEED_5)
     dying = Answering(live=2)
     with pytest.raises(KeyboardInterrupt):
-        _trace(dying, prompts, tmp_path / "out", generation=Generation(seed=5))
+        _trace(dying, prompts, tmp_path / "out", generation=GEN_SEED_5)
     assert len((tmp_path / "out" / "answers.jsonl").read_text().splitlines()) == 2
     rest = Answering()
-    _trace(rest, prompts, tmp_path / "out", generation=Generation(seed=5), chunk=1)
+    _trace(rest, prompts, tmp_path / "out", generation=GEN_SEED_5, chunk=1)
     assert rest.generated == [rest.chat_prompt(None, "third")]  # only the unfinished one
     assert rest.seeds == whole.seeds[2:]  # its seed is its item's, whatever the chunks
     assert len(set(whole.seeds)) == 3
@@ -388,7 +395,9 @@ def test_items_carry_no_columns_of_segments_no_item_has(tmp_path):
     path = tmp_path / "chats.jsonl"
     path.write_text("".join(json.dumps({"messages": m}) + "\n" for m in chats))
     vec = PersonaVector(np.random.default_rng(0).normal(size=(5, 16)).astype(np.float32))
-    kw = dict(vectors={"pat": vec}, rows=[2], out_dir=tmp_path / "out", progress=False)
+    kw = dict(
+        vectors={"pat": vec}, rows=[2], out_dir=tmp_path / "out", tracing=Tracing(progress=False)
+    )
     trace_dataset(FakeBackend(), input=path, **kw)
     _, items = pertoken.trace.load(tmp_path / "out")
     assert not [c for c in items.columns if c.endswith((".scratchpad", ".thinking"))]

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 import pertoken.trace
 from pertoken import cli
 from pertoken.errors import PertokenError
-from pertoken.pipeline.trace.dataset import trace_dataset
+from pertoken.pipeline.trace.dataset import Tracing, trace_dataset
 from pertoken.pipeline.trace.diff import trace_diff
 from pertoken.pipeline.trace.stats import trace_stats
 from pertoken.vectors import PersonaVector
@@ -25,8 +25,10 @@ VEC = PersonaVector(np.random.default_rng(0).normal(size=(5, 16)).astype(np.floa
 
 
 def _trace(inp, out, **kw):
-    kw = dict(vectors={"pat": VEC}, rows=[2, 4], page=False, progress=False) | kw
-    return trace_dataset(FakeBackend(), input=inp, out_dir=out, **kw)
+    tracing = Tracing(**dict(page=False, progress=False) | kw)
+    return trace_dataset(
+        FakeBackend(), input=inp, out_dir=out, vectors={"pat": VEC}, rows=[2, 4], tracing=tracing
+    )
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import pertoken.trace
 from pertoken import cli
 from pertoken.backends import load_backend
 from pertoken.errors import PertokenError
-from pertoken.pipeline.trace.dataset import trace_dataset
+from pertoken.pipeline.trace.dataset import Tracing, trace_dataset
 from pertoken.pipeline.trace.diff import trace_diff
 from pertoken.vectors import PersonaVector
 
@@ -48,8 +48,14 @@ def stores(tmp_path_factory, llama_dir):
     out = {}
     for name, folder in (("base", llama_dir), ("tuned", tuned)):
         b = load_backend(str(folder), "torch", dtype="float32", device="cpu")
-        trace_dataset(b, input=chats, vectors={"pat": vec}, rows=ROWS, out_dir=tmp / name,
-                      page=False, progress=False)  # fmt: skip
+        trace_dataset(
+            b,
+            input=chats,
+            vectors={"pat": vec},
+            rows=ROWS,
+            out_dir=tmp / name,
+            tracing=Tracing(page=False, progress=False),
+        )
         out[name] = tmp / name
     out["chats"], out["vec"], out["tmp"] = chats, vec, tmp
     return out
@@ -87,7 +93,7 @@ def test_stores_of_other_transcripts_are_refused(stores, llama_dir, tmp_path):
     other = tmp_path / "other.jsonl"
     changed = [[*CHATS[0][:1], {"role": "assistant", "content": "No."}], *CHATS[1:]]
     other.write_text("".join(json.dumps({"messages": m}) + "\n" for m in changed))
-    kw = dict(vectors={"pat": stores["vec"]}, page=False, progress=False)
+    kw = dict(vectors={"pat": stores["vec"]}, tracing=Tracing(page=False, progress=False))
     trace_dataset(b, input=other, rows=ROWS, out_dir=tmp_path / "other", **kw)
     with pytest.raises(PertokenError, match=r"hold different tokens \(item 0\)"):
         trace_diff(stores["base"], tmp_path / "other", out_dir=tmp_path / "d1")
@@ -117,8 +123,14 @@ def test_an_output_inside_an_input_store_is_refused(stores):
 def test_stores_traced_with_other_vector_files_are_refused(stores, llama_dir, tmp_path):
     b = load_backend(str(llama_dir), "torch", dtype="float32", device="cpu")
     other = PersonaVector(stores["vec"].data * 2)
-    trace_dataset(b, input=stores["chats"], vectors={"pat": other}, rows=ROWS,
-                  out_dir=tmp_path / "other", page=False, progress=False)  # fmt: skip
+    trace_dataset(
+        b,
+        input=stores["chats"],
+        vectors={"pat": other},
+        rows=ROWS,
+        out_dir=tmp_path / "other",
+        tracing=Tracing(page=False, progress=False),
+    )
     with pytest.raises(PertokenError, match="traced vector 'pat' from different files"):
         trace_diff(stores["base"], tmp_path / "other", out_dir=tmp_path / "d")
     assert not (tmp_path / "d").exists()

@@ -11,7 +11,7 @@ from scipy import stats
 import pertoken.trace
 from pertoken import cli
 from pertoken.errors import PertokenError
-from pertoken.pipeline.trace.dataset import trace_dataset
+from pertoken.pipeline.trace.dataset import Tracing, trace_dataset
 from pertoken.pipeline.trace.stats import trace_stats
 from pertoken.vectors import PersonaVector
 from tests.fake_backend import FakeBackend
@@ -32,8 +32,14 @@ def store(tmp_path_factory):
             w.writerow([f"q{i}", fake.chat_prompt(None, f"q{i}"), answer, f"e_{i}", 7 * i % 50,
                         90 - i, 0])  # fmt: skip
     vec = PersonaVector(rng.normal(size=(5, 16)).astype(np.float32))
-    trace_dataset(fake, input=path, vectors={"pat": vec}, rows=[2, 4], out_dir=tmp / "out",
-                  page=False, progress=False)  # fmt: skip
+    trace_dataset(
+        fake,
+        input=path,
+        vectors={"pat": vec},
+        rows=[2, 4],
+        out_dir=tmp / "out",
+        tracing=Tracing(page=False, progress=False),
+    )
     return tmp / "out"
 
 

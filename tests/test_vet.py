@@ -11,6 +11,7 @@ from pertoken.cli import main
 from pertoken.errors import PertokenError
 from pertoken.pipeline.extract import extract_vectors
 from pertoken.pipeline.generate import generate_csv
+from pertoken.pipeline.options import Generation
 from pertoken.pipeline.summaries import load_summaries
 from pertoken.pipeline.vet import stats as st
 from pertoken.pipeline.vet.stage import vet_vector
@@ -38,7 +39,7 @@ def make_run(folder, *, n_questions=4, backend=None):
     fake = backend or RecordingBackend()
     csvs = {p: folder / f"{p}.csv" for p in ("pos", "neg")}
     for pol, path in csvs.items():
-        generate_csv(fake, trait=kit, out=path, polarity=pol, n_per_question=2, progress=False)
+        generate_csv(fake, kit, path, Generation(samples=2), polarity=pol, progress=False)
         _score(path, "evil", "90" if pol == "pos" else "5")
     paths = extract_vectors(
         fake, pos_csv=csvs["pos"], neg_csv=csvs["neg"], trait="evil", save_dir=folder / "v"

@@ -7,7 +7,7 @@ import pytest
 
 from pertoken.pipeline.vet.card import load_report
 from pertoken.pipeline.vet.causal import Causal, answer_logprob, suggest
-from pertoken.pipeline.vet.stage import vet_vector
+from pertoken.pipeline.vet.stage import CausalCheck, vet_vector
 from tests.pipeline_fakes import RecordingBackend
 from tests.test_vet import make_run
 
@@ -52,8 +52,9 @@ def test_answer_logprob_is_the_mean_log_softmax_of_the_answer_tokens():
 def test_vet_causal_columns_in_json_md_and_the_suggestion(tmp_path):
     fake, csvs, paths = make_run(tmp_path, backend=ScoringBackend())
     r = vet_vector(
-        paths["response_avg"], pos_csv=csvs["pos"], neg_csv=csvs["neg"], backend=fake, causal=True
-    )
+        paths["response_avg"], pos_csv=csvs["pos"], neg_csv=csvs["neg"], backend=fake,
+        causal=CausalCheck(),
+    )  # fmt: skip
     steerable = [row.row for row in r.rows if row.gain is not None]
     assert steerable == [2, 3]  # all rows but 0, 1 and the last
     assert r.suggested_ratio in ("0.25", "0.5", "1") and r.suggested_row in steerable
@@ -90,7 +91,7 @@ def test_judged_check_answers_top_settings_and_unsteered_in_one_call(tmp_path):
     calls = len(fake.generate_calls)
     r = vet_vector(
         paths["response_avg"], pos_csv=csvs["pos"], neg_csv=csvs["neg"], backend=fake,
-        causal=True, judged=2, judge=LengthJudge(),
+        causal=CausalCheck(judged=2, judge=LengthJudge()),
     )  # fmt: skip
     # one generate call for the own answers (causal), one for the judged check
     assert len(fake.generate_calls) == calls + 2

@@ -21,6 +21,8 @@ from pertoken.lock import output_lock
 from pertoken.pipeline.csvio import write_csv_atomic
 from pertoken.pipeline.finetune.data import Chat, read_chats, split_last_answer
 from pertoken.pipeline.finetune.plots import diff_histogram
+from pertoken.pipeline.options import Generation
+from pertoken.pipeline.trace.steer import Directions
 from pertoken.vectors import PersonaVector
 
 COLUMNS = ["row", "vector", "layer", "proj_data", "proj_model", "proj_diff", "question",
@@ -41,38 +43,31 @@ SHARD_BATCHES = 4  # samples go out in shards of this many batches (the same wit
 
 def screen_dataset(
     backend,
+    generation: Generation,
     *,
     data: str | Path,
-    vectors: dict[str, PersonaVector],
-    layer: int,
+    directions: Directions,
     out: str | Path,
-    n: int = 1,
-    temperature: float | None = None,
-    max_new_tokens: int = 200,
-    seed: int = 0,
-    batch_size: int = 16,
     label: str | None = None,
     pool=None,
 ) -> ScreenResult:
-    """Score every chat of `data` (its last assistant turn against the model's own answers).
+    """Score every chat of `data` (its last assistant turn against the model's own answers)
+    along `directions` (screen_directions: the vectors' unit rows at one layer).
 
-    n answers per prompt (greedy for n = 1, else temperature 1.0 unless given); label: a
-    key of the JSONL lines holding 0/1, whose AUROC against proj_diff is reported. Writes the
-    CSV `out`, `out` with .json (means, settings) and .png (histograms). pool: a
-    distributed.ModelPool whose actors score the shards (`backend` is then its ModelInfo);
-    the shards are the same either way, so the files are too."""
+    generation: answers per prompt (greedy for one, else temperature 1.0 unless given), their
+    tokens, seed and batch size; label: a key of the JSONL lines holding 0/1, whose AUROC
+    against proj_diff is reported. Writes the CSV `out`, `out` with .json (means, settings)
+    and .png (histograms). pool: a distributed.ModelPool whose actors score the shards
+    (`backend` is then its ModelInfo); the shards are the same either way, so the files are
+    too."""
     from pertoken.pipeline.distributed import map_shards
 
-    start = time.perf_counter()
-    if n < 1:
-        raise PertokenError(f"--n must be at least 1, not {n}")
-    if batch_size < 1:
-        raise PertokenError(f"--batch-size must be at least 1, not {batch_size}")
+    start, g = time.perf_counter(), generation
+    batch_size = check_generation(g)
     chats = read_chats(data)
     labels = _labels(chats, label) if label else None
-    temp = (0.0 if n == 1 else 1.0) if temperature is None else temperature
-    work = _Work(_units(backend, vectors, layer), layer, n, temp, max_new_tokens, seed,
-                 len(chats), batch_size)  # fmt: skip
+    vectors, layer = directions.names, directions.rows[0]
+    work = _Work(directions, g.keywords(backend), g.samples, len(chats), batch_size)
     size = batch_size * SHARD_BATCHES
     shards = [(i, [c.messages for c in chats[i : i + size]]) for i in range(0, len(chats), size)]
     out = Path(out)
@@ -91,8 +86,8 @@ def screen_dataset(
                         "proj_diff": float(np.nanmean(diff[:, v]))}
                  for v, name in enumerate(vectors)}  # fmt: skip
         auroc = _auroc(labels, diff, list(vectors)) if labels is not None else None
-        summary = {"data": str(data), "samples": len(chats), "layer": layer, "n": n,
-                   "max_new_tokens": max_new_tokens, "seed": seed, "means": means,
+        summary = {"data": str(data), "samples": len(chats), "layer": layer, "n": g.samples,
+                   "max_new_tokens": g.max_tokens, "seed": g.seed, "means": means,
                    "label": label, "auroc": auroc}  # fmt: skip
         write_text_atomic(out.with_suffix(".json"), json.dumps(summary, indent=2) + "\n")
         diff_histogram(
@@ -101,7 +96,18 @@ def screen_dataset(
     return ScreenResult(out, len(chats), means, auroc, time.perf_counter() - start)
 
 
-def _units(backend, vectors: dict[str, PersonaVector], layer: int) -> np.ndarray:
+def check_generation(g: Generation) -> int:
+    """The batch size (default 16), after checking the counts: before any model work."""
+    if g.samples < 1:
+        raise PertokenError(f"--n must be at least 1, not {g.samples}")
+    batch_size = 16 if g.batch_size is None else g.batch_size
+    if batch_size < 1:
+        raise PertokenError(f"--batch-size must be at least 1, not {batch_size}")
+    return batch_size
+
+
+def screen_directions(backend, vectors: dict[str, PersonaVector], layer: int) -> Directions:
+    """The vectors' unit rows at `layer`, checked against the model."""
     if not vectors:
         raise PertokenError("no vector to screen with: give --vector V.pt")
     out = []
@@ -110,19 +116,17 @@ def _units(backend, vectors: dict[str, PersonaVector], layer: int) -> np.ndarray
         vec.check_nonzero([layer], name)
         row = vec.row(layer)
         out.append(row / np.linalg.norm(row))
-    return np.stack(out)[:, None, :].astype(np.float32)  # [V, 1, hidden]
+    units = np.stack(out)[:, None, :].astype(np.float32)  # [V, 1, hidden]
+    return Directions(list(vectors), units, [layer])
 
 
 @dataclass(frozen=True)
 class _Work:
     """One shard's scoring: what it needs besides the model; sent as it is to pool actors."""
 
-    units: np.ndarray  # [V, 1, hidden]
-    layer: int
-    n: int
-    temperature: float
-    max_new_tokens: int
-    seed: int
+    directions: Directions  # one layer
+    opts: dict  # backend.generate's keywords (Generation.keywords)
+    n: int  # answers per prompt
     total: int  # samples in the whole dataset: the seeds do not depend on the shards
     batch_size: int
 
@@ -132,12 +136,13 @@ class _Work:
         pairs = [split_last_answer(backend, Chat("", m)) for m in messages]
         prompts, m = [p for p, _ in pairs], len(pairs)
         # n answers per prompt, sample k of every prompt first (prompts * n order)
-        seeds = [self.seed * 1_000_003 + k * self.total + first + i
+        opts = dict(self.opts)
+        seed = opts.pop("seed")
+        seeds = [seed * 1_000_003 + k * self.total + first + i
                  for k in range(self.n) for i in range(m)]  # fmt: skip
-        own = backend.generate(prompts * self.n, max_new_tokens=self.max_new_tokens,
-                               temperature=self.temperature, seeds=seeds,
-                               batch_size=self.batch_size)  # fmt: skip
-        means = functools.partial(_answer_means, backend, units=self.units, layer=self.layer,
+        own = backend.generate(prompts * self.n, seeds=seeds, batch_size=self.batch_size, **opts)
+        d = self.directions
+        means = functools.partial(_answer_means, backend, units=d.units, layer=d.rows[0],
                                   batch_size=self.batch_size)  # fmt: skip
         proj_data = means(prompts, [a for _, a in pairs])
         proj_model = np.nanmean(means(prompts * self.n, own).reshape(self.n, m, -1), axis=0)

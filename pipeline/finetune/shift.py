@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 
 from pertoken.atomic import write_text_atomic
-from pertoken.backends import load_backend
 from pertoken.errors import PertokenError
 from pertoken.lock import output_lock
 from pertoken.paths import model_basename
 from pertoken.pipeline.csvio import format_score, parse_score, write_csv_atomic
 from pertoken.pipeline.finetune.plots import shift_plot
+from pertoken.pipeline.options import Generation, ModelChoice
 from pertoken.traits import Trait, require_eval_questions
 from pertoken.vectors import PersonaVector
 
@@ -38,66 +38,46 @@ class ShiftResult:
     seconds: float = 0.0
 
 
-@dataclass
-class Load:
-    """How models load: backend name, dtype, device."""
-
-    backend: str = "auto"
-    dtype: str | None = None
-    device: str | None = None
-
-    def __call__(self, model: str):
-        return load_backend(model, self.backend, dtype=self.dtype, device=self.device)
-
-
 def shift_models(
-    *,
-    base: str,
-    finetuned: list[str],
+    models: list[ModelChoice],
     vector: PersonaVector,
     layers: list[int],
     trait: Trait,
     out: str | Path,
-    load: Load | None = None,
+    generation: Generation = Generation(samples=4, max_tokens=200),
     judge=None,
-    n_per_question: int = 4,
-    max_new_tokens: int = 200,
-    temperature: float | None = None,
-    seed: int = 0,
-    batch_size: int = 16,
 ) -> ShiftResult:
-    """Write `out/shift.csv` (model, row, kind, shift) and, with a judge, `scores.csv`,
-    `answers.csv` and `shift.png` (judged trait against the shift, one point per model, the
-    base at 0). n_per_question answers per question are judged (temperature 1.0 unless given,
-    0 when n is 1)."""
+    """Write `out/shift.csv` (model, row, kind, shift) for the finetuned `models[1:]` against
+    the base `models[0]` and, with a judge, `scores.csv`, `answers.csv` and `shift.png`
+    (judged trait against the shift, one point per model, the base at 0). generation: the
+    judged answers per question (temperature 1.0 unless given, 0 with one sample), their
+    tokens and seed; batch_size the texts read at once (default 16)."""
     start = time.perf_counter()
     require_eval_questions(trait)
-    if not finetuned:
+    if len(models) < 2:
         raise PertokenError("no finetuned model: give --finetuned DIR (repeatable)")
-    load = load or Load()
-    names = _names([base, *finetuned])
+    names = _names([m.model for m in models])
+    batch_size, g = generation.batch_size or 16, generation
     folder = Path(out)
     with output_lock(folder, folder=True):
         folder.mkdir(parents=True, exist_ok=True)
-        bk = load(base)
+        bk = models[0].load()
         units = _units(vector, layers, bk)
         prompts = [bk.chat_prompt(None, q) for q in trait.eval_questions]
-        texts = (prompts, bk.generate(prompts, max_new_tokens=max_new_tokens, temperature=0.0))
+        texts = (prompts, bk.generate(prompts, max_new_tokens=g.max_tokens, temperature=0.0))
         ref = _means(bk, *texts, batch_size)
-        answers = _judged(bk, names[0], trait, judge, n_per_question, max_new_tokens,
-                          temperature, seed) if judge else []  # fmt: skip
+        answers = _judged(bk, names[0], trait, judge, g) if judge else []
         shifts = {names[0]: {(r, k): 0.0 for r in layers for k in KINDS}}
-        for model, name in zip(finetuned, names[1:]):
+        for model, name in zip(models[1:], names[1:]):
             del bk
             gc.collect()
-            bk = load(model)
+            bk = model.load()
             vector.check_model(bk.n_layers, bk.hidden_size, "the vector")
             means = _means(bk, *texts, batch_size)
             shifts[name] = {(r, k): float((means[k][r] - ref[k][r]) @ units[r])
                             for r in layers for k in KINDS}  # fmt: skip
             if judge:
-                answers += _judged(bk, name, trait, judge, n_per_question, max_new_tokens,
-                                   temperature, seed)  # fmt: skip
+                answers += _judged(bk, name, trait, judge, g)
         rows = [{"model": m, "row": r, "kind": k, "shift": f"{s:.6g}"}
                 for m, by in shifts.items() for (r, k), s in by.items()]  # fmt: skip
         write_csv_atomic(folder / "shift.csv", ["model", "row", "kind", "shift"], rows)
@@ -125,13 +105,14 @@ def _means(bk, prompts, answers, batch_size) -> dict[str, np.ndarray]:
     return {"prompt_last": s.prompt_last.mean(0), "response_avg": s.response_avg.mean(0)}
 
 
-def _judged(bk, name, trait, judge, n, max_new_tokens, temperature, seed) -> list[dict]:
-    """The model's answers to the eval questions, n each, judged: rows of answers.csv."""
-    temp = (0.0 if n == 1 else 1.0) if temperature is None else temperature
-    questions = [q for q in trait.eval_questions for _ in range(n)]
+def _judged(bk, name, trait, judge, generation: Generation) -> list[dict]:
+    """The model's answers to the eval questions, `samples` each, judged: rows of answers.csv."""
+    opts = generation.keywords(bk)
+    seed = opts.pop("seed")
+    questions = [q for q in trait.eval_questions for _ in range(generation.samples)]
     prompts = [bk.chat_prompt(None, q) for q in questions]
     seeds = [seed * 1_000_003 + i for i in range(len(prompts))]
-    texts = bk.generate(prompts, max_new_tokens=max_new_tokens, temperature=temp, seeds=seeds)
+    texts = bk.generate(prompts, seeds=seeds, **opts)
     rows = [{"model": name, "question": q, "answer": a} for q, a in zip(questions, texts)]
     return judge.judge_rows(rows)
 

@@ -10,14 +10,14 @@ from __future__ import annotations
 import functools
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from pertoken.errors import PertokenError
 from pertoken.pipeline.csvio import format_score
 from pertoken.pipeline.judge.cache import JudgeCache, cache_key
-from pertoken.pipeline.judge.rubrics import DEFAULT_JUDGE, judge_identity, rubrics
+from pertoken.pipeline.judge.rubrics import judge_identity, rubrics
+from pertoken.pipeline.options import JudgeSettings, ModelChoice
 from pertoken.traits import Trait, fill_rubric
 
 
@@ -51,20 +51,13 @@ class CachedJudge:
     """A Judge whose scores go through the disk cache; `scorer()` is called on first need."""
 
     def __init__(
-        self,
-        trait: Trait,
-        *,
-        judge_model: str,
-        base_url: str | None,
-        scorer: Callable[[], Scorer],
-        cache: str | Path | None = None,
-        coherence_prompt: str | None = None,
-        progress: bool = True,
+        self, trait: Trait, settings: JudgeSettings, scorer: Callable[[], Scorer], progress=True
     ):
-        self.trait, self.judge_model, self.base_url = trait, judge_model, base_url
-        self.scorer, self.cache, self.progress = functools.cache(scorer), cache, progress
-        self.rubrics = rubrics(trait, coherence_prompt)
-        self.identity = judge_identity(trait, judge_model, base_url, coherence_prompt)
+        s = settings
+        self.trait, self.judge_model, self.base_url = trait, s.judge_model, s.base_url
+        self.scorer, self.cache, self.progress = functools.cache(scorer), s.cache, progress
+        self.rubrics = rubrics(trait, s.coherence_prompt)
+        self.identity = judge_identity(trait, s.judge_model, s.base_url, s.coherence_prompt)
 
     def judge_rows(self, rows: list[dict]) -> list[dict]:
         self.tally(rows)
@@ -114,52 +107,46 @@ class CachedJudge:
 
 def make_judge(
     trait: Trait,
+    settings: JudgeSettings = JudgeSettings(),
     *,
-    judge_model: str = DEFAULT_JUDGE,
-    base_url: str | None = None,
-    concurrency: int = 32,
-    max_consecutive_failures: int = 8,
-    coherence_prompt: str | None = None,
-    cache: str | Path | None = None,
     progress: bool = True,
-    model: str | None = None,
+    model: ModelChoice | None = None,
     backend: Callable | None = None,
-    backend_name: str = "auto",
     scorer: Scorer | None = None,
 ) -> CachedJudge:
-    """The judge of `trait`: judge_model through an OpenAI-compatible API (base_url, default
-    OpenAI's), or `local:MODEL` in-process with a pertoken backend (backend_name).
+    """The judge of `trait`: settings.judge_model through an OpenAI-compatible API (base_url,
+    default OpenAI's), or `local:MODEL` in-process with a pertoken backend (model.backend).
 
-    model, backend: the model already loaded and a function returning its backend; a
+    model, backend: the model already chosen and a function returning its loaded backend; a
     `local:` judge of that same model reuses it. scorer: a ready ApiJudge or LocalJudge to use
-    instead (base_url then defaults to its own). cache: the sqlite score cache (default
-    ~/.cache/pertoken/judge.sqlite); coherence_prompt: the coherence rubric (default: the
-    kit's, else COHERENCE_PROMPT)."""
-    base_url = base_url or getattr(scorer, "base_url", None)
-    same = backend if model and judge_model == f"local:{model}" else None
-    args = (judge_model, base_url, concurrency, max_consecutive_failures, same, backend_name)
-    make = (lambda: scorer) if scorer else functools.partial(_make_scorer, *args)
-    opts = dict(cache=cache, coherence_prompt=coherence_prompt, progress=progress)
-    return CachedJudge(trait, judge_model=judge_model, base_url=base_url, scorer=make, **opts)
+    instead (base_url then defaults to its own). settings.cache: the sqlite score cache
+    (default ~/.cache/pertoken/judge.sqlite); coherence_prompt: the coherence rubric (default:
+    the kit's, else COHERENCE_PROMPT)."""
+    model = model or ModelChoice("")
+    s = replace(settings, base_url=settings.base_url or getattr(scorer, "base_url", None))
+    same = backend if model.model and s.judge_model == f"local:{model.model}" else None
+    make = (lambda: scorer) if scorer else functools.partial(_make_scorer, s, same, model.backend)
+    return CachedJudge(trait, s, make, progress)
 
 
-def _make_scorer(judge_model, base_url, concurrency, max_failures, backend, backend_name):
+def _make_scorer(settings: JudgeSettings, backend, backend_name: str):
     """An ApiJudge, or a LocalJudge for `local:MODEL` (on `backend()` when given)."""
-    if judge_model.startswith("local:"):
+    s = settings
+    if s.judge_model.startswith("local:"):
         from pertoken.pipeline.judge.local import LocalJudge
 
         if backend is None:
-            from pertoken.backends import load_backend
-
-            return LocalJudge(load_backend(judge_model.removeprefix("local:"), backend_name))
+            return LocalJudge(
+                ModelChoice(s.judge_model.removeprefix("local:"), backend_name).load()
+            )
         return LocalJudge(backend())
     from pertoken.pipeline.judge.api import ApiJudge
 
     return ApiJudge(
-        judge_model,
-        base_url=base_url,
-        concurrency=concurrency,
-        max_consecutive_failures=max_failures,
+        s.judge_model,
+        base_url=s.base_url,
+        concurrency=s.concurrency,
+        max_consecutive_failures=s.max_failures,
     )
 
 

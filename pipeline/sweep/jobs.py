@@ -15,7 +15,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from pertoken.atomic import write_text_atomic
@@ -24,7 +24,7 @@ from pertoken.lock import output_lock
 from pertoken.paths import inside, model_basename
 from pertoken.pipeline.csvio import write_csv_atomic
 from pertoken.pipeline.judge.api import check_endpoint
-from pertoken.pipeline.judge.rubrics import DEFAULT_JUDGE
+from pertoken.pipeline.options import Extraction, Generation, JudgeSettings, ModelChoice, from_flat
 from pertoken.pipeline.sweep.plan import Job, Plan
 
 COLUMNS = ["model", "trait", "state", "pairs_kept", "pairs_total", "suggested_row",
@@ -82,16 +82,16 @@ class _Steps:
         self.backend = None
 
     def run(self) -> None:
-        from pertoken.pipeline.run import run_pipeline
+        from pertoken.pipeline.run import Watch, run_pipeline
         from pertoken.pipeline.vet.card import load_report
 
         j, r = self.job, self.result
-        opts = dict(j.run)
-        if (j.gpus or 0) > 1 and not opts.get("device"):
-            opts["device"] = "auto"  # the model spreads over the task's GPUs
+        o = j.run
         run = run_pipeline(
-            model=j.model, trait=j.trait, out=j.out, progress=False, on_stage=self.stage, **opts
-        )
+            self.choice(), j.trait, out=j.out, generation=from_flat(Generation, o),
+            judging=from_flat(JudgeSettings, o), extraction=from_flat(Extraction, o),
+            watch=Watch(progress=False, on_stage=self.stage),
+        )  # fmt: skip
         self.backend, self.vector = (
             run.backend,
             run.vectors.get("probe", run.vectors["response_avg"]),
@@ -131,15 +131,20 @@ class _Steps:
         self.stage(name, "done", time.perf_counter() - start)
         return result
 
+    def choice(self) -> ModelChoice:
+        """The job's model as its [run] options load it."""
+        j = self.job
+        choice = from_flat(ModelChoice, j.run, model=j.model)
+        if (j.gpus or 0) > 1 and not choice.device:
+            choice = replace(choice, device="auto")  # the model spreads over the task's GPUs
+        return choice
+
     def model(self):
         if self.backend is None:
-            from pertoken.backends import load_backend
-
             o = self.job.run
-            self.backend = load_backend(
-                self.job.model, o.get("backend", "auto"), dtype=o.get("dtype"),
-                device=o.get("device"),
-            )  # fmt: skip
+            self.backend = ModelChoice(
+                self.job.model, o.get("backend", "auto"), o.get("dtype"), o.get("device")
+            ).load()
         return self.backend
 
     def layers(self, options: dict, what: str) -> list[int]:
@@ -160,8 +165,8 @@ class _Steps:
 
         o, kit, b = self.job.run, load_trait(self.job.trait), self.model()
         judge = make_judge(
-            kit, model=self.job.model, backend=lambda: b, backend_name=o.get("backend", "auto"),
-            progress=False, **{k: o[k] for k in _JUDGE_KEYS if k in o},
+            kit, from_flat(JudgeSettings, o), progress=False,
+            model=from_flat(ModelChoice, o, model=self.job.model), backend=lambda: b,
         )  # fmt: skip
         auto = e["coefs"] == "auto"
         sweep = Sweep(
@@ -185,21 +190,22 @@ class _Steps:
         return _setting(best and (best.layer, best.coef, best.trait, best.coherence))
 
     def trace(self, t: dict) -> str:
-        from pertoken.pipeline.trace.dataset import Generation, trace_dataset
+        from pertoken.pipeline.trace.dataset import Tracing, trace_dataset
         from pertoken.vectors import load_vector
 
-        gen = Generation(**{k: t[k] for k in ("system", "max_new_tokens", "temperature", "seed")})
+        gen = Generation(1, t["max_new_tokens"], t["temperature"], seed=t["seed"])
+        tracing = Tracing(
+            generation=gen, system=t["system"], batch_size=t["batch_size"], chunk=t["chunk"],
+            vector_files={self.result.trait: str(self.vector)}, progress=False,
+        )  # fmt: skip
         out = inside(self.folder, "trace", Path(t["inputs"]).stem)
         res = trace_dataset(
-            self.model(), input=t["inputs"], vectors={self.result.trait: load_vector(self.vector)},
-            rows=self.layers(t, "trace"), out_dir=out, generation=gen, batch_size=t["batch_size"],
-            chunk=t["chunk"], vector_files={self.result.trait: str(self.vector)}, progress=False,
+            self.model(), input=t["inputs"], out_dir=out, rows=self.layers(t, "trace"),
+            vectors={self.result.trait: load_vector(self.vector)}, tracing=tracing,
         )  # fmt: skip
         return f"{res.items} items"
 
 
-_JUDGE_KEYS = ("judge_model", "base_url", "concurrency", "max_consecutive_failures",
-               "coherence_prompt", "cache")  # fmt: skip
 
 
 def _setting(best) -> str:
@@ -234,9 +240,9 @@ def run_sweep(
     """Run (or resume) every job of `plan`, here one by one or as Ray tasks (`ray_address`:
     local, auto or an address); writes `plan.out/sweep.csv`, one row per job in plan order."""
     jobs = plan.jobs()
-    judge = plan.run.get("judge_model", DEFAULT_JUDGE)
-    if not judge.startswith("local:"):  # a missing key or a server down: before any job
-        check_endpoint(plan.run.get("base_url"))
+    judging = from_flat(JudgeSettings, plan.run)
+    if not judging.judge_model.startswith("local:"):  # a missing key or a server down: first
+        check_endpoint(judging.base_url)
     with output_lock(plan.out, folder=True):  # one sweep at a time in a folder
         if ray_address is None:
             results = []
@@ -258,7 +264,7 @@ def _on_ray(plan: Plan, jobs: list[Job], echo) -> list[JobResult]:
 
     ray = require_ray()
     gpus = _job_gpus(plan, jobs, ray)
-    limit = SharedLimit(int(plan.run.get("concurrency", 32)))
+    limit = SharedLimit(int(from_flat(JudgeSettings, plan.run).concurrency))
     env = {"env_vars": worker_env()}
     task = ray.remote(run_job)
     results: list[JobResult | None] = [None] * len(jobs)

@@ -23,7 +23,6 @@ each job's vector. Relative paths in the plan are relative to the plan file.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +30,12 @@ from pertoken.errors import PertokenError
 from pertoken.paths import model_basename
 
 _TOP = ("models", "traits", "out", "gpus", "gpu_memory_gb", "run", "eval", "trace")
-_NOT_RUN = ("model", "trait", "out", "progress", "on_stage")  # set by the sweep itself
+# `pertoken run`'s options a plan's [run] table may set (pipeline.options.FLAT_NAMES, less
+# the model, which the plan names); the model, trait and folder are set by the sweep itself
+RUN_KEYS = ("backend", "n_per_question", "max_new_tokens", "temperature", "sampler", "seed",
+            "judge_model", "base_url", "threshold", "concurrency", "batch_size", "cache",
+            "dtype", "device", "compile", "method", "coherence_prompt",
+            "max_consecutive_failures")  # fmt: skip
 _PATH_OPTIONS = ("cache",)
 EVAL_KEYS = {
     "layers": None,  # None: the suggested layer
@@ -162,12 +166,10 @@ def _local(here: Path, name: str) -> str:
 
 def _run_options(table, here: Path, path: Path) -> dict:
     from pertoken.pipeline.judge.rubrics import read_rubric
-    from pertoken.pipeline.run import run_pipeline
 
     if not isinstance(table, dict):
         raise PertokenError(f"{path}: [run] must be a table of `pertoken run` options")
-    keys = [k for k in inspect.signature(run_pipeline).parameters if k not in _NOT_RUN]
-    _known(table, keys, f"{path} [run]")
+    _known(table, RUN_KEYS, f"{path} [run]")
     opts = dict(table)
     for k in _PATH_OPTIONS:
         if opts.get(k):

@@ -22,6 +22,7 @@ from pertoken.errors import PertokenError
 from pertoken.journal import Journal
 from pertoken.lock import output_lock
 from pertoken.pipeline.generate import sample_seed
+from pertoken.pipeline.options import Generation
 from pertoken.pipeline.trace import store as store
 from pertoken.pipeline.trace.inputs import Item, meta_types, read_items
 from pertoken.pipeline.trace.segments import (
@@ -31,7 +32,13 @@ from pertoken.pipeline.trace.segments import (
     segment_names,
     tag_spans,
 )
-from pertoken.pipeline.trace.steer import fired_columns, pre_columns, project, term_record
+from pertoken.pipeline.trace.steer import (
+    Directions,
+    fired_columns,
+    pre_columns,
+    project,
+    term_record,
+)
 from pertoken.pipeline.trace.tables import (
     item_schema,
     item_stats,
@@ -53,53 +60,59 @@ class TraceResult:
     seconds: float
 
 
-@dataclass
-class Generation:
-    """How answers to prompt-list items are made (they are traced with the same steer)."""
+@dataclass(frozen=True)
+class Tracing:
+    """How a store is traced. segments: the tag pairs that name spans of assistant text;
+    steer: acts on every traced forward (and on generation); generation and system: how
+    answers to prompt-list items are made (one greedy sample of up to 200 tokens unless
+    given); batch_size sequences run at a time; chunk items make one part on disk;
+    vector_files: where each vector came from (for the record); page: write trace.html."""
 
+    segments: tuple = DEFAULT_SEGMENTS
+    steer: Steer | None = None
+    generation: Generation = Generation(samples=1, max_tokens=200)
     system: str | None = None
-    max_new_tokens: int = 200
-    temperature: float = 0.0
-    seed: int = 0
+    batch_size: int = 16
+    chunk: int = 256
+    vector_files: dict[str, str] | None = None
+    page: bool = True
+    progress: bool = True
+
+    def generation_record(self, backend) -> dict:
+        """The settings record's `generation`: system, max_new_tokens, temperature, seed."""
+        opts = self.generation.with_samples(1).keywords(backend, default=0.0)
+        keys = ("max_new_tokens", "temperature", "seed")
+        return {"system": self.system} | {k: opts[k] for k in keys}
 
 
 def trace_dataset(
     backend,
     *,
     input: str | Path,
+    out_dir: str | Path,
     vectors: dict[str, PersonaVector],
     rows: list[int],
-    out_dir: str | Path,
-    segments=DEFAULT_SEGMENTS,
-    steer: Steer | None = None,
-    generation: Generation | None = None,
-    batch_size: int = 16,
-    chunk: int = 256,
-    vector_files: dict[str, str] | None = None,
-    page: bool = True,
-    progress: bool = True,
+    tracing: Tracing = Tracing(),
     pool=None,
 ) -> TraceResult:
     """Trace every item of `input` (.csv, .jsonl, .txt, .json) into the store `out_dir`.
 
-    `rows` are layer rows; `segments` the tag pairs that name spans of assistant text;
-    `steer` acts on every traced forward (and on generation). Sequences run `batch_size` at a
-    time; `chunk` items make one part on disk. Writes trace.html beside the tables (`page`).
-    pool: a distributed.ModelPool whose actors trace the chunks (`backend` is then its
-    ModelInfo); this process writes the same store."""
-    start = time.perf_counter()
+    `rows` are layer rows; `tracing` the segments, steer, generation of prompt items,
+    batches and parts (Tracing). pool: a distributed.ModelPool whose actors trace the chunks
+    (`backend` is then its ModelInfo); this process writes the same store."""
+    start, t = time.perf_counter(), tracing
     items = read_items(input)
-    check_answers(items, segments)
+    check_answers(items, t.segments)
     names, units = unit_directions(backend, vectors, rows)
-    generation = generation or Generation()
     needs_answers = any(it.user is not None for it in items)
-    settings = _settings(backend, input, names, vectors, vector_files, rows, segments, steer)
-    settings |= {"generation": vars(generation) if needs_answers else None}
+    settings = _settings(backend, input, Directions(names, units, list(rows)), vectors, t)
+    settings |= {"generation": t.generation_record(backend) if needs_answers else None}
     settings |= {"meta": meta_types(items)}
     schemas = (
-        token_schema(names, rows, pre_columns(names, steer, list(rows))),
-        item_schema(settings["meta"], names, rows, segment_names(segments), fired_columns(steer)),
-    )
+        token_schema(names, rows, pre_columns(names, t.steer, list(rows))),
+        item_schema(settings["meta"], names, rows, segment_names(t.segments),
+                    fired_columns(t.steer)),
+    )  # fmt: skip
     folder = Path(out_dir)
     with output_lock(folder, folder=True):
         _check_settings(folder, settings)
@@ -107,13 +120,12 @@ def trace_dataset(
         todo = _todo(folder, items)
         if todo or _unmerged(folder):
             store.write_json_atomic(folder / store.SETTINGS, {**settings, "complete": False})
-        work = _Work(names, units, list(rows), list(segments), steer, generation, schemas[1],
-                     batch_size)  # fmt: skip
-        n_tokens = _Job(backend, work, pool).run(folder, todo, chunk, len(items), progress)
+        work = _Work(Directions(names, units, list(rows)), t, schemas[1])
+        n_tokens = _Job(backend, work, pool).run(folder, todo, len(items))
         n_items = store.merge(folder, *schemas) if todo or _unmerged(folder) else len(items)
         done = {**settings, "items": n_items, "complete": True}
         store.write_json_atomic(folder / store.SETTINGS, done)
-        if page:
+        if t.page:
             from pertoken.pipeline.trace.page import write_store_page
 
             write_store_page(folder)
@@ -146,19 +158,19 @@ def unit_directions(backend, vectors: dict[str, PersonaVector], rows: list[int])
     return list(vectors), (d / norms).astype(np.float32)
 
 
-def _settings(backend, input, names, vectors, files, rows, segments, steer) -> dict:
-    files = files or {}
+def _settings(backend, input, d: Directions, vectors, t: Tracing) -> dict:
+    files = t.vector_files or {}
     return {
         "version": __version__,
         "model": backend.model_id,
         "backend": backend.name,
         "dtype": backend.dtype,
         "input": str(input),
-        "vectors": {n: _vector_record(vectors[n], files.get(n)) for n in names},
-        "rows": [int(r) for r in rows],
-        "segments": {s.name: [s.open, s.close] for s in segments},
-        "steer": _steer_record(steer),
-        "columns": value_columns(names, list(rows)) + pre_columns(names, steer, list(rows)),
+        "vectors": {n: _vector_record(vectors[n], files.get(n)) for n in d.names},
+        "rows": [int(r) for r in d.rows],
+        "segments": {s.name: [s.open, s.close] for s in t.segments},
+        "steer": _steer_record(t.steer),
+        "columns": value_columns(d.names, d.rows) + pre_columns(d.names, t.steer, d.rows),
     }
 
 
@@ -225,14 +237,9 @@ def _unmerged(folder: Path) -> bool:
 class _Work:
     """What tracing a chunk needs besides the model; sent as it is to pool actors."""
 
-    names: list[str]
-    units: np.ndarray  # [V, R, hidden] unit directions
-    rows: list[int]
-    segments: list
-    steer: Steer | None
-    generation: Generation
+    directions: Directions
+    tracing: Tracing
     items_schema: object  # pyarrow schema of items.parquet
-    batch_size: int
 
 
 @dataclass
@@ -251,12 +258,13 @@ class _Job:
     def __init__(self, backend, work: _Work, pool=None):
         self.backend, self.work, self.pool = backend, work, pool
 
-    def run(self, folder: Path, todo: list[Item], chunk, total, progress) -> int:
+    def run(self, folder: Path, todo: list[Item], total: int) -> int:
         from tqdm import tqdm
 
         from pertoken.pipeline.distributed import map_shards
 
         answers, parts, n_tokens, t0 = _Answers(folder), store.Parts(folder), 0, time.perf_counter()
+        chunk, progress = self.work.tracing.chunk, self.work.tracing.progress
         chunks = [todo[at : at + max(1, chunk)] for at in range(0, len(todo), max(1, chunk))]
         shards = [(batch, answers.known(batch)) for batch in chunks]
         fn = functools.partial(trace_chunk, self.work)
@@ -291,10 +299,8 @@ def trace_chunk(work: _Work, backend, shard, on_answer=None) -> _Chunk:
     batch, known = shard
     answers = dict(known) | _answer(backend, work, batch, known, on_answer)
     labels = [_labels(backend, work, it, answers.get(it.index)) for it in batch]
-    values = project(
-        backend, [lab.ids for lab in labels], work.units, work.names, work.rows, work.steer,
-        [lab.prompt_len for lab in labels], work.batch_size,
-    )  # fmt: skip
+    t, ids, lens = work.tracing, [lab.ids for lab in labels], [lab.prompt_len for lab in labels]
+    values = project(backend, ids, lens, work.directions, t.steer, t.batch_size)
     tokens, items = _tables(work, batch, labels, values)
     new = {k: v for k, v in answers.items() if k not in known}
     return _Chunk(tokens, items, new, sum(len(lab.ids) for lab in labels))
@@ -306,28 +312,29 @@ def _answer(backend, work: _Work, batch: list[Item], known: dict, on_answer) -> 
     need = [it for it in batch if it.user is not None and it.index not in known]
     if not need:
         return {}
-    g, out = work.generation, {}
+    t, out = work.tracing, {}
+    opts = t.generation.with_samples(1).keywords(backend, default=0.0)
+    seed = opts.pop("seed")
 
     def done(k: int, text: str) -> None:
         out[need[k].index] = text
         if on_answer is not None:
             on_answer([need[k]], [text])
 
-    prompts = [backend.chat_prompt(g.system, it.user) for it in need]
+    prompts = [backend.chat_prompt(t.system, it.user) for it in need]
     backend.generate(
-        prompts, max_new_tokens=g.max_new_tokens, temperature=g.temperature,
-        seeds=[sample_seed(g.seed, f"item {it.index}", 0) for it in need],
-        steer=work.steer, batch_size=work.batch_size, on_answer=done,
+        prompts, seeds=[sample_seed(seed, f"item {it.index}", 0) for it in need],
+        steer=t.steer, batch_size=t.batch_size, on_answer=done, **opts,
     )  # fmt: skip
     return out
 
 
 def _labels(b, work: _Work, it: Item, answer: str | None):
-    segs = work.segments
+    segs = work.tracing.segments
     if it.messages is not None:
         labels = label_chat(b, it.messages, segs, it.where)
     elif it.user is not None:
-        prompt = b.chat_prompt(work.generation.system, it.user)
+        prompt = b.chat_prompt(work.tracing.system, it.user)
         labels = label_pair(b, prompt, answer, segs, it.where, strict=False)
     else:
         prompt = it.prompt if it.prompt is not None else b.chat_prompt(None, it.question)
@@ -340,7 +347,8 @@ def _labels(b, work: _Work, it: Item, answer: str | None):
 def _tables(work: _Work, batch, labels, values):
     import pyarrow as pa
 
-    names, rows, seg_names = work.names, work.rows, segment_names(work.segments)
+    d, seg_names = work.directions, segment_names(work.tracing.segments)
+    names, rows = d.names, d.rows
     tokens = pa.concat_tables(
         [tokens_table(it.index, lab, v.values, names, rows, v.pre)
          for it, lab, v in zip(batch, labels, values)]

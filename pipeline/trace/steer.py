@@ -44,7 +44,16 @@ class Projected:
     fired: dict[str, bool]
 
 
-def project(backend, ids, units, vectors, rows, steer, prompt_lens, batch_size) -> list[Projected]:
+@dataclass(frozen=True)
+class Directions:
+    """Named vectors as unit directions at the traced layer rows."""
+
+    names: list[str]
+    units: np.ndarray  # [V, len(rows), hidden]
+    rows: list[int]
+
+
+def project(backend, ids, prompt_lens, dirs: Directions, steer, batch_size) -> list[Projected]:
     """Teacher-forced projections of `ids` under `steer`, with pre columns and decisions."""
     plans = [steer] * len(ids)
     if steer is not None and steer.conditional:
@@ -59,8 +68,8 @@ def project(backend, ids, units, vectors, rows, steer, prompt_lens, batch_size) 
         part = [ids[i] for i in idx]
         lens = [prompt_lens[i] for i in idx]
         kw = dict(prompt_lens=lens, batch_size=batch_size)
-        values = backend.token_projections(part, units, rows, steer=plan, **kw)
-        pre = _pre(backend, part, units, vectors, rows, plan, steer, kw)
+        values = backend.token_projections(part, dirs.units, dirs.rows, steer=plan, **kw)
+        pre = _pre(backend, part, dirs, plan, steer, kw)
         decisions = plan.decisions if plan is not None else []
         fired = dict(zip(fired_columns(steer), (d["fired"] for d in decisions)))
         for j, i in enumerate(idx):
@@ -68,17 +77,17 @@ def project(backend, ids, units, vectors, rows, steer, prompt_lens, batch_size) 
     return out
 
 
-def _pre(backend, ids, units, vectors, rows, plan, steer, kw) -> dict[str, list[np.ndarray]]:
+def _pre(backend, ids, d: Directions, plan, steer, kw) -> dict[str, list[np.ndarray]]:
     """pre column -> per sequence [T]: row r traced with only the terms below r."""
     out = {}
-    for r in pre_rows(steer, rows):
+    for r in pre_rows(steer, d.rows):
         below = [t for t in (plan.terms if plan is not None else []) if t.row < r]
-        j = rows.index(r)
+        j = d.rows.index(r)
         got = backend.token_projections(
-            ids, units[:, j : j + 1], [r], steer=Steer(below, plan.positions) if below else None,
+            ids, d.units[:, j : j + 1], [r], steer=Steer(below, plan.positions) if below else None,
             **kw,
         )  # fmt: skip
-        for k, v in enumerate(vectors):
+        for k, v in enumerate(d.names):
             out[f"pre.{v}.L{r}"] = [g[:, 0, k] for g in got]
     return out
 

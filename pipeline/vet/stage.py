@@ -11,6 +11,7 @@ summaries beside the vector; the model runs only when they are missing or stale.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,36 @@ SATURATED = 0.9  # held-out AUROC on every candidate row at or above this cannot
 _NAME = re.compile(r"(?P<trait>.+)_(?P<kind>response_avg|prompt_avg|prompt_last)_(diff|probe)")
 
 
+@dataclass(frozen=True)
+class Vetting:
+    """trait and the kept-pair threshold: default the vector's sidecar; out_dir: default the
+    vector's folder; holdout: the share of questions held out, drawn with `seed`;
+    batch_size: pairs read at once when the summaries are computed."""
+
+    trait: str | None = None
+    out_dir: str | Path | None = None
+    threshold: float | None = None
+    holdout: float = 0.3
+    seed: int = 0
+    batch_size: int = 8
+
+
+@dataclass(frozen=True)
+class CausalCheck:
+    """Per candidate row (`rows`, default all but rows 0, 1 and the last), the teacher-forced
+    gain and cost (causal.py) on up to `pairs` held-out pairs with answers cut to `tokens`
+    tokens; the suggestion becomes the largest gain whose cost is at most `max_cost` nats per
+    token. judged: that many top settings (and the unsteered answers) answer the held-out
+    questions in one generate call, scored by `judge` (a Judge, judges.make_judge)."""
+
+    max_cost: float = MAX_COST
+    pairs: int = 4
+    tokens: int = 32
+    rows: list[int] | None = None
+    judged: int = 0
+    judge: object = None
+
+
 def vet_vector(
     vector_path: str | Path,
     *,
@@ -49,60 +80,42 @@ def vet_vector(
     neg_csv: str | Path,
     backend=None,
     model: str | None = None,
-    trait: str | None = None,
-    out_dir: str | Path | None = None,
-    threshold: float | None = None,
-    holdout: float = 0.3,
-    seed: int = 0,
-    batch_size: int = 8,
-    causal: bool = False,
-    max_cost: float = MAX_COST,
-    causal_pairs: int = 4,
-    causal_tokens: int = 32,
-    causal_rows: list[int] | None = None,
-    judged: int = 0,
-    judge=None,
+    vetting: Vetting = Vetting(),
+    causal: CausalCheck | None = None,
 ) -> VetReport:
     """Vet one vector against the pos/neg CSVs it came from; write the report and return it.
 
     backend: a loaded backend, or a function that loads one; used when the summaries
     beside the vector are missing, stale or of another model than `model`, and by the causal
-    measure. trait and the kept-pair threshold default to the vector's sidecar; out_dir to the
-    vector's folder; holdout (default 0.3) is the share of questions held out.
-    causal: per candidate row (`causal_rows`, default all but rows 0, 1 and the last), the
-    teacher-forced gain and cost (causal.py) on up to `causal_pairs` held-out pairs with
-    answers cut to `causal_tokens` tokens; the suggestion becomes the largest gain whose cost
-    is at most `max_cost` nats per token (default 0.5). judged: that many top causal settings
-    (and the unsteered answers) answer the held-out questions in one generate call, scored by
-    `judge` (a Judge, judges.make_judge).
+    measure (`causal`; None: separation only). vetting: the trait, threshold, output folder
+    and held-out split (Vetting).
     """
     path = Path(vector_path)
-    vec = load_vector(path)
-    trait, kind, method = _identity(path, vec, trait)
-    t = threshold if threshold is not None else vec.meta.get("threshold", 50)
+    vec, v, c = load_vector(path), vetting, causal
+    trait, kind, method = _identity(path, vec, v.trait)
+    t = v.threshold if v.threshold is not None else vec.meta.get("threshold", 50)
+    v = replace(v, trait=trait, threshold=t)
     pairs = pair_rows(pos_csv, neg_csv, trait=trait, threshold=t)
-    samples = _samples(vec, path, pairs, trait, kind, backend, model, t, batch_size)
-    report = build_report(
-        vec, samples, path=path, trait=trait, kind=kind, method=method, holdout=holdout, seed=seed
-    )
-    if causal:
+    samples = _samples(vec, path, pairs, kind, backend, model, v)
+    report = build_report(vec, samples, path=path, trait=trait, kind=kind, method=method, vetting=v)
+    if c is not None:
         b = _backend(backend)
         texts = held_out_texts(
-            b, pairs, set(report.split["held_out_questions"]), max_pairs=causal_pairs,
-            max_tokens=causal_tokens,
+            b, pairs, set(report.split["held_out_questions"]), max_pairs=c.pairs,
+            max_tokens=c.tokens,
         )  # fmt: skip
         coefs = {k: [r.coef[k] for r in report.rows] for k in report.rows[0].coef}
-        rows = causal_rows or candidate_rows(vec.n_layers)
-        add_causal(report, measure(b, vec.data, texts, coefs, rows), max_cost)
-        if judged:
+        rows = c.rows or candidate_rows(vec.n_layers)
+        add_causal(report, measure(b, vec.data, texts, coefs, rows), c.max_cost)
+        if c.judged:
             from pertoken.pipeline.vet.judged import judged_check
 
             held = set(report.split["held_out_questions"])
             questions = list(dict.fromkeys(r["question"] for r, k in zip(pairs.pos, pairs.keys)
                                            if k[0] in held))  # fmt: skip
-            report.judged = judged_check(b, report, vec.data, questions, judge, n=judged)
+            report.judged = judged_check(b, report, vec.data, questions, c.judge, n=c.judged)
             _judged_suggestion(report)
-    write_report(report, report_paths(out_dir or path.parent, trait))
+    write_report(report, report_paths(v.out_dir or path.parent, trait))
     return report
 
 
@@ -117,9 +130,9 @@ def _identity(path: Path, vec: PersonaVector, trait: str | None) -> tuple[str, s
     return trait, kind, vec.meta.get("method", "mean_diff")
 
 
-def _samples(vec, path, pairs, trait, kind, backend, model, threshold, batch_size):
+def _samples(vec, path, pairs, kind, backend, model, v: Vetting):
     """The stored summaries when they fit these pairs and model, else computed and stored."""
-    file = summaries_path(path.parent, trait)
+    file = summaries_path(path.parent, v.trait)
     kinds = tuple(dict.fromkeys(("response_avg", kind)))
     s = load_summaries(file)
     if s is not None and _fits(s, pairs.keys, kinds, model):
@@ -132,10 +145,10 @@ def _samples(vec, path, pairs, trait, kind, backend, model, threshold, batch_siz
         return s
     b = _backend(backend, f"{file} is missing or stale")
     vec.check_model(b.n_layers, b.hidden_size, path)
-    _, pos = collect(b, pairs.pos, keep=kinds, batch_size=batch_size)
-    _, neg = collect(b, pairs.neg, keep=kinds, batch_size=batch_size)
+    _, pos = collect(b, pairs.pos, keep=kinds, batch_size=v.batch_size)
+    _, neg = collect(b, pairs.neg, keep=kinds, batch_size=v.batch_size)
     meta = {"model": b.model_id, "backend": b.name, "dtype": b.dtype}
-    meta |= {"trait": trait, "threshold": threshold}
+    meta |= {"trait": v.trait, "threshold": v.threshold}
     s = from_pairs(pairs.keys, pos, neg, meta)
     save_summaries(s, file)
     return s
@@ -189,9 +202,11 @@ def _fits(s: SampleSummaries, keys, kinds, model: str | None) -> bool:
 
 
 def build_report(
-    vec: PersonaVector, s: SampleSummaries, *, path, trait, kind, method, holdout=0.3, seed=0
+    vec: PersonaVector, s: SampleSummaries, *, path, trait, kind, method, vetting=Vetting()
 ) -> VetReport:
-    """The report card of `vec` from its samples' states (no files written)."""
+    """The report card of `vec` from its samples' states (no files written); vetting: the
+    held-out split."""
+    holdout, seed = vetting.holdout, vetting.seed
     states, answers = s.states[kind], s.states["response_avg"]  # [N, R, H] each
     train, test = st.question_split(s.question, holdout=holdout, seed=seed)
     _check_pairs(s, train, test)
