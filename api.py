@@ -16,6 +16,7 @@ EXPORTS = {
     "Condition": "pertoken.backends.base",
     "extract_vectors": "pertoken.pipeline.extract",
     "monitor": "pertoken.pipeline.monitor",
+    "Monitoring": "pertoken.pipeline.monitor",
     "evaluate": "pertoken.pipeline.sweep.grid",
     "run_pipeline": "pertoken.pipeline.run",
     # the option objects every stage takes (pipeline/options.py)

@@ -104,7 +104,8 @@ def interleaved(fns: dict, reps: int) -> dict[str, float]:
 
 def throughput(args, folder: Path, work: Path) -> list[tuple[str, float]]:
     from pertoken.backends import load_backend
-    from pertoken.pipeline.monitor import monitor
+    from pertoken.pipeline.monitor import Monitoring, monitor
+    from pertoken.pipeline.options import Generation
     from pertoken.pipeline.trace.dataset import Tracing, trace_dataset, unit_directions
     from pertoken.pipeline.trace.inputs import read_items
 
@@ -126,9 +127,9 @@ def throughput(args, folder: Path, work: Path) -> list[tuple[str, float]]:
     n_mon = []
 
     def mon():
-        recs = monitor(b, prompts=[f"t{5 + i} t{9 + i}" for i in range(args.monitor_prompts)],
-                       vectors=vecs, layers=rows, max_new_tokens=args.monitor_tokens,
-                       out_dir=None, live=False)  # fmt: skip
+        prompts = [f"t{5 + i} t{9 + i}" for i in range(args.monitor_prompts)]
+        gen = Generation(samples=1, max_tokens=args.monitor_tokens)
+        recs = monitor(b, prompts, vecs, rows, gen, Monitoring(out_dir=None))
         n_mon.append(sum(len(r["tokens"]) for r in recs))
 
     b.token_projections(ids[: args.batch], units, rows, batch_size=args.batch)  # warm-up

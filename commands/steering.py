@@ -222,11 +222,10 @@ def _search(backend, sweep, opts: dict, min_coherence: float) -> None:
 @click.option("--sae-top", type=int, default=5, show_default=True, help="Features per token.")
 @generation_options(200)
 @click.argument("prompt", required=False)
+@gather(choice=ModelChoice, generation=Generation)
 def monitor(
-    model,
-    backend,
-    dtype,
-    device,
+    choice,
+    generation,
     vectors,
     layers,
     steers,
@@ -240,9 +239,10 @@ def monitor(
     sae_layer,
     sae_top,
     prompt,
-    **gen,
+    system,
 ):
     """Project every generated token onto persona vectors, live and as an HTML page."""
+    from pertoken.pipeline.monitor import Monitoring
     from pertoken.pipeline.monitor import monitor as run_monitor
     from pertoken.pipeline.steer import build_steer, parse_specs
     from pertoken.pipeline.trace.inputs import read_prompts
@@ -257,7 +257,7 @@ def monitor(
     files = _named_vectors(vectors)
     loaded = {name: load_vector(path) for name, path in files.items()}
     specs = parse_specs(steers, ablates, caps)
-    bk = options.load_model(ModelChoice(model, backend, dtype, device))
+    bk = options.load_model(choice)
     for name, vec in loaded.items():
         vec.check_model(bk.n_layers, bk.hidden_size, files[name])
     st = build_steer(bk, specs, positions=positions) if specs else None
@@ -271,19 +271,9 @@ def monitor(
             sae, rows=rows, hidden_size=bk.hidden_size, layer=sae_layer, top=sae_top
         )
         extra |= {"sae": sae}
-    records = run_monitor(
-        bk,
-        prompts=prompts,
-        vectors=loaded,
-        layers=rows,
-        steer=st,
-        out_dir=out,
-        live=True,
-        compare_unsteered=compare_unsteered,
-        settings=extra,
-        on_trace=on_trace,
-        **gen,
-    )
+    how = Monitoring(system, st, compare_unsteered, out, live=True, settings=extra,
+                     on_trace=on_trace)  # fmt: skip
+    records = run_monitor(bk, prompts, loaded, rows, generation, how)
     click.echo(
         f"wrote {len(records)} answer(s) as a trace store in {out} (open {out}/trace.html; "
         "pertoken.trace.load reads it)"

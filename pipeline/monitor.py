@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from pertoken.backends.base import Steer, TokenTrace
 from pertoken.errors import PertokenError
 from pertoken.lock import output_lock
 from pertoken.pipeline.live import LivePrinter
+from pertoken.pipeline.options import Generation
 from pertoken.pipeline.projection import project, project_rows
 from pertoken.pipeline.trace.monitored import Items, check_folder, store_settings
 from pertoken.pipeline.trace.page import write_store_page
@@ -33,45 +35,55 @@ from pertoken.vectors import PersonaVector
 TraceHook = Callable[[dict, TokenTrace], None]
 
 
+@dataclass(frozen=True)
+class Monitoring:
+    """What a monitor run does besides generating. system: the system prompt; steer and
+    compare_unsteered (each prompt also answered unsteered, same seed); out_dir: where the
+    trace store and its page go (None: write nothing); live: print tokens coloured by the first
+    vector at the first layer while generating, to `stream` (default stdout); settings: merged
+    into each record's settings; on_trace(record, trace) may add fields such as `features`."""
+
+    system: str | None = None
+    steer: Steer | None = None
+    compare_unsteered: bool = False
+    out_dir: str | Path | None = "."
+    live: bool = False
+    stream: object = None
+    settings: dict | None = None
+    on_trace: TraceHook | None = None
+
+
+GREEDY_200 = Generation(samples=1, max_tokens=200)  # monitor's default: greedy, 200 tokens
+
+
 def monitor(
     backend,
-    *,
     prompts: list[str],
     vectors: dict[str, PersonaVector],
     layers: list[int],
-    system: str | None = None,
-    max_new_tokens: int = 200,
-    steer: Steer | None = None,
-    temperature: float = 0.0,
-    seed: int = 0,
-    out_dir: str | Path | None = ".",
-    live: bool = False,
-    compare_unsteered: bool = False,
-    settings: dict | None = None,
-    on_trace: TraceHook | None = None,
-    stream=None,
+    generation: Generation = GREEDY_200,
+    how: Monitoring = Monitoring(),
 ) -> list[dict]:
-    """Generate an answer to each prompt and project each answer token onto `vectors`.
-
-    With `live`, prints tokens coloured by the first vector at the first layer while generating
-    (off by default; the `monitor` command turns it on). Writes a trace store (an item per
-    answer) and its page trace.html into `out_dir` (None: write nothing). With `steer` and
-    `compare_unsteered`, each prompt is also answered unsteered (same seed). `settings` is
-    merged into each record's settings; `on_trace(record, trace)` may add fields such as
-    `features`. Defaults: greedy (temperature 0), 200 new tokens, seed 0.
-    """
+    """Generate an answer to each prompt (one per prompt: `generation.samples` is not used)
+    and project each answer token onto `vectors` at `layers`; a trace store with an item per
+    answer and its page trace.html go into `how.out_dir`. Default: greedy, 200 new tokens."""
+    system, steer, out_dir, settings = how.system, how.steer, how.out_dir, how.settings
+    draw = generation.with_samples(1).keywords(backend, default=0.0)
+    max_new_tokens, temperature, seed = (draw[k] for k in _GENERATION)
     names, directions = _directions(backend, vectors, layers)
     if not prompts:
         raise PertokenError("no prompts to monitor: give a prompt or --prompts FILE")
     printer = (
-        LivePrinter(lambda h: project(h[0], directions[0, 0]), stream=stream) if live else None
+        LivePrinter(lambda h: project(h[0], directions[0, 0]), stream=how.stream)
+        if how.live
+        else None
     )
-    runs = _runs(prompts, steer, compare_unsteered)
+    runs = _runs(prompts, steer, how.compare_unsteered)
     base = _settings(backend, max_new_tokens, temperature, seed, settings)
     store = store_settings(backend, names, vectors, (settings or {}).get("vector_files") or {},
                            layers, steer, _steer_settings(steer)["steer"])  # fmt: skip
     store["generation"] = {"system": system, **{k: base[k] for k in _GENERATION}}
-    one = _Answer(backend, names, directions, list(layers), system, base, on_trace)
+    one = _Answer(backend, names, directions, list(layers), system, base, how.on_trace)
     records: list[dict] = []
     items = Items(names, layers, steer)
     with ExitStack() as stack:

@@ -89,13 +89,13 @@ def test_readme_example_runs(llama_dir, tmp_path, monkeypatch, capsys, torch_one
     backend, chat, steer = ns["backend"], ns["chat"], ns["steer"]
     answer = backend.generate([chat], max_new_tokens=80, temperature=0, steer=steer)[0]
     assert answer in out and answer != backend.generate([chat], max_new_tokens=80, temperature=0)[0]
-    _, items = pertoken.trace.load(tmp_path)
-    settings = pertoken.trace.read_settings(tmp_path)
+    _, items = pertoken.trace.load(tmp_path / "monitored")
+    settings = pertoken.trace.read_settings(tmp_path / "monitored")
     assert len(items) == 1 and settings["rows"] == [2]
     assert list(settings["vectors"]) == ["paternalism"] and settings["steer"]
     mean = ns["records"][0]["mean"]
     assert items["mean.paternalism.L2.answer"][0] == pytest.approx(mean[0][0], rel=1e-5)
-    assert str(mean) in out and (tmp_path / "trace.html").is_file()
+    assert str(mean) in out and (tmp_path / "monitored" / "trace.html").is_file()
 
 
 def test_trace_load_works_after_a_plain_import(tmp_path):

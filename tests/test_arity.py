@@ -10,14 +10,6 @@ from tests.import_graph import modules
 
 LIMIT = 7
 
-# Modules rewritten in parallel (the sweep engine, the monitor); emptied once those land.
-PENDING_ELSEWHERE = {
-    "pertoken.pipeline.sweep.grid",
-    "pertoken.pipeline.sweep.search",
-    "pertoken.pipeline.sweep.plot",
-    "pertoken.pipeline.monitor",
-}
-
 
 def arity(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
     """Positional and keyword-only parameters, not counting self/cls, *args or **kwargs."""
@@ -26,10 +18,10 @@ def arity(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
     return len([n for n in names if n not in ("self", "cls")])
 
 
-def wide_functions(limit: int = LIMIT, skip=frozenset()) -> list[tuple[str, str, int]]:
+def wide_functions(limit: int = LIMIT) -> list[tuple[str, str, int]]:
     out = []
     for name, path in modules().items():
-        if not name.startswith("pertoken.pipeline") or name in skip:
+        if not name.startswith("pertoken.pipeline"):
             continue
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and arity(node) > limit:
@@ -38,7 +30,7 @@ def wide_functions(limit: int = LIMIT, skip=frozenset()) -> list[tuple[str, str,
 
 
 def test_no_pipeline_function_takes_more_than_seven_parameters():
-    assert wide_functions(skip=PENDING_ELSEWHERE) == []
+    assert wide_functions() == []
 
 
 def test_the_count_sees_keyword_only_parameters_and_skips_self():

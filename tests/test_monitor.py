@@ -7,7 +7,8 @@ import pytest
 import pertoken.trace
 from pertoken.backends.base import Steer
 from pertoken.errors import PertokenError
-from pertoken.pipeline.monitor import monitor
+from pertoken.pipeline.monitor import Monitoring, monitor
+from pertoken.pipeline.options import Generation
 from pertoken.pipeline.trace.inputs import read_prompts
 from pertoken.vectors import PersonaVector
 from tests.fake_backend import FakeBackend
@@ -74,9 +75,8 @@ def test_trace_json_layout_and_projections_match_summaries(fake, vectors, tmp_pa
         prompts=["how are you"],
         vectors=vectors,
         layers=[1, 3],
-        out_dir=tmp_path,
-        max_new_tokens=12,
-        live=False,
+        generation=Generation(samples=1, max_tokens=12),
+        how=Monitoring(out_dir=tmp_path, live=False),
     )
     tokens, items, settings = load_store(tmp_path)
     assert_stored(tokens, items, [rec])
@@ -111,10 +111,8 @@ def test_several_prompts_are_items_of_one_store(fake, vectors, tmp_path):
         prompts=["one", "two", "three"],
         vectors=vectors,
         layers=[2],
-        system="be brief",
-        out_dir=tmp_path,
-        max_new_tokens=5,
-        live=False,
+        generation=Generation(samples=1, max_tokens=5),
+        how=Monitoring(system="be brief", out_dir=tmp_path, live=False),
     )
     tokens, items, settings = load_store(tmp_path)
     assert items["question"].tolist() == ["one", "two", "three"]
@@ -130,12 +128,8 @@ def test_compare_unsteered_adds_the_plain_answer_with_the_same_seed(fake, vector
         prompts=["hello"],
         vectors=vectors,
         layers=[2],
-        steer=st,
-        seed=3,
-        compare_unsteered=True,
-        out_dir=tmp_path,
-        max_new_tokens=10,
-        live=False,
+        generation=Generation(samples=1, seed=3, max_tokens=10),
+        how=Monitoring(steer=st, compare_unsteered=True, out_dir=tmp_path, live=False),
     )
     assert [r["label"] for r in recs] == ["answer (unsteered)", "answer (steered)"]
     assert recs[0]["settings"]["steer"] is None
@@ -152,10 +146,9 @@ def test_live_output_is_coloured_on_a_tty_and_plain_otherwise(fake, vectors):
             return True
 
     tty, pipe = Tty(), io.StringIO()
-    kw = dict(prompts=["hi"], vectors=vectors, layers=[1], out_dir=None, max_new_tokens=8)
-    kw["live"] = True
-    rec = monitor(fake, stream=tty, **kw)[0]
-    monitor(fake, stream=pipe, **kw)
+    kw = dict(prompts=["hi"], vectors=vectors, layers=[1], generation=Generation(max_tokens=8))
+    rec = monitor(fake, **kw, how=Monitoring(out_dir=None, live=True, stream=tty))[0]
+    monitor(fake, **kw, how=Monitoring(out_dir=None, live=True, stream=pipe))
     assert "\x1b[" not in pipe.getvalue() and pipe.getvalue().startswith(rec["text"])
     assert "\x1b[30;48;5;" in tty.getvalue()
     assert "mean projection: paternalism@1=" in pipe.getvalue()
@@ -170,10 +163,8 @@ def test_on_trace_hook_can_add_features(fake, vectors, tmp_path):
         prompts=["hi"],
         vectors=vectors,
         layers=[1],
-        out_dir=tmp_path,
-        max_new_tokens=4,
-        live=False,
-        on_trace=add,
+        generation=Generation(samples=1, max_tokens=4),
+        how=Monitoring(out_dir=tmp_path, live=False, on_trace=add),
     )
     assert len(rec["features"]) == len(rec["tokens"])
     tokens, _ = pertoken.trace.load(tmp_path)
@@ -192,16 +183,14 @@ def test_interrupted_run_keeps_finished_traces(fake, vectors, tmp_path):
             prompts=["one", "two"],
             vectors=vectors,
             layers=[1],
-            out_dir=tmp_path,
-            max_new_tokens=4,
-            live=False,
-            on_trace=stop_on_second,
+            generation=Generation(samples=1, max_tokens=4),
+            how=Monitoring(out_dir=tmp_path, live=False, on_trace=stop_on_second),
         )
     assert pertoken.trace.load(tmp_path)[1]["question"].tolist() == ["one"]
 
 
 def test_bad_vectors_and_layers_are_clear_errors(fake, tmp_path):
-    kw = dict(prompts=["hi"], out_dir=tmp_path, live=False)
+    kw = dict(prompts=["hi"], how=Monitoring(out_dir=tmp_path))
     with pytest.raises(PertokenError, match="another model"):
         monitor(fake, vectors={"x": _vec(0, (5, 32))}, layers=[1], **kw)
     with pytest.raises(PertokenError, match="outside 0..4"):
@@ -215,9 +204,10 @@ def test_bad_vectors_and_layers_are_clear_errors(fake, tmp_path):
 def test_monitor_refuses_a_folder_holding_a_dataset_trace(fake, vectors, tmp_path):
     (tmp_path / "trace.json").write_text(json.dumps({"model": "m", "complete": True}))
     with pytest.raises(PertokenError, match="store of `pertoken trace`.*another --out"):
-        monitor(fake, prompts=["hi"], vectors=vectors, layers=[1], out_dir=tmp_path)
+        monitor(fake, prompts=["hi"], vectors=vectors, layers=[1], how=Monitoring(out_dir=tmp_path))
     assert fake.calls == [] or all(c["kind"] != "trace" for c in fake.calls)
-    kw = dict(prompts=["hi"], vectors=vectors, layers=[1], out_dir=tmp_path / "m", max_new_tokens=3)
+    kw = dict(prompts=["hi"], vectors=vectors, layers=[1], generation=Generation(max_tokens=3),
+              how=Monitoring(out_dir=tmp_path / "m"))  # fmt: skip
     monitor(fake, **kw)
     monitor(fake, **kw | {"prompts": ["again"]})  # a monitor run replaces its own store
     assert pertoken.trace.load(tmp_path / "m")[1]["question"].tolist() == ["again"]
@@ -307,9 +297,8 @@ def test_torch_projections_match_hidden_states_and_summaries(tiny, tmp_path):
         prompts=QUESTIONS,
         vectors=vecs,
         layers=layers,
-        max_new_tokens=8,
-        out_dir=tmp_path,
-        live=False,
+        generation=Generation(samples=1, max_tokens=8),
+        how=Monitoring(out_dir=tmp_path, live=False),
     )
     checked_summaries = 0
     for rec in recs:
@@ -344,11 +333,8 @@ def test_torch_steered_monitor_moves_projection_along_the_vector(tiny):
         prompts=["hi"],
         vectors={"v": vec},
         layers=[2],
-        steer=st,
-        compare_unsteered=True,
-        max_new_tokens=6,
-        out_dir=None,
-        live=False,
+        generation=Generation(samples=1, max_tokens=6),
+        how=Monitoring(steer=st, compare_unsteered=True, out_dir=None, live=False),
     )
     assert plain["settings"]["steer"] is None and steered["settings"]["steer"] is not None
     # Row 2 is the output of block 1, where the vector is added: the steered answer's tokens
@@ -434,6 +420,8 @@ def test_torch_cli_monitor_adds_sae_features(llama_dir, tmp_path):
 
 
 def test_monitor_from_python_is_quiet_by_default(fake, vectors, capsys):
-    rec = monitor(fake, prompts=["hi"], vectors=vectors, layers=[1], out_dir=None)[0]
+    rec = monitor(fake, prompts=["hi"], vectors=vectors, layers=[1], how=Monitoring(out_dir=None))[
+        0
+    ]
     captured = capsys.readouterr()
     assert rec["tokens"] and captured.out == "" and captured.err == ""

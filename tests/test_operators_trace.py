@@ -9,7 +9,8 @@ import pytest
 
 from pertoken.backends import Steer, load_backend
 from pertoken.backends.base import Condition
-from pertoken.pipeline.monitor import monitor
+from pertoken.pipeline.monitor import Monitoring, monitor
+from pertoken.pipeline.options import Generation
 from pertoken.pipeline.trace.dataset import Tracing, trace_dataset
 from pertoken.vectors import PersonaVector
 from tests.reference import rand
@@ -80,8 +81,8 @@ def test_a_conditional_store_records_which_items_fired(backend, tmp_path):
 def test_monitor_records_pre_projections_and_conditions(backend, tmp_path):
     vec = _vectors()["v"]
     steer = Steer.ablate(2, vec.data[2], positions="response")
-    (rec,) = monitor(backend, prompts=["hello"], vectors={"v": vec}, layers=[2], steer=steer,
-                     out_dir=None, live=False, max_new_tokens=5)  # fmt: skip
+    gen, how = Generation(samples=1, max_tokens=5), Monitoring(steer=steer, out_dir=None)
+    (rec,) = monitor(backend, ["hello"], {"v": vec}, [2], gen, how)
     after = np.array(rec["projections"])[:, 0, 0]
     assert np.abs(after).max() < 1e-4
     assert len(rec["pre"]["v.L2"]) == len(after) and np.abs(rec["pre"]["v.L2"]).max() > 0.1

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from pertoken.backends import Steer, load_backend
-from pertoken.pipeline.monitor import monitor
+from pertoken.pipeline.monitor import Monitoring, monitor
 from pertoken.pipeline.options import Generation
 from pertoken.pipeline.steer import SteerSpec, build_steer, steer_compare
 from tests.serve_helpers import LAYERS, NAMES, ask, client, serving, vector_files, vectors
@@ -70,10 +70,8 @@ def test_greedy_answers_equal_pertoken_steer(served, positions):
 def test_streamed_projections_equal_pertoken_monitor(served):
     run, c, ref, _ = served
     st = Steer.single(4, vectors()["blunt"].row(4), -3.0, "response")
-    (rec,) = monitor(
-        ref, prompts=[QUESTION], vectors=vectors(), layers=LAYERS, steer=st, max_new_tokens=20,
-        out_dir=None, live=False,
-    )  # fmt: skip
+    gen, how = Generation(samples=1, max_tokens=20), Monitoring(steer=st, out_dir=None)
+    (rec,) = monitor(ref, [QUESTION], vectors(), LAYERS, gen, how)
     extra = {
         "monitor": True,
         "steer": [{"vector": "blunt", "layer": 4, "coef": -3.0}],

@@ -11,7 +11,7 @@ from pertoken import cli
 from pertoken.backends.base import Steer, SteerTerm
 from pertoken.commands import options
 from pertoken.errors import PertokenError
-from pertoken.pipeline.monitor import monitor
+from pertoken.pipeline.monitor import Monitoring, monitor
 from pertoken.pipeline.steer import SteerSpec, build_steer, parse_steer_spec, zip_specs
 from pertoken.pipeline.sweep.grid import parse_coefs
 from pertoken.vectors import PersonaVector, load_vector, save_vector
@@ -130,7 +130,13 @@ def test_steer_refuses_an_all_zero_row_as_monitor_does(fake, holey, tmp_path):
     assert code == 1 and out.count("\n") == 1 and "is all zeros at layer 2" in out
     vec = load_vector(holey)
     with pytest.raises(PertokenError, match=r"vector 'h' is all zeros at layer 2: .*pick another"):
-        monitor(fake, prompts=["hi"], vectors={"h": vec}, layers=[3, 2], out_dir=tmp_path)
+        monitor(
+            fake,
+            prompts=["hi"],
+            vectors={"h": vec},
+            layers=[3, 2],
+            how=Monitoring(out_dir=tmp_path),
+        )
     code, out = run("monitor", "-m", "x", "--vector", holey, "--layers", 2, "hi")
     assert code == 1 and "is all zeros at layer 2" in out
 

@@ -206,8 +206,6 @@ class _Steps:
         return f"{res.items} items"
 
 
-
-
 def _setting(best) -> str:
     """`layer L coef C (trait T, coherence H)`, or `none held coherence`."""
     if not best:
