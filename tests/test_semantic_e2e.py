@@ -7,12 +7,12 @@ projection correlates with the judged score over a dataset (`pertoken project`).
 """
 
 import csv
-import json
 import re
 
 import numpy as np
 import pytest
 
+import pertoken.trace
 from pertoken.backends import is_installed
 from pertoken.vectors import load_vector
 from tests import semantic_model as sm
@@ -132,16 +132,14 @@ def _monitor_means(cli, run, model_dir, polarity: str) -> np.ndarray:
         "--vector", f"{sm.TRAIT}={run['vector']}", "--layers", "2,3",
         "--system", sm.system_prompt(polarity, 0), "--prompts", prompts, "--out", out, *GEN,
     )  # fmt: skip
-    data = json.loads((out / "trace.json").read_text())
-    traces = data.get("traces", [data])
-    assert len(traces) == len(sm.EVAL_QUESTIONS)
-    answers = [t["text"] for t in traces]
+    tokens, items = pertoken.trace.load(out)  # a monitor run is a trace store, an item an answer
+    assert len(items) == len(sm.EVAL_QUESTIONS)
+    per_item = [tokens[tokens["item"] == i] for i in items["item"]]
+    answers = ["".join(t["token"]) for t in per_item]
     side = sm.TRAIT_BANK if polarity == "pos" else sm.ANTI_BANK
     assert all(any(p in a for p in side) for a in answers), answers
-    for t in traces:
-        proj = np.asarray(t["projections"])  # [token, vector, layer]
-        assert proj.shape == (len(t["tokens"]), 1, 2)
-    return np.array([np.asarray(t["projections"])[:, 0, :].mean(0) for t in traces])  # [n, 2]
+    cols = [f"proj.{sm.TRAIT}.L2", f"proj.{sm.TRAIT}.L3"]
+    return np.array([t[cols].to_numpy().mean(0) for t in per_item])  # [n, 2]
 
 
 def test_monitor_trait_answers_project_higher(run, model_dir, cli):
