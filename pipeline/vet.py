@@ -29,9 +29,12 @@ from pertoken.pipeline.summaries import (
     summaries_path,
 )
 from pertoken.pipeline.vet_causal import (
+    LOOP_MARGIN,
     MAX_COST,
+    MIN_DISTINCT,
     Causal,
     candidate_rows,
+    free_run,
     held_out_texts,
     measure,
     suggest,
@@ -54,6 +57,8 @@ class RowCard:
     massive: list[tuple[int, float]]  # (dim, share of |h|^2) when a few dims dominate
     gain: dict[str, float] | None = None  # ratio -> causal gain (nats/token), vet_causal
     cost: dict[str, float] | None = None  # ratio -> cost on the model's own answers
+    trait_cost: dict[str, float] | None = None  # ratio -> cost on the held-out trait answers
+    distinct: dict[str, float] | None = None  # ratio -> distinct trigram share, loop check
 
 
 @dataclass
@@ -73,7 +78,7 @@ class VetReport:
     files: dict[str, str] = field(default_factory=dict)
     suggested_ratio: str | None = None  # "0.25" / "0.5" / "1" when the causal measure ran
     suggested_coef: float | None = None
-    causal: dict | None = None  # pairs, questions, tokens, max_cost, within_cost
+    causal: dict | None = None  # pairs, questions, tokens, max_cost, within_cost, loop check
     judged: list[dict] = field(default_factory=list)  # vet --judged: per setting, judged means
 
     def row(self, r: int) -> RowCard:
@@ -114,10 +119,11 @@ def vet_vector(
     vector's folder; holdout (default 0.3) is the share of questions held out.
     causal: per candidate row (`causal_rows`, default all but rows 0, 1 and the last), the
     teacher-forced gain and cost (vet_causal) on up to `causal_pairs` held-out pairs with
-    answers cut to `causal_tokens` tokens; the suggestion becomes the largest gain whose cost
-    is at most `max_cost` nats per token (default 0.5). judged: that many top causal settings
-    (and the unsteered answers) answer the held-out questions in one generate call, scored by
-    `judge` (a Judge, judges.make_judge).
+    answers cut to `causal_tokens` tokens, and a greedy loop check of twice that length; the
+    suggestion becomes the largest gain whose trait cost is at most `max_cost` nats per token
+    (default 0.5) and that does not loop (vet_causal.suggest). judged: the rows of that many
+    top causal settings, at each coefficient (and unsteered), answer at least MIN_ANSWERS
+    questions (held-out first) in one generate call, scored by `judge` (judges.make_judge).
     """
     path = Path(vector_path)
     vec = load_vector(path)
@@ -136,13 +142,15 @@ def vet_vector(
         )  # fmt: skip
         coefs = {k: [r.coef[k] for r in report.rows] for k in report.rows[0].coef}
         rows = causal_rows or candidate_rows(vec.n_layers)
-        add_causal(report, measure(b, vec.data, texts, coefs, rows), max_cost)
+        c = measure(b, vec.data, texts, coefs, rows)
+        # loops set in after a fluent start: look twice as far as the teacher-forced answers
+        prompts = [p for p, _ in texts.own]
+        free_run(b, vec.data, c, coefs, prompts, max_cost=max_cost, max_tokens=2 * causal_tokens)
+        add_causal(report, c, max_cost)
         if judged:
-            from pertoken.pipeline.vet_judged import judged_check
+            from pertoken.pipeline.vet_judged import judged_check, judged_questions
 
-            held = set(report.split["held_out_questions"])
-            questions = list(dict.fromkeys(r["question"] for r, k in zip(pairs.pos, pairs.keys)
-                                           if k[0] in held))  # fmt: skip
+            questions = judged_questions(pairs, set(report.split["held_out_questions"]))
             report.judged = judged_check(b, report, vec.data, questions, judge, n=judged)
             _judged_suggestion(report)
     from pertoken.pipeline.vet_report import write_report
@@ -201,22 +209,30 @@ def _backend(backend, why: str = "the causal measure runs the model"):
 
 
 def add_causal(report: VetReport, c: Causal, max_cost: float = MAX_COST) -> None:
-    """Put the causal gain and cost on the rows and suggest by them (vet_causal.suggest)."""
+    """Put the causal measures on the rows and suggest by them (vet_causal.suggest)."""
     for r in report.rows:
         r.gain, r.cost = c.gain.get(r.row), c.cost.get(r.row)
+        r.trait_cost = (c.trait_cost or {}).get(r.row)
+        r.distinct = None if c.distinct is None else c.distinct.get(r.row, {})
     pick = suggest(c, max_cost)
     report.causal = {"pairs": c.pairs, "questions": c.questions, "tokens": c.tokens}
     report.causal |= {"max_cost": max_cost, "within_cost": bool(pick and pick[2])}
+    if c.distinct is not None:
+        report.causal |= {"loop_margin": LOOP_MARGIN, "min_distinct": MIN_DISTINCT}
+        report.causal |= {"distinct_unsteered": c.distinct0}
     if pick is None:
         return
     row, ratio, within = pick
     report.suggested_row, report.suggested_ratio = row, ratio
     report.suggested_coef = report.rows[row].coef[ratio]
+    # kept apart: vet --judged may replace the suggestion
+    report.causal["suggestion"] = {"row": row, "ratio": ratio, "coef": report.suggested_coef}
     if not within:
         report.warnings.append(
-            f"every setting costs the model's own answers more than {max_cost:g} nats per "
-            f"token: the suggestion (layer {row}, ratio {ratio}) is the cheapest; check "
-            "coherence before trusting it"
+            f"no setting raises the trait while its trait answers lose at most {max_cost:g} "
+            f"nats per token and its greedy answers at {LOOP_MARGIN:g}x the coefficient keep "
+            f"{MIN_DISTINCT:.0%} distinct token trigrams: the suggestion (layer {row}, ratio "
+            f"{ratio}) is the cheapest; check coherence before trusting it (vet --judged)"
         )
 
 

@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 
 from pertoken.pipeline.vet import load_report, vet_vector
-from pertoken.pipeline.vet_causal import Causal, answer_logprob, suggest
+from pertoken.pipeline.vet_causal import (
+    LOOP_MARGIN,
+    Causal,
+    answer_logprob,
+    distinct_share,
+    free_run,
+    suggest,
+)
+from pertoken.pipeline.vet_judged import MIN_ANSWERS
 from tests.pipeline_fakes import RecordingBackend
 from tests.test_vet import make_run
 
@@ -24,17 +32,75 @@ class ScoringBackend(RecordingBackend):
         return (h[:, -1] @ self.full_unembed.T).astype(np.float32)  # [T, V]
 
 
-def _causal(gain, cost):
-    return Causal(gain=gain, cost=cost, pairs=2, questions=2, tokens=8)
+def _causal(gain, cost, trait_cost=None, distinct=None):
+    return Causal(gain, cost, 2, 2, 8, trait_cost=trait_cost, distinct=distinct)
 
 
-def test_suggestion_is_the_largest_gain_within_the_cost_bound():
+def test_suggestion_is_the_largest_gain_within_the_trait_cost_bound():
     gain = {2: {"0.5": 0.4, "1": 2.0}, 3: {"0.5": 0.9, "1": 1.5}}
-    cost = {2: {"0.5": 0.1, "1": 3.0}, 3: {"0.5": 0.2, "1": 0.6}}
-    assert suggest(_causal(gain, cost), max_cost=0.5) == (3, "0.5", True)
-    assert suggest(_causal(gain, cost), max_cost=1.0) == (3, "1", True)
-    # nothing within the bound: the cheapest setting, flagged
-    assert suggest(_causal(gain, cost), max_cost=0.05) == (2, "0.5", False)
+    trait_cost = {2: {"0.5": 0.1, "1": 3.0}, 3: {"0.5": 0.2, "1": 0.6}}
+    own = {2: {"0.5": 9.0, "1": 9.0}, 3: {"0.5": 9.0, "1": 9.0}}  # confounded: not a bound
+    assert suggest(_causal(gain, own, trait_cost), max_cost=0.5) == (3, "0.5", True)
+    assert suggest(_causal(gain, own, trait_cost), max_cost=1.0) == (3, "1", True)
+    # nothing within the bound: the least trait cost, flagged
+    assert suggest(_causal(gain, own, trait_cost), max_cost=0.05) == (2, "0.5", False)
+    # a card without the trait cost falls back on the own-answer cost
+    assert suggest(_causal(gain, trait_cost), max_cost=0.5) == (3, "0.5", True)
+
+
+def test_a_gain_that_comes_with_loops_or_trait_cost_is_not_chosen():
+    # row 5 moves the trait most but its greedy answers loop; row 11 next, but it costs the
+    # trait answers themselves; row 8 gains less, cleanly. Every own cost is large, as for a
+    # language, where the model's own answers are the trait's opposite.
+    gain = {5: {"0.5": 5.0}, 8: {"0.5": 2.0}, 11: {"0.5": 4.0}}
+    own = {5: {"0.5": 5.2}, 8: {"0.5": 2.6}, 11: {"0.5": 4.5}}
+    trait_cost = {5: {"0.5": 0.1}, 8: {"0.5": 0.2}, 11: {"0.5": 1.5}}
+    distinct = {5: {"0.5": 0.3}, 8: {"0.5": 0.95}, 11: {"0.5": 0.9}}
+    assert suggest(_causal(gain, own, trait_cost, distinct)) == (8, "0.5", True)
+    assert suggest(_causal(gain, own, trait_cost)) == (5, "0.5", True)  # no loop check: row 5
+    # every setting loops or costs: the least trait cost, flagged
+    distinct[8]["0.5"] = 0.2
+    assert suggest(_causal(gain, own, trait_cost, distinct)) == (5, "0.5", False)
+
+
+def test_distinct_share_tells_a_loop_from_prose():
+    assert distinct_share(list(range(20))) == 1.0
+    assert distinct_share([7, 8] * 10) == pytest.approx(2 / 18)  # "la la la"
+    assert distinct_share([1, 2]) == 0.0  # too short to hold a trigram
+
+
+class LoopingBackend:
+    """Greedy answers that loop when a steer's coefficient exceeds 1, prose otherwise."""
+
+    def __init__(self):
+        self.calls = []
+
+    def encode(self, text):
+        return [int(w) for w in text.split()]
+
+    def generate(self, prompts, *, max_new_tokens, temperature, steer):
+        self.calls.append((prompts, steer, max_new_tokens))
+        loops = [s is not None and s.terms[0].coef > 1 for s in steer]
+        return [" ".join(["5 6"] * 8 if bad else map(str, range(16))) for bad in loops]
+
+
+def test_free_run_checks_bounded_settings_at_a_margin_in_one_call():
+    gain = {2: {"0.5": 1.0, "1": 2.0}, 3: {"0.5": 1.0, "1": -1.0}}
+    trait_cost = {2: {"0.5": 0.1, "1": 0.2}, 3: {"0.5": 0.9, "1": 0.1}}
+    c = _causal(gain, trait_cost, trait_cost)
+    coefs = {"0.5": [None, None, 0.7, 0.9], "1": [None, None, 1.4, 1.8]}
+    fake = LoopingBackend()
+    free_run(fake, np.ones((4, 3)), c, coefs, ["q1", "q2"], max_cost=0.5, max_tokens=40)
+    ((prompts, steers, tokens),) = fake.calls
+    assert prompts == ["q1", "q2"] * 3 and tokens == 40
+    # unsteered, then the settings of positive gain within the bound, each LOOP_MARGIN harder
+    assert steers[:2] == [None, None]
+    assert [(s.terms[0].row, s.terms[0].coef) for s in steers[2::2]] == [
+        (2, pytest.approx(0.7 * LOOP_MARGIN)),
+        (2, pytest.approx(1.4 * LOOP_MARGIN)),
+    ]
+    assert c.distinct0 == 1.0 and c.distinct == {2: {"0.5": 1.0, "1": pytest.approx(2 / 14)}}
+    assert suggest(c) == (2, "0.5", True)  # ratio 1 gains more but loops
 
 
 def test_answer_logprob_is_the_mean_log_softmax_of_the_answer_tokens():
@@ -91,12 +157,12 @@ def test_judged_check_answers_top_settings_and_unsteered_in_one_call(tmp_path):
         paths["response_avg"], pos_csv=csvs["pos"], neg_csv=csvs["neg"], backend=fake,
         causal=True, judged=2, judge=LengthJudge(),
     )  # fmt: skip
-    # one generate call for the own answers (causal), one for the judged check
-    assert len(fake.generate_calls) == calls + 2
-    held = r.split["held_out_questions"]
-    # the two rows of best gain (cost within WIDE_COST) at each of the three coefficients
+    # one generate call each: the own answers, the loop check, the judged check
+    assert len(fake.generate_calls) == calls + 3
+    # the two rows of best sound gain at each of the three coefficients
     assert r.judged[0]["row"] is None and len(r.judged) == 1 + 2 * 3
-    assert all(j["n"] == len(held) and j["coherence"] == 80.0 for j in r.judged)
+    # held-out questions and then training ones, up to MIN_ANSWERS (the kit has only 4)
+    assert all(j["n"] == min(4, MIN_ANSWERS) and j["coherence"] == 80.0 for j in r.judged)
     steered = r.judged[1:]
     assert len({j["row"] for j in steered}) == 2
     # every setting kept coherence: the suggestion is the highest judged trait
