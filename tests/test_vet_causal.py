@@ -12,6 +12,7 @@ from pertoken.pipeline.vet_causal import (
     answer_logprob,
     distinct_share,
     free_run,
+    sound,
     suggest,
 )
 from pertoken.pipeline.vet_judged import MIN_ANSWERS
@@ -30,6 +31,9 @@ class ScoringBackend(RecordingBackend):
     def logits(self, text, *, steer=None, prompt_len=None):
         h = self.hidden(self.encode(text), steer=steer, prompt_len=prompt_len)
         return (h[:, -1] @ self.full_unembed.T).astype(np.float32)  # [T, V]
+
+
+MEASURES = ("gain", "cost", "trait_cost", "distinct")
 
 
 def _causal(gain, cost, trait_cost=None, distinct=None):
@@ -125,17 +129,27 @@ def test_vet_causal_columns_in_json_md_and_the_suggestion(tmp_path):
     row = r.row(r.suggested_row)
     assert r.suggested_coef == row.coef[r.suggested_ratio]
     settings = [(x.row, k) for x in r.rows if x.gain for k in x.gain]
-    bounded = [s for s in settings if r.row(s[0]).cost[s[1]] <= r.causal["max_cost"]]
-    if bounded:  # the suggestion is the best gain among the bounded settings
+    cards = {x.row: x for x in r.rows if x.gain}
+    c = _causal(*({n: getattr(x, m) for n, x in cards.items()} for m in MEASURES))
+    bounded = [s for s in settings if sound(c, *s, r.causal["max_cost"])]
+    if bounded:  # the suggestion is the best gain among the sound settings
         best = max(r.row(a).gain[k] for a, k in bounded)
         assert row.gain[r.suggested_ratio] == best
     # the fake's vector moves its logits: steering changes both measures
     assert any(abs(g) > 1e-6 for x in r.rows if x.gain for g in x.gain.values())
     data = json.loads((tmp_path / "v" / "evil_report.json").read_text())
     assert data["rows"][2]["gain"] and data["causal"]["pairs"] >= 2
+    # every setting has its trait cost; the loop check ran on the bounded ones of positive gain
+    assert set(data["rows"][2]["trait_cost"]) == set(data["rows"][2]["gain"])
+    checked = {(x.row, k) for x in r.rows if x.distinct for k in x.distinct}
+    assert checked == {(x.row, k) for x in r.rows if x.gain for k in x.gain
+                       if x.gain[k] > 0 and x.trait_cost[k] <= r.causal["max_cost"]}  # fmt: skip
+    assert data["causal"]["loop_margin"] == LOOP_MARGIN and data["causal"]["distinct_unsteered"]
+    assert data["causal"]["suggestion"]["row"] == r.suggested_row
     assert load_report(tmp_path / "v" / "evil_report.json").suggested_coef == r.suggested_coef
     md = (tmp_path / "v" / "evil_report.md").read_text()
     assert "What steering does" in md and "| 2 |" in md.split("What steering does")[1]
+    assert "trait cost @0.5" in md and "distinct @0.5" in md and "Loop check" in md
     assert (tmp_path / "v" / "evil_report.png").stat().st_size > 0
 
 
