@@ -30,13 +30,14 @@ from pertoken.pipeline.summaries import (
 )
 from pertoken.pipeline.vet_causal import (
     LOOP_MARGIN,
+    LOOP_SHARE,
     MAX_COST,
-    MIN_DISTINCT,
     Causal,
     candidate_rows,
     free_run,
     held_out_texts,
     measure,
+    min_distinct,
     suggest,
 )
 from pertoken.vectors import PersonaVector, load_vector
@@ -218,8 +219,8 @@ def add_causal(report: VetReport, c: Causal, max_cost: float = MAX_COST) -> None
     report.causal = {"pairs": c.pairs, "questions": c.questions, "tokens": c.tokens}
     report.causal |= {"max_cost": max_cost, "within_cost": bool(pick and pick[2])}
     if c.distinct is not None:
-        report.causal |= {"loop_margin": LOOP_MARGIN, "min_distinct": MIN_DISTINCT}
-        report.causal |= {"distinct_unsteered": c.distinct0}
+        report.causal |= {"loop_margin": LOOP_MARGIN, "min_distinct": min_distinct(c)}
+        report.causal |= {"distinct_unsteered": c.distinct0, "loop_share": LOOP_SHARE}
     if pick is None:
         return
     row, ratio, within = pick
@@ -231,7 +232,8 @@ def add_causal(report: VetReport, c: Causal, max_cost: float = MAX_COST) -> None
         report.warnings.append(
             f"no setting raises the trait while its trait answers lose at most {max_cost:g} "
             f"nats per token and its greedy answers at {LOOP_MARGIN:g}x the coefficient keep "
-            f"{MIN_DISTINCT:.0%} distinct token trigrams: the suggestion (layer {row}, ratio "
+            f"{min_distinct(c):.2f} distinct token trigrams ({LOOP_SHARE:g}x the unsteered "
+            f"answers' share): the suggestion (layer {row}, ratio "
             f"{ratio}) is the cheapest; check coherence before trusting it (vet --judged)"
         )
 

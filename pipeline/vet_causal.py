@@ -16,8 +16,9 @@ held-out questions asked with no instruction, and two numbers come out of the lo
 Teacher forcing keeps the model on the forced tokens, so it does not see the loops ("la la la")
 free generation falls into. `free_run` answers the held-out questions greedily at every
 candidate setting in one generate call, steering LOOP_MARGIN times harder than the setting, and
-keeps the share of distinct token trigrams: a setting passes when even that harder push does
-not loop, a margin below where loops start rather than the edge.
+keeps the share of distinct token trigrams: a setting passes when even that harder push keeps
+at least LOOP_SHARE of the unsteered answers' share, a margin below where loops start rather
+than the edge.
 """
 
 from __future__ import annotations
@@ -30,7 +31,10 @@ from pertoken.backends.base import Steer
 
 MAX_COST = 0.5  # nats per token the trait answers may lose at the suggested setting
 LOOP_MARGIN = 1.25  # the loop check steers this much harder than the setting it vets
-MIN_DISTINCT = 0.75  # share of distinct token trigrams below which a greedy answer loops
+# a loop: over half of what would be new text is repetition. Relative to the unsteered answers,
+# since prose repeats some trigrams too (0.7-1.0 at 64 tokens) and a tokenizer made for one
+# language cuts another into more repetitive pieces
+LOOP_SHARE = 0.5
 NGRAM = 3  # trigrams: ordinary prose repeats few, a loop of period p over n tokens ~ p / n
 
 
@@ -171,7 +175,12 @@ def sound(causal: Causal, row: int, ratio: str, max_cost: float = MAX_COST) -> b
         return False
     if causal.distinct is None:
         return True
-    return causal.distinct.get(row, {}).get(ratio, 0.0) >= MIN_DISTINCT
+    return causal.distinct.get(row, {}).get(ratio, 0.0) >= min_distinct(causal)
+
+
+def min_distinct(causal: Causal) -> float:
+    """The distinct share a setting's loop check must keep: LOOP_SHARE of the unsteered one."""
+    return LOOP_SHARE * (causal.distinct0 if causal.distinct0 is not None else 1.0)
 
 
 def suggest(causal: Causal, max_cost: float = MAX_COST) -> tuple[int, str, bool] | None:

@@ -139,7 +139,11 @@ def _causal_table(report: VetReport) -> list[str]:
         )
     out.append(
         f"Suggested: the largest gain with trait cost <= {c['max_cost']:g}"
-        + (f" and distinct >= {c['min_distinct']:g}." if loops else ".")
+        + (
+            f" and distinct >= {c['min_distinct']:.2f} ({c['loop_share']:g}x the unsteered)."
+            if loops
+            else "."
+        )
     )
     cols = [f"gain @{k}" for k in ratios] + [f"trait cost @{k}" for k in ratios]
     cols += [f"own cost @{k}" for k in ratios] + ([f"distinct @{k}" for k in ratios] * loops)

@@ -36,8 +36,8 @@ class ScoringBackend(RecordingBackend):
 MEASURES = ("gain", "cost", "trait_cost", "distinct")
 
 
-def _causal(gain, cost, trait_cost=None, distinct=None):
-    return Causal(gain, cost, 2, 2, 8, trait_cost=trait_cost, distinct=distinct)
+def _causal(gain, cost, trait_cost=None, distinct=None, distinct0=None):
+    return Causal(gain, cost, 2, 2, 8, trait_cost, distinct, distinct0)
 
 
 def test_suggestion_is_the_largest_gain_within_the_trait_cost_bound():
@@ -59,12 +59,15 @@ def test_a_gain_that_comes_with_loops_or_trait_cost_is_not_chosen():
     gain = {5: {"0.5": 5.0}, 8: {"0.5": 2.0}, 11: {"0.5": 4.0}}
     own = {5: {"0.5": 5.2}, 8: {"0.5": 2.6}, 11: {"0.5": 4.5}}
     trait_cost = {5: {"0.5": 0.1}, 8: {"0.5": 0.2}, 11: {"0.5": 1.5}}
-    distinct = {5: {"0.5": 0.3}, 8: {"0.5": 0.95}, 11: {"0.5": 0.9}}
-    assert suggest(_causal(gain, own, trait_cost, distinct)) == (8, "0.5", True)
+    distinct = {5: {"0.5": 0.3}, 8: {"0.5": 0.85}, 11: {"0.5": 0.9}}
+    assert suggest(_causal(gain, own, trait_cost, distinct, 0.9)) == (8, "0.5", True)
     assert suggest(_causal(gain, own, trait_cost)) == (5, "0.5", True)  # no loop check: row 5
+    # the loop bound is half the unsteered answers' share: prose that repeats itself as much
+    # as the unsteered answers do is no loop
+    assert suggest(_causal(gain, own, trait_cost, distinct, 0.5)) == (5, "0.5", True)
     # every setting loops or costs: the least trait cost, flagged
     distinct[8]["0.5"] = 0.2
-    assert suggest(_causal(gain, own, trait_cost, distinct)) == (5, "0.5", False)
+    assert suggest(_causal(gain, own, trait_cost, distinct, 0.9)) == (5, "0.5", False)
 
 
 def test_distinct_share_tells_a_loop_from_prose():
@@ -130,7 +133,8 @@ def test_vet_causal_columns_in_json_md_and_the_suggestion(tmp_path):
     assert r.suggested_coef == row.coef[r.suggested_ratio]
     settings = [(x.row, k) for x in r.rows if x.gain for k in x.gain]
     cards = {x.row: x for x in r.rows if x.gain}
-    c = _causal(*({n: getattr(x, m) for n, x in cards.items()} for m in MEASURES))
+    measures = ({n: getattr(x, m) for n, x in cards.items()} for m in MEASURES)
+    c = _causal(*measures, r.causal["distinct_unsteered"])
     bounded = [s for s in settings if sound(c, *s, r.causal["max_cost"])]
     if bounded:  # the suggestion is the best gain among the sound settings
         best = max(r.row(a).gain[k] for a, k in bounded)
