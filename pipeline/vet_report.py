@@ -47,7 +47,9 @@ def summary_lines(report: VetReport) -> list[str]:
         r, k = report.row(report.suggested_row), report.suggested_ratio
         how = "judged best" if report.causal.get("judged_pick") else "best causal gain"
         tc = "" if r.trait_cost is None else f", trait cost {r.trait_cost[k]:+.3f}"
-        loops = "" if not r.distinct or k not in r.distinct else f", distinct {r.distinct[k]:.2f}"
+        loops = ""
+        if r.distinct and k in r.distinct:
+            loops = f", distinct {r.distinct[k]:.2f} at {report.causal['loop_margin']:g}x"
         lines.append(
             f"suggested layer {r.row}, coef {_num(report.suggested_coef)} (coef*|v|/|h| = {k}, "
             f"{how}): causal gain {r.gain[k]:+.3f}{tc}, own cost {r.cost[k]:+.3f} nats/token "
@@ -134,8 +136,8 @@ def _causal_table(report: VetReport) -> list[str]:
         out.append(
             f"Loop check: distinct = share of distinct token trigrams of greedy answers to "
             f"those questions steered at {c['loop_margin']:g}x the coefficient (unsteered "
-            f"{_num(c.get('distinct_unsteered'), '.2f')}; '-' = not checked, outside the "
-            "trait-cost bound)."
+            f"{_num(c.get('distinct_unsteered'), '.2f')}; '-' = not checked: no gain, or "
+            "outside the trait-cost bound)."
         )
     out.append(
         f"Suggested: the largest gain with trait cost <= {c['max_cost']:g}"
