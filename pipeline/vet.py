@@ -34,6 +34,7 @@ from pertoken.pipeline.vet_causal import (
     MAX_COST,
     Causal,
     candidate_rows,
+    check_questions,
     free_run,
     held_out_texts,
     measure,
@@ -144,14 +145,15 @@ def vet_vector(
         coefs = {k: [r.coef[k] for r in report.rows] for k in report.rows[0].coef}
         rows = causal_rows or candidate_rows(vec.n_layers)
         c = measure(b, vec.data, texts, coefs, rows)
-        # loops set in after a fluent start: look twice as far as the teacher-forced answers
+        # the held-out questions only: free generation costs far more than teacher forcing.
+        # Loops set in after a fluent start: look twice as far as the teacher-forced answers
         prompts = [p for p, _ in texts.own]
         free_run(b, vec.data, c, coefs, prompts, max_cost=max_cost, max_tokens=2 * causal_tokens)
         add_causal(report, c, max_cost)
         if judged:
-            from pertoken.pipeline.vet_judged import judged_check, judged_questions
+            from pertoken.pipeline.vet_judged import judged_check
 
-            questions = judged_questions(pairs, set(report.split["held_out_questions"]))
+            questions = check_questions(pairs, set(report.split["held_out_questions"]))
             report.judged = judged_check(b, report, vec.data, questions, judge, n=judged)
             _judged_suggestion(report)
     from pertoken.pipeline.vet_report import write_report

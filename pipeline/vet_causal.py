@@ -35,6 +35,7 @@ LOOP_MARGIN = 1.25  # the loop check steers this much harder than the setting it
 # since prose repeats some trigrams too (0.7-1.0 at 64 tokens) and a tokenizer made for one
 # language cuts another into more repetitive pieces
 LOOP_SHARE = 0.5
+MIN_ANSWERS = 8  # judged answers per setting (vet --judged): 3 left the verdict to chance
 NGRAM = 3  # trigrams: ordinary prose repeats few, a loop of period p over n tokens ~ p / n
 
 
@@ -82,6 +83,16 @@ def held_out_texts(backend, pairs, held_out: set[int], *, max_pairs=4, max_token
         neg=cut(pairs.neg[b] for b in keep),
         own=list(zip(prompts.values(), own)),
     )
+
+
+def check_questions(pairs, held_out: set[int]) -> list[str]:
+    """The questions the judged check asks with no instruction: the held-out ones, then
+    training ones (their instructed answers made the vector, not their bare ones) up to
+    MIN_ANSWERS."""
+    held = [r["question"] for r, k in zip(pairs.pos, pairs.keys) if k[0] in held_out]
+    rest = [r["question"] for r, k in zip(pairs.pos, pairs.keys) if k[0] not in held_out]
+    held, rest = list(dict.fromkeys(held)), list(dict.fromkeys(rest))
+    return held + rest[: max(0, MIN_ANSWERS - len(held))]
 
 
 def _cut(backend, answer: str, n: int) -> str:

@@ -3,8 +3,7 @@
 The causal measures are proxies on a few held-out answers. So the N rows with the largest
 causal gain among their sound settings (vet_causal.sound; without any, within the trait-cost
 bound), at each of the card's coefficients, answer at least MIN_ANSWERS questions with no
-instruction (greedy; held-out questions first, then training ones, whose instructed answers
-made the vector but which are asked here without the instruction), beside the unsteered
+instruction (greedy; vet_causal.check_questions), beside the unsteered
 answers, all in one generate call; the judge scores trait and coherence, and the suggestion
 becomes the highest judged trait whose judged coherence is at least MIN_COHERENCE."""
 
@@ -17,7 +16,6 @@ from pertoken.pipeline.csvio import parse_score
 from pertoken.pipeline.vet_causal import MAX_COST
 
 MIN_COHERENCE = 60.0  # judged coherence the suggested setting must keep
-MIN_ANSWERS = 8  # judged answers per setting: three gave intervals of +-30 points and more
 
 
 def top_settings(report, n: int) -> list[tuple[int, str]]:
@@ -39,14 +37,6 @@ def _ok(r, k: str, max_cost: float, min_distinct: float | None) -> bool:
     if r.gain[k] <= 0 or cost[k] > max_cost:
         return False
     return min_distinct is None or (r.distinct or {}).get(k, 0.0) >= min_distinct
-
-
-def judged_questions(pairs, held_out: set[int]) -> list[str]:
-    """The held-out questions, then training ones, up to MIN_ANSWERS (all held-out ones)."""
-    held = [r["question"] for r, k in zip(pairs.pos, pairs.keys) if k[0] in held_out]
-    rest = [r["question"] for r, k in zip(pairs.pos, pairs.keys) if k[0] not in held_out]
-    held, rest = list(dict.fromkeys(held)), list(dict.fromkeys(rest))
-    return held + rest[: max(0, MIN_ANSWERS - len(held))]
 
 
 def judged_pick(judged: list[dict]) -> dict | None:

@@ -8,6 +8,7 @@ import pytest
 from pertoken.pipeline.vet import load_report, vet_vector
 from pertoken.pipeline.vet_causal import (
     LOOP_MARGIN,
+    MIN_ANSWERS,
     Causal,
     answer_logprob,
     distinct_share,
@@ -15,7 +16,6 @@ from pertoken.pipeline.vet_causal import (
     sound,
     suggest,
 )
-from pertoken.pipeline.vet_judged import MIN_ANSWERS
 from tests.pipeline_fakes import RecordingBackend
 from tests.test_vet import make_run
 
