@@ -27,14 +27,15 @@ from pertoken.pipeline.options import JudgeSettings, ModelChoice
     default=True,
     show_default=True,
     help="Rank rows by what steering does: per row, the teacher-forced gain of held-out trait "
-    "answers over their opposites and the cost on the model's own answers.",
+    "answers over their opposites, its cost on them and on the model's own answers, and a "
+    "greedy loop check.",
 )
 @click.option(
     "--max-cost",
     type=click.FloatRange(min=0),
     default=0.5,
     show_default=True,
-    help="Largest cost (nats per token on the model's own answers) of the suggested setting.",
+    help="Largest trait cost (nats per token lost on held-out trait answers) of the suggestion.",
 )
 @click.option(
     "--judged",

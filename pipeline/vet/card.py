@@ -19,6 +19,8 @@ class RowCard:
     massive: list[tuple[int, float]]  # (dim, share of |h|^2) when a few dims dominate
     gain: dict[str, float] | None = None  # ratio -> causal gain (nats/token), causal.py
     cost: dict[str, float] | None = None  # ratio -> cost on the model's own answers
+    trait_cost: dict[str, float] | None = None  # ratio -> cost on the held-out trait answers
+    distinct: dict[str, float] | None = None  # ratio -> distinct trigram share, loop check
 
 
 @dataclass
@@ -38,7 +40,7 @@ class VetReport:
     files: dict[str, str] = field(default_factory=dict)
     suggested_ratio: str | None = None  # "0.25" / "0.5" / "1" when the causal measure ran
     suggested_coef: float | None = None
-    causal: dict | None = None  # pairs, questions, tokens, max_cost, within_cost
+    causal: dict | None = None  # pairs, questions, tokens, max_cost, within_cost, loop check
     judged: list[dict] = field(default_factory=list)  # vet --judged: per setting, judged means
 
     def row(self, r: int) -> RowCard:

@@ -1,11 +1,11 @@
 """`vet --judged N`: a small judged steering check of the card's top rows x coefficients.
 
-Teacher forcing cannot see a model that loops ("la la la") on fluent-looking tokens, and for a
-trait that changes the whole answer (a language) the cost on the model's own answers moves with
-the gain. So the N rows with the largest causal gain at a cost of at most WIDE_COST, at each of
-the card's coefficients, answer the held-out questions with no instruction (greedy), beside the
-unsteered answers, all in one generate call; the judge scores trait and coherence, and the
-suggestion becomes the highest judged trait whose judged coherence is at least MIN_COHERENCE."""
+The causal measures are proxies on a few held-out answers. So the N rows with the largest
+causal gain among their sound settings (causal.sound; without any, within the trait-cost
+bound), at each of the card's coefficients, answer at least MIN_ANSWERS questions with no
+instruction (greedy; causal.check_questions), beside the unsteered
+answers, all in one generate call; the judge scores trait and coherence, and the suggestion
+becomes the highest judged trait whose judged coherence is at least MIN_COHERENCE."""
 
 from __future__ import annotations
 
@@ -13,20 +13,30 @@ import numpy as np
 
 from pertoken.backends.base import Steer
 from pertoken.pipeline.csvio import parse_score
+from pertoken.pipeline.vet.causal import MAX_COST
 
-WIDE_COST = 3.0  # nats per token: rows are ranked by their best gain up to this cost
 MIN_COHERENCE = 60.0  # judged coherence the suggested setting must keep
 
 
 def top_settings(report, n: int) -> list[tuple[int, str]]:
-    """The n rows with the best causal gain at cost <= WIDE_COST, at each coefficient."""
+    """The n rows of best causal gain among their sound settings, at each coefficient."""
+    c = report.causal or {}
+    max_cost = c.get("max_cost", MAX_COST)
 
-    def best(r) -> float:
-        gains = [g for k, g in r.gain.items() if r.cost[k] <= WIDE_COST]
-        return max(gains, default=-np.inf)
+    def best(r, strict: bool) -> float:
+        ok = [k for k in r.gain if _ok(r, k, max_cost, c.get("min_distinct") if strict else None)]
+        return max((r.gain[k] for k in ok), default=-np.inf)
 
-    rows = sorted((r for r in report.rows if r.gain), key=best, reverse=True)[:n]
+    rows = [r for r in report.rows if r.gain]
+    rows = sorted(rows, key=lambda r: (best(r, True), best(r, False)), reverse=True)[:n]
     return [(r.row, k) for r in rows for k in r.gain]
+
+
+def _ok(r, k: str, max_cost: float, min_distinct: float | None) -> bool:
+    cost = r.trait_cost if r.trait_cost is not None else r.cost
+    if r.gain[k] <= 0 or cost[k] > max_cost:
+        return False
+    return min_distinct is None or (r.distinct or {}).get(k, 0.0) >= min_distinct
 
 
 def judged_pick(judged: list[dict]) -> dict | None:

@@ -29,11 +29,16 @@ from pertoken.pipeline.summaries import (
 from pertoken.pipeline.vet import stats as st
 from pertoken.pipeline.vet.card import RowCard, VetReport, report_paths
 from pertoken.pipeline.vet.causal import (
+    LOOP_MARGIN,
+    LOOP_SHARE,
     MAX_COST,
     Causal,
     candidate_rows,
+    check_questions,
+    free_run,
     held_out_texts,
     measure,
+    min_distinct,
     suggest,
 )
 from pertoken.pipeline.vet.write import write_report
@@ -60,10 +65,12 @@ class Vetting:
 @dataclass(frozen=True)
 class CausalCheck:
     """Per candidate row (`rows`, default all but rows 0, 1 and the last), the teacher-forced
-    gain and cost (causal.py) on up to `pairs` held-out pairs with answers cut to `tokens`
-    tokens; the suggestion becomes the largest gain whose cost is at most `max_cost` nats per
-    token. judged: that many top settings (and the unsteered answers) answer the held-out
-    questions in one generate call, scored by `judge` (a Judge, judges.make_judge)."""
+    gain and costs (causal.py) on up to `pairs` held-out pairs with answers cut to `tokens`
+    tokens, and a greedy loop check of twice that length; the suggestion becomes the largest
+    gain whose trait cost is at most `max_cost` nats per token and that does not loop
+    (causal.suggest). judged: the rows of that many top causal settings, at each coefficient
+    (and unsteered), answer at least MIN_ANSWERS questions (held-out first) in one generate
+    call, scored by `judge` (a Judge, judges.make_judge)."""
 
     max_cost: float = MAX_COST
     pairs: int = 4
@@ -106,13 +113,16 @@ def vet_vector(
         )  # fmt: skip
         coefs = {k: [r.coef[k] for r in report.rows] for k in report.rows[0].coef}
         rows = c.rows or candidate_rows(vec.n_layers)
-        add_causal(report, measure(b, vec.data, texts, coefs, rows), c.max_cost)
+        m = measure(b, vec.data, texts, coefs, rows)
+        # the held-out questions only: free generation costs far more than teacher forcing.
+        # Loops set in after a fluent start: look twice as far as the teacher-forced answers
+        prompts = [p for p, _ in texts.own]
+        free_run(b, vec.data, m, coefs, prompts, max_cost=c.max_cost, max_tokens=2 * c.tokens)
+        add_causal(report, m, c.max_cost)
         if c.judged:
             from pertoken.pipeline.vet.judged import judged_check
 
-            held = set(report.split["held_out_questions"])
-            questions = list(dict.fromkeys(r["question"] for r, k in zip(pairs.pos, pairs.keys)
-                                           if k[0] in held))  # fmt: skip
+            questions = check_questions(pairs, set(report.split["held_out_questions"]))
             report.judged = judged_check(b, report, vec.data, questions, c.judge, n=c.judged)
             _judged_suggestion(report)
     write_report(report, report_paths(v.out_dir or path.parent, trait))
@@ -162,22 +172,31 @@ def _backend(backend, why: str = "the causal measure runs the model"):
 
 
 def add_causal(report: VetReport, c: Causal, max_cost: float = MAX_COST) -> None:
-    """Put the causal gain and cost on the rows and suggest by them (causal.suggest)."""
+    """Put the causal measures on the rows and suggest by them (causal.suggest)."""
     for r in report.rows:
         r.gain, r.cost = c.gain.get(r.row), c.cost.get(r.row)
+        r.trait_cost = (c.trait_cost or {}).get(r.row)
+        r.distinct = None if c.distinct is None else c.distinct.get(r.row, {})
     pick = suggest(c, max_cost)
     report.causal = {"pairs": c.pairs, "questions": c.questions, "tokens": c.tokens}
     report.causal |= {"max_cost": max_cost, "within_cost": bool(pick and pick[2])}
+    if c.distinct is not None:
+        report.causal |= {"loop_margin": LOOP_MARGIN, "min_distinct": min_distinct(c)}
+        report.causal |= {"distinct_unsteered": c.distinct0, "loop_share": LOOP_SHARE}
     if pick is None:
         return
     row, ratio, within = pick
     report.suggested_row, report.suggested_ratio = row, ratio
     report.suggested_coef = report.rows[row].coef[ratio]
+    # kept apart: vet --judged may replace the suggestion
+    report.causal["suggestion"] = {"row": row, "ratio": ratio, "coef": report.suggested_coef}
     if not within:
         report.warnings.append(
-            f"every setting costs the model's own answers more than {max_cost:g} nats per "
-            f"token: the suggestion (layer {row}, ratio {ratio}) is the cheapest; check "
-            "coherence before trusting it"
+            f"no setting raises the trait while its trait answers lose at most {max_cost:g} "
+            f"nats per token and its greedy answers at {LOOP_MARGIN:g}x the coefficient keep "
+            f"{min_distinct(c):.2f} distinct token trigrams ({LOOP_SHARE:g}x the unsteered "
+            f"answers' share): the suggestion (layer {row}, ratio "
+            f"{ratio}) is the cheapest; check coherence before trusting it (vet --judged)"
         )
 
 

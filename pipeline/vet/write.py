@@ -43,10 +43,14 @@ def summary_lines(report: VetReport) -> list[str]:
     if report.suggested_ratio is not None:
         r, k = report.row(report.suggested_row), report.suggested_ratio
         how = "judged best" if report.causal.get("judged_pick") else "best causal gain"
+        tc = "" if r.trait_cost is None else f", trait cost {r.trait_cost[k]:+.3f}"
+        loops = ""
+        if r.distinct and k in r.distinct:
+            loops = f", distinct {r.distinct[k]:.2f} at {report.causal['loop_margin']:g}x"
         lines.append(
             f"suggested layer {r.row}, coef {_num(report.suggested_coef)} (coef*|v|/|h| = {k}, "
-            f"{how}): causal gain {r.gain[k]:+.3f}, cost {r.cost[k]:+.3f} nats/token on "
-            f"held-out answers (held-out AUROC {r.auroc:.3f})"
+            f"{how}): causal gain {r.gain[k]:+.3f}{tc}, own cost {r.cost[k]:+.3f} nats/token "
+            f"on held-out answers{loops} (held-out AUROC {r.auroc:.3f})"
         )
     elif report.suggested_row is not None:
         r = report.row(report.suggested_row)
@@ -114,23 +118,43 @@ def _causal_table(report: VetReport) -> list[str]:
     if not report.causal:
         return []
     c = report.causal
+    ratios = ("0.25", "0.5", "1")
+    loops = "loop_margin" in c
     out = [
         "",
         f"What steering does (teacher-forced, {c['pairs']} held-out pairs and the model's own "
-        f"answers to {c['questions']} held-out questions, up to {c['tokens']} tokens each): "
-        "gain = rise of the trait answers' log-likelihood over their opposites', cost = loss "
-        f"on the model's own unsteered answers, nats per token; suggested: the largest gain "
-        f"with cost <= {c['max_cost']:g}.",
-        "",
-        "| row | gain @0.25 | gain @0.5 | gain @1 | cost @0.25 | cost @0.5 | cost @1 |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        f"answers to {c['questions']} held-out questions, up to {c['tokens']} tokens each), "
+        "nats per token: gain = rise of the trait answers' log-likelihood over their "
+        "opposites'; trait cost = loss on the trait answers themselves (damage, not the "
+        "trait); own cost = loss on the model's own unsteered answers (it moves with the "
+        "gain when the trait changes the whole answer).",
     ]
+    if loops:
+        out.append(
+            f"Loop check: distinct = share of distinct token trigrams of greedy answers to "
+            f"those questions steered at {c['loop_margin']:g}x the coefficient (unsteered "
+            f"{_num(c.get('distinct_unsteered'), '.2f')}; '-' = not checked: no gain, or "
+            "outside the trait-cost bound)."
+        )
+    out.append(
+        f"Suggested: the largest gain with trait cost <= {c['max_cost']:g}"
+        + (
+            f" and distinct >= {c['min_distinct']:.2f} ({c['loop_share']:g}x the unsteered)."
+            if loops
+            else "."
+        )
+    )
+    cols = [f"gain @{k}" for k in ratios] + [f"trait cost @{k}" for k in ratios]
+    cols += [f"own cost @{k}" for k in ratios] + ([f"distinct @{k}" for k in ratios] * loops)
+    out += ["", "| row | " + " | ".join(cols) + " |", "| --- |" + " --- |" * len(cols)]
     for r in report.rows:
         if r.gain is None:
             continue
-        g = [_num(r.gain.get(k), "+.3f") for k in ("0.25", "0.5", "1")]
-        k = [_num(r.cost.get(k), "+.3f") for k in ("0.25", "0.5", "1")]
-        out.append(f"| {r.row} | " + " | ".join(g + k) + " |")
+        cells = [_num(r.gain.get(k), "+.3f") for k in ratios]
+        cells += [_num((r.trait_cost or {}).get(k), "+.3f") for k in ratios]
+        cells += [_num(r.cost.get(k), "+.3f") for k in ratios]
+        cells += [_num((r.distinct or {}).get(k), ".2f") for k in ratios] * loops
+        out.append(f"| {r.row} | " + " | ".join(cells) + " |")
     return out
 
 
@@ -194,18 +218,31 @@ def _plot_separation(ax, report: VetReport, rows: list[int]) -> None:
 
 def _plot_causal(gain_ax, cost_ax, report: VetReport) -> None:
     cards = [r for r in report.rows if r.gain is not None]
-    for ratio in ("0.25", "0.5", "1"):
-        pts = [(r.row, r.gain[ratio], r.cost[ratio]) for r in cards if ratio in r.gain]
-        if pts:
-            x, g, c = zip(*pts)
-            gain_ax.plot(x, g, marker="o", label=f"ratio {ratio}")
-            cost_ax.plot(x, c, marker="o", label=f"ratio {ratio}")
-    cost_ax.axhline(report.causal["max_cost"], color="0.5", ls=":", label="cost bound")
+    for i, ratio in enumerate(("0.25", "0.5", "1")):
+        pts = [r for r in cards if ratio in r.gain]
+        if not pts:
+            continue
+        x, color = [r.row for r in pts], f"C{i}"
+        gain_ax.plot(x, [r.gain[ratio] for r in pts], marker="o", color=color,
+                     label=f"ratio {ratio}")  # fmt: skip
+        if all(r.trait_cost for r in pts):
+            cost_ax.plot(x, [r.trait_cost[ratio] for r in pts], marker="o", color=color,
+                         label=f"trait cost, ratio {ratio}")  # fmt: skip
+        cost_ax.plot(x, [r.cost[ratio] for r in pts], ls=":", color=color, alpha=0.6,
+                     label=f"own cost, ratio {ratio}")  # fmt: skip
+        looped = [r.row for r in pts if r.distinct is not None and r.distinct.get(ratio, 1)
+                  < report.causal.get("min_distinct", 0)]  # fmt: skip
+        if looped:
+            ys = [r.gain[ratio] for r in pts if r.row in looped]
+            gain_ax.scatter(looped, ys, marker="x", s=60, color="k", zorder=3)
+    gain_ax.scatter([], [], marker="x", color="k", label="loops (greedy check)")
+    cost_ax.axhline(report.causal["max_cost"], color="0.5", ls="--", label="trait-cost bound")
+    cost_ax.set_yscale("symlog", linthresh=1.0)
     for a in (gain_ax, cost_ax):
         if report.suggested_row is not None:
             a.axvline(report.suggested_row, color="tab:red", ls="--", label="suggested")
     gain_ax.set(title="causal gain (nats/token)", xlabel="layer (row)")
-    cost_ax.set(title="cost on own answers (nats/token)", xlabel="layer (row)")
+    cost_ax.set(title="cost: trait answers (solid), own answers (dotted)", xlabel="layer (row)")
 
 
 def _plot_cosines(ax, report: VetReport, rows: list[int]) -> None:
