@@ -52,6 +52,24 @@ def imports(path: Path, name: str, known: dict[str, Path]) -> set[str]:
     return {_owner(m, known) for m in found if m.split(".")[0] == "pertoken"} - {None, name}
 
 
+def unknown(root: Path = ROOT) -> list[tuple[str, str]]:
+    """(module, what it imports) for imports of package modules that do not exist, such as a
+    module left behind by a move."""
+    known, out = modules(root), []
+    for name, path in known.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                wanted = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = _absolute(node, package)
+                wanted = [] if base in known else [base]
+            else:
+                continue
+            out += [(name, w) for w in wanted if w.split(".")[0] == "pertoken" and w not in known]
+    return sorted(out)
+
+
 def _child(base: str, name: str, known) -> str:
     return f"{base}.{name}" if f"{base}.{name}" in known else base
 
@@ -143,6 +161,7 @@ def prefix_families(folder: Path, size: int = 3) -> dict[str, list[str]]:
 def main() -> int:
     g = graph()
     problems = [" -> ".join(c) for c in cycles(g)] + [f"{a} imports {b}" for a, b in upward(g)]
+    problems += [f"{a} imports {b}, which does not exist" for a, b in unknown()]
     print("\n".join(problems) or f"{len(g)} modules: no cycle, no upward import")
     return 1 if problems else 0
 

@@ -3,7 +3,7 @@ included), no upward import, no file-name prefix families in pipeline/."""
 
 from pathlib import Path
 
-from tests.import_graph import ROOT, cycles, graph, prefix_families, upward
+from tests.import_graph import ROOT, cycles, graph, prefix_families, unknown, upward
 
 
 def test_the_package_has_no_import_cycle_and_no_upward_import():
@@ -11,6 +11,7 @@ def test_the_package_has_no_import_cycle_and_no_upward_import():
     assert "pertoken.pipeline.vet.stage" in g and "pertoken.backends.base" in g
     assert cycles(g) == []
     assert upward(g) == []
+    assert unknown() == []
 
 
 def test_pipeline_has_sub_packages_not_name_prefix_families():
@@ -46,6 +47,9 @@ def test_the_checker_sees_in_function_cycles_and_upward_imports(tmp_path):
     assert ("pertoken.backends.base", "pertoken.pipeline.b") in upward(g)
     assert ("pertoken.pipeline.c", "pertoken.backends.torch.hooks") in upward(g)
     assert ("pertoken.commands.env", "pertoken.backends.torch.hooks") in upward(g)
+    assert unknown(root) == []
+    (root / "pipeline" / "d.py").write_text("def f():\n    from pertoken.pipeline.gone import x\n")
+    assert unknown(root) == [("pertoken.pipeline.d", "pertoken.pipeline.gone")]
 
 
 def test_prefix_families_are_found(tmp_path):
