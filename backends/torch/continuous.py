@@ -39,6 +39,7 @@ class Prefilled:
 @dataclass
 class _Slot:
     entry: Entry
+    rows: frozenset[int] = frozenset()  # the rows its plan steers
     pending: tuple | None = None  # (index, token, logprobs) waiting for its hidden state
     draining: bool = False  # its last token is fed once more, for its hidden state
 
@@ -256,13 +257,14 @@ class Slots:
         set_line(s.steer, b, e.plan)
         s.steer_on[b] = e.plan is not None and e.plan.positions != "prompt"
         self.sampler.load(b, e, pre.logits.shape[-1])
-        self.slots[b] = _Slot(e)
+        self.slots[b] = _Slot(e, frozenset(e.plan.stages()) if e.plan is not None else frozenset())
         self.idle[b] = False
 
     # ---------------------------------------------------------------- decoding
     def _decode(self) -> None:
         """One step: every slot feeds its token; captured tokens are reported with their
         states; then each busy slot draws its next token."""
+        self.state.steer = self._steered()
         logits = self.run()  # [B, vocab] float32
         s = self.step_buf
         s.slot.masked_fill_(self.idle, 0)  # idle slots write slot 0, never read
@@ -278,6 +280,12 @@ class Slots:
         if live:
             at = torch.tensor(live, device=self.home)
             self._draw(logits[at], logits[at], live)
+
+    def _steered(self) -> dict:
+        """The step's steering buffers of the rows some busy slot steers: a plain step skips
+        the others (adding their zeros changes nothing); a graph replay reads them all."""
+        rows = frozenset().union(*(x.rows for x in self.slots if x is not None))
+        return {r: buf for r, buf in self.step_buf.steer.items() if r in rows}
 
     def _draw(self, raw: torch.Tensor, logits: torch.Tensor, slots: list[int]) -> None:
         """Each of these slots draws from its logits [n, vocab] (raw: the model's own, for
