@@ -13,7 +13,14 @@ for the batch-window server before the slot loop), `mlx_lm.server` (--backend ml
 Workloads: 1 client and 16 clients each sending --requests streamed requests one after another,
 and --poisson requests arriving at --rate per second (Poisson arrivals, open loop). For each,
 contenders interleaved rep by rep: aggregate completion tokens/s (first send to last token) and
-time to first token p50/p95. Greedy, --new-tokens each; torch servers pinned to --threads.
+time to first token p50/p95, and the answers' lengths (p10/p50/p90 completion tokens). Greedy,
+at most --new-tokens each; torch servers pinned to --threads.
+
+With the default 32 new tokens almost every answer reaches the cap, so all are the same length
+and a batch that waits for its longest answer wastes nothing. Real chat answers end at their
+own stop token at very different lengths: `--new-tokens 192` lets a chat model's answers end
+there (the table's length column shows the spread); `--spread` draws each request's max_tokens
+between --new-tokens / 8 and --new-tokens instead (for the random Llama, which rarely stops).
 """
 
 from __future__ import annotations
@@ -149,9 +156,11 @@ def servers(args, model: str) -> list[Server]:
                 "--max-batch", "32", "--max-tokens", str(args.new_tokens)]  # fmt: skip
     out = [Server("pertoken", pertoken, threads | {"PYTHONPATH": here})]
     if args.before:
-        src = str(before_tree(args.before))
-        out.append(Server(f"pertoken@{args.before}", pertoken + ["--batch-window", "20"],
-                          threads | {"PYTHONPATH": src}))  # fmt: skip
+        src = before_tree(args.before)
+        serve = (src / "pertoken" / "commands" / "serve.py").read_text()
+        window = ["--batch-window", "20"] if "--batch-window" in serve else []  # its server
+        out.append(Server(f"pertoken@{args.before}", pertoken + window,
+                          threads | {"PYTHONPATH": str(src)}))  # fmt: skip
     if args.backend == "mlx" and not args.no_others:
         cmd = [sys.executable, "-m", "mlx_lm.server", "--model", model, "--port", "{port}"]
         out.append(Server("mlx_lm.server", cmd, {}, model=model))
@@ -165,9 +174,23 @@ def servers(args, model: str) -> list[Server]:
 # ---------------------------------------------------------------------- load
 @dataclass
 class Result:
-    tokens: int
     seconds: float
-    ttft: list[float]
+    got: list[tuple[int, float | None]]  # per request: (completion tokens, its TTFT)
+
+    @property
+    def tokens(self) -> int:
+        return sum(n for n, _ in self.got)
+
+    @property
+    def ttft(self) -> list[float]:
+        return [f for _, f in self.got if f]
+
+
+def caps(n: int, new: int, spread: bool, seed: int) -> list[int]:
+    """Each request's max_tokens: `new`, or with `spread` drawn between new // 8 and new."""
+    if not spread:
+        return [new] * n
+    return np.random.default_rng(seed).integers(max(1, new // 8), new + 1, n).tolist()
 
 
 def one(http: httpx.Client, server: Server, q: str, new: int) -> tuple[int, float | None]:
@@ -191,15 +214,15 @@ def one(http: httpx.Client, server: Server, q: str, new: int) -> tuple[int, floa
     return (used if used is not None else chunks), first
 
 
-def clients(server: Server, qs: list[list[str]], new: int) -> Result:
-    """len(qs) clients, each sending its questions one after another."""
+def clients(server: Server, qs: list[list[tuple[str, int]]]) -> Result:
+    """len(qs) clients, each sending its (question, max_tokens) one after another."""
     got: list[tuple[int, float | None]] = []
     start = threading.Barrier(len(qs) + 1)
 
-    def run(mine: list[str]) -> None:
+    def run(mine: list[tuple[str, int]]) -> None:
         with httpx.Client(timeout=900) as http:
             start.wait()
-            for q in mine:
+            for q, new in mine:
                 got.append(one(http, server, q, new))
 
     threads = [threading.Thread(target=run, args=(m,)) for m in qs]
@@ -207,25 +230,25 @@ def clients(server: Server, qs: list[list[str]], new: int) -> Result:
     start.wait()
     t0 = time.perf_counter()
     [t.join() for t in threads]
-    return Result(sum(n for n, _ in got), time.perf_counter() - t0, [f for _, f in got if f])
+    return Result(time.perf_counter() - t0, got)
 
 
-def poisson(server: Server, qs: list[str], rate: float, new: int, seed: int) -> Result:
+def poisson(server: Server, qs: list[tuple[str, int]], rate: float, seed: int) -> Result:
     """Requests sent at Poisson arrival times (rate per second), each on its own connection."""
     gaps = np.random.default_rng(seed).exponential(1 / rate, len(qs))
     got: list[tuple[int, float | None]] = []
 
-    def run(q: str) -> None:
+    def run(q: str, new: int) -> None:
         with httpx.Client(timeout=900) as http:
             got.append(one(http, server, q, new))
 
     t0, threads = time.perf_counter(), []
-    for q, gap in zip(qs, gaps):
+    for (q, new), gap in zip(qs, gaps):
         time.sleep(gap)
-        threads.append(threading.Thread(target=run, args=(q,)))
+        threads.append(threading.Thread(target=run, args=(q, new)))
         threads[-1].start()
     [t.join() for t in threads]
-    return Result(sum(n for n, _ in got), time.perf_counter() - t0, [f for _, f in got if f])
+    return Result(time.perf_counter() - t0, got)
 
 
 def main():
@@ -238,7 +261,13 @@ def main():
     ap.add_argument("--requests", type=int, default=2, help="requests per client")
     ap.add_argument("--poisson", type=int, default=24, help="requests of the Poisson workload")
     ap.add_argument("--rate", type=float, default=2.0, help="Poisson arrivals per second")
-    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=32, help="each answer's max_tokens")
+    ap.add_argument(
+        "--spread",
+        action="store_true",
+        help="each request's max_tokens drawn in [new-tokens / 8, new-tokens]",
+    )
+    ap.add_argument("--loads", default="1,16,poisson", help="which loads to run, in order")
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1, help="torch threads of each server")
     args = ap.parse_args()
@@ -246,40 +275,56 @@ def main():
         random_chat_llama(*map(int, args.random.split("x")), Path(tempfile.mkdtemp()) / "m")
     )
     every, up = servers(args, model), []
-    words = args.model is None
+    words, new, spread = args.model is None, args.new_tokens, args.spread
+
+    def asked(n: int, seed: int) -> list[tuple[str, int]]:
+        return list(zip(questions(n, words, seed), caps(n, new, spread, seed)))
+
     loads = {
-        "1 client": lambda s, r: clients(s, [questions(args.requests, words, r)], args.new_tokens),
-        "16 clients": lambda s, r: clients(
-            s, [questions(args.requests, words, 100 * r + c) for c in range(16)], args.new_tokens
-        ),
-        f"Poisson {args.rate}/s": lambda s, r: poisson(
-            s, questions(args.poisson, words, 7 + r), args.rate, args.new_tokens, r
-        ),
-    }
-    print(f"{Path(model).name} ({args.backend}), {args.new_tokens} new tokens, greedy, streamed, "
-          f"median of {args.reps}; torch servers at {args.threads} thread(s)")  # fmt: skip
-    print("| load | server | tok/s | ratio | TTFT p50 ms | TTFT p95 ms |\n" + "| --- " * 6 + "|")
+        "1": ("1 client", lambda s, r: clients(s, [asked(args.requests, r)])),
+        "16": ("16 clients", lambda s, r: clients(
+            s, [asked(args.requests, 100 * r + c) for c in range(16)]
+        )),
+        "poisson": (f"Poisson {args.rate}/s", lambda s, r: poisson(
+            s, asked(args.poisson, 7 + r), args.rate, r
+        )),
+    }  # fmt: skip
+    cap = f"max_tokens drawn in [{max(1, new // 8)}, {new}]" if spread else f"{new} new tokens"
+    print(f"{Path(model).name} ({args.backend}), {cap}, greedy, streamed, median of "
+          f"{args.reps}; torch servers at {args.threads} thread(s); load average "
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")  # fmt: skip
+    print("| load | server | tok/s | ratio | TTFT p50 ms | TTFT p95 ms | answer tokens "
+          "p10/p50/p90 |\n" + "| --- " * 7 + "|")  # fmt: skip
     try:
         up = [s for s in every if s.start()]
         for s in up:  # a warm-up each (first requests load kernels, build caches)
-            clients(s, [questions(1, words, 999)], 4)
-        for name, run in loads.items():
+            clients(s, [[(questions(1, words, 999)[0], 4)]])
+        for key in args.loads.split(","):
+            name, run = loads[key]
             results: dict[str, list[Result]] = {s.name: [] for s in up}
             for r in range(args.reps):
                 for s in up:
                     results[s.name].append(run(s, r))
             base = None
             for s in up:
-                rs = results[s.name]
-                tps = statistics.median(x.tokens / x.seconds for x in rs)
-                ttft = [t for x in rs for t in x.ttft] or [float("nan")]
-                base = base or tps
-                p50, p95 = np.percentile(ttft, [50, 95]) * 1000
-                print(f"| {name} | {s.name} | {tps:.1f} | {tps / base:.2f}x | {p50:.0f} | "
-                      f"{p95:.0f} |", flush=True)  # fmt: skip
+                print(row(name, s.name, results[s.name], base), flush=True)
+                base = base or statistics.median(x.tokens / x.seconds for x in results[s.name])
+        print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     finally:
         for s in every:
             s.stop()
+
+
+def row(load: str, name: str, rs: list[Result], base: float | None) -> str:
+    """One table row: median tokens/s (and its ratio to the first server's), TTFT
+    percentiles over every request of every rep, and the answers' lengths."""
+    tps = statistics.median(x.tokens / x.seconds for x in rs)
+    ttft = [t for x in rs for t in x.ttft] or [float("nan")]
+    p50, p95 = np.percentile(ttft, [50, 95]) * 1000
+    lengths = np.percentile([n for x in rs for n, _ in x.got], [10, 50, 90])
+    spread = "/".join(f"{x:.0f}" for x in lengths)
+    return (f"| {load} | {name} | {tps:.1f} | {tps / (base or tps):.2f}x | {p50:.0f} | "
+            f"{p95:.0f} | {spread} |")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -283,3 +283,33 @@ def test_a_loop_started_short_grows_to_fit_and_answers_alike(backend, torch_one_
     got = {id(e.plan): backend.decode(e.answer) for e in ended}
     assert [got[id(plan)] for plan in plans] == want
     assert len(backend.encode(want[2])) > 30  # it ran past what the first cache held
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_a_narrowing_torch_loop_moves_its_busy_slots_to_the_front(
+    model_dir, temperature, torch_one_thread
+):
+    """Eight slots, six of whose answers end after two tokens: the loop narrows to four slots,
+    its two steered answers moved from the back (keys, positions, steering and draws); each
+    still equals its solo run."""
+    from pertoken.backends.base import row_uniforms
+    from pertoken.backends.generation import Entry
+
+    backend = load_backend(str(model_dir), "torch", dtype="float32", device="cpu")
+    ps, plans = _prompts(backend) * 2, [None] * 6 + _plans()[2:4]
+    caps, seeds, sampling = [2] * 6 + [20, 20], list(range(8)), Sampling(temperature)
+    want = [
+        backend.generate([p], steer=[s], seeds=[sd], max_new_tokens=n, sampling=sampling)[0]
+        for p, s, sd, n in zip(ps, plans, seeds, caps)
+    ]
+    loop, ended = backend._slots(8, [], 64), []
+    for i, (p, plan, n) in enumerate(zip(ps, plans, caps)):
+        draws = None if sampling.greedy else row_uniforms([seeds[i]], n)[0]
+        e = Entry(backend.encode(p), sampling, n, ended.append, plan=plan, uniforms=draws, prompt=i)
+        loop.insert(e)
+    widths = []
+    while loop.busy:
+        loop.step()
+        widths.append(len(loop.slots.slots))
+    assert sorted((e.prompt, backend.decode(e.answer)) for e in ended) == list(enumerate(want))
+    assert widths[0] == 8 and 4 in widths and widths[-1] == 1  # narrowed, then emptied

@@ -72,6 +72,31 @@ def test_prompt_steering_keys_the_cache(backend, torch_one_thread):
     assert first.prefilled == len(backend.encode(ps[0]))
 
 
+def test_prompts_admitted_together_read_their_prefixes_in_one_batch(backend, torch_one_thread):
+    """Three prompts sharing the system prompt with an earlier one (by different lengths)
+    enter at the same step and are prefilled in one forward from their cached prefixes,
+    answering as they do without the cache; a steered row keeps its own steering."""
+    qs = ("hello there", "what is two and two?", "hello, what is the time?", "name a colour")
+    ps = [backend.chat_prompt(SYSTEM, q) for q in qs]
+    ids = [backend.encode(p) for p in ps]
+    plans = [None, None, Steer.single(2, rand(0), 6.0, "response"), None]
+    cache = PrefixCache(2**30)
+    _run(backend, ps[:1], plans[:1], cache)
+    loop = backend._slots(4, [], 256, prefix=cache)
+    together = [Entry(i, Sampling(0), 8, lambda e: None, plan=p) for i, p in zip(ids, plans)][1:]
+    for e in together:
+        loop.insert(e)
+    while loop.busy:
+        loop.step()
+    alone = [_run(backend, [p], [plan], None)[0] for p, plan in zip(ps[1:], plans[1:])]
+    assert [e.answer for e in together] == [e.answer for e in alone]
+    own = [_common(ids[0], i) for i in ids[1:]]
+    assert len(set(own)) > 1  # the prefixes differ in length
+    # torch writes each row at its own positions; MLX's rows share one cache offset
+    read = own if backend.name == "torch" else [min(own)] * len(own)
+    assert [e.prefilled for e in together] == [len(i) - n for i, n in zip(ids[1:], read)]
+
+
 def test_the_cache_stays_within_its_bytes():
     cache = PrefixCache(100)
     for k in range(5):

@@ -22,7 +22,7 @@ from pertoken.backends.mlx.batch import SteerPlan, step_pass, window_of
 from pertoken.backends.mlx.models.residual import Pass, attend_mask
 from pertoken.backends.mlx.prefill import CHUNK, prefill
 from pertoken.backends.mlx.sampling import choose, penalize
-from pertoken.backends.plan import left_pad
+from pertoken.backends.plan import left_pad, steer_mask
 from pertoken.backends.prefix_cache import PrefixCache
 from pertoken.backends.schedule import Waiting
 
@@ -113,15 +113,17 @@ class Slots:
 
     def _prefill(self, entries: list[Entry]) -> list[Prefilled]:
         """Each prompt's cache and last logits: those with a cached prefix compute only what
-        follows it, the others run in one left-padded batch; all are cached after."""
+        follows it (together), the others run in one left-padded batch; all are cached after."""
         if self.prefix is None:
             return self._prefill_batch(entries)
-        hits = {id(e): self.prefix.lookup(e.ids, e.plan) for e in entries}
-        rest = [e for e in entries if hits[id(e)][0] == 0]
+        hits = [self.prefix.lookup(e.ids, e.plan) for e in entries]
+        rest = [e for e, (P, _) in zip(entries, hits) if P == 0]
         out = dict(zip(map(id, rest), self._prefill_batch(rest) if rest else []))
+        found = [(e, h) for e, h in zip(entries, hits) if h[0]]
+        if found:
+            after = self._prefill_after([e for e, _ in found], [h for _, h in found])
+            out |= dict(zip((id(e) for e, _ in found), after))
         for e in entries:
-            if hits[id(e)][0]:
-                out[id(e)] = self._prefill_after(e, *hits[id(e)])
             kv = [
                 (c.keys[:, :, : c._idx - 1], c.values[:, :, : c._idx - 1]) for c in out[id(e)].cache
             ]
@@ -129,33 +131,49 @@ class Slots:
             self.prefix.store(e.ids[:-1], e.plan, kv, nbytes)
         return [out[id(e)] for e in entries]
 
-    def _prefill_after(self, e: Entry, P: int, kv) -> Prefilled:
-        """One prompt whose first P tokens' keys and values are given: only the rest runs."""
-        T = len(e.ids)
+    def _prefill_after(self, entries: list[Entry], hits: list[tuple[int, list]]):
+        """Prompts whose first tokens' keys and values are cached: each row reads its own for
+        the shortest of these prefixes (P) and computes the rest, all in one forward, right-
+        padded (a row's padding comes after its last token, where nothing reads it)."""
+        P = min(h[0] for h in hits)
+        T = [len(e.ids) for e in entries]
+        B, S = len(entries), max(T) - P
+        ids = np.zeros((B, S), np.int32)
+        valid = np.zeros((B, P + S), bool)
+        on = np.zeros((B, S, 1), np.float32)
+        for b, e in enumerate(entries):
+            ids[b, : T[b] - P] = e.ids[P:]
+            valid[b, : T[b]] = True
+            if e.plan is not None:
+                on[b, : T[b] - P, 0] = steer_mask(T[b], T[b], e.plan.positions)[P:]
         cache = [KVCache() for _ in self.model.layers]
-        for c, (k, v) in zip(cache, kv, strict=True):
-            c.keys, c.values, c.offset = k[:, :, :P], v[:, :, :P], P
-        valid = mx.ones((1, T), dtype=mx.bool_)
+        for i, c in enumerate(cache):
+            c.keys = mx.concatenate([kv[i][0][:, :, :P] for _, kv in hits])  # [B, H, P, D]
+            c.values = mx.concatenate([kv[i][1][:, :, :P] for _, kv in hits])
+            c.offset = P
         kw = {}
-        sp = SteerPlan.per_row([e.plan], self.hidden_size, self.dtype)
+        sp = SteerPlan.per_row([e.plan for e in entries], self.hidden_size, self.dtype)
         if sp is not None:
-            on = left_pad([e.ids], 0).steer_mask([e.plan.positions], P, T - P)[..., None]
             kw = {"steer": sp.vectors, "steer_on": mx.array(on).astype(self.dtype)}
-        window = self.window
+        valid, window = mx.array(valid), self.window
         p = Pass(
-            offset=mx.array([P]), mask=attend_mask(valid, T - P),
-            window_mask=attend_mask(valid, T - P, window) if window else None, head="last", **kw,
+            offset=mx.array([P] * B), mask=attend_mask(valid, S),
+            window_mask=attend_mask(valid, S, window) if window else None,
+            head=mx.array([t - P - 1 for t in T]), **kw,
         )  # fmt: skip
-        logits = self.model(mx.array([e.ids[P:]]), cache, p)  # [1, 1, vocab]
+        logits = self.model(mx.array(ids), cache, p)  # [B, 1, vocab]: each row's last token
         mx.eval(logits, [c.state for c in cache])
-        e.prefilled = T - P
-        rows = []
-        for c in cache:
-            one = BatchKVCache([0])
-            one.keys, one.values = c.keys[:, :, :T], c.values[:, :, :T]
-            one._idx, one.offset = T, mx.array([T])
-            rows.append(one)
-        return Prefilled(rows, logits[:, -1])
+        out = []
+        for b, e in enumerate(entries):
+            e.prefilled = T[b] - P
+            rows = []
+            for c in cache:
+                one = BatchKVCache([0])
+                one.keys, one.values = c.keys[b : b + 1, :, : T[b]], c.values[b : b + 1, :, : T[b]]
+                one._idx, one.offset = T[b], mx.array([T[b]])
+                rows.append(one)
+            out.append(Prefilled(rows, logits[b : b + 1, -1]))
+        return out
 
     def _prefill_batch(self, entries: list[Entry]) -> list[Prefilled]:
         """These prompts in one left-padded batch, each with its own steering; each comes out

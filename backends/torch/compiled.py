@@ -60,6 +60,7 @@ class StaticStep:
         self.captured = torch.zeros(B, len(shape.rows), hidden, device=home)  # float32
         self.cache = SlotCache(len(self.steer), L)
         self.logits: torch.Tensor | None = None  # [B, vocab] float32, the step's output
+        self.trim = True  # attend to the written slots only (False: the whole cache, for graphs)
 
     def grab(self, row: int, h: torch.Tensor) -> None:
         """Keeps the last position's state of a captured row (called by the hooks)."""
@@ -68,7 +69,10 @@ class StaticStep:
     def forward(self, ids, pos, slots) -> torch.Tensor:
         """ids, pos, slots [B, T] -> last position's logits [B, vocab] float32."""
         self.cache.slots = slots
-        masks = attention_masks(self.model.config, self.key_pos, pos, slots, self.dtype)
+        # a plain step's attention costs what is written, not the cache's length
+        n = int(slots.max()) + 1 if self.trim else self.shape.length
+        self.cache.used = n
+        masks = attention_masks(self.model.config, self.key_pos[:, :n], pos, slots, self.dtype)
         out = self.model(
             input_ids=ids,
             attention_mask=masks,
@@ -176,6 +180,7 @@ class CompiledSteps:
         """Capture the step as a CUDA graph after two warm-up runs on a side stream. The
         warm-up writes garbage that loading a slot resets (positions, slots, key positions)."""
         s, t0 = self._step, time.perf_counter()
+        s.trim = False  # a graph's shapes are fixed: it attends to the whole cache
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):

@@ -39,6 +39,7 @@ class Prefilled:
 @dataclass
 class _Slot:
     entry: Entry
+    rows: frozenset[int] = frozenset()  # the rows its plan steers
     pending: tuple | None = None  # (index, token, logprobs) waiting for its hidden state
     draining: bool = False  # its last token is fed once more, for its hidden state
 
@@ -119,44 +120,51 @@ class Slots:
         if ops != self.step_buf.shape.ops:
             self._resize(len(self.slots), self.step_buf.shape.length, ops)
 
-    def _resize(self, B: int, L: int, ops=None) -> None:
+    def _resize(self, B: int, L: int, ops=None, keep: list[int] | None = None) -> None:
         """A step of B slots and L positions (a compiled source may give more slots), the
-        busy slots (all among the first B) carried over: keys, values, positions, steering
-        and draws. A step costs as many rows as it has, busy or not."""
+        busy slots carried over: keys, values, positions, steering and draws. `keep`: the old
+        slots that become slots 0, 1, ... (default: the first B, where every busy one is)."""
         old = self.step_buf
         ops = old.shape.ops if ops is None else ops
         new, self.run = self.steps(Shape(B, L, old.shape.rows, ops), self.state)
         if new is old:  # a compiled source's kept step already holds these
             return
         B = new.shape.batch
-        n, L0 = min(B, old.shape.batch), old.shape.length
+        n, L0 = min(B, old.shape.batch) if keep is None else len(keep), old.shape.length
+        at = slice(0, n) if keep is None else torch.tensor(keep, device=self.home)
         for a, b in zip(old.cache.layers, new.cache.layers, strict=True):
             if a.is_initialized:
                 if not b.is_initialized:
                     b.lazy_initialization(a.keys[:1].expand(B, -1, -1, -1), a.values[:1])
-                b.keys[:n, :, :L0] = a.keys[:n]
-                b.values[:n, :, :L0] = a.values[:n]
+                here = at if keep is None else at.to(a.keys.device)
+                b.keys[:n, :, :L0] = a.keys[here]
+                b.values[:n, :, :L0] = a.values[here]
         new.key_pos.fill_(-1)
-        new.key_pos[:n, :L0] = old.key_pos[:n]
+        new.key_pos[:n, :L0] = old.key_pos[at]
         for name in ("tokens", "pos", "slot", "steer_on"):
-            getattr(new, name)[:n] = getattr(old, name)[:n]
+            getattr(new, name)[:n] = getattr(old, name)[at]
         for row, buf in new.steer.items():
-            copy_lines(buf, old.steer[row], n)
+            copy_lines(buf, old.steer[row], at)
         self.step_buf = new
-        self.slots = self.slots[:n] + [None] * (B - n)
+        kept = self.slots[:n] if keep is None else [self.slots[b] for b in keep]
+        self.slots = kept + [None] * (B - n)
         idle = torch.ones(B, 1, dtype=torch.bool, device=self.home)
-        idle[:n] = self.idle[:n]
+        idle[:n] = self.idle[at]
         self.idle = idle
-        self.sampler.resize(B, new.shape.length)
+        self.sampler.resize(B, new.shape.length, at)
 
     def _widen(self) -> None:
-        """More slots when entries wait and every slot is busy (up to `most`); back to one
-        when the loop has emptied."""
-        busy = sum(x is not None for x in self.slots)
+        """More slots when entries wait and every slot is busy (up to `most`); half as many
+        when at most a quarter are busy and none wait, the busy ones moved to the front (a
+        plain step costs as many rows as it has, busy or not); back to one when the loop has
+        emptied."""
+        busy = [b for b, x in enumerate(self.slots) if x is not None]
         B = len(self.slots)
-        want = min(self.most, busy + len(self.waiting.order)) if self.waiting else 1
-        if want > B or (want == 1 and busy == 0 and B > 1):
+        want = min(self.most, len(busy) + len(self.waiting.order)) if self.waiting else 1
+        if want > B or (want == 1 and not busy and B > 1):
             self._resize(want, self.step_buf.shape.length)
+        elif not self.waiting and busy and len(busy) <= B // 4:
+            self._resize(2 * len(busy), self.step_buf.shape.length, keep=busy)
 
     def _prefill(self, entries: list[Entry]) -> list[Prefilled]:
         """Each prompt's keys, values and last logits: those with a cached prefix compute only
@@ -256,13 +264,14 @@ class Slots:
         set_line(s.steer, b, e.plan)
         s.steer_on[b] = e.plan is not None and e.plan.positions != "prompt"
         self.sampler.load(b, e, pre.logits.shape[-1])
-        self.slots[b] = _Slot(e)
+        self.slots[b] = _Slot(e, frozenset(e.plan.stages()) if e.plan is not None else frozenset())
         self.idle[b] = False
 
     # ---------------------------------------------------------------- decoding
     def _decode(self) -> None:
         """One step: every slot feeds its token; captured tokens are reported with their
         states; then each busy slot draws its next token."""
+        self.state.steer = self._steered()
         logits = self.run()  # [B, vocab] float32
         s = self.step_buf
         s.slot.masked_fill_(self.idle, 0)  # idle slots write slot 0, never read
@@ -278,6 +287,12 @@ class Slots:
         if live:
             at = torch.tensor(live, device=self.home)
             self._draw(logits[at], logits[at], live)
+
+    def _steered(self) -> dict:
+        """The step's steering buffers of the rows some busy slot steers: a plain step skips
+        the others (adding their zeros changes nothing); a graph replay reads them all."""
+        rows = frozenset().union(*(x.rows for x in self.slots if x is not None))
+        return {r: buf for r, buf in self.step_buf.steer.items() if r in rows}
 
     def _draw(self, raw: torch.Tensor, logits: torch.Tensor, slots: list[int]) -> None:
         """Each of these slots draws from its logits [n, vocab] (raw: the model's own, for

@@ -26,9 +26,10 @@ class SlotSampler:
         self.bias: torch.Tensor | None = None  # [B, vocab] float32, once a slot has a bias
         self.entries: list[Entry | None] = [None] * B
 
-    def resize(self, B: int, length: int) -> None:
-        """Settings and draws for B slots of `length` draws, the first ones kept."""
-        n = min(B, self.B)
+    def resize(self, B: int, length: int, at=None) -> None:
+        """Settings and draws for B slots of `length` draws: slots `at` (a slice or an index
+        tensor; default the first ones) become the first ones."""
+        at = slice(0, min(B, self.B)) if at is None else at
         for name in ("temp", "top_k", "top_p", "penalty", "greedy", "count", "u", "seen", "bias"):
             old = getattr(self, name)
             if old is None:
@@ -36,12 +37,15 @@ class SlotSampler:
             fill = {"u": 0.5, "temp": 1, "top_p": 1, "penalty": 1, "greedy": True}.get(name, 0)
             shape = (B, length) if name == "u" else (B, *old.shape[1:])
             new = torch.full(shape, fill, dtype=old.dtype, device=self.home)
+            lines = old[at]
             if old.ndim == 2:
-                new[:n, : old.shape[1]] = old[:n]
+                new[: len(lines), : old.shape[1]] = lines
             else:
-                new[:n] = old[:n]
+                new[: len(lines)] = lines
             setattr(self, name, new)
-        self.entries = self.entries[:n] + [None] * (B - n)
+        keep = range(len(self.entries))[at] if isinstance(at, slice) else at.tolist()
+        entries = [self.entries[b] for b in keep]
+        self.entries = entries + [None] * (B - len(entries))
         self.B = B
 
     def load(self, b: int, e: Entry, vocab: int) -> None:

@@ -41,10 +41,11 @@ class SlotLayer(CacheLayerMixin):
         idx = self.owner.slots.to(self.device, non_blocking=True)[:, None, :, None]  # [B,1,T,1]
         self.keys.scatter_(2, idx.expand(B, H, T, self.keys.shape[-1]), key_states)
         self.values.scatter_(2, idx.expand(B, H, T, self.values.shape[-1]), value_states)
-        return self.keys, self.values
+        n = self.owner.used
+        return self.keys[:, :, :n], self.values[:, :, :n]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.owner.length, 0
+        return self.owner.used, 0
 
     def get_seq_length(self) -> int:
         return self.owner.length
@@ -54,10 +55,12 @@ class SlotLayer(CacheLayerMixin):
 
 
 class SlotCache(Cache):
-    """The KV cache of a whole model: `slots` [B, T] says where the next forward writes."""
+    """The KV cache of a whole model: `slots` [B, T] says where the next forward writes;
+    attention reads the first `used` slots (all of them in a captured graph, whose shapes
+    are fixed; a plain step reads only up to the furthest slot written, as a dynamic cache)."""
 
     def __init__(self, n_layers: int, length: int):
-        self.length = length
+        self.length = self.used = length
         self.slots: torch.Tensor | None = None
         super().__init__(layers=[SlotLayer(self) for _ in range(n_layers)])
 

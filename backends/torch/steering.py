@@ -97,16 +97,22 @@ def ops_cover(have: tuple[tuple[int, int], ...], want: tuple[tuple[int, int], ..
     return all(held.get(row, 0) >= K for row, K in want)
 
 
-def copy_lines(dst: torch.Tensor | RowOps, src: torch.Tensor | RowOps, n: int) -> None:
-    """The first n lines of one row's steering into a buffer with as many stages or more."""
+def copy_lines(dst: torch.Tensor | RowOps, src: torch.Tensor | RowOps, at) -> None:
+    """Lines `at` (a slice or an index tensor) of one row's steering into the first lines of
+    a buffer with as many stages or more."""
+    if not isinstance(at, slice):
+        at = at.to((src.add if isinstance(src, RowOps) else src).device)
     if not isinstance(dst, RowOps):
-        dst[:n] = src[:n]
+        lines = src[at]
+        dst[: len(lines)] = lines
     elif not isinstance(src, RowOps):
-        dst.add[0, :n] = src[:n].to(dst.add)
+        lines = src[at]
+        dst.add[0, : len(lines)] = lines.to(dst.add)
     else:
         K = src.add.shape[0]
         for mine, theirs in zip(_parts(dst), _parts(src)):
-            mine[:K, :n] = theirs[:, :n].to(mine)
+            lines = theirs[:, at]
+            mine[:K, : lines.shape[1]] = lines.to(mine)
 
 
 def _parts(ops: RowOps) -> tuple[torch.Tensor, ...]:

@@ -155,9 +155,9 @@ class Model(nn.Module):
     def __call__(self, inputs: mx.array, cache=None, p: Pass | None = None) -> mx.array | None:
         p = p or Pass()
         h = self.model(inputs, cache, p)
-        if p.head == "none":
+        if isinstance(p.head, str) and p.head == "none":
             return None
-        h = h[:, -1:] if p.head == "last" else h
+        h = p.kept(h)
         out = self.model.embed_tokens.as_linear(h)  # [B, L, vocab]
         return softcap(out, self.args.final_logit_softcapping)
 

@@ -131,9 +131,9 @@ class Model(nn.Module):
     def __call__(self, inputs: mx.array, cache=None, p: Pass | None = None) -> mx.array | None:
         p = p or Pass()
         h = self.model(inputs, cache, p)
-        if p.head == "none":
+        if isinstance(p.head, str) and p.head == "none":
             return None
-        h = h[:, -1:] if p.head == "last" else h
+        h = p.kept(h)
         if self.args.tie_word_embeddings:
             return self.model.embed_tokens.as_linear(h)
         return self.lm_head(h)  # [B, L, vocab]

@@ -51,7 +51,15 @@ class Pass:
     steer: dict[int, mx.array | RowOps] = field(default_factory=dict)
     steer_on: mx.array | None = None  # [B, L, 1] model dtype: 1 where steering acts
     observe: Observer | None = None
-    head: str = "all"  # "all" logits, "last" the last position only, "none" no logits
+    # "all" logits, "last" the last position only, "none" no logits, or [B] int: per row the
+    # position whose logits are kept (rows of different lengths in one right-padded batch)
+    head: str | mx.array = "all"
+
+    def kept(self, h: mx.array) -> mx.array:
+        """The positions of h [B, L, hidden] whose logits the pass returns."""
+        if isinstance(self.head, mx.array):
+            return mx.take_along_axis(h, self.head[:, None, None], axis=1)  # [B, 1, hidden]
+        return h[:, -1:] if self.head == "last" else h
 
     def mask_for(self, sliding: bool) -> mx.array | str | None:
         return self.window_mask if sliding else self.mask
