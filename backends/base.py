@@ -32,9 +32,6 @@ def slot_uniforms(seeds: list[int], n_steps: int) -> np.ndarray:
     return np.stack([np.random.default_rng(int(s)).random(n_steps) for s in seeds])
 
 
-row_uniforms = slot_uniforms  # the former name, until its last callers move to slot_uniforms
-
-
 GREEDY_BELOW = 1e-4  # a temperature this small samples the argmax (and 1/t cannot overflow)
 
 
@@ -96,10 +93,9 @@ def check_projection_inputs(
 
 # One Steer for every prompt, or a list with one Steer (or None: unsteered) per prompt.
 SlotSteers = Steer | list[Steer | None] | None
-RowSteers = SlotSteers  # the former name, until its last callers move to SlotSteers
 
 
-def steer_rows(
+def steer_slots(
     steer: SlotSteers, n: int, n_layers: int, hidden_size: int, dtype: str = "float32"
 ) -> list[Steer | None]:
     """Validated per-prompt steering: `steer` repeated for each of n prompts, or its own list."""

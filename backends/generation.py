@@ -15,15 +15,15 @@ import numpy as np
 
 from pertoken.backends.base import (
     AnswerCallback,
-    RowSteers,
     Sampling,
+    SlotSteers,
     Steer,
     Streaming,
     TokenCallback,
     TokenStep,
     TokenTrace,
-    row_uniforms,
-    steer_rows,
+    slot_uniforms,
+    steer_slots,
 )
 from pertoken.backends.conditions import decide, decide_one, trace_meta
 from pertoken.backends.plan import TokenPieces, encode_texts, token_pieces
@@ -106,7 +106,7 @@ class SlotBackend:
         *,
         max_new_tokens: int = 1000,
         sampling: Sampling | None = None,
-        steer: RowSteers = None,
+        steer: SlotSteers = None,
         stream: Streaming | None = None,
         on_answer: AnswerCallback | None = None,
         batch_size: int | None = None,
@@ -153,14 +153,14 @@ class SlotBackend:
 
     def _entries(self, seqs, sampling, max_new_tokens, steer, seeds, stream) -> list[Entry]:
         """One Entry per prompt: its steering plan, its seed's draws, its stream."""
-        plans = steer_rows(steer, len(seqs), self.n_layers, self.hidden_size, self.dtype)
+        plans = steer_slots(steer, len(seqs), self.n_layers, self.hidden_size, self.dtype)
         plans = decide(self, seqs, plans)  # `when` terms kept or dropped per prompt
         if stream is not None:
             check_capture_rows(stream.rows, self.n_layers)
         seeds = prompt_seeds(sampling.seed, len(seqs)) if seeds is None else list(seeds)
         if len(seeds) != len(seqs):
             raise PertokenError(f"{len(seeds)} seeds for {len(seqs)} prompts: give one per prompt")
-        draws = None if sampling.greedy else row_uniforms(seeds, max_new_tokens)
+        draws = None if sampling.greedy else slot_uniforms(seeds, max_new_tokens)
         on_step = _stop_strings(self.decode, sampling.stop, stream)
         return [
             Entry(

@@ -7,10 +7,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from pertoken.backends.base import Sampling
 from pertoken.backends.sampler import sampling_options
 from pertoken.pipeline.judge.rubrics import DEFAULT_JUDGE
+
+if TYPE_CHECKING:
+    from pertoken.backends.base import Sampling
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,8 @@ class Generation:
 
     def sampling(self, backend, default: float = 1.0) -> Sampling:
         """The Sampling for `backend`, with `keywords`' temperature rule."""
+        from pertoken.backends.base import Sampling  # numpy: not at import, for a light --help
+
         opts = self.keywords(backend, default)
         return Sampling(**{k: v for k, v in opts.items() if k != "max_new_tokens"})
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pertoken.backends.base import Sampling, TokenStep, row_uniforms
+from pertoken.backends.base import Sampling, TokenStep, slot_uniforms
 from pertoken.backends.conditions import decide_one
 from pertoken.backends.generation import Entry
 from pertoken.backends.prefix_cache import PrefixCache
@@ -94,11 +94,11 @@ class Engine:
         backend,
         *,
         monitor: Monitor | None = None,
-        max_rows: int = 32,
+        max_slots: int = 32,
         length: int = 256,  # positions a slot holds at first (its cache grows as needed)
         prefix_cache_mb: float = 0.0,
     ):
-        self.backend, self.monitor, self.max_rows = backend, monitor, max_rows
+        self.backend, self.monitor, self.max_slots = backend, monitor, max_slots
         self.length = length
         self.pending: list[Job] = []
         self.cond = threading.Condition()
@@ -202,7 +202,7 @@ class Engine:
         if self.loop is None:
             rows = self.monitor.rows if self.monitor else []
             self.loop = self.backend._slots(
-                self.max_rows, rows, self.length, self._flush, prefix=self.prefix
+                self.max_slots, rows, self.length, self._flush, prefix=self.prefix
             )
         return self.loop
 
@@ -217,7 +217,7 @@ class Engine:
         ids = self.backend.encode(job.prompt)
         plan = decide_one(self.backend, ids, r.steer)
         seeds = prompt_seeds(seed, r.n)
-        draws = None if sampling.greedy else row_uniforms(seeds, r.max_tokens)
+        draws = None if sampling.greedy else slot_uniforms(seeds, r.max_tokens)
         job.left = r.n
         self.held.add(job)
         self.stats["batches"] += 1

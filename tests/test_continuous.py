@@ -292,7 +292,7 @@ def test_a_narrowing_torch_loop_moves_its_busy_slots_to_the_front(
     """Eight slots, six of whose answers end after two tokens: the loop narrows to four slots,
     its two steered answers moved from the back (keys, positions, steering and draws); each
     still equals its solo run."""
-    from pertoken.backends.base import row_uniforms
+    from pertoken.backends.base import slot_uniforms
     from pertoken.backends.generation import Entry
 
     backend = load_backend(str(model_dir), "torch", dtype="float32", device="cpu")
@@ -304,7 +304,7 @@ def test_a_narrowing_torch_loop_moves_its_busy_slots_to_the_front(
     ]
     loop, ended = backend._slots(8, [], 64), []
     for i, (p, plan, n) in enumerate(zip(ps, plans, caps)):
-        draws = None if sampling.greedy else row_uniforms([seeds[i]], n)[0]
+        draws = None if sampling.greedy else slot_uniforms([seeds[i]], n)[0]
         e = Entry(backend.encode(p), sampling, n, ended.append, plan=plan, uniforms=draws, prompt=i)
         loop.insert(e)
     widths = []

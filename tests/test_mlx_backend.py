@@ -29,11 +29,12 @@ def test_default_dtype_on_cpu_is_float32(llama_dir):
 def test_cli_loads_the_mlx_backend(llama_dir):
     from pertoken.backends.mlx import MLXBackend
     from pertoken.commands.options import load_model
+    from pertoken.pipeline.options import ModelChoice
 
-    b = load_model(str(llama_dir), "mlx", None, "cpu")
+    b = load_model(ModelChoice(str(llama_dir), "mlx", None, "cpu"))
     assert isinstance(b, MLXBackend) and b.device == "cpu"
     with pytest.raises(PertokenError, match="gpu or cpu"):
-        load_model(str(llama_dir), "mlx", None, "cuda")
+        load_model(ModelChoice(str(llama_dir), "mlx", None, "cuda"))
 
 
 def test_bfloat16_tracks_float32(llama_dir):

@@ -9,18 +9,6 @@ from tests.import_graph import ROOT
 
 BATCH_ROW = re.compile(r"row_uniform|per_row\b|rows_of_batch|RowSampler|RowSteers|max_rows")
 
-# Former names still used by modules that move to the slot names next: nothing may join them.
-FORMER = {
-    "backends/base.py": {"row_uniforms", "RowSteers"},
-    "backends/generation.py": {"row_uniforms", "RowSteers"},
-    "backends/mlx/batch.py": {"per_row"},
-    "backends/mlx/continuous.py": {"per_row"},
-    "backends/torch/sampling.py": {"RowSampler"},
-    "backends/torch/continuous.py": {"RowSampler"},
-    "serve/engine.py": {"row_uniforms", "max_rows"},
-    "serve/server.py": {"max_rows"},
-}
-
 
 def identifiers(tree: ast.AST) -> set[str]:
     """Every name a module defines, reads, passes as a keyword or imports."""
@@ -54,8 +42,7 @@ def batch_rows(root: Path = ROOT) -> dict[str, set[str]]:
 
 
 def test_no_batch_entry_is_called_a_row():
-    new = {f: names - FORMER.get(f, set()) for f, names in batch_rows().items()}
-    assert {f: names for f, names in new.items() if names} == {}
+    assert batch_rows() == {}
 
 
 def test_the_check_sees_batch_row_names_and_leaves_residual_rows(tmp_path):

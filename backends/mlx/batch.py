@@ -56,8 +56,6 @@ class SteerPlan:
             return None
         return cls(vectors, [p.positions if p else "all" for p in plans], dtype)
 
-    per_row = per_slot  # the former name, until its last callers move to per_slot
-
     def _slot_positions(self, B: int) -> list[str]:
         return [self.positions] * B if isinstance(self.positions, str) else self.positions
 
@@ -87,24 +85,24 @@ def _row_steering(plans: list[Steer | None], hidden: int, dtype, single: bool = 
     rows = sorted({r for st in staged for r in st})
     out = {}
     for row in rows:
-        lines = [st.get(row, []) for st in staged]
-        K = max(len(x) for x in lines)
-        if all(s.unit is None for x in lines for s in x) and K == 1:
+        slots = [st.get(row, []) for st in staged]
+        K = max(len(x) for x in slots)
+        if all(s.unit is None for x in slots for s in x) and K == 1:
             add = np.zeros((len(plans), 1, hidden), np.float32)
-            for b, x in enumerate(lines):
+            for b, x in enumerate(slots):
                 if x:
                     add[b, 0] = x[0].add
             out[row] = mx.array(add[0, 0] if single else add).astype(dtype)
         else:
-            out[row] = _ops(lines, K, hidden, dtype)
+            out[row] = _ops(slots, K, hidden, dtype)
     return out
 
 
-def _ops(lines: list[list[Stage]], K: int, hidden: int, dtype) -> RowOps:
-    B = len(lines)
+def _ops(slots: list[list[Stage]], K: int, hidden: int, dtype) -> RowOps:
+    B = len(slots)
     add, unit = np.zeros((2, K, B, 1, hidden), np.float32)
     lo, hi = np.full((K, B, 1, 1), -np.inf, np.float32), np.full((K, B, 1, 1), np.inf, np.float32)
-    for b, stages in enumerate(lines):
+    for b, stages in enumerate(slots):
         for k, s in enumerate(stages):
             if s.add is not None:
                 add[k, b, 0] = s.add

@@ -1,9 +1,9 @@
-"""The MLX slot loop over mlx-lm's `BatchKVCache`: entries entering free rows at the same time
+"""The MLX slot loop over mlx-lm's `BatchKVCache`: entries entering free slots at the same time
 are prefilled in one left-padded batch; each one's unpadded cache is appended to the decoding
-batch by `extend` (left-padded so all rows end together); `filter` drops rows whose answers
-ended. The batch never holds more than `slots` rows, and every step advances all of them.
+batch by `extend` (left-padded so all slots end together); `filter` drops slots whose answers
+ended. The batch never holds more than `slots` slots, and every step advances all of them.
 
-Each row carries its entry's steering, sampling settings, count of answer tokens (which picks
+Each slot carries its entry's steering, sampling settings, count of answer tokens (which picks
 the entry's own draw) and seen tokens, so an entry's answer equals its solo run. A token whose
 hidden state is captured is reported after the step that feeds it (its own position).
 """
@@ -36,9 +36,9 @@ class Prefilled:
 
 
 @dataclass
-class _Row:
+class _Slot:
     entry: Entry
-    token: int = 0  # what the row feeds next
+    token: int = 0  # what the slot feeds next
     pending: tuple | None = None  # (index, token, logprobs) waiting for its hidden state
     draining: bool = False  # its last token is fed once more, for its hidden state
     done: bool = False
@@ -59,7 +59,7 @@ class Grab:
 
 
 class Slots:
-    """Up to `slots` rows decoding together: insert entries, step until none is busy."""
+    """Up to `slots` slots decoding together: insert entries, step until none is busy."""
 
     def __init__(self, model, slots: int, *, rows, stop, hidden_size, dtype, chunk=CHUNK,
                  on_flush=None, prefix: PrefixCache | None = None):  # fmt: skip
@@ -67,40 +67,40 @@ class Slots:
         self.stop, self.hidden_size, self.dtype, self.chunk = set(stop), hidden_size, dtype, chunk
         self.on_flush, self.prefix = on_flush, prefix
         self.window = window_of(model)
-        self.cache: list[BatchKVCache] | None = None  # one per block, a row per entry
-        self.rows: list[_Row] = []
-        self.seen: mx.array | None = None  # [rows, vocab] bool, once a row has a penalty
-        self.bias: mx.array | None = None  # [rows, vocab] float32, once a row has a bias
-        self.steer: dict = {}  # Pass fields for the rows as they stand
+        self.cache: list[BatchKVCache] | None = None  # one per block, a slot per entry
+        self.live: list[_Slot] = []
+        self.seen: mx.array | None = None  # [slots, vocab] bool, once a slot has a penalty
+        self.bias: mx.array | None = None  # [slots, vocab] float32, once a slot has a bias
+        self.steer: dict = {}  # Pass fields for the slots as they stand
         self.waiting: Waiting[Prefilled] = Waiting()
 
     @property
     def busy(self) -> bool:
-        return bool(self.waiting) or bool(self.rows)
+        return bool(self.waiting) or bool(self.live)
 
     def insert(self, entry: Entry) -> None:
         self.waiting.add(entry)
 
     def step(self) -> None:
-        for r in self.rows:
+        for r in self.live:
             if r.entry.cancelled:
                 self._end(r)
         self._keep()
         self._fill()
-        if self.rows:
+        if self.live:
             self._decode()
         if self.on_flush is not None:
             self.on_flush()
 
     # ---------------------------------------------------------------- admission
     def _fill(self) -> None:
-        """Admit waiting entries into free rows, prefilled together; each new row draws its
+        """Admit waiting entries into free slots, prefilled together; each new slot draws its
         first token from its prefill's logits (a stop token barred)."""
-        while self.waiting and len(self.rows) < self.slots:
-            taken = self.waiting.take(self.slots - len(self.rows), self._prefill)
+        while self.waiting and len(self.live) < self.slots:
+            taken = self.waiting.take(self.slots - len(self.live), self._prefill)
             if not taken:
                 return
-            start = len(self.rows)
+            start = len(self.live)
             for e, pre in taken:
                 self._append(e, pre)
             logits = mx.concatenate([pre.logits for _, pre in taken]).astype(mx.float32)
@@ -132,9 +132,9 @@ class Slots:
         return [out[id(e)] for e in entries]
 
     def _prefill_after(self, entries: list[Entry], hits: list[tuple[int, list]]):
-        """Prompts whose first tokens' keys and values are cached: each row reads its own for
+        """Prompts whose first tokens' keys and values are cached: each slot reads its own for
         the shortest of these prefixes (P) and computes the rest, all in one forward, right-
-        padded (a row's padding comes after its last token, where nothing reads it)."""
+        padded (a slot's padding comes after its last token, where nothing reads it)."""
         P = min(h[0] for h in hits)
         T = [len(e.ids) for e in entries]
         B, S = len(entries), max(T) - P
@@ -152,7 +152,7 @@ class Slots:
             c.values = mx.concatenate([kv[i][1][:, :, :P] for _, kv in hits])
             c.offset = P
         kw = {}
-        sp = SteerPlan.per_row([e.plan for e in entries], self.hidden_size, self.dtype)
+        sp = SteerPlan.per_slot([e.plan for e in entries], self.hidden_size, self.dtype)
         if sp is not None:
             kw = {"steer": sp.vectors, "steer_on": mx.array(on).astype(self.dtype)}
         valid, window = mx.array(valid), self.window
@@ -161,27 +161,27 @@ class Slots:
             window_mask=attend_mask(valid, S, window) if window else None,
             head=mx.array([t - P - 1 for t in T]), **kw,
         )  # fmt: skip
-        logits = self.model(mx.array(ids), cache, p)  # [B, 1, vocab]: each row's last token
+        logits = self.model(mx.array(ids), cache, p)  # [B, 1, vocab]: each slot's last token
         mx.eval(logits, [c.state for c in cache])
         out = []
         for b, e in enumerate(entries):
             e.prefilled = T[b] - P
-            rows = []
+            own = []
             for c in cache:
                 one = BatchKVCache([0])
                 one.keys, one.values = c.keys[b : b + 1, :, : T[b]], c.values[b : b + 1, :, : T[b]]
                 one._idx, one.offset = T[b], mx.array([T[b]])
-                rows.append(one)
-            out.append(Prefilled(rows, logits[b : b + 1, -1]))
+                own.append(one)
+            out.append(Prefilled(own, logits[b : b + 1, -1]))
         return out
 
     def _prefill_batch(self, entries: list[Entry]) -> list[Prefilled]:
         """These prompts in one left-padded batch, each with its own steering; each comes out
-        with its own unpadded one-row cache."""
+        with its own unpadded one-slot cache."""
         seqs, plans = [e.ids for e in entries], [e.plan for e in entries]
         batch = left_pad(seqs, 0)  # the pad id is never attended to
         kw = {}
-        sp = SteerPlan.per_row(plans, self.hidden_size, self.dtype)
+        sp = SteerPlan.per_slot(plans, self.hidden_size, self.dtype)
         if sp is not None:
             kw = {"steer": sp.vectors, "steer_on": sp.prefill_on(batch)}
         pads = batch.pad.tolist()
@@ -191,7 +191,7 @@ class Slots:
         for e in entries:
             e.prefilled = len(e.ids)
         return [
-            Prefilled([_row(c, b, p) for c in cache], logits[b : b + 1, -1])
+            Prefilled([_own_cache(c, b, p) for c in cache], logits[b : b + 1, -1])
             for b, p in enumerate(pads)
         ]
 
@@ -200,27 +200,27 @@ class Slots:
             self.cache = [_empty() for _ in pre.cache]
         for mine, theirs in zip(self.cache, pre.cache, strict=True):
             mine.extend(theirs)  # new arrays: the prefill stays as it was for its siblings
-        V, n = pre.logits.shape[-1], len(self.rows)
-        self.rows.append(_Row(e))
+        V, n = pre.logits.shape[-1], len(self.live)
+        self.live.append(_Slot(e))
         s = e.sampling
         if s.repetition_penalty != 1.0 or self.seen is not None:
-            row = np.zeros((1, V), dtype=bool)
+            mark = np.zeros((1, V), dtype=bool)
             if s.repetition_penalty != 1.0:
-                row[0, e.ids] = True
+                mark[0, e.ids] = True
             old = self.seen if self.seen is not None else mx.zeros((n, V), dtype=mx.bool_)
-            self.seen = mx.concatenate([old, mx.array(row)])
+            self.seen = mx.concatenate([old, mx.array(mark)])
         if s.logit_bias or self.bias is not None:
-            row = np.zeros((1, V), dtype=np.float32)
+            add = np.zeros((1, V), dtype=np.float32)
             for t, v in e.bias().items():
                 if 0 <= t < V:
-                    row[0, t] = v
+                    add[0, t] = v
             old = self.bias if self.bias is not None else mx.zeros((n, V))
-            self.bias = mx.concatenate([old, mx.array(row)])
+            self.bias = mx.concatenate([old, mx.array(add)])
 
     def _steering(self) -> None:
-        """Each steered row's vector [rows, 1, hidden] and where it acts ([rows, 1, 1])."""
-        plans = [r.entry.plan for r in self.rows]
-        sp = SteerPlan.per_row(plans, self.hidden_size, self.dtype)
+        """Each steered slot's vector [slots, 1, hidden] and where it acts ([slots, 1, 1])."""
+        plans = [r.entry.plan for r in self.live]
+        sp = SteerPlan.per_slot(plans, self.hidden_size, self.dtype)
         self.steer = {}
         if sp is not None:
             on = np.array([p is not None and p.positions != "prompt" for p in plans], np.float32)
@@ -229,18 +229,18 @@ class Slots:
 
     # ---------------------------------------------------------------- decoding
     def _decode(self) -> None:
-        """One step: every row feeds its token; captured tokens are reported with their
-        states; then each row still going draws its next token."""
-        tokens = mx.array([r.token for r in self.rows])
+        """One step: every slot feeds its token; captured tokens are reported with their
+        states; then each slot still going draws its next token."""
+        tokens = mx.array([r.token for r in self.live])
         c = self.cache[0]
         S = c._idx + 1  # keys once this step's are written
-        valid = mx.arange(S)[None] >= c.left_padding[:, None]  # [rows, S]
+        valid = mx.arange(S)[None] >= c.left_padding[:, None]  # [slots, S]
         grab = Grab(self.capture) if self.capture else None
         p = step_pass(valid, c.offset, self.window, head="last", observe=grab, **self.steer)
         logits = self.model(tokens[:, None], self.cache, p)[:, -1].astype(mx.float32)
-        if any(r.pending for r in self.rows):
-            hidden = np.array(grab.stacked())  # [rows, R, hidden]
-            for j, r in enumerate(self.rows):
+        if any(r.pending for r in self.live):
+            hidden = np.array(grab.stacked())  # [slots, R, hidden]
+            for j, r in enumerate(self.live):
                 if r.pending:
                     self._report(r, *r.pending, hidden[j])
                     if r.draining:
@@ -249,15 +249,15 @@ class Slots:
         self._keep()
 
     def _draw(self, raw: mx.array, logits: mx.array, start: int) -> None:
-        """Rows start.. (those not done) draw from logits [n, vocab] (raw: the model's own,
+        """Slots start.. (those not done) draw from logits [n, vocab] (raw: the model's own,
         for logprobs) and take their tokens."""
-        idx = [j for j in range(start, len(self.rows)) if not self.rows[j].done]
+        idx = [j for j in range(start, len(self.live)) if not self.live[j].done]
         if not idx:
             return
         at = mx.array(idx)
         local = mx.array([j - start for j in idx])
         raw, logits = raw[local], logits[local]
-        es = [self.rows[j].entry for j in idx]
+        es = [self.live[j].entry for j in idx]
         if self.bias is not None:
             logits = logits + self.bias[at]
         if self.seen is not None:
@@ -271,10 +271,10 @@ class Slots:
             self.seen = self.seen | mx.array(hit)
         lps = _logprobs(raw, tokens, [e.logprobs for e in es])
         for k, (j, t) in enumerate(zip(idx, tokens.tolist())):
-            self._take(self.rows[j], t, None if lps is None else lps[k])
+            self._take(self.live[j], t, None if lps is None else lps[k])
 
-    def _take(self, r: _Row, token: int, lp) -> None:
-        """Row r drew `token`: a stop or the last allowed token ends its answer."""
+    def _take(self, r: _Slot, token: int, lp) -> None:
+        """Slot r drew `token`: a stop or the last allowed token ends its answer."""
         e = r.entry
         if token in self.stop:
             return self._end(r)
@@ -288,7 +288,7 @@ class Slots:
         if last:
             self._end(r)
 
-    def _report(self, r: _Row, index: int, token: int, lp, hidden) -> None:
+    def _report(self, r: _Slot, index: int, token: int, lp, hidden) -> None:
         r.pending = None
         e = r.entry
         if e.on_step is None or r.done:
@@ -299,17 +299,17 @@ class Slots:
         if e.on_step(step) is False:
             self._end(r)
 
-    def _end(self, r: _Row) -> None:
+    def _end(self, r: _Slot) -> None:
         if not r.done:
             r.done = True
             r.entry.on_end(r.entry)
 
     def _keep(self) -> None:
-        """Drop the rows whose answers ended."""
-        keep = [j for j, r in enumerate(self.rows) if not r.done]
-        if len(keep) == len(self.rows):
+        """Drop the slots whose answers ended."""
+        keep = [j for j, r in enumerate(self.live) if not r.done]
+        if len(keep) == len(self.live):
             return
-        self.rows = [self.rows[j] for j in keep]
+        self.live = [self.live[j] for j in keep]
         if not keep:
             self.cache = self.seen = self.bias = None
             self.steer = {}
@@ -330,7 +330,7 @@ def _u(e: Entry) -> float:
 
 
 def _logprobs(raw: mx.array, tokens: mx.array, wants: list[int | None]):
-    """Per row (logprob of its token, [(id, logprob)] best first or None), or None for all,
+    """Per slot (logprob of its token, [(id, logprob)] best first or None), or None for all,
     under the model's own distribution."""
     if all(k is None for k in wants):
         return None
@@ -352,8 +352,8 @@ def _logprobs(raw: mx.array, tokens: mx.array, wants: list[int | None]):
     return out
 
 
-def _row(c: BatchKVCache, b: int, pad: int) -> BatchKVCache:
-    """Row b of a prefilled cache as a one-row cache of its own, without its padding."""
+def _own_cache(c: BatchKVCache, b: int, pad: int) -> BatchKVCache:
+    """Slot b of a prefilled cache as a one-slot cache of its own, without its padding."""
     one = BatchKVCache([0])
     one.keys, one.values = c.keys[b : b + 1, :, pad : c._idx], c.values[b : b + 1, :, pad : c._idx]
     one._idx = c._idx - pad
@@ -362,7 +362,7 @@ def _row(c: BatchKVCache, b: int, pad: int) -> BatchKVCache:
 
 
 def _empty() -> BatchKVCache:
-    """A cache of no rows that `extend` can grow (integer padding and offsets)."""
+    """A cache of no slots that `extend` can grow (integer padding and offsets)."""
     c = BatchKVCache([0])
     c.left_padding = c.left_padding[:0]
     c.offset = c.offset[:0]

@@ -1,9 +1,9 @@
-"""The compiled decode step: one token per row through a static KV cache, with its inputs,
+"""The compiled decode step: one token per slot through a static KV cache, with its inputs,
 steering and captured states in preallocated device buffers, captured once as a CUDA graph and
 replayed for every token.
 
 The step reads everything that changes from one token or one call to the next (the token, its
-position and cache slot, the positions each slot holds, every block's steering vector per row
+position and cache index, the positions each slot holds, every block's steering vector per slot
 and whether this token is steered) from buffers that are copied into, never replaced, so a new
 prompt, vector, coefficient or layer needs no new capture. Only the batch size, the cache
 length, the captured rows and the rows that ablate or cap (their stages) decide a capture.
@@ -30,7 +30,7 @@ LENGTH_STEP = 256  # cache lengths round up to this, so calls of similar length 
 @dataclass(frozen=True)
 class Shape:
     batch: int
-    length: int  # cache slots per row
+    length: int  # cache positions per slot
     rows: tuple[int, ...]  # rows whose states each step captures
     ops: tuple[tuple[int, int], ...] = ()  # (row, stages) of rows that ablate or cap
 
@@ -48,7 +48,7 @@ class StaticStep:
         self.slot = torch.zeros(B, 1, dtype=torch.long, device=home)  # its cache slot
         self.key_pos = torch.full((B, L), -1, dtype=torch.long, device=home)  # per slot
         self.steer_on = torch.zeros(B, 1, dtype=torch.bool, device=home)
-        # one vector per steerable row and batch row, on its block's device: zero where
+        # one vector per steerable row and slot, on its block's device: zero where
         # nothing steers (block i writes row i + 1); RowOps where a row ablates or caps
         ops = dict(shape.ops)
         self.steer = {
@@ -96,7 +96,7 @@ class StaticStep:
         return logits
 
     def step(self) -> torch.Tensor:
-        """One token per row from the buffers; advances position and slot on the device."""
+        """One token per slot from the buffers; advances position and cache index on the device."""
         self.key_pos.scatter_(1, self.slot, self.pos)
         logits = self.forward(self.tokens, self.pos, self.slot)
         self.pos.add_(1)

@@ -1,5 +1,5 @@
 """The torch slot loop: a fixed number of slots over a per-slot KV cache (`StaticStep`, whose
-rows each keep their own position and cache slot). Entries entering free slots at the same
+slots each keep their own position and cache index). Entries entering free slots at the same
 time are prefilled in one left-padded batch; each one's unpadded keys and values are copied
 into its slot and its first token drawn from the prefill's logits; every step then advances all
 slots at once, as plain calls or, under --compile on CUDA, as one replayed CUDA graph.
@@ -23,8 +23,8 @@ from pertoken.backends.schedule import Waiting
 from pertoken.backends.torch.batch import batch_tensors
 from pertoken.backends.torch.compiled import Shape, StaticStep
 from pertoken.backends.torch.hooks import TapState
-from pertoken.backends.torch.sampling import RowSampler
-from pertoken.backends.torch.steering import copy_lines, ops_with, set_line, steer_state
+from pertoken.backends.torch.sampling import SlotSampler
+from pertoken.backends.torch.steering import copy_slots, ops_with, set_slot, steer_state
 
 
 @dataclass
@@ -65,7 +65,7 @@ class Slots:
         self.idle = torch.ones(B, 1, dtype=torch.bool, device=self.home)
         self.stop_ids = stop_ids.to(self.home)
         self.stops = set(stop_ids.tolist())
-        self.sampler = RowSampler(B, shape.length, self.home)
+        self.sampler = SlotSampler(B, shape.length, self.home)
         self.waiting: Waiting[Prefilled] = Waiting()
 
     @property
@@ -144,7 +144,7 @@ class Slots:
         for name in ("tokens", "pos", "slot", "steer_on"):
             getattr(new, name)[:n] = getattr(old, name)[at]
         for row, buf in new.steer.items():
-            copy_lines(buf, old.steer[row], at)
+            copy_slots(buf, old.steer[row], at)
         self.step_buf = new
         kept = self.slots[:n] if keep is None else [self.slots[b] for b in keep]
         self.slots = kept + [None] * (B - n)
@@ -156,7 +156,7 @@ class Slots:
     def _widen(self) -> None:
         """More slots when entries wait and every slot is busy (up to `most`); half as many
         when at most a quarter are busy and none wait, the busy ones moved to the front (a
-        plain step costs as many rows as it has, busy or not); back to one when the loop has
+        plain step costs as many slots as it has, busy or not); back to one when the loop has
         emptied."""
         busy = [b for b, x in enumerate(self.slots) if x is not None]
         B = len(self.slots)
@@ -214,7 +214,7 @@ class Slots:
         return out
 
     def _load_prefixes(self, one: StaticStep, hits) -> None:
-        """Copy each row's cached prefix into the prefill step's cache (allocating it)."""
+        """Copy each slot's cached prefix into the prefill step's cache (allocating it)."""
         B = one.shape.batch
         for b, (P, kv) in enumerate(hits):
             if not P:
@@ -261,7 +261,7 @@ class Slots:
         s.key_pos[b] = -1
         s.key_pos[b, :T] = torch.arange(T, device=self.home)
         s.pos[b], s.slot[b] = T, T
-        set_line(s.steer, b, e.plan)
+        set_slot(s.steer, b, e.plan)
         s.steer_on[b] = e.plan is not None and e.plan.positions != "prompt"
         self.sampler.load(b, e, pre.logits.shape[-1])
         self.slots[b] = _Slot(e, frozenset(e.plan.stages()) if e.plan is not None else frozenset())
@@ -345,7 +345,7 @@ class Slots:
 
 
 def _logprobs(raw: torch.Tensor, tokens: torch.Tensor, wants: list[int | None]):
-    """Per row (logprob of its token, [(id, logprob)] best first or None), or None for all,
+    """Per slot (logprob of its token, [(id, logprob)] best first or None), or None for all,
     under the model's own distribution."""
     if all(k is None for k in wants):
         return None

@@ -20,8 +20,8 @@ RowCallback = Callable[[int, torch.Tensor], None]
 @dataclass
 class RowOps:
     """One row's steering stages for a batch (backends/steer.py): per stage k, h + add[k],
-    then the projection p = h . unit[k] clamped to [lo[k], hi[k]]. A batch line whose stage
-    only adds has a zero unit and infinite bounds; B may be 1 (every line alike)."""
+    then the projection p = h . unit[k] clamped to [lo[k], hi[k]]. A slot whose stage
+    only adds has a zero unit and infinite bounds; B may be 1 (every slot alike)."""
 
     add: torch.Tensor  # [K, B, hidden] float32
     unit: torch.Tensor  # [K, B, hidden] float32
@@ -48,7 +48,7 @@ class RowOps:
         return h
 
     def load(self, src, B: int) -> None:
-        """Copy steering for B lines in: None, a [hidden] or [B, hidden] sum of adds, or a
+        """Copy steering for B slots in: None, a [hidden] or [B, hidden] sum of adds, or a
         RowOps with at most as many stages; stages past the source's do nothing."""
         self.add.zero_()
         self.unit.zero_()

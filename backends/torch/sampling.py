@@ -100,9 +100,6 @@ class SlotSampler:
         return torch.where(self.greedy[at], logits.argmax(-1), drawn)
 
 
-RowSampler = SlotSampler  # the former name, until its last callers move to SlotSampler
-
-
 def penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
     """transformers' RepetitionPenaltyLogitsProcessor: a seen token's logit is divided by the
     penalty, or multiplied when negative (penalty [n, 1], one per slot)."""

@@ -84,7 +84,7 @@ def attention_masks(
 
     key_pos [B, length]: the position held by each slot (-1: empty or padding);
     q_pos, q_slot [B, T]: each query's position and slot. Each query always sees its own slot,
-    so a padding row never has an empty softmax (its output is never used)."""
+    so a padding slot never has an empty softmax (its output is never used)."""
     L = key_pos.shape[1]
     k = key_pos[:, None, None, :]  # [B, 1, 1, L]
     q = q_pos[:, None, :, None]  # [B, 1, T, 1]

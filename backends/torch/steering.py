@@ -1,4 +1,4 @@
-"""Steering plans (backends/steer.py) as the hooks' per-row state, one line per slot.
+"""Steering plans (backends/steer.py) as the hooks' state: per residual row, one entry per slot.
 
 A row where every plan only adds keeps the sum of its adds, a [B, hidden] vector (the fast
 path, and bit for bit what adding always did); a row where any plan ablates or caps gets a
@@ -17,7 +17,7 @@ Buffers = dict[int, torch.Tensor | RowOps]
 
 
 def steer_buffers(model, plans: list[Steer | None], B: int) -> Buffers:
-    """Zeroed per-row steering for B lines, shaped for every plan in `plans`, each row's
+    """Zeroed per-row steering for B slots, shaped for every plan in `plans`, each row's
     buffer on its block's device."""
     stages: dict[int, int] = {}  # row -> stages, 0 where every plan only adds
     for plan in plans:
@@ -31,8 +31,8 @@ def steer_buffers(model, plans: list[Steer | None], B: int) -> Buffers:
     return out
 
 
-def set_line(buffers: Buffers, b: int, plan: Steer | None) -> None:
-    """Line b of each row's buffer takes the plan's steering there (nothing if none)."""
+def set_slot(buffers: Buffers, b: int, plan: Steer | None) -> None:
+    """Slot b of each row's buffer takes the plan's steering there (nothing if none)."""
     stages = plan.stages() if plan is not None else {}
     extra = set(stages) - set(buffers)
     if extra:
@@ -48,10 +48,10 @@ def set_line(buffers: Buffers, b: int, plan: Steer | None) -> None:
 
 
 def steer_state(model, plans: list[Steer | None]) -> Buffers:
-    """Steering for one batch whose lines carry their own plans (or None)."""
+    """Steering for one batch whose slots carry their own plans (or None)."""
     buffers = steer_buffers(model, plans, len(plans))
     for b, plan in enumerate(plans):
-        set_line(buffers, b, plan)
+        set_slot(buffers, b, plan)
     return buffers
 
 
@@ -97,22 +97,22 @@ def ops_cover(have: tuple[tuple[int, int], ...], want: tuple[tuple[int, int], ..
     return all(held.get(row, 0) >= K for row, K in want)
 
 
-def copy_lines(dst: torch.Tensor | RowOps, src: torch.Tensor | RowOps, at) -> None:
-    """Lines `at` (a slice or an index tensor) of one row's steering into the first lines of
+def copy_slots(dst: torch.Tensor | RowOps, src: torch.Tensor | RowOps, at) -> None:
+    """Slots `at` (a slice or an index tensor) of one row's steering into the first slots of
     a buffer with as many stages or more."""
     if not isinstance(at, slice):
         at = at.to((src.add if isinstance(src, RowOps) else src).device)
     if not isinstance(dst, RowOps):
-        lines = src[at]
-        dst[: len(lines)] = lines
+        slots = src[at]
+        dst[: len(slots)] = slots
     elif not isinstance(src, RowOps):
-        lines = src[at]
-        dst.add[0, : len(lines)] = lines.to(dst.add)
+        slots = src[at]
+        dst.add[0, : len(slots)] = slots.to(dst.add)
     else:
         K = src.add.shape[0]
         for mine, theirs in zip(_parts(dst), _parts(src)):
-            lines = theirs[:, at]
-            mine[:K, : lines.shape[1]] = lines.to(mine)
+            slots = theirs[:, at]
+            mine[:K, : slots.shape[1]] = slots.to(mine)
 
 
 def _parts(ops: RowOps) -> tuple[torch.Tensor, ...]:

@@ -19,8 +19,8 @@ Observer = Callable[[int, mx.array], None]
 @dataclass
 class RowOps:
     """One row's steering stages (backends/steer.py): per stage k, h + add[k], then the
-    projection p = h . unit[k] clamped to [lo[k], hi[k]]. A batch line whose stage only adds
-    has a zero unit and infinite bounds; B may be 1 (every line alike)."""
+    projection p = h . unit[k] clamped to [lo[k], hi[k]]. A slot whose stage only adds
+    has a zero unit and infinite bounds; B may be 1 (every slot alike)."""
 
     add: mx.array  # [K, B, 1, hidden] model dtype
     unit: mx.array  # [K, B, 1, hidden] float32
