@@ -200,7 +200,7 @@ def test_token_stream_failing_midway_keeps_the_old_table(tmp_path):
 
 
 def test_failed_page_write_keeps_the_old_page(tmp_path, monkeypatch):
-    from pertoken.pipeline.trace.dataset import trace_dataset
+    from pertoken.pipeline.trace.dataset import Tracing, trace_dataset
     from pertoken.pipeline.trace.page import write_store_page
     from tests.fake_backend import FakeBackend
 
@@ -210,7 +210,7 @@ def test_failed_page_write_keeps_the_old_page(tmp_path, monkeypatch):
     vec = PersonaVector(np.random.default_rng(0).normal(size=(5, 16)).astype(np.float32))
     out = tmp_path / "out"
     trace_dataset(FakeBackend(), input=chats, vectors={"pat": vec}, rows=[1], out_dir=out,
-                  page=True, progress=False)  # fmt: skip
+                  tracing=Tracing(page=True, progress=False))  # fmt: skip
     old = (out / "trace.html").read_bytes()
     n_files = 1 + len(list((out / "trace_page").iterdir()))  # the data files, then the page
     _fail_at(monkeypatch, n_files)
