@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 
 from pertoken.backends import is_installed, load_backend
@@ -25,11 +24,8 @@ BACKENDS = [
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def one_thread(torch_one_thread):
     yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
