@@ -166,17 +166,12 @@ def _settings(backend, input, d: Directions, vectors, t: Tracing) -> dict:
         "backend": backend.name,
         "dtype": backend.dtype,
         "input": str(input),
-        "vectors": {n: _vector_record(vectors[n], files.get(n)) for n in d.names},
+        "vectors": {n: store.vector_record(vectors[n], files.get(n)) for n in d.names},
         "rows": [int(r) for r in d.rows],
         "segments": {s.name: [s.open, s.close] for s in t.segments},
         "steer": _steer_record(t.steer),
         "columns": value_columns(d.names, d.rows) + pre_columns(d.names, t.steer, d.rows),
     }
-
-
-def _vector_record(vec: PersonaVector, path: str | None) -> dict:
-    data = Path(path).read_bytes() if path else np.ascontiguousarray(vec.data, np.float32).tobytes()
-    return {"file": str(path) if path else None, "sha256": hashlib.sha256(data).hexdigest()}
 
 
 def _steer_record(steer: Steer | None) -> dict | None:

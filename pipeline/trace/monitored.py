@@ -116,15 +116,7 @@ class Items:
 
 def store_settings(backend, names, vectors, files: dict, layers, steer, steer_record) -> dict:
     """trace.json of a monitor run, in the keys `pertoken trace` writes."""
-    recs = {}
-    for n in names:
-        path = files.get(n)
-        data = (
-            Path(path).read_bytes()
-            if path
-            else np.ascontiguousarray(vectors[n].data, np.float32).tobytes()
-        )
-        recs[n] = {"file": str(path) if path else None, "sha256": hashlib.sha256(data).hexdigest()}
+    recs = {n: store.vector_record(vectors[n], files.get(n)) for n in names}
     rows = [int(x) for x in layers]
     return {
         "version": __version__,

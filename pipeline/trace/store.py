@@ -9,6 +9,7 @@ the two tables. A lock file keeps a second process out of the folder.
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import itertools
 import json
@@ -26,6 +27,12 @@ from pertoken.pipeline.trace.tables import drop_empty_segments, stat_columns, va
 
 TOKENS, ITEMS, SETTINGS = "tokens.parquet", "items.parquet", "trace.json"
 ROW_GROUP = 65536  # token rows per row group when merging
+
+
+def vector_record(vec, path: str | None) -> dict:
+    """trace.json's record of a vector: its file, and the sha256 of the file (or of its rows)."""
+    data = Path(path).read_bytes() if path else np.ascontiguousarray(vec.data, np.float32).tobytes()
+    return {"file": str(path) if path else None, "sha256": hashlib.sha256(data).hexdigest()}
 
 
 def load(folder: str | Path):
