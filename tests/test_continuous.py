@@ -286,30 +286,39 @@ def test_a_loop_started_short_grows_to_fit_and_answers_alike(backend, torch_one_
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_a_narrowing_torch_loop_moves_its_busy_slots_to_the_front(
+def test_a_torch_step_runs_over_the_busy_slots_moved_to_the_front(
     model_dir, temperature, torch_one_thread
 ):
-    """Eight slots, six of whose answers end after two tokens: the loop narrows to four slots,
-    its two steered answers moved from the back (keys, positions, steering and draws); each
-    still equals its solo run."""
+    """Eight slots, six of whose answers end after two tokens: the loop's steps narrow to two
+    slots, its two steered answers moved from the back (keys, positions, steering, draws and
+    a token waiting for its captured state); each one's streamed tokens, logprobs and states
+    still equal its solo run's."""
     from pertoken.backends.base import slot_uniforms
     from pertoken.backends.generation import Entry
 
     backend = load_backend(str(model_dir), "torch", dtype="float32", device="cpu")
     ps, plans = _prompts(backend) * 2, [None] * 6 + _plans()[2:4]
-    caps, seeds, sampling = [2] * 6 + [20, 20], list(range(8)), Sampling(temperature)
-    want = [
-        backend.generate([p], steer=[s], seeds=[sd], max_new_tokens=n, sampling=sampling)[0]
-        for p, s, sd, n in zip(ps, plans, seeds, caps)
-    ]
-    loop, ended = backend._slots(8, [], 64), []
-    for i, (p, plan, n) in enumerate(zip(ps, plans, caps)):
-        draws = None if sampling.greedy else slot_uniforms([seeds[i]], n)[0]
-        e = Entry(backend.encode(p), sampling, n, ended.append, plan=plan, uniforms=draws, prompt=i)
-        loop.insert(e)
-    widths = []
-    while loop.busy:
-        loop.step()
-        widths.append(len(loop.slots.slots))
-    assert sorted((e.prompt, backend.decode(e.answer)) for e in ended) == list(enumerate(want))
-    assert widths[0] == 8 and 4 in widths and widths[-1] == 1  # narrowed, then emptied
+    caps, sampling = [2] * 6 + [20, 20], Sampling(temperature)
+
+    def run(which: list[int], slots: int):
+        loop, got, widths = backend._slots(slots, [0, 2], 64), {}, []
+        for i in which:
+            draws = None if sampling.greedy else slot_uniforms([i], caps[i])[0]
+            loop.insert(Entry(
+                backend.encode(ps[i]), sampling, caps[i], lambda e: None, plan=plans[i],
+                uniforms=draws, prompt=i, hidden=True, logprobs=2,
+                on_step=lambda s: got.setdefault(s.prompt, []).append(s),
+            ))  # fmt: skip
+        while loop.busy:
+            loop.step()
+            widths.append(loop.slots.width)
+        return got, widths
+
+    together, widths = run(list(range(8)), 8)
+    assert widths[0] == 8 and 2 in widths and widths == sorted(widths, reverse=True)
+    for i in range(8):
+        solo = run([i], 1)[0][i]
+        assert [s.token_id for s in together[i]] == [s.token_id for s in solo]
+        for a, b in zip(together[i], solo, strict=True):
+            np.testing.assert_allclose(a.hidden, b.hidden, atol=1e-4)
+            np.testing.assert_allclose(a.logprob, b.logprob, atol=1e-4)

@@ -12,6 +12,7 @@ Without CUDA (or on a sharded model) the same step runs as plain calls.
 
 from __future__ import annotations
 
+import copy
 import time
 import warnings
 from collections.abc import Callable
@@ -21,7 +22,7 @@ import torch
 
 from pertoken.backends.torch.hooks import RowOps, TapState, block_devices, input_device
 from pertoken.backends.torch.static_cache import SlotCache, attention_masks, check_attention
-from pertoken.backends.torch.steering import ops_cover
+from pertoken.backends.torch.steering import first_slots, ops_cover
 from pertoken.errors import PertokenWarning
 
 LENGTH_STEP = 256  # cache lengths round up to this, so calls of similar length share a capture
@@ -61,6 +62,19 @@ class StaticStep:
         self.cache = SlotCache(len(self.steer), L)
         self.logits: torch.Tensor | None = None  # [B, vocab] float32, the step's output
         self.trim = True  # attend to the written slots only (False: the whole cache, for graphs)
+
+    def first(self, w: int) -> StaticStep:
+        """A step over slots 0..w-1 whose buffers are views of this one's (a plain step costs
+        as many slots as it runs, busy or not)."""
+        if w == self.shape.batch:
+            return self
+        view = copy.copy(self)
+        view.shape = replace(self.shape, batch=w)
+        for name in ("tokens", "pos", "slot", "key_pos", "steer_on", "captured"):
+            setattr(view, name, getattr(self, name)[:w])
+        view.steer = {row: first_slots(buf, w) for row, buf in self.steer.items()}
+        view.cache = self.cache.first(w)
+        return view
 
     def grab(self, row: int, h: torch.Tensor) -> None:
         """Keeps the last position's state of a captured row (called by the hooks)."""

@@ -1,8 +1,9 @@
 """The torch slot loop: a fixed number of slots over a per-slot KV cache (`StaticStep`, whose
 slots each keep their own position and cache index). Entries entering free slots at the same
 time are prefilled in one left-padded batch; each one's unpadded keys and values are copied
-into its slot and its first token drawn from the prefill's logits; every step then advances all
-slots at once, as plain calls or, under --compile on CUDA, as one replayed CUDA graph.
+into its slot and its first token drawn from the prefill's logits. Every step then advances the
+busy slots at once: as a plain call over the first slots, where the busy ones are kept, or,
+under --compile on CUDA, as one replayed CUDA graph over all of them.
 
 Each slot carries its entry's steering vector, sampling settings, count of answer tokens (which
 picks the entry's own draw) and seen tokens, so an entry's answer equals its solo run. A token
@@ -21,10 +22,10 @@ from pertoken.backends.plan import left_pad, steer_mask
 from pertoken.backends.prefix_cache import PrefixCache
 from pertoken.backends.schedule import Waiting
 from pertoken.backends.torch.batch import batch_tensors
-from pertoken.backends.torch.compiled import Shape, StaticStep
+from pertoken.backends.torch.compiled import Shape, StaticStep, bind
 from pertoken.backends.torch.hooks import TapState
 from pertoken.backends.torch.sampling import SlotSampler
-from pertoken.backends.torch.steering import copy_slots, ops_with, set_slot, steer_state
+from pertoken.backends.torch.steering import copy_slots, move_slot, ops_with, set_slot, steer_state
 
 
 @dataclass
@@ -67,6 +68,7 @@ class Slots:
         self.stops = set(stop_ids.tolist())
         self.sampler = SlotSampler(B, shape.length, self.home)
         self.waiting: Waiting[Prefilled] = Waiting()
+        self.width = 0  # the slots the last step ran
 
     @property
     def busy(self) -> bool:
@@ -79,6 +81,7 @@ class Slots:
         self._drop_cancelled()
         self._fill()
         if any(s is not None for s in self.slots):
+            self._compact()
             self._decode()
         if not self.busy:
             self._widen()
@@ -120,51 +123,70 @@ class Slots:
         if ops != self.step_buf.shape.ops:
             self._resize(len(self.slots), self.step_buf.shape.length, ops)
 
-    def _resize(self, B: int, L: int, ops=None, keep: list[int] | None = None) -> None:
+    def _resize(self, B: int, L: int, ops=None) -> None:
         """A step of B slots and L positions (a compiled source may give more slots), the
-        busy slots carried over: keys, values, positions, steering and draws. `keep`: the old
-        slots that become slots 0, 1, ... (default: the first B, where every busy one is)."""
+        first slots (where every busy one is) carried over: keys, values, positions,
+        steering and draws."""
         old = self.step_buf
         ops = old.shape.ops if ops is None else ops
         new, self.run = self.steps(Shape(B, L, old.shape.rows, ops), self.state)
         if new is old:  # a compiled source's kept step already holds these
             return
         B = new.shape.batch
-        n, L0 = min(B, old.shape.batch) if keep is None else len(keep), old.shape.length
-        at = slice(0, n) if keep is None else torch.tensor(keep, device=self.home)
+        n, L0 = min(B, old.shape.batch), old.shape.length
         for a, b in zip(old.cache.layers, new.cache.layers, strict=True):
             if a.is_initialized:
                 if not b.is_initialized:
                     b.lazy_initialization(a.keys[:1].expand(B, -1, -1, -1), a.values[:1])
-                here = at if keep is None else at.to(a.keys.device)
-                b.keys[:n, :, :L0] = a.keys[here]
-                b.values[:n, :, :L0] = a.values[here]
+                b.keys[:n, :, :L0] = a.keys[:n]
+                b.values[:n, :, :L0] = a.values[:n]
         new.key_pos.fill_(-1)
-        new.key_pos[:n, :L0] = old.key_pos[at]
+        new.key_pos[:n, :L0] = old.key_pos[:n]
         for name in ("tokens", "pos", "slot", "steer_on"):
-            getattr(new, name)[:n] = getattr(old, name)[at]
+            getattr(new, name)[:n] = getattr(old, name)[:n]
         for row, buf in new.steer.items():
-            copy_slots(buf, old.steer[row], at)
+            copy_slots(buf, old.steer[row], slice(0, n))
         self.step_buf = new
-        kept = self.slots[:n] if keep is None else [self.slots[b] for b in keep]
-        self.slots = kept + [None] * (B - n)
+        self.slots = self.slots[:n] + [None] * (B - n)
         idle = torch.ones(B, 1, dtype=torch.bool, device=self.home)
-        idle[:n] = self.idle[at]
+        idle[:n] = self.idle[:n]
         self.idle = idle
-        self.sampler.resize(B, new.shape.length, at)
+        self.sampler.resize(B, new.shape.length)
 
     def _widen(self) -> None:
-        """More slots when entries wait and every slot is busy (up to `most`); half as many
-        when at most a quarter are busy and none wait, the busy ones moved to the front (a
-        plain step costs as many slots as it has, busy or not); back to one when the loop has
-        emptied."""
-        busy = [b for b, x in enumerate(self.slots) if x is not None]
+        """More slots when entries wait and every slot is busy (up to `most`); back to one
+        when the loop has emptied."""
+        busy = sum(x is not None for x in self.slots)
         B = len(self.slots)
-        want = min(self.most, len(busy) + len(self.waiting.order)) if self.waiting else 1
+        want = min(self.most, busy + len(self.waiting.order)) if self.waiting else 1
         if want > B or (want == 1 and not busy and B > 1):
             self._resize(want, self.step_buf.shape.length)
-        elif not self.waiting and busy and len(busy) <= B // 4:
-            self._resize(2 * len(busy), self.step_buf.shape.length, keep=busy)
+
+    def _compact(self) -> None:
+        """Busy slots first: the last busy slot moves into each free slot below it, so a
+        plain step runs over the busy slots only (a graph replay runs them all anyway)."""
+        if not self.step_buf.trim:
+            return
+        while True:
+            free = [b for b, x in enumerate(self.slots) if x is None]
+            busy = [b for b, x in enumerate(self.slots) if x is not None]
+            if not free or not busy or free[0] > busy[-1]:
+                return
+            self._move(busy[-1], free[0])
+
+    def _move(self, src: int, dst: int) -> None:
+        """Slot src's keys, values, positions, steering and draws into the free slot dst."""
+        s = self.step_buf
+        for layer in s.cache.layers:
+            if layer.is_initialized:
+                layer.keys[dst], layer.values[dst] = layer.keys[src], layer.values[src]
+        for name in ("tokens", "pos", "slot", "key_pos", "steer_on"):
+            getattr(s, name)[dst] = getattr(s, name)[src]
+        for buf in s.steer.values():
+            move_slot(buf, src, dst)
+        self.sampler.move(src, dst)
+        self.slots[dst], self.slots[src] = self.slots[src], None
+        self.idle[dst], self.idle[src] = False, True
 
     def _prefill(self, entries: list[Entry]) -> list[Prefilled]:
         """Each prompt's keys, values and last logits: those with a cached prefix compute only
@@ -271,9 +293,16 @@ class Slots:
     def _decode(self) -> None:
         """One step: every slot feeds its token; captured tokens are reported with their
         states; then each busy slot draws its next token."""
-        self.state.steer = self._steered()
-        logits = self.run()  # [B, vocab] float32
         s = self.step_buf
+        if s.trim:  # a plain step: over the busy slots only, which _compact put first
+            view = s.first(max(b for b, x in enumerate(self.slots) if x is not None) + 1)
+            bind(self.state, view)
+            self.state.steer = self._steered(view)
+            logits = view.step()  # [w, vocab] float32
+        else:
+            self.state.steer = self._steered(s)
+            logits = self.run()  # [B, vocab] float32
+        self.width = logits.shape[0]
         s.slot.masked_fill_(self.idle, 0)  # idle slots write slot 0, never read
         s.pos.masked_fill_(self.idle, 0)
         if any(x is not None and x.pending for x in self.slots):
@@ -288,11 +317,11 @@ class Slots:
             at = torch.tensor(live, device=self.home)
             self._draw(logits[at], logits[at], live)
 
-    def _steered(self) -> dict:
+    def _steered(self, step: StaticStep) -> dict:
         """The step's steering buffers of the rows some busy slot steers: a plain step skips
         the others (adding their zeros changes nothing); a graph replay reads them all."""
         rows = frozenset().union(*(x.rows for x in self.slots if x is not None))
-        return {r: buf for r, buf in self.step_buf.steer.items() if r in rows}
+        return {r: buf for r, buf in step.steer.items() if r in rows}
 
     def _draw(self, raw: torch.Tensor, logits: torch.Tensor, slots: list[int]) -> None:
         """Each of these slots draws from its logits [n, vocab] (raw: the model's own, for

@@ -26,11 +26,12 @@ class SlotSampler:
         self.bias: torch.Tensor | None = None  # [B, vocab] float32, once a slot has a bias
         self.entries: list[Entry | None] = [None] * B
 
-    def resize(self, B: int, length: int, at=None) -> None:
-        """Settings and draws for B slots of `length` draws: slots `at` (a slice or an index
-        tensor; default the first ones) become the first ones."""
-        at = slice(0, min(B, self.B)) if at is None else at
-        for name in ("temp", "top_k", "top_p", "penalty", "greedy", "count", "u", "seen", "bias"):
+    FIELDS = ("temp", "top_k", "top_p", "penalty", "greedy", "count", "u", "seen", "bias")
+
+    def resize(self, B: int, length: int) -> None:
+        """Settings and draws for B slots of `length` draws, the first slots kept."""
+        at = slice(0, min(B, self.B))
+        for name in self.FIELDS:
             old = getattr(self, name)
             if old is None:
                 continue
@@ -43,10 +44,17 @@ class SlotSampler:
             else:
                 new[: len(lines)] = lines
             setattr(self, name, new)
-        keep = range(len(self.entries))[at] if isinstance(at, slice) else at.tolist()
-        entries = [self.entries[b] for b in keep]
+        entries = self.entries[at]
         self.entries = entries + [None] * (B - len(entries))
         self.B = B
+
+    def move(self, src: int, dst: int) -> None:
+        """Slot src's settings, seen tokens and draws into slot dst."""
+        for name in self.FIELDS:
+            buf = getattr(self, name)
+            if buf is not None:
+                buf[dst] = buf[src]
+        self.entries[dst], self.entries[src] = self.entries[src], None
 
     def load(self, b: int, e: Entry, vocab: int) -> None:
         s, self.entries[b] = e.sampling, e

@@ -64,6 +64,15 @@ class SlotCache(Cache):
         self.slots: torch.Tensor | None = None
         super().__init__(layers=[SlotLayer(self) for _ in range(n_layers)])
 
+    def first(self, w: int) -> SlotCache:
+        """The same cache over slots 0..w-1: its keys and values are views of this one's."""
+        view = SlotCache(len(self.layers), self.length)
+        for mine, theirs in zip(view.layers, self.layers, strict=True):
+            if theirs.is_initialized:
+                mine.keys, mine.values = theirs.keys[:w], theirs.values[:w]
+                mine.device, mine.is_initialized = theirs.device, True
+        return view
+
 
 def check_attention(config) -> str:
     """The model's attention implementation, when the static step can drive its masks."""

@@ -115,5 +115,21 @@ def copy_slots(dst: torch.Tensor | RowOps, src: torch.Tensor | RowOps, at) -> No
             mine[:K, : slots.shape[1]] = slots.to(mine)
 
 
+def move_slot(buf: torch.Tensor | RowOps, src: int, dst: int) -> None:
+    """Slot src's steering into slot dst of the same buffer."""
+    if isinstance(buf, RowOps):
+        for part in _parts(buf):
+            part[:, dst] = part[:, src]
+    else:
+        buf[dst] = buf[src]
+
+
+def first_slots(buf: torch.Tensor | RowOps, w: int) -> torch.Tensor | RowOps:
+    """Views of slots 0..w-1 of one row's steering."""
+    if isinstance(buf, RowOps):
+        return RowOps(*(part[:, :w] for part in _parts(buf)))
+    return buf[:w]
+
+
 def _parts(ops: RowOps) -> tuple[torch.Tensor, ...]:
     return ops.add, ops.unit, ops.lo, ops.hi
