@@ -21,6 +21,8 @@ and a batch that waits for its longest answer wastes nothing. Real chat answers 
 own stop token at very different lengths: `--new-tokens 192` lets a chat model's answers end
 there (the table's length column shows the spread); `--spread` draws each request's max_tokens
 between --new-tokens / 8 and --new-tokens instead (for the random Llama, which rarely stops).
+Servers whose greedy answers differ (batched float arithmetic parts near ties) do different
+work; `--ban-stop` sends logit_bias -100 on the stop tokens so every answer runs to its cap.
 """
 
 from __future__ import annotations
@@ -98,6 +100,7 @@ class Server:
     proc: subprocess.Popen | None = None
     url: str = ""
     model: str = ""  # the name its API answers to
+    extra: dict = field(default_factory=dict)  # added to every request's body
 
     def start(self, timeout: float = 600) -> bool:
         port = _free_port()
@@ -171,6 +174,19 @@ def servers(args, model: str) -> list[Server]:
     return out
 
 
+def stop_ids(model: str) -> list[int]:
+    """The tokens that end a chat answer: the tokenizer's end token and generation_config's."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    ids = {AutoTokenizer.from_pretrained(model).eos_token_id}
+    try:
+        eos = GenerationConfig.from_pretrained(model).eos_token_id
+        ids |= set(eos if isinstance(eos, list) else [eos])
+    except OSError:  # no generation_config.json
+        pass
+    return sorted(i for i in ids if i is not None)
+
+
 # ---------------------------------------------------------------------- load
 @dataclass
 class Result:
@@ -197,7 +213,7 @@ def one(http: httpx.Client, server: Server, q: str, new: int) -> tuple[int, floa
     """A streamed request: (completion tokens, seconds to its first content)."""
     chat = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}]
     body = {"model": server.model, "max_tokens": new, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}, "messages": chat}  # fmt: skip
+            "stream_options": {"include_usage": True}, "messages": chat} | server.extra  # fmt: skip
     t0, first, chunks, used = time.perf_counter(), None, 0, None
     with http.stream("POST", server.url + "/v1/chat/completions", json=body) as r:
         r.raise_for_status()
@@ -267,6 +283,12 @@ def main():
         action="store_true",
         help="each request's max_tokens drawn in [new-tokens / 8, new-tokens]",
     )
+    ap.add_argument(
+        "--ban-stop",
+        action="store_true",
+        help="every server gets logit_bias -100 on the model's stop tokens: all answers run to "
+        "their max_tokens, so each server does the same work",
+    )
     ap.add_argument("--loads", default="1,16,poisson", help="which loads to run, in order")
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1, help="torch threads of each server")
@@ -275,6 +297,10 @@ def main():
         random_chat_llama(*map(int, args.random.split("x")), Path(tempfile.mkdtemp()) / "m")
     )
     every, up = servers(args, model), []
+    if args.ban_stop:
+        bias = {str(t): -100 for t in stop_ids(model)}
+        for s in every:
+            s.extra = {"logit_bias": bias}
     words, new, spread = args.model is None, args.new_tokens, args.spread
 
     def asked(n: int, seed: int) -> list[tuple[str, int]]:
@@ -290,6 +316,7 @@ def main():
         )),
     }  # fmt: skip
     cap = f"max_tokens drawn in [{max(1, new // 8)}, {new}]" if spread else f"{new} new tokens"
+    cap += ", stop tokens banned" if args.ban_stop else ""
     print(f"{Path(model).name} ({args.backend}), {cap}, greedy, streamed, median of "
           f"{args.reps}; torch servers at {args.threads} thread(s); load average "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")  # fmt: skip

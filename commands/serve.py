@@ -38,6 +38,13 @@ from pertoken.pipeline.options import ModelChoice
     "with them (0: off).",
 )
 @click.option(
+    "--prompts-per-step",
+    default=8,
+    show_default=True,
+    help="Arriving requests prefilled before the next decode step, at most (the rest join at "
+    "the steps after, so running answers keep streaming through a burst).",
+)
+@click.option(
     "--timeout",
     default=600.0,
     show_default=True,
@@ -51,7 +58,7 @@ from pertoken.pipeline.options import ModelChoice
 )
 def serve(
     model, backend, dtype, device, vectors, layers, traces, host, port, api_key, max_tokens,
-    max_batch, max_body, prefix_cache_mb, timeout, allow_origins,
+    max_batch, max_body, prefix_cache_mb, prompts_per_step, timeout, allow_origins,
 ):  # fmt: skip
     """Serve the model over an OpenAI-compatible API with per-request steering, and a lab page."""
     import warnings
@@ -65,7 +72,9 @@ def serve(
     from pertoken.serve.traces import TraceStores
     from pertoken.vectors import load_vector
 
-    _check_options(max_tokens, max_batch, max_body, prefix_cache_mb, timeout, allow_origins)
+    _check_options(
+        max_tokens, max_batch, max_body, prefix_cache_mb, prompts_per_step, timeout, allow_origins
+    )
     check_host(host, api_key)
     files = _named_vectors(vectors)
     loaded = {name: load_vector(path) for name, path in files.items()}
@@ -86,6 +95,7 @@ def serve(
         max_body=max_body,
         traces=stores,
         prefix_cache_mb=prefix_cache_mb,
+        prompts_per_step=prompts_per_step,
         timeout=timeout,
         allow_origins=list(allow_origins),
     )
@@ -98,7 +108,7 @@ def serve(
     serve_forever(bk, config, host=host, port=port)
 
 
-def _check_options(max_tokens, max_batch, max_body, prefix_mb, timeout, origins) -> None:
+def _check_options(max_tokens, max_batch, max_body, prefix_mb, per_step, timeout, origins) -> None:
     """Values that would leave every request hanging or refused, caught before the model loads."""
     from urllib.parse import urlsplit
 
@@ -106,7 +116,7 @@ def _check_options(max_tokens, max_batch, max_body, prefix_mb, timeout, origins)
 
     for name, value, least in [
         ("--max-tokens", max_tokens, 1), ("--max-batch", max_batch, 1),
-        ("--max-body", max_body, 1024),
+        ("--max-body", max_body, 1024), ("--prompts-per-step", per_step, 1),
     ]:  # fmt: skip
         if value < least:
             raise PertokenError(f"{name} {value} is below {least}: leave it out for the default")

@@ -44,6 +44,7 @@ class ServeConfig:
     max_body: int = 1 << 20  # bytes
     traces: TraceStores | None = None
     prefix_cache_mb: float = 512.0  # keys and values of earlier prompts kept for reuse
+    prompts_per_step: int = 8  # arriving choices prefilled before the next decode step, at most
     timeout: float = 600.0  # seconds a request may wait for its next event
     allow_origins: list[str] = field(default_factory=list)  # web pages that may use the API
 

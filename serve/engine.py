@@ -97,8 +97,10 @@ class Engine:
         max_slots: int = 32,
         length: int = 256,  # positions a slot holds at first (its cache grows as needed)
         prefix_cache_mb: float = 0.0,
+        prompts_per_step: int = 8,  # choices that join the loop before its next step, at most
     ):
         self.backend, self.monitor, self.max_slots = backend, monitor, max_slots
+        self.prompts_per_step = prompts_per_step
         self.length = length
         self.pending: list[Job] = []
         self.cond = threading.Condition()
@@ -144,14 +146,22 @@ class Engine:
             job.send(ApiError(503, "the server is shutting down", code="shutting_down"))
 
     def _take(self) -> list[Job] | None:
-        """The requests that arrived since the last step (waiting for one while idle)."""
+        """The requests that arrived since the last step, in order, up to `prompts_per_step`
+        choices (at least one request): a burst joins over several steps, so the answers
+        already running go on and the first of the burst start sooner. Waits while idle."""
         with self.cond:
             idle = self.loop is None or not self.loop.busy
             while idle and not self.pending and not self.closed:
                 self.cond.wait()
             if self.closed:
                 return None
-            jobs, self.pending = self.pending, []
+            jobs, n = [], 0
+            for job in self.pending:
+                if jobs and n + job.request.n > self.prompts_per_step:
+                    break
+                jobs.append(job)
+                n += job.request.n
+            self.pending = self.pending[len(jobs) :]
             return jobs
 
     def _step(self) -> None:

@@ -57,7 +57,8 @@ class Running:
 def build(backend, config: ServeConfig):
     """The engine and the app for `backend`."""
     engine = Engine(backend, monitor=monitor_of(config), max_slots=config.limits.max_slots,
-                    prefix_cache_mb=config.prefix_cache_mb)  # fmt: skip
+                    prefix_cache_mb=config.prefix_cache_mb,
+                    prompts_per_step=config.prompts_per_step)  # fmt: skip
     return engine, create_app(engine, config)
 
 

@@ -298,6 +298,7 @@ def _recv(s: socket.socket) -> bytes:
 BAD_OPTIONS = [
     (["--max-batch", "0"], "--max-batch"),
     (["--max-body", "-1"], "--max-body"),
+    (["--prompts-per-step", "0"], "--prompts-per-step"),
     (["--prefix-cache-mb", "-5"], "--prefix-cache-mb"),
     (["--prefix-cache-mb", "nan"], "--prefix-cache-mb"),
     (["--max-tokens", "0"], "--max-tokens"),

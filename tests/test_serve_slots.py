@@ -95,3 +95,49 @@ def test_a_failing_step_fails_its_requests_and_the_server_goes_on(llama_dir, tor
             c.chat.completions.create(**kw)
         ok = c.chat.completions.create(**kw)  # greedy: a sampled answer may stop early
     assert ok.usage.completion_tokens == 4
+
+
+def test_a_burst_joins_the_loop_a_few_prompts_per_step(llama_dir, monkeypatch, torch_one_thread):
+    """Five requests (one with n=3) waiting at once, two prompts per step: they enter as
+    [2, 1, 3, 1] choices on four steps in a row (a request larger than the cap enters alone),
+    and each gets its whole answer."""
+    import asyncio
+
+    from pertoken.serve.engine import Engine, Finished, Job
+    from pertoken.serve.request import ChatRequest
+
+    bk = load_backend(str(llama_dir), "torch", dtype="float32", device="cpu")
+    bk.stop_ids = torch.tensor([-1])  # answers run to max_tokens
+    make, log = type(bk)._slots, []
+
+    def slots(self, *a, **kw):
+        loop = make(self, *a, **kw)
+        insert, step = loop.insert, loop.step
+        loop.insert = lambda e: (log.append(1), insert(e))[1]
+        loop.step = lambda: (log.append(0), step())[1]
+        return loop
+
+    monkeypatch.setattr(type(bk), "_slots", slots)
+    engine, events = Engine(bk, prompts_per_step=2), asyncio.new_event_loop()
+    jobs = [Job(ChatRequest(ask("hi"), 5, n=n, temperature=0), events, asyncio.Queue())
+            for n in (1, 1, 1, 3, 1)]  # fmt: skip
+    with engine.cond:  # all five wait before the engine takes any
+        for job in jobs:
+            engine.submit(job)
+
+    async def last(job):
+        while not isinstance(event := await job.queue.get(), Finished):
+            assert not isinstance(event, Exception), event
+        return event.usage["completion_tokens"]
+
+    async def all_done():
+        return await asyncio.gather(*(last(j) for j in jobs))
+
+    try:
+        done = events.run_until_complete(all_done())
+    finally:
+        engine.close()
+        events.close()
+    assert done == [5 * job.request.n for job in jobs]
+    groups = "".join(map(str, log)).split("0")
+    assert [len(g) for g in groups[:4]] == [2, 1, 3, 1] and not any(groups[4:])
