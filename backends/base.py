@@ -166,7 +166,8 @@ class Streaming:
 
     rows: capture each token's hidden state at these rows (its own position, as `trace` does);
     logprobs: None for none, 0 for the chosen token's, k for the chosen token's and the top k;
-    on_flush: called once after each decode step's reports (to hand them on together).
+    on_flush: called after a step's first tokens and after its decode step's reports (to hand
+    them on together).
     """
 
     on_step: StepCallback

@@ -322,3 +322,23 @@ def test_a_torch_step_runs_over_the_busy_slots_moved_to_the_front(
         for a, b in zip(together[i], solo, strict=True):
             np.testing.assert_allclose(a.hidden, b.hidden, atol=1e-4)
             np.testing.assert_allclose(a.logprob, b.logprob, atol=1e-4)
+
+
+def test_a_first_token_is_handed_on_before_the_decode_step(backend, torch_one_thread):
+    """The step that admits a prompt flushes its first token (drawn from the prefill) before
+    it decodes the second, and flushes that after."""
+    from pertoken.backends.generation import Entry
+
+    out = copy.copy(backend)  # no token ends an answer
+    if backend.name == "torch":
+        import torch
+
+        out.stop_ids = torch.tensor([-1])
+    else:
+        out.stop = {-1}
+    seen, flushes = [], []
+    loop = out._slots(2, [], 32, lambda: flushes.append(len(seen)))
+    p = out.encode(_prompts(backend)[0])
+    loop.insert(Entry(p, Sampling(0), 5, lambda e: None, on_step=seen.append))
+    loop.step()
+    assert flushes == [1, 2]

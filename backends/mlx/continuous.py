@@ -87,6 +87,8 @@ class Slots:
                 self._end(r)
         self._keep()
         self._fill()
+        if self.on_flush is not None:  # first tokens go out before the decode step
+            self.on_flush()
         if self.live:
             self._decode()
         if self.on_flush is not None:

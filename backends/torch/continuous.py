@@ -80,6 +80,8 @@ class Slots:
     def step(self) -> None:
         self._drop_cancelled()
         self._fill()
+        if self.on_flush is not None:  # first tokens go out before the decode step
+            self.on_flush()
         if any(s is not None for s in self.slots):
             self._compact()
             self._decode()
