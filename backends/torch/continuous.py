@@ -147,7 +147,7 @@ class Slots:
         for name in ("tokens", "pos", "slot", "steer_on"):
             getattr(new, name)[:n] = getattr(old, name)[:n]
         for row, buf in new.steer.items():
-            copy_slots(buf, old.steer[row], slice(0, n))
+            copy_slots(buf, old.steer[row], n)
         self.step_buf = new
         self.slots = self.slots[:n] + [None] * (B - n)
         idle = torch.ones(B, 1, dtype=torch.bool, device=self.home)

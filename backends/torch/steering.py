@@ -97,22 +97,16 @@ def ops_cover(have: tuple[tuple[int, int], ...], want: tuple[tuple[int, int], ..
     return all(held.get(row, 0) >= K for row, K in want)
 
 
-def copy_slots(dst: torch.Tensor | RowOps, src: torch.Tensor | RowOps, at) -> None:
-    """Slots `at` (a slice or an index tensor) of one row's steering into the first slots of
-    a buffer with as many stages or more."""
-    if not isinstance(at, slice):
-        at = at.to((src.add if isinstance(src, RowOps) else src).device)
+def copy_slots(dst: torch.Tensor | RowOps, src: torch.Tensor | RowOps, n: int) -> None:
+    """The first n slots of one row's steering into a buffer with as many stages or more."""
     if not isinstance(dst, RowOps):
-        slots = src[at]
-        dst[: len(slots)] = slots
+        dst[:n] = src[:n]
     elif not isinstance(src, RowOps):
-        slots = src[at]
-        dst.add[0, : len(slots)] = slots.to(dst.add)
+        dst.add[0, :n] = src[:n].to(dst.add)
     else:
         K = src.add.shape[0]
         for mine, theirs in zip(_parts(dst), _parts(src)):
-            slots = theirs[:, at]
-            mine[:K, : slots.shape[1]] = slots.to(mine)
+            mine[:K, :n] = theirs[:, :n].to(mine)
 
 
 def move_slot(buf: torch.Tensor | RowOps, src: int, dst: int) -> None:
