@@ -342,3 +342,28 @@ def test_a_first_token_is_handed_on_before_the_decode_step(backend, torch_one_th
     loop.insert(Entry(p, Sampling(0), 5, lambda e: None, on_step=seen.append))
     loop.step()
     assert flushes == [1, 2]
+
+
+def test_a_torch_step_that_neither_steers_nor_captures_runs_without_hooks(
+    model_dir, monkeypatch, torch_one_thread
+):
+    """The residual hooks go on only for steps that may steer or capture; answers are the
+    same either way."""
+    from pertoken.backends.generation import Entry
+    from pertoken.backends.torch import backend as module
+
+    bk = load_backend(str(model_dir), "torch", dtype="float32", device="cpu")
+    taps, real = [], module.residual_taps
+    monkeypatch.setattr(module, "residual_taps", lambda *a: taps.append(1) or real(*a))
+    p, plan = bk.encode(_prompts(bk)[0]), _plans()[0]
+    want = [bk.generate([_prompts(bk)[0]], steer=[s], max_new_tokens=4, temperature=0)[0]
+            for s in (None, plan)]  # fmt: skip
+    got = []
+    for steer in (None, plan):
+        loop = bk._slots(2, [], 32)
+        loop.insert(Entry(p, Sampling(0), 4, got.append, plan=steer))
+        taps.clear()
+        while loop.busy:
+            loop.step()
+        assert bool(taps) == (steer is not None)
+    assert [bk.decode(e.answer) for e in got] == want

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -207,10 +208,12 @@ def _set_fields(gen_config) -> dict:
 class _TapSlots:
     """The torch Slots with the residual hooks installed for each step (and for building the
     step, which a CUDA graph captures with them) and removed after it, so other forwards of
-    the same model between steps run without them."""
+    the same model between steps run without them. A plain step that neither steers nor
+    captures runs without them."""
 
     def __init__(self, backend: TorchBackend, shape: Shape, on_flush, prefix):
         b, self.state, self.model = backend, TapState(), backend.model
+        self.compiled = b.compiled is not None
         steps = b.compiled or eager_steps(b.model)
         with torch.inference_mode(), residual_taps(self.model, self.state):
             self.slots = Slots(b.model, shape, self.state, b.stop_ids, b.pad_id, steps, on_flush,
@@ -224,5 +227,9 @@ class _TapSlots:
         return self.slots.busy
 
     def step(self) -> None:
-        with torch.inference_mode(), residual_taps(self.model, self.state):
+        tapped = self.compiled or self.slots.tapped
+        with (
+            torch.inference_mode(),
+            residual_taps(self.model, self.state) if tapped else nullcontext(),
+        ):
             self.slots.step()

@@ -74,6 +74,15 @@ class Slots:
     def busy(self) -> bool:
         return bool(self.waiting) or any(s is not None for s in self.slots)
 
+    @property
+    def tapped(self) -> bool:
+        """Whether the next step may steer or capture (needs the residual hooks)."""
+        return (
+            bool(self.rows)
+            or any(e.plan is not None for e in self.waiting.order)
+            or any(x is not None and x.rows for x in self.slots)
+        )
+
     def insert(self, entry: Entry) -> None:
         self.waiting.add(entry)
 
