@@ -28,6 +28,26 @@ def rand(seed: int, n: int = 64) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(n).astype(np.float32)
 
 
+def slot_prompts(backend) -> list[str]:
+    """The sample chats and a follow-up without a system prompt (the slot-loop tests)."""
+    return chat_prompts(backend) + [backend.chat_prompt(None, "tell me more")]
+
+
+def slot_plans() -> list:
+    """One steering plan per slot prompt: response, none, all (two rows), prompt, response."""
+    from pertoken.backends import Steer
+
+    two = Steer.single(3, rand(1), -5.0, "all")
+    two.terms += Steer.single(1, rand(2), 3.0).terms
+    return [
+        Steer.single(2, rand(0), 6.0, "response"),
+        None,
+        two,
+        Steer.single(1, rand(3), 8.0, "prompt"),
+        Steer.single(4, rand(4), 4.0, "response"),
+    ]
+
+
 def hf_hidden(model, ids: list[int]) -> np.ndarray:
     """[n_layers + 1, T, hidden] float32 hidden states of one unpadded sequence."""
     with torch.no_grad():

@@ -11,7 +11,9 @@ from pertoken.backends import Steer, load_backend
 from pertoken.backends.base import Sampling, Streaming
 from pertoken.backends.schedule import prompt_seeds
 from pertoken.errors import PertokenError
-from tests.reference import chat_prompts, rand
+from tests.reference import rand
+from tests.reference import slot_plans as _plans
+from tests.reference import slot_prompts as _prompts
 
 BACKENDS = ["torch"] + (["mlx"] if importlib.util.find_spec("mlx_lm") else [])
 NEW = 10
@@ -20,23 +22,6 @@ NEW = 10
 @pytest.fixture(scope="module", params=BACKENDS)
 def backend(request, model_dir):
     return load_backend(str(model_dir), request.param, dtype="float32", device="cpu")
-
-
-def _prompts(backend) -> list[str]:
-    return chat_prompts(backend) + [backend.chat_prompt(None, "tell me more")]
-
-
-def _plans() -> list[Steer | None]:
-    """One plan per prompt: response, none, all (two rows), prompt, response."""
-    two = Steer.single(3, rand(1), -5.0, "all")
-    two.terms += Steer.single(1, rand(2), 3.0).terms
-    return [
-        Steer.single(2, rand(0), 6.0, "response"),
-        None,
-        two,
-        Steer.single(1, rand(3), 8.0, "prompt"),
-        Steer.single(4, rand(4), 4.0, "response"),
-    ]
 
 
 def _with_stop(backend, token: int):

@@ -8,7 +8,8 @@ import pytest
 from pertoken.backends import Steer, load_backend
 from pertoken.backends.base import Streaming
 from pertoken.errors import PertokenError
-from tests.reference import chat_prompts
+from tests.reference import rand, slot_plans
+from tests.reference import slot_prompts as _prompts
 
 BACKENDS = ["torch"] + (["mlx"] if importlib.util.find_spec("mlx_lm") else [])
 
@@ -18,24 +19,9 @@ def backend(request, llama_dir):
     return load_backend(str(llama_dir), request.param, dtype="float32", device="cpu")
 
 
-def _vec(seed):
-    return np.random.default_rng(seed).standard_normal(64).astype(np.float32)
-
-
 def _plans():
     """Four slots: response, unsteered, all (two terms), prompt."""
-    two = Steer.single(3, _vec(1), -5.0, "all")
-    two.terms += Steer.single(1, _vec(2), 3.0).terms
-    return [
-        Steer.single(2, _vec(0), 6.0, "response"),
-        None,
-        two,
-        Steer.single(1, _vec(3), 8.0, "prompt"),
-    ]
-
-
-def _prompts(backend):
-    return chat_prompts(backend) + [backend.chat_prompt(None, "tell me more")]
+    return slot_plans()[:4]
 
 
 def test_mixed_batch_gives_each_slot_its_solo_tokens(backend, torch_one_thread):
@@ -51,7 +37,7 @@ def test_mixed_batch_gives_each_slot_its_solo_tokens(backend, torch_one_thread):
 
 
 def test_one_steer_equals_the_same_steer_per_slot(backend, torch_one_thread):
-    ps, st = _prompts(backend), Steer.single(2, _vec(5), 4.0, "response")
+    ps, st = _prompts(backend), Steer.single(2, rand(5), 4.0, "response")
     one = backend.generate(ps, max_new_tokens=8, temperature=0, steer=st, batch_size=4)
     each = backend.generate(ps, max_new_tokens=8, temperature=0, steer=[st] * 4, batch_size=4)
     assert one == each
@@ -103,6 +89,6 @@ def test_bad_plans_are_clear_errors(backend):
     with pytest.raises(PertokenError, match="4 prompts"):
         backend.generate(ps, max_new_tokens=2, steer=[None, None])
     with pytest.raises(PertokenError, match="outside 1..4"):
-        backend.generate(ps[:1], max_new_tokens=2, steer=[Steer.single(9, _vec(0), 1.0)])
+        backend.generate(ps[:1], max_new_tokens=2, steer=[Steer.single(9, rand(0), 1.0)])
     with pytest.raises(PertokenError, match="outside 0..4"):
         backend.generate(ps[:1], max_new_tokens=2, stream=Streaming(print, rows=[7]))
