@@ -45,6 +45,7 @@ class Job:
     choices: list[Choice] = field(default_factory=list)
     prompt: str = ""
     prompt_tokens: int = 0
+    ids: list[int] = field(default_factory=list)  # the templated prompt's tokens
 
     def send(self, event) -> None:
         """Hand one event to the request's handler (from any thread)."""
@@ -184,7 +185,8 @@ class Engine:
         """Template and count the prompt; a prompt the model cannot hold is refused."""
         try:
             job.prompt = self.backend.chat_messages(job.request.messages)
-            job.prompt_tokens = len(self.backend.encode(job.prompt))
+            job.ids = self.backend.encode(job.prompt)
+            job.prompt_tokens = len(job.ids)
             _check_length(job, getattr(self.backend, "context_length", None))
         except ApiError as e:
             job.send(e)
@@ -221,10 +223,8 @@ class Engine:
         once on the prompt (one extra forward) before the entries go in."""
         r, loop = job.request, self._slots()
         seed = r.seed if r.seed is not None else secrets.randbits(31)
-        sampling = Sampling(
-            r.temperature, r.top_p, seed=seed, logit_bias=getattr(r, "logit_bias", None)
-        )
-        ids = self.backend.encode(job.prompt)
+        sampling = Sampling(r.temperature, r.top_p, seed=seed, logit_bias=r.logit_bias)
+        ids = job.ids
         plan = decide_one(self.backend, ids, r.steer)
         seeds = prompt_seeds(seed, r.n)
         draws = None if sampling.greedy else slot_uniforms(seeds, r.max_tokens)
