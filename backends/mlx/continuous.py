@@ -134,24 +134,25 @@ class Slots:
         return [out[id(e)] for e in entries]
 
     def _prefill_after(self, entries: list[Entry], hits: list[tuple[int, list]]):
-        """Prompts whose first tokens' keys and values are cached: each slot reads its own for
-        the shortest of these prefixes (P) and computes the rest, all in one forward, right-
-        padded (a slot's padding comes after its last token, where nothing reads it)."""
-        P = min(h[0] for h in hits)
-        T = [len(e.ids) for e in entries]
-        B, S = len(entries), max(T) - P
+        """Prompts whose first tokens' keys and values are cached: each slot reads its own
+        prefix (P_b tokens, left-padded to end at column P, the longest) and computes the rest,
+        all in one forward, right-padded (a slot's padding comes after its last token, where
+        nothing reads it). A prompt's prefill does not depend on the others beside it."""
+        Ps, T = [h[0] for h in hits], [len(e.ids) for e in entries]
+        n = [t - q for t, q in zip(T, Ps)]  # tokens each slot computes
+        B, P, S = len(entries), max(Ps), max(n)
         ids = np.zeros((B, S), np.int32)
         valid = np.zeros((B, P + S), bool)
         on = np.zeros((B, S, 1), np.float32)
         for b, e in enumerate(entries):
-            ids[b, : T[b] - P] = e.ids[P:]
-            valid[b, : T[b]] = True
+            ids[b, : n[b]] = e.ids[Ps[b] :]
+            valid[b, P - Ps[b] : P + n[b]] = True
             if e.plan is not None:
-                on[b, : T[b] - P, 0] = steer_mask(T[b], T[b], e.plan.positions)[P:]
+                on[b, : n[b], 0] = steer_mask(T[b], T[b], e.plan.positions)[Ps[b] :]
         cache = [KVCache() for _ in self.model.layers]
         for i, c in enumerate(cache):
-            c.keys = mx.concatenate([kv[i][0][:, :, :P] for _, kv in hits])  # [B, H, P, D]
-            c.values = mx.concatenate([kv[i][1][:, :, :P] for _, kv in hits])
+            c.keys = _aligned([kv[i][0] for _, kv in hits], Ps)  # [B, kv_heads, P, head_dim]
+            c.values = _aligned([kv[i][1] for _, kv in hits], Ps)
             c.offset = P
         kw = {}
         sp = SteerPlan.per_slot([e.plan for e in entries], self.hidden_size, self.dtype)
@@ -159,19 +160,20 @@ class Slots:
             kw = {"steer": sp.vectors, "steer_on": mx.array(on).astype(self.dtype)}
         valid, window = mx.array(valid), self.window
         p = Pass(
-            offset=mx.array([P] * B), mask=attend_mask(valid, S),
+            offset=mx.array(Ps), mask=attend_mask(valid, S),
             window_mask=attend_mask(valid, S, window) if window else None,
-            head=mx.array([t - P - 1 for t in T]), **kw,
+            head=mx.array([k - 1 for k in n]), **kw,
         )  # fmt: skip
         logits = self.model(mx.array(ids), cache, p)  # [B, 1, vocab]: each slot's last token
         mx.eval(logits, [c.state for c in cache])
         out = []
         for b, e in enumerate(entries):
-            e.prefilled = T[b] - P
+            e.prefilled, first = n[b], P - Ps[b]
             own = []
             for c in cache:
                 one = BatchKVCache([0])
-                one.keys, one.values = c.keys[b : b + 1, :, : T[b]], c.values[b : b + 1, :, : T[b]]
+                one.keys = c.keys[b : b + 1, :, first : P + n[b]]
+                one.values = c.values[b : b + 1, :, first : P + n[b]]
                 one._idx, one.offset = T[b], mx.array([T[b]])
                 own.append(one)
             out.append(Prefilled(own, logits[b : b + 1, -1]))
@@ -361,6 +363,19 @@ def _own_cache(c: BatchKVCache, b: int, pad: int) -> BatchKVCache:
     one._idx = c._idx - pad
     one.offset = mx.array([one._idx])
     return one
+
+
+def _aligned(prefixes: list[mx.array], lengths: list[int]) -> mx.array:
+    """Each slot's first `lengths[b]` cached positions, left-padded with zeros to the longest:
+    [B, kv_heads, max(lengths), head_dim] from [1, kv_heads, >= lengths[b], head_dim] each."""
+    P = max(lengths)
+    rows = []
+    for x, q in zip(prefixes, lengths):
+        x = x[:, :, :q]
+        if q < P:
+            x = mx.concatenate([mx.zeros((*x.shape[:2], P - q, x.shape[3]), x.dtype), x], axis=2)
+        rows.append(x)
+    return mx.concatenate(rows)
 
 
 def _empty() -> BatchKVCache:
