@@ -23,6 +23,10 @@ there (the table's length column shows the spread); `--spread` draws each reques
 between --new-tokens / 8 and --new-tokens instead (for the random Llama, which rarely stops).
 Servers whose greedy answers differ (batched float arithmetic parts near ties) do different
 work; `--ban-stop` sends logit_bias -100 on the stop tokens so every answer runs to its cap.
+
+`--count` counts each server's forwards (counting/forward_counter.py) and adds the
+model forward passes and rows (batch x positions) each server ran per rep: the work it did,
+which on a CPU sets its time and on a GPU its passes do.
 """
 
 from __future__ import annotations
@@ -101,6 +105,14 @@ class Server:
     url: str = ""
     model: str = ""  # the name its API answers to
     extra: dict = field(default_factory=dict)  # added to every request's body
+    counts: str = ""  # forward_counter.py's file, where its forwards are counted
+
+    def work(self) -> tuple[int, int] | None:
+        """(forward passes, rows) run so far, when counted."""
+        if not self.counts:
+            return None
+        got = json.loads(Path(self.counts).read_text())
+        return got["passes"], got["rows"]
 
     def start(self, timeout: float = 600) -> bool:
         port = _free_port()
@@ -171,7 +183,19 @@ def servers(args, model: str) -> list[Server]:
         cmd = [str(Path(sys.executable).parent / "transformers"), "serve", "--port", "{port}",
                "--continuous-batching", "--dtype", "float32", model]  # fmt: skip
         out.append(Server("transformers serve --continuous-batching", cmd, threads, model=model))
-    return out
+    return [counted(s, args.backend) for s in out] if args.count else out
+
+
+def counted(server: Server, backend: str) -> Server:
+    """The server with its model's forwards counted (counting/forward_counter.py)."""
+    fd, server.counts = tempfile.mkstemp(suffix=".json")
+    os.close(fd)
+    Path(server.counts).write_text('{"passes": 0, "rows": 0}')
+    counting = str(Path(__file__).resolve().parent / "counting")
+    paths = [counting, server.env.get("PYTHONPATH", os.environ.get("PYTHONPATH", ""))]
+    server.env = server.env | {"PYTHONPATH": os.pathsep.join(p for p in paths if p),
+                               "COUNT_FORWARDS": server.counts, "COUNT_KIND": backend}  # fmt: skip
+    return server
 
 
 def stop_ids(model: str) -> list[int]:
@@ -192,6 +216,7 @@ def stop_ids(model: str) -> list[int]:
 class Result:
     seconds: float
     got: list[tuple[int, float | None]]  # per request: (completion tokens, its TTFT)
+    work: tuple[int, int] | None = None  # forward passes and rows the server ran for it
 
     @property
     def tokens(self) -> int:
@@ -292,6 +317,7 @@ def main():
     ap.add_argument("--loads", default="1,16,poisson", help="which loads to run, in order")
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1, help="torch threads of each server")
+    ap.add_argument("--count", action="store_true", help="count each server's forwards")
     args = ap.parse_args()
     model = args.model or str(
         random_chat_llama(*map(int, args.random.split("x")), Path(tempfile.mkdtemp()) / "m")
@@ -320,8 +346,9 @@ def main():
     print(f"{Path(model).name} ({args.backend}), {cap}, greedy, streamed, median of "
           f"{args.reps}; torch servers at {args.threads} thread(s); load average "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")  # fmt: skip
+    work = " passes/rows per rep |" if args.count else ""
     print("| load | server | tok/s | ratio | TTFT p50 ms | TTFT p95 ms | answer tokens "
-          "p10/p50/p90 |\n" + "| --- " * 7 + "|")  # fmt: skip
+          f"p10/p50/p90 |{work}\n" + "| --- " * (7 + args.count) + "|")  # fmt: skip
     try:
         up = [s for s in every if s.start()]
         for s in up:  # a warm-up each (first requests load kernels, build caches)
@@ -331,10 +358,13 @@ def main():
             results: dict[str, list[Result]] = {s.name: [] for s in up}
             for r in range(args.reps):
                 for s in up:
+                    before = s.work()
                     results[s.name].append(run(s, r))
+                    if before is not None:
+                        results[s.name][-1].work = tuple(np.subtract(s.work(), before).tolist())
             base = None
             for s in up:
-                print(row(name, s.name, results[s.name], base), flush=True)
+                print(row(name, s.name, results[s.name], base, args.count), flush=True)
                 base = base or statistics.median(x.tokens / x.seconds for x in results[s.name])
         print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     finally:
@@ -342,16 +372,19 @@ def main():
             s.stop()
 
 
-def row(load: str, name: str, rs: list[Result], base: float | None) -> str:
+def row(load: str, name: str, rs: list[Result], base: float | None, count: bool) -> str:
     """One table row: median tokens/s (and its ratio to the first server's), TTFT
-    percentiles over every request of every rep, and the answers' lengths."""
+    percentiles over every request of every rep, the answers' lengths, and with `count` the
+    forward passes and rows of each rep."""
     tps = statistics.median(x.tokens / x.seconds for x in rs)
     ttft = [t for x in rs for t in x.ttft] or [float("nan")]
     p50, p95 = np.percentile(ttft, [50, 95]) * 1000
     lengths = np.percentile([n for x in rs for n, _ in x.got], [10, 50, 90])
     spread = "/".join(f"{x:.0f}" for x in lengths)
+    work = ", ".join(f"{x.work[0]}/{x.work[1]}" for x in rs if x.work is not None)
+    cell = f" {work or '-'} |" if count else ""
     return (f"| {load} | {name} | {tps:.1f} | {tps / (base or tps):.2f}x | {p50:.0f} | "
-            f"{p95:.0f} | {spread} |")  # fmt: skip
+            f"{p95:.0f} | {spread} |{cell}")  # fmt: skip
 
 
 if __name__ == "__main__":

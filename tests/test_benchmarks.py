@@ -28,3 +28,12 @@ def test_bench_generate_gives_every_method_its_forced_lengths():
                "--max-new-tokens", "12", "--median", "0.5", "--reps", "1")  # fmt: skip
     assert "pertoken continuous, compiled step / pertoken continuous" in out
     assert "pertoken continuous / mlx-lm batch_generate" in out
+
+
+def test_bench_serve_counts_each_servers_forward_passes():
+    # one streamed request of 4 tokens (stop tokens banned): a prefill and three decode steps
+    out = _run("bench_serve.py", "--random", "64x2", "--no-others", "--loads", "1", "--reps",
+               "1", "--requests", "1", "--new-tokens", "4", "--ban-stop", "--count")  # fmt: skip
+    line = next(x for x in out.splitlines() if x.startswith("| 1 client | pertoken |"))
+    passes, rows = map(int, line.rstrip(" |").rsplit("| ", 1)[1].split("/"))
+    assert passes == 4 and rows > passes  # the prefill runs the prompt's new tokens at once
