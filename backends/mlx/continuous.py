@@ -369,13 +369,13 @@ def _aligned(prefixes: list[mx.array], lengths: list[int]) -> mx.array:
     """Each slot's first `lengths[b]` cached positions, left-padded with zeros to the longest:
     [B, kv_heads, max(lengths), head_dim] from [1, kv_heads, >= lengths[b], head_dim] each."""
     P = max(lengths)
-    rows = []
+    slots = []
     for x, q in zip(prefixes, lengths):
         x = x[:, :, :q]
         if q < P:
             x = mx.concatenate([mx.zeros((*x.shape[:2], P - q, x.shape[3]), x.dtype), x], axis=2)
-        rows.append(x)
-    return mx.concatenate(rows)
+        slots.append(x)
+    return mx.concatenate(slots)
 
 
 def _empty() -> BatchKVCache:
