@@ -28,6 +28,25 @@ def rand(seed: int, n: int = 64) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(n).astype(np.float32)
 
 
+def stop_ids(backend) -> set[int]:
+    """The tokens that end an answer, on either backend."""
+    if backend.name == "torch":
+        return {int(i) for i in backend.stop_ids}
+    return set(backend.stop)
+
+
+def stopping_at(backend, stops: set[int]):
+    """A shallow copy of `backend` (same weights) whose answers end at exactly `stops`."""
+    import copy
+
+    out = copy.copy(backend)
+    if backend.name == "torch":
+        out.stop_ids = torch.tensor(sorted(stops))
+    else:
+        out.stop = set(stops)
+    return out
+
+
 def slot_prompts(backend) -> list[str]:
     """The sample chats and a follow-up without a system prompt (the slot-loop tests)."""
     return chat_prompts(backend) + [backend.chat_prompt(None, "tell me more")]

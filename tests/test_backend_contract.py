@@ -5,7 +5,6 @@ A few probes need a backend's insides (its own capture of every row, its stop id
 the helpers below, one branch per backend. Backend-specific behaviour stays in
 test_torch_backend.py and test_mlx_backend.py; cross-backend agreement in test_parity.py."""
 
-import copy
 import json
 
 import numpy as np
@@ -14,7 +13,7 @@ import pytest
 from pertoken.backends import Steer, load_backend
 from pertoken.backends.base import SteerTerm, steer_mask
 from pertoken.errors import PertokenError
-from tests.reference import ANSWERS, chat_prompts, hf_hidden, rand
+from tests.reference import ANSWERS, chat_prompts, hf_hidden, rand, stop_ids, stopping_at
 
 prompts = chat_prompts
 pytestmark = pytest.mark.usefixtures("torch_one_thread")  # tiny models gain nothing from threads
@@ -70,24 +69,6 @@ def steered_rows(backend, ids: list[int], by_row: dict[int, np.ndarray]) -> np.n
         p.observe = lambda r, h: got.__setitem__(r, np.array(h[0].astype(mx.float32)))
         backend.model(ids_of(batch), None, p)
     return np.stack([got[r] for r in range(backend.n_layers + 1)])
-
-
-def stop_ids(backend) -> set[int]:
-    if backend.name == "torch":
-        return {int(i) for i in backend.stop_ids}
-    return set(backend.stop)
-
-
-def with_stop(backend, token: int):
-    """A copy of `backend` (same weights) that also ends an answer at `token`."""
-    out = copy.copy(backend)
-    if backend.name == "torch":
-        import torch
-
-        out.stop_ids = torch.tensor(sorted(stop_ids(backend) | {token}))
-    else:
-        out.stop = set(backend.stop) | {token}
-    return out
 
 
 # ---------------------------------------------------------------------- facts and text
@@ -190,7 +171,7 @@ def test_each_slot_stops_at_its_own_stop_token(backend):
     def cut(ids):
         return ids[: ids.index(stop)] if stop in ids else ids
 
-    stopper = with_stop(backend, stop)
+    stopper = stopping_at(backend, stop_ids(backend) | {stop})
     out = stopper.generate(ps, max_new_tokens=10, temperature=0, batch_size=3)
     assert out == [backend.decode(cut(ids)) for ids in traces]
     assert len(cut(traces[j])) < 10 and any(len(cut(ids)) == 10 for ids in traces)

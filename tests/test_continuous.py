@@ -11,7 +11,7 @@ from pertoken.backends import Steer, load_backend
 from pertoken.backends.base import Sampling, Streaming
 from pertoken.backends.schedule import prompt_seeds
 from pertoken.errors import PertokenError
-from tests.reference import rand
+from tests.reference import rand, stop_ids, stopping_at
 from tests.reference import slot_plans as _plans
 from tests.reference import slot_prompts as _prompts
 
@@ -22,18 +22,6 @@ NEW = 10
 @pytest.fixture(scope="module", params=BACKENDS)
 def backend(request, model_dir):
     return load_backend(str(model_dir), request.param, dtype="float32", device="cpu")
-
-
-def _with_stop(backend, token: int):
-    """A copy of `backend` (same weights) that also ends an answer at `token`."""
-    out = copy.copy(backend)
-    if backend.name == "torch":
-        import torch
-
-        out.stop_ids = torch.tensor(sorted(set(backend.stop_ids.tolist()) | {token}))
-    else:
-        out.stop = set(backend.stop) | {token}
-    return out
 
 
 def _solo(backend, prompts, plans, seeds, **opts) -> list[str]:
@@ -51,7 +39,7 @@ def stopper(backend):
         ids = backend.trace(p, rows=[1], max_new_tokens=NEW).token_ids
         k = next((k for k in range(1, NEW) if ids[k] not in ids[:k]), None)
         if k is not None:
-            return _with_stop(backend, ids[k]), j, ids[:k]
+            return stopping_at(backend, stop_ids(backend) | {ids[k]}), j, ids[:k]
     raise AssertionError("no greedy answer has a new token after its first")
 
 
@@ -314,13 +302,7 @@ def test_a_first_token_is_handed_on_before_the_decode_step(backend, torch_one_th
     it decodes the second, and flushes that after."""
     from pertoken.backends.generation import Entry
 
-    out = copy.copy(backend)  # no token ends an answer
-    if backend.name == "torch":
-        import torch
-
-        out.stop_ids = torch.tensor([-1])
-    else:
-        out.stop = {-1}
+    out = stopping_at(backend, {-1})  # no token ends an answer
     seen, flushes = [], []
     loop = out._slots(2, [], 32, lambda: flushes.append(len(seen)))
     p = out.encode(_prompts(backend)[0])

@@ -1,7 +1,6 @@
 """Sampling on both backends: at least one answer token, and `--sampler model` applying the
 checkpoint's generation_config as transformers' `generate` does."""
 
-import copy
 import csv
 import json
 import shutil
@@ -25,7 +24,7 @@ from pertoken.pipeline.options import Generation
 from pertoken.pipeline.steer import steer_compare
 from pertoken.traits import load_trait
 from tests.pipeline_fakes import RecordingBackend
-from tests.reference import chat_prompts
+from tests.reference import chat_prompts, stop_ids, stopping_at
 from tests.small_kit import write_kit
 
 BACKENDS = ["torch", pytest.param("mlx", marks=pytest.mark.mlx)]
@@ -41,16 +40,6 @@ def backend(request, llama_dir):
 @pytest.fixture(scope="module")
 def hf_llama(llama_dir):
     return AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32).eval()
-
-
-def with_stops(backend, extra: set[int]):
-    """A shallow copy of `backend` that also stops at `extra`."""
-    out = copy.copy(backend)
-    if backend.name == "torch":
-        out.stop_ids = torch.tensor(sorted(set(backend.stop_ids.tolist()) | extra))
-    else:
-        out.stop = set(backend.stop) | extra
-    return out
 
 
 def on_numpy(backend, name: str):
@@ -79,7 +68,7 @@ def test_first_token_is_never_a_stop_token(backend):
     p = chat_prompts(backend)[0]
     first = backend.trace(p, rows=[1], max_new_tokens=4).token_ids[0]
     # the greedy first token becomes a stop token: the answer is another token, not empty
-    stopper = with_stops(backend, {first})
+    stopper = stopping_at(backend, stop_ids(backend) | {first})
     for kw in (dict(temperature=0), dict(temperature=1.0, seed=3)):
         assert stopper.generate([p], max_new_tokens=4, **kw)[0] != ""
     traced = stopper.trace(p, rows=[1], max_new_tokens=4)
